@@ -1,0 +1,1 @@
+"""SiteBridge core: algorithms and site data handling. Never imports flwr or grpc."""

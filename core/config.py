@@ -1,0 +1,323 @@
+"""Typed run configuration: one frozen object parsed once from Flower's flat mapping.
+
+Owns the dataclasses for every config group and the parser that turns
+``context.run_config`` (flat, dotted kebab-case keys such as ``"train.epochs"``) into a
+validated :class:`RunConfig`. Defaults live only in ``pyproject.toml``
+``[tool.flwr.app.config]``; the dataclasses have none, so there is one place to look.
+Plain Python: never imports flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final
+
+ConfigValue = bool | int | float | str
+
+PYPROJECT: Final = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+class Norm(StrEnum):
+    """Normalisation layers of the U-Net (Opacus needs ``instance`` or ``group``)."""
+
+    INSTANCE = "instance"
+    BATCH = "batch"
+    GROUP = "group"
+
+
+class SliceAxis(StrEnum):
+    """Image axis along which 3-D volumes are cut into 2-D slices."""
+
+    X = "x"
+    Y = "y"
+    Z = "z"
+
+
+class TransferMetric(StrEnum):
+    """Score used to rank source models on the target (LFTM, or the entropy baseline)."""
+
+    LFTM = "lftm"
+    ENTROPY = "entropy"
+
+
+class Attention(StrEnum):
+    """Attention map behind the LFTM keep-mask."""
+
+    PROBABILITY = "probability"
+    GRADCAM = "gradcam"
+
+
+_frozen = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+
+
+def _require(condition: bool, key: str, rule: str, value: object) -> None:
+    if not condition:
+        raise ValueError(f"{key} must be {rule}, got {value!r}")
+
+
+@_frozen
+class FederationConfig:
+    """Which federation to run on and how tolerant phases are to missing sites."""
+
+    dir: str
+    target_site: str
+    cache_dir: str
+    synthetic_seed: int
+    synthetic_sites: int
+    synthetic_cases: int
+    min_sites: int
+    wait_nodes_s: float
+    reply_timeout_s: float
+
+    def __post_init__(self) -> None:
+        _require(self.synthetic_sites >= 3, "federation.synthetic-sites", ">= 3",
+                 self.synthetic_sites)
+        _require(self.synthetic_cases >= 2, "federation.synthetic-cases", ">= 2",
+                 self.synthetic_cases)
+        _require(self.min_sites >= 1, "federation.min-sites", ">= 1", self.min_sites)
+        _require(self.wait_nodes_s > 0, "federation.wait-nodes-s", "> 0",
+                 self.wait_nodes_s)
+        _require(self.reply_timeout_s > 0, "federation.reply-timeout-s", "> 0",
+                 self.reply_timeout_s)
+
+
+@_frozen
+class OutputConfig:
+    """Where the coordinator writes runs."""
+
+    runs_dir: str
+
+
+@_frozen
+class DataConfig:
+    """How site volumes become network inputs."""
+
+    image_size: int
+    slice_axis: SliceAxis
+    num_classes: int
+    max_slices_per_case: int
+
+    def __post_init__(self) -> None:
+        _require(self.image_size >= 16 and self.image_size % 8 == 0, "data.image-size",
+                 "a multiple of 8, >= 16", self.image_size)
+        _require(self.num_classes >= 2, "data.num-classes", ">= 2", self.num_classes)
+        _require(self.max_slices_per_case >= 0, "data.max-slices-per-case", ">= 0",
+                 self.max_slices_per_case)
+
+
+@_frozen
+class ModelConfig:
+    """MONAI U-Net architecture."""
+
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    num_res_units: int
+    norm: Norm
+    dropout: float
+
+    def __post_init__(self) -> None:
+        _require(len(self.channels) >= 2, "model.channels", "at least two values",
+                 self.channels)
+        _require(len(self.strides) == len(self.channels) - 1, "model.strides",
+                 f"{len(self.channels) - 1} values (one fewer than model.channels)",
+                 self.strides)
+        _require(all(c > 0 for c in self.channels), "model.channels", "positive",
+                 self.channels)
+        _require(self.num_res_units >= 0, "model.num-res-units", ">= 0",
+                 self.num_res_units)
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "in [0, 1)", self.dropout)
+
+
+@_frozen
+class TrainConfig:
+    """Supervised training of source models (and the target-supervised oracle)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    device: str
+    amp: bool
+    augment: bool
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        _require(self.batch_size >= 1, "train.batch-size", ">= 1", self.batch_size)
+        _require(self.learning_rate > 0, "train.learning-rate", "> 0",
+                 self.learning_rate)
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith(
+            "cuda:"), "train.device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+
+
+@_frozen
+class TransferConfig:
+    """LFTM and source selection (METHODS.md section 0, TGMA)."""
+
+    metric: TransferMetric
+    attention: Attention
+    smoothing_sigma_px: float
+    threshold: float
+    dilation_fraction: float
+
+    def __post_init__(self) -> None:
+        _require(self.smoothing_sigma_px >= 0, "transfer.smoothing-sigma-px", ">= 0",
+                 self.smoothing_sigma_px)
+        _require(0.0 < self.threshold < 1.0, "transfer.threshold", "in (0, 1)",
+                 self.threshold)
+        _require(0.0 <= self.dilation_fraction < 0.5, "transfer.dilation-fraction",
+                 "in [0, 0.5)", self.dilation_fraction)
+
+
+@_frozen
+class AdaptConfig:
+    """TGMA target optimisation of the main/auxiliary pair."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 0, "adapt.epochs", ">= 0", self.epochs)
+        _require(self.batch_size >= 1, "adapt.batch-size", ">= 1", self.batch_size)
+        _require(self.learning_rate > 0, "adapt.learning-rate", "> 0",
+                 self.learning_rate)
+
+
+@_frozen
+class RunConfig:
+    """The whole resolved run configuration."""
+
+    federation: FederationConfig
+    output: OutputConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    transfer: TransferConfig
+    adapt: AdaptConfig
+
+
+def _group_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {field.name: hints[field.name] for field in dataclasses.fields(RunConfig)}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_value(key: str, raw: ConfigValue, annotation: Any) -> object:
+    """Convert one flat value to the field's declared type, naming ``key`` on error."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        text = str(raw)
+        try:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(
+                f"{key} must be comma-separated integers, got {raw!r}") from None
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        allowed = ", ".join(repr(member.value) for member in annotation)
+        try:
+            return annotation(str(raw))
+        except ValueError:
+            raise ValueError(f"{key} must be one of {allowed}, got {raw!r}") from None
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        raise ValueError(f"{key} must be true or false, got {raw!r}")
+    if annotation is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"{key} must be an integer, got {raw!r}")
+        return raw
+    if annotation is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(f"{key} must be a number, got {raw!r}")
+        return float(raw)
+    if annotation is str:
+        if not isinstance(raw, str):
+            raise ValueError(f"{key} must be a string, got {raw!r}")
+        return raw
+    raise TypeError(f"unsupported config type {annotation!r} for {key}")  # pragma: no cover
+
+
+def load_run_config(flat: Mapping[str, ConfigValue]) -> RunConfig:
+    """Parse Flower's flat run config into a validated :class:`RunConfig`.
+
+    Args:
+        flat: dotted kebab-case keys to scalar values, e.g. ``context.run_config``.
+
+    Returns:
+        The frozen, typed configuration.
+
+    Raises:
+        ValueError: on a missing or unknown key, or a value of the wrong type or range;
+            the message names the TOML key.
+    """
+    groups: dict[str, object] = {}
+    known: set[str] = set()
+    for group_name, group_type in _group_types().items():
+        hints = typing.get_type_hints(group_type)
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(group_type):
+            key = f"{_kebab(group_name)}.{_kebab(field.name)}"
+            known.add(key)
+            if key not in flat:
+                raise ValueError(f"{key} is missing from the run config")
+            values[field.name] = _parse_value(key, flat[key], hints[field.name])
+        groups[group_name] = group_type(**values)
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ValueError(f"unknown run-config keys: {', '.join(unknown)}")
+    return RunConfig(**groups)  # type: ignore[arg-type]
+
+
+def to_flat(config: RunConfig) -> dict[str, ConfigValue]:
+    """Flatten ``config`` back to dotted kebab-case keys (inverse of load_run_config)."""
+    flat: dict[str, ConfigValue] = {}
+    for group_field in dataclasses.fields(config):
+        group = getattr(config, group_field.name)
+        for field in dataclasses.fields(group):
+            value = getattr(group, field.name)
+            if isinstance(value, tuple):
+                value = ",".join(str(item) for item in value)
+            elif isinstance(value, StrEnum):
+                value = value.value
+            flat[f"{_kebab(group_field.name)}.{_kebab(field.name)}"] = value
+    return flat
+
+
+def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, ConfigValue]:
+    flat: dict[str, ConfigValue] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix=f"{key}."))
+        else:
+            flat[key] = typing.cast(ConfigValue, value)
+    return flat
+
+
+def read_default_run_config(pyproject: Path = PYPROJECT) -> dict[str, ConfigValue]:
+    """Read the flat run-config defaults from ``pyproject.toml``, as Flower sees them."""
+    with pyproject.open("rb") as handle:
+        document = tomllib.load(handle)
+    table = document["tool"]["flwr"]["app"]["config"]
+    return _flatten(table)
+
+
+def load_default_config(**overrides: ConfigValue) -> RunConfig:
+    """Return the pyproject defaults with dotted-key ``overrides`` applied.
+
+    Example:
+        >>> load_default_config(**{"train.epochs": 3}).train.epochs
+        3
+    """
+    flat = read_default_run_config()
+    flat.update(overrides)
+    return load_run_config(flat)
+

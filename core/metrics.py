@@ -1,0 +1,111 @@
+"""Segmentation quality as plain floats: Dice and HD95 per case, through MONAI metrics.
+
+Slices predicted by the 2-D network are stacked back into their case's volume, and each
+metric is computed per 3-D case and then averaged over cases, as is usual for this
+field. Never imports flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.utils import one_hot
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CaseScores:
+    """Foreground-mean Dice and HD95 (mm) of one case; HD95 is nan when undefined."""
+
+    case_id: str
+    dice: float
+    hd95_mm: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SegmentationScores:
+    """Per-case scores and their means (HD95 mean over cases where it is defined)."""
+
+    cases: tuple[CaseScores, ...]
+
+    @property
+    def dice(self) -> float:
+        """Mean Dice over cases."""
+        return float(np.mean([case.dice for case in self.cases])) if self.cases else 0.0
+
+    @property
+    def hd95_mm(self) -> float:
+        """Mean HD95 over cases where both masks are non-empty (nan if none)."""
+        defined = [case.hd95_mm for case in self.cases if not math.isnan(case.hd95_mm)]
+        return float(np.mean(defined)) if defined else float("nan")
+
+
+def dice_score(prediction: torch.Tensor, reference: torch.Tensor, *,
+               num_classes: int) -> float:
+    """Mean foreground Dice between two integer label maps of the same shape.
+
+    Both empty gives 1.0; one empty gives 0.0 (MONAI's ``ignore_empty=False``).
+
+    Example:
+        >>> a = torch.tensor([[0, 1], [1, 1]])
+        >>> round(dice_score(a, torch.tensor([[0, 1], [0, 1]]), num_classes=2), 3)
+        0.8
+    """
+    pred = one_hot(prediction[None, None].long(), num_classes=num_classes, dim=1)
+    ref = one_hot(reference[None, None].long(), num_classes=num_classes, dim=1)
+    values = compute_dice(pred, ref, include_background=False, ignore_empty=False)
+    return float(torch.nan_to_num(values, nan=0.0).mean())
+
+
+def hd95_mm(prediction: torch.Tensor, reference: torch.Tensor, *, num_classes: int,
+            spacing_mm: Sequence[float]) -> float:
+    """95th-percentile Hausdorff distance in mm (nan when either mask is empty).
+
+    Args:
+        prediction, reference: integer label maps of one case, ``(Z, H, W)`` or
+            ``(H, W)``.
+        spacing_mm: voxel size along the same axes as the maps.
+    """
+    if not bool((prediction > 0).any()) or not bool((reference > 0).any()):
+        return float("nan")
+    pred = one_hot(prediction[None, None].long(), num_classes=num_classes, dim=1)
+    ref = one_hot(reference[None, None].long(), num_classes=num_classes, dim=1)
+    values = compute_hausdorff_distance(pred, ref, include_background=False,
+                                        percentile=95, spacing=list(spacing_mm))
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else float("nan")
+
+
+def score_cases(predictions: torch.Tensor, labels: torch.Tensor, *,
+                case_of_slice: torch.Tensor, case_ids: Sequence[str],
+                spacing_mm: Sequence[Sequence[float]], num_classes: int,
+                with_hd95: bool = True) -> SegmentationScores:
+    """Score slice predictions per case.
+
+    Args:
+        predictions: ``(N, H, W)`` predicted class per pixel.
+        labels: ``(N, H, W)`` reference classes.
+        case_of_slice: ``(N,)`` index into ``case_ids`` for each slice.
+        case_ids: one id per case.
+        spacing_mm: per case, the voxel size ``(slice, row, col)`` in mm.
+        num_classes: number of classes including background.
+        with_hd95: compute HD95 too (it is the slow part).
+    """
+    scores = []
+    for index, case_id in enumerate(case_ids):
+        selected = case_of_slice == index
+        if not bool(selected.any()):
+            continue
+        pred, ref = predictions[selected], labels[selected]
+        scores.append(CaseScores(
+            case_id=case_id,
+            dice=dice_score(pred, ref, num_classes=num_classes),
+            hd95_mm=(hd95_mm(pred, ref, num_classes=num_classes,
+                             spacing_mm=spacing_mm[index])
+                     if with_hd95 else float("nan")),
+        ))
+    return SegmentationScores(cases=tuple(scores))

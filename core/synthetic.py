@@ -1,0 +1,262 @@
+"""Deterministic synthetic multi-site federation, written in the site layout.
+
+Each case is a small 3-D volume holding a body outline, an organ-like target blob with
+an irregular boundary and texture, and distractor structures. Sites lie on a
+continuum ``shift`` in [0, 1]: along it the MR-like weighting turns (so the organ goes
+from brighter to darker than the body while a distractor goes the other way, a contrast
+inversion of the target structure), and bias field, noise, blur, in-plane resolution and
+the organ's size and position all drift. Sites close on the continuum transfer well;
+far ones transfer badly, which is the negative transfer TGMA must avoid.
+
+Randomness is explicit (TorchIO's lesson): every case's parameters are drawn from one
+``numpy.random.Generator`` seeded from ``(seed, site, case)``, then applied. The same
+seed always writes the same files. Writes through :mod:`core.io`; never imports flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from core.io import Volume, write_volume
+
+FloatArray = npt.NDArray[np.float32]
+
+DEFAULT_TARGET_INDEX: Final = 0
+EVALUATION_CASES_PER_SITE: Final = 6
+SHAPE_ZYX: Final = (10, 64, 64)
+SPACING_MM: Final = (1.5, 1.5, 3.0)
+INTENSITY_SCALE: Final = 1000.0
+
+# Tissue properties (p1, p2); a site's weighting angle mixes them into one intensity,
+# the way T1/T2 weighting mixes relaxation times.
+AIR: Final = (0.02, 0.02)
+BODY: Final = (0.40, 0.33)
+ORGAN: Final = (0.90, 0.58)
+DISTRACTOR_A: Final = (0.45, 0.95)  # outshines the organ once the weighting turns
+DISTRACTOR_B: Final = (0.62, 0.45)
+# Beyond this shift a site's contrast is inverted (organ darker than the body).
+INVERSION_SHIFT: Final = 0.5
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SiteStyle:
+    """How one site acquires images: a point on the domain-shift continuum."""
+
+    name: str
+    shift: float  # 0 = the default target's domain, 1 = the farthest domain
+    weighting_angle: float  # radians; 0 favours p1, pi/2 favours p2
+    inverted: bool
+    bias_amplitude: float
+    noise_sd: float
+    blur_sigma_px: float
+    resolution_factor: float  # >1 = coarser in-plane acquisition, upsampled back
+    organ_scale: float
+    organ_offset_px: tuple[float, float]  # (row, col) shift of the organ centre
+
+    @classmethod
+    def on_continuum(cls, name: str, shift: float) -> SiteStyle:
+        """Place a site at ``shift`` along the continuum (every property drifts)."""
+        return cls(
+            name=name,
+            shift=shift,
+            weighting_angle=shift * math.pi / 2,
+            inverted=shift > INVERSION_SHIFT,
+            bias_amplitude=0.05 + 0.2 * shift,
+            noise_sd=0.02 + 0.04 * shift,
+            blur_sigma_px=0.3 + 0.6 * shift,
+            resolution_factor=1.0 + 0.5 * shift,
+            organ_scale=1.0 - 0.25 * shift,
+            organ_offset_px=(4.0 * shift, -5.0 * shift),
+        )
+
+    def intensity(self, tissue: tuple[float, float]) -> float:
+        """Mix a tissue's two properties into this site's intensity."""
+        mixed = (math.cos(self.weighting_angle) * tissue[0]
+                 + math.sin(self.weighting_angle) * tissue[1])
+        return 1.1 - mixed if self.inverted else mixed
+
+
+def default_site_names(num_sites: int) -> tuple[str, ...]:
+    """Return the site names ``A``, ``B``, ... for ``num_sites`` sites.
+
+    Example:
+        >>> default_site_names(3)
+        ('A', 'B', 'C')
+    """
+    return tuple(chr(ord("A") + index) for index in range(num_sites))
+
+
+def build_site_styles(num_sites: int) -> tuple[SiteStyle, ...]:
+    """Spread ``num_sites`` sites evenly over the continuum, site ``A`` at 0."""
+    names = default_site_names(num_sites)
+    return tuple(SiteStyle.on_continuum(name, index / (num_sites - 1))
+                 for index, name in enumerate(names))
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...],
+                  sigma: float) -> FloatArray:
+    """Zero-mean, unit-std smooth random field (Gaussian-filtered white noise)."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=sigma)
+    field -= field.mean()
+    return (field / (field.std() + 1e-8)).astype(np.float32)
+
+
+def _blob(grid: tuple[FloatArray, FloatArray, FloatArray], *, centre: tuple[float, ...],
+          radii: tuple[float, ...], harmonics: npt.NDArray[np.float64],
+          phases: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """An ellipsoid whose in-plane radius is modulated by a few angular harmonics."""
+    z, y, x = grid
+    dz, dy, dx = ((z - centre[0]) / radii[0], (y - centre[1]) / radii[1],
+                  (x - centre[2]) / radii[2])
+    angle = np.arctan2(dy, dx)
+    modulation = 1.0 + sum(amplitude * np.cos((order + 2) * angle + phase)
+                           for order, (amplitude, phase)
+                           in enumerate(zip(harmonics, phases, strict=True)))
+    return (dz**2 + (dy**2 + dx**2) / modulation**2) <= 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyntheticCase:
+    """One generated case: image and label in ``(Z, Y, X)`` order."""
+
+    image: FloatArray
+    label: npt.NDArray[np.uint8]
+
+
+def generate_case(style: SiteStyle, rng: np.random.Generator) -> SyntheticCase:
+    """Draw one case's anatomy and render it in ``style``'s acquisition."""
+    depth, height, width = SHAPE_ZYX
+    grid = tuple(axis.astype(np.float32) for axis in np.meshgrid(
+        np.arange(depth), np.arange(height), np.arange(width), indexing="ij"))
+    grid3 = (grid[0], grid[1], grid[2])
+    mid_row, mid_col = height / 2, width / 2
+
+    # Anatomy (random parameters first, then applied).
+    body = _blob(grid3, centre=(depth / 2, mid_row, mid_col),
+                 radii=(depth * 4.0, rng.uniform(24, 28), rng.uniform(26, 30)),
+                 harmonics=rng.uniform(0, 0.05, 2), phases=rng.uniform(0, 6.3, 2))
+    organ_centre = (depth / 2 + rng.uniform(-0.7, 0.7),
+                    mid_row + 3 + style.organ_offset_px[0] + rng.uniform(-3, 3),
+                    mid_col - 2 + style.organ_offset_px[1] + rng.uniform(-3, 3))
+    organ_radius = style.organ_scale * rng.uniform(8.5, 11.0)
+    organ = _blob(grid3, centre=organ_centre,
+                  radii=(rng.uniform(3.2, 4.2), organ_radius * rng.uniform(0.8, 1.0),
+                         organ_radius * rng.uniform(1.0, 1.25)),
+                  harmonics=rng.uniform(0, 0.15, 3), phases=rng.uniform(0, 6.3, 3))
+    look_alike_centre = (depth / 2 + rng.uniform(-1, 1),
+                         mid_row - 13 + rng.uniform(-2, 2),
+                         mid_col + 12 + rng.uniform(-3, 3))
+    look_alike_radius = rng.uniform(6.5, 8.5)
+    look_alike = _blob(grid3, centre=look_alike_centre,
+                       radii=(rng.uniform(3.0, 4.0), look_alike_radius,
+                              look_alike_radius * rng.uniform(0.9, 1.2)),
+                       harmonics=rng.uniform(0, 0.12, 3), phases=rng.uniform(0, 6.3, 3))
+    tube = _blob(grid3, centre=(depth / 2, mid_row + rng.uniform(-4, 4),
+                                mid_col + 17 + rng.uniform(-2, 2)),
+                 radii=(depth * 4.0, rng.uniform(9, 13), rng.uniform(2.5, 3.5)),
+                 harmonics=np.zeros(1), phases=np.zeros(1))
+    look_alike &= body & ~organ
+    tube &= body & ~organ & ~look_alike
+    organ &= body
+
+    # Rendering in the site's weighting, with tissue texture.
+    texture = _smooth_field(rng, SHAPE_ZYX, sigma=1.5)
+    image = np.full(SHAPE_ZYX, style.intensity(AIR), dtype=np.float32)
+    for mask, tissue, texture_strength in (
+        (body, BODY, 0.05), (look_alike, DISTRACTOR_A, 0.06),
+        (tube, DISTRACTOR_B, 0.03), (organ, ORGAN, 0.07),
+    ):
+        image[mask] = style.intensity(tissue) + texture_strength * texture[mask]
+
+    # Acquisition: resolution, blur, bias field, noise.
+    if style.resolution_factor > 1.0:
+        low = ndimage.zoom(image, (1, 1 / style.resolution_factor,
+                                   1 / style.resolution_factor), order=1)
+        image = ndimage.zoom(low, (1, height / low.shape[1], width / low.shape[2]),
+                             order=1).astype(np.float32)
+    image = ndimage.gaussian_filter(image, sigma=(0, style.blur_sigma_px,
+                                                  style.blur_sigma_px))
+    bias = np.exp(style.bias_amplitude * _smooth_field(rng, SHAPE_ZYX, sigma=16.0))
+    image = image * bias + style.noise_sd * rng.standard_normal(SHAPE_ZYX)
+    return SyntheticCase(image=(INTENSITY_SCALE * image).astype(np.float32),
+                         label=organ.astype(np.uint8))
+
+
+def _case_rng(seed: int, site_index: int, case_index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, site_index, case_index])
+
+
+def write_site(style: SiteStyle, site_dir: Path, *, site_index: int, seed: int,
+               num_train_cases: int) -> None:
+    """Write one site: ``imagesTr``/``labelsTr`` and ``imagesTs``/``labelsTs`` NIfTI."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    total = num_train_cases + EVALUATION_CASES_PER_SITE
+    for case_index in range(total):
+        case = generate_case(style, _case_rng(seed, site_index, case_index))
+        split = "Tr" if case_index < num_train_cases else "Ts"
+        case_id = f"{style.name.lower()}_{case_index:03d}"
+        for array, folder, file_name in (
+            (case.image, f"images{split}", f"{case_id}_0000.nii.gz"),
+            (case.label, f"labels{split}", f"{case_id}.nii.gz"),
+        ):
+            write_volume(Volume(array=array, spacing_mm=SPACING_MM,
+                                origin_mm=(0.0, 0.0, 0.0),
+                                direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)),
+                         site_dir / folder / file_name)
+    dataset = {"name": f"synthetic site {style.name}", "modality": "synthetic-MR",
+               "labels": {"0": "background", "1": "organ"},
+               "shift": style.shift}
+    (site_dir / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+
+
+def write_federation(out_dir: Path, *, seed: int, num_sites: int, num_train_cases: int,
+                     progress: Callable[[str], None] | None = None) -> tuple[str, ...]:
+    """Write a whole federation (one folder per site plus ``federation.toml``).
+
+    The folder is assembled under a temporary name and renamed at the end, so a
+    reader never sees a half-written federation.
+
+    Args:
+        out_dir: folder to create; must not exist yet.
+        seed: the same seed always gives the same files.
+        num_sites: number of sites (>= 3), spread evenly over the continuum.
+        num_train_cases: labelled training cases per site (6 evaluation cases are
+            added per site).
+        progress: called with one line per site written.
+
+    Returns:
+        The site names, the default target first.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists; choose a new folder")
+    if num_sites < 3:
+        raise ValueError(f"num_sites must be >= 3, got {num_sites}")
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    styles = build_site_styles(num_sites)
+    for site_index, style in enumerate(styles):
+        write_site(style, staging / style.name, site_index=site_index, seed=seed,
+                   num_train_cases=num_train_cases)
+        if progress is not None:
+            progress(f"site {style.name}: shift {style.shift:.2f}, "
+                     f"{num_train_cases} training + {EVALUATION_CASES_PER_SITE} "
+                     "evaluation cases")
+    target = styles[DEFAULT_TARGET_INDEX].name
+    (staging / "federation.toml").write_text(
+        "# Synthetic SiteBridge federation (core/synthetic.py).\n"
+        f"target = \"{target}\"\nseed = {seed}\n")
+    staging.rename(out_dir)
+    return tuple(style.name for style in styles)

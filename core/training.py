@@ -1,0 +1,223 @@
+"""The one training loop, batched inference, device and AMP handling.
+
+Every model SiteBridge trains (source models, the target-supervised oracle, TGMA's
+adapted pair) goes through :func:`run_training`: seeded, CUDA + AMP when available, CPU
+otherwise, with one progress line per epoch. Inference goes through
+:func:`predict_probabilities`. Pure PyTorch/MONAI; never imports flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from core.config import TrainConfig
+
+LOGGER = logging.getLogger(__name__)
+
+StepLoss = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TrainResult:
+    """What a training run did.
+
+    Attributes:
+        num_examples: samples (slices) seen over all epochs, never batches.
+        epoch_losses: mean loss per epoch.
+        seconds: wall time of the loop.
+        device: the device it ran on.
+    """
+
+    num_examples: int
+    epoch_losses: tuple[float, ...]
+    seconds: float
+    device: str
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last epoch (nan when no epoch ran)."""
+        return self.epoch_losses[-1] if self.epoch_losses else float("nan")
+
+
+def select_device(name: str) -> torch.device:
+    """Resolve ``auto``/``cpu``/``cuda[:N]`` to a device (``auto`` prefers CUDA)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but CUDA is not available here")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a CPU generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def augment_batch(tensors: Sequence[torch.Tensor],
+                  generator: torch.Generator) -> list[torch.Tensor]:
+    """Flip the whole batch left-right and/or up-down, identically for every tensor.
+
+    Tensors share the last two (spatial) dimensions; flips are drawn from ``generator``
+    so runs are reproducible.
+    """
+    flips = torch.rand(2, generator=generator) < 0.5
+    dims = [dim for dim, flip in zip((-1, -2), flips.tolist(), strict=True) if flip]
+    if not dims:
+        return list(tensors)
+    return [tensor.flip(dims) for tensor in tensors]
+
+
+def run_training(
+    modules: Sequence[nn.Module],
+    tensors: Sequence[torch.Tensor],
+    step_loss: StepLoss,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    device: torch.device,
+    amp: bool,
+    augment: bool,
+    label: str,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``modules`` jointly with Adam on mini-batches of ``tensors``.
+
+    Args:
+        modules: networks whose parameters are optimised; moved to ``device`` and
+            left there in train mode... then set back to eval mode at the end.
+        tensors: aligned tensors with the sample dimension first (e.g. images
+            ``(N, 1, H, W)`` and targets ``(N, H, W)``); kept on the host and moved
+            per batch.
+        step_loss: maps one batch (the tensors, on ``device``) to a scalar loss.
+        epochs, batch_size, learning_rate, seed: the recipe.
+        device: where to train; AMP (float16 autocast + grad scaling) is used on CUDA
+            when ``amp`` is true.
+        augment: random flips applied identically to every tensor of a batch.
+        label: names the run in progress lines.
+        progress: called with one line per epoch (defaults to the module logger).
+
+    Returns:
+        The run's :class:`TrainResult`. Updates ``modules`` in place.
+    """
+    report = progress or LOGGER.info
+    generator = seed_everything(seed)
+    for module in modules:
+        module.to(device).train()
+    parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    num_samples = int(tensors[0].shape[0])
+    epoch_losses: list[float] = []
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(num_samples, generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, num_samples, batch_size):
+            index = order[start:start + batch_size]
+            batch = [tensor[index] for tensor in tensors]
+            if augment:
+                batch = augment_batch(batch, generator)
+            batch = [tensor.to(device, non_blocking=True) for tensor in batch]
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16,
+                                enabled=use_amp):
+                loss = step_loss(batch)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            # One host sync per batch is the price of an honest epoch loss.
+            total += float(loss.detach()) * len(index)
+            count += len(index)
+        epoch_losses.append(total / max(count, 1))
+        report(f"[{label}] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f} "
+               f"({time.perf_counter() - started:.1f} s)")
+    for module in modules:
+        module.eval()
+    return TrainResult(num_examples=epochs * num_samples, epoch_losses=tuple(epoch_losses),
+                       seconds=time.perf_counter() - started, device=str(device))
+
+
+def train_supervised(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    train: TrainConfig,
+    device: torch.device,
+    label: str,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on labelled slices with Dice + cross-entropy.
+
+    Args:
+        model: a segmentation network with C output channels; updated in place.
+        images: ``(N, 1, H, W)`` float inputs.
+        labels: ``(N, H, W)`` integer class maps.
+    """
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    def step_loss(batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        batch_images, batch_labels = batch
+        loss: torch.Tensor = loss_function(model(batch_images), batch_labels.unsqueeze(1))
+        return loss
+
+    return run_training([model], [images, labels], step_loss, epochs=train.epochs,
+                        batch_size=train.batch_size, learning_rate=train.learning_rate,
+                        seed=train.seed, device=device, amp=train.amp,
+                        augment=train.augment, label=label, progress=progress)
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, images: torch.Tensor, *,
+                          device: torch.device, batch_size: int = 64,
+                          amp: bool = True) -> torch.Tensor:
+    """Return softmax probabilities ``(N, C, H, W)`` on the host for ``images``.
+
+    Runs batched in eval mode; float16 autocast on CUDA when ``amp``.
+    """
+    model.to(device).eval()
+    use_amp = amp and device.type == "cuda"
+    outputs = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16,
+                            enabled=use_amp):
+            logits = model(batch)
+        outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+    if not outputs:
+        return torch.empty(0)
+    return torch.cat(outputs)
+
+
+def predict_mixture(models: Sequence[nn.Module], weights: Sequence[float],
+                    images: torch.Tensor, *, device: torch.device,
+                    batch_size: int = 64, amp: bool = True) -> torch.Tensor:
+    """Return ``sum_k weights[k] * softmax(models[k](images))`` ``(N, C, H, W)``.
+
+    ``weights`` are used as given (callers normalise them).
+    """
+    if len(models) != len(weights) or not models:
+        raise ValueError("predict_mixture needs one weight per model, at least one model")
+    mixture: torch.Tensor | None = None
+    for model, weight in zip(models, weights, strict=True):
+        probabilities = weight * predict_probabilities(
+            model, images, device=device, batch_size=batch_size, amp=amp)
+        mixture = probabilities if mixture is None else mixture + probabilities
+    assert mixture is not None
+    return mixture
