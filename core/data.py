@@ -38,10 +38,11 @@ FEDERATION_FILE: Final = "federation.toml"
 
 _CHANNEL_PATTERN: Final = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # Index of the (row, col) in-plane axes in SimpleITK's (x, y, z) spacing, per cut axis.
-_IN_PLANE_SPACING: Final = {
-    SliceAxis.Z: (1, 0),
-    SliceAxis.Y: (2, 0),
-    SliceAxis.X: (2, 1),
+# Per slice axis: (through-plane, row, col) indices into SimpleITK's (x, y, z) spacing.
+_SLICE_SPACING_AXES: Final = {
+    SliceAxis.Z: (2, 1, 0),
+    SliceAxis.Y: (1, 2, 0),
+    SliceAxis.X: (0, 2, 1),
 }
 _ScalarT = TypeVar("_ScalarT", bound=np.generic)
 
@@ -445,14 +446,15 @@ class SliceSet:
         labels: ``(N, S, S)`` int64 (nearest resize), or ``None`` without labels.
         case_ids: one per case, in order.
         case_of_slice: ``(N,)`` int64 index into ``case_ids``.
-        spacing_mm: per case, in-plane pixel spacing ``(row, col)`` after resizing.
+        spacing_mm: per case, voxel size ``(slice, row, col)`` in mm after resizing
+            (the through-plane spacing is the original one), for HD95.
     """
 
     images: torch.Tensor
     labels: torch.Tensor | None
     case_ids: tuple[str, ...]
     case_of_slice: torch.Tensor
-    spacing_mm: tuple[tuple[float, float], ...]
+    spacing_mm: tuple[tuple[float, float, float], ...]
 
     def __post_init__(self) -> None:
         count = self.images.shape[0]
@@ -527,7 +529,7 @@ def build_slice_set(
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     owners: list[torch.Tensor] = []
-    spacings: list[tuple[float, float]] = []
+    spacings: list[tuple[float, float, float]] = []
     for number, case in enumerate(cases):
         if with_labels and case.label_path is None:
             raise SiteDataError(
@@ -556,9 +558,10 @@ def build_slice_set(
                 )[:, 0].to(torch.int64)
             )
         owners.append(torch.full((pixels.shape[0],), number, dtype=torch.int64))
-        row_axis, col_axis = _IN_PLANE_SPACING[data.slice_axis]
+        slice_axis, row_axis, col_axis = _SLICE_SPACING_AXES[data.slice_axis]
         spacings.append(
             (
+                loaded.spacing_mm[slice_axis],
                 loaded.spacing_mm[row_axis] * stack.shape[1] / data.image_size,
                 loaded.spacing_mm[col_axis] * stack.shape[2] / data.image_size,
             )

@@ -1,7 +1,7 @@
 """Deterministic synthetic multi-site federation, written in the site layout.
 
-Each case is a small 3-D volume holding a body outline, an organ-like target blob with
-an irregular boundary and texture, and distractor structures. Sites lie on a
+Each case is a small 3-D volume of textured soft tissue holding an organ-like target
+blob with an irregular boundary, and distractor structures (round vessels, a tube). Sites lie on a
 continuum ``shift`` in [0, 1]: along it the MR-like weighting turns (so the organ goes
 from brighter to darker than the body while a distractor goes the other way, a contrast
 inversion of the target structure), and bias field, noise, blur, in-plane resolution and
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -26,24 +27,29 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from core.config import FederationConfig
 from core.io import Volume, write_volume
 
 FloatArray = npt.NDArray[np.float32]
 
+# Bump when the generator's output changes, so cached federations are regenerated.
+GENERATOR_VERSION: Final = 3
 DEFAULT_TARGET_INDEX: Final = 0
 EVALUATION_CASES_PER_SITE: Final = 6
 SHAPE_ZYX: Final = (10, 64, 64)
 SPACING_MM: Final = (1.5, 1.5, 3.0)
 INTENSITY_SCALE: Final = 1000.0
 
-# Tissue properties (p1, p2); a site's weighting angle mixes them into one intensity,
-# the way T1/T2 weighting mixes relaxation times.
-AIR: Final = (0.02, 0.02)
-BODY: Final = (0.40, 0.33)
-ORGAN: Final = (0.90, 0.58)
-DISTRACTOR_A: Final = (0.45, 0.95)  # outshines the organ once the weighting turns
-DISTRACTOR_B: Final = (0.62, 0.45)
-# Beyond this shift a site's contrast is inverted (organ darker than the body).
+# Tissue intensities. The field of view is all soft tissue (like a cropped pelvic MR),
+# with the organ and two distractors set by their contrast against it. A site's
+# weighting scales the organ's contrast, and past INVERSION_SHIFT every contrast changes
+# sign (as between T1 and T2 weighting): the organ turns from brighter to darker than
+# the tissue around it, and so do the distractors.
+TISSUE_LEVEL: Final = 0.45
+ORGAN_CONTRAST: Final = 0.40
+ORGAN_CONTRAST_DRIFT: Final = 0.15  # contrast lost from one end of a half to the other
+VESSEL_CONTRAST: Final = 0.32  # small round blobs as bright (or dark) as the organ
+TUBE_CONTRAST: Final = 0.20  # an elongated structure
 INVERSION_SHIFT: Final = 0.5
 
 
@@ -53,7 +59,7 @@ class SiteStyle:
 
     name: str
     shift: float  # 0 = the default target's domain, 1 = the farthest domain
-    weighting_angle: float  # radians; 0 favours p1, pi/2 favours p2
+    organ_contrast: float  # organ minus body intensity (negative = inverted)
     inverted: bool
     bias_amplitude: float
     noise_sd: float
@@ -68,7 +74,8 @@ class SiteStyle:
         return cls(
             name=name,
             shift=shift,
-            weighting_angle=shift * math.pi / 2,
+            organ_contrast=(ORGAN_CONTRAST - ORGAN_CONTRAST_DRIFT * shift)
+            * (-1.0 if shift > INVERSION_SHIFT else 1.0),
             inverted=shift > INVERSION_SHIFT,
             bias_amplitude=0.05 + 0.2 * shift,
             noise_sd=0.02 + 0.04 * shift,
@@ -78,11 +85,9 @@ class SiteStyle:
             organ_offset_px=(4.0 * shift, -5.0 * shift),
         )
 
-    def intensity(self, tissue: tuple[float, float]) -> float:
-        """Mix a tissue's two properties into this site's intensity."""
-        mixed = (math.cos(self.weighting_angle) * tissue[0]
-                 + math.sin(self.weighting_angle) * tissue[1])
-        return 1.1 - mixed if self.inverted else mixed
+    def contrast_sign(self) -> float:
+        """+1 for the organ brighter than the body, -1 for inverted sites."""
+        return -1.0 if self.inverted else 1.0
 
 
 def default_site_names(num_sites: int) -> tuple[str, ...]:
@@ -141,9 +146,6 @@ def generate_case(style: SiteStyle, rng: np.random.Generator) -> SyntheticCase:
     mid_row, mid_col = height / 2, width / 2
 
     # Anatomy (random parameters first, then applied).
-    body = _blob(grid3, centre=(depth / 2, mid_row, mid_col),
-                 radii=(depth * 4.0, rng.uniform(24, 28), rng.uniform(26, 30)),
-                 harmonics=rng.uniform(0, 0.05, 2), phases=rng.uniform(0, 6.3, 2))
     organ_centre = (depth / 2 + rng.uniform(-0.7, 0.7),
                     mid_row + 3 + style.organ_offset_px[0] + rng.uniform(-3, 3),
                     mid_col - 2 + style.organ_offset_px[1] + rng.uniform(-3, 3))
@@ -152,30 +154,32 @@ def generate_case(style: SiteStyle, rng: np.random.Generator) -> SyntheticCase:
                   radii=(rng.uniform(3.2, 4.2), organ_radius * rng.uniform(0.8, 1.0),
                          organ_radius * rng.uniform(1.0, 1.25)),
                   harmonics=rng.uniform(0, 0.15, 3), phases=rng.uniform(0, 6.3, 3))
-    look_alike_centre = (depth / 2 + rng.uniform(-1, 1),
-                         mid_row - 13 + rng.uniform(-2, 2),
-                         mid_col + 12 + rng.uniform(-3, 3))
-    look_alike_radius = rng.uniform(6.5, 8.5)
-    look_alike = _blob(grid3, centre=look_alike_centre,
-                       radii=(rng.uniform(3.0, 4.0), look_alike_radius,
-                              look_alike_radius * rng.uniform(0.9, 1.2)),
-                       harmonics=rng.uniform(0, 0.12, 3), phases=rng.uniform(0, 6.3, 3))
+    vessels = np.zeros(SHAPE_ZYX, dtype=bool)
+    for row, col in ((mid_row - 16, mid_col + 14), (mid_row + 17, mid_col + 16)):
+        radius = rng.uniform(3.5, 5.0)
+        vessels |= _blob(grid3, centre=(depth / 2, row + rng.uniform(-3, 3),
+                                        col + rng.uniform(-3, 3)),
+                         radii=(depth * 4.0, radius, radius * rng.uniform(0.9, 1.1)),
+                         harmonics=np.zeros(1), phases=np.zeros(1))
     tube = _blob(grid3, centre=(depth / 2, mid_row + rng.uniform(-4, 4),
-                                mid_col + 17 + rng.uniform(-2, 2)),
-                 radii=(depth * 4.0, rng.uniform(9, 13), rng.uniform(2.5, 3.5)),
+                                mid_col - 22 + rng.uniform(-2, 2)),
+                 radii=(depth * 4.0, rng.uniform(10, 14), rng.uniform(2.5, 3.5)),
                  harmonics=np.zeros(1), phases=np.zeros(1))
-    look_alike &= body & ~organ
-    tube &= body & ~organ & ~look_alike
-    organ &= body
+    vessels &= ~organ
+    tube &= ~organ & ~vessels
 
-    # Rendering in the site's weighting, with tissue texture.
+    # Rendering in the site's weighting, with tissue texture at two scales.
+    sign = style.contrast_sign()
+    image = (TISSUE_LEVEL + 0.06 * _smooth_field(rng, SHAPE_ZYX, sigma=5.0)).astype(
+        np.float32)
     texture = _smooth_field(rng, SHAPE_ZYX, sigma=1.5)
-    image = np.full(SHAPE_ZYX, style.intensity(AIR), dtype=np.float32)
-    for mask, tissue, texture_strength in (
-        (body, BODY, 0.05), (look_alike, DISTRACTOR_A, 0.06),
-        (tube, DISTRACTOR_B, 0.03), (organ, ORGAN, 0.07),
+    image += 0.04 * texture
+    for mask, contrast, texture_strength in (
+        (vessels, sign * VESSEL_CONTRAST, 0.03),
+        (tube, sign * TUBE_CONTRAST, 0.03),
+        (organ, style.organ_contrast, 0.07),
     ):
-        image[mask] = style.intensity(tissue) + texture_strength * texture[mask]
+        image[mask] = TISSUE_LEVEL + contrast + texture_strength * texture[mask]
 
     # Acquisition: resolution, blur, bias field, noise.
     if style.resolution_factor > 1.0:
@@ -218,6 +222,45 @@ def write_site(style: SiteStyle, site_dir: Path, *, site_index: int, seed: int,
     (site_dir / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
 
 
+def resolve_federation_dir(federation: FederationConfig) -> Path:
+    """The federation folder a run uses: ``federation.dir``, else the built-in one.
+
+    ``federation.cache-dir`` empty means ``~/.cache/sitebridge``. Does not generate
+    anything (see :func:`ensure_builtin_federation`).
+    """
+    if federation.dir:
+        return Path(federation.dir).expanduser()
+    cache = (Path(federation.cache_dir).expanduser() if federation.cache_dir
+             else Path.home() / ".cache" / "sitebridge")
+    return get_builtin_federation_dir(cache, seed=federation.synthetic_seed,
+                                      num_sites=federation.synthetic_sites,
+                                      num_train_cases=federation.synthetic_cases)
+
+
+def get_builtin_federation_dir(cache_dir: Path, *, seed: int, num_sites: int,
+                               num_train_cases: int) -> Path:
+    """Where the built-in federation for these parameters lives inside ``cache_dir``."""
+    return Path(cache_dir) / (f"synthetic-v{GENERATOR_VERSION}-seed{seed}-"
+                              f"sites{num_sites}-cases{num_train_cases}")
+
+
+def ensure_builtin_federation(cache_dir: Path, *, seed: int, num_sites: int,
+                              num_train_cases: int,
+                              progress: Callable[[str], None] | None = None) -> Path:
+    """Return the cached built-in federation, generating it on first use."""
+    folder = get_builtin_federation_dir(cache_dir, seed=seed, num_sites=num_sites,
+                                        num_train_cases=num_train_cases)
+    if not folder.exists():
+        if progress is not None:
+            progress(f"generating the built-in synthetic federation in {folder}")
+        try:
+            write_federation(folder, seed=seed, num_sites=num_sites,
+                             num_train_cases=num_train_cases, progress=progress)
+        except FileExistsError:  # another process finished it first
+            pass
+    return folder
+
+
 def write_federation(out_dir: Path, *, seed: int, num_sites: int, num_train_cases: int,
                      progress: Callable[[str], None] | None = None) -> tuple[str, ...]:
     """Write a whole federation (one folder per site plus ``federation.toml``).
@@ -241,10 +284,8 @@ def write_federation(out_dir: Path, *, seed: int, num_sites: int, num_train_case
         raise FileExistsError(f"{out_dir}: already exists; choose a new folder")
     if num_sites < 3:
         raise ValueError(f"num_sites must be >= 3, got {num_sites}")
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     if staging.exists():
-        import shutil
-
         shutil.rmtree(staging)
     styles = build_site_styles(num_sites)
     for site_index, style in enumerate(styles):
@@ -258,5 +299,9 @@ def write_federation(out_dir: Path, *, seed: int, num_sites: int, num_train_case
     (staging / "federation.toml").write_text(
         "# Synthetic SiteBridge federation (core/synthetic.py).\n"
         f"target = \"{target}\"\nseed = {seed}\n")
-    staging.rename(out_dir)
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FileExistsError(f"{out_dir}: already exists; choose a new folder") from None
     return tuple(style.name for style in styles)

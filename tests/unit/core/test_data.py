@@ -629,9 +629,9 @@ def _cases(folder: Path, count: int = 2, *, num_classes: int = 2) -> list[CaseRe
 @pytest.mark.parametrize(
     ("axis", "slices_per_case", "spacing"),
     [
-        (SliceAxis.Z, 6, (0.75 * 12 / 16, 0.5 * 10 / 16)),
-        (SliceAxis.Y, 12, (2.0 * 6 / 16, 0.5 * 10 / 16)),
-        (SliceAxis.X, 10, (2.0 * 6 / 16, 0.75 * 12 / 16)),
+        (SliceAxis.Z, 6, (2.0, 0.75 * 12 / 16, 0.5 * 10 / 16)),
+        (SliceAxis.Y, 12, (0.75, 2.0 * 6 / 16, 0.5 * 10 / 16)),
+        (SliceAxis.X, 10, (0.5, 2.0 * 6 / 16, 0.75 * 12 / 16)),
     ],
 )
 def test_build_slice_set_shapes_and_spacing(

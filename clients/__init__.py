@@ -1,0 +1,1 @@
+"""SiteBridge's Flower ClientApp: one handler per action; decode, call core, encode."""

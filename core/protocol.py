@@ -1,0 +1,275 @@
+"""The wire contract: action names, record keys and typed payloads (DESIGN.md section 4).
+
+Both apps import this module; neither spells a message type or record key anywhere
+else. Payloads are frozen dataclasses that flatten to and from plain scalar mappings
+(what Flower's ``ConfigRecord``/``MetricRecord`` hold); model weights travel separately
+as ``dict[str, numpy array]`` under :data:`WEIGHTS_KEY` or ``model.<name>`` keys. The
+conversion to Flower records lives in one small ``records.py`` on each side. Plain
+Python: never imports flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Final, TypeAlias
+
+Scalar: TypeAlias = bool | int | float | str
+FieldValue: TypeAlias = Scalar | list[int] | list[float] | list[str]
+Fields: TypeAlias = dict[str, FieldValue]
+
+# Message types (Flower category, then the action name).
+HELLO: Final = "query.hello"
+TRAIN_SOURCE: Final = "train.source"
+LFTM: Final = "query.lftm"
+ADAPT: Final = "train.adapt"
+EVALUATE: Final = "evaluate"
+
+# Error code of a reply in which the site reports a problem with its data or the request
+# (above Flower's own codes, 0-8). The reason names the file and the problem.
+SITE_ERROR_CODE: Final = 100
+
+# Record keys inside a message's RecordDict.
+REQUEST_KEY: Final = "request"  # ConfigRecord: the request payload
+REPLY_KEY: Final = "reply"  # ConfigRecord: the reply payload's settings and names
+METRICS_KEY: Final = "metrics"  # MetricRecord: the reply payload's numbers
+WEIGHTS_KEY: Final = "weights"  # ArrayRecord: one model's weights
+MODEL_KEY_PREFIX: Final = "model."  # ArrayRecord per named model: "model.<name>"
+
+
+def model_key(name: str) -> str:
+    """Record key of the named model's weights.
+
+    Example:
+        >>> model_key("B")
+        'model.B'
+    """
+    return f"{MODEL_KEY_PREFIX}{name}"
+
+
+def model_name(key: str) -> str | None:
+    """Inverse of :func:`model_key`; None for keys that are not model keys."""
+    return key[len(MODEL_KEY_PREFIX):] if key.startswith(MODEL_KEY_PREFIX) else None
+
+
+def _require(fields: Mapping[str, object], key: str, kind: type | tuple[type, ...]) -> object:
+    if key not in fields:
+        raise ValueError(f"payload field {key!r} is missing")
+    value = fields[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"payload field {key!r} has the wrong type: {value!r}")
+    return value
+
+
+def _str(fields: Mapping[str, object], key: str) -> str:
+    return str(_require(fields, key, str))
+
+
+def _int(fields: Mapping[str, object], key: str) -> int:
+    value = _require(fields, key, int)
+    assert isinstance(value, int)
+    return value
+
+
+def _float(fields: Mapping[str, object], key: str) -> float:
+    value = _require(fields, key, (int, float))
+    assert isinstance(value, int | float)
+    return float(value)
+
+
+def _list(fields: Mapping[str, object], key: str) -> list[object]:
+    value = _require(fields, key, list)
+    assert isinstance(value, list)
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class HelloReply:
+    """What a site says about itself: counts only, never case names."""
+
+    site: str
+    modality: str
+    labelled: int
+    unlabelled: int
+    evaluation: int
+    class_names: tuple[str, ...]
+
+    def to_fields(self) -> Fields:
+        """Flatten for a ConfigRecord."""
+        return {"site": self.site, "modality": self.modality, "labelled": self.labelled,
+                "unlabelled": self.unlabelled, "evaluation": self.evaluation,
+                "class-names": list(self.class_names)}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> HelloReply:
+        """Parse a reply's ConfigRecord."""
+        names = _list(fields, "class-names")
+        return cls(site=_str(fields, "site"),
+                   modality=_str(fields, "modality"),
+                   labelled=_int(fields, "labelled"),
+                   unlabelled=_int(fields, "unlabelled"),
+                   evaluation=_int(fields, "evaluation"),
+                   class_names=tuple(str(name) for name in names))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TrainReply:
+    """How a training action went; the weights travel beside it."""
+
+    num_examples: int  # samples (slices) seen, never batches
+    num_cases: int
+    loss: float
+    seconds: float
+
+    def to_fields(self) -> Fields:
+        """Flatten for a MetricRecord."""
+        return {"num-examples": self.num_examples, "num-cases": self.num_cases,
+                "loss": self.loss, "seconds": self.seconds}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> TrainReply:
+        """Parse a reply's MetricRecord."""
+        return cls(num_examples=_int(fields, "num-examples"),
+                   num_cases=_int(fields, "num-cases"),
+                   loss=_float(fields, "loss"),
+                   seconds=_float(fields, "seconds"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LftmReply:
+    """Per-case transferability rows (ITM columns by source) from the target.
+
+    Rows are in an order fixed at the site but never named, so no case identity leaves.
+    """
+
+    metric: str
+    sources: tuple[str, ...]
+    itm_columns: dict[str, list[float]]  # source -> one score per target case
+
+    def to_fields(self) -> tuple[Fields, Fields]:
+        """Flatten to (ConfigRecord fields, MetricRecord fields)."""
+        settings: Fields = {"metric": self.metric, "sources": list(self.sources)}
+        metrics: Fields = {f"itm.{name}": list(self.itm_columns[name])
+                           for name in self.sources}
+        return settings, metrics
+
+    @classmethod
+    def from_fields(cls, settings: Mapping[str, object],
+                    metrics: Mapping[str, object]) -> LftmReply:
+        """Parse a reply's ConfigRecord and MetricRecord."""
+        sources = tuple(str(name) for name in _list(settings, "sources"))
+        columns = {name: [float(v) for v in _list(metrics, f"itm.{name}")]  # type: ignore[arg-type]
+                   for name in sources}
+        lengths = {len(column) for column in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"ITM columns differ in length: {sorted(lengths)}")
+        return cls(metric=_str(settings, "metric"), sources=sources,
+                   itm_columns=columns)
+
+    def itm_rows(self) -> tuple[tuple[float, ...], ...]:
+        """ITM as rows (cases) by columns (``sources`` order)."""
+        columns = [self.itm_columns[name] for name in self.sources]
+        return tuple(tuple(row) for row in zip(*columns, strict=True))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptRequest:
+    """Which candidates form the pair and with which fixed weights."""
+
+    main: str
+    aux: str  # "" when there is no auxiliary source
+    weight_main: float
+    weight_aux: float
+
+    def to_fields(self) -> Fields:
+        """Flatten for a ConfigRecord."""
+        return {"main": self.main, "aux": self.aux, "weight-main": self.weight_main,
+                "weight-aux": self.weight_aux}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> AdaptRequest:
+        """Parse a request's ConfigRecord."""
+        return cls(main=_str(fields, "main"),
+                   aux=_str(fields, "aux"),
+                   weight_main=_float(fields, "weight-main"),
+                   weight_aux=_float(fields, "weight-aux"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptReply:
+    """How adaptation went; the adapted ``model.main``/``model.aux`` travel beside it."""
+
+    num_examples: int  # target slices seen over all epochs
+    pseudo_label_foreground: float  # fraction of target pixels pseudo-labelled foreground
+    seconds: float
+
+    def to_fields(self) -> Fields:
+        """Flatten for a MetricRecord."""
+        return {"num-examples": self.num_examples,
+                "pseudo-label-foreground": self.pseudo_label_foreground,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> AdaptReply:
+        """Parse a reply's MetricRecord."""
+        return cls(num_examples=_int(fields, "num-examples"),
+                   pseudo_label_foreground=_float(fields, "pseudo-label-foreground"),
+                   seconds=_float(fields, "seconds"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluateRequest:
+    """Predictors to score: name -> ``[(model name, weight), ...]`` (a softmax mix)."""
+
+    predictors: dict[str, list[tuple[str, float]]]
+
+    def to_fields(self) -> Fields:
+        """Flatten for a ConfigRecord (the table travels as one JSON string)."""
+        return {"predictors": json.dumps(self.predictors, sort_keys=True)}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> EvaluateRequest:
+        """Parse a request's ConfigRecord."""
+        try:
+            table = json.loads(_str(fields, "predictors"))
+            predictors = {str(name): [(str(model), float(weight))
+                                      for model, weight in members]
+                          for name, members in table.items()}
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"payload field 'predictors' is malformed: {error}") from None
+        return cls(predictors=predictors)
+
+    def model_names(self) -> list[str]:
+        """Every model any predictor uses, sorted."""
+        return sorted({model for members in self.predictors.values()
+                       for model, _ in members})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluateReply:
+    """Aggregate metrics per predictor: mean Dice and HD95 (mm) over evaluation cases."""
+
+    num_cases: int
+    dice: dict[str, float]
+    hd95_mm: dict[str, float]
+
+    def to_fields(self) -> Fields:
+        """Flatten for a MetricRecord."""
+        fields: Fields = {"num-cases": self.num_cases}
+        fields.update({f"dice.{name}": value for name, value in self.dice.items()})
+        fields.update({f"hd95.{name}": value for name, value in self.hd95_mm.items()})
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> EvaluateReply:
+        """Parse a reply's MetricRecord."""
+        dice = {key[5:]: _float(fields, key) for key in fields if key.startswith("dice.")}
+        hd95 = {key[5:]: _float(fields, key) for key in fields if key.startswith("hd95.")}
+        return cls(num_cases=_int(fields, "num-cases"), dice=dice,
+                   hd95_mm=hd95)
+
+
+def parse_names(values: Sequence[object]) -> tuple[str, ...]:
+    """Names from a ConfigRecord list value, as strings."""
+    return tuple(str(value) for value in values)

@@ -1,0 +1,1 @@
+"""SiteBridge's Flower ServerApp: the coordinator's phase pipeline, run store, report."""

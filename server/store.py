@@ -1,0 +1,67 @@
+"""The run store: one folder per run under ``runs/<run-id>/``.
+
+Holds the resolved config, one JSON file per finished phase, the models the
+coordinator received (``.npz``, no pickle) and the report. Every file is written under a
+temporary name and renamed, so a crash never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from core.models import Arrays, load_weights, save_weights
+
+
+class RunStore:
+    """Files of one run.
+
+    Args:
+        run_dir: the run's folder (created).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "phases").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
+
+    def write_json(self, relative: str, document: Mapping[str, Any]) -> Path:
+        """Write ``document`` as indented JSON at ``run_dir / relative``."""
+        path = self.run_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+        temporary.replace(path)
+        return path
+
+    def write_text(self, relative: str, text: str) -> Path:
+        """Write ``text`` at ``run_dir / relative``."""
+        path = self.run_dir / relative
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(text)
+        temporary.replace(path)
+        return path
+
+    def save_phase(self, name: str, result: Mapping[str, Any]) -> Path:
+        """Persist a finished phase's result (before the next phase starts)."""
+        return self.write_json(f"phases/{name}.json", result)
+
+    def load_phase(self, name: str) -> dict[str, Any] | None:
+        """A finished phase's result, or None when the phase has not finished."""
+        path = self.run_dir / "phases" / f"{name}.json"
+        if not path.exists():
+            return None
+        loaded: dict[str, Any] = json.loads(path.read_text())
+        return loaded
+
+    def save_model(self, name: str, weights: Arrays) -> Path:
+        """Keep a model the coordinator received."""
+        path = self.run_dir / "models" / f"{name}.npz"
+        save_weights(weights, path)
+        return path
+
+    def load_model(self, name: str) -> Arrays:
+        """A model saved by :meth:`save_model`."""
+        return load_weights(self.run_dir / "models" / f"{name}.npz")
