@@ -234,7 +234,7 @@ def select_sources(dtm: Mapping[str, float]) -> SourceSelection:
     Ties go to the name that sorts first; when both scores are 0 the weights are equal.
 
     Example:
-        >>> select_sources({"A": 0.2, "B": 0.6, "C": 0.2})
+        >>> select_sources({"A": 0.25, "B": 0.75, "C": 0.25})
         SourceSelection(main='B', aux='A', weight_main=0.75, weight_aux=0.25)
     """
     if not dtm:

@@ -114,14 +114,19 @@ def discover(coordinator: Coordinator, *, nodes: list[int],
     config = coordinator.config
     replies = coordinator.ask({node: records.build_request() for node in nodes},
                               protocol.HELLO)
-    sites = {node: SiteInfo(node, protocol.HelloReply.from_fields(
-        records.read_settings(reply.content))) for node, reply in replies.ok.items()}
-    for node, reason in replies.failed.items():
+    sites, failed = {}, dict(replies.failed)
+    for node, reply in replies.ok.items():
+        try:
+            sites[node] = SiteInfo(node, protocol.HelloReply.from_fields(
+                records.read_settings(reply.content)))
+        except ValueError as error:
+            failed[node] = f"malformed reply: {error}"
+    for node, reason in failed.items():
         coordinator.log(f"node {node} did not say hello: {reason}")
     if len(sites) < config.federation.min_sites:
         raise PhaseError(f"discover: only {len(sites)} site(s) answered, federation."
                          f"min-sites is {config.federation.min_sites}; failures: "
-                         f"{replies.failed}")
+                         f"{failed}")
     target = config.federation.target_site or default_target
     names = sorted(site.name for site in sites.values())
     if not target or target not in names:
@@ -131,7 +136,7 @@ def discover(coordinator: Coordinator, *, nodes: list[int],
         "sites": [{"name": site.name, "node_id": node, **site.hello.to_fields()}
                   for node, site in sorted(sites.items(), key=lambda item: item[1].name)],
         "target": target,
-        "missing": {str(node): reason for node, reason in replies.failed.items()},
+        "missing": {str(node): reason for node, reason in failed.items()},
     })
     coordinator.log(f"discover: sites {names}, target {target}")
     return sites, target
@@ -145,20 +150,26 @@ def train_sources(coordinator: Coordinator, sources: Mapping[int, SiteInfo]) -> 
     replies = coordinator.ask({node: records.build_request(weights=initial)
                                for node in sources}, protocol.TRAIN_SOURCE)
     models, training = {}, {}
+    failed = dict(replies.failed)
     for node, reply in replies.ok.items():
         name = sources[node].name
-        models[name] = records.read_weights(reply.content)
-        coordinator.store.save_model(f"source-{name}", models[name])
-        training[name] = protocol.TrainReply.from_fields(
-            records.read_metrics(reply.content)).to_fields()
+        try:
+            weights = records.read_weights(reply.content)
+            report = protocol.TrainReply.from_fields(records.read_metrics(reply.content))
+        except ValueError as error:
+            failed[node] = f"malformed reply: {error}"
+            continue
+        models[name] = weights
+        coordinator.store.save_model(f"source-{name}", weights)
+        training[name] = report.to_fields()
         coordinator.log(f"source {name}: loss {training[name]['loss']:.4f}, "
                         f"{training[name]['num-examples']} examples")
     required = min(config.federation.min_sites, len(sources))
     if len(models) < max(required, 1):
         raise PhaseError(f"source training: {len(models)} source model(s) arrived, "
-                         f"{required} needed; failures: {_names(sources, replies.failed)}")
+                         f"{required} needed; failures: {_names(sources, failed)}")
     coordinator.store.save_phase("source-training", {
-        "training": training, "missing": _names(sources, replies.failed)})
+        "training": training, "missing": _names(sources, failed)})
     return models
 
 

@@ -8,11 +8,28 @@ temporary name and renamed, so a crash never leaves a half-written result.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from core.models import Arrays, load_weights, save_weights
+
+
+def to_strict_json(value: Any) -> Any:
+    """Replace NaN/inf (e.g. an undefined HD95) by None, so files stay valid JSON.
+
+    Example:
+        >>> to_strict_json({"hd95": float("nan"), "dice": [0.5, float("inf")]})
+        {'hd95': None, 'dice': [0.5, None]}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: to_strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_strict_json(item) for item in value]
+    return value
 
 
 class RunStore:
@@ -32,7 +49,8 @@ class RunStore:
         path = self.run_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+        temporary.write_text(json.dumps(to_strict_json(document), indent=2,
+                                        allow_nan=False) + "\n")
         temporary.replace(path)
         return path
 

@@ -44,9 +44,11 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
-        # Ray and torch each default to every core; keep simulated sites from
-        # oversubscribing a small machine.
         "RAY_DEDUP_LOGS": "0",
+        # The SuperLink spawns flower-superexec (and it flwr-serverapp/-clientapp) by
+        # name: this interpreter's bin folder must come first even without activation.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                 os.environ.get("PATH", "")]),
     })
     return env
 

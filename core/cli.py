@@ -1,0 +1,108 @@
+"""The ``sitebridge`` console script: small utilities around the federation.
+
+Runs themselves are always ``flwr run .`` (see the README); these subcommands make
+data, check a site folder offline and print a run's report. Each body parses its
+arguments, calls one core function and returns an exit code. Heavy imports stay inside
+the subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from core.synthetic import write_federation  # noqa: PLC0415
+
+    names = write_federation(args.out, seed=args.seed, num_sites=args.sites,
+                             num_train_cases=args.cases, progress=print)
+    print(f"wrote {len(names)} sites to {args.out} (default target {names[0]})")
+    return 0
+
+
+def _builtin(args: argparse.Namespace) -> int:
+    from core.config import load_default_config  # noqa: PLC0415
+    from core.synthetic import ensure_builtin_federation  # noqa: PLC0415
+
+    federation = load_default_config().federation
+    folder = ensure_builtin_federation(
+        args.cache_dir, seed=federation.synthetic_seed,
+        num_sites=federation.synthetic_sites,
+        num_train_cases=federation.synthetic_cases, progress=print)
+    print(f"built-in federation: {folder}")
+    return 0
+
+
+def _site_check(args: argparse.Namespace) -> int:
+    from core.data import SiteDataError, index_site, validate_site  # noqa: PLC0415
+
+    try:
+        summary = validate_site(index_site(args.site_dir), num_classes=args.num_classes)
+    except SiteDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(summary.to_lines()))
+    return 0
+
+
+def find_report(path: Path) -> Path:
+    """``path/report.md``, or that of the newest run folder inside ``path``."""
+    if (path / "report.md").exists():
+        return path / "report.md"
+    runs = sorted((run for run in path.glob("*/report.md")),
+                  key=lambda report: report.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"{path}: no report.md here or in any run folder below")
+    return runs[-1]
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        report = find_report(args.path)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{report}\n")
+    print(report.read_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all subcommands."""
+    parser = argparse.ArgumentParser(prog="sitebridge", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="write a synthetic federation in the site layout")
+    synth.add_argument("out", type=Path, help="folder to create")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--sites", type=int, default=6)
+    synth.add_argument("--cases", type=int, default=12,
+                       help="labelled training cases per site (plus 6 evaluation cases)")
+    synth.set_defaults(run=_synth)
+    builtin = commands.add_parser(
+        "builtin", help="generate (once) the built-in federation the demo runs on")
+    builtin.add_argument("--cache-dir", type=Path, default=Path("data"))
+    builtin.set_defaults(run=_builtin)
+    site = commands.add_parser("site", help="site folder utilities")
+    site_commands = site.add_subparsers(dest="site_command", required=True)
+    check = site_commands.add_parser("check", help="validate a site folder offline")
+    check.add_argument("site_dir", type=Path)
+    check.add_argument("--num-classes", type=int, default=2)
+    check.set_defaults(run=_site_check)
+    report = commands.add_parser("report", help="print a run's report.md")
+    report.add_argument("path", type=Path, nargs="?", default=Path("runs"),
+                        help="a run folder, or a runs folder (newest run)")
+    report.set_defaults(run=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sitebridge`` console script."""
+    args = build_parser().parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

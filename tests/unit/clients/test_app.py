@@ -1,0 +1,616 @@
+"""The ClientApp handlers, called directly with hand-built Messages and Contexts.
+
+No Flower daemon runs: each test builds the ``Message`` with explicit metadata (as a
+SuperNode would deliver it) and a ``Context`` whose ``node_config`` points at one site
+of a tiny synthetic federation (DEPLOY.md section 1).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from clients import records
+from clients.app import adapt, evaluate, hello, lftm, train_source
+from clients.site import resolve_site
+from core import protocol
+from core.config import ConfigValue, RunConfig, load_run_config, read_default_run_config
+from core.data import SiteDataError, build_slice_set, index_site
+from core.models import Arrays, build_model, get_manifest
+from core.synthetic import write_federation
+
+MESSAGE_ID = "m1"
+TARGET = "A"
+SOURCES = ("B", "C")
+TINY: dict[str, ConfigValue] = {
+    "data.image-size": 32,
+    "data.max-slices-per-case": 3,
+    "train.epochs": 1,
+    "adapt.epochs": 1,
+    "model.channels": "4,8",
+    "model.strides": "2",
+}
+
+Handler = Callable[[Message, Context], Message]
+
+
+# ------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("clients") / "federation"
+    write_federation(folder, seed=0, num_sites=3, num_train_cases=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_config(
+    federation: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, ConfigValue]:
+    flat = read_default_run_config()
+    flat.update(TINY)
+    flat["federation.dir"] = str(federation)
+    flat["federation.cache-dir"] = str(tmp_path_factory.mktemp("cache"))
+    return flat
+
+
+@pytest.fixture(scope="module")
+def config(run_config: dict[str, ConfigValue]) -> RunConfig:
+    return load_run_config(run_config)
+
+
+@pytest.fixture(scope="module")
+def source_weights(
+    federation: Path, run_config: dict[str, ConfigValue]
+) -> dict[str, Arrays]:
+    """Weights trained by the real train.source handler at each source site."""
+    trained = {}
+    for name in SOURCES:
+        reply = train_source(
+            build_message(RecordDict(), protocol.TRAIN_SOURCE),
+            build_context(run_config, {"site-dir": str(federation / name)}),
+        )
+        assert not reply.has_error(), reply.error.reason
+        trained[name] = records.from_array_record(reply.content[protocol.WEIGHTS_KEY])
+    return trained
+
+
+def build_message(content: RecordDict, message_type: str) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=MESSAGE_ID,
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=message_type,
+    )
+    return Message(content, metadata=metadata)
+
+
+def build_context(
+    run_config: Mapping[str, ConfigValue], node_config: Mapping[str, ConfigValue]
+) -> Context:
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config=dict(node_config),
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
+
+
+def site_context(run_config: Mapping[str, ConfigValue], site_dir: Path) -> Context:
+    return build_context(run_config, {"site-dir": str(site_dir)})
+
+
+def build_candidates(
+    models: Mapping[str, Arrays], settings: Mapping[str, ConfigValue] | None = None
+) -> RecordDict:
+    content = RecordDict()
+    for name, weights in models.items():
+        content[protocol.model_key(name)] = records.to_array_record(weights)
+    if settings is not None:
+        content[protocol.REQUEST_KEY] = ConfigRecord(dict(settings))
+    return content
+
+
+def reply_text(message: Message) -> str:
+    """Every key and scalar value a reply carries, as one string."""
+    parts: list[str] = []
+    for key, record in message.content.items():
+        parts.append(key)
+        if isinstance(record, ArrayRecord):
+            parts.extend(record.keys())
+        else:
+            parts.extend(f"{name}={value!r}" for name, value in record.items())
+    return "\n".join(parts)
+
+
+def assert_site_error(reply: Message, *fragments: str) -> None:
+    assert reply.has_error()
+    assert reply.error.code == protocol.SITE_ERROR_CODE
+    assert reply.metadata.reply_to_message_id == MESSAGE_ID
+    for fragment in fragments:
+        assert fragment in reply.error.reason, reply.error.reason
+
+
+# ---------------------------------------------------------------------------- hello
+
+
+@pytest.mark.parametrize("site", ["A", "B", "C"])
+def test_hello_reports_counts_without_case_names(
+    federation: Path, run_config: dict[str, ConfigValue], site: str
+) -> None:
+    # Prepare
+    index = index_site(federation / site)
+    case_ids = [
+        c.case_id for c in (*index.labelled, *index.unlabelled, *index.evaluation)
+    ]
+    message = build_message(RecordDict(), protocol.HELLO)
+
+    # Execute
+    reply = hello(message, site_context(run_config, federation / site))
+
+    # Assert
+    assert not reply.has_error()
+    assert reply.metadata.reply_to_message_id == MESSAGE_ID
+    parsed = protocol.HelloReply.from_fields(reply.content[protocol.REPLY_KEY])
+    assert parsed == protocol.HelloReply(
+        site=site,
+        modality="synthetic-MR",
+        labelled=2,
+        unlabelled=0,
+        evaluation=6,
+        class_names=("background", "organ"),
+    )
+    assert len(case_ids) == 8
+    text = reply_text(reply)
+    assert not [case_id for case_id in case_ids if case_id in text]
+    assert not reply.content.array_records
+
+
+# --------------------------------------------------------------------- train.source
+
+
+@pytest.mark.parametrize("initial", ["none", "sent"], ids=["fresh", "initial-weights"])
+def test_train_source_replies_weights_matching_the_manifest(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    config: RunConfig,
+    initial: str,
+) -> None:
+    # Prepare
+    expected_manifest = get_manifest(build_model(config.model, data=config.data))
+    content = RecordDict()
+    if initial == "sent":
+        model = build_model(config.model, data=config.data)
+        weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        content[protocol.WEIGHTS_KEY] = records.to_array_record(weights)
+    index = index_site(federation / "B")
+    slices = build_slice_set(index.labelled, data=config.data, with_labels=True)
+    expected_examples = slices.images.shape[0] * config.train.epochs
+
+    # Execute
+    reply = train_source(
+        build_message(content, protocol.TRAIN_SOURCE),
+        site_context(run_config, federation / "B"),
+    )
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    weights = records.from_array_record(reply.content[protocol.WEIGHTS_KEY])
+    actual_manifest = {name: tuple(value.shape) for name, value in weights.items()}
+    assert actual_manifest == expected_manifest
+    assert all(np.isfinite(value).all() for value in weights.values())
+    result = protocol.TrainReply.from_fields(reply.content[protocol.METRICS_KEY])
+    assert result.num_examples == expected_examples == 2 * 3 * 1
+    assert result.num_cases == len(index.labelled)
+    assert np.isfinite(result.loss)
+    assert result.seconds >= 0
+    assert set(reply.content.keys()) == {protocol.METRICS_KEY, protocol.WEIGHTS_KEY}
+
+
+# ------------------------------------------------------------------------ query.lftm
+
+
+@pytest.mark.parametrize("kind", ["trained", "fresh"])
+def test_lftm_replies_one_itm_value_per_case_and_no_arrays(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    config: RunConfig,
+    source_weights: dict[str, Arrays],
+    kind: str,
+) -> None:
+    # Prepare
+    if kind == "trained":
+        models = source_weights
+    else:
+        models = {
+            name: {
+                k: v.detach().numpy()
+                for k, v in build_model(config.model, data=config.data)
+                .state_dict()
+                .items()
+            }
+            for name in SOURCES
+        }
+    index = index_site(federation / TARGET)
+    num_cases = len(index.labelled) + len(index.unlabelled)
+    message = build_message(build_candidates(models), protocol.LFTM)
+
+    # Execute
+    reply = lftm(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    assert not reply.content.array_records
+    result = protocol.LftmReply.from_fields(
+        reply.content[protocol.REPLY_KEY], reply.content[protocol.METRICS_KEY]
+    )
+    assert result.metric == "lftm"
+    assert result.sources == SOURCES
+    for name in SOURCES:
+        column = result.itm_columns[name]
+        assert len(column) == num_cases
+        assert all(0.0 <= value <= 1.0 for value in column)
+    case_ids = [c.case_id for c in (*index.labelled, *index.unlabelled)]
+    assert not [case_id for case_id in case_ids if case_id in reply_text(reply)]
+
+
+# ------------------------------------------------------------------------ train.adapt
+
+
+@pytest.mark.parametrize(
+    ("aux", "weights", "expected_models"),
+    [
+        ("C", (0.6, 0.4), {"model.main", "model.aux"}),
+        ("", (1.0, 0.0), {"model.main"}),
+    ],
+    ids=["pair", "main-only"],
+)
+def test_adapt_replies_adapted_models(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    config: RunConfig,
+    source_weights: dict[str, Arrays],
+    aux: str,
+    weights: tuple[float, float],
+    expected_models: set[str],
+) -> None:
+    # Prepare
+    request = protocol.AdaptRequest(
+        main="B", aux=aux, weight_main=weights[0], weight_aux=weights[1]
+    )
+    message = build_message(
+        build_candidates(source_weights, request.to_fields()), protocol.ADAPT
+    )
+    manifest = get_manifest(build_model(config.model, data=config.data))
+
+    # Execute
+    reply = adapt(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    assert set(reply.content.array_records) == expected_models
+    for key in expected_models:
+        adapted = records.from_array_record(reply.content[key])
+        assert {k: tuple(v.shape) for k, v in adapted.items()} == manifest
+    result = protocol.AdaptReply.from_fields(reply.content[protocol.METRICS_KEY])
+    assert result.num_examples == 2 * 3 * config.adapt.epochs
+    assert 0.0 <= result.pseudo_label_foreground <= 1.0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_replies_dice_per_requested_predictor(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+) -> None:
+    # Prepare
+    predictors = {
+        "source:B": [("B", 1.0)],
+        "source:C": [("C", 1.0)],
+        "uniform": [("B", 0.5), ("C", 0.5)],
+    }
+    request = protocol.EvaluateRequest(predictors=predictors)
+    message = build_message(
+        build_candidates(source_weights, request.to_fields()), protocol.EVALUATE
+    )
+
+    # Execute
+    reply = evaluate(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    assert not reply.content.array_records
+    result = protocol.EvaluateReply.from_fields(reply.content[protocol.METRICS_KEY])
+    assert result.num_cases == len(index_site(federation / TARGET).evaluation) == 6
+    assert set(result.dice) == set(predictors)
+    assert set(result.hd95_mm) == set(predictors)
+    assert all(0.0 <= value <= 1.0 for value in result.dice.values())
+    assert {key for key in reply.content[protocol.METRICS_KEY] if "dice." in key} == {
+        f"dice.{name}" for name in predictors
+    }
+
+
+# ------------------------------------------------------------------------ error paths
+
+
+def corrupt_site(federation: Path, tmp_path: Path, site: str) -> tuple[Path, Path]:
+    """A copy of ``site`` whose first training image is garbage bytes."""
+    copy = tmp_path / site
+    shutil.copytree(federation / site, copy)
+    broken = sorted((copy / "imagesTr").iterdir())[0]
+    broken.write_bytes(b"\x00not an image\xff" * 64)
+    return copy, broken
+
+
+def break_manifest(weights: Arrays, how: str) -> Arrays:
+    """``weights`` with its first parameter dropped, reshaped, or an extra one added."""
+    first = sorted(weights)[0]
+    broken = dict(weights)
+    if how == "drop":
+        del broken[first]
+    elif how == "reshape":
+        broken[first] = np.zeros((*weights[first].shape, 2), dtype=np.float32)
+    else:
+        broken["model.extra.weight"] = np.zeros((3,), dtype=np.float32)
+    return broken
+
+
+def test_error_missing_site_folder(
+    tmp_path: Path, run_config: dict[str, ConfigValue]
+) -> None:
+    # Prepare
+    missing = tmp_path / "no-such-site"
+
+    # Execute
+    reply = hello(
+        build_message(RecordDict(), protocol.HELLO), site_context(run_config, missing)
+    )
+
+    # Assert
+    assert_site_error(reply, str(missing), "not found")
+
+
+@pytest.mark.parametrize(
+    ("handler", "message_type", "site"),
+    [
+        (train_source, protocol.TRAIN_SOURCE, "B"),
+        (lftm, protocol.LFTM, TARGET),
+        (adapt, protocol.ADAPT, TARGET),
+    ],
+    ids=["train-source", "lftm", "adapt"],
+)
+def test_error_corrupt_image_names_the_file(
+    federation: Path,
+    tmp_path: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+    handler: Handler,
+    message_type: str,
+    site: str,
+) -> None:
+    # Prepare
+    copy, broken = corrupt_site(federation, tmp_path, site)
+    request = protocol.AdaptRequest(main="B", aux="C", weight_main=0.5, weight_aux=0.5)
+    content = (
+        RecordDict()
+        if handler is train_source
+        else build_candidates(source_weights, request.to_fields())
+    )
+
+    # Execute
+    reply = handler(
+        build_message(content, message_type), site_context(run_config, copy)
+    )
+
+    # Assert
+    assert_site_error(reply, str(broken), "unreadable")
+
+
+@pytest.mark.parametrize("how", ["drop", "reshape", "extra"])
+@pytest.mark.parametrize(
+    ("handler", "message_type"),
+    [(lftm, protocol.LFTM), (adapt, protocol.ADAPT), (evaluate, protocol.EVALUATE)],
+    ids=["lftm", "adapt", "evaluate"],
+)
+def test_error_weights_not_matching_the_manifest(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+    handler: Handler,
+    message_type: str,
+    how: str,
+) -> None:
+    # Prepare
+    models = {"B": break_manifest(source_weights["B"], how), "C": source_weights["C"]}
+    settings: dict[str, ConfigValue] = {
+        **protocol.AdaptRequest(
+            main="B", aux="C", weight_main=0.5, weight_aux=0.5
+        ).to_fields(),
+        **protocol.EvaluateRequest(predictors={"b": [("B", 1.0)]}).to_fields(),
+    }
+    message = build_message(build_candidates(models, settings), message_type)
+
+    # Execute
+    reply = handler(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    first = sorted(source_weights["B"])[0]
+    expected = {
+        "drop": (f"missing [{first!r}]",),
+        "reshape": (first, "has shape"),
+        "extra": ("unexpected ['model.extra.weight']",),
+    }
+    assert_site_error(reply, "weights do not match the model manifest", *expected[how])
+
+
+def test_error_adapt_main_not_among_candidates(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+) -> None:
+    # Prepare
+    request = protocol.AdaptRequest(main="Z", aux="C", weight_main=0.5, weight_aux=0.5)
+    message = build_message(
+        build_candidates(source_weights, request.to_fields()), protocol.ADAPT
+    )
+
+    # Execute
+    reply = adapt(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert_site_error(reply, "'Z'", "not among the candidates")
+
+
+@pytest.mark.parametrize(
+    "predictors",
+    ["{not json", "[1, 2]", '{"b": 5}', '{"b": [["B"]]}', '{"b": [["B", "heavy"]]}'],
+    ids=["not-json", "list", "not-members", "no-weight", "weight-not-number"],
+)
+def test_error_evaluate_malformed_predictors(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+    predictors: str,
+) -> None:
+    # Prepare
+    message = build_message(
+        build_candidates(source_weights, {"predictors": predictors}),
+        protocol.EVALUATE,
+    )
+
+    # Execute
+    reply = evaluate(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert_site_error(reply, "predictors", "malformed")
+
+
+def test_error_evaluate_predictor_naming_unknown_model(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+) -> None:
+    # Prepare
+    request = protocol.EvaluateRequest(predictors={"ghost": [("Z", 1.0)]})
+    message = build_message(
+        build_candidates(source_weights, request.to_fields()), protocol.EVALUATE
+    )
+
+    # Execute
+    reply = evaluate(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert_site_error(reply, "'ghost'", "unknown models", "'Z'")
+
+
+def test_error_node_config_without_site(run_config: dict[str, ConfigValue]) -> None:
+    # Prepare
+    message = build_message(RecordDict(), protocol.HELLO)
+
+    # Execute
+    reply = hello(message, build_context(run_config, {}))
+
+    # Assert
+    assert_site_error(reply, "site-dir", "partition-id")
+
+
+def test_error_lftm_without_candidates(
+    federation: Path, run_config: dict[str, ConfigValue]
+) -> None:
+    # Prepare
+    message = build_message(RecordDict(), protocol.LFTM)
+
+    # Execute
+    reply = lftm(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert_site_error(reply, "no candidate models")
+
+
+def test_error_bad_run_config_names_the_key(
+    federation: Path, run_config: dict[str, ConfigValue]
+) -> None:
+    # Prepare
+    broken = {**run_config, "train.epochs": 0}
+
+    # Execute
+    reply = hello(
+        build_message(RecordDict(), protocol.HELLO),
+        site_context(broken, federation / TARGET),
+    )
+
+    # Assert
+    assert_site_error(reply, "train.epochs")
+
+
+# ----------------------------------------------------------------------- resolve_site
+
+
+@pytest.mark.parametrize(("partition", "expected"), [(0, "A"), (1, "B"), (2, "C")])
+def test_resolve_site_maps_partition_to_sorted_site_folder(
+    federation: Path, config: RunConfig, partition: int, expected: str
+) -> None:
+    # Prepare
+    context = build_context({}, {"partition-id": partition, "num-partitions": 3})
+
+    # Execute
+    site = resolve_site(context, config)
+
+    # Assert
+    sorted_sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
+    assert site.directory == sorted_sites[partition]
+    assert site.name == expected
+
+
+def test_resolve_site_prefers_site_dir(tmp_path: Path, config: RunConfig) -> None:
+    # Prepare
+    context = build_context({}, {"site-dir": str(tmp_path / "H1"), "partition-id": 0})
+
+    # Execute
+    site = resolve_site(context, config)
+
+    # Assert
+    assert (site.name, site.directory) == ("H1", tmp_path / "H1")
+
+
+@pytest.mark.parametrize("partition", [3, 10, -1])
+def test_resolve_site_rejects_partition_out_of_range(
+    config: RunConfig, partition: int
+) -> None:
+    # Prepare
+    context = build_context({}, {"partition-id": partition, "num-partitions": 4})
+
+    # Execute / Assert
+    with pytest.raises(SiteDataError, match=r"num-supernodes=3"):
+        resolve_site(context, config)
+
+
+def test_hello_in_simulation_serves_the_partition_site(
+    run_config: dict[str, ConfigValue],
+) -> None:
+    # Prepare
+    context = build_context(run_config, {"partition-id": 2, "num-partitions": 3})
+
+    # Execute
+    reply = hello(build_message(RecordDict(), protocol.HELLO), context)
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    assert (
+        protocol.HelloReply.from_fields(reply.content[protocol.REPLY_KEY]).site == "C"
+    )

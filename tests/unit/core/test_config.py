@@ -1,0 +1,287 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from core.config import (
+    Attention,
+    ConfigValue,
+    Norm,
+    RunConfig,
+    SliceAxis,
+    TransferMetric,
+    load_default_config,
+    load_run_config,
+    read_default_run_config,
+    to_flat,
+)
+from core.models import build_model
+
+
+def test_load_default_config_reads_pyproject_defaults() -> None:
+    # Execute
+    config = load_default_config()
+
+    # Assert
+    assert isinstance(config, RunConfig)
+    assert config.data.image_size == 64
+    assert config.data.slice_axis is SliceAxis.Z
+    assert config.model.channels == (16, 32, 64, 128)
+    assert config.model.strides == (2, 2, 2)
+    assert config.model.norm is Norm.INSTANCE
+    assert config.train.learning_rate == pytest.approx(0.001)
+    assert config.transfer.metric is TransferMetric.LFTM
+    assert config.transfer.attention is Attention.PROBABILITY
+    assert config.federation.dir == ""
+
+
+def test_load_default_config_applies_overrides() -> None:
+    # Execute
+    config = load_default_config(
+        **{"data.image-size": 32, "model.channels": "4,8", "model.strides": "2"}
+    )
+
+    # Assert
+    assert config.data.image_size == 32
+    assert config.model.channels == (4, 8)
+    assert config.model.strides == (2,)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"data.image-size": 32, "model.channels": "4,8", "model.strides": "2"},
+        {"transfer.metric": "entropy", "transfer.attention": "gradcam"},
+        {"train.device": "cuda:1", "train.amp": False, "model.norm": "batch"},
+        {"federation.dir": "/data/fed", "train.learning-rate": 3},
+    ],
+)
+def test_to_flat_then_load_is_identity(overrides: dict[str, ConfigValue]) -> None:
+    # Prepare
+    config = load_default_config(**overrides)
+
+    # Execute
+    flat = to_flat(config)
+    reloaded = load_run_config(flat)
+
+    # Assert
+    assert reloaded == config
+    assert to_flat(reloaded) == flat
+
+
+def test_to_flat_of_defaults_equals_pyproject_table() -> None:
+    # Prepare
+    defaults = read_default_run_config()
+
+    # Execute
+    flat = to_flat(load_run_config(defaults))
+
+    # Assert
+    assert flat == defaults
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train.epochs", 0),
+        ("train.batch-size", 0),
+        ("train.learning-rate", 0),
+        ("train.learning-rate", -1e-3),
+        ("train.device", "tpu"),
+        ("train.device", "gpu"),
+        ("data.image-size", 30),
+        ("data.image-size", 8),
+        ("data.num-classes", 1),
+        ("data.max-slices-per-case", -1),
+        ("data.slice-axis", "w"),
+        ("model.strides", "2,2"),
+        ("model.strides", "2,2,2,2"),
+        ("model.channels", "16"),
+        ("model.channels", "16,0,64,128"),
+        ("model.channels", "16,32,sixty-four,128"),
+        ("model.channels", "16;32;64;128"),
+        ("model.num-res-units", -1),
+        ("model.dropout", 1.0),
+        ("model.dropout", -0.1),
+        ("model.norm", "layer"),
+        ("transfer.threshold", 1.0),
+        ("transfer.threshold", 0.0),
+        ("transfer.dilation-fraction", 0.6),
+        ("transfer.dilation-fraction", -0.1),
+        ("transfer.smoothing-sigma-px", -1.0),
+        ("transfer.metric", "rotation"),
+        ("transfer.attention", "saliency"),
+        ("federation.min-sites", 0),
+        ("federation.synthetic-sites", 2),
+        ("federation.synthetic-cases", 1),
+        ("federation.wait-nodes-s", 0.0),
+        ("federation.reply-timeout-s", -1.0),
+        ("adapt.epochs", -1),
+        ("adapt.batch-size", 0),
+        ("adapt.learning-rate", 0.0),
+        # Wrong types.
+        ("train.epochs", "3"),
+        ("train.epochs", 3.0),
+        ("train.epochs", True),
+        ("data.image-size", False),
+        ("train.learning-rate", "0.01"),
+        ("train.learning-rate", True),
+        ("train.amp", 1),
+        ("train.augment", "yes"),
+        ("federation.dir", 5),
+        ("output.runs-dir", False),
+    ],
+)
+def test_validation_error_names_the_toml_key(key: str, value: ConfigValue) -> None:
+    # Prepare
+    flat = read_default_run_config()
+    flat[key] = value
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)} must be"):
+        load_run_config(flat)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "rule", "shown"),
+    [
+        ("model.strides", "2,2", "3 values", "(2, 2)"),
+        ("transfer.metric", "rotation", "one of 'lftm', 'entropy'", "'rotation'"),
+        ("model.channels", "16,x", "comma-separated integers", "'16,x'"),
+        ("train.epochs", "3", "an integer", "'3'"),
+        ("train.epochs", True, "an integer", "True"),
+        ("train.learning-rate", "fast", "a number", "'fast'"),
+        ("train.amp", "true", "true or false", "'true'"),
+        ("federation.dir", 3, "a string", "3"),
+    ],
+)
+def test_validation_message_states_the_rule_and_value(
+    key: str, value: ConfigValue, rule: str, shown: str
+) -> None:
+    # Prepare
+    flat = read_default_run_config()
+    flat[key] = value
+
+    # Execute / Assert
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(rule)}.*got {re.escape(shown)}$"
+    ):
+        load_run_config(flat)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "group", "field", "expected"),
+    [
+        (
+            {"model.channels": " 4, 8 ", "model.strides": "2"},
+            "model",
+            "channels",
+            (4, 8),
+        ),
+        ({"train.learning-rate": 1}, "train", "learning_rate", 1.0),
+        ({"train.device": "cuda:0"}, "train", "device", "cuda:0"),
+        ({"adapt.epochs": 0}, "adapt", "epochs", 0),
+        ({"transfer.dilation-fraction": 0.0}, "transfer", "dilation_fraction", 0.0),
+        ({"data.image-size": 16}, "data", "image_size", 16),
+    ],
+)
+def test_edge_values_are_accepted(
+    overrides: dict[str, ConfigValue], group: str, field: str, expected: object
+) -> None:
+    # Execute
+    config = load_default_config(**overrides)
+
+    # Assert
+    actual = getattr(getattr(config, group), field)
+    assert actual == expected
+    assert type(actual) is type(expected)
+
+
+@pytest.mark.parametrize("key", ["train.epochs", "transfer.metric", "federation.dir"])
+def test_missing_key_is_an_error_naming_it(key: str) -> None:
+    # Prepare
+    flat = read_default_run_config()
+    del flat[key]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)} is missing"):
+        load_run_config(flat)
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"train.epoch": 3}, "train.epoch"),
+        ({"unknown.key": "x"}, "unknown.key"),
+        ({"zeta.b": 1, "alpha.a": 2}, "alpha.a, zeta.b"),
+    ],
+)
+def test_unknown_key_is_an_error_naming_it(
+    extra: dict[str, ConfigValue], named: str
+) -> None:
+    # Prepare
+    flat = read_default_run_config()
+    flat.update(extra)
+
+    # Execute / Assert
+    with pytest.raises(
+        ValueError, match=rf"unknown run-config keys: {re.escape(named)}"
+    ):
+        load_run_config(flat)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: train.device accepts any 'cuda:<text>' (e.g. 'cuda:x'); the rule "
+    "says 'cuda:N', and the bad value only fails later inside torch.device with a "
+    "message that does not name train.device",
+)
+def test_device_with_non_integer_cuda_index_is_rejected() -> None:
+    # Prepare
+    flat = read_default_run_config()
+    flat["train.device"] = "cuda:x"
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"^train\.device must be"):
+        load_run_config(flat)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: data.image-size is only checked to be a multiple of 8, not of "
+    "prod(model.strides); image-size 24 with strides '2,2,2,2' validates but the "
+    "U-Net's skip concatenation then fails with a shape RuntimeError",
+)
+def test_image_size_incompatible_with_strides_is_rejected() -> None:
+    # Prepare: four stride-2 levels need a multiple of 16; 24 only divides by 8.
+    flat = read_default_run_config()
+    flat.update(
+        {
+            "data.image-size": 24,
+            "model.channels": "4,8,16,32,64",
+            "model.strides": "2,2,2,2",
+        }
+    )
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"data\.image-size|model\.strides"):
+        load_run_config(flat)
+
+
+def test_image_size_incompatible_with_strides_breaks_the_network() -> None:
+    # Prepare: what the validation gap above leads to today.
+    config = load_default_config(
+        **{
+            "data.image-size": 24,
+            "model.channels": "4,8,16,32,64",
+            "model.strides": "2,2,2,2",
+        }
+    )
+    model = build_model(config.model, data=config.data)
+
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        model(torch.zeros(1, 1, 24, 24))

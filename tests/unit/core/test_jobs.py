@@ -1,0 +1,366 @@
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import RunConfig, load_default_config
+from core.data import SiteDataError
+from core.jobs import (
+    SourceTraining,
+    adapt_target,
+    build_initial_weights,
+    evaluate_predictors,
+    score_candidates,
+    train_source_model,
+)
+from core.models import Arrays, build_model, get_manifest
+from core.synthetic import EVALUATION_CASES_PER_SITE, write_federation
+
+NUM_TRAIN = 2
+SLICES = 3
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny three-site federation (A is the target), generated once."""
+    folder = tmp_path_factory.mktemp("jobs") / "federation"
+    write_federation(folder, seed=0, num_sites=3, num_train_cases=NUM_TRAIN)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def config() -> RunConfig:
+    return load_default_config(
+        **{
+            "data.image-size": 32,
+            "data.max-slices-per-case": SLICES,
+            "train.epochs": 1,
+            "train.device": "cpu",
+            "adapt.epochs": 1,
+            "model.channels": "4,8",
+            "model.strides": "2",
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(federation: Path, config: RunConfig) -> dict[str, SourceTraining]:
+    """Source models of sites B and C, trained once from the same initial weights."""
+    initial = build_initial_weights(config)
+    return {
+        name: train_source_model(federation / name, config, initial_weights=initial)
+        for name in ("C", "B")
+    }
+
+
+@pytest.fixture(scope="module")
+def candidates(trained: dict[str, SourceTraining]) -> dict[str, Arrays]:
+    return {name: result.weights for name, result in trained.items()}
+
+
+def copy_site(federation: Path, name: str, destination: Path) -> Path:
+    return Path(shutil.copytree(federation / name, destination / name))
+
+
+# --- train.source --------------------------------------------------------------------
+
+
+def test_train_source_model_returns_weights_of_the_manifest(
+    trained: dict[str, SourceTraining], config: RunConfig
+) -> None:
+    # Prepare
+    manifest = get_manifest(build_model(config.model, data=config.data))
+
+    # Execute
+    result = trained["B"]
+
+    # Assert
+    assert {name: array.shape for name, array in result.weights.items()} == manifest
+    assert all(array.dtype == np.float32 for array in result.weights.values())
+    assert result.num_cases == NUM_TRAIN
+    assert result.num_examples == config.train.epochs * NUM_TRAIN * SLICES
+    assert math.isfinite(result.final_loss)
+    assert result.device == "cpu"
+
+
+def test_train_source_model_counts_samples_over_epochs(
+    federation: Path, config: RunConfig
+) -> None:
+    # Prepare
+    two_epochs = load_default_config(
+        **{
+            "data.image-size": 16,
+            "data.max-slices-per-case": 2,
+            "train.epochs": 2,
+            "train.device": "cpu",
+            "model.channels": "4,8",
+            "model.strides": "2",
+        }
+    )
+
+    # Execute
+    result = train_source_model(federation / "C", two_epochs)
+
+    # Assert
+    assert result.num_examples == 2 * NUM_TRAIN * 2
+
+
+def test_train_source_model_is_deterministic_from_the_same_initial_weights(
+    federation: Path, config: RunConfig, trained: dict[str, SourceTraining]
+) -> None:
+    # Execute
+    again = train_source_model(
+        federation / "B", config, initial_weights=build_initial_weights(config)
+    )
+
+    # Assert
+    for name, array in trained["B"].weights.items():
+        np.testing.assert_array_equal(again.weights[name], array, err_msg=name)
+
+
+def test_train_source_model_needs_labelled_cases(
+    federation: Path, config: RunConfig, tmp_path: Path
+) -> None:
+    # Prepare
+    site = copy_site(federation, "B", tmp_path)
+    for label in (site / "labelsTr").iterdir():
+        label.unlink()
+
+    # Execute / Assert
+    with pytest.raises(
+        SiteDataError, match=rf"{re.escape(str(site))}: no labelled training cases"
+    ):
+        train_source_model(site, config)
+
+
+def test_train_source_model_rejects_initial_weights_of_another_network(
+    federation: Path, config: RunConfig
+) -> None:
+    # Prepare
+    other = load_default_config(
+        **{"data.image-size": 32, "model.channels": "4,16", "model.strides": "2"}
+    )
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="weights do not match the model manifest"):
+        train_source_model(
+            federation / "B", config, initial_weights=build_initial_weights(other)
+        )
+
+
+# --- query.lftm ----------------------------------------------------------------------
+
+
+def test_score_candidates_gives_one_row_per_case_and_one_column_per_candidate(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Execute
+    transferability = score_candidates(federation / "A", candidates, config)
+
+    # Assert
+    assert transferability.metric == "lftm"
+    assert transferability.sources == ("B", "C")  # sorted
+    assert len(transferability.itm) == NUM_TRAIN
+    assert all(len(row) == 2 for row in transferability.itm)
+    assert all(0.0 <= value <= 1.0 for row in transferability.itm for value in row)
+    for column, name in enumerate(transferability.sources):
+        mean = sum(row[column] for row in transferability.itm) / NUM_TRAIN
+        assert transferability.dtm[name] == pytest.approx(mean)
+
+
+def test_score_candidates_with_the_entropy_metric(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Prepare
+    entropy = load_default_config(
+        **{
+            "data.image-size": 32,
+            "data.max-slices-per-case": SLICES,
+            "train.device": "cpu",
+            "model.channels": "4,8",
+            "model.strides": "2",
+            "transfer.metric": "entropy",
+        }
+    )
+    assert entropy.model == config.model
+
+    # Execute
+    transferability = score_candidates(federation / "A", candidates, entropy)
+
+    # Assert
+    assert transferability.metric == "entropy"
+    assert len(transferability.itm) == NUM_TRAIN
+    assert all(0.0 <= value <= 1.0 for row in transferability.itm for value in row)
+
+
+def test_score_candidates_needs_candidates(federation: Path, config: RunConfig) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="no candidate models to score"):
+        score_candidates(federation / "A", {}, config)
+
+
+# --- train.adapt ---------------------------------------------------------------------
+
+
+def test_adapt_target_returns_main_and_aux_weights(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Execute
+    adaptation = adapt_target(
+        federation / "A",
+        candidates,
+        config,
+        main="C",
+        aux="B",
+        weight_main=0.6,
+        weight_aux=0.4,
+    )
+
+    # Assert
+    assert adaptation.aux_weights is not None
+    for adapted, source in (
+        (adaptation.main_weights, candidates["C"]),
+        (adaptation.aux_weights, candidates["B"]),
+    ):
+        assert adapted.keys() == source.keys()
+        assert any(not np.array_equal(adapted[n], source[n]) for n in source)
+    assert adaptation.num_examples == config.adapt.epochs * NUM_TRAIN * SLICES
+    assert 0.0 <= adaptation.pseudo_label_foreground <= 1.0
+
+
+def test_adapt_target_without_aux(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Execute
+    adaptation = adapt_target(
+        federation / "A",
+        candidates,
+        config,
+        main="B",
+        aux=None,
+        weight_main=1.0,
+        weight_aux=0.0,
+    )
+
+    # Assert
+    assert adaptation.aux_weights is None
+    assert adaptation.main_weights.keys() == candidates["B"].keys()
+
+
+@pytest.mark.parametrize(("main", "aux", "named"), [("D", "B", "D"), ("B", "Z", "Z")])
+def test_adapt_target_rejects_a_source_that_is_not_a_candidate(
+    federation: Path,
+    config: RunConfig,
+    candidates: dict[str, Arrays],
+    main: str,
+    aux: str,
+    named: str,
+) -> None:
+    # Execute / Assert
+    with pytest.raises(
+        ValueError,
+        match=rf"selected source '{named}' is not among the candidates \['B', 'C'\]",
+    ):
+        adapt_target(
+            federation / "A",
+            candidates,
+            config,
+            main=main,
+            aux=aux,
+            weight_main=0.5,
+            weight_aux=0.5,
+        )
+
+
+# --- evaluate ------------------------------------------------------------------------
+
+
+def test_evaluate_predictors_scores_every_predictor(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Prepare
+    predictors = {
+        "B": [("B", 1.0)],
+        "C": [("C", 1.0)],
+        "uniform": [("B", 0.5), ("C", 0.5)],
+    }
+    lines: list[str] = []
+
+    # Execute
+    results = evaluate_predictors(
+        federation / "A",
+        candidates,
+        predictors,
+        config,
+        with_hd95=False,
+        progress=lines.append,
+    )
+
+    # Assert
+    assert sorted(results) == ["B", "C", "uniform"]
+    for scores in results.values():
+        assert len(scores.cases) == EVALUATION_CASES_PER_SITE
+        assert all(0.0 <= case.dice <= 1.0 for case in scores.cases)
+        assert 0.0 <= scores.dice <= 1.0
+        assert math.isnan(scores.hd95_mm)
+    assert [line.split(":")[0] for line in lines] == [
+        "[evaluate] B",
+        "[evaluate] C",
+        "[evaluate] uniform",
+    ]
+
+
+def test_evaluate_predictors_with_hd95(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Execute
+    results = evaluate_predictors(
+        federation / "B", candidates, {"B": [("B", 1.0)]}, config
+    )
+
+    # Assert
+    scores = results["B"]
+    assert 0.0 <= scores.dice <= 1.0
+    assert all(math.isnan(case.hd95_mm) or case.hd95_mm >= 0.0 for case in scores.cases)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([("B", 0.5), ("D", 0.5)], r"predictor 'p' names unknown models \['D'\]"),
+        ([], r"predictor 'p' names unknown models \[\]"),
+    ],
+    ids=["unknown-member", "no-members"],
+)
+def test_evaluate_predictors_rejects_unknown_models(
+    federation: Path,
+    config: RunConfig,
+    candidates: dict[str, Arrays],
+    members: list[tuple[str, float]],
+    message: str,
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        evaluate_predictors(
+            federation / "A", candidates, {"p": members}, config, with_hd95=False
+        )
+
+
+def test_evaluate_predictors_needs_evaluation_cases(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare
+    site = copy_site(federation, "A", tmp_path)
+    shutil.rmtree(site / "labelsTs")
+    shutil.rmtree(site / "imagesTs")
+
+    # Execute / Assert
+    with pytest.raises(
+        SiteDataError, match=rf"{re.escape(str(site))}: no evaluation cases"
+    ):
+        evaluate_predictors(site, candidates, {"B": [("B", 1.0)]}, config)

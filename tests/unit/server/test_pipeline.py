@@ -1,0 +1,820 @@
+"""The coordinator's phases, run end to end against the real ClientApp.
+
+A :class:`FakeGrid` stands in for Flower's Grid: it assigns message ids at push time
+(as the real grid does) and hands each message to the real ClientApp with the Context
+of the node's site, so every phase exercises both sides of the wire contract on a tiny
+synthetic federation without any Flower daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.app import app as client_app
+from core import protocol
+from core.config import ConfigValue, RunConfig, load_run_config, read_default_run_config
+from core.data import index_site
+from core.jobs import build_initial_weights
+from core.models import Arrays, build_model, get_manifest
+from core.synthetic import write_federation
+from server import pipeline, records
+from server.pipeline import Coordinator, PhaseError, SiteInfo
+from server.report import build_report, format_markdown, write_report
+from server.store import RunStore
+
+TINY: dict[str, ConfigValue] = {
+    "data.image-size": 32,
+    "data.max-slices-per-case": 3,
+    "train.epochs": 1,
+    "adapt.epochs": 1,
+    "model.channels": "4,8",
+    "model.strides": "2",
+}
+NODES = {11: "A", 12: "B", 13: "C"}  # node id -> site folder
+BROKEN_NODE = 14  # serves a site folder that does not exist
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class FakeGrid:
+    """A Grid that delivers each message to the real ClientApp of its node.
+
+    Args:
+        contexts: node id -> that node's Context (its ``node_config`` names the site).
+        drop: nodes whose messages are swallowed (they never reply).
+    """
+
+    def __init__(self, contexts: Mapping[int, Context], *, drop: Iterable[int] = ()):
+        self.contexts = dict(contexts)
+        self.drop = set(drop)
+        self.sent: list[Message] = []
+        self._ids = itertools.count(1)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for message in messages:
+            # The real grid refuses a message that was already pushed.
+            assert message.metadata.message_id == ""
+            assert message.metadata.reply_to_message_id == ""
+            message.metadata.__dict__["_message_id"] = f"msg-{next(self._ids)}"
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if node in self.drop:
+                continue
+            reply = client_app(message, self.contexts[node])
+            reply.metadata.__dict__["_reply_to_message_id"] = (
+                message.metadata.message_id
+            )
+            replies.append(reply)
+        return replies
+
+    def sent_of_type(self, message_type: str) -> list[Message]:
+        return [m for m in self.sent if m.metadata.message_type == message_type]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineRun:
+    """Everything one end-to-end run of the phases produced."""
+
+    grid: FakeGrid
+    store: RunStore
+    config: RunConfig
+    sites: dict[int, SiteInfo]
+    target: str
+    models: dict[str, Arrays]
+    selection: dict[str, Any]
+    adapted: dict[str, Arrays]
+    evaluation: dict[str, Any]
+    log: list[str]
+
+
+# ------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def task_identity() -> Iterator[None]:
+    """What a ServerApp process has set before its main runs (Message needs it)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 1
+    TaskIdentity.task_id = 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("server") / "federation"
+    write_federation(folder, seed=0, num_sites=3, num_train_cases=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_config(
+    federation: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, ConfigValue]:
+    flat = read_default_run_config()
+    flat.update(TINY)
+    flat["federation.dir"] = str(federation)
+    flat["federation.cache-dir"] = str(tmp_path_factory.mktemp("cache"))
+    return flat
+
+
+def build_config(
+    run_config: Mapping[str, ConfigValue], **overrides: ConfigValue
+) -> RunConfig:
+    return load_run_config({**run_config, **overrides})
+
+
+def build_grid(
+    federation: Path,
+    run_config: Mapping[str, ConfigValue],
+    nodes: Mapping[int, str] = NODES,
+    *,
+    drop: Iterable[int] = (),
+) -> FakeGrid:
+    contexts = {
+        node: Context(
+            run_id=1,
+            node_id=node,
+            node_config={"site-dir": str(federation / site)},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        for node, site in nodes.items()
+    }
+    return FakeGrid(contexts, drop=drop)
+
+
+def build_coordinator(
+    grid: FakeGrid, config: RunConfig, run_dir: Path, log: list[str] | None = None
+) -> Coordinator:
+    return Coordinator(
+        grid=grid,  # type: ignore[arg-type]
+        config=config,
+        store=RunStore(run_dir),
+        log=(log if log is not None else []).append,
+    )
+
+
+def site_info(node: int, name: str, *, labelled: int = 2) -> SiteInfo:
+    hello = protocol.HelloReply(
+        site=name,
+        modality="synthetic-MR",
+        labelled=labelled,
+        unlabelled=0,
+        evaluation=6,
+        class_names=("background", "organ"),
+    )
+    return SiteInfo(node, hello)
+
+
+@pytest.fixture(scope="module")
+def full_run(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> PipelineRun:
+    """Discover -> source training -> transferability -> adaptation -> evaluation."""
+    config = load_run_config(run_config)
+    grid = build_grid(federation, run_config)
+    log: list[str] = []
+    coordinator = build_coordinator(
+        grid, config, tmp_path_factory.mktemp("runs") / "1", log
+    )
+    nodes = pipeline.wait_for_nodes(grid, expected=3, wait_s=1.0, log=log.append)
+    sites, target = pipeline.discover(coordinator, nodes=nodes, default_target="A")
+    target_site = next(site for site in sites.values() if site.name == target)
+    sources = {node: site for node, site in sites.items() if site.name != target}
+    models = pipeline.train_sources(coordinator, sources)
+    selection = pipeline.transferability(coordinator, target_site, models)
+    adapted = pipeline.adaptation(coordinator, target_site, models, selection)
+    evaluation = pipeline.evaluation(
+        coordinator, target_site, models, adapted, selection
+    )
+    return PipelineRun(
+        grid=grid,
+        store=coordinator.store,
+        config=config,
+        sites=sites,
+        target=target,
+        models=models,
+        selection=selection,
+        adapted=adapted,
+        evaluation=evaluation,
+        log=log,
+    )
+
+
+def manifest_of(weights: Arrays) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) for name, value in weights.items()}
+
+
+# -------------------------------------------------------------------------- discover
+
+
+def test_discover_finds_every_site_and_persists(full_run: PipelineRun) -> None:
+    # Prepare / Execute: the full_run fixture ran the phases.
+    saved = full_run.store.load_phase("discover")
+
+    # Assert
+    assert {node: site.name for node, site in full_run.sites.items()} == NODES
+    assert full_run.target == "A"
+    assert all(site.hello.labelled == 2 for site in full_run.sites.values())
+    assert saved is not None
+    assert saved["target"] == "A"
+    assert [site["name"] for site in saved["sites"]] == ["A", "B", "C"]
+    assert saved["missing"] == {}
+
+
+@pytest.mark.parametrize(
+    ("target_site", "default_target", "expected"),
+    [("", "A", "A"), ("B", "A", "B"), ("C", None, "C"), ("", "B", "B")],
+    ids=["federation-default", "config-overrides", "config-only", "other-default"],
+)
+def test_discover_picks_target_from_config_or_default(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    target_site: str,
+    default_target: str | None,
+    expected: str,
+) -> None:
+    # Prepare
+    config = build_config(run_config, **{"federation.target-site": target_site})
+    coordinator = build_coordinator(
+        build_grid(federation, run_config), config, tmp_path
+    )
+
+    # Execute
+    _, target = pipeline.discover(
+        coordinator, nodes=sorted(NODES), default_target=default_target
+    )
+
+    # Assert
+    assert target == expected
+    assert coordinator.store.load_phase("discover")["target"] == expected
+
+
+@pytest.mark.parametrize(
+    ("target_site", "default_target"),
+    [("", None), ("Z", "A"), ("", "Z")],
+    ids=["no-target", "config-unknown", "default-unknown"],
+)
+def test_discover_rejects_unknown_target(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    target_site: str,
+    default_target: str | None,
+) -> None:
+    # Prepare
+    config = build_config(run_config, **{"federation.target-site": target_site})
+    coordinator = build_coordinator(
+        build_grid(federation, run_config), config, tmp_path
+    )
+
+    # Execute / Assert
+    with pytest.raises(PhaseError, match=r"target site .* federation\.target-site"):
+        pipeline.discover(
+            coordinator, nodes=sorted(NODES), default_target=default_target
+        )
+    assert coordinator.store.load_phase("discover") is None
+
+
+def test_discover_records_a_node_that_never_replies(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    config = build_config(run_config)
+    grid = build_grid(federation, run_config, drop=[13])
+    coordinator = build_coordinator(grid, config, tmp_path)
+
+    # Execute
+    sites, target = pipeline.discover(
+        coordinator, nodes=sorted(NODES), default_target="A"
+    )
+
+    # Assert
+    assert sorted(site.name for site in sites.values()) == ["A", "B"]
+    assert target == "A"
+    missing = coordinator.store.load_phase("discover")["missing"]
+    assert list(missing) == ["13"]
+    assert missing["13"] == "no reply within 3600 s"
+
+
+def test_discover_records_an_error_reply(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    config = build_config(run_config)
+    grid = build_grid(federation, run_config, {**NODES, BROKEN_NODE: "D"})
+    coordinator = build_coordinator(grid, config, tmp_path)
+
+    # Execute
+    sites, _ = pipeline.discover(
+        coordinator, nodes=sorted(grid.get_node_ids()), default_target="A"
+    )
+
+    # Assert
+    assert sorted(site.name for site in sites.values()) == ["A", "B", "C"]
+    missing = coordinator.store.load_phase("discover")["missing"]
+    assert list(missing) == [str(BROKEN_NODE)]
+    assert missing[str(BROKEN_NODE)].startswith(f"error {protocol.SITE_ERROR_CODE}: ")
+    assert "site folder not found" in missing[str(BROKEN_NODE)]
+
+
+def test_discover_fails_when_too_few_sites_answer(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    config = build_config(run_config, **{"federation.min-sites": 3})
+    grid = build_grid(federation, run_config, drop=[13])
+    coordinator = build_coordinator(grid, config, tmp_path)
+
+    # Execute / Assert
+    with pytest.raises(PhaseError, match=r"only 2 site\(s\) answered.*min-sites is 3"):
+        pipeline.discover(coordinator, nodes=sorted(NODES), default_target="A")
+
+
+def test_wait_for_nodes_returns_sorted_ids_without_waiting(
+    federation: Path, run_config: dict[str, ConfigValue]
+) -> None:
+    # Prepare
+    grid = build_grid(federation, run_config, {13: "C", 11: "A", 12: "B"})
+    log: list[str] = []
+
+    # Execute
+    nodes = pipeline.wait_for_nodes(grid, expected=3, wait_s=5.0, log=log.append)
+
+    # Assert
+    assert nodes == [11, 12, 13]
+    assert log == ["3 of 3 expected nodes connected"]
+
+
+# -------------------------------------------------------------------- source training
+
+
+def test_train_sources_returns_and_persists_one_model_per_source(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare
+    config = full_run.config
+    expected_manifest = get_manifest(build_model(config.model, data=config.data))
+    saved = full_run.store.load_phase("source-training")
+
+    # Execute: each source's model as the store kept it
+    kept = {name: full_run.store.load_model(f"source-{name}") for name in ("B", "C")}
+
+    # Assert
+    assert sorted(full_run.models) == ["B", "C"]
+    for name, weights in full_run.models.items():
+        assert manifest_of(weights) == expected_manifest
+        assert (full_run.store.run_dir / "models" / f"source-{name}.npz").is_file()
+        assert all(np.array_equal(kept[name][k], weights[k]) for k in weights)
+    assert saved is not None
+    assert sorted(saved["training"]) == ["B", "C"]
+    for metrics in saved["training"].values():
+        assert protocol.TrainReply.from_fields(metrics).num_examples == 2 * 3 * 1
+    assert saved["missing"] == {}
+
+
+def test_train_sources_sends_the_seeded_initial_weights(full_run: PipelineRun) -> None:
+    # Prepare
+    expected = build_initial_weights(full_run.config)
+
+    # Execute
+    sent = full_run.grid.sent_of_type(protocol.TRAIN_SOURCE)
+
+    # Assert
+    assert sorted(m.metadata.dst_node_id for m in sent) == [12, 13]
+    for message in sent:
+        weights = records.read_weights(message.content)
+        assert manifest_of(weights) == manifest_of(expected)
+        assert all(np.array_equal(weights[k], expected[k]) for k in expected)
+
+
+def test_train_sources_proceeds_without_a_failing_source(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    config = build_config(run_config, **{"federation.min-sites": 2})
+    grid = build_grid(federation, run_config, {**NODES, BROKEN_NODE: "D"})
+    coordinator = build_coordinator(grid, config, tmp_path)
+    sources = {
+        12: site_info(12, "B"),
+        13: site_info(13, "C"),
+        BROKEN_NODE: site_info(BROKEN_NODE, "D"),
+    }
+
+    # Execute
+    models = pipeline.train_sources(coordinator, sources)
+
+    # Assert
+    assert sorted(models) == ["B", "C"]
+    saved = coordinator.store.load_phase("source-training")
+    assert sorted(saved["training"]) == ["B", "C"]
+    assert list(saved["missing"]) == ["D"]
+    assert saved["missing"]["D"].startswith(f"error {protocol.SITE_ERROR_CODE}: ")
+    assert "site folder not found" in saved["missing"]["D"]
+    assert not (coordinator.store.run_dir / "models" / "source-D.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("min_sites", "sources", "drop", "expected"),
+    [
+        (
+            3,
+            {12: "B", 13: "C", BROKEN_NODE: "D"},
+            (),
+            r"2 source model\(s\) arrived, 3",
+        ),
+        (2, {12: "B", BROKEN_NODE: "D"}, (), r"1 source model\(s\) arrived, 2 needed"),
+        (2, {12: "B", 13: "C"}, (12,), r"1 source model\(s\) arrived, 2 needed"),
+    ],
+    ids=["min-sites-3-one-error", "two-sources-one-error", "two-sources-one-silent"],
+)
+def test_train_sources_fails_when_too_few_models_arrive(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    min_sites: int,
+    sources: dict[int, str],
+    drop: tuple[int, ...],
+    expected: str,
+) -> None:
+    # Prepare
+    config = build_config(run_config, **{"federation.min-sites": min_sites})
+    grid = build_grid(federation, run_config, {**NODES, BROKEN_NODE: "D"}, drop=drop)
+    coordinator = build_coordinator(grid, config, tmp_path)
+    infos = {node: site_info(node, name) for node, name in sources.items()}
+    failing = "D" if BROKEN_NODE in sources else "B"
+
+    # Execute / Assert
+    with pytest.raises(PhaseError, match=expected) as caught:
+        pipeline.train_sources(coordinator, infos)
+    assert f"'{failing}'" in str(caught.value)
+    assert coordinator.store.load_phase("source-training") is None
+
+
+def test_train_sources_reports_a_silent_source_as_timed_out(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    config = build_config(run_config, **{"federation.reply-timeout-s": 2.5})
+    grid = build_grid(federation, run_config, drop=[13])
+    coordinator = build_coordinator(grid, config, tmp_path)
+    sources = {12: site_info(12, "B"), 13: site_info(13, "C")}
+
+    # Execute
+    with pytest.raises(PhaseError) as caught:
+        pipeline.train_sources(coordinator, sources)
+
+    # Assert: min-sites 2 of 2 sources; C is named with the reason
+    assert "'C': 'no reply within 2.5 s'" in str(caught.value)
+
+
+# ------------------------------------------------------------------- transferability
+
+
+def test_transferability_chooses_main_and_aux_by_dtm(full_run: PipelineRun) -> None:
+    # Prepare
+    selection = full_run.selection
+    saved = full_run.store.load_phase("transferability")
+    index = index_site(Path(str(full_run.config.federation.dir)) / "A")
+
+    # Execute
+    ranked = sorted(selection["dtm"], key=lambda name: (-selection["dtm"][name], name))
+
+    # Assert
+    assert selection["metric"] == "lftm"
+    assert selection["sources"] == ["B", "C"]
+    assert set(selection["dtm"]) == {"B", "C"}
+    assert all(0.0 <= value <= 1.0 for value in selection["dtm"].values())
+    assert (selection["main"], selection["aux"]) == (ranked[0], ranked[1])
+    weights = selection["weights"]
+    assert weights["main"] + weights["aux"] == pytest.approx(1.0)
+    assert weights["main"] >= weights["aux"] >= 0.0
+    assert len(selection["itm"]) == len(index.labelled) + len(index.unlabelled)
+    assert saved is not None
+    assert saved["dtm"] == pytest.approx(selection["dtm"])
+    assert (saved["main"], saved["aux"]) == (selection["main"], selection["aux"])
+
+
+def test_transferability_sends_only_source_models_to_the_target(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare / Execute
+    sent = full_run.grid.sent_of_type(protocol.LFTM)
+
+    # Assert
+    assert [m.metadata.dst_node_id for m in sent] == [11]
+    assert set(sent[0].content.keys()) == {"model.B", "model.C"}
+
+
+@pytest.mark.parametrize("phase", ["transferability", "adaptation", "evaluation"])
+def test_target_phase_fails_naming_the_target(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    full_run: PipelineRun,
+    phase: str,
+) -> None:
+    # Prepare
+    config = build_config(run_config)
+    grid = build_grid(federation, run_config, {BROKEN_NODE: "D"})
+    coordinator = build_coordinator(grid, config, tmp_path)
+    target = site_info(BROKEN_NODE, "D")
+    models, selection = full_run.models, full_run.selection
+    calls = {
+        "transferability": lambda: pipeline.transferability(
+            coordinator, target, models
+        ),
+        "adaptation": lambda: pipeline.adaptation(
+            coordinator, target, models, selection
+        ),
+        "evaluation": lambda: pipeline.evaluation(
+            coordinator, target, models, full_run.adapted, selection
+        ),
+    }
+
+    # Execute / Assert
+    with pytest.raises(PhaseError, match=rf"{phase}: target D failed: error 100: "):
+        calls[phase]()
+    assert coordinator.store.load_phase(phase) is None
+
+
+def test_target_that_never_replies_times_out(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    full_run: PipelineRun,
+) -> None:
+    # Prepare
+    config = build_config(run_config)
+    grid = build_grid(federation, run_config, drop=[11])
+    coordinator = build_coordinator(grid, config, tmp_path)
+
+    # Execute / Assert
+    with pytest.raises(PhaseError, match=r"target A failed: no reply within 3600 s"):
+        pipeline.transferability(coordinator, site_info(11, "A"), full_run.models)
+
+
+# ------------------------------------------------------------------ adaptation, eval
+
+
+def test_adaptation_returns_and_persists_adapted_models(full_run: PipelineRun) -> None:
+    # Prepare
+    expected_names = {"main", "aux"} if full_run.selection["aux"] else {"main"}
+    saved = full_run.store.load_phase("adaptation")
+    (message,) = full_run.grid.sent_of_type(protocol.ADAPT)
+
+    # Execute
+    request = protocol.AdaptRequest.from_fields(
+        message.content.config_records[protocol.REQUEST_KEY]
+    )
+
+    # Assert
+    assert request.main == full_run.selection["main"]
+    assert request.aux == (full_run.selection["aux"] or "")
+    assert request.weight_main + request.weight_aux == pytest.approx(1.0)
+    assert set(full_run.adapted) == expected_names
+    for name, weights in full_run.adapted.items():
+        assert manifest_of(weights) == manifest_of(full_run.models["B"])
+        assert (full_run.store.run_dir / "models" / f"adapted-{name}.npz").is_file()
+    assert saved is not None
+    assert protocol.AdaptReply.from_fields(saved).num_examples == 2 * 3 * 1
+
+
+def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -> None:
+    # Prepare
+    expected = {"source:B", "source:C", "uniform", "tgma", "tgma-main"}
+    saved = full_run.store.load_phase("evaluation")
+
+    # Execute
+    (message,) = full_run.grid.sent_of_type(protocol.EVALUATE)
+    sent_models = {protocol.model_name(key) for key in message.content.array_records}
+
+    # Assert
+    assert sent_models == {"source:B", "source:C", "adapted:main", "adapted:aux"}
+    assert full_run.evaluation["site"] == "A"
+    assert full_run.evaluation["num_cases"] == 6
+    assert set(full_run.evaluation["dice"]) == expected
+    assert all(0.0 <= v <= 1.0 for v in full_run.evaluation["dice"].values())
+    assert saved is not None
+    assert set(saved["dice"]) == expected
+
+
+def test_phases_log_one_line_each(full_run: PipelineRun) -> None:
+    # Prepare / Execute
+    text = "\n".join(full_run.log)
+
+    # Assert
+    for fragment in (
+        "discover: sites",
+        "source training at",
+        "DTM ",
+        "adaptation:",
+        "evaluation:",
+    ):
+        assert fragment in text
+
+
+BUILD_PREDICTOR_CASES = [
+    (
+        ["B", "C"],
+        {"main": "B", "aux": "C", "weights": {"main": 0.6, "aux": 0.4}},
+        True,
+        {
+            "source:B": [("source:B", 1.0)],
+            "source:C": [("source:C", 1.0)],
+            "uniform": [("source:B", 0.5), ("source:C", 0.5)],
+            "tgma": [("adapted:main", 0.6), ("adapted:aux", 0.4)],
+            "tgma-main": [("adapted:main", 1.0)],
+        },
+    ),
+    (
+        ["B"],
+        {"main": "B", "aux": None, "weights": {"main": 1.0, "aux": 0.0}},
+        True,
+        {
+            "source:B": [("source:B", 1.0)],
+            "uniform": [("source:B", 1.0)],
+            "tgma": [("adapted:main", 1.0)],
+            "tgma-main": [("adapted:main", 1.0)],
+        },
+    ),
+    (
+        ["B", "C", "D", "E"],
+        {"main": "C", "aux": "B", "weights": {"main": 0.7, "aux": 0.3}},
+        False,
+        {
+            "source:B": [("source:B", 1.0)],
+            "source:C": [("source:C", 1.0)],
+            "source:D": [("source:D", 1.0)],
+            "source:E": [("source:E", 1.0)],
+            "uniform": [(f"source:{n}", 0.25) for n in "BCDE"],
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("sources", "selection", "adapted", "expected"),
+    BUILD_PREDICTOR_CASES,
+    ids=["pair", "main-only", "not-adapted"],
+)
+def test_build_predictors(
+    sources: list[str],
+    selection: dict[str, Any],
+    adapted: bool,
+    expected: dict[str, list[tuple[str, float]]],
+) -> None:
+    # Prepare / Execute
+    predictors = pipeline.build_predictors(sources, selection, adapted=adapted)
+
+    # Assert
+    assert predictors == expected
+    request = protocol.EvaluateRequest(predictors=predictors)
+    assert protocol.EvaluateRequest.from_fields(request.to_fields()) == request
+
+
+# -------------------------------------------------------------------------- report
+
+
+@pytest.fixture(scope="module")
+def written_report(full_run: PipelineRun) -> tuple[dict[str, Any], str]:
+    store = full_run.store
+    report = build_report(
+        run_id=1,
+        config={"train.epochs": 1},
+        discover=store.load_phase("discover") or {},
+        source_training=store.load_phase("source-training") or {},
+        transferability=full_run.selection,
+        adaptation=store.load_phase("adaptation") or {},
+        evaluation=full_run.evaluation,
+        phase_seconds={"discover": 0.1, "source-training": 1.0},
+    )
+    markdown = write_report(store, report)
+    return report, markdown
+
+
+def test_report_json_holds_sites_transferability_and_dice(
+    full_run: PipelineRun, written_report: tuple[dict[str, Any], str]
+) -> None:
+    # Prepare
+    path = full_run.store.run_dir / "report.json"
+
+    # Execute
+    document = json.loads(path.read_text())
+
+    # Assert
+    assert [(s["name"], s["role"]) for s in document["sites"]] == [
+        ("A", "target"),
+        ("B", "source"),
+        ("C", "source"),
+    ]
+    for site in document["sites"]:
+        assert site["cases"] == {"labelled": 2, "unlabelled": 0, "evaluation": 6}
+    transfer = document["transferability"]
+    assert {"dtm", "main", "aux", "weights"} <= set(transfer)
+    assert set(transfer["dtm"]) == {"B", "C"}
+    assert transfer["main"] == full_run.selection["main"]
+    assert transfer["weights"]["main"] + transfer["weights"]["aux"] == pytest.approx(1)
+    dice = document["evaluation"]["dice"]
+    assert {"source:B", "source:C", "uniform", "tgma"} <= set(dice)
+    assert document["target"] == "A"
+    assert document["missing"] == {"discover": {}, "source-training": {}}
+    assert document == json.loads(json.dumps(written_report[0]))
+
+
+def test_report_writes_markdown_and_plots(
+    full_run: PipelineRun, written_report: tuple[dict[str, Any], str]
+) -> None:
+    # Prepare
+    report, markdown = written_report
+
+    # Execute
+    formatted = format_markdown(report)
+
+    # Assert
+    assert formatted == markdown
+    assert (full_run.store.run_dir / "report.md").read_text() == markdown
+    assert "Target site **A**" in markdown
+    assert f"main **{full_run.selection['main']}**" in markdown
+    for name in ("source:B", "source:C", "uniform", "tgma"):
+        assert f"| {name} |" in markdown
+    for plot in ("dtm.png", "dice.png"):
+        path = full_run.store.run_dir / plot
+        assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_lists_missing_sites(full_run: PipelineRun) -> None:
+    # Prepare
+    store = full_run.store
+    source_training = dict(store.load_phase("source-training") or {})
+    source_training["missing"] = {"D": "no reply within 3600 s"}
+
+    # Execute
+    report = build_report(
+        run_id=2,
+        config={},
+        discover=store.load_phase("discover") or {},
+        source_training=source_training,
+        transferability=full_run.selection,
+        adaptation=store.load_phase("adaptation") or {},
+        evaluation=full_run.evaluation,
+        phase_seconds={},
+    )
+    markdown = format_markdown(report)
+
+    # Assert
+    assert report["missing"]["source-training"] == {"D": "no reply within 3600 s"}
+    assert "## Missing sites" in markdown
+    assert "source-training: {'D': 'no reply within 3600 s'}" in markdown
+
+
+def reject_constant(token: str) -> float:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def test_report_json_is_valid_json_when_hd95_is_undefined(
+    full_run: PipelineRun, tmp_path: Path
+) -> None:
+    # Prepare
+    store = RunStore(tmp_path / "run")
+    evaluation = {
+        **full_run.evaluation,
+        "hd95_mm": {name: float("nan") for name in full_run.evaluation["dice"]},
+    }
+    report = build_report(
+        run_id=3,
+        config={},
+        discover=full_run.store.load_phase("discover") or {},
+        source_training=full_run.store.load_phase("source-training") or {},
+        transferability=full_run.selection,
+        adaptation=full_run.store.load_phase("adaptation") or {},
+        evaluation=evaluation,
+        phase_seconds={},
+    )
+
+    # Execute
+    write_report(store, report)
+
+    # Assert
+    text = (store.run_dir / "report.json").read_text()
+    json.loads(text, parse_constant=reject_constant)
