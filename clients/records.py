@@ -18,8 +18,11 @@ from core.models import Arrays
 
 def to_array_record(weights: Mapping[str, npt.NDArray[np.generic]]) -> ArrayRecord:
     """Wrap ``name -> numpy array`` as an ArrayRecord (names kept)."""
-    return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(value))
-                                   for name, value in weights.items()})
+    return ArrayRecord(
+        array_dict={
+            name: Array(np.ascontiguousarray(value)) for name, value in weights.items()
+        }
+    )
 
 
 def from_array_record(record: ArrayRecord) -> Arrays:
@@ -42,10 +45,14 @@ def read_request(content: RecordDict) -> ConfigRecord:
     return content.config_records.get(protocol.REQUEST_KEY, ConfigRecord())
 
 
-def build_reply(message: Message, *, settings: Mapping[str, object] | None = None,
-                metrics: Mapping[str, object] | None = None,
-                models: Mapping[str, Arrays] | None = None,
-                weights: Arrays | None = None) -> Message:
+def build_reply(
+    message: Message,
+    *,
+    settings: Mapping[str, object] | None = None,
+    metrics: Mapping[str, object] | None = None,
+    models: Mapping[str, Arrays] | None = None,
+    weights: Arrays | None = None,
+) -> Message:
     """Build the reply to ``message`` from payload fields and weights."""
     content = RecordDict()
     if settings is not None:

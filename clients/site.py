@@ -43,11 +43,13 @@ def resolve_site(context: Context, config: RunConfig) -> SiteLocation:
         raise SiteDataError(
             f"node config has neither {SITE_DIR_KEY!r} (deployment) nor "
             f"{PARTITION_KEY!r} (simulation); start the SuperNode with "
-            f"--node-config '{SITE_DIR_KEY}=\"/path/to/site\"'")
+            f"--node-config '{SITE_DIR_KEY}=\"/path/to/site\"'"
+        )
     partition = int(node_config[PARTITION_KEY])
     sites = list_site_dirs(resolve_federation_dir(config.federation))
     if not 0 <= partition < len(sites):
         raise SiteDataError(
             f"simulation partition {partition} has no site: the federation has "
-            f"{len(sites)} site folders; run with num-supernodes={len(sites)}")
+            f"{len(sites)} site folders; run with num-supernodes={len(sites)}"
+        )
     return SiteLocation(name=sites[partition].name, directory=sites[partition])

@@ -18,8 +18,12 @@ from core.config import AdaptConfig, TrainConfig
 from core.training import TrainResult, run_training
 
 
-def weighted_pair_loss(models: Sequence[nn.Module], weights: Sequence[float],
-                       images: torch.Tensor, pseudo_labels: torch.Tensor) -> torch.Tensor:
+def weighted_pair_loss(
+    models: Sequence[nn.Module],
+    weights: Sequence[float],
+    images: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+) -> torch.Tensor:
     """Dice loss between hard pseudo-labels ``(B, H, W)`` and the weighted softmax mix.
 
     Example:
@@ -30,18 +34,27 @@ def weighted_pair_loss(models: Sequence[nn.Module], weights: Sequence[float],
         >>> round(float(weighted_pair_loss([Fixed()], [1.0], images, labels)), 3)
         0.0
     """
-    mixture = sum(weight * torch.softmax(model(images).float(), dim=1)
-                  for model, weight in zip(models, weights, strict=True))
+    mixture = sum(
+        weight * torch.softmax(model(images).float(), dim=1)
+        for model, weight in zip(models, weights, strict=True)
+    )
     assert isinstance(mixture, torch.Tensor)
     loss_function = DiceLoss(to_onehot_y=True, softmax=False, batch=True)
     loss: torch.Tensor = loss_function(mixture, pseudo_labels.unsqueeze(1))
     return loss
 
 
-def adapt_pair(models: Sequence[nn.Module], weights: Sequence[float],
-               images: torch.Tensor, pseudo_labels: torch.Tensor, *,
-               adapt: AdaptConfig, train: TrainConfig, device: torch.device,
-               progress: Callable[[str], None] | None = None) -> TrainResult:
+def adapt_pair(
+    models: Sequence[nn.Module],
+    weights: Sequence[float],
+    images: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    *,
+    adapt: AdaptConfig,
+    train: TrainConfig,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Adapt the main (and auxiliary) model to the target. Updates ``models`` in place.
 
     Args:
@@ -61,7 +74,17 @@ def adapt_pair(models: Sequence[nn.Module], weights: Sequence[float],
         batch_images, batch_labels = batch
         return weighted_pair_loss(models, weights, batch_images, batch_labels)
 
-    return run_training(models, [images, pseudo_labels], step_loss, epochs=adapt.epochs,
-                        batch_size=adapt.batch_size, learning_rate=adapt.learning_rate,
-                        seed=train.seed, device=device, amp=train.amp,
-                        augment=train.augment, label="adapt", progress=progress)
+    return run_training(
+        models,
+        [images, pseudo_labels],
+        step_loss,
+        epochs=adapt.epochs,
+        batch_size=adapt.batch_size,
+        learning_rate=adapt.learning_rate,
+        seed=train.seed,
+        device=device,
+        amp=train.amp,
+        augment=train.augment,
+        label="adapt",
+        progress=progress,
+    )

@@ -14,29 +14,37 @@ from pathlib import Path
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from core.synthetic import write_federation  # noqa: PLC0415
+    from core.synthetic import write_federation
 
-    names = write_federation(args.out, seed=args.seed, num_sites=args.sites,
-                             num_train_cases=args.cases, progress=print)
+    names = write_federation(
+        args.out,
+        seed=args.seed,
+        num_sites=args.sites,
+        num_train_cases=args.cases,
+        progress=print,
+    )
     print(f"wrote {len(names)} sites to {args.out} (default target {names[0]})")
     return 0
 
 
 def _builtin(args: argparse.Namespace) -> int:
-    from core.config import load_default_config  # noqa: PLC0415
-    from core.synthetic import ensure_builtin_federation  # noqa: PLC0415
+    from core.config import load_default_config
+    from core.synthetic import ensure_builtin_federation
 
     federation = load_default_config().federation
     folder = ensure_builtin_federation(
-        args.cache_dir, seed=federation.synthetic_seed,
+        args.cache_dir,
+        seed=federation.synthetic_seed,
         num_sites=federation.synthetic_sites,
-        num_train_cases=federation.synthetic_cases, progress=print)
+        num_train_cases=federation.synthetic_cases,
+        progress=print,
+    )
     print(f"built-in federation: {folder}")
     return 0
 
 
 def _site_check(args: argparse.Namespace) -> int:
-    from core.data import SiteDataError, index_site, validate_site  # noqa: PLC0415
+    from core.data import SiteDataError, index_site, validate_site
 
     try:
         summary = validate_site(index_site(args.site_dir), num_classes=args.num_classes)
@@ -51,8 +59,10 @@ def find_report(path: Path) -> Path:
     """``path/report.md``, or that of the newest run folder inside ``path``."""
     if (path / "report.md").exists():
         return path / "report.md"
-    runs = sorted((run for run in path.glob("*/report.md")),
-                  key=lambda report: report.stat().st_mtime)
+    runs = sorted(
+        (run for run in path.glob("*/report.md")),
+        key=lambda report: report.stat().st_mtime,
+    )
     if not runs:
         raise FileNotFoundError(f"{path}: no report.md here or in any run folder below")
     return runs[-1]
@@ -71,17 +81,26 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
-    parser = argparse.ArgumentParser(prog="sitebridge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sitebridge", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    synth = commands.add_parser("synth", help="write a synthetic federation in the site layout")
+    synth = commands.add_parser(
+        "synth", help="write a synthetic federation in the site layout"
+    )
     synth.add_argument("out", type=Path, help="folder to create")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--sites", type=int, default=6)
-    synth.add_argument("--cases", type=int, default=12,
-                       help="labelled training cases per site (plus 6 evaluation cases)")
+    synth.add_argument(
+        "--cases",
+        type=int,
+        default=12,
+        help="labelled training cases per site (plus 6 evaluation cases)",
+    )
     synth.set_defaults(run=_synth)
     builtin = commands.add_parser(
-        "builtin", help="generate (once) the built-in federation the demo runs on")
+        "builtin", help="generate (once) the built-in federation the demo runs on"
+    )
     builtin.add_argument("--cache-dir", type=Path, default=Path("data"))
     builtin.set_defaults(run=_builtin)
     site = commands.add_parser("site", help="site folder utilities")
@@ -91,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--num-classes", type=int, default=2)
     check.set_defaults(run=_site_check)
     report = commands.add_parser("report", help="print a run's report.md")
-    report.add_argument("path", type=Path, nargs="?", default=Path("runs"),
-                        help="a run folder, or a runs folder (newest run)")
+    report.add_argument(
+        "path",
+        type=Path,
+        nargs="?",
+        default=Path("runs"),
+        help="a run folder, or a runs folder (newest run)",
+    )
     report.set_defaults(run=_report)
     return parser
 

@@ -10,6 +10,8 @@ Plain Python: never imports flwr.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -39,7 +41,7 @@ class SliceAxis(StrEnum):
 
 
 class TransferMetric(StrEnum):
-    """Score used to rank source models on the target (LFTM, or the entropy baseline)."""
+    """Score ranking source models on the target (LFTM, or the entropy baseline)."""
 
     LFTM = "lftm"
     ENTROPY = "entropy"
@@ -52,15 +54,12 @@ class Attention(StrEnum):
     GRADCAM = "gradcam"
 
 
-_frozen = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-
-
 def _require(condition: bool, key: str, rule: str, value: object) -> None:
     if not condition:
         raise ValueError(f"{key} must be {rule}, got {value!r}")
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class FederationConfig:
     """Which federation to run on and how tolerant phases are to missing sites."""
 
@@ -75,25 +74,38 @@ class FederationConfig:
     reply_timeout_s: float
 
     def __post_init__(self) -> None:
-        _require(self.synthetic_sites >= 3, "federation.synthetic-sites", ">= 3",
-                 self.synthetic_sites)
-        _require(self.synthetic_cases >= 2, "federation.synthetic-cases", ">= 2",
-                 self.synthetic_cases)
+        _require(
+            self.synthetic_sites >= 3,
+            "federation.synthetic-sites",
+            ">= 3",
+            self.synthetic_sites,
+        )
+        _require(
+            self.synthetic_cases >= 2,
+            "federation.synthetic-cases",
+            ">= 2",
+            self.synthetic_cases,
+        )
         _require(self.min_sites >= 1, "federation.min-sites", ">= 1", self.min_sites)
-        _require(self.wait_nodes_s > 0, "federation.wait-nodes-s", "> 0",
-                 self.wait_nodes_s)
-        _require(self.reply_timeout_s > 0, "federation.reply-timeout-s", "> 0",
-                 self.reply_timeout_s)
+        _require(
+            self.wait_nodes_s > 0, "federation.wait-nodes-s", "> 0", self.wait_nodes_s
+        )
+        _require(
+            self.reply_timeout_s > 0,
+            "federation.reply-timeout-s",
+            "> 0",
+            self.reply_timeout_s,
+        )
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class OutputConfig:
     """Where the coordinator writes runs."""
 
     runs_dir: str
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DataConfig:
     """How site volumes become network inputs."""
 
@@ -103,14 +115,22 @@ class DataConfig:
     max_slices_per_case: int
 
     def __post_init__(self) -> None:
-        _require(self.image_size >= 16 and self.image_size % 8 == 0, "data.image-size",
-                 "a multiple of 8, >= 16", self.image_size)
+        _require(
+            self.image_size >= 16 and self.image_size % 8 == 0,
+            "data.image-size",
+            "a multiple of 8, >= 16",
+            self.image_size,
+        )
         _require(self.num_classes >= 2, "data.num-classes", ">= 2", self.num_classes)
-        _require(self.max_slices_per_case >= 0, "data.max-slices-per-case", ">= 0",
-                 self.max_slices_per_case)
+        _require(
+            self.max_slices_per_case >= 0,
+            "data.max-slices-per-case",
+            ">= 0",
+            self.max_slices_per_case,
+        )
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
     """MONAI U-Net architecture."""
 
@@ -121,19 +141,31 @@ class ModelConfig:
     dropout: float
 
     def __post_init__(self) -> None:
-        _require(len(self.channels) >= 2, "model.channels", "at least two values",
-                 self.channels)
-        _require(len(self.strides) == len(self.channels) - 1, "model.strides",
-                 f"{len(self.channels) - 1} values (one fewer than model.channels)",
-                 self.strides)
-        _require(all(c > 0 for c in self.channels), "model.channels", "positive",
-                 self.channels)
-        _require(self.num_res_units >= 0, "model.num-res-units", ">= 0",
-                 self.num_res_units)
+        _require(
+            len(self.channels) >= 2,
+            "model.channels",
+            "at least two values",
+            self.channels,
+        )
+        _require(
+            len(self.strides) == len(self.channels) - 1,
+            "model.strides",
+            f"{len(self.channels) - 1} values (one fewer than model.channels)",
+            self.strides,
+        )
+        _require(
+            all(c > 0 for c in self.channels),
+            "model.channels",
+            "positive",
+            self.channels,
+        )
+        _require(
+            self.num_res_units >= 0, "model.num-res-units", ">= 0", self.num_res_units
+        )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "in [0, 1)", self.dropout)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TrainConfig:
     """Supervised training of source models (and the target-supervised oracle)."""
 
@@ -148,13 +180,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
         _require(self.batch_size >= 1, "train.batch-size", ">= 1", self.batch_size)
-        _require(self.learning_rate > 0, "train.learning-rate", "> 0",
-                 self.learning_rate)
-        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith(
-            "cuda:"), "train.device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        _require(
+            self.learning_rate > 0, "train.learning-rate", "> 0", self.learning_rate
+        )
+        _require(
+            self.device in ("auto", "cpu", "cuda")
+            or re.fullmatch(r"cuda:\d+", self.device) is not None,
+            "train.device",
+            "'auto', 'cpu', 'cuda' or 'cuda:N'",
+            self.device,
+        )
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TransferConfig:
     """LFTM and source selection (METHODS.md section 0, TGMA)."""
 
@@ -165,15 +203,27 @@ class TransferConfig:
     dilation_fraction: float
 
     def __post_init__(self) -> None:
-        _require(self.smoothing_sigma_px >= 0, "transfer.smoothing-sigma-px", ">= 0",
-                 self.smoothing_sigma_px)
-        _require(0.0 < self.threshold < 1.0, "transfer.threshold", "in (0, 1)",
-                 self.threshold)
-        _require(0.0 <= self.dilation_fraction < 0.5, "transfer.dilation-fraction",
-                 "in [0, 0.5)", self.dilation_fraction)
+        _require(
+            self.smoothing_sigma_px >= 0,
+            "transfer.smoothing-sigma-px",
+            ">= 0",
+            self.smoothing_sigma_px,
+        )
+        _require(
+            0.0 < self.threshold < 1.0,
+            "transfer.threshold",
+            "in (0, 1)",
+            self.threshold,
+        )
+        _require(
+            0.0 <= self.dilation_fraction < 0.5,
+            "transfer.dilation-fraction",
+            "in [0, 0.5)",
+            self.dilation_fraction,
+        )
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AdaptConfig:
     """TGMA target optimisation of the main/auxiliary pair."""
 
@@ -184,11 +234,12 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 0, "adapt.epochs", ">= 0", self.epochs)
         _require(self.batch_size >= 1, "adapt.batch-size", ">= 1", self.batch_size)
-        _require(self.learning_rate > 0, "adapt.learning-rate", "> 0",
-                 self.learning_rate)
+        _require(
+            self.learning_rate > 0, "adapt.learning-rate", "> 0", self.learning_rate
+        )
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RunConfig:
     """The whole resolved run configuration."""
 
@@ -199,6 +250,15 @@ class RunConfig:
     train: TrainConfig
     transfer: TransferConfig
     adapt: AdaptConfig
+
+    def __post_init__(self) -> None:
+        downsampling = math.prod(self.model.strides)
+        _require(
+            self.data.image_size % downsampling == 0,
+            "data.image-size",
+            f"divisible by the product of model.strides ({downsampling})",
+            self.data.image_size,
+        )
 
 
 def _group_types() -> dict[str, type]:
@@ -219,7 +279,8 @@ def _parse_value(key: str, raw: ConfigValue, annotation: Any) -> object:
             return tuple(int(part) for part in text.split(",") if part.strip())
         except ValueError:
             raise ValueError(
-                f"{key} must be comma-separated integers, got {raw!r}") from None
+                f"{key} must be comma-separated integers, got {raw!r}"
+            ) from None
     if isinstance(annotation, type) and issubclass(annotation, StrEnum):
         allowed = ", ".join(repr(member.value) for member in annotation)
         try:
@@ -242,7 +303,9 @@ def _parse_value(key: str, raw: ConfigValue, annotation: Any) -> object:
         if not isinstance(raw, str):
             raise ValueError(f"{key} must be a string, got {raw!r}")
         return raw
-    raise TypeError(f"unsupported config type {annotation!r} for {key}")  # pragma: no cover
+    raise TypeError(
+        f"unsupported config type {annotation!r} for {key}"
+    )  # pragma: no cover
 
 
 def load_run_config(flat: Mapping[str, ConfigValue]) -> RunConfig:
@@ -277,7 +340,7 @@ def load_run_config(flat: Mapping[str, ConfigValue]) -> RunConfig:
 
 
 def to_flat(config: RunConfig) -> dict[str, ConfigValue]:
-    """Flatten ``config`` back to dotted kebab-case keys (inverse of load_run_config)."""
+    """Flatten ``config`` to dotted kebab-case keys (inverse of load_run_config)."""
     flat: dict[str, ConfigValue] = {}
     for group_field in dataclasses.fields(config):
         group = getattr(config, group_field.name)
@@ -303,7 +366,7 @@ def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, ConfigV
 
 
 def read_default_run_config(pyproject: Path = PYPROJECT) -> dict[str, ConfigValue]:
-    """Read the flat run-config defaults from ``pyproject.toml``, as Flower sees them."""
+    """Read the flat run-config defaults from ``pyproject.toml`` as Flower does."""
     with pyproject.open("rb") as handle:
         document = tomllib.load(handle)
     table = document["tool"]["flwr"]["app"]["config"]
@@ -320,4 +383,3 @@ def load_default_config(**overrides: ConfigValue) -> RunConfig:
     flat = read_default_run_config()
     flat.update(overrides)
     return load_run_config(flat)
-

@@ -47,7 +47,7 @@ class Volume:
     direction: tuple[float, ...]
 
     def same_geometry(self, other: Volume) -> bool:
-        """Return whether ``other`` has the same shape, spacing, origin and direction."""
+        """Return whether ``other`` has the same shape, spacing, origin, direction."""
         return (
             self.array.shape == other.array.shape
             and np.allclose(self.spacing_mm, other.spacing_mm, atol=GEOMETRY_TOLERANCE)
@@ -59,11 +59,14 @@ class Volume:
         """Return a one-line description used in geometry-mismatch errors."""
         spacing = ", ".join(f"{value:g}" for value in self.spacing_mm)
         origin = ", ".join(f"{value:g}" for value in self.origin_mm)
-        return f"shape {self.array.shape} (z, y, x), spacing ({spacing}) mm, origin ({origin}) mm"
+        return (
+            f"shape {self.array.shape} (z, y, x), spacing ({spacing}) mm, "
+            f"origin ({origin}) mm"
+        )
 
 
 def is_volume_path(path: Path) -> bool:
-    """Return whether ``path`` names a readable volume: a known suffix or a DICOM folder."""
+    """Return whether ``path`` is a volume: a known suffix or a DICOM folder."""
     if path.is_dir():
         return any(child.suffix.lower() == ".dcm" for child in path.iterdir())
     return path.name.lower().endswith(VOLUME_SUFFIXES)
@@ -89,7 +92,8 @@ def _read_nifti_stored(path: Path) -> npt.NDArray[np.floating] | None:
             content = handle.read()
     except (OSError, EOFError, zlib.error) as error:
         raise VolumeReadError(
-            f"{path}: unreadable image (truncated or corrupt: {error})") from error
+            f"{path}: unreadable image (truncated or corrupt: {error})"
+        ) from error
     for order in "<>":
         if len(content) >= 348 and struct.unpack(f"{order}i", content[:4])[0] == 348:
             datatype, bitpix = struct.unpack(f"{order}2h", content[70:74])
@@ -109,12 +113,14 @@ def _read_nifti_stored(path: Path) -> npt.NDArray[np.floating] | None:
     expected = offset + (count * bitpix + 7) // 8
     if len(content) < expected:
         raise VolumeReadError(
-            f"{path}: unreadable image (truncated: {len(content)} of {expected} bytes)")
+            f"{path}: unreadable image (truncated: {len(content)} of {expected} bytes)"
+        )
     float_types = {16: "f4", 64: "f8"}  # NIfTI DT_FLOAT32, DT_FLOAT64
     if datatype not in float_types:
         return None
-    return np.frombuffer(content, dtype=f"{order}{float_types[datatype]}", count=count,
-                         offset=offset)
+    return np.frombuffer(
+        content, dtype=f"{order}{float_types[datatype]}", count=count, offset=offset
+    )
 
 
 def _restore_non_finite(
@@ -127,8 +133,11 @@ def _restore_non_finite(
     if not non_finite.any():
         return array
     # NIfTI stores x fastest, which is the C order of the (Z, Y, X) array.
-    return np.where(non_finite.reshape(array.shape),
-                    stored.reshape(array.shape).astype(array.dtype), array)
+    return np.where(
+        non_finite.reshape(array.shape),
+        stored.reshape(array.shape).astype(array.dtype),
+        array,
+    )
 
 
 def _to_3d(image: sitk.Image) -> sitk.Image:
@@ -177,7 +186,8 @@ def read_volume(path: Path) -> Volume:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeReadError(
             f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per "
-            "voxel; SiteBridge reads single-channel images (one file per channel)")
+            "voxel; SiteBridge reads single-channel images (one file per channel)"
+        )
     return Volume(
         array=_restore_non_finite(sitk.GetArrayFromImage(image), stored),
         spacing_mm=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
@@ -199,7 +209,9 @@ def write_volume(volume: Volume, path: Path) -> None:
     image.SetOrigin(volume.origin_mm)
     image.SetDirection(volume.direction)
     suffix = next((s for s in VOLUME_SUFFIXES if path.name.lower().endswith(s)), "")
-    temporary = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.tmp{suffix}")
+    temporary = path.with_name(
+        f".{path.name[: len(path.name) - len(suffix)]}.tmp{suffix}"
+    )
     sitk.WriteImage(image, str(temporary), useCompression=True)
     temporary.replace(path)
 
@@ -229,8 +241,9 @@ def write_dicom_series(volume: Volume, folder: Path) -> None:
         writer.Execute(slice_image)
 
 
-def resample_volume(volume: Volume, *, shape_zyx: tuple[int, int, int],
-                    is_label: bool) -> Volume:
+def resample_volume(
+    volume: Volume, *, shape_zyx: tuple[int, int, int], is_label: bool
+) -> Volume:
     """Resample ``volume`` onto a grid of ``shape_zyx`` voxels covering the same extent.
 
     Linear interpolation for images, nearest neighbour for labels. Used by the
@@ -243,11 +256,20 @@ def resample_volume(volume: Volume, *, shape_zyx: tuple[int, int, int],
     size_xyz = (shape_zyx[2], shape_zyx[1], shape_zyx[0])
     old_size = image.GetSize()
     spacing = tuple(
-        volume.spacing_mm[axis] * old_size[axis] / size_xyz[axis] for axis in range(3))
+        volume.spacing_mm[axis] * old_size[axis] / size_xyz[axis] for axis in range(3)
+    )
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-    resampled = sitk.Resample(image, size_xyz, sitk.Transform(), interpolator,
-                              volume.origin_mm, spacing, volume.direction, 0.0,
-                              image.GetPixelID())
+    resampled = sitk.Resample(
+        image,
+        size_xyz,
+        sitk.Transform(),
+        interpolator,
+        volume.origin_mm,
+        spacing,
+        volume.direction,
+        0.0,
+        image.GetPixelID(),
+    )
     return Volume(
         array=sitk.GetArrayFromImage(resampled),
         spacing_mm=tuple(float(v) for v in resampled.GetSpacing()),  # type: ignore[arg-type]

@@ -27,7 +27,6 @@ from core.transferability import (
     build_pseudo_labels,
     compute_dtm,
     score_candidate,
-    select_sources,
 )
 
 Progress = Callable[[str], None]
@@ -65,7 +64,9 @@ class Transferability:
     def dtm(self) -> dict[str, float]:
         """Domain-level transferability per source (column means of ITM)."""
         means = compute_dtm(torch.tensor(self.itm, dtype=torch.float64))
-        return {name: float(value) for name, value in zip(self.sources, means, strict=True)}
+        return {
+            name: float(value) for name, value in zip(self.sources, means, strict=True)
+        }
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,7 +76,9 @@ class Adaptation:
     main_weights: Arrays
     aux_weights: Arrays | None
     num_examples: int
-    pseudo_label_foreground: float  # fraction of target pixels pseudo-labelled foreground
+    pseudo_label_foreground: (
+        float  # fraction of target pixels pseudo-labelled foreground
+    )
     seconds: float
 
 
@@ -84,7 +87,7 @@ def _load_index(site_dir: Path) -> SiteIndex:
 
 
 def _target_slices(index: SiteIndex, config: RunConfig) -> SliceSet:
-    """All of the target's training images, labels ignored (adaptation is unsupervised)."""
+    """All the target's training images, labels ignored (adaptation is unsupervised)."""
     cases = index.labelled + index.unlabelled
     if not cases:
         raise SiteDataError(f"{index.root}: no training images (imagesTr) to adapt on")
@@ -103,9 +106,13 @@ def build_initial_weights(config: RunConfig) -> Arrays:
     return get_weights(build_model(config.model, data=config.data))
 
 
-def train_source_model(site_dir: Path, config: RunConfig, *,
-                       initial_weights: Arrays | None = None,
-                       progress: Progress = _quiet) -> SourceTraining:
+def train_source_model(
+    site_dir: Path,
+    config: RunConfig,
+    *,
+    initial_weights: Arrays | None = None,
+    progress: Progress = _quiet,
+) -> SourceTraining:
     """Train a model on the site's labelled training cases.
 
     Raises:
@@ -113,44 +120,74 @@ def train_source_model(site_dir: Path, config: RunConfig, *,
     """
     index = _load_index(site_dir)
     if not index.labelled:
-        raise SiteDataError(f"{index.root}: no labelled training cases (labelsTr) to "
-                            "train a source model on")
+        raise SiteDataError(
+            f"{index.root}: no labelled training cases (labelsTr) to "
+            "train a source model on"
+        )
     slices = build_slice_set(index.labelled, data=config.data, with_labels=True)
     assert slices.labels is not None
     model = build_model(config.model, data=config.data)
     if initial_weights is not None:
         set_weights(model, initial_weights)
     device = select_device(config.train.device)
-    result = train_supervised(model, slices.images, slices.labels, train=config.train,
-                              device=device, label=f"train {index.name}",
-                              progress=progress)
-    return SourceTraining(weights=get_weights(model), num_examples=result.num_examples,
-                          num_cases=len(slices.case_ids), final_loss=result.final_loss,
-                          seconds=result.seconds, device=result.device)
+    result = train_supervised(
+        model,
+        slices.images,
+        slices.labels,
+        train=config.train,
+        device=device,
+        label=f"train {index.name}",
+        progress=progress,
+    )
+    return SourceTraining(
+        weights=get_weights(model),
+        num_examples=result.num_examples,
+        num_cases=len(slices.case_ids),
+        final_loss=result.final_loss,
+        seconds=result.seconds,
+        device=result.device,
+    )
 
 
-def _score_all(slices: SliceSet, candidates: Mapping[str, Arrays], config: RunConfig,
-               progress: Progress) -> tuple[Transferability, list[torch.Tensor]]:
+def _score_all(
+    slices: SliceSet,
+    candidates: Mapping[str, Arrays],
+    config: RunConfig,
+    progress: Progress,
+) -> tuple[Transferability, list[torch.Tensor]]:
     device = select_device(config.train.device)
     names = tuple(sorted(candidates))
     columns, probabilities = [], []
     for name in names:
-        scores = score_candidate(_build_with(candidates[name], config), slices.images,
-                                 case_of_slice=slices.case_of_slice,
-                                 num_cases=len(slices.case_ids),
-                                 transfer=config.transfer, device=device)
+        scores = score_candidate(
+            _build_with(candidates[name], config),
+            slices.images,
+            case_of_slice=slices.case_of_slice,
+            num_cases=len(slices.case_ids),
+            transfer=config.transfer,
+            device=device,
+        )
         columns.append(scores.per_case)
         probabilities.append(scores.probabilities)
-        progress(f"[{config.transfer.metric.value}] {name}: mean "
-                 f"{float(scores.per_case.mean()):.3f} over {len(slices.case_ids)} cases")
+        progress(
+            f"[{config.transfer.metric.value}] {name}: mean "
+            f"{float(scores.per_case.mean()):.3f} over {len(slices.case_ids)} cases"
+        )
     itm = torch.stack(columns, dim=1)
     rows = tuple(tuple(float(value) for value in row) for row in itm.tolist())
-    return (Transferability(metric=config.transfer.metric.value, sources=names, itm=rows),
-            probabilities)
+    return (
+        Transferability(metric=config.transfer.metric.value, sources=names, itm=rows),
+        probabilities,
+    )
 
 
-def score_candidates(site_dir: Path, candidates: Mapping[str, Arrays], config: RunConfig,
-                     *, progress: Progress = _quiet) -> Transferability:
+def score_candidates(
+    site_dir: Path,
+    candidates: Mapping[str, Arrays],
+    config: RunConfig,
+    *,
+    progress: Progress = _quiet,
+) -> Transferability:
     """Score every candidate model on the target's own unlabelled images (ITM)."""
     if not candidates:
         raise ValueError("no candidate models to score")
@@ -159,9 +196,17 @@ def score_candidates(site_dir: Path, candidates: Mapping[str, Arrays], config: R
     return transferability
 
 
-def adapt_target(site_dir: Path, candidates: Mapping[str, Arrays], config: RunConfig, *,
-                 main: str, aux: str | None, weight_main: float, weight_aux: float,
-                 progress: Progress = _quiet) -> Adaptation:
+def adapt_target(
+    site_dir: Path,
+    candidates: Mapping[str, Arrays],
+    config: RunConfig,
+    *,
+    main: str,
+    aux: str | None,
+    weight_main: float,
+    weight_aux: float,
+    progress: Progress = _quiet,
+) -> Adaptation:
     """Adapt the main/aux pair on the target with ITM-corrected pseudo-labels.
 
     ITM is recomputed here from ``candidates`` (deterministic, two forward passes per
@@ -169,20 +214,32 @@ def adapt_target(site_dir: Path, candidates: Mapping[str, Arrays], config: RunCo
     """
     for name in (main, aux):
         if name is not None and name not in candidates:
-            raise ValueError(f"selected source {name!r} is not among the candidates "
-                             f"{sorted(candidates)}")
+            raise ValueError(
+                f"selected source {name!r} is not among the candidates "
+                f"{sorted(candidates)}"
+            )
     started = time.perf_counter()
     slices = _target_slices(_load_index(site_dir), config)
     transferability, probabilities = _score_all(slices, candidates, config, progress)
-    soft = build_pseudo_labels(probabilities, torch.tensor(transferability.itm),
-                               case_of_slice=slices.case_of_slice)
+    soft = build_pseudo_labels(
+        probabilities,
+        torch.tensor(transferability.itm),
+        case_of_slice=slices.case_of_slice,
+    )
     pseudo_labels = soft.argmax(1)
     names = [main] if aux is None else [main, aux]
     weights = [weight_main] if aux is None else [weight_main, weight_aux]
     models = [_build_with(candidates[name], config) for name in names]
-    result = adapt_pair(models, weights, slices.images, pseudo_labels,
-                        adapt=config.adapt, train=config.train,
-                        device=select_device(config.train.device), progress=progress)
+    result = adapt_pair(
+        models,
+        weights,
+        slices.images,
+        pseudo_labels,
+        adapt=config.adapt,
+        train=config.train,
+        device=select_device(config.train.device),
+        progress=progress,
+    )
     return Adaptation(
         main_weights=get_weights(models[0]),
         aux_weights=get_weights(models[1]) if len(models) > 1 else None,
@@ -192,10 +249,15 @@ def adapt_target(site_dir: Path, candidates: Mapping[str, Arrays], config: RunCo
     )
 
 
-def evaluate_predictors(site_dir: Path, models: Mapping[str, Arrays],
-                        predictors: Mapping[str, Sequence[tuple[str, float]]],
-                        config: RunConfig, *, with_hd95: bool = True,
-                        progress: Progress = _quiet) -> dict[str, SegmentationScores]:
+def evaluate_predictors(
+    site_dir: Path,
+    models: Mapping[str, Arrays],
+    predictors: Mapping[str, Sequence[tuple[str, float]]],
+    config: RunConfig,
+    *,
+    with_hd95: bool = True,
+    progress: Progress = _quiet,
+) -> dict[str, SegmentationScores]:
     """Score predictors on the site's evaluation labels (``labelsTs``), per case.
 
     Args:
@@ -214,7 +276,9 @@ def evaluate_predictors(site_dir: Path, models: Mapping[str, Arrays],
     """
     index = _load_index(site_dir)
     if not index.evaluation:
-        raise SiteDataError(f"{index.root}: no evaluation cases (imagesTs with labelsTs)")
+        raise SiteDataError(
+            f"{index.root}: no evaluation cases (imagesTs with labelsTs)"
+        )
     slices = build_slice_set(index.evaluation, data=config.data, with_labels=True)
     assert slices.labels is not None
     device = select_device(config.train.device)
@@ -224,13 +288,20 @@ def evaluate_predictors(site_dir: Path, models: Mapping[str, Arrays],
         unknown = [name for name, _ in members if name not in built]
         if unknown or not members:
             raise ValueError(f"predictor {predictor!r} names unknown models {unknown}")
-        mixture = predict_mixture([built[name] for name, _ in members],
-                                  [weight for _, weight in members], slices.images,
-                                  device=device)
+        mixture = predict_mixture(
+            [built[name] for name, _ in members],
+            [weight for _, weight in members],
+            slices.images,
+            device=device,
+        )
         results[predictor] = score_cases(
-            mixture.argmax(1), slices.labels, case_of_slice=slices.case_of_slice,
-            case_ids=slices.case_ids, spacing_mm=slices.spacing_mm,
-            num_classes=config.data.num_classes, with_hd95=with_hd95)
+            mixture.argmax(1),
+            slices.labels,
+            case_of_slice=slices.case_of_slice,
+            case_ids=slices.case_ids,
+            spacing_mm=slices.spacing_mm,
+            num_classes=config.data.num_classes,
+            with_hd95=with_hd95,
+        )
         progress(f"[evaluate] {predictor}: Dice {results[predictor].dice:.3f}")
     return results
-

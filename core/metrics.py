@@ -44,8 +44,9 @@ class SegmentationScores:
         return float(np.mean(defined)) if defined else float("nan")
 
 
-def dice_score(prediction: torch.Tensor, reference: torch.Tensor, *,
-               num_classes: int) -> float:
+def dice_score(
+    prediction: torch.Tensor, reference: torch.Tensor, *, num_classes: int
+) -> float:
     """Mean foreground Dice between two integer label maps of the same shape.
 
     Both empty gives 1.0; one empty gives 0.0 (MONAI's ``ignore_empty=False``).
@@ -61,29 +62,42 @@ def dice_score(prediction: torch.Tensor, reference: torch.Tensor, *,
     return float(torch.nan_to_num(values, nan=0.0).mean())
 
 
-def hd95_mm(prediction: torch.Tensor, reference: torch.Tensor, *, num_classes: int,
-            spacing_mm: Sequence[float]) -> float:
+def hd95_mm(
+    prediction: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    num_classes: int,
+    spacing_mm: Sequence[float],
+) -> float:
     """95th-percentile Hausdorff distance in mm (nan when either mask is empty).
 
     Args:
-        prediction, reference: integer label maps of one case, ``(Z, H, W)`` or
-            ``(H, W)``.
+        prediction: integer label map of one case, ``(Z, H, W)`` or ``(H, W)``.
+        reference: the reference label map, same shape.
+        num_classes: number of classes including background.
         spacing_mm: voxel size along the same axes as the maps.
     """
     if not bool((prediction > 0).any()) or not bool((reference > 0).any()):
         return float("nan")
     pred = one_hot(prediction[None, None].long(), num_classes=num_classes, dim=1)
     ref = one_hot(reference[None, None].long(), num_classes=num_classes, dim=1)
-    values = compute_hausdorff_distance(pred, ref, include_background=False,
-                                        percentile=95, spacing=list(spacing_mm))
+    values = compute_hausdorff_distance(
+        pred, ref, include_background=False, percentile=95, spacing=list(spacing_mm)
+    )
     finite = values[torch.isfinite(values)]
     return float(finite.mean()) if finite.numel() else float("nan")
 
 
-def score_cases(predictions: torch.Tensor, labels: torch.Tensor, *,
-                case_of_slice: torch.Tensor, case_ids: Sequence[str],
-                spacing_mm: Sequence[Sequence[float]], num_classes: int,
-                with_hd95: bool = True) -> SegmentationScores:
+def score_cases(
+    predictions: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    case_of_slice: torch.Tensor,
+    case_ids: Sequence[str],
+    spacing_mm: Sequence[Sequence[float]],
+    num_classes: int,
+    with_hd95: bool = True,
+) -> SegmentationScores:
     """Score slice predictions per case.
 
     Args:
@@ -101,11 +115,17 @@ def score_cases(predictions: torch.Tensor, labels: torch.Tensor, *,
         if not bool(selected.any()):
             continue
         pred, ref = predictions[selected], labels[selected]
-        scores.append(CaseScores(
-            case_id=case_id,
-            dice=dice_score(pred, ref, num_classes=num_classes),
-            hd95_mm=(hd95_mm(pred, ref, num_classes=num_classes,
-                             spacing_mm=spacing_mm[index])
-                     if with_hd95 else float("nan")),
-        ))
+        scores.append(
+            CaseScores(
+                case_id=case_id,
+                dice=dice_score(pred, ref, num_classes=num_classes),
+                hd95_mm=(
+                    hd95_mm(
+                        pred, ref, num_classes=num_classes, spacing_mm=spacing_mm[index]
+                    )
+                    if with_hd95
+                    else float("nan")
+                ),
+            )
+        )
     return SegmentationScores(cases=tuple(scores))

@@ -8,9 +8,10 @@ touch ``state_dict`` themselves; they call these functions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -34,10 +35,11 @@ def build_model(model: ModelConfig, *, data: DataConfig) -> nn.Module:
     if model.norm is Norm.INSTANCE:
         norm = ("instance", {"affine": True})
     elif model.norm is Norm.GROUP:
-        norm = ("group", {"num_groups": 4})
+        # Every normalised block (the output block too) must split evenly into groups.
+        norm = ("group", {"num_groups": math.gcd(*model.channels, data.num_classes)})
     else:
         norm = "batch"
-    return UNet(
+    network: nn.Module = UNet(
         spatial_dims=2,
         in_channels=1,
         out_channels=data.num_classes,
@@ -47,10 +49,11 @@ def build_model(model: ModelConfig, *, data: DataConfig) -> nn.Module:
         norm=norm,
         dropout=model.dropout,
     )
+    return network
 
 
 def get_manifest(model: nn.Module) -> Manifest:
-    """Return the parameter (and buffer) names and shapes that define ``model``'s weights."""
+    """Return the parameter and buffer names and shapes of ``model``'s weights."""
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
@@ -62,7 +65,9 @@ def get_weights(model: nn.Module) -> Arrays:
     }
 
 
-def set_weights(model: nn.Module, weights: Mapping[str, npt.NDArray[np.generic]]) -> None:
+def set_weights(
+    model: nn.Module, weights: Mapping[str, npt.NDArray[np.generic]]
+) -> None:
     """Load ``weights`` into ``model`` in place, checking names and shapes first.
 
     Raises:
@@ -76,17 +81,21 @@ def set_weights(model: nn.Module, weights: Mapping[str, npt.NDArray[np.generic]]
         raise ValueError(
             "weights do not match the model manifest: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
             raise ValueError(
                 f"weights do not match the model manifest: {name} has shape "
-                f"{tuple(weights[name].shape)}, expected {shape}")
+                f"{tuple(weights[name].shape)}, expected {shape}"
+            )
     state = model.state_dict()
-    model.load_state_dict({
-        name: torch.as_tensor(np.asarray(weights[name])).to(state[name].dtype)
-        for name in expected
-    })
+    model.load_state_dict(
+        {
+            name: torch.as_tensor(np.asarray(weights[name])).to(state[name].dtype)
+            for name in expected
+        }
+    )
 
 
 def save_weights(weights: Mapping[str, npt.NDArray[np.generic]], path: Path) -> None:
@@ -94,7 +103,8 @@ def save_weights(weights: Mapping[str, npt.NDArray[np.generic]], path: Path) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(temporary, **{name: np.asarray(value) for name, value in weights.items()})
+    arrays: dict[str, Any] = {name: np.asarray(v) for name, v in weights.items()}
+    np.savez(temporary, **arrays)
     temporary.replace(path)
 
 

@@ -1,4 +1,4 @@
-"""The wire contract: action names, record keys and typed payloads (DESIGN.md section 4).
+"""The wire contract: action names, record keys, typed payloads (DESIGN.md section 4).
 
 Both apps import this module; neither spells a message type or record key anywhere
 else. Payloads are frozen dataclasses that flatten to and from plain scalar mappings
@@ -50,14 +50,17 @@ def model_key(name: str) -> str:
 
 def model_name(key: str) -> str | None:
     """Inverse of :func:`model_key`; None for keys that are not model keys."""
-    return key[len(MODEL_KEY_PREFIX):] if key.startswith(MODEL_KEY_PREFIX) else None
+    return key[len(MODEL_KEY_PREFIX) :] if key.startswith(MODEL_KEY_PREFIX) else None
 
 
-def _require(fields: Mapping[str, object], key: str, kind: type | tuple[type, ...]) -> object:
+def _require(
+    fields: Mapping[str, object], key: str, kind: type | tuple[type, ...]
+) -> object:
     if key not in fields:
         raise ValueError(f"payload field {key!r} is missing")
     value = fields[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    numeric = kind is int or (isinstance(kind, tuple) and int in kind)
+    if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
         raise ValueError(f"payload field {key!r} has the wrong type: {value!r}")
     return value
 
@@ -76,6 +79,13 @@ def _float(fields: Mapping[str, object], key: str) -> float:
     value = _require(fields, key, (int, float))
     assert isinstance(value, int | float)
     return float(value)
+
+
+def _float_list(fields: Mapping[str, object], key: str) -> list[float]:
+    values = _list(fields, key)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"payload field {key!r} must hold numbers only")
+    return [float(v) for v in values]  # type: ignore[arg-type]
 
 
 def _list(fields: Mapping[str, object], key: str) -> list[object]:
@@ -97,20 +107,27 @@ class HelloReply:
 
     def to_fields(self) -> Fields:
         """Flatten for a ConfigRecord."""
-        return {"site": self.site, "modality": self.modality, "labelled": self.labelled,
-                "unlabelled": self.unlabelled, "evaluation": self.evaluation,
-                "class-names": list(self.class_names)}
+        return {
+            "site": self.site,
+            "modality": self.modality,
+            "labelled": self.labelled,
+            "unlabelled": self.unlabelled,
+            "evaluation": self.evaluation,
+            "class-names": list(self.class_names),
+        }
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> HelloReply:
         """Parse a reply's ConfigRecord."""
         names = _list(fields, "class-names")
-        return cls(site=_str(fields, "site"),
-                   modality=_str(fields, "modality"),
-                   labelled=_int(fields, "labelled"),
-                   unlabelled=_int(fields, "unlabelled"),
-                   evaluation=_int(fields, "evaluation"),
-                   class_names=tuple(str(name) for name in names))
+        return cls(
+            site=_str(fields, "site"),
+            modality=_str(fields, "modality"),
+            labelled=_int(fields, "labelled"),
+            unlabelled=_int(fields, "unlabelled"),
+            evaluation=_int(fields, "evaluation"),
+            class_names=tuple(str(name) for name in names),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,16 +141,22 @@ class TrainReply:
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
-        return {"num-examples": self.num_examples, "num-cases": self.num_cases,
-                "loss": self.loss, "seconds": self.seconds}
+        return {
+            "num-examples": self.num_examples,
+            "num-cases": self.num_cases,
+            "loss": self.loss,
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> TrainReply:
         """Parse a reply's MetricRecord."""
-        return cls(num_examples=_int(fields, "num-examples"),
-                   num_cases=_int(fields, "num-cases"),
-                   loss=_float(fields, "loss"),
-                   seconds=_float(fields, "seconds"))
+        return cls(
+            num_examples=_int(fields, "num-examples"),
+            num_cases=_int(fields, "num-cases"),
+            loss=_float(fields, "loss"),
+            seconds=_float(fields, "seconds"),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,22 +173,24 @@ class LftmReply:
     def to_fields(self) -> tuple[Fields, Fields]:
         """Flatten to (ConfigRecord fields, MetricRecord fields)."""
         settings: Fields = {"metric": self.metric, "sources": list(self.sources)}
-        metrics: Fields = {f"itm.{name}": list(self.itm_columns[name])
-                           for name in self.sources}
+        metrics: Fields = {
+            f"itm.{name}": list(self.itm_columns[name]) for name in self.sources
+        }
         return settings, metrics
 
     @classmethod
-    def from_fields(cls, settings: Mapping[str, object],
-                    metrics: Mapping[str, object]) -> LftmReply:
+    def from_fields(
+        cls, settings: Mapping[str, object], metrics: Mapping[str, object]
+    ) -> LftmReply:
         """Parse a reply's ConfigRecord and MetricRecord."""
         sources = tuple(str(name) for name in _list(settings, "sources"))
-        columns = {name: [float(v) for v in _list(metrics, f"itm.{name}")]  # type: ignore[arg-type]
-                   for name in sources}
+        columns = {name: _float_list(metrics, f"itm.{name}") for name in sources}
         lengths = {len(column) for column in columns.values()}
         if len(lengths) > 1:
             raise ValueError(f"ITM columns differ in length: {sorted(lengths)}")
-        return cls(metric=_str(settings, "metric"), sources=sources,
-                   itm_columns=columns)
+        return cls(
+            metric=_str(settings, "metric"), sources=sources, itm_columns=columns
+        )
 
     def itm_rows(self) -> tuple[tuple[float, ...], ...]:
         """ITM as rows (cases) by columns (``sources`` order)."""
@@ -184,38 +209,50 @@ class AdaptRequest:
 
     def to_fields(self) -> Fields:
         """Flatten for a ConfigRecord."""
-        return {"main": self.main, "aux": self.aux, "weight-main": self.weight_main,
-                "weight-aux": self.weight_aux}
+        return {
+            "main": self.main,
+            "aux": self.aux,
+            "weight-main": self.weight_main,
+            "weight-aux": self.weight_aux,
+        }
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> AdaptRequest:
         """Parse a request's ConfigRecord."""
-        return cls(main=_str(fields, "main"),
-                   aux=_str(fields, "aux"),
-                   weight_main=_float(fields, "weight-main"),
-                   weight_aux=_float(fields, "weight-aux"))
+        return cls(
+            main=_str(fields, "main"),
+            aux=_str(fields, "aux"),
+            weight_main=_float(fields, "weight-main"),
+            weight_aux=_float(fields, "weight-aux"),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AdaptReply:
-    """How adaptation went; the adapted ``model.main``/``model.aux`` travel beside it."""
+    """How adaptation went; adapted ``model.main``/``model.aux`` travel beside it."""
 
     num_examples: int  # target slices seen over all epochs
-    pseudo_label_foreground: float  # fraction of target pixels pseudo-labelled foreground
+    pseudo_label_foreground: (
+        float  # fraction of target pixels pseudo-labelled foreground
+    )
     seconds: float
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
-        return {"num-examples": self.num_examples,
-                "pseudo-label-foreground": self.pseudo_label_foreground,
-                "seconds": self.seconds}
+        return {
+            "num-examples": self.num_examples,
+            "pseudo-label-foreground": self.pseudo_label_foreground,
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> AdaptReply:
         """Parse a reply's MetricRecord."""
-        return cls(num_examples=_int(fields, "num-examples"),
-                   pseudo_label_foreground=_float(fields, "pseudo-label-foreground"),
-                   seconds=_float(fields, "seconds"))
+        return cls(
+            num_examples=_int(fields, "num-examples"),
+            pseudo_label_foreground=_float(fields, "pseudo-label-foreground"),
+            seconds=_float(fields, "seconds"),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,22 +270,26 @@ class EvaluateRequest:
         """Parse a request's ConfigRecord."""
         try:
             table = json.loads(_str(fields, "predictors"))
-            predictors = {str(name): [(str(model), float(weight))
-                                      for model, weight in members]
-                          for name, members in table.items()}
+            predictors = {
+                str(name): [(str(model), float(weight)) for model, weight in members]
+                for name, members in table.items()
+            }
         except (ValueError, TypeError, AttributeError) as error:
-            raise ValueError(f"payload field 'predictors' is malformed: {error}") from None
+            raise ValueError(
+                f"payload field 'predictors' is malformed: {error}"
+            ) from None
         return cls(predictors=predictors)
 
     def model_names(self) -> list[str]:
         """Every model any predictor uses, sorted."""
-        return sorted({model for members in self.predictors.values()
-                       for model, _ in members})
+        return sorted(
+            {model for members in self.predictors.values() for model, _ in members}
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EvaluateReply:
-    """Aggregate metrics per predictor: mean Dice and HD95 (mm) over evaluation cases."""
+    """Aggregate metrics per predictor: mean Dice and HD95 (mm) over the cases."""
 
     num_cases: int
     dice: dict[str, float]
@@ -264,10 +305,13 @@ class EvaluateReply:
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> EvaluateReply:
         """Parse a reply's MetricRecord."""
-        dice = {key[5:]: _float(fields, key) for key in fields if key.startswith("dice.")}
-        hd95 = {key[5:]: _float(fields, key) for key in fields if key.startswith("hd95.")}
-        return cls(num_cases=_int(fields, "num-cases"), dice=dice,
-                   hd95_mm=hd95)
+        dice = {
+            key[5:]: _float(fields, key) for key in fields if key.startswith("dice.")
+        }
+        hd95 = {
+            key[5:]: _float(fields, key) for key in fields if key.startswith("hd95.")
+        }
+        return cls(num_cases=_int(fields, "num-cases"), dice=dice, hd95_mm=hd95)
 
 
 def parse_names(values: Sequence[object]) -> tuple[str, ...]:

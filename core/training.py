@@ -66,8 +66,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def augment_batch(tensors: Sequence[torch.Tensor],
-                  generator: torch.Generator) -> list[torch.Tensor]:
+def augment_batch(
+    tensors: Sequence[torch.Tensor], generator: torch.Generator
+) -> list[torch.Tensor]:
     """Flip the whole batch left-right and/or up-down, identically for every tensor.
 
     Tensors share the last two (spatial) dimensions; flips are drawn from ``generator``
@@ -98,15 +99,18 @@ def run_training(
     """Train ``modules`` jointly with Adam on mini-batches of ``tensors``.
 
     Args:
-        modules: networks whose parameters are optimised; moved to ``device`` and
-            left there in train mode... then set back to eval mode at the end.
+        modules: networks whose parameters are optimised; moved to ``device``, put
+            in train mode, and left in eval mode at the end.
         tensors: aligned tensors with the sample dimension first (e.g. images
             ``(N, 1, H, W)`` and targets ``(N, H, W)``); kept on the host and moved
             per batch.
         step_loss: maps one batch (the tensors, on ``device``) to a scalar loss.
-        epochs, batch_size, learning_rate, seed: the recipe.
-        device: where to train; AMP (float16 autocast + grad scaling) is used on CUDA
-            when ``amp`` is true.
+        epochs: passes over ``tensors``.
+        batch_size: samples per optimiser step.
+        learning_rate: Adam's learning rate.
+        seed: seeds initial randomness, data order and augmentation.
+        device: where to train.
+        amp: float16 autocast + gradient scaling, used on CUDA only.
         augment: random flips applied identically to every tensor of a batch.
         label: names the run in progress lines.
         progress: called with one line per epoch (defaults to the module logger).
@@ -118,39 +122,53 @@ def run_training(
     generator = seed_everything(seed)
     for module in modules:
         module.to(device).train()
-    parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
+    parameters = [
+        p for module in modules for p in module.parameters() if p.requires_grad
+    ]
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     num_samples = int(tensors[0].shape[0])
     epoch_losses: list[float] = []
     started = time.perf_counter()
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    report(
+        f"[{label}] {num_samples} samples x {epochs} epochs on {device}{threads}"
+        f"{', AMP' if use_amp else ''}"
+    )
     for epoch in range(epochs):
         order = torch.randperm(num_samples, generator=generator)
         total, count = 0.0, 0
         for start in range(0, num_samples, batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             batch = [tensor[index] for tensor in tensors]
             if augment:
                 batch = augment_batch(batch, generator)
             batch = [tensor.to(device, non_blocking=True) for tensor in batch]
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16,
-                                enabled=use_amp):
+            with torch.autocast(
+                device_type=device.type, dtype=torch.float16, enabled=use_amp
+            ):
                 loss = step_loss(batch)
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             scaler.step(optimizer)
             scaler.update()
             # One host sync per batch is the price of an honest epoch loss.
             total += float(loss.detach()) * len(index)
             count += len(index)
         epoch_losses.append(total / max(count, 1))
-        report(f"[{label}] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f} "
-               f"({time.perf_counter() - started:.1f} s)")
+        report(
+            f"[{label}] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f} "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
     for module in modules:
         module.eval()
-    return TrainResult(num_examples=epochs * num_samples, epoch_losses=tuple(epoch_losses),
-                       seconds=time.perf_counter() - started, device=str(device))
+    return TrainResult(
+        num_examples=epochs * num_samples,
+        epoch_losses=tuple(epoch_losses),
+        seconds=time.perf_counter() - started,
+        device=str(device),
+    )
 
 
 def train_supervised(
@@ -169,24 +187,45 @@ def train_supervised(
         model: a segmentation network with C output channels; updated in place.
         images: ``(N, 1, H, W)`` float inputs.
         labels: ``(N, H, W)`` integer class maps.
+        train: the recipe (epochs, batch size, learning rate, seed, AMP, augment).
+        device: where to train.
+        label: names the run in progress lines.
+        progress: called with progress lines.
     """
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     def step_loss(batch: Sequence[torch.Tensor]) -> torch.Tensor:
         batch_images, batch_labels = batch
-        loss: torch.Tensor = loss_function(model(batch_images), batch_labels.unsqueeze(1))
+        loss: torch.Tensor = loss_function(
+            model(batch_images), batch_labels.unsqueeze(1)
+        )
         return loss
 
-    return run_training([model], [images, labels], step_loss, epochs=train.epochs,
-                        batch_size=train.batch_size, learning_rate=train.learning_rate,
-                        seed=train.seed, device=device, amp=train.amp,
-                        augment=train.augment, label=label, progress=progress)
+    return run_training(
+        [model],
+        [images, labels],
+        step_loss,
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        learning_rate=train.learning_rate,
+        seed=train.seed,
+        device=device,
+        amp=train.amp,
+        augment=train.augment,
+        label=label,
+        progress=progress,
+    )
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, images: torch.Tensor, *,
-                          device: torch.device, batch_size: int = 64,
-                          amp: bool = True) -> torch.Tensor:
+def predict_probabilities(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    amp: bool = True,
+) -> torch.Tensor:
     """Return softmax probabilities ``(N, C, H, W)`` on the host for ``images``.
 
     Runs batched in eval mode; float16 autocast on CUDA when ``amp``.
@@ -195,9 +234,10 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *,
     use_amp = amp and device.type == "cuda"
     outputs = []
     for start in range(0, images.shape[0], batch_size):
-        batch = images[start:start + batch_size].to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16,
-                            enabled=use_amp):
+        batch = images[start : start + batch_size].to(device, non_blocking=True)
+        with torch.autocast(
+            device_type=device.type, dtype=torch.float16, enabled=use_amp
+        ):
             logits = model(batch)
         outputs.append(torch.softmax(logits.float(), dim=1).cpu())
     if not outputs:
@@ -205,19 +245,28 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *,
     return torch.cat(outputs)
 
 
-def predict_mixture(models: Sequence[nn.Module], weights: Sequence[float],
-                    images: torch.Tensor, *, device: torch.device,
-                    batch_size: int = 64, amp: bool = True) -> torch.Tensor:
+def predict_mixture(
+    models: Sequence[nn.Module],
+    weights: Sequence[float],
+    images: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    amp: bool = True,
+) -> torch.Tensor:
     """Return ``sum_k weights[k] * softmax(models[k](images))`` ``(N, C, H, W)``.
 
     ``weights`` are used as given (callers normalise them).
     """
     if len(models) != len(weights) or not models:
-        raise ValueError("predict_mixture needs one weight per model, at least one model")
+        raise ValueError(
+            "predict_mixture needs one weight per model, at least one model"
+        )
     mixture: torch.Tensor | None = None
     for model, weight in zip(models, weights, strict=True):
         probabilities = weight * predict_probabilities(
-            model, images, device=device, batch_size=batch_size, amp=amp)
+            model, images, device=device, batch_size=batch_size, amp=amp
+        )
         mixture = probabilities if mixture is None else mixture + probabilities
     assert mixture is not None
     return mixture

@@ -42,25 +42,33 @@ def gaussian_smooth(maps: torch.Tensor, sigma_px: float) -> torch.Tensor:
     kernel = torch.exp(-0.5 * (offsets / sigma_px) ** 2)
     kernel = kernel / kernel.sum()
     smoothed = maps[:, None]
-    smoothed = functional.conv2d(functional.pad(smoothed, (radius, radius, 0, 0),
-                                                mode="replicate"),
-                                 kernel.view(1, 1, 1, -1))
-    smoothed = functional.conv2d(functional.pad(smoothed, (0, 0, radius, radius),
-                                                mode="replicate"),
-                                 kernel.view(1, 1, -1, 1))
+    smoothed = functional.conv2d(
+        functional.pad(smoothed, (radius, radius, 0, 0), mode="replicate"),
+        kernel.view(1, 1, 1, -1),
+    )
+    smoothed = functional.conv2d(
+        functional.pad(smoothed, (0, 0, radius, radius), mode="replicate"),
+        kernel.view(1, 1, -1, 1),
+    )
     return smoothed[:, 0]
 
 
 def dilate(mask: torch.Tensor, radius_px: int) -> torch.Tensor:
-    """Dilate boolean ``(N, H, W)`` masks with a square of side ``2 * radius_px + 1``."""
+    """Dilate boolean ``(N, H, W)`` masks by a square of side ``2 * radius_px + 1``."""
     if radius_px <= 0:
         return mask.clone()
-    grown = functional.max_pool2d(mask[:, None].float(), kernel_size=2 * radius_px + 1,
-                                  stride=1, padding=radius_px)
+    grown = functional.max_pool2d(
+        mask[:, None].float(),
+        kernel_size=2 * radius_px + 1,
+        stride=1,
+        padding=radius_px,
+    )
     return grown[:, 0] > 0.5
 
 
-def build_keep_mask(attention: torch.Tensor, *, transfer: TransferConfig) -> torch.Tensor:
+def build_keep_mask(
+    attention: torch.Tensor, *, transfer: TransferConfig
+) -> torch.Tensor:
     """Turn attention maps ``(N, H, W)`` in [0, 1] into boolean keep-masks.
 
     Smooth with ``transfer.smoothing_sigma_px``, threshold at ``transfer.threshold``,
@@ -84,8 +92,13 @@ def mask_images(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return images * keep[:, None].to(images.dtype)
 
 
-def gradcam_attention(model: nn.Module, images: torch.Tensor, *, device: torch.device,
-                      batch_size: int = 32) -> torch.Tensor:
+def gradcam_attention(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """Grad-CAM maps ``(N, H, W)`` in [0, 1] at the U-Net's last decoder features.
 
     The score is the sum of foreground logits over the predicted foreground; channel
@@ -94,7 +107,9 @@ def gradcam_attention(model: nn.Module, images: torch.Tensor, *, device: torch.d
     """
     blocks = getattr(model, "model", None)
     if not isinstance(blocks, nn.Sequential):
-        raise TypeError("Grad-CAM attention needs a MONAI UNet (model.model Sequential)")
+        raise TypeError(
+            "Grad-CAM attention needs a MONAI UNet (model.model Sequential)"
+        )
     model.to(device).eval()
     captured: list[torch.Tensor] = []
 
@@ -107,7 +122,7 @@ def gradcam_attention(model: nn.Module, images: torch.Tensor, *, device: torch.d
     try:
         for start in range(0, images.shape[0], batch_size):
             captured.clear()
-            batch = images[start:start + batch_size].to(device).requires_grad_(True)
+            batch = images[start : start + batch_size].to(device).requires_grad_(True)
             logits = model(batch)
             foreground = logits.argmax(1, keepdim=True) > 0
             score = (logits[:, 1:].sum(1, keepdim=True) * foreground).sum()
@@ -117,8 +132,9 @@ def gradcam_attention(model: nn.Module, images: torch.Tensor, *, device: torch.d
             assert features.grad is not None
             weights = features.grad.mean(dim=(2, 3), keepdim=True)
             cam = torch.relu((weights * features).sum(1, keepdim=True)).detach()
-            cam = functional.interpolate(cam, size=images.shape[-2:], mode="bilinear",
-                                         align_corners=False)[:, 0]
+            cam = functional.interpolate(
+                cam, size=images.shape[-2:], mode="bilinear", align_corners=False
+            )[:, 0]
             peak = cam.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1)
             maps.append((cam / peak).cpu())
     finally:
@@ -127,9 +143,14 @@ def gradcam_attention(model: nn.Module, images: torch.Tensor, *, device: torch.d
     return torch.cat(maps)
 
 
-def foreground_dice_per_case(first: torch.Tensor, second: torch.Tensor, *,
-                             case_of_slice: torch.Tensor, num_cases: int) -> torch.Tensor:
-    """Dice of the foreground (class > 0) of two label maps, per case; 0 if ``first`` is empty.
+def foreground_dice_per_case(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    *,
+    case_of_slice: torch.Tensor,
+    num_cases: int,
+) -> torch.Tensor:
+    """Per-case Dice of two label maps' foreground (class > 0); 0 if ``first`` is empty.
 
     Args:
         first: ``(N, H, W)`` labels whose emptiness decides the degenerate case (the
@@ -145,22 +166,26 @@ def foreground_dice_per_case(first: torch.Tensor, second: torch.Tensor, *,
     """
     first_fg = (first > 0).flatten(1).float()
     second_fg = (second > 0).flatten(1).float()
-    overlap = torch.zeros(num_cases).index_add_(0, case_of_slice,
-                                                (first_fg * second_fg).sum(1))
+    overlap = torch.zeros(num_cases).index_add_(
+        0, case_of_slice, (first_fg * second_fg).sum(1)
+    )
     first_size = torch.zeros(num_cases).index_add_(0, case_of_slice, first_fg.sum(1))
     second_size = torch.zeros(num_cases).index_add_(0, case_of_slice, second_fg.sum(1))
     dice = 2 * overlap / (first_size + second_size).clamp_min(1.0)
     return torch.where(first_size > 0, dice, torch.zeros_like(dice))
 
 
-def entropy_score_per_case(probabilities: torch.Tensor, *, case_of_slice: torch.Tensor,
-                           num_cases: int) -> torch.Tensor:
+def entropy_score_per_case(
+    probabilities: torch.Tensor, *, case_of_slice: torch.Tensor, num_cases: int
+) -> torch.Tensor:
     """``1 - mean normalised entropy`` of ``(N, C, H, W)`` probabilities, per case."""
     num_classes = probabilities.shape[1]
     entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(1)
     per_slice = entropy.flatten(1).mean(1) / math.log(num_classes)
     total = torch.zeros(num_cases).index_add_(0, case_of_slice, per_slice)
-    count = torch.zeros(num_cases).index_add_(0, case_of_slice, torch.ones_like(per_slice))
+    count = torch.zeros(num_cases).index_add_(
+        0, case_of_slice, torch.ones_like(per_slice)
+    )
     return 1.0 - total / count.clamp_min(1.0)
 
 
@@ -172,9 +197,15 @@ class CandidateScores:
     probabilities: torch.Tensor  # (N, C, H, W)
 
 
-def score_candidate(model: nn.Module, images: torch.Tensor, *,
-                    case_of_slice: torch.Tensor, num_cases: int,
-                    transfer: TransferConfig, device: torch.device) -> CandidateScores:
+def score_candidate(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    case_of_slice: torch.Tensor,
+    num_cases: int,
+    transfer: TransferConfig,
+    device: torch.device,
+) -> CandidateScores:
     """Score one candidate on the target's slices with LFTM (or the entropy baseline).
 
     Args:
@@ -187,8 +218,9 @@ def score_candidate(model: nn.Module, images: torch.Tensor, *,
     """
     probabilities = predict_probabilities(model, images, device=device)
     if transfer.metric is TransferMetric.ENTROPY:
-        per_case = entropy_score_per_case(probabilities, case_of_slice=case_of_slice,
-                                          num_cases=num_cases)
+        per_case = entropy_score_per_case(
+            probabilities, case_of_slice=case_of_slice, num_cases=num_cases
+        )
         return CandidateScores(per_case=per_case, probabilities=probabilities)
     if transfer.attention is Attention.GRADCAM:
         attention = gradcam_attention(model, images, device=device)
@@ -202,8 +234,12 @@ def score_candidate(model: nn.Module, images: torch.Tensor, *,
     # a model that is confident nowhere earns no trust).
     attended = keep.flatten(1).any(1)
     masked_labels[~attended] = 0
-    per_case = foreground_dice_per_case(probabilities.argmax(1), masked_labels,
-                                        case_of_slice=case_of_slice, num_cases=num_cases)
+    per_case = foreground_dice_per_case(
+        probabilities.argmax(1),
+        masked_labels,
+        case_of_slice=case_of_slice,
+        num_cases=num_cases,
+    )
     return CandidateScores(per_case=per_case, probabilities=probabilities)
 
 
@@ -247,13 +283,18 @@ def select_sources(dtm: Mapping[str, float]) -> SourceSelection:
     total = dtm[main] + dtm[aux]
     if total <= 0:
         return SourceSelection(main=main, aux=aux, weight_main=0.5, weight_aux=0.5)
-    return SourceSelection(main=main, aux=aux, weight_main=dtm[main] / total,
-                           weight_aux=dtm[aux] / total)
+    return SourceSelection(
+        main=main, aux=aux, weight_main=dtm[main] / total, weight_aux=dtm[aux] / total
+    )
 
 
-def build_pseudo_labels(probabilities: Sequence[torch.Tensor], itm: torch.Tensor, *,
-                        case_of_slice: torch.Tensor) -> torch.Tensor:
-    """ITM-weighted soft pseudo-labels ``(N, C, H, W)`` (take ``argmax(1)`` for hard ones).
+def build_pseudo_labels(
+    probabilities: Sequence[torch.Tensor],
+    itm: torch.Tensor,
+    *,
+    case_of_slice: torch.Tensor,
+) -> torch.Tensor:
+    """ITM-weighted soft pseudo-labels ``(N, C, H, W)``; ``argmax(1)`` gives hard ones.
 
     Args:
         probabilities: per source, softmax maps ``(N, C, H, W)`` on the target slices.
@@ -263,7 +304,9 @@ def build_pseudo_labels(probabilities: Sequence[torch.Tensor], itm: torch.Tensor
         case_of_slice: ``(N,)`` case index per slice.
     """
     if len(probabilities) != itm.shape[1]:
-        raise ValueError(f"ITM has {itm.shape[1]} columns for {len(probabilities)} sources")
+        raise ValueError(
+            f"ITM has {itm.shape[1]} columns for {len(probabilities)} sources"
+        )
     row_sums = itm.sum(1, keepdim=True)
     uniform = torch.full_like(itm, 1.0 / itm.shape[1])
     weights = torch.where(row_sums > 0, itm / row_sums.clamp_min(1e-12), uniform)

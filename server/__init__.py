@@ -1,1 +1,1 @@
-"""SiteBridge's Flower ServerApp: the coordinator's phase pipeline, run store, report."""
+"""SiteBridge's Flower ServerApp: the coordinator's phases, run store and report."""

@@ -30,18 +30,25 @@ def _log(line: str) -> None:
 
 def resolve_runs_dir(config: RunConfig) -> Path:
     """``output.runs-dir``, or ``./runs`` of the working directory when empty."""
-    return Path(config.output.runs_dir).expanduser() if config.output.runs_dir \
+    return (
+        Path(config.output.runs_dir).expanduser()
+        if config.output.runs_dir
         else Path.cwd() / "runs"
+    )
 
 
 def prepare_federation(config: RunConfig) -> tuple[int, str | None]:
-    """Generate the built-in federation when asked; return (site count, default target)."""
+    """Generate the built-in federation if asked; return (site count, target)."""
     federation = config.federation
     if not federation.dir:
         folder = resolve_federation_dir(federation)
-        ensure_builtin_federation(folder.parent, seed=federation.synthetic_seed,
-                                  num_sites=federation.synthetic_sites,
-                                  num_train_cases=federation.synthetic_cases, progress=_log)
+        ensure_builtin_federation(
+            folder.parent,
+            seed=federation.synthetic_seed,
+            num_sites=federation.synthetic_sites,
+            num_train_cases=federation.synthetic_cases,
+            progress=_log,
+        )
     folder = resolve_federation_dir(federation)
     return len(list_site_dirs(folder)), read_federation_target(folder)
 
@@ -58,16 +65,21 @@ def main(grid: Grid, context: Context) -> None:
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    nodes = pipeline.wait_for_nodes(grid, expected=expected,
-                                    wait_s=config.federation.wait_nodes_s, log=_log)
-    sites, target = pipeline.discover(coordinator, nodes=nodes,
-                                      default_target=default_target)
+    nodes = pipeline.wait_for_nodes(
+        grid, expected=expected, wait_s=config.federation.wait_nodes_s, log=_log
+    )
+    sites, target = pipeline.discover(
+        coordinator, nodes=nodes, default_target=default_target
+    )
     seconds["discover"] = time.perf_counter() - started
 
     started = time.perf_counter()
     target_site = next(site for site in sites.values() if site.name == target)
-    sources = {node: site for node, site in sites.items()
-               if site.name != target and site.hello.labelled > 0}
+    sources = {
+        node: site
+        for node, site in sites.items()
+        if site.name != target and site.hello.labelled > 0
+    }
     models = pipeline.train_sources(coordinator, sources)
     seconds["source-training"] = time.perf_counter() - started
 
@@ -80,14 +92,20 @@ def main(grid: Grid, context: Context) -> None:
     seconds["adaptation"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    evaluation = pipeline.evaluation(coordinator, target_site, models, adapted, selection)
+    evaluation = pipeline.evaluation(
+        coordinator, target_site, models, adapted, selection
+    )
     seconds["evaluation"] = time.perf_counter() - started
 
     report = build_report(
-        run_id=context.run_id, config=to_flat(config),
+        run_id=context.run_id,
+        config=to_flat(config),
         discover=store.load_phase("discover") or {},
         source_training=store.load_phase("source-training") or {},
-        transferability=selection, adaptation=store.load_phase("adaptation") or {},
-        evaluation=evaluation, phase_seconds=seconds)
+        transferability=selection,
+        adaptation=store.load_phase("adaptation") or {},
+        evaluation=evaluation,
+        phase_seconds=seconds,
+    )
     markdown = write_report(store, report)
     _log(f"report written to {store.run_dir / 'report.md'}\n\n{markdown}")

@@ -1,5 +1,6 @@
-"""The coordinator's phases: discover -> source training -> transferability ->
-adaptation -> evaluation (DESIGN.md section 5, TGMA).
+"""The coordinator's phases (DESIGN.md section 5), TGMA's five for now.
+
+discover -> source training -> transferability -> adaptation -> evaluation.
 
 Each phase sends one kind of message, waits for the replies, records which sites did
 not answer and why, persists its result to the run store before the next phase starts,
@@ -69,13 +70,19 @@ class Coordinator:
         SuperLink does not carry the dead node's id); a node that neither answered nor
         errored before the timeout is reported as timed out.
         """
-        messages = {node: Message(content, dst_node_id=node, message_type=message_type)
-                    for node, content in requests.items()}
-        replies = list(self.grid.send_and_receive(
-            list(messages.values()), timeout=self.config.federation.reply_timeout_s))
+        messages = {
+            node: Message(content, dst_node_id=node, message_type=message_type)
+            for node, content in requests.items()
+        }
+        replies = list(
+            self.grid.send_and_receive(
+                list(messages.values()), timeout=self.config.federation.reply_timeout_s
+            )
+        )
         # The grid assigns message ids when it pushes, so map them only afterwards.
-        by_message_id = {message.metadata.message_id: node
-                         for node, message in messages.items()}
+        by_message_id = {
+            message.metadata.message_id: node for node, message in messages.items()
+        }
         ok: dict[int, Message] = {}
         failed: dict[int, str] = {}
         for reply in replies:
@@ -88,13 +95,19 @@ class Coordinator:
                 ok[node] = reply
         for node in requests:
             if node not in ok and node not in failed:
-                failed[node] = (f"no reply within {self.config.federation.reply_timeout_s:g} s")
+                failed[node] = (
+                    f"no reply within {self.config.federation.reply_timeout_s:g} s"
+                )
         return Replies(ok=ok, failed=failed)
 
 
-def _names(sites: Mapping[int, SiteInfo], nodes: Mapping[int, object]) -> dict[str, Any]:
-    return {sites[node].name if node in sites else str(node): value
-            for node, value in nodes.items()}
+def _names(
+    sites: Mapping[int, SiteInfo], nodes: Mapping[int, object]
+) -> dict[str, Any]:
+    return {
+        sites[node].name if node in sites else str(node): value
+        for node, value in nodes.items()
+    }
 
 
 def wait_for_nodes(grid: Grid, *, expected: int, wait_s: float, log: Log) -> list[int]:
@@ -108,108 +121,166 @@ def wait_for_nodes(grid: Grid, *, expected: int, wait_s: float, log: Log) -> lis
     return sorted(nodes)
 
 
-def discover(coordinator: Coordinator, *, nodes: list[int],
-             default_target: str | None) -> tuple[dict[int, SiteInfo], str]:
+def discover(
+    coordinator: Coordinator, *, nodes: list[int], default_target: str | None
+) -> tuple[dict[int, SiteInfo], str]:
     """Phase 1: ask every node who it is; choose the target site."""
     config = coordinator.config
-    replies = coordinator.ask({node: records.build_request() for node in nodes},
-                              protocol.HELLO)
+    replies = coordinator.ask(
+        {node: records.build_request() for node in nodes}, protocol.HELLO
+    )
     sites, failed = {}, dict(replies.failed)
     for node, reply in replies.ok.items():
         try:
-            sites[node] = SiteInfo(node, protocol.HelloReply.from_fields(
-                records.read_settings(reply.content)))
+            sites[node] = SiteInfo(
+                node,
+                protocol.HelloReply.from_fields(records.read_settings(reply.content)),
+            )
         except ValueError as error:
             failed[node] = f"malformed reply: {error}"
     for node, reason in failed.items():
         coordinator.log(f"node {node} did not say hello: {reason}")
     if len(sites) < config.federation.min_sites:
-        raise PhaseError(f"discover: only {len(sites)} site(s) answered, federation."
-                         f"min-sites is {config.federation.min_sites}; failures: "
-                         f"{failed}")
+        raise PhaseError(
+            f"discover: only {len(sites)} site(s) answered, federation."
+            f"min-sites is {config.federation.min_sites}; failures: "
+            f"{failed}"
+        )
     target = config.federation.target_site or default_target
     names = sorted(site.name for site in sites.values())
     if not target or target not in names:
-        raise PhaseError(f"discover: target site {target!r} is not among the sites that "
-                         f"answered {names}; set federation.target-site")
-    coordinator.store.save_phase("discover", {
-        "sites": [{"name": site.name, "node_id": node, **site.hello.to_fields()}
-                  for node, site in sorted(sites.items(), key=lambda item: item[1].name)],
-        "target": target,
-        "missing": {str(node): reason for node, reason in failed.items()},
-    })
+        raise PhaseError(
+            f"discover: target site {target!r} is not among the sites that "
+            f"answered {names}; set federation.target-site"
+        )
+    coordinator.store.save_phase(
+        "discover",
+        {
+            "sites": [
+                {"name": site.name, "node_id": node, **site.hello.to_fields()}
+                for node, site in sorted(sites.items(), key=lambda item: item[1].name)
+            ],
+            "target": target,
+            "missing": {str(node): reason for node, reason in failed.items()},
+        },
+    )
     coordinator.log(f"discover: sites {names}, target {target}")
     return sites, target
 
 
-def train_sources(coordinator: Coordinator, sources: Mapping[int, SiteInfo]) -> dict[str, Arrays]:
+def train_sources(
+    coordinator: Coordinator, sources: Mapping[int, SiteInfo]
+) -> dict[str, Arrays]:
     """Phase 2: every source trains a model on its own labels; keep the weights."""
     config = coordinator.config
     initial = build_initial_weights(config)
     coordinator.log(f"source training at {sorted(s.name for s in sources.values())}")
-    replies = coordinator.ask({node: records.build_request(weights=initial)
-                               for node in sources}, protocol.TRAIN_SOURCE)
+    replies = coordinator.ask(
+        {node: records.build_request(weights=initial) for node in sources},
+        protocol.TRAIN_SOURCE,
+    )
     models, training = {}, {}
     failed = dict(replies.failed)
     for node, reply in replies.ok.items():
         name = sources[node].name
         try:
             weights = records.read_weights(reply.content)
-            report = protocol.TrainReply.from_fields(records.read_metrics(reply.content))
+            report = protocol.TrainReply.from_fields(
+                records.read_metrics(reply.content)
+            )
         except ValueError as error:
             failed[node] = f"malformed reply: {error}"
             continue
         models[name] = weights
         coordinator.store.save_model(f"source-{name}", weights)
         training[name] = report.to_fields()
-        coordinator.log(f"source {name}: loss {training[name]['loss']:.4f}, "
-                        f"{training[name]['num-examples']} examples")
+        coordinator.log(
+            f"source {name}: loss {training[name]['loss']:.4f}, "
+            f"{training[name]['num-examples']} examples"
+        )
     required = min(config.federation.min_sites, len(sources))
     if len(models) < max(required, 1):
-        raise PhaseError(f"source training: {len(models)} source model(s) arrived, "
-                         f"{required} needed; failures: {_names(sources, failed)}")
-    coordinator.store.save_phase("source-training", {
-        "training": training, "missing": _names(sources, failed)})
+        raise PhaseError(
+            f"source training: {len(models)} source model(s) arrived, "
+            f"{required} needed; failures: {_names(sources, failed)}"
+        )
+    coordinator.store.save_phase(
+        "source-training", {"training": training, "missing": _names(sources, failed)}
+    )
     return models
 
 
-def _ask_target(coordinator: Coordinator, target: SiteInfo, content: RecordDict,
-                message_type: str, phase: str) -> Message:
+def _ask_target(
+    coordinator: Coordinator,
+    target: SiteInfo,
+    content: RecordDict,
+    message_type: str,
+    phase: str,
+) -> Message:
     replies = coordinator.ask({target.node_id: content}, message_type)
     if target.node_id not in replies.ok:
-        raise PhaseError(f"{phase}: target {target.name} failed: "
-                         f"{replies.failed.get(target.node_id)}")
+        raise PhaseError(
+            f"{phase}: target {target.name} failed: "
+            f"{replies.failed.get(target.node_id)}"
+        )
     return replies.ok[target.node_id]
 
 
-def transferability(coordinator: Coordinator, target: SiteInfo,
-                    models: Mapping[str, Arrays]) -> dict[str, Any]:
+def transferability(
+    coordinator: Coordinator, target: SiteInfo, models: Mapping[str, Arrays]
+) -> dict[str, Any]:
     """Phase 3: the target scores every source model (ITM); choose main/aux by DTM."""
-    reply = _ask_target(coordinator, target, records.build_request(models=models),
-                        protocol.LFTM, "transferability")
-    lftm = protocol.LftmReply.from_fields(records.read_settings(reply.content),
-                                          records.read_metrics(reply.content))
+    reply = _ask_target(
+        coordinator,
+        target,
+        records.build_request(models=models),
+        protocol.LFTM,
+        "transferability",
+    )
+    lftm = protocol.LftmReply.from_fields(
+        records.read_settings(reply.content), records.read_metrics(reply.content)
+    )
     itm = lftm.itm_rows()
     dtm = Transferability(metric=lftm.metric, sources=lftm.sources, itm=itm).dtm
     selection = select_sources(dtm)
-    result = {"metric": lftm.metric, "sources": list(lftm.sources), "itm": itm,
-              "dtm": dtm, "main": selection.main, "aux": selection.aux,
-              "weights": {"main": selection.weight_main, "aux": selection.weight_aux}}
+    result = {
+        "metric": lftm.metric,
+        "sources": list(lftm.sources),
+        "itm": itm,
+        "dtm": dtm,
+        "main": selection.main,
+        "aux": selection.aux,
+        "weights": {"main": selection.weight_main, "aux": selection.weight_aux},
+    }
     coordinator.store.save_phase("transferability", result)
-    coordinator.log("DTM " + ", ".join(f"{n} {v:.3f}" for n, v in dtm.items())
-                    + f" -> main {selection.main}, aux {selection.aux}")
+    coordinator.log(
+        "DTM "
+        + ", ".join(f"{n} {v:.3f}" for n, v in dtm.items())
+        + f" -> main {selection.main}, aux {selection.aux}"
+    )
     return result
 
 
-def adaptation(coordinator: Coordinator, target: SiteInfo, models: Mapping[str, Arrays],
-               selection: Mapping[str, Any]) -> dict[str, Arrays]:
+def adaptation(
+    coordinator: Coordinator,
+    target: SiteInfo,
+    models: Mapping[str, Arrays],
+    selection: Mapping[str, Any],
+) -> dict[str, Arrays]:
     """Phase 4: the target adapts the main/aux pair on its own images."""
-    request = protocol.AdaptRequest(main=selection["main"], aux=selection["aux"] or "",
-                                    weight_main=selection["weights"]["main"],
-                                    weight_aux=selection["weights"]["aux"])
-    reply = _ask_target(coordinator, target,
-                        records.build_request(settings=request.to_fields(), models=models),
-                        protocol.ADAPT, "adaptation")
+    request = protocol.AdaptRequest(
+        main=selection["main"],
+        aux=selection["aux"] or "",
+        weight_main=selection["weights"]["main"],
+        weight_aux=selection["weights"]["aux"],
+    )
+    reply = _ask_target(
+        coordinator,
+        target,
+        records.build_request(settings=request.to_fields(), models=models),
+        protocol.ADAPT,
+        "adaptation",
+    )
     adapted = records.read_named_models(reply.content)
     if "main" not in adapted:
         raise PhaseError(f"adaptation: target {target.name} returned no adapted model")
@@ -217,14 +288,17 @@ def adaptation(coordinator: Coordinator, target: SiteInfo, models: Mapping[str, 
         coordinator.store.save_model(f"adapted-{name}", weights)
     outcome = protocol.AdaptReply.from_fields(records.read_metrics(reply.content))
     coordinator.store.save_phase("adaptation", outcome.to_fields())
-    coordinator.log(f"adaptation: {outcome.num_examples} examples, "
-                    f"{outcome.pseudo_label_foreground:.3f} pseudo-foreground, "
-                    f"{outcome.seconds:.1f} s at the target")
+    coordinator.log(
+        f"adaptation: {outcome.num_examples} examples, "
+        f"{outcome.pseudo_label_foreground:.3f} pseudo-foreground, "
+        f"{outcome.seconds:.1f} s at the target"
+    )
     return adapted
 
 
-def build_predictors(sources: list[str], selection: Mapping[str, Any],
-                     *, adapted: bool) -> dict[str, list[tuple[str, float]]]:
+def build_predictors(
+    sources: list[str], selection: Mapping[str, Any], *, adapted: bool
+) -> dict[str, list[tuple[str, float]]]:
     """The predictors every report compares: each source, uniform, TGMA pair and main.
 
     Model names are ``source:<name>`` and ``adapted:main``/``adapted:aux``.
@@ -235,7 +309,8 @@ def build_predictors(sources: list[str], selection: Mapping[str, Any],
         ['source:B', 'source:C', 'tgma', 'tgma-main', 'uniform']
     """
     predictors: dict[str, list[tuple[str, float]]] = {
-        f"source:{name}": [(f"source:{name}", 1.0)] for name in sources}
+        f"source:{name}": [(f"source:{name}", 1.0)] for name in sources
+    }
     predictors["uniform"] = [(f"source:{name}", 1.0 / len(sources)) for name in sources]
     if adapted:
         pair = [("adapted:main", float(selection["weights"]["main"]))]
@@ -246,20 +321,35 @@ def build_predictors(sources: list[str], selection: Mapping[str, Any],
     return predictors
 
 
-def evaluation(coordinator: Coordinator, target: SiteInfo, models: Mapping[str, Arrays],
-               adapted: Mapping[str, Arrays], selection: Mapping[str, Any]) -> dict[str, Any]:
+def evaluation(
+    coordinator: Coordinator,
+    target: SiteInfo,
+    models: Mapping[str, Arrays],
+    adapted: Mapping[str, Arrays],
+    selection: Mapping[str, Any],
+) -> dict[str, Any]:
     """Phase 5: the target scores every predictor on its evaluation labels."""
     named = {f"source:{name}": weights for name, weights in models.items()}
     named.update({f"adapted:{name}": weights for name, weights in adapted.items()})
     predictors = build_predictors(sorted(models), selection, adapted=bool(adapted))
     request = protocol.EvaluateRequest(predictors=predictors)
-    reply = _ask_target(coordinator, target,
-                        records.build_request(settings=request.to_fields(), models=named),
-                        protocol.EVALUATE, "evaluation")
+    reply = _ask_target(
+        coordinator,
+        target,
+        records.build_request(settings=request.to_fields(), models=named),
+        protocol.EVALUATE,
+        "evaluation",
+    )
     scores = protocol.EvaluateReply.from_fields(records.read_metrics(reply.content))
-    result = {"site": target.name, "num_cases": scores.num_cases, "dice": scores.dice,
-              "hd95_mm": scores.hd95_mm}
+    result = {
+        "site": target.name,
+        "num_cases": scores.num_cases,
+        "dice": scores.dice,
+        "hd95_mm": scores.hd95_mm,
+    }
     coordinator.store.save_phase("evaluation", result)
-    coordinator.log("evaluation: " + ", ".join(f"{name} {value:.3f}"
-                                               for name, value in scores.dice.items()))
+    coordinator.log(
+        "evaluation: "
+        + ", ".join(f"{name} {value:.3f}" for name, value in scores.dice.items())
+    )
     return result

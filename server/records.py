@@ -18,8 +18,11 @@ from core.models import Arrays
 
 def to_array_record(weights: Mapping[str, npt.NDArray[np.generic]]) -> ArrayRecord:
     """Wrap ``name -> numpy array`` as an ArrayRecord (names kept)."""
-    return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(value))
-                                   for name, value in weights.items()})
+    return ArrayRecord(
+        array_dict={
+            name: Array(np.ascontiguousarray(value)) for name, value in weights.items()
+        }
+    )
 
 
 def from_array_record(record: ArrayRecord) -> Arrays:
@@ -27,9 +30,12 @@ def from_array_record(record: ArrayRecord) -> Arrays:
     return {name: array.numpy().astype(np.float32) for name, array in record.items()}
 
 
-def build_request(*, settings: Mapping[str, object] | None = None,
-                  models: Mapping[str, Arrays] | None = None,
-                  weights: Arrays | None = None) -> RecordDict:
+def build_request(
+    *,
+    settings: Mapping[str, object] | None = None,
+    models: Mapping[str, Arrays] | None = None,
+    weights: Arrays | None = None,
+) -> RecordDict:
     """A request's content: settings, named models and/or one set of weights."""
     content = RecordDict()
     if settings is not None:

@@ -2,7 +2,7 @@
 
 ``report.json`` holds ``sites`` (name, role, cases), ``transferability`` (``dtm`` per
 source, ``main``, ``aux``, ``weights``), ``evaluation.dice`` with one entry per source
-model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main``, and HD95),
+model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main`` and HD95),
 the per-phase timings, who was missing, and the resolved config.
 """
 
@@ -16,30 +16,57 @@ from typing import Any
 from server.store import RunStore
 
 
-def build_report(*, run_id: int, config: Mapping[str, Any], discover: Mapping[str, Any],
-                 source_training: Mapping[str, Any], transferability: Mapping[str, Any],
-                 adaptation: Mapping[str, Any], evaluation: Mapping[str, Any],
-                 phase_seconds: Mapping[str, float]) -> dict[str, Any]:
+def build_report(
+    *,
+    run_id: int,
+    config: Mapping[str, Any],
+    discover: Mapping[str, Any],
+    source_training: Mapping[str, Any],
+    transferability: Mapping[str, Any],
+    adaptation: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    phase_seconds: Mapping[str, float],
+) -> dict[str, Any]:
     """Assemble the report document from the phases' persisted results."""
     target = discover["target"]
     trained = set(source_training.get("training", {}))
     sites = []
     for site in discover["sites"]:
-        role = ("target" if site["name"] == target
-                else "source" if site["name"] in trained else "idle")
-        sites.append({"name": site["name"], "role": role, "modality": site["modality"],
-                      "cases": {"labelled": site["labelled"],
-                                "unlabelled": site["unlabelled"],
-                                "evaluation": site["evaluation"]}})
-    missing = {phase: result.get("missing", {}) for phase, result in
-               (("discover", discover), ("source-training", source_training))}
+        role = (
+            "target"
+            if site["name"] == target
+            else "source"
+            if site["name"] in trained
+            else "idle"
+        )
+        sites.append(
+            {
+                "name": site["name"],
+                "role": role,
+                "modality": site["modality"],
+                "cases": {
+                    "labelled": site["labelled"],
+                    "unlabelled": site["unlabelled"],
+                    "evaluation": site["evaluation"],
+                },
+            }
+        )
+    missing = {
+        phase: result.get("missing", {})
+        for phase, result in (
+            ("discover", discover),
+            ("source-training", source_training),
+        )
+    }
     return {
         "run_id": run_id,
         "target": target,
         "sites": sites,
         "source_training": source_training.get("training", {}),
-        "transferability": {key: transferability[key] for key in
-                            ("metric", "dtm", "main", "aux", "weights", "itm")},
+        "transferability": {
+            key: transferability[key]
+            for key in ("metric", "dtm", "main", "aux", "weights", "itm")
+        },
         "adaptation": dict(adaptation),
         "evaluation": dict(evaluation),
         "phase_seconds": dict(phase_seconds),
@@ -56,31 +83,59 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     """Human-readable summary of a report document."""
     transfer = report["transferability"]
     evaluation = report["evaluation"]
-    lines = [f"# SiteBridge run {report['run_id']}", "",
-             f"Target site **{report['target']}**; TGMA chose main "
-             f"**{transfer['main']}** (W {transfer['weights']['main']:.3f}) and aux "
-             f"**{transfer['aux']}** (W {transfer['weights']['aux']:.3f}) by "
-             f"{transfer['metric'].upper()}.", "", "## Sites", "",
-             "| site | role | labelled | unlabelled | evaluation |", "|---|---|---|---|---|"]
+    lines = [
+        f"# SiteBridge run {report['run_id']}",
+        "",
+        f"Target site **{report['target']}**; TGMA chose main "
+        f"**{transfer['main']}** (W {transfer['weights']['main']:.3f}) and aux "
+        f"**{transfer['aux']}** (W {transfer['weights']['aux']:.3f}) by "
+        f"{transfer['metric'].upper()}.",
+        "",
+        "## Sites",
+        "",
+        "| site | role | labelled | unlabelled | evaluation |",
+        "|---|---|---|---|---|",
+    ]
     for site in report["sites"]:
         cases = site["cases"]
-        lines.append(f"| {site['name']} | {site['role']} | {cases['labelled']} | "
-                     f"{cases['unlabelled']} | {cases['evaluation']} |")
-    lines += ["", f"## Transferability ({transfer['metric'].upper()} DTM on the target)", "",
-              "| source | DTM | chosen |", "|---|---|---|"]
+        lines.append(
+            f"| {site['name']} | {site['role']} | {cases['labelled']} | "
+            f"{cases['unlabelled']} | {cases['evaluation']} |"
+        )
+    lines += [
+        "",
+        f"## Transferability ({transfer['metric'].upper()} DTM on the target)",
+        "",
+        "| source | DTM | chosen |",
+        "|---|---|---|",
+    ]
     for name, value in sorted(transfer["dtm"].items(), key=lambda item: -item[1]):
-        chosen = ("main" if name == transfer["main"] else
-                  "aux" if name == transfer["aux"] else "")
+        chosen = (
+            "main"
+            if name == transfer["main"]
+            else "aux"
+            if name == transfer["aux"]
+            else ""
+        )
         lines.append(f"| {name} | {value:.3f} | {chosen} |")
-    lines += ["", f"## Evaluation on {report['target']}'s labelsTs "
-              f"({evaluation['num_cases']} cases)", "",
-              "| predictor | Dice | HD95 (mm) |", "|---|---|---|"]
+    lines += [
+        "",
+        f"## Evaluation on {report['target']}'s labelsTs "
+        f"({evaluation['num_cases']} cases)",
+        "",
+        "| predictor | Dice | HD95 (mm) |",
+        "|---|---|---|",
+    ]
     for name, value in evaluation["dice"].items():
-        lines.append(f"| {name} | {value:.3f} | "
-                     f"{_number(evaluation['hd95_mm'].get(name, float('nan')), 2)} |")
+        lines.append(
+            f"| {name} | {value:.3f} | "
+            f"{_number(evaluation['hd95_mm'].get(name, float('nan')), 2)} |"
+        )
     lines += ["", "## Phases", "", "| phase | seconds |", "|---|---|"]
-    lines += [f"| {name} | {seconds:.1f} |" for name, seconds
-              in report["phase_seconds"].items()]
+    lines += [
+        f"| {name} | {seconds:.1f} |"
+        for name, seconds in report["phase_seconds"].items()
+    ]
     missing = {phase: who for phase, who in report["missing"].items() if who}
     if missing:
         lines += ["", "## Missing sites", ""]
@@ -91,17 +146,23 @@ def format_markdown(report: Mapping[str, Any]) -> str:
 
 def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """Write ``dtm.png`` and ``dice.png`` (matplotlib, no display needed)."""
-    import matplotlib  # noqa: PLC0415 - heavy; only the report needs it
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     paths = []
     transfer = report["transferability"]
     names = sorted(transfer["dtm"])
     figure, axis = plt.subplots(figsize=(max(4, 0.8 * len(names) + 2), 3))
-    colours = ["tab:red" if n == transfer["main"] else "tab:orange" if n == transfer["aux"]
-               else "tab:gray" for n in names]
+    colours = [
+        "tab:red"
+        if n == transfer["main"]
+        else "tab:orange"
+        if n == transfer["aux"]
+        else "tab:gray"
+        for n in names
+    ]
     axis.bar(names, [transfer["dtm"][n] for n in names], color=colours)
     axis.set_ylabel(f"DTM ({transfer['metric'].upper()})")
     axis.set_ylim(0, 1)
@@ -112,8 +173,11 @@ def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     plt.close(figure)
     dice = report["evaluation"]["dice"]
     figure, axis = plt.subplots(figsize=(max(5, 0.8 * len(dice) + 2), 3))
-    axis.bar(list(dice), list(dice.values()),
-             color=["tab:blue" if n.startswith("tgma") else "tab:gray" for n in dice])
+    axis.bar(
+        list(dice),
+        list(dice.values()),
+        color=["tab:blue" if n.startswith("tgma") else "tab:gray" for n in dice],
+    )
     axis.set_ylabel("Dice on target")
     axis.set_ylim(0, 1)
     axis.tick_params(axis="x", rotation=30)

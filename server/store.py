@@ -49,8 +49,9 @@ class RunStore:
         path = self.run_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(to_strict_json(document), indent=2,
-                                        allow_nan=False) + "\n")
+        temporary.write_text(
+            json.dumps(to_strict_json(document), indent=2, allow_nan=False) + "\n"
+        )
         temporary.replace(path)
         return path
 

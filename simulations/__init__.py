@@ -1,0 +1,1 @@
+"""Simulation launcher and benchmark harnesses (nothing imports them)."""

@@ -1,4 +1,4 @@
-"""Benchmark harness: ``python -m simulations.benchmark tgma --out benchmarks/tgma.json``.
+"""Benchmarks: ``python -m simulations.benchmark tgma --out benchmarks/tgma.json``.
 
 Leave-one-site-out over the synthetic federation: every site is the target in turn and
 the others are its sources. Per target it reports the Dice of each source alone, the
@@ -45,10 +45,15 @@ README_MARKER = "benchmark:tgma"
 
 def describe_machine() -> str:
     """One line naming the CPU/GPU, core count and library versions."""
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"CPU ({platform.processor() or platform.machine()})")
-    return (f"{device}, {torch.get_num_threads()} torch threads, Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
+    return (
+        f"{device}, {torch.get_num_threads()} torch threads, Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
@@ -63,25 +68,46 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def _adapted_dice(site_dir: Path, sources: Mapping[str, Arrays], config: RunConfig,
-                  metric: TransferMetric) -> dict[str, object]:
+def _adapted_dice(
+    site_dir: Path,
+    sources: Mapping[str, Arrays],
+    config: RunConfig,
+    metric: TransferMetric,
+) -> dict[str, object]:
     """Run selection + adaptation with ``metric`` and evaluate the adapted pair."""
     metric_config = dataclasses.replace(
-        config, transfer=dataclasses.replace(config.transfer, metric=metric))
+        config, transfer=dataclasses.replace(config.transfer, metric=metric)
+    )
     transferability = score_candidates(site_dir, sources, metric_config)
     selection = select_sources(transferability.dtm)
-    adaptation = adapt_target(site_dir, sources, metric_config, main=selection.main,
-                              aux=selection.aux, weight_main=selection.weight_main,
-                              weight_aux=selection.weight_aux)
+    adaptation = adapt_target(
+        site_dir,
+        sources,
+        metric_config,
+        main=selection.main,
+        aux=selection.aux,
+        weight_main=selection.weight_main,
+        weight_aux=selection.weight_aux,
+    )
     models: dict[str, Arrays] = {"main": adaptation.main_weights}
     pair = [("main", selection.weight_main)]
     if adaptation.aux_weights is not None:
         models["aux"] = adaptation.aux_weights
         pair.append(("aux", selection.weight_aux))
-    scores = evaluate_predictors(site_dir, models, {"pair": pair, "main": [("main", 1.0)]},
-                                 metric_config, with_hd95=False)
-    return {"dtm": transferability.dtm, "main": selection.main, "aux": selection.aux,
-            "dice": scores["pair"].dice, "dice_main_only": scores["main"].dice}
+    scores = evaluate_predictors(
+        site_dir,
+        models,
+        {"pair": pair, "main": [("main", 1.0)]},
+        metric_config,
+        with_hd95=False,
+    )
+    return {
+        "dtm": transferability.dtm,
+        "main": selection.main,
+        "aux": selection.aux,
+        "dice": scores["pair"].dice,
+        "dice_main_only": scores["main"].dice,
+    }
 
 
 def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
@@ -99,8 +125,13 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
         sources = {name: weights for name, weights in models.items() if name != target}
         predictors = {name: [(name, 1.0)] for name in sources}
         predictors["uniform"] = [(name, 1.0 / len(sources)) for name in sources]
-        baseline = evaluate_predictors(path, models, {
-            **predictors, "oracle": [(target, 1.0)]}, config, with_hd95=False)
+        baseline = evaluate_predictors(
+            path,
+            models,
+            {**predictors, "oracle": [(target, 1.0)]},
+            config,
+            with_hd95=False,
+        )
         source_only = {name: baseline[name].dice for name in sources}
         lftm = _adapted_dice(path, sources, config, TransferMetric.LFTM)
         entropy = _adapted_dice(path, sources, config, TransferMetric.ENTROPY)
@@ -115,25 +146,50 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
             "best_source": max(source_only.values()),
             "spearman_lftm": spearman([lftm["dtm"][n] for n in sorted(sources)], truth),  # type: ignore[index]
             "spearman_entropy": spearman(
-                [entropy["dtm"][n] for n in sorted(sources)], truth),  # type: ignore[index]
-            "dtm_lftm": lftm["dtm"], "dtm_entropy": entropy["dtm"],
+                [entropy["dtm"][n] for n in sorted(sources)], truth
+            ),  # type: ignore[index]
+            "dtm_lftm": lftm["dtm"],
+            "dtm_entropy": entropy["dtm"],
             "selected_lftm": [lftm["main"], lftm["aux"]],
             "selected_entropy": [entropy["main"], entropy["aux"]],
         }
         row = targets[target]
-        _log(f"target {target}: tgma {row['tgma']:.3f} entropy {row['entropy']:.3f} "
-             f"uniform {row['uniform']:.3f} best source {row['best_source']:.3f} "
-             f"oracle {row['oracle']:.3f}")
-    mean_keys = ("uniform", "entropy", "tgma", "tgma_main_only", "oracle", "best_source",
-                 "spearman_lftm", "spearman_entropy")
-    mean: dict[str, float] = {key: float(np.mean([row[key] for row in targets.values()]))  # type: ignore[misc]
-                              for key in mean_keys}
-    mean["source_only"] = float(np.mean([np.mean(list(row["source_only"].values()))  # type: ignore[attr-defined]
-                                         for row in targets.values()]))
+        _log(
+            f"target {target}: tgma {row['tgma']:.3f} entropy {row['entropy']:.3f} "
+            f"uniform {row['uniform']:.3f} best source {row['best_source']:.3f} "
+            f"oracle {row['oracle']:.3f}"
+        )
+    mean_keys = (
+        "uniform",
+        "entropy",
+        "tgma",
+        "tgma_main_only",
+        "oracle",
+        "best_source",
+        "spearman_lftm",
+        "spearman_entropy",
+    )
+    mean: dict[str, float] = {
+        key: float(np.mean([row[key] for row in targets.values()]))  # type: ignore[misc]
+        for key in mean_keys
+    }
+    mean["source_only"] = float(
+        np.mean(
+            [
+                np.mean(list(row["source_only"].values()))  # type: ignore[attr-defined]
+                for row in targets.values()
+            ]
+        )
+    )
     gap = mean["oracle"] - mean["source_only"]
     mean["gap_closed"] = (mean["tgma"] - mean["source_only"]) / gap if gap > 0 else 0.0
-    return {"machine": describe_machine(), "seconds": time.perf_counter() - started,
-            "federation": str(federation_dir), "targets": targets, "mean": mean}
+    return {
+        "machine": describe_machine(),
+        "seconds": time.perf_counter() - started,
+        "federation": str(federation_dir),
+        "targets": targets,
+        "mean": mean,
+    }
 
 
 def format_table(document: Mapping[str, object]) -> str:
@@ -142,58 +198,87 @@ def format_table(document: Mapping[str, object]) -> str:
     assert isinstance(mean, Mapping)
     targets = document["targets"]
     assert isinstance(targets, Mapping)
-    lines = ["| target | mean single source | uniform | entropy | TGMA | oracle | "
-             "Spearman LFTM | Spearman entropy |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | mean single source | uniform | entropy | TGMA | oracle | "
+        "Spearman LFTM | Spearman entropy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, row in [*targets.items(), ("**mean**", mean)]:
         single = row["source_only"]
-        single_value = float(np.mean(list(single.values()))) if isinstance(
-            single, Mapping) else float(single)
+        single_value = (
+            float(np.mean(list(single.values())))
+            if isinstance(single, Mapping)
+            else float(single)
+        )
         lines.append(
             f"| {name} | {single_value:.3f} | {row['uniform']:.3f} | "
             f"{row['entropy']:.3f} | {row['tgma']:.3f} | {row['oracle']:.3f} | "
-            f"{row['spearman_lftm']:.2f} | {row['spearman_entropy']:.2f} |")
+            f"{row['spearman_lftm']:.2f} | {row['spearman_entropy']:.2f} |"
+        )
     lines.append("")
-    lines.append(f"TGMA closes {100 * mean['gap_closed']:.0f}% of the gap between the mean "
-                 f"single source and the oracle. Measured on {document['machine']} in "
-                 f"{document['seconds']:.0f} s.")
+    lines.append(
+        f"TGMA closes {100 * mean['gap_closed']:.0f}% of the gap between the mean "
+        f"single source and the oracle. Measured on {document['machine']} in "
+        f"{document['seconds']:.0f} s."
+    )
     return "\n".join(lines)
 
 
 def update_readme(readme: Path, marker: str, table: str) -> None:
     """Replace the text between ``<!-- marker -->`` and ``<!-- /marker -->``."""
     text = readme.read_text()
-    pattern = re.compile(rf"(<!-- {re.escape(marker)} -->\n).*?(<!-- /{re.escape(marker)} -->)",
-                         re.DOTALL)
+    pattern = re.compile(
+        rf"(<!-- {re.escape(marker)} -->\n).*?(<!-- /{re.escape(marker)} -->)",
+        re.DOTALL,
+    )
     if not pattern.search(text):
         raise ValueError(f"{readme}: no <!-- {marker} --> ... <!-- /{marker} --> block")
-    readme.write_text(pattern.sub(lambda match: f"{match.group(1)}{table}\n{match.group(2)}",
-                                  text))
+    readme.write_text(
+        pattern.sub(lambda match: f"{match.group(1)}{table}\n{match.group(2)}", text)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.benchmark",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.benchmark", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     tgma = commands.add_parser("tgma", help="leave-one-site-out TGMA benchmark")
     tgma.add_argument("--out", type=Path, default=Path("benchmarks/tgma.json"))
-    tgma.add_argument("--federation-dir", type=Path, default=None,
-                      help="a federation folder; default: the built-in synthetic one")
+    tgma.add_argument(
+        "--federation-dir",
+        type=Path,
+        default=None,
+        help="a federation folder; default: the built-in synthetic one",
+    )
     tgma.add_argument("--cache-dir", type=Path, default=Path("data"))
-    tgma.add_argument("--readme", type=Path, default=Path("README.md"),
-                      help="README whose table block is regenerated ('' to skip)")
-    tgma.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="run-config override, e.g. --set train.epochs=10")
+    tgma.add_argument(
+        "--readme",
+        type=Path,
+        default=Path("README.md"),
+        help="README whose table block is regenerated ('' to skip)",
+    )
+    tgma.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override, e.g. --set train.epochs=10",
+    )
     args = parser.parse_args(argv)
     overrides: dict[str, bool | int | float | str] = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-tf[\"" else value
+        overrides[key] = json.loads(value) if value[:1] in '0123456789-tf["' else value
     config = load_default_config(**overrides)
     federation = args.federation_dir or ensure_builtin_federation(
-        args.cache_dir, seed=config.federation.synthetic_seed,
+        args.cache_dir,
+        seed=config.federation.synthetic_seed,
         num_sites=config.federation.synthetic_sites,
-        num_train_cases=config.federation.synthetic_cases, progress=_log)
+        num_train_cases=config.federation.synthetic_cases,
+        progress=_log,
+    )
     torch.set_num_threads(max(1, torch.get_num_threads()))
     document = run_tgma(config, federation_dir=federation)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,20 +36,23 @@ def free_port() -> int:
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: private home, no installs, no outbound calls."""
+    """Environment of Flower processes: private home, no installs, no outbound calls."""
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PYTHONUNBUFFERED": "1",
-        "RAY_DEDUP_LOGS": "0",
-        # The SuperLink spawns flower-superexec (and it flwr-serverapp/-clientapp) by
-        # name: this interpreter's bin folder must come first even without activation.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent),
-                                 os.environ.get("PATH", "")]),
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+            "RAY_DEDUP_LOGS": "0",
+            # The SuperLink spawns flower-superexec (which spawns the apps) by name:
+            # this interpreter's bin folder must come first, even without activation.
+            "PATH": os.pathsep.join(
+                [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+            ),
+        }
+    )
     return env
 
 
@@ -66,32 +69,49 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
     port, control_port = free_port(), free_port()
     (flwr_home / "config.toml").write_text(
         "[superlink]\n"
-        f"default = \"{CONNECTION_NAME}\"\n\n"
+        f'default = "{CONNECTION_NAME}"\n\n'
         f"[superlink.{CONNECTION_NAME}]\n"
-        f"address = \"127.0.0.1:{port}\"\n"
-        "insecure = true\n")
+        f'address = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
     log_path = flwr_home / "superlink.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [_tool("flower-superlink"), "--insecure", "--simulation",
-             "--isolation", "subprocess",
-             "--disable-runtime-dependency-installation",
-             "--control-api-address", f"127.0.0.1:{control_port}",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=flower_environment(flwr_home), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                _tool("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--disable-runtime-dependency-installation",
+                "--control-api-address",
+                f"127.0.0.1:{control_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=flower_environment(flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with {process.returncode}; "
-                                   f"see {log_path}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
-                                            timeout=1):
-                    break
+                raise RuntimeError(
+                    f"flower-superlink exited with {process.returncode}; see {log_path}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1),
+            ):
+                break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink not ready after 60 s; see {log_path}")
+                raise RuntimeError(
+                    f"flower-superlink not ready after 60 s; see {log_path}"
+                )
             time.sleep(0.3)
         yield CONNECTION_NAME
     finally:
@@ -131,35 +151,60 @@ def format_run_config(overrides: Mapping[str, bool | int | float | str]) -> str:
     return " ".join(parts)
 
 
-def run_simulation(*, num_supernodes: int, run_config: str, flwr_home: Path,
-                   app_dir: Path = REPO_ROOT, timeout_s: float | None = None) -> int:
-    """``flwr run`` the app against a private simulation SuperLink; return its exit code.
+def run_simulation(
+    *,
+    num_supernodes: int,
+    run_config: str,
+    flwr_home: Path,
+    app_dir: Path = REPO_ROOT,
+    timeout_s: float | None = None,
+) -> int:
+    """``flwr run`` the app on a private simulation SuperLink; return its exit code.
 
     Output streams to this process's stdout. ``timeout_s`` bounds the run (the
     SuperLink is stopped either way).
     """
     with simulation_superlink(flwr_home) as connection:
-        command = [_tool("flwr"), "run", str(app_dir), connection, "--stream",
-                   "--federation-config", f"num-supernodes={num_supernodes}"]
+        command = [
+            _tool("flwr"),
+            "run",
+            str(app_dir),
+            connection,
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes}",
+        ]
         if run_config:
             command += ["--run-config", run_config]
-        completed = subprocess.run(command, env=flower_environment(flwr_home),
-                                   timeout=timeout_s, check=False)
+        completed = subprocess.run(
+            command, env=flower_environment(flwr_home), timeout=timeout_s, check=False
+        )
         return completed.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.simulate",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--num-supernodes", type=int, required=True,
-                        help="one per site folder of the federation")
-    parser.add_argument("--run-config", default="",
-                        help="Flower run-config overrides, e.g. 'train.epochs=5'")
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.simulate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--num-supernodes",
+        type=int,
+        required=True,
+        help="one per site folder of the federation",
+    )
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="Flower run-config overrides, e.g. 'train.epochs=5'",
+    )
     parser.add_argument("--flwr-home", type=Path, default=REPO_ROOT / ".flwr-home")
     args = parser.parse_args(argv)
-    return run_simulation(num_supernodes=args.num_supernodes, run_config=args.run_config,
-                          flwr_home=args.flwr_home.resolve())
+    return run_simulation(
+        num_supernodes=args.num_supernodes,
+        run_config=args.run_config,
+        flwr_home=args.flwr_home.resolve(),
+    )
 
 
 if __name__ == "__main__":

@@ -19,13 +19,22 @@ def run_tiny_federation(tmp_path: Path, **overrides: bool | int | float | str) -
     write_federation(federation, seed=3, num_sites=3, num_train_cases=3)
     runs = tmp_path / "runs"
     run_config = {
-        "federation.dir": str(federation), "output.runs-dir": str(runs),
-        "data.image-size": 32, "data.max-slices-per-case": 4, "train.epochs": 3,
-        "adapt.epochs": 1, "model.channels": "8,16,32", "model.strides": "2,2",
+        "federation.dir": str(federation),
+        "output.runs-dir": str(runs),
+        "data.image-size": 32,
+        "data.max-slices-per-case": 4,
+        "train.epochs": 3,
+        "adapt.epochs": 1,
+        "model.channels": "8,16,32",
+        "model.strides": "2,2",
         **overrides,
     }
-    exit_code = run_simulation(num_supernodes=3, run_config=format_run_config(run_config),
-                               flwr_home=tmp_path / "flwr-home", timeout_s=600)
+    exit_code = run_simulation(
+        num_supernodes=3,
+        run_config=format_run_config(run_config),
+        flwr_home=tmp_path / "flwr-home",
+        timeout_s=600,
+    )
     assert exit_code == 0
     run_dirs = [path for path in runs.iterdir() if path.is_dir()]
     assert len(run_dirs) == 1
@@ -44,14 +53,21 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     transfer = report["transferability"]
     assert set(transfer["dtm"]) == {"B", "C"}
     assert {transfer["main"], transfer["aux"]} == {"B", "C"}
-    assert transfer["weights"]["main"] + transfer["weights"]["aux"] == pytest.approx(1.0)
+    assert transfer["weights"]["main"] + transfer["weights"]["aux"] == pytest.approx(
+        1.0
+    )
     assert transfer["weights"]["main"] >= transfer["weights"]["aux"]
     assert len(transfer["itm"]) == 3  # one row per target training case, no names
     dice = report["evaluation"]["dice"]
     assert set(dice) == {"source:B", "source:C", "uniform", "tgma", "tgma-main"}
     assert all(0.0 <= value <= 1.0 for value in dice.values())
-    for phase in ("discover", "source-training", "transferability", "adaptation",
-                  "evaluation"):
+    for phase in (
+        "discover",
+        "source-training",
+        "transferability",
+        "adaptation",
+        "evaluation",
+    ):
         assert (run_dir / "phases" / f"{phase}.json").exists()
     for model in ("source-B", "source-C", "adapted-main", "adapted-aux"):
         assert (run_dir / "models" / f"{model}.npz").exists()

@@ -23,16 +23,6 @@ from core.models import (
 
 Weights = dict[str, npt.NDArray[np.float32]]
 
-# Known bug (see the xfail reasons): GroupNorm(4) also lands on the output block.
-GROUP_NORM_XFAIL = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: model.norm='group' builds GroupNorm(num_groups=4) in every block, "
-    "including the U-Net's output block whose width is data.num-classes (2 by "
-    "default), so build_model raises 'num_channels (2) must be divisible by "
-    "num_groups (4)'; the norm the docs recommend for Opacus cannot be built",
-)
-
 
 def tiny_config(**overrides: int | float | str | bool) -> RunConfig:
     return load_default_config(
@@ -57,9 +47,7 @@ def seeded_model(config: RunConfig, seed: int) -> nn.Module:
         ({"data.image-size": 32, "data.num-classes": 3}, 1),
         ({"data.image-size": 16, "model.channels": "4,8", "model.strides": "2"}, 3),
         ({"data.image-size": 32, "model.norm": "batch"}, 2),
-        pytest.param(
-            {"data.image-size": 32, "model.norm": "group"}, 2, marks=GROUP_NORM_XFAIL
-        ),
+        ({"data.image-size": 32, "model.norm": "group"}, 2),
     ],
 )
 def test_build_model_output_shape(overrides: dict[str, int | str], batch: int) -> None:
@@ -123,9 +111,7 @@ def test_get_weights_matches_the_manifest_as_float32_copies() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "norm", ["instance", "batch", pytest.param("group", marks=GROUP_NORM_XFAIL)]
-)
+@pytest.mark.parametrize("norm", ["instance", "batch", "group"])
 def test_set_weights_round_trip(norm: str) -> None:
     # Prepare
     config = tiny_config(**{"model.norm": norm})

@@ -177,6 +177,16 @@ def test_lftm_reply_errors_name_the_field(
         LftmReply.from_fields(settings, metrics)
 
 
+def test_lftm_reply_non_numeric_score_names_the_field() -> None:
+    # Prepare
+    settings = {"metric": "lftm", "sources": ["B"]}
+    metrics = {"itm.B": [0.5, "high"]}
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"payload field 'itm\.B'"):
+        LftmReply.from_fields(settings, metrics)
+
+
 def _without(fields: Mapping[str, object], key: str) -> dict[str, object]:
     return {name: value for name, value in fields.items() if name != key}
 
@@ -345,12 +355,6 @@ def test_evaluate_reply_fields_and_nan_hd95() -> None:
     assert math.isnan(parsed.hd95_mm["pair.main"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: core.protocol._require rejects a bool only when the expected kind "
-    "is exactly int; _float passes (int, float), so True/False are accepted as "
-    "1.0/0.0 for float fields (core.config rejects bools for numbers)",
-)
 @pytest.mark.parametrize(
     ("payload", "field"),
     [

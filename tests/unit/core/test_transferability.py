@@ -693,6 +693,7 @@ def test_gradcam_attention_peaks_at_one_where_foreground_is_predicted() -> None:
     # Prepare: bias the final layer towards foreground so every slice has some.
     model = tiny_unet()
     last_conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    assert last_conv.bias is not None
     with torch.no_grad():
         last_conv.bias[1] += 5.0
     images = blob_images(2, inside=2.0, outside=-0.5, size=16)
