@@ -81,6 +81,21 @@ def augment_batch(
     return [tensor.flip(dims) for tensor in tensors]
 
 
+def augment_intensity(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random gain, offset and Gaussian noise on ``(B, 1, H, W)`` inputs.
+
+    The nnU-Net-style intensity augmentation (multiplicative brightness, additive
+    shift, noise), in z-score units; parameters are drawn from ``generator`` first,
+    then applied.
+    """
+    count = images.shape[0]
+    gain = 0.8 + 0.4 * torch.rand(count, 1, 1, 1, generator=generator)
+    offset = 0.3 * (torch.rand(count, 1, 1, 1, generator=generator) - 0.5)
+    noise_sd = 0.15 * torch.rand(count, 1, 1, 1, generator=generator)
+    noise = torch.randn(images.shape, generator=generator) * noise_sd
+    return images * gain + offset + noise
+
+
 def run_training(
     modules: Sequence[nn.Module],
     tensors: Sequence[torch.Tensor],
@@ -144,6 +159,7 @@ def run_training(
             batch = [tensor[index] for tensor in tensors]
             if augment:
                 batch = augment_batch(batch, generator)
+                batch[0] = augment_intensity(batch[0], generator)
             batch = [tensor.to(device, non_blocking=True) for tensor in batch]
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(

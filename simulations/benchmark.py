@@ -199,9 +199,9 @@ def format_table(document: Mapping[str, object]) -> str:
     targets = document["targets"]
     assert isinstance(targets, Mapping)
     lines = [
-        "| target | mean single source | uniform | entropy | TGMA | oracle | "
-        "Spearman LFTM | Spearman entropy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | mean single source | best single source | uniform | entropy | "
+        "TGMA | TGMA main only | oracle | Spearman LFTM | Spearman entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in [*targets.items(), ("**mean**", mean)]:
         single = row["source_only"]
@@ -211,8 +211,9 @@ def format_table(document: Mapping[str, object]) -> str:
             else float(single)
         )
         lines.append(
-            f"| {name} | {single_value:.3f} | {row['uniform']:.3f} | "
-            f"{row['entropy']:.3f} | {row['tgma']:.3f} | {row['oracle']:.3f} | "
+            f"| {name} | {single_value:.3f} | {row['best_source']:.3f} | "
+            f"{row['uniform']:.3f} | {row['entropy']:.3f} | {row['tgma']:.3f} | "
+            f"{row['tgma_main_only']:.3f} | {row['oracle']:.3f} | "
             f"{row['spearman_lftm']:.2f} | {row['spearman_entropy']:.2f} |"
         )
     lines.append("")
@@ -260,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         help="README whose table block is regenerated ('' to skip)",
     )
     tgma.add_argument(
+        "--table-from",
+        type=Path,
+        default=None,
+        help="only regenerate the README table from an existing benchmark JSON",
+    )
+    tgma.add_argument(
         "--set",
         action="append",
         default=[],
@@ -271,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value) if value[:1] in '0123456789-tf["' else value
+    if args.table_from is not None:
+        table = format_table(json.loads(args.table_from.read_text()))
+        print(table)
+        update_readme(args.readme, README_MARKER, table)
+        return 0
     config = load_default_config(**overrides)
     federation = args.federation_dir or ensure_builtin_federation(
         args.cache_dir,

@@ -13,6 +13,7 @@ from core.models import build_model, get_weights
 from core.training import (
     TrainResult,
     augment_batch,
+    augment_intensity,
     predict_mixture,
     predict_probabilities,
     run_training,
@@ -346,3 +347,22 @@ def test_select_device_auto_is_cpu_without_cuda() -> None:
 def test_select_device_cpu() -> None:
     # Execute / Assert
     assert select_device("cpu") == CPU
+
+
+def test_augment_intensity_is_seeded_and_changes_only_intensities() -> None:
+    # Prepare
+    images = torch.zeros(4, 1, 8, 8)
+    images[:, :, 2:6, 2:6] = 1.0
+
+    # Execute
+    first = augment_intensity(images, torch.Generator().manual_seed(7))
+    second = augment_intensity(images, torch.Generator().manual_seed(7))
+    other = augment_intensity(images, torch.Generator().manual_seed(8))
+
+    # Assert
+    assert first.shape == images.shape
+    torch.testing.assert_close(first, second)
+    assert not torch.allclose(first, other)
+    inside = first[:, 0, 2:6, 2:6].mean(dim=(1, 2))
+    outside = first[:, 0, :2, :].mean(dim=(1, 2))
+    assert bool((inside > outside + 0.5).all())  # gain >= 0.8 keeps the square bright
