@@ -20,45 +20,18 @@ from clients import records
 from clients.app import adapt, evaluate, hello, lftm, train_source
 from clients.site import resolve_site
 from core import protocol
-from core.config import ConfigValue, RunConfig, load_run_config, read_default_run_config
+from core.config import ConfigValue, RunConfig, load_run_config
 from core.data import SiteDataError, build_slice_set, index_site
 from core.models import Arrays, build_model, get_manifest
-from core.synthetic import write_federation
 
 MESSAGE_ID = "m1"
 TARGET = "A"
 SOURCES = ("B", "C")
-TINY: dict[str, ConfigValue] = {
-    "data.image-size": 32,
-    "data.max-slices-per-case": 3,
-    "train.epochs": 1,
-    "adapt.epochs": 1,
-    "model.channels": "4,8",
-    "model.strides": "2",
-}
 
 Handler = Callable[[Message, Context], Message]
 
 
 # ------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("clients") / "federation"
-    write_federation(folder, seed=0, num_sites=3, num_train_cases=2)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def run_config(
-    federation: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, ConfigValue]:
-    flat = read_default_run_config()
-    flat.update(TINY)
-    flat["federation.dir"] = str(federation)
-    flat["federation.cache-dir"] = str(tmp_path_factory.mktemp("cache"))
-    return flat
 
 
 @pytest.fixture(scope="module")

@@ -22,24 +22,15 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
 from core import protocol
-from core.config import ConfigValue, RunConfig, load_run_config, read_default_run_config
+from core.config import ConfigValue, RunConfig, load_run_config
 from core.data import index_site
 from core.jobs import build_initial_weights
 from core.models import Arrays, build_model, get_manifest
-from core.synthetic import write_federation
 from server import pipeline, records
 from server.pipeline import Coordinator, PhaseError, SiteInfo
 from server.report import build_report, format_markdown, write_report
 from server.store import RunStore
 
-TINY: dict[str, ConfigValue] = {
-    "data.image-size": 32,
-    "data.max-slices-per-case": 3,
-    "train.epochs": 1,
-    "adapt.epochs": 1,
-    "model.channels": "4,8",
-    "model.strides": "2",
-}
 NODES = {11: "A", 12: "B", 13: "C"}  # node id -> site folder
 BROKEN_NODE = 14  # serves a site folder that does not exist
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -114,24 +105,6 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.task_id = 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("server") / "federation"
-    write_federation(folder, seed=0, num_sites=3, num_train_cases=2)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def run_config(
-    federation: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, ConfigValue]:
-    flat = read_default_run_config()
-    flat.update(TINY)
-    flat["federation.dir"] = str(federation)
-    flat["federation.cache-dir"] = str(tmp_path_factory.mktemp("cache"))
-    return flat
 
 
 def build_config(
