@@ -82,10 +82,6 @@ class Adaptation:
     seconds: float
 
 
-def _load_index(site_dir: Path) -> SiteIndex:
-    return index_site(Path(site_dir))
-
-
 def _target_slices(index: SiteIndex, config: RunConfig) -> SliceSet:
     """All the target's training images, labels ignored (adaptation is unsupervised)."""
     cases = index.labelled + index.unlabelled
@@ -118,7 +114,7 @@ def train_source_model(
     Raises:
         SiteDataError: the site has no labelled cases, or its data is bad.
     """
-    index = _load_index(site_dir)
+    index = index_site(Path(site_dir))
     if not index.labelled:
         raise SiteDataError(
             f"{index.root}: no labelled training cases (labelsTr) to "
@@ -191,7 +187,7 @@ def score_candidates(
     """Score every candidate model on the target's own unlabelled images (ITM)."""
     if not candidates:
         raise ValueError("no candidate models to score")
-    slices = _target_slices(_load_index(site_dir), config)
+    slices = _target_slices(index_site(Path(site_dir)), config)
     transferability, _ = _score_all(slices, candidates, config, progress)
     return transferability
 
@@ -219,7 +215,7 @@ def adapt_target(
                 f"{sorted(candidates)}"
             )
     started = time.perf_counter()
-    slices = _target_slices(_load_index(site_dir), config)
+    slices = _target_slices(index_site(Path(site_dir)), config)
     transferability, probabilities = _score_all(slices, candidates, config, progress)
     soft = build_pseudo_labels(
         probabilities,
@@ -274,7 +270,7 @@ def evaluate_predictors(
         SiteDataError: the site has no evaluation cases.
         ValueError: a predictor names an unknown model.
     """
-    index = _load_index(site_dir)
+    index = index_site(Path(site_dir))
     if not index.evaluation:
         raise SiteDataError(
             f"{index.root}: no evaluation cases (imagesTs with labelsTs)"

@@ -112,8 +112,3 @@ def load_weights(path: Path) -> Arrays:
     """Read weights written by :func:`save_weights` (``allow_pickle`` stays off)."""
     with np.load(Path(path), allow_pickle=False) as archive:
         return {name: archive[name].astype(np.float32) for name in archive.files}
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Return the number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Final, TypeAlias
 
 Scalar: TypeAlias = bool | int | float | str
@@ -312,8 +312,3 @@ class EvaluateReply:
             key[5:]: _float(fields, key) for key in fields if key.startswith("hd95.")
         }
         return cls(num_cases=_int(fields, "num-cases"), dice=dice, hd95_mm=hd95)
-
-
-def parse_names(values: Sequence[object]) -> tuple[str, ...]:
-    """Names from a ConfigRecord list value, as strings."""
-    return tuple(str(value) for value in values)

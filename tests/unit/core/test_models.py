@@ -13,7 +13,6 @@ from torch import nn
 from core.config import RunConfig, load_default_config
 from core.models import (
     build_model,
-    count_parameters,
     get_manifest,
     get_weights,
     load_weights,
@@ -106,9 +105,6 @@ def test_get_weights_matches_the_manifest_as_float32_copies() -> None:
     first = next(iter(weights))
     weights[first][...] = 123.0  # a copy: the model is untouched
     assert not torch.all(model.state_dict()[first] == 123.0)
-    assert count_parameters(model) == sum(
-        p.numel() for p in model.parameters() if p.requires_grad
-    )
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "group"])

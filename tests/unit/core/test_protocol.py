@@ -23,7 +23,6 @@ from core.protocol import (
     TrainReply,
     model_key,
     model_name,
-    parse_names,
 )
 
 HELLO_REPLY = HelloReply(
@@ -399,7 +398,6 @@ def test_model_name_is_none_for_other_keys(key: str) -> None:
     assert model_name(key) is None
 
 
-def test_action_names_are_distinct_and_parse_names_stringifies() -> None:
+def test_action_names_are_distinct() -> None:
     # Execute / Assert
     assert len({HELLO, TRAIN_SOURCE, LFTM, ADAPT, EVALUATE}) == 5
-    assert parse_names(["A", 2, "C"]) == ("A", "2", "C")
