@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -151,6 +152,25 @@ def format_run_config(overrides: Mapping[str, bool | int | float | str]) -> str:
     return " ".join(parts)
 
 
+def read_run_status(connection: str, env: Mapping[str, str]) -> tuple[str, str]:
+    """Status and details of the newest run on ``connection`` (via ``flwr ls``)."""
+    listing = subprocess.run(
+        [_tool("flwr"), "ls", connection, "--format", "json"],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        runs = json.loads(listing.stdout)["runs"]
+    except (ValueError, KeyError):
+        return "unknown", f"flwr ls failed: {listing.stderr.strip()[-300:]}"
+    if not runs:
+        return "unknown", "no run was recorded"
+    newest = max(runs, key=lambda run: str(run.get("pending-at", "")))
+    return str(newest.get("status", "unknown")), str(newest.get("status-details", ""))
+
+
 def run_simulation(
     *,
     num_supernodes: int,
@@ -159,12 +179,15 @@ def run_simulation(
     app_dir: Path = REPO_ROOT,
     timeout_s: float | None = None,
 ) -> int:
-    """``flwr run`` the app on a private simulation SuperLink; return its exit code.
+    """``flwr run`` the app on a private simulation SuperLink; return an exit code.
 
-    Output streams to this process's stdout. ``timeout_s`` bounds the run (the
-    SuperLink is stopped either way).
+    Output streams to this process's stdout. ``flwr run --stream`` exits 0 even when
+    the ServerApp raised, so the run's final status is read back: 0 only for
+    ``finished:completed``. ``timeout_s`` bounds the run (the SuperLink is stopped
+    either way).
     """
     with simulation_superlink(flwr_home) as connection:
+        env = flower_environment(flwr_home)
         command = [
             _tool("flwr"),
             "run",
@@ -176,10 +199,14 @@ def run_simulation(
         ]
         if run_config:
             command += ["--run-config", run_config]
-        completed = subprocess.run(
-            command, env=flower_environment(flwr_home), timeout=timeout_s, check=False
-        )
-        return completed.returncode
+        completed = subprocess.run(command, env=env, timeout=timeout_s, check=False)
+        if completed.returncode != 0:
+            return completed.returncode
+        status, details = read_run_status(connection, env)
+        if status != "finished:completed":
+            print(f"the run ended as {status}: {details}", file=sys.stderr, flush=True)
+            return 1
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

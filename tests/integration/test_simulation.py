@@ -75,3 +75,28 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert (run_dir / "dtm.png").stat().st_size > 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train.epochs"] == 3
+
+
+def test_a_failing_run_exits_non_zero_and_says_why(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: `flwr run --stream` itself exits 0 when the ServerApp raises.
+    federation = tmp_path / "federation"
+    write_federation(federation, seed=3, num_sites=3, num_train_cases=2)
+    run_config = {
+        "federation.dir": str(federation),
+        "output.runs-dir": str(tmp_path / "runs"),
+        "federation.target-site": "Z",
+    }
+
+    # Execute
+    exit_code = run_simulation(
+        num_supernodes=3,
+        run_config=format_run_config(run_config),
+        flwr_home=tmp_path / "flwr-home",
+        timeout_s=300,
+    )
+
+    # Assert
+    assert exit_code == 1
+    assert "target site 'Z' is not among the sites" in capfd.readouterr().err
