@@ -1,9 +1,9 @@
 """The ``sitebridge`` console script: small utilities around the federation.
 
 Runs themselves are always ``flwr run .`` (see the README); these subcommands make
-data, check a site folder offline and print a run's report. Each body parses its
-arguments, calls one core function and returns an exit code. Heavy imports stay inside
-the subcommands.
+data, check a site folder offline, print a run's report and audit an egress ledger.
+Each body parses its arguments, calls one core function and returns an exit code.
+Heavy imports stay inside the subcommands.
 """
 
 from __future__ import annotations
@@ -79,6 +79,48 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    from core.ledger import verify_ledger
+
+    if not args.ledger.is_file():
+        print(f"error: no ledger at {args.ledger}", file=sys.stderr)
+        return 2
+    result = verify_ledger(args.ledger)
+    if not result.ok:
+        print(f"TAMPERED: {result.problem}", file=sys.stderr)
+        return 1
+    print(f"OK: {result.entries} entries, chain intact")
+    return 0
+
+
+def _audit_report(args: argparse.Namespace) -> int:
+    from core.ledger import (
+        Ledger,
+        format_summary_html,
+        format_summary_text,
+        summarise_ledger,
+        verify_ledger,
+    )
+
+    if not args.ledger.is_file():
+        print(f"error: no ledger at {args.ledger}", file=sys.stderr)
+        return 2
+    result = verify_ledger(args.ledger)
+    if not result.ok:
+        print(
+            f"error: not reporting on a broken chain: {result.problem}", file=sys.stderr
+        )
+        return 1
+    entries = Ledger(args.ledger).entries()
+    summary = summarise_ledger(entries, epsilon_budget=args.budget)
+    print(format_summary_text(summary), end="")
+    if args.html is not None:
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(format_summary_html(summary), encoding="utf-8")
+        print(f"wrote {args.html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = argparse.ArgumentParser(
@@ -118,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run folder, or a runs folder (newest run)",
     )
     report.set_defaults(run=_report)
+    audit = commands.add_parser("audit", help="check and summarise an egress ledger")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify",
+        help="exit 0 if the ledger's hash chain is intact, else name the entry",
+    )
+    verify.add_argument("ledger", type=Path, help="a ledger.jsonl file")
+    verify.set_defaults(run=_audit_verify)
+    summary = audit_commands.add_parser(
+        "report", help="summarise what left, per run and per action, and epsilon used"
+    )
+    summary.add_argument("ledger", type=Path, help="a ledger.jsonl file")
+    summary.add_argument("--html", type=Path, help="also write an HTML page here")
+    summary.add_argument(
+        "--budget", type=float, help="the site's total epsilon budget to compare with"
+    )
+    summary.set_defaults(run=_audit_report)
     return parser
 
 

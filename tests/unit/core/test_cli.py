@@ -99,3 +99,168 @@ def test_report_without_runs_is_a_clear_error(
     # Assert
     assert exit_code == 1
     assert "no report.md here or in any run folder" in capsys.readouterr().err
+
+
+def write_audit_ledger(path: Path) -> None:
+    from core.ledger import Egress, Ledger
+
+    ledger = Ledger(path)
+    for index, (run_id, message_type, decision, total_bytes) in enumerate(
+        (
+            ("run-1", "train.source", "released", 200),
+            ("run-1", "query.lftm", "blocked: image-shaped array", 4096),
+            ("run-2", "evaluate", "released", 24),
+        )
+    ):
+        ledger.append(
+            run_id=run_id,
+            message_type=message_type,
+            sender="A",
+            direction="egress",
+            egress=Egress(
+                arrays=(),
+                metrics={"dice": 1},
+                configs={},
+                total_bytes=total_bytes,
+                digest="ab" * 32,
+            ),
+            decision=decision,
+            policy={"max-reply-bytes": 1_000_000},
+            epsilon_spent=0.5,
+            epsilon_total=0.5 * (index + 1),
+            time=f"2025-01-01T00:00:0{index}+00:00",
+        )
+
+
+def test_audit_verify_accepts_an_intact_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    write_audit_ledger(tmp_path / "ledger.jsonl")
+
+    # Execute
+    exit_code = main(["audit", "verify", str(tmp_path / "ledger.jsonl")])
+
+    # Assert
+    assert exit_code == 0
+    assert capsys.readouterr().out == "OK: 3 entries, chain intact\n"
+
+
+@pytest.mark.parametrize(
+    ("keep", "expected"),
+    [
+        pytest.param(
+            [0, 2], "TAMPERED: entry at line 2 (index 1): out of sequence", id="delete"
+        ),
+        pytest.param(
+            [1, 0, 2], "TAMPERED: entry at line 1 (index 0): out of sequence", id="swap"
+        ),
+    ],
+)
+def test_audit_verify_names_the_first_bad_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    keep: list[int],
+    expected: str,
+) -> None:
+    # Prepare
+    path = tmp_path / "ledger.jsonl"
+    write_audit_ledger(path)
+    lines = path.read_text().splitlines()
+    path.write_text("".join(f"{lines[index]}\n" for index in keep))
+
+    # Execute
+    exit_code = main(["audit", "verify", str(path)])
+
+    # Assert
+    assert exit_code == 1
+    assert capsys.readouterr().err.startswith(expected)
+
+
+def test_audit_verify_names_an_edited_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    path = tmp_path / "ledger.jsonl"
+    write_audit_ledger(path)
+    path.write_text(path.read_text().replace('"total_bytes":4096', '"total_bytes":1'))
+
+    # Execute
+    exit_code = main(["audit", "verify", str(path)])
+
+    # Assert
+    assert exit_code == 1
+    assert capsys.readouterr().err == (
+        "TAMPERED: entry at line 2 (index 1): edited: entry_hash does not match "
+        "the entry's content\n"
+    )
+
+
+@pytest.mark.parametrize("action", ["verify", "report"])
+def test_audit_on_a_missing_ledger_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    # Execute
+    exit_code = main(["audit", action, str(tmp_path / "missing.jsonl")])
+
+    # Assert
+    assert exit_code == 2
+    assert capsys.readouterr().err == (
+        f"error: no ledger at {tmp_path / 'missing.jsonl'}\n"
+    )
+
+
+def test_audit_report_prints_totals_and_writes_html(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    write_audit_ledger(tmp_path / "ledger.jsonl")
+    page = tmp_path / "out" / "ledger.html"
+
+    # Execute
+    exit_code = main(
+        [
+            "audit",
+            "report",
+            str(tmp_path / "ledger.jsonl"),
+            "--html",
+            str(page),
+            "--budget",
+            "8",
+        ]
+    )
+
+    # Assert
+    assert exit_code == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["run-1", "train.source", "egress", "1", "1", "0", "200", "0", "1"] in rows
+    assert ["run-1", "query.lftm", "egress", "1", "0", "1", "0", "0", "0"] in rows
+    assert ["run-1", "(all)", "(all)", "2", "1", "1", "200", "0", "1"] in rows
+    assert ["(all)", "evaluate", "(all)", "1", "1", "0", "24", "0", "1"] in rows
+    assert ["(all)", "(all)", "(all)", "3", "2", "1", "224", "0", "2"] in rows
+    assert ["epsilon", "budget:", "8,", "remaining:", "6.5"] in rows
+    assert ["wrote", str(page)] in rows
+    assert "<td>query.lftm</td>" in page.read_text()
+
+
+def test_audit_report_refuses_a_broken_chain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    path = tmp_path / "ledger.jsonl"
+    write_audit_ledger(path)
+    lines = path.read_text().splitlines()
+    path.write_text(f"{lines[0]}\n{lines[2]}\n")
+
+    # Execute
+    exit_code = main(["audit", "report", str(path), "--html", str(tmp_path / "x.html")])
+
+    # Assert
+    assert exit_code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(
+        "error: not reporting on a broken chain: entry at line 2 (index 1): "
+        "out of sequence"
+    )
+    assert not (tmp_path / "x.html").exists()
