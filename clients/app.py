@@ -1,9 +1,11 @@
 """The SiteBridge ClientApp: one small handler per action (DESIGN.md section 4).
 
-Each handler parses the run config once, resolves its site, calls one ``core.jobs``
-function and encodes only what the contract lets leave: weights, per-case scores
-without case names, and aggregate metrics. A failure becomes an error reply whose
-reason names the file and the problem; the node keeps serving.
+Each handler gets its site's setup (run config, site folder, applied policy, state
+folder), calls one ``core.jobs`` function and encodes only what the contract lets
+leave: weights, per-case scores without case names (or only their means, per policy),
+and aggregate metrics. A failure becomes an error reply whose reason names the file
+and the problem; the node keeps serving. Every handler runs inside the egress guard
+(``clients/guard.py``), registered once for the whole app.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from clients import records
-from clients.site import SiteLocation, resolve_site
+from clients.guard import egress_guard
+from clients.site import SiteLocation, SiteSetup, resolve_setup
 from core import protocol
-from core.config import RunConfig, load_run_config
 from core.data import SiteDataError, index_site
 from core.jobs import (
     adapt_target,
@@ -26,24 +28,34 @@ from core.jobs import (
     score_candidates,
     train_source_model,
 )
+from core.policy import PolicyError
+from core.privacy import dp_settings_for
 
 LOGGER = logging.getLogger("sitebridge.site")
 
-app = ClientApp()
+app = ClientApp(mods=[egress_guard])
 
-Handler = Callable[[Message, Context, RunConfig, SiteLocation], Message]
+Handler = Callable[[Message, Context, SiteSetup], Message]
 
 
 def site_handler(handler: Handler) -> Callable[[Message, Context], Message]:
-    """Parse config and site once; turn a site failure into a naming error reply."""
+    """Resolve the site's setup; turn a site failure into a naming error reply.
+
+    A refused privacy budget (``PrivacyBudgetError``) and a bad policy are
+    ``ValueError``s too, so they arrive as error replies that say why.
+    """
 
     @functools.wraps(handler)
     def wrapped(message: Message, context: Context) -> Message:
         try:
-            config = load_run_config(context.run_config)
-            site = resolve_site(context, config)
-            return handler(message, context, config, site)
-        except (SiteDataError, ValueError, FileNotFoundError, RuntimeError) as error:
+            return handler(message, context, resolve_setup(context))
+        except (
+            SiteDataError,
+            PolicyError,
+            ValueError,
+            FileNotFoundError,
+            RuntimeError,
+        ) as error:
             reason = f"{type(error).__name__}: {error}"
             LOGGER.error("%s failed: %s", message.metadata.message_type, reason)
             return Message(
@@ -62,10 +74,9 @@ def _progress(site: SiteLocation) -> Callable[[str], None]:
 
 @app.query("hello")
 @site_handler
-def hello(
-    message: Message, _context: Context, config: RunConfig, site: SiteLocation
-) -> Message:
+def hello(message: Message, _context: Context, setup: SiteSetup) -> Message:
     """Describe the site: name, modality and case counts (never case names)."""
+    site = setup.site
     index = index_site(site.directory)
     reply = protocol.HelloReply(
         site=site.name,
@@ -80,22 +91,32 @@ def hello(
 
 @app.train("source")
 @site_handler
-def train_source(
-    message: Message, _context: Context, config: RunConfig, site: SiteLocation
-) -> Message:
-    """Train a source model on the site's labelled cases; reply with its weights."""
+def train_source(message: Message, _context: Context, setup: SiteSetup) -> Message:
+    """Train a source model on the site's labelled cases; reply with its weights.
+
+    DP-SGD runs when the applied policy requires it; the site's accountant (in its
+    state folder) refuses a training that would exceed the budget before any step.
+    """
     initial = message.content.array_records.get(protocol.WEIGHTS_KEY)
+    dp = dp_settings_for(setup.policy, max_grad_norm=setup.config.privacy.max_grad_norm)
     result = train_source_model(
-        site.directory,
-        config,
+        setup.site.directory,
+        setup.config,
         initial_weights=None if initial is None else records.from_array_record(initial),
-        progress=_progress(site),
+        dp=dp,
+        accountant_path=setup.accountant_path,
+        progress=_progress(setup.site),
     )
+    private = result.privacy
     reply = protocol.TrainReply(
         num_examples=result.num_examples,
         num_cases=result.num_cases,
         loss=result.final_loss,
         seconds=result.seconds,
+        epsilon_spent=0.0 if private is None else private.epsilon_spent,
+        epsilon_total=0.0 if private is None else private.epsilon_total,
+        delta=0.0 if private is None else private.delta,
+        noise_multiplier=0.0 if private is None else private.noise_multiplier,
     )
     return records.build_reply(
         message, metrics=reply.to_fields(), weights=result.weights
@@ -104,22 +125,28 @@ def train_source(
 
 @app.query("lftm")
 @site_handler
-def lftm(
-    message: Message, _context: Context, config: RunConfig, site: SiteLocation
-) -> Message:
-    """Score every candidate model on this (target) site's images; reply ITM columns."""
+def lftm(message: Message, _context: Context, setup: SiteSetup) -> Message:
+    """Score every candidate on this (target) site's images; reply ITM or only DTM.
+
+    The policy's ``release.lftm`` decides: ``instance`` replies one score per case
+    and source (ITM columns), ``domain`` only the per-source means (DTM).
+    """
     candidates = records.read_named_models(message.content)
     transferability = score_candidates(
-        site.directory, candidates, config, progress=_progress(site)
+        setup.site.directory,
+        candidates,
+        setup.config,
+        progress=_progress(setup.site),
     )
     columns = {
         name: [row[column] for row in transferability.itm]
         for column, name in enumerate(transferability.sources)
     }
-    reply = protocol.LftmReply(
-        metric=transferability.metric,
-        sources=transferability.sources,
-        itm_columns=columns,
+    reply = protocol.LftmReply.from_itm(
+        transferability.metric,
+        transferability.sources,
+        columns,
+        release=setup.policy.lftm_release.value,
     )
     settings, metrics = reply.to_fields()
     return records.build_reply(message, settings=settings, metrics=metrics)
@@ -127,10 +154,9 @@ def lftm(
 
 @app.train("adapt")
 @site_handler
-def adapt(
-    message: Message, _context: Context, config: RunConfig, site: SiteLocation
-) -> Message:
+def adapt(message: Message, _context: Context, setup: SiteSetup) -> Message:
     """Adapt the main/aux pair on this (target) site; reply the adapted weights."""
+    config, site = setup.config, setup.site
     request = protocol.AdaptRequest.from_fields(records.read_request(message.content))
     candidates = records.read_named_models(message.content)
     result = adapt_target(
@@ -156,10 +182,9 @@ def adapt(
 
 @app.evaluate()
 @site_handler
-def evaluate(
-    message: Message, _context: Context, config: RunConfig, site: SiteLocation
-) -> Message:
+def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
     """Score the requested predictors on the evaluation labels (aggregates only)."""
+    config, site = setup.config, setup.site
     request = protocol.EvaluateRequest.from_fields(
         records.read_request(message.content)
     )

@@ -1,8 +1,14 @@
-"""Resolve which site folder this SuperNode serves, from its Flower Context.
+"""Resolve the site a SuperNode serves, its policy and its state, from the Context.
 
 Deployment: ``node_config["site-dir"]`` (``flower-supernode --node-config``).
 Simulation: Flower 1.39 gives only ``partition-id``/``num-partitions``, so partition
 ``i`` serves the ``i``-th site folder (sorted by name) of the run's federation folder.
+
+The site's policy is ``node_config["policy"]`` when set, else ``<site-dir>/policy.toml``
+when present, else the safe defaults of ``deploy/policy.template.toml``; it is merged
+with the run's privacy settings (the stricter wins). The site's state (ledger,
+privacy accountant) lives in ``node_config["state-dir"]``, default
+``<site-dir>/.sitebridge/``.
 """
 
 from __future__ import annotations
@@ -13,12 +19,27 @@ from typing import Final
 
 from flwr.app import Context
 
-from core.config import RunConfig
+from core.config import RunConfig, load_run_config
 from core.data import SiteDataError, list_site_dirs
+from core.ledger import Ledger
+from core.policy import (
+    POLICY_FILE,
+    AppliedPolicy,
+    PolicyError,
+    SitePolicy,
+    default_policy,
+    read_policy,
+    resolve_policy,
+)
+from core.privacy import ACCOUNTANT_FILE
 from core.synthetic import resolve_federation_dir
 
 SITE_DIR_KEY: Final = "site-dir"
 PARTITION_KEY: Final = "partition-id"
+POLICY_KEY: Final = "policy"
+STATE_DIR_KEY: Final = "state-dir"
+DEFAULT_STATE_DIR: Final = ".sitebridge"  # inside the site folder
+LEDGER_FILE: Final = "ledger.jsonl"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,3 +74,84 @@ def resolve_site(context: Context, config: RunConfig) -> SiteLocation:
             f"{len(sites)} site folders; run with num-supernodes={len(sites)}"
         )
     return SiteLocation(name=sites[partition].name, directory=sites[partition])
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SiteSetup:
+    """Everything a handler needs about its site for one message."""
+
+    config: RunConfig
+    site: SiteLocation
+    policy: AppliedPolicy  # the stricter of the site's policy and the run config
+    policy_source: str  # the policy file read, or "defaults"
+    state_dir: Path
+
+    @property
+    def ledger(self) -> Ledger:
+        """The site's egress ledger."""
+        return Ledger(self.state_dir / LEDGER_FILE)
+
+    @property
+    def accountant_path(self) -> Path:
+        """The site's privacy accountant file (cumulative epsilon)."""
+        return self.state_dir / ACCOUNTANT_FILE
+
+
+def resolve_state_dir(context: Context, site: SiteLocation) -> Path:
+    """``node_config["state-dir"]``, or ``<site-dir>/.sitebridge``."""
+    if STATE_DIR_KEY in context.node_config:
+        return Path(str(context.node_config[STATE_DIR_KEY])).expanduser()
+    return site.directory / DEFAULT_STATE_DIR
+
+
+def read_site_policy(context: Context, site: SiteLocation) -> tuple[SitePolicy, str]:
+    """The site's own policy and where it came from.
+
+    Raises:
+        PolicyError: the policy file named in the node config is missing, or a policy
+            file is malformed (naming the file and the key).
+    """
+    if POLICY_KEY in context.node_config:
+        path = Path(str(context.node_config[POLICY_KEY])).expanduser()
+        if not path.is_file():
+            raise PolicyError(
+                f"the node config's {POLICY_KEY!r} names no readable file",
+                source=str(path),
+            )
+        return read_policy(path), str(path)
+    path = site.directory / POLICY_FILE
+    if path.is_file():
+        return read_policy(path), str(path)
+    return default_policy(), "defaults"
+
+
+def resolve_setup(context: Context) -> SiteSetup:
+    """Parse the run config, find the site, read and apply its policy.
+
+    Raises:
+        ValueError: a bad run-config value (naming the key).
+        SiteDataError: no site for this node.
+        PolicyError: a missing or malformed policy file.
+    """
+    config = load_run_config(context.run_config)
+    site = resolve_site(context, config)
+    if not site.directory.is_dir():
+        # Checked before anything is written: the ledger would create the folder.
+        raise SiteDataError(f"{site.directory}: site folder not found")
+    site_policy, source = read_site_policy(context, site)
+    privacy = config.privacy
+    applied = resolve_policy(
+        site_policy,
+        run_dp_required=privacy.dp,
+        run_noise_multiplier=privacy.noise_multiplier or None,
+        run_target_epsilon=privacy.target_epsilon or None,
+        run_max_reply_mb=privacy.max_reply_mb or None,
+        run_delta=privacy.delta,
+    )
+    return SiteSetup(
+        config=config,
+        site=site,
+        policy=applied,
+        policy_source=source,
+        state_dir=resolve_state_dir(context, site),
+    )

@@ -240,6 +240,39 @@ class AdaptConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PrivacyConfig:
+    """What the run asks for privacy; each site's policy may ask for more.
+
+    A value of 0 means "not set by the run": the site policy's value applies alone.
+    Where both set a value, the stricter wins at the site (``core.policy``).
+    """
+
+    dp: bool  # train on labelled site data with DP-SGD
+    noise_multiplier: float
+    target_epsilon: float  # per training, at ``delta``
+    delta: float
+    max_grad_norm: float  # per-sample clipping norm of DP-SGD
+    max_reply_mb: float
+
+    def __post_init__(self) -> None:
+        for key, value in (
+            ("privacy.noise-multiplier", self.noise_multiplier),
+            ("privacy.target-epsilon", self.target_epsilon),
+            ("privacy.max-reply-mb", self.max_reply_mb),
+        ):
+            _require(
+                math.isfinite(value) and value >= 0, key, ">= 0 (0 = unset)", value
+            )
+        _require(0.0 < self.delta < 1.0, "privacy.delta", "in (0, 1)", self.delta)
+        _require(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+            "privacy.max-grad-norm",
+            "> 0",
+            self.max_grad_norm,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RunConfig:
     """The whole resolved run configuration."""
 
@@ -250,6 +283,7 @@ class RunConfig:
     train: TrainConfig
     transfer: TransferConfig
     adapt: AdaptConfig
+    privacy: PrivacyConfig
 
     def __post_init__(self) -> None:
         downsampling = math.prod(self.model.strides)

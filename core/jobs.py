@@ -18,10 +18,18 @@ from pathlib import Path
 import torch
 
 from core.adaptation import adapt_pair
-from core.config import RunConfig
+from core.config import Norm, RunConfig
 from core.data import SiteDataError, SiteIndex, SliceSet, build_slice_set, index_site
 from core.metrics import SegmentationScores, score_cases
 from core.models import Arrays, build_model, get_weights, set_weights
+from core.privacy import (
+    AccountantState,
+    DpSettings,
+    PrivateTrainResult,
+    read_accountant_state,
+    train_private,
+    write_accountant_state,
+)
 from core.training import predict_mixture, select_device, train_supervised
 from core.transferability import (
     build_pseudo_labels,
@@ -46,6 +54,7 @@ class SourceTraining:
     final_loss: float
     seconds: float
     device: str
+    privacy: PrivateTrainResult | None = None  # set when DP-SGD trained the model
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,12 +116,27 @@ def train_source_model(
     config: RunConfig,
     *,
     initial_weights: Arrays | None = None,
+    dp: DpSettings | None = None,
+    accountant_path: Path | None = None,
     progress: Progress = _quiet,
 ) -> SourceTraining:
-    """Train a model on the site's labelled training cases.
+    """Train a model on the site's labelled training cases, with DP-SGD when asked.
+
+    Args:
+        site_dir: the site folder.
+        config: the run config (model, data and training recipe).
+        initial_weights: the coordinator's initial weights, or None for a seeded init.
+        dp: DP-SGD settings (the applied policy's), or None for ordinary training.
+        accountant_path: the site's accountant file; read before a DP training (the
+            budget check counts what is already spent) and rewritten after it. None
+            starts from an empty history and records nothing.
+        progress: called with progress lines.
 
     Raises:
         SiteDataError: the site has no labelled cases, or its data is bad.
+        PrivacyBudgetError: the DP training would exceed the site's budget; nothing
+            was trained and the accountant file is unchanged.
+        ValueError: DP is asked for a model with BatchNorm (``model.norm='batch'``).
     """
     index = index_site(Path(site_dir))
     if not index.labelled:
@@ -120,21 +144,58 @@ def train_source_model(
             f"{index.root}: no labelled training cases (labelsTr) to "
             "train a source model on"
         )
+    if dp is not None and config.model.norm is Norm.BATCH:
+        # Opacus would swap BatchNorm for GroupNorm, and the weights would no longer
+        # match the run's declared model, which the egress guard and the coordinator
+        # hold every reply to.
+        raise ValueError(
+            "model.norm 'batch' keeps running statistics across samples, which DP-SGD "
+            "cannot account for; run with model.norm 'instance' or 'group' where DP "
+            "applies"
+        )
     slices = build_slice_set(index.labelled, data=config.data, with_labels=True)
     assert slices.labels is not None
     model = build_model(config.model, data=config.data)
     if initial_weights is not None:
         set_weights(model, initial_weights)
     device = select_device(config.train.device)
-    result = train_supervised(
-        model,
-        slices.images,
-        slices.labels,
-        train=config.train,
-        device=device,
-        label=f"train {index.name}",
-        progress=progress,
-    )
+    label = f"train {index.name}"
+    private: PrivateTrainResult | None = None
+    if dp is None:
+        result = train_supervised(
+            model,
+            slices.images,
+            slices.labels,
+            train=config.train,
+            device=device,
+            label=label,
+            progress=progress,
+        )
+    else:
+        accountant = (
+            read_accountant_state(accountant_path)
+            if accountant_path is not None
+            else AccountantState(())
+        )
+        model, private = train_private(
+            model,
+            slices.images,
+            slices.labels,
+            train=config.train,
+            dp=dp,
+            accountant=accountant,
+            device=device,
+            label=label,
+            progress=progress,
+        )
+        if accountant_path is not None:
+            write_accountant_state(private.accountant, accountant_path)
+        progress(
+            f"[{label}] epsilon {private.epsilon_spent:.3f} spent, "
+            f"{private.epsilon_total:.3f} of {dp.budget_epsilon:g} in total "
+            f"(delta {dp.delta:g})"
+        )
+        result = private.train
     return SourceTraining(
         weights=get_weights(model),
         num_examples=result.num_examples,
@@ -142,6 +203,7 @@ def train_source_model(
         final_loss=result.final_loss,
         seconds=result.seconds,
         device=result.device,
+        privacy=private,
     )
 
 

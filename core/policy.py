@@ -21,14 +21,17 @@ from typing import Final, TypeVar
 
 from core.protocol import (
     ADAPT,
+    APPLIED_POLICY_PREFIX,
     EVALUATE,
     HELLO,
     LFTM,
     METRICS_KEY,
     MODEL_KEY_PREFIX,
     REPLY_KEY,
+    REPLY_SCHEMAS,
     TRAIN_SOURCE,
     WEIGHTS_KEY,
+    ReplySchema,
     model_name,
 )
 
@@ -39,7 +42,7 @@ ACTIONS: Final[tuple[str, ...]] = (HELLO, TRAIN_SOURCE, LFTM, ADAPT, EVALUATE)
 BYTES_PER_MB: Final = 1_000_000  # "MB" in max-reply-mb is decimal (SI)
 # float64/int64: no model parameter needs more, so a larger element smuggles data.
 MAX_BYTES_PER_ELEMENT: Final = 8
-APPLIED_PREFIX: Final = "policy."  # key prefix of AppliedPolicy.to_fields()
+APPLIED_PREFIX: Final = APPLIED_POLICY_PREFIX  # key prefix of AppliedPolicy.to_fields()
 
 
 class PolicyError(ValueError):
@@ -66,6 +69,7 @@ class Rule(StrEnum):
 
     ACTION_NOT_ANSWERED = "action-not-answered"
     UNKNOWN_RECORD = "unknown-record"
+    UNDECLARED_FIELD = "undeclared-field"
     WEIGHTS_MAY_NOT_LEAVE = "weights-may-not-leave"
     ARRAY_NOT_IN_MANIFEST = "array-not-in-manifest"
     ARRAY_SHAPE_MISMATCH = "array-shape-mismatch"
@@ -502,20 +506,31 @@ class Violation:
         return f"{self.rule.value} ({self.detail})"
 
 
-def _is_array_record(key: str) -> bool:
-    return key == WEIGHTS_KEY or bool(model_name(key))
+def _allowed_array_records(schema: ReplySchema) -> str:
+    allowed = [repr(WEIGHTS_KEY)] if schema.weights else []
+    allowed += [repr(f"{MODEL_KEY_PREFIX}{name}") for name in schema.models]
+    return ", ".join(allowed) or "none"
 
 
-def _check_records(reply: ReplyDescription) -> list[Violation]:
+def _check_records(reply: ReplyDescription, schema: ReplySchema) -> list[Violation]:
+    """Records the action's schema does not declare (e.g. weights in an evaluate)."""
+
+    def array_record_allowed(key: str) -> bool:
+        if key == WEIGHTS_KEY:
+            return schema.weights
+        name = model_name(key)
+        return bool(name) and name in schema.models
+
     found: list[tuple[str, str, str]] = [
-        ("array", key, f"{WEIGHTS_KEY!r} or '{MODEL_KEY_PREFIX}<name>'")
+        ("array", key, _allowed_array_records(schema))
         for key in sorted({array.record for array in reply.arrays})
-        if not _is_array_record(key)
+        if not array_record_allowed(key)
     ]
+    metric_allowed = repr(METRICS_KEY) if schema.metrics else "none"
     found += [
-        ("metric", key, repr(METRICS_KEY))
+        ("metric", key, metric_allowed)
         for key in sorted(reply.metric_records)
-        if key != METRICS_KEY
+        if key != METRICS_KEY or not schema.metrics
     ]
     found += [
         ("config", key, repr(REPLY_KEY))
@@ -525,9 +540,36 @@ def _check_records(reply: ReplyDescription) -> list[Violation]:
     return [
         Violation(
             Rule.UNKNOWN_RECORD,
-            f"{kind} record {key!r} is not a reply record (allowed: {allowed})",
+            f"{kind} record {key!r} is not part of a {reply.message_type!r} reply "
+            f"(allowed: {allowed})",
         )
         for kind, key, allowed in found
+    ]
+
+
+def _check_fields(reply: ReplyDescription, schema: ReplySchema) -> list[Violation]:
+    """Metric and setting names the action's schema does not declare.
+
+    This is what stops a scalar that is not part of the contract (an image's mean
+    intensity, a case count by name) even when it is small.
+    """
+    found = [
+        (f"{METRICS_KEY}/{name}", schema.metrics)
+        for name in sorted(reply.metric_records.get(METRICS_KEY, {}))
+        if not schema.allows_metric(name)
+    ]
+    found += [
+        (f"{REPLY_KEY}/{name}", schema.settings)
+        for name in sorted(reply.config_records.get(REPLY_KEY, {}))
+        if not schema.allows_setting(name)
+    ]
+    return [
+        Violation(
+            Rule.UNDECLARED_FIELD,
+            f"{where} is not a field of the {reply.message_type!r} reply (declared:"
+            f" {', '.join(declared) or 'none'})",
+        )
+        for where, declared in found
     ]
 
 
@@ -637,9 +679,10 @@ def check_reply(
 ) -> list[Violation]:
     """Check a reply against the applied policy and the run's model manifest.
 
-    Only the records ``core.protocol`` names may appear; every array must be a
-    parameter of the declared model (same name and shape, at most 8 bytes per
-    element), so images, labels and prediction maps cannot leave.
+    Only the records and field names the action's ``core.protocol.REPLY_SCHEMAS``
+    entry declares may appear; every array must be a parameter of the declared model
+    (same name and shape, at most 8 bytes per element), so images, labels and
+    prediction maps cannot leave.
 
     Args:
         reply: what the reply would carry.
@@ -662,7 +705,7 @@ def check_reply(
         ...     run_target_epsilon=None, run_max_reply_mb=None)
         >>> [v.rule.value for v in check_reply(
         ...     reply, policy=policy, manifest={}, max_metric_values=64)]
-        ['too-many-metric-values']
+        ['undeclared-field', 'too-many-metric-values']
     """
     if max_metric_values < 1:
         raise ValueError(f"max_metric_values must be >= 1, got {max_metric_values}")
@@ -676,7 +719,9 @@ def check_reply(
                 f" {answered})",
             )
         )
-    violations += _check_records(reply)
+    schema = REPLY_SCHEMAS.get(reply.message_type, ReplySchema())
+    violations += _check_records(reply, schema)
+    violations += _check_fields(reply, schema)
     violations += _check_arrays(reply, policy, manifest)
     violations += _check_sizes(reply, policy)
     violations += _check_metrics(reply, policy, max_metric_values)

@@ -31,6 +31,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from core.config import TrainConfig
+from core.policy import AppliedPolicy
 from core.training import (
     TrainResult,
     augment_batch,
@@ -49,8 +50,10 @@ class PrivacyBudgetError(ValueError):
 class DpSettings:
     """How one DP training runs and what the site allows in total.
 
-    Exactly one of ``noise_multiplier`` and ``target_epsilon`` is set: a fixed noise
-    level, or the epsilon this one training may cost (noise is then derived).
+    At least one of ``noise_multiplier`` and ``target_epsilon`` is set: a fixed noise
+    level, or the epsilon this one training may cost (noise is then derived). When
+    both are set both bind (site policy and run config each named one): the larger of
+    the fixed noise and the noise the target needs is used.
     """
 
     noise_multiplier: float | None
@@ -60,9 +63,9 @@ class DpSettings:
     budget_epsilon: float
 
     def __post_init__(self) -> None:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+        if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError(
-                "DP needs exactly one of noise-multiplier and target-epsilon"
+                "DP needs noise-multiplier or target-epsilon (or both); neither is set"
             )
         if self.noise_multiplier is not None and self.noise_multiplier <= 0:
             raise ValueError(
@@ -76,6 +79,31 @@ class DpSettings:
             raise ValueError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
         if self.budget_epsilon <= 0:
             raise ValueError(f"budget-epsilon must be > 0, got {self.budget_epsilon}")
+
+
+def dp_settings_for(
+    policy: AppliedPolicy, *, max_grad_norm: float
+) -> DpSettings | None:
+    """The DP-SGD settings an applied policy demands, or None when DP is not required.
+
+    Example:
+        >>> from core.policy import default_policy, resolve_policy
+        >>> applied = resolve_policy(
+        ...     default_policy(), run_dp_required=True, run_noise_multiplier=None,
+        ...     run_target_epsilon=3.0, run_max_reply_mb=None)
+        >>> settings = dp_settings_for(applied, max_grad_norm=1.0)
+        >>> settings.noise_multiplier, settings.target_epsilon, settings.budget_epsilon
+        (1.0, 3.0, 10.0)
+    """
+    if not policy.dp_required:
+        return None
+    return DpSettings(
+        noise_multiplier=policy.noise_multiplier,
+        target_epsilon=policy.target_epsilon,
+        delta=policy.delta,
+        max_grad_norm=max_grad_norm,
+        budget_epsilon=policy.epsilon_budget,
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -182,18 +210,19 @@ def plan_private_training(
         raise ValueError("DP training needs at least one sample")
     sample_rate = min(1.0, train.batch_size / num_samples)
     steps = train.epochs * max(1, round(1 / sample_rate))
-    if dp.noise_multiplier is not None:
-        noise = dp.noise_multiplier
-    else:
-        assert dp.target_epsilon is not None
-        noise = float(
-            get_noise_multiplier(
-                target_epsilon=dp.target_epsilon,
-                target_delta=dp.delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant="rdp",
-            )
+    noise = dp.noise_multiplier or 0.0
+    if dp.target_epsilon is not None:
+        noise = max(
+            noise,
+            float(
+                get_noise_multiplier(
+                    target_epsilon=dp.target_epsilon,
+                    target_delta=dp.delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant="rdp",
+                )
+            ),
         )
     spent_before = accountant.epsilon(dp.delta)
     projected = accountant.extended(noise, sample_rate, steps).epsilon(dp.delta)

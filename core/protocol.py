@@ -29,6 +29,8 @@ EVALUATE: Final = "evaluate"
 # Error code of a reply in which the site reports a problem with its data or the request
 # (above Flower's own codes, 0-8). The reason names the file and the problem.
 SITE_ERROR_CODE: Final = 100
+# Error code of a reply the site's egress guard blocked; the reason names the rules.
+EGRESS_BLOCKED_CODE: Final = 101
 
 # Record keys inside a message's RecordDict.
 REQUEST_KEY: Final = "request"  # ConfigRecord: the request payload
@@ -132,12 +134,26 @@ class HelloReply:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TrainReply:
-    """How a training action went; the weights travel beside it."""
+    """How a training action went; the weights travel beside it.
+
+    With DP-SGD, ``epsilon_spent`` is this training's ε and ``epsilon_total`` the
+    site's cumulative ε after it, both at ``delta``; all four DP fields are 0 without
+    DP.
+    """
 
     num_examples: int  # samples (slices) seen, never batches
     num_cases: int
     loss: float
     seconds: float
+    epsilon_spent: float = 0.0
+    epsilon_total: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        """Whether the weights were trained with DP-SGD."""
+        return self.noise_multiplier > 0
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
@@ -146,6 +162,10 @@ class TrainReply:
             "num-cases": self.num_cases,
             "loss": self.loss,
             "seconds": self.seconds,
+            "dp.epsilon-spent": self.epsilon_spent,
+            "dp.epsilon-total": self.epsilon_total,
+            "dp.delta": self.delta,
+            "dp.noise-multiplier": self.noise_multiplier,
         }
 
     @classmethod
@@ -156,26 +176,84 @@ class TrainReply:
             num_cases=_int(fields, "num-cases"),
             loss=_float(fields, "loss"),
             seconds=_float(fields, "seconds"),
+            epsilon_spent=_float(fields, "dp.epsilon-spent"),
+            epsilon_total=_float(fields, "dp.epsilon-total"),
+            delta=_float(fields, "dp.delta"),
+            noise_multiplier=_float(fields, "dp.noise-multiplier"),
         )
+
+
+# What of the target's LFTM a reply carries (the site policy's ``release.lftm``).
+INSTANCE_RELEASE: Final = "instance"  # ITM: one score per target case and source
+DOMAIN_RELEASE: Final = "domain"  # DTM only: one mean per source
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class LftmReply:
-    """Per-case transferability rows (ITM columns by source) from the target.
+    """The target's transferability scores: ITM columns, or only the DTM.
 
-    Rows are in an order fixed at the site but never named, so no case identity leaves.
+    ``instance`` release carries per-case columns (rows in an order fixed at the site
+    but never named, so no case identity leaves); ``domain`` release carries one mean
+    per source and ``itm_columns`` is None.
     """
 
     metric: str
     sources: tuple[str, ...]
-    itm_columns: dict[str, list[float]]  # source -> one score per target case
+    release: str
+    itm_columns: dict[str, list[float]] | None  # source -> one score per case
+    dtm: dict[str, float]  # source -> mean over the target's cases
+
+    def __post_init__(self) -> None:
+        if self.release not in (INSTANCE_RELEASE, DOMAIN_RELEASE):
+            raise ValueError(
+                f"payload field 'release' must be {INSTANCE_RELEASE!r} or "
+                f"{DOMAIN_RELEASE!r}, got {self.release!r}"
+            )
+        if (self.release == INSTANCE_RELEASE) != (self.itm_columns is not None):
+            raise ValueError(
+                "ITM columns travel with instance release only, and must then be set"
+            )
+
+    @classmethod
+    def from_itm(
+        cls,
+        metric: str,
+        sources: tuple[str, ...],
+        itm: dict[str, list[float]],
+        *,
+        release: str,
+    ) -> LftmReply:
+        """Build the reply for ``release`` from full ITM columns (DTM = their means).
+
+        Example:
+            >>> reply = LftmReply.from_itm(
+            ...     "lftm", ("B",), {"B": [0.2, 0.4]}, release="domain")
+            >>> reply.itm_columns, round(reply.dtm["B"], 6)
+            (None, 0.3)
+        """
+        dtm = {name: sum(itm[name]) / max(len(itm[name]), 1) for name in sources}
+        return cls(
+            metric=metric,
+            sources=sources,
+            release=release,
+            itm_columns=dict(itm) if release == INSTANCE_RELEASE else None,
+            dtm=dtm,
+        )
 
     def to_fields(self) -> tuple[Fields, Fields]:
         """Flatten to (ConfigRecord fields, MetricRecord fields)."""
-        settings: Fields = {"metric": self.metric, "sources": list(self.sources)}
-        metrics: Fields = {
-            f"itm.{name}": list(self.itm_columns[name]) for name in self.sources
+        settings: Fields = {
+            "metric": self.metric,
+            "sources": list(self.sources),
+            "release": self.release,
         }
+        metrics: Fields
+        if self.itm_columns is not None:
+            metrics = {
+                f"itm.{name}": list(self.itm_columns[name]) for name in self.sources
+            }
+        else:
+            metrics = {f"dtm.{name}": self.dtm[name] for name in self.sources}
         return settings, metrics
 
     @classmethod
@@ -184,16 +262,27 @@ class LftmReply:
     ) -> LftmReply:
         """Parse a reply's ConfigRecord and MetricRecord."""
         sources = tuple(str(name) for name in _list(settings, "sources"))
+        release = _str(settings, "release")
+        metric = _str(settings, "metric")
+        if release == DOMAIN_RELEASE:
+            dtm = {name: _float(metrics, f"dtm.{name}") for name in sources}
+            return cls(
+                metric=metric,
+                sources=sources,
+                release=release,
+                itm_columns=None,
+                dtm=dtm,
+            )
         columns = {name: _float_list(metrics, f"itm.{name}") for name in sources}
         lengths = {len(column) for column in columns.values()}
         if len(lengths) > 1:
             raise ValueError(f"ITM columns differ in length: {sorted(lengths)}")
-        return cls(
-            metric=_str(settings, "metric"), sources=sources, itm_columns=columns
-        )
+        return cls.from_itm(metric, sources, columns, release=release)
 
-    def itm_rows(self) -> tuple[tuple[float, ...], ...]:
-        """ITM as rows (cases) by columns (``sources`` order)."""
+    def itm_rows(self) -> tuple[tuple[float, ...], ...] | None:
+        """ITM as rows (cases) by columns (``sources`` order); None for domain."""
+        if self.itm_columns is None:
+            return None
         columns = [self.itm_columns[name] for name in self.sources]
         return tuple(tuple(row) for row in zip(*columns, strict=True))
 
@@ -312,3 +401,81 @@ class EvaluateReply:
             key[5:]: _float(fields, key) for key in fields if key.startswith("hd95.")
         }
         return cls(num_cases=_int(fields, "num-cases"), dice=dice, hd95_mm=hd95)
+
+
+# Every reply's settings may also carry the policy applied at the site, under this
+# prefix (``core.policy.AppliedPolicy.to_fields``), so the coordinator sees what bound.
+APPLIED_POLICY_PREFIX: Final = "policy."
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReplySchema:
+    """The records and field names one action's reply may carry, and nothing else.
+
+    The egress guard holds every reply to its action's schema. A name ending in
+    ``.*`` stands for the prefix followed by any name (a source, a predictor).
+    """
+
+    settings: tuple[str, ...] = ()  # keys of the REPLY_KEY ConfigRecord
+    metrics: tuple[str, ...] = ()  # keys of the METRICS_KEY MetricRecord
+    weights: bool = False  # whether a WEIGHTS_KEY ArrayRecord may appear
+    models: tuple[str, ...] = ()  # names allowed as model.<name> ArrayRecords
+
+    def allows_setting(self, key: str) -> bool:
+        """Whether ``key`` may appear in the reply's settings."""
+        return key.startswith(APPLIED_POLICY_PREFIX) or _matches(key, self.settings)
+
+    def allows_metric(self, key: str) -> bool:
+        """Whether ``key`` may appear in the reply's metrics.
+
+        Example:
+            >>> REPLY_SCHEMAS[EVALUATE].allows_metric("dice.tgma")
+            True
+            >>> REPLY_SCHEMAS[EVALUATE].allows_metric("image.mean")
+            False
+        """
+        return _matches(key, self.metrics)
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(
+        key.startswith(pattern[:-1]) and len(key) > len(pattern) - 1
+        if pattern.endswith(".*")
+        else key == pattern
+        for pattern in patterns
+    )
+
+
+REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
+    HELLO: ReplySchema(
+        settings=(
+            "site",
+            "modality",
+            "labelled",
+            "unlabelled",
+            "evaluation",
+            "class-names",
+        )
+    ),
+    TRAIN_SOURCE: ReplySchema(
+        metrics=(
+            "num-examples",
+            "num-cases",
+            "loss",
+            "seconds",
+            "dp.epsilon-spent",
+            "dp.epsilon-total",
+            "dp.delta",
+            "dp.noise-multiplier",
+        ),
+        weights=True,
+    ),
+    LFTM: ReplySchema(
+        settings=("metric", "sources", "release"), metrics=("itm.*", "dtm.*")
+    ),
+    ADAPT: ReplySchema(
+        metrics=("num-examples", "pseudo-label-foreground", "seconds"),
+        models=("main", "aux"),
+    ),
+    EVALUATE: ReplySchema(metrics=("num-cases", "dice.*", "hd95.*")),
+}

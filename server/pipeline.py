@@ -6,6 +6,12 @@ Each phase sends one kind of message, waits for the replies, records which sites
 not answer and why, persists its result to the run store before the next phase starts,
 and returns it. Only weights, scores and aggregate metrics arrive here; the
 coordinator never sees an image, a label or a prediction map.
+
+The coordinator keeps its own hash-chained ledger (``runs/<run-id>/ledger.jsonl``):
+one ``egress`` entry per request it sends and one ``ingress`` entry per reply it
+receives, digested exactly as the site digests it (``core.egress``), so an auditor can
+match each site's ledger against it. It also keeps the policy each site reported it
+applied, for the report's privacy section.
 """
 
 from __future__ import annotations
@@ -13,20 +19,24 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from core import protocol
 from core.config import RunConfig
+from core.egress import measure_content, measure_error
 from core.jobs import Transferability, build_initial_weights
+from core.ledger import EGRESS, INGRESS, RELEASED, Ledger
 from core.models import Arrays
 from core.transferability import select_sources
 from server import records
 from server.store import RunStore
 
 Log = Callable[[str], None]
+COORDINATOR: Final = "coordinator"  # the coordinator's name in ledgers
+LEDGER_FILE: Final = "ledger.jsonl"
 
 
 class PhaseError(RuntimeError):
@@ -56,24 +66,77 @@ class Replies:
 
 @dataclasses.dataclass
 class Coordinator:
-    """Sends a phase's messages and collects its replies."""
+    """Sends a phase's messages, collects its replies and records both in its ledger.
+
+    Attributes:
+        site_names: node id -> site name, known after discover.
+        applied_policies: site name -> the ``policy.*`` fields its last reply said
+            were applied.
+    """
 
     grid: Grid
     config: RunConfig
     store: RunStore
     log: Log
+    site_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    applied_policies: dict[str, dict[str, Any]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    @property
+    def ledger(self) -> Ledger:
+        """The coordinator's ledger of this run."""
+        return Ledger(self.store.run_dir / LEDGER_FILE)
+
+    def site_name(self, node: int) -> str:
+        """The node's site name, or ``node <id>`` before discover."""
+        return self.site_names.get(node, f"node {node}")
+
+    def _record(self, message: Message, *, direction: str, sender: str) -> None:
+        if message.has_error():
+            egress = measure_error(message.error.reason or "")
+        else:
+            egress = measure_content(
+                message.content, message_type=message.metadata.message_type
+            ).egress
+        self.ledger.append(
+            run_id=str(message.metadata.run_id),
+            message_type=message.metadata.message_type,
+            sender=sender,
+            direction=direction,
+            egress=egress,
+            decision=RELEASED,
+            policy={},
+            epsilon_spent=0.0,
+            epsilon_total=0.0,
+        )
+
+    def _keep_applied_policy(self, node: int, reply: Message) -> None:
+        if reply.has_error():
+            return
+        settings = records.read_settings(reply.content)
+        applied = {
+            key: value
+            for key, value in settings.items()
+            if key.startswith(protocol.APPLIED_POLICY_PREFIX)
+        }
+        if applied:
+            self.applied_policies[self.site_name(node)] = applied
 
     def ask(self, requests: Mapping[int, RecordDict], message_type: str) -> Replies:
         """Send one message per node and wait up to the reply timeout.
 
         Replies are matched to requests by message id (an error reply made by the
         SuperLink does not carry the dead node's id); a node that neither answered nor
-        errored before the timeout is reported as timed out.
+        errored before the timeout is reported as timed out. Every request and reply
+        is recorded in the coordinator's ledger.
         """
         messages = {
             node: Message(content, dst_node_id=node, message_type=message_type)
             for node, content in requests.items()
         }
+        for message in messages.values():
+            self._record(message, direction=EGRESS, sender=COORDINATOR)
         replies = list(
             self.grid.send_and_receive(
                 list(messages.values()), timeout=self.config.federation.reply_timeout_s
@@ -89,6 +152,8 @@ class Coordinator:
             node = by_message_id.get(reply.metadata.reply_to_message_id)
             if node is None:
                 continue
+            self._record(reply, direction=INGRESS, sender=self.site_name(node))
+            self._keep_applied_policy(node, reply)
             if reply.has_error():
                 failed[node] = f"error {reply.error.code}: {reply.error.reason}"
             else:
@@ -138,6 +203,12 @@ def discover(
             )
         except ValueError as error:
             failed[node] = f"malformed reply: {error}"
+    coordinator.site_names.update({node: site.name for node, site in sites.items()})
+    for node, site in sites.items():
+        # hello replies arrived before the names were known
+        policy = coordinator.applied_policies.pop(f"node {node}", None)
+        if policy is not None:
+            coordinator.applied_policies[site.name] = policy
     for node, reason in failed.items():
         coordinator.log(f"node {node} did not say hello: {reason}")
     if len(sites) < config.federation.min_sites:
@@ -241,10 +312,15 @@ def transferability(
         records.read_settings(reply.content), records.read_metrics(reply.content)
     )
     itm = lftm.itm_rows()
-    dtm = Transferability(metric=lftm.metric, sources=lftm.sources, itm=itm).dtm
+    dtm = (
+        lftm.dtm
+        if itm is None
+        else Transferability(metric=lftm.metric, sources=lftm.sources, itm=itm).dtm
+    )
     selection = select_sources(dtm)
     result = {
         "metric": lftm.metric,
+        "release": lftm.release,
         "sources": list(lftm.sources),
         "itm": itm,
         "dtm": dtm,

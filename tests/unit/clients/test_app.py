@@ -196,6 +196,22 @@ def test_train_source_replies_weights_matching_the_manifest(
 # ------------------------------------------------------------------------ query.lftm
 
 
+INSTANCE_POLICY = """\
+[actions]
+answer = ["query.hello", "train.source", "query.lftm", "train.adapt", "evaluate"]
+[release]
+lftm = "instance"
+weights-may-leave = true
+max-reply-mb = 64.0
+max-config-value-bytes = 4096
+[dp]
+required = false
+noise-multiplier = 1.0
+delta = 1e-5
+budget-epsilon = 10.0
+"""
+
+
 @pytest.mark.parametrize("kind", ["trained", "fresh"])
 def test_lftm_replies_one_itm_value_per_case_and_no_arrays(
     federation: Path,
@@ -203,8 +219,9 @@ def test_lftm_replies_one_itm_value_per_case_and_no_arrays(
     config: RunConfig,
     source_weights: dict[str, Arrays],
     kind: str,
+    tmp_path: Path,
 ) -> None:
-    # Prepare
+    # Prepare: a target whose policy releases LFTM per instance (ITM rows)
     if kind == "trained":
         models = source_weights
     else:
@@ -220,9 +237,14 @@ def test_lftm_replies_one_itm_value_per_case_and_no_arrays(
     index = index_site(federation / TARGET)
     num_cases = len(index.labelled) + len(index.unlabelled)
     message = build_message(build_candidates(models), protocol.LFTM)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(INSTANCE_POLICY)
+    context = build_context(
+        run_config, {"site-dir": str(federation / TARGET), "policy": str(policy)}
+    )
 
     # Execute
-    reply = lftm(message, site_context(run_config, federation / TARGET))
+    reply = lftm(message, context)
 
     # Assert
     assert not reply.has_error(), reply.error.reason
@@ -231,13 +253,38 @@ def test_lftm_replies_one_itm_value_per_case_and_no_arrays(
         reply.content[protocol.REPLY_KEY], reply.content[protocol.METRICS_KEY]
     )
     assert result.metric == "lftm"
+    assert result.release == "instance"
     assert result.sources == SOURCES
+    assert result.itm_columns is not None
     for name in SOURCES:
         column = result.itm_columns[name]
         assert len(column) == num_cases
         assert all(0.0 <= value <= 1.0 for value in column)
+        assert result.dtm[name] == pytest.approx(sum(column) / num_cases)
     case_ids = [c.case_id for c in (*index.labelled, *index.unlabelled)]
     assert not [case_id for case_id in case_ids if case_id in reply_text(reply)]
+
+
+def test_lftm_releases_only_domain_means_under_the_default_policy(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+) -> None:
+    # Prepare
+    message = build_message(build_candidates(source_weights), protocol.LFTM)
+
+    # Execute
+    reply = lftm(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    metrics = reply.content[protocol.METRICS_KEY]
+    assert sorted(metrics.keys()) == [f"dtm.{name}" for name in SOURCES]
+    assert all(isinstance(value, float) for value in metrics.values())
+    result = protocol.LftmReply.from_fields(reply.content[protocol.REPLY_KEY], metrics)
+    assert result.release == "domain"
+    assert result.itm_columns is None
+    assert result.itm_rows() is None
 
 
 # ------------------------------------------------------------------------ train.adapt

@@ -463,7 +463,8 @@ def test_applied_policy_from_fields_names_a_missing_key() -> None:
 def test_allowed_source_training_reply_passes() -> None:
     # Prepare
     reply = _source_reply(
-        arrays=_weights(), config_records={REPLY_KEY: {"metric": 4, "sources": 8}}
+        arrays=_weights(),
+        config_records={REPLY_KEY: {"policy.release.lftm": 6, "policy.dp.delta": 8}},
     )
 
     # Execute
@@ -477,11 +478,64 @@ def test_allowed_source_training_reply_passes() -> None:
 def test_named_model_records_are_allowed() -> None:
     # Prepare
     reply = _source_reply(
-        message_type="train.adapt", arrays=_weights(model_key("main"))
+        message_type="train.adapt",
+        arrays=_weights(model_key("main")) + _weights(model_key("aux")),
+        metric_records={
+            METRICS_KEY: {"num-examples": 1, "pseudo-label-foreground": 1, "seconds": 1}
+        },
     )
 
     # Execute / Assert
     assert _check(reply) == []
+
+
+def test_model_records_the_action_does_not_declare_are_blocked() -> None:
+    # Prepare: an adapt reply may carry model.main/model.aux, nothing else
+    reply = _source_reply(
+        message_type="train.adapt",
+        arrays=_weights(model_key("target-copy")),
+        metric_records={METRICS_KEY: {"num-examples": 1}},
+    )
+
+    # Execute
+    violations = _check(reply)
+
+    # Assert
+    assert violations == [
+        Violation(
+            Rule.UNKNOWN_RECORD,
+            "array record 'model.target-copy' is not part of a 'train.adapt' reply"
+            " (allowed: 'model.main', 'model.aux')",
+        )
+    ]
+
+
+def test_undeclared_scalar_fields_are_blocked() -> None:
+    # Prepare: small scalars, but not part of the contract (raw image statistics)
+    reply = _source_reply(
+        message_type=EVALUATE,
+        arrays=(),
+        metric_records={
+            METRICS_KEY: {"num-cases": 1, "dice.tgma": 1, "image.mean-intensity": 1}
+        },
+        config_records={REPLY_KEY: {"case-name": 12, "policy.dp.delta": 8}},
+    )
+
+    # Execute
+    violations = _check(reply)
+
+    # Assert
+    assert violations == [
+        Violation(
+            Rule.UNDECLARED_FIELD,
+            "metrics/image.mean-intensity is not a field of the 'evaluate' reply"
+            " (declared: num-cases, dice.*, hd95.*)",
+        ),
+        Violation(
+            Rule.UNDECLARED_FIELD,
+            "reply/case-name is not a field of the 'evaluate' reply (declared: none)",
+        ),
+    ]
 
 
 def test_misbehaving_reply_with_prediction_map_and_image_statistics_is_blocked() -> (
@@ -503,6 +557,15 @@ def test_misbehaving_reply_with_prediction_map_and_image_statistics_is_blocked()
     # Assert
     assert violations == [
         Violation(
+            Rule.UNKNOWN_RECORD,
+            "array record 'weights' is not part of a 'evaluate' reply (allowed: none)",
+        ),
+        Violation(
+            Rule.UNDECLARED_FIELD,
+            "metrics/image.intensity-histogram is not a field of the 'evaluate' reply"
+            " (declared: num-cases, dice.*, hd95.*)",
+        ),
+        Violation(
             Rule.ARRAY_NOT_IN_MANIFEST,
             "weights/prediction with shape (1, 64, 64) is not a parameter of the"
             " declared model",
@@ -513,7 +576,10 @@ def test_misbehaving_reply_with_prediction_map_and_image_statistics_is_blocked()
         ),
     ]
     assert describe_violations(violations).startswith(
-        "blocked by egress policy: array-not-in-manifest (weights/prediction"
+        "blocked by egress policy: unknown-record (array record 'weights'"
+    )
+    assert "; array-not-in-manifest (weights/prediction" in describe_violations(
+        violations
     )
     assert "; too-many-metric-values (" in describe_violations(violations)
 
@@ -574,7 +640,7 @@ def test_domain_release_blocks_itm_rows_but_allows_domain_means() -> None:
         message_type=LFTM,
         arrays=(),
         metric_records={METRICS_KEY: {"dtm.A": 1, "itm.B": 12}},
-        config_records={REPLY_KEY: {"metric": 4}},
+        config_records={REPLY_KEY: {"metric": 4, "sources": 8, "release": 8}},
         total_bytes=400,
     )
 
@@ -656,7 +722,13 @@ def test_oversized_reply_is_blocked(
 def test_oversized_config_value_is_blocked() -> None:
     # Prepare
     reply = _source_reply(
-        config_records={REPLY_KEY: {"metric": 4, "dump": 4097, "more": 9000}}
+        config_records={
+            REPLY_KEY: {
+                "policy.release.lftm": 6,
+                "policy.dump": 4097,
+                "policy.more": 9000,
+            }
+        }
     )
 
     # Execute
@@ -666,11 +738,13 @@ def test_oversized_config_value_is_blocked() -> None:
     assert violations == [
         Violation(
             Rule.OVERSIZED_CONFIG_VALUE,
-            "reply/dump is 4097 bytes, release.max-config-value-bytes allows 4096",
+            "reply/policy.dump is 4097 bytes, release.max-config-value-bytes"
+            " allows 4096",
         ),
         Violation(
             Rule.OVERSIZED_CONFIG_VALUE,
-            "reply/more is 9000 bytes, release.max-config-value-bytes allows 4096",
+            "reply/policy.more is 9000 bytes, release.max-config-value-bytes"
+            " allows 4096",
         ),
     ]
 
@@ -679,25 +753,33 @@ def test_oversized_config_value_is_blocked() -> None:
     ("changes", "detail"),
     [
         (
-            {"config_records": {REQUEST_KEY: {"site": 4}}},
-            "config record 'request' is not a reply record (allowed: 'reply')",
+            {"config_records": {REQUEST_KEY: {"policy.x": 4}}},
+            "config record 'request' is not part of a 'train.source' reply (allowed:"
+            " 'reply')",
         ),
         (
-            {"metric_records": {"stats": {"mean": 1}}},
-            "metric record 'stats' is not a reply record (allowed: 'metrics')",
+            {
+                "metric_records": {
+                    METRICS_KEY: {"loss": 1},
+                    "stats": {"mean": 1},
+                }
+            },
+            "metric record 'stats' is not part of a 'train.source' reply (allowed:"
+            " 'metrics')",
         ),
         (
-            {"config_records": {METRICS_KEY: {"loss": 8}}},
-            "config record 'metrics' is not a reply record (allowed: 'reply')",
+            {"config_records": {METRICS_KEY: {"policy.loss": 8}}},
+            "config record 'metrics' is not part of a 'train.source' reply (allowed:"
+            " 'reply')",
         ),
         (
             {"arrays": _weights("images")},
-            "array record 'images' is not a reply record (allowed: 'weights' or"
-            " 'model.<name>')",
+            "array record 'images' is not part of a 'train.source' reply (allowed:"
+            " 'weights')",
         ),
         (
             {"arrays": _weights("model.")},
-            "array record 'model.' is not a reply record",
+            "array record 'model.' is not part of a 'train.source' reply",
         ),
     ],
 )
@@ -720,8 +802,8 @@ def test_check_reply_returns_every_violation_in_rule_order() -> None:
                 record="labels", name="label", shape=(64, 64), nbytes=4096
             ),
         ),
-        metric_records={METRICS_KEY: {"itm.A": 40}},
-        config_records={REPLY_KEY: {"cases": 5000}},
+        metric_records={METRICS_KEY: {"itm.A": 40, "case.volume": 1}},
+        config_records={REPLY_KEY: {"policy.cases": 5000}},
         total_bytes=70_000_000,
     )
 
@@ -732,6 +814,7 @@ def test_check_reply_returns_every_violation_in_rule_order() -> None:
     assert [v.rule.value for v in violations] == [
         "action-not-answered",
         "unknown-record",
+        "undeclared-field",
         "weights-may-not-leave",
         "array-not-in-manifest",
         "oversized-reply",
@@ -754,6 +837,7 @@ def test_rule_ids_are_stable() -> None:
     assert {rule.value for rule in Rule} == {
         "action-not-answered",
         "unknown-record",
+        "undeclared-field",
         "weights-may-not-leave",
         "array-not-in-manifest",
         "array-shape-mismatch",

@@ -56,11 +56,13 @@ Payload = (
     | EvaluateRequest
     | EvaluateReply
 )
-LFTM_REPLY = LftmReply(
-    metric="lftm",
-    sources=("C", "B"),
-    itm_columns={"B": [1.0, 0.5, 0.0], "C": [0.25, 0.75, 1.0]},
+LFTM_REPLY = LftmReply.from_itm(
+    "lftm",
+    ("C", "B"),
+    {"B": [1.0, 0.5, 0.0], "C": [0.25, 0.75, 1.0]},
+    release="instance",
 )
+INSTANCE = {"release": "instance"}
 
 
 @pytest.mark.parametrize(
@@ -111,16 +113,57 @@ def test_lftm_reply_round_trip_and_rows() -> None:
     parsed = LftmReply.from_fields(settings, metrics)
 
     # Assert
-    assert settings == {"metric": "lftm", "sources": ["C", "B"]}
+    assert settings == {"metric": "lftm", "sources": ["C", "B"], **INSTANCE}
     assert metrics == {"itm.C": [0.25, 0.75, 1.0], "itm.B": [1.0, 0.5, 0.0]}
     assert parsed == LFTM_REPLY
     assert parsed.itm_rows() == ((0.25, 1.0), (0.75, 0.5), (1.0, 0.0))
+    assert parsed.dtm == {"C": pytest.approx(2 / 3), "B": pytest.approx(0.5)}
+
+
+def test_lftm_reply_domain_release_carries_only_means() -> None:
+    # Prepare
+    reply = LftmReply.from_itm(
+        "lftm", ("C", "B"), {"B": [1.0, 0.5], "C": [0.25, 0.75]}, release="domain"
+    )
+
+    # Execute
+    settings, metrics = reply.to_fields()
+    parsed = LftmReply.from_fields(settings, metrics)
+
+    # Assert
+    assert settings == {"metric": "lftm", "sources": ["C", "B"], "release": "domain"}
+    assert metrics == {"dtm.C": 0.5, "dtm.B": 0.75}
+    assert parsed == reply
+    assert parsed.itm_columns is None
+    assert parsed.itm_rows() is None
+
+
+@pytest.mark.parametrize(
+    ("release", "itm", "message"),
+    [
+        ("cohort", None, "payload field 'release' must be 'instance' or 'domain'"),
+        ("domain", {"B": [1.0]}, "ITM columns travel with instance release only"),
+        ("instance", None, "ITM columns travel with instance release only"),
+    ],
+)
+def test_lftm_reply_release_must_match_its_content(
+    release: str, itm: dict[str, list[float]] | None, message: str
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        LftmReply(
+            metric="lftm",
+            sources=("B",),
+            release=release,
+            itm_columns=itm,
+            dtm={"B": 1.0},
+        )
 
 
 def test_lftm_reply_parses_integer_scores_as_floats() -> None:
     # Execute
     parsed = LftmReply.from_fields(
-        {"metric": "entropy", "sources": ["A"]}, {"itm.A": [1, 0]}
+        {"metric": "entropy", "sources": ["A"], **INSTANCE}, {"itm.A": [1, 0]}
     )
 
     # Assert
@@ -131,7 +174,7 @@ def test_lftm_reply_parses_integer_scores_as_floats() -> None:
 
 def test_lftm_reply_without_sources_has_no_rows() -> None:
     # Execute
-    parsed = LftmReply.from_fields({"metric": "lftm", "sources": []}, {})
+    parsed = LftmReply.from_fields({"metric": "lftm", "sources": [], **INSTANCE}, {})
 
     # Assert
     assert parsed.sources == ()
@@ -140,7 +183,7 @@ def test_lftm_reply_without_sources_has_no_rows() -> None:
 
 def test_lftm_reply_rejects_columns_of_unequal_length() -> None:
     # Prepare
-    settings = {"metric": "lftm", "sources": ["B", "C"]}
+    settings = {"metric": "lftm", "sources": ["B", "C"], **INSTANCE}
     metrics = {"itm.B": [1.0, 0.5], "itm.C": [0.5]}
 
     # Execute / Assert
@@ -153,13 +196,25 @@ def test_lftm_reply_rejects_columns_of_unequal_length() -> None:
 @pytest.mark.parametrize(
     ("settings", "metrics", "field", "problem"),
     [
-        ({"sources": ["B"]}, {"itm.B": [1.0]}, "metric", "is missing"),
-        ({"metric": "lftm"}, {}, "sources", "is missing"),
-        ({"metric": "lftm", "sources": ["B"]}, {}, "itm.B", "is missing"),
-        ({"metric": "lftm", "sources": "B"}, {}, "sources", "has the wrong type"),
-        ({"metric": 1, "sources": []}, {}, "metric", "has the wrong type"),
+        ({"sources": ["B"], **INSTANCE}, {"itm.B": [1.0]}, "metric", "is missing"),
+        ({"metric": "lftm", **INSTANCE}, {}, "sources", "is missing"),
+        ({"metric": "lftm", "sources": ["B"]}, {}, "release", "is missing"),
+        ({"metric": "lftm", "sources": ["B"], **INSTANCE}, {}, "itm.B", "is missing"),
         (
-            {"metric": "lftm", "sources": ["B"]},
+            {"metric": "lftm", "sources": ["B"], "release": "domain"},
+            {},
+            "dtm.B",
+            "is missing",
+        ),
+        (
+            {"metric": "lftm", "sources": "B", **INSTANCE},
+            {},
+            "sources",
+            "has the wrong type",
+        ),
+        ({"metric": 1, "sources": [], **INSTANCE}, {}, "metric", "has the wrong type"),
+        (
+            {"metric": "lftm", "sources": ["B"], **INSTANCE},
             {"itm.B": 0.5},
             "itm.B",
             "has the wrong type",
@@ -178,7 +233,7 @@ def test_lftm_reply_errors_name_the_field(
 
 def test_lftm_reply_non_numeric_score_names_the_field() -> None:
     # Prepare
-    settings = {"metric": "lftm", "sources": ["B"]}
+    settings = {"metric": "lftm", "sources": ["B"], **INSTANCE}
     metrics = {"itm.B": [0.5, "high"]}
 
     # Execute / Assert

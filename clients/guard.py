@@ -1,0 +1,167 @@
+"""The egress guard: one Flower mod around every handler of the site's ClientApp.
+
+For every message it resolves the site's applied policy (site policy and run config,
+the stricter wins) and then:
+
+1. refuses an action the policy does not answer, before the handler runs;
+2. runs the handler; any exception the handler let through becomes an error reply;
+3. adds the applied policy to the reply's settings (``policy.*``), so the
+   coordinator sees what bound;
+4. measures the reply (``core.egress``) and checks it against the policy and the
+   model manifest declared for the run (``core.policy.check_reply``): only the
+   action's declared records and fields, model parameters of the declared names and
+   shapes, and values within the size limits may leave;
+5. appends one hash-chained entry to the site's ledger: what left (or would have),
+   its digest, the decision, the policy and the epsilon spent;
+6. replaces a blocked reply by an error reply naming the broken rules.
+
+The node keeps serving after every refusal. Everything in here is the site's: the
+coordinator cannot switch the guard off, and a new action gets it by being
+registered on the same ``ClientApp``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+
+from clients.site import SiteSetup, resolve_setup
+from core import protocol
+from core.config import DataConfig, ModelConfig
+from core.data import SiteDataError, index_site
+from core.egress import measure_content, measure_error
+from core.ledger import BLOCKED_PREFIX, EGRESS, RELEASED, Egress
+from core.models import Manifest, build_model, get_manifest
+from core.policy import (
+    PolicyError,
+    Rule,
+    Violation,
+    check_reply,
+    describe_violations,
+)
+
+LOGGER = logging.getLogger("sitebridge.guard")
+
+
+@functools.lru_cache(maxsize=8)
+def declared_manifest(model: ModelConfig, data: DataConfig) -> Manifest:
+    """Parameter names and shapes of the model architecture declared for the run."""
+    return get_manifest(build_model(model, data=data))
+
+
+def _error_reply(message: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def _epsilon(reply: Message) -> tuple[float, float]:
+    """(spent, cumulative) epsilon a training reply reports; zeros otherwise."""
+    metrics = reply.content.metric_records.get(protocol.METRICS_KEY, MetricRecord())
+    spent = metrics.get("dp.epsilon-spent", 0.0)
+    total = metrics.get("dp.epsilon-total", 0.0)
+    return float(spent), float(total)  # type: ignore[arg-type]
+
+
+def _record(
+    setup: SiteSetup,
+    message: Message,
+    *,
+    egress: Egress | None,
+    violations: list[Violation],
+    epsilon: tuple[float, float] = (0.0, 0.0),
+) -> None:
+    decision = (
+        BLOCKED_PREFIX + ", ".join(dict.fromkeys(v.rule.value for v in violations))
+        if violations
+        else RELEASED
+    )
+    setup.ledger.append(
+        run_id=str(message.metadata.run_id),
+        message_type=message.metadata.message_type,
+        sender=setup.site.name,
+        direction=EGRESS,
+        egress=egress,
+        decision=decision,
+        policy=setup.policy.to_fields(),
+        epsilon_spent=epsilon[0],
+        epsilon_total=epsilon[1],
+    )
+
+
+def _max_metric_values(setup: SiteSetup) -> int:
+    """The longest metric list that may leave: one value per case of the site."""
+    try:
+        return max(1, index_site(setup.site.directory).num_cases)
+    except SiteDataError:
+        return 1
+
+
+def _with_applied_policy(reply: Message, fields: Mapping[str, object]) -> None:
+    settings = reply.content.config_records.get(protocol.REPLY_KEY)
+    if settings is None:
+        reply.content[protocol.REPLY_KEY] = ConfigRecord(dict(fields))  # type: ignore[arg-type]
+    else:
+        settings.update(fields)  # type: ignore[arg-type]
+
+
+def egress_guard(
+    message: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Flower mod: check, record and (if needed) block every reply of the site."""
+    message_type = message.metadata.message_type
+    try:
+        setup = resolve_setup(context)
+    except (SiteDataError, PolicyError, ValueError, OSError) as error:
+        # Without a site or a readable policy nothing may be answered (there is no
+        # policy to check against); the reply says why, and no data is read.
+        reason = f"{type(error).__name__}: {error}"
+        LOGGER.error("%s refused: %s", message_type, reason)
+        return _error_reply(message, protocol.SITE_ERROR_CODE, reason)
+
+    if message_type not in setup.policy.answers:
+        refusal = Violation(
+            Rule.ACTION_NOT_ANSWERED,
+            f"{message_type!r} is not in actions.answer of {setup.policy_source}",
+        )
+        _record(setup, message, egress=None, violations=[refusal])
+        return _error_reply(
+            message, protocol.EGRESS_BLOCKED_CODE, describe_violations([refusal])
+        )
+
+    try:
+        reply = call_next(message, context)
+    except Exception as error:  # the guard must answer for any failure
+        LOGGER.exception("%s handler raised", message_type)
+        reply = _error_reply(
+            message, protocol.SITE_ERROR_CODE, f"{type(error).__name__}: {error}"
+        )
+    if reply.has_error():
+        _record(
+            setup,
+            message,
+            egress=measure_error(reply.error.reason or ""),
+            violations=[],
+        )
+        return reply
+
+    _with_applied_policy(reply, setup.policy.to_fields())
+    measured = measure_content(reply.content, message_type=message_type)
+    violations = check_reply(
+        measured.description,
+        policy=setup.policy,
+        manifest=declared_manifest(setup.config.model, setup.config.data),
+        max_metric_values=_max_metric_values(setup),
+    )
+    epsilon = _epsilon(reply)
+    _record(
+        setup, message, egress=measured.egress, violations=violations, epsilon=epsilon
+    )
+    if violations:
+        reason = describe_violations(violations)
+        LOGGER.error("%s reply blocked: %s", message_type, reason)
+        print(f"[site {setup.site.name}] {message_type}: {reason}", flush=True)
+        return _error_reply(message, protocol.EGRESS_BLOCKED_CODE, reason)
+    return reply
