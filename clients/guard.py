@@ -3,7 +3,9 @@
 For every message it resolves the site's applied policy (site policy and run config,
 the stricter wins) and then:
 
-1. refuses an action the policy does not answer, before the handler runs;
+1. refuses, before the handler runs, an action the policy does not answer, and an
+   action whose reply is trained weights when the policy keeps weights home (no
+   training is wasted on a reply that could never leave);
 2. runs the handler; any exception the handler let through becomes an error reply;
 3. adds the applied policy to the reply's settings (``policy.*``), so the
    coordinator sees what bound;
@@ -107,6 +109,24 @@ def _with_applied_policy(reply: Message, fields: Mapping[str, object]) -> None:
         settings.update(fields)  # type: ignore[arg-type]
 
 
+def _refuse_before_running(setup: SiteSetup, message_type: str) -> Violation | None:
+    """The rule a message breaks before any work, or None when it may run."""
+    if message_type not in setup.policy.answers:
+        return Violation(
+            Rule.ACTION_NOT_ANSWERED,
+            f"{message_type!r} is not in actions.answer of {setup.policy_source}",
+        )
+    schema = protocol.REPLY_SCHEMAS.get(message_type)
+    returns_weights = schema is not None and (schema.weights or bool(schema.models))
+    if returns_weights and not setup.policy.weights_may_leave:
+        return Violation(
+            Rule.WEIGHTS_MAY_NOT_LEAVE,
+            f"a {message_type!r} reply is trained weights, but release."
+            f"weights-may-leave is false in {setup.policy_source}; nothing was run",
+        )
+    return None
+
+
 def egress_guard(
     message: Message, context: Context, call_next: ClientAppCallable
 ) -> Message:
@@ -121,11 +141,8 @@ def egress_guard(
         LOGGER.error("%s refused: %s", message_type, reason)
         return _error_reply(message, protocol.SITE_ERROR_CODE, reason)
 
-    if message_type not in setup.policy.answers:
-        refusal = Violation(
-            Rule.ACTION_NOT_ANSWERED,
-            f"{message_type!r} is not in actions.answer of {setup.policy_source}",
-        )
+    refusal = _refuse_before_running(setup, message_type)
+    if refusal is not None:
         _record(setup, message, egress=None, violations=[refusal])
         return _error_reply(
             message, protocol.EGRESS_BLOCKED_CODE, describe_violations([refusal])

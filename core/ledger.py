@@ -602,6 +602,24 @@ def _group(
     )
 
 
+# Where a site's entries record the budget (core.policy.AppliedPolicy.to_fields()).
+_BUDGET_KEY: Final = "policy.dp.budget-epsilon"
+
+
+def _recorded_budget(entries: Sequence[LedgerEntry]) -> float | None:
+    """The ε budget the latest entry's applied policy states, if any.
+
+    Example:
+        >>> _recorded_budget([]) is None
+        True
+    """
+    for entry in reversed(entries):
+        value = entry.policy.get(_BUDGET_KEY)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
 def summarise_ledger(
     entries: Sequence[LedgerEntry], *, epsilon_budget: float | None = None
 ) -> LedgerSummary:
@@ -609,7 +627,8 @@ def summarise_ledger(
 
     Args:
         entries: a verified ledger's entries (see :func:`verify_ledger`).
-        epsilon_budget: the site's total ε budget at the policy's δ, if known.
+        epsilon_budget: the site's total ε budget at the policy's δ; None takes the
+            budget the latest entry's applied policy recorded, if any.
 
     Returns:
         The summary; ``epsilon_remaining`` is negative when the budget was exceeded.
@@ -622,6 +641,8 @@ def summarise_ledger(
     cumulative = max((entry.epsilon_total for entry in entries), default=0.0)
     spent = sum(entry.epsilon_spent for entry in entries)
     used = cumulative or spent
+    if epsilon_budget is None:
+        epsilon_budget = _recorded_budget(entries)
     return LedgerSummary(
         rows=_group(entries, lambda e: (e.run_id, e.message_type, e.direction)),
         run_totals=_group(entries, lambda e: (e.run_id, ALL, ALL)),

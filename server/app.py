@@ -18,7 +18,7 @@ from core.config import RunConfig, load_run_config, to_flat
 from core.data import list_site_dirs, read_federation_target
 from core.synthetic import ensure_builtin_federation, resolve_federation_dir
 from server import pipeline
-from server.report import build_report, write_report
+from server.report import build_privacy_section, build_report, write_report
 from server.store import RunStore
 
 app = ServerApp()
@@ -97,15 +97,20 @@ def main(grid: Grid, context: Context) -> None:
     )
     seconds["evaluation"] = time.perf_counter() - started
 
+    source_training = store.load_phase("source-training") or {}
+    privacy = build_privacy_section(
+        coordinator.ledger.entries(), coordinator.applied_policies, source_training
+    )
     report = build_report(
         run_id=context.run_id,
         config=to_flat(config),
         discover=store.load_phase("discover") or {},
-        source_training=store.load_phase("source-training") or {},
+        source_training=source_training,
         transferability=selection,
         adaptation=store.load_phase("adaptation") or {},
         evaluation=evaluation,
         phase_seconds=seconds,
+        privacy=privacy,
     )
     markdown = write_report(store, report)
     _log(f"report written to {store.run_dir / 'report.md'}\n\n{markdown}")

@@ -88,9 +88,15 @@ class Coordinator:
         """The coordinator's ledger of this run."""
         return Ledger(self.store.run_dir / LEDGER_FILE)
 
-    def site_name(self, node: int) -> str:
-        """The node's site name, or ``node <id>`` before discover."""
-        return self.site_names.get(node, f"node {node}")
+    def site_name(self, node: int, reply: Message | None = None) -> str:
+        """The node's site name: known, or said in its hello reply, or ``node <id>``."""
+        if node in self.site_names:
+            return self.site_names[node]
+        if reply is not None and not reply.has_error():
+            said = records.read_settings(reply.content).get("site")
+            if isinstance(said, str) and said:
+                return said
+        return f"node {node}"
 
     def _record(self, message: Message, *, direction: str, sender: str) -> None:
         if message.has_error():
@@ -121,7 +127,7 @@ class Coordinator:
             if key.startswith(protocol.APPLIED_POLICY_PREFIX)
         }
         if applied:
-            self.applied_policies[self.site_name(node)] = applied
+            self.applied_policies[self.site_name(node, reply)] = applied
 
     def ask(self, requests: Mapping[int, RecordDict], message_type: str) -> Replies:
         """Send one message per node and wait up to the reply timeout.
@@ -152,7 +158,7 @@ class Coordinator:
             node = by_message_id.get(reply.metadata.reply_to_message_id)
             if node is None:
                 continue
-            self._record(reply, direction=INGRESS, sender=self.site_name(node))
+            self._record(reply, direction=INGRESS, sender=self.site_name(node, reply))
             self._keep_applied_policy(node, reply)
             if reply.has_error():
                 failed[node] = f"error {reply.error.code}: {reply.error.reason}"
@@ -204,11 +210,6 @@ def discover(
         except ValueError as error:
             failed[node] = f"malformed reply: {error}"
     coordinator.site_names.update({node: site.name for node, site in sites.items()})
-    for node, site in sites.items():
-        # hello replies arrived before the names were known
-        policy = coordinator.applied_policies.pop(f"node {node}", None)
-        if policy is not None:
-            coordinator.applied_policies[site.name] = policy
     for node, reason in failed.items():
         coordinator.log(f"node {node} did not say hello: {reason}")
     if len(sites) < config.federation.min_sites:
@@ -265,9 +266,15 @@ def train_sources(
         models[name] = weights
         coordinator.store.save_model(f"source-{name}", weights)
         training[name] = report.to_fields()
+        privacy = (
+            f", DP epsilon {report.epsilon_spent:.3f} (site total "
+            f"{report.epsilon_total:.3f}, delta {report.delta:g})"
+            if report.private
+            else ""
+        )
         coordinator.log(
-            f"source {name}: loss {training[name]['loss']:.4f}, "
-            f"{training[name]['num-examples']} examples"
+            f"source {name}: loss {report.loss:.4f}, {report.num_examples} "
+            f"examples{privacy}"
         )
     required = min(config.federation.min_sites, len(sources))
     if len(models) < max(required, 1):

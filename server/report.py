@@ -3,17 +3,69 @@
 ``report.json`` holds ``sites`` (name, role, cases), ``transferability`` (``dtm`` per
 source, ``main``, ``aux``, ``weights``), ``evaluation.dice`` with one entry per source
 model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main`` and HD95),
-the per-phase timings, who was missing, and the resolved config.
+the per-phase timings, who was missing, ``privacy`` (per site: what it released per
+action, the policy it applied and the epsilon it spent, from the coordinator's ledger
+and the sites' replies) and the resolved config.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.ledger import INGRESS, LedgerEntry
 from server.store import RunStore
+
+# The applied-policy fields the report shows (the rest stay in report.json).
+_POLICY_COLUMNS = (
+    "policy.release.lftm",
+    "policy.release.weights-may-leave",
+    "policy.dp.required",
+    "policy.dp.budget-epsilon",
+)
+
+
+def build_privacy_section(
+    entries: Sequence[LedgerEntry],
+    applied_policies: Mapping[str, Mapping[str, Any]],
+    source_training: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Per site: what reached the coordinator per action, the policy, epsilon spent.
+
+    Args:
+        entries: the coordinator's ledger of this run.
+        applied_policies: site -> the ``policy.*`` fields its replies carried.
+        source_training: the source-training phase result (its ``dp.*`` figures).
+
+    Returns:
+        ``{site: {"released": {action: {...}}, "policy": {...}, "epsilon": {...}}}``.
+    """
+    sites: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if entry.direction != INGRESS or entry.egress is None:
+            continue
+        site = sites.setdefault(entry.sender, {"released": {}})
+        action = site["released"].setdefault(
+            entry.message_type,
+            {"replies": 0, "errors": 0, "bytes": 0, "arrays": 0, "metric_values": 0},
+        )
+        action["replies"] += 1
+        action["errors"] += int("error.reason" in entry.egress.configs)
+        action["bytes"] += entry.egress.total_bytes
+        action["arrays"] += len(entry.egress.arrays)
+        action["metric_values"] += sum(entry.egress.metrics.values())
+    for name, policy in applied_policies.items():
+        sites.setdefault(name, {"released": {}})["policy"] = dict(policy)
+    for name, training in source_training.get("training", {}).items():
+        sites.setdefault(name, {"released": {}})["epsilon"] = {
+            "spent": training.get("dp.epsilon-spent", 0.0),
+            "total": training.get("dp.epsilon-total", 0.0),
+            "delta": training.get("dp.delta", 0.0),
+            "noise_multiplier": training.get("dp.noise-multiplier", 0.0),
+        }
+    return dict(sorted(sites.items()))
 
 
 def build_report(
@@ -26,6 +78,7 @@ def build_report(
     adaptation: Mapping[str, Any],
     evaluation: Mapping[str, Any],
     phase_seconds: Mapping[str, float],
+    privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report document from the phases' persisted results."""
     target = discover["target"]
@@ -64,13 +117,14 @@ def build_report(
         "sites": sites,
         "source_training": source_training.get("training", {}),
         "transferability": {
-            key: transferability[key]
-            for key in ("metric", "dtm", "main", "aux", "weights", "itm")
+            key: transferability.get(key)
+            for key in ("metric", "release", "dtm", "main", "aux", "weights", "itm")
         },
         "adaptation": dict(adaptation),
         "evaluation": dict(evaluation),
         "phase_seconds": dict(phase_seconds),
         "missing": missing,
+        "privacy": dict(privacy or {}),
         "config": dict(config),
     }
 
@@ -136,12 +190,55 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         f"| {name} | {seconds:.1f} |"
         for name, seconds in report["phase_seconds"].items()
     ]
+    lines += _privacy_lines(report.get("privacy", {}))
     missing = {phase: who for phase, who in report["missing"].items() if who}
     if missing:
         lines += ["", "## Missing sites", ""]
         lines += [f"- {phase}: {who}" for phase, who in missing.items()]
     lines += ["", "Plots: `dtm.png` (transferability), `dice.png` (evaluation).", ""]
     return "\n".join(lines)
+
+
+def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
+    if not privacy:
+        return []
+    lines = [
+        "",
+        "## Privacy",
+        "",
+        "What reached the coordinator from each site (its ledger: "
+        "`ledger.jsonl` in this folder; each site keeps its own), the policy the "
+        "site applied and the DP-SGD epsilon it spent in this run.",
+        "",
+        "| site | action | replies | errors | bytes | arrays | metric values |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for site, section in privacy.items():
+        for action, counts in section.get("released", {}).items():
+            lines.append(
+                f"| {site} | {action} | {counts['replies']} | {counts['errors']} | "
+                f"{counts['bytes']} | {counts['arrays']} | {counts['metric_values']} |"
+            )
+    lines += [
+        "",
+        "| site | LFTM release | weights may leave | DP required | ε budget | "
+        "ε spent (run) | ε total (site) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for site, section in privacy.items():
+        policy = section.get("policy", {})
+        epsilon = section.get("epsilon", {})
+        cells = [str(policy.get(column, "n/a")) for column in _POLICY_COLUMNS]
+        spent = (
+            f"{epsilon['spent']:.3f} (δ {epsilon['delta']:g})"
+            if epsilon.get("noise_multiplier")
+            else "no DP"
+            if epsilon
+            else "-"
+        )
+        total = f"{epsilon['total']:.3f}" if epsilon.get("noise_multiplier") else "-"
+        lines.append(f"| {site} | {' | '.join(cells)} | {spent} | {total} |")
+    return lines
 
 
 def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:

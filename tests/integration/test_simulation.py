@@ -7,16 +7,26 @@ from pathlib import Path
 
 import pytest
 
+from core.cli import main as sitebridge
+from core.ledger import Ledger
 from core.synthetic import write_federation
 from simulations.simulate import format_run_config, run_simulation
 
 pytestmark = pytest.mark.integration
+
+# The target releases LFTM per case; everything else is the template's defaults.
+TARGET_POLICY = (
+    (Path(__file__).resolve().parents[2] / "deploy" / "policy.template.toml")
+    .read_text()
+    .replace('lftm = "domain"', 'lftm = "instance"')
+)
 
 
 def run_tiny_federation(tmp_path: Path, **overrides: bool | int | float | str) -> Path:
     """The one place that starts a simulation: returns the run folder."""
     federation = tmp_path / "federation"
     write_federation(federation, seed=3, num_sites=3, num_train_cases=3)
+    (federation / "A" / "policy.toml").write_text(TARGET_POLICY)
     runs = tmp_path / "runs"
     run_config = {
         "federation.dir": str(federation),
@@ -42,8 +52,10 @@ def run_tiny_federation(tmp_path: Path, **overrides: bool | int | float | str) -
 
 
 def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
-    # Execute
-    run_dir = run_tiny_federation(tmp_path)
+    # Execute: the run asks for DP-SGD at every source
+    run_dir = run_tiny_federation(
+        tmp_path, **{"privacy.dp": True, "privacy.noise-multiplier": 1.5}
+    )
 
     # Assert
     report = json.loads((run_dir / "report.json").read_text())
@@ -57,6 +69,7 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         1.0
     )
     assert transfer["weights"]["main"] >= transfer["weights"]["aux"]
+    assert transfer["release"] == "instance"  # A's own policy.toml
     assert len(transfer["itm"]) == 3  # one row per target training case, no names
     dice = report["evaluation"]["dice"]
     assert set(dice) == {"source:B", "source:C", "uniform", "tgma", "tgma-main"}
@@ -75,6 +88,42 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert (run_dir / "dtm.png").stat().st_size > 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train.epochs"] == 3
+
+    # Privacy: DP applied at the sources, every ledger intact, the report says so.
+    privacy = report["privacy"]
+    assert set(privacy) == {"A", "B", "C"}
+    for source in ("B", "C"):
+        assert privacy[source]["policy"]["policy.dp.required"] is True
+        assert privacy[source]["epsilon"]["noise_multiplier"] == 1.5
+        assert privacy[source]["epsilon"]["spent"] > 0.0
+        assert privacy[source]["released"]["train.source"]["arrays"] > 0
+    assert privacy["A"]["policy"]["policy.release.lftm"] == "instance"
+    assert privacy["A"]["released"]["query.lftm"]["arrays"] == 0
+    assert "## Privacy" in (run_dir / "report.md").read_text()
+    federation = tmp_path / "federation"
+    for ledger in (
+        run_dir / "ledger.jsonl",
+        *(federation / site / ".sitebridge" / "ledger.jsonl" for site in "ABC"),
+    ):
+        assert sitebridge(["audit", "verify", str(ledger)]) == 0
+    site_digests = {
+        entry.egress.digest
+        for site in "ABC"
+        for entry in Ledger(
+            federation / site / ".sitebridge" / "ledger.jsonl"
+        ).entries()
+        if entry.egress is not None
+    }
+    received = [
+        entry
+        for entry in Ledger(run_dir / "ledger.jsonl").entries()
+        if entry.direction == "ingress"
+    ]
+    assert len(received) == 3 + 2 + 1 + 1 + 1  # hello, source, lftm, adapt, evaluate
+    assert all(
+        entry.egress and entry.egress.digest in site_digests for entry in received
+    )
+    assert (federation / "B" / ".sitebridge" / "accountant.json").is_file()
 
 
 def test_a_failing_run_exits_non_zero_and_says_why(
