@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shutil
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.config import RunConfig, load_default_config
+from core.config import Norm, RunConfig, load_default_config
 from core.data import SiteDataError
 from core.jobs import (
     SourceTraining,
@@ -19,6 +20,11 @@ from core.jobs import (
     train_source_model,
 )
 from core.models import Arrays, build_model, get_manifest
+from core.privacy import (
+    DpSettings,
+    PrivacyBudgetError,
+    read_accountant_state,
+)
 from core.synthetic import EVALUATION_CASES_PER_SITE, write_federation
 
 NUM_TRAIN = 2
@@ -151,6 +157,92 @@ def test_train_source_model_rejects_initial_weights_of_another_network(
         train_source_model(
             federation / "B", config, initial_weights=build_initial_weights(other)
         )
+
+
+DP = DpSettings(
+    noise_multiplier=1.0,
+    target_epsilon=None,
+    delta=1e-5,
+    max_grad_norm=1.0,
+    budget_epsilon=1000.0,
+)
+
+
+def test_train_source_model_with_dp_records_epsilon_in_the_accountant(
+    federation: Path, config: RunConfig, tmp_path: Path
+) -> None:
+    # Prepare
+    accountant = tmp_path / "state" / "accountant.json"
+
+    # Execute
+    first = train_source_model(
+        federation / "B", config, dp=DP, accountant_path=accountant
+    )
+    second = train_source_model(
+        federation / "B", config, dp=DP, accountant_path=accountant
+    )
+
+    # Assert
+    assert first.privacy is not None
+    assert second.privacy is not None
+    assert first.privacy.epsilon_spent > 0.0
+    assert first.privacy.epsilon_total == pytest.approx(first.privacy.epsilon_spent)
+    assert second.privacy.epsilon_total > first.privacy.epsilon_total
+    saved = read_accountant_state(accountant)
+    assert len(saved.history) == 2
+    assert saved.epsilon(DP.delta) == pytest.approx(second.privacy.epsilon_total)
+    assert get_manifest_of(first.weights) == get_manifest(
+        build_model(config.model, data=config.data)
+    )
+
+
+def get_manifest_of(weights: Arrays) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) for name, value in weights.items()}
+
+
+def test_train_source_model_without_dp_has_no_privacy_result(
+    trained: dict[str, SourceTraining],
+) -> None:
+    # Assert
+    assert trained["B"].privacy is None
+
+
+def test_train_source_model_over_budget_leaves_the_accountant_unchanged(
+    federation: Path, config: RunConfig, tmp_path: Path
+) -> None:
+    # Prepare
+    accountant = tmp_path / "accountant.json"
+    train_source_model(federation / "B", config, dp=DP, accountant_path=accountant)
+    before = accountant.read_bytes()
+    tight = DpSettings(
+        noise_multiplier=1.0,
+        target_epsilon=None,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        budget_epsilon=read_accountant_state(accountant).epsilon(1e-5) + 1e-3,
+    )
+
+    # Execute / Assert
+    with pytest.raises(PrivacyBudgetError, match="refused before training"):
+        train_source_model(
+            federation / "B", config, dp=tight, accountant_path=accountant
+        )
+    assert accountant.read_bytes() == before
+
+
+def test_train_source_model_refuses_dp_with_batch_norm(
+    federation: Path, config: RunConfig
+) -> None:
+    # Prepare
+    batch_norm = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, norm=Norm.BATCH)
+    )
+
+    # Execute / Assert
+    with pytest.raises(
+        ValueError, match=r"model\.norm 'batch' keeps running statistics"
+    ):
+        train_source_model(federation / "B", batch_norm, dp=DP)
 
 
 # --- query.lftm ----------------------------------------------------------------------

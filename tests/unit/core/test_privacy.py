@@ -9,10 +9,12 @@ from opacus.accountants import RDPAccountant
 
 from core.config import TrainConfig, load_default_config
 from core.models import build_model, get_weights
+from core.policy import default_policy, resolve_policy
 from core.privacy import (
     AccountantState,
     DpSettings,
     PrivacyBudgetError,
+    dp_settings_for,
     make_dp_compatible,
     plan_private_training,
     read_accountant_state,
@@ -213,3 +215,64 @@ def test_batch_norm_is_replaced_and_instance_norm_is_kept() -> None:
     # Assert
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fixed.modules())
     assert make_dp_compatible(instance) is instance
+
+
+def test_noise_and_target_epsilon_both_bind() -> None:
+    # Prepare: a site's fixed noise and a run's target epsilon, both in force
+    accountant = AccountantState(())
+    target_only = dp_settings(noise_multiplier=None, target_epsilon=3.0)
+    noise_for_target, _, _ = plan_private_training(
+        64, train=TRAIN, dp=target_only, accountant=accountant
+    )
+
+    # Execute
+    low, _, _ = plan_private_training(
+        64,
+        train=TRAIN,
+        dp=dp_settings(noise_multiplier=noise_for_target / 2, target_epsilon=3.0),
+        accountant=accountant,
+    )
+    high, _, _ = plan_private_training(
+        64,
+        train=TRAIN,
+        dp=dp_settings(noise_multiplier=noise_for_target * 2, target_epsilon=3.0),
+        accountant=accountant,
+    )
+
+    # Assert: the larger noise of the two applies
+    assert low == pytest.approx(noise_for_target)
+    assert high == pytest.approx(noise_for_target * 2)
+
+
+def test_dp_settings_follow_the_applied_policy() -> None:
+    # Prepare
+    site = dataclasses.replace(default_policy(), epsilon_budget=6.0)
+    not_required = resolve_policy(
+        site,
+        run_dp_required=False,
+        run_noise_multiplier=None,
+        run_target_epsilon=None,
+        run_max_reply_mb=None,
+    )
+    required = resolve_policy(
+        site,
+        run_dp_required=True,
+        run_noise_multiplier=2.0,
+        run_target_epsilon=None,
+        run_max_reply_mb=None,
+        run_delta=1e-6,
+    )
+
+    # Execute
+    none = dp_settings_for(not_required, max_grad_norm=1.0)
+    settings = dp_settings_for(required, max_grad_norm=0.5)
+
+    # Assert
+    assert none is None
+    assert settings == DpSettings(
+        noise_multiplier=2.0,
+        target_epsilon=None,
+        delta=1e-6,
+        max_grad_norm=0.5,
+        budget_epsilon=6.0,
+    )
