@@ -196,20 +196,12 @@ def test_train_source_replies_weights_matching_the_manifest(
 # ------------------------------------------------------------------------ query.lftm
 
 
-INSTANCE_POLICY = """\
-[actions]
-answer = ["query.hello", "train.source", "query.lftm", "train.adapt", "evaluate"]
-[release]
-lftm = "instance"
-weights-may-leave = true
-max-reply-mb = 64.0
-max-config-value-bytes = 4096
-[dp]
-required = false
-noise-multiplier = 1.0
-delta = 1e-5
-budget-epsilon = 10.0
-"""
+# The template's safe defaults, except that LFTM is released per instance.
+INSTANCE_POLICY = (
+    (Path(__file__).resolve().parents[3] / "deploy" / "policy.template.toml")
+    .read_text()
+    .replace('lftm = "domain"', 'lftm = "instance"')
+)
 
 
 @pytest.mark.parametrize("kind", ["trained", "fresh"])

@@ -18,6 +18,14 @@ APPLIED = resolve_policy(
     run_max_reply_mb=None,
 ).to_fields()
 
+# What B's source-training reply said about DP.
+B_TRAINING = {
+    "dp.epsilon-spent": 0.8,
+    "dp.epsilon-total": 2.4,
+    "dp.delta": 1e-5,
+    "dp.noise-multiplier": 1.5,
+}
+
 
 def weights_egress(nbytes: int) -> Egress:
     array = ArrayRelease(
@@ -62,16 +70,7 @@ def write_coordinator_ledger(path: Path) -> Ledger:
 def test_privacy_section_counts_what_each_site_released(tmp_path: Path) -> None:
     # Prepare
     ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")
-    training = {
-        "training": {
-            "B": {
-                "dp.epsilon-spent": 0.8,
-                "dp.epsilon-total": 2.4,
-                "dp.delta": 1e-5,
-                "dp.noise-multiplier": 1.5,
-            }
-        }
-    }
+    training = {"training": {"B": B_TRAINING}}
 
     # Execute
     section = build_privacy_section(ledger.entries(), {"B": APPLIED}, training)
@@ -102,17 +101,7 @@ def test_privacy_section_counts_what_each_site_released(tmp_path: Path) -> None:
 def test_report_markdown_shows_the_privacy_tables(tmp_path: Path) -> None:
     # Prepare
     ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")
-    training = {
-        "training": {
-            "B": {
-                "dp.epsilon-spent": 0.8,
-                "dp.epsilon-total": 2.4,
-                "dp.delta": 1e-5,
-                "dp.noise-multiplier": 1.5,
-            },
-            "C": {"dp.noise-multiplier": 0.0},
-        }
-    }
+    training = {"training": {"B": B_TRAINING, "C": {"dp.noise-multiplier": 0.0}}}
     privacy = build_privacy_section(ledger.entries(), {"B": APPLIED}, training)
     report = build_report(
         run_id=1,
