@@ -6,7 +6,9 @@ the stricter wins) and then:
 1. refuses, before the handler runs, an action the policy does not answer, and an
    action whose reply is trained weights when the policy keeps weights home (no
    training is wasted on a reply that could never leave);
-2. runs the handler; any exception the handler let through becomes an error reply;
+2. runs the handler; any exception the handler let through becomes an error reply,
+   and an error reason longer than ``release.max-config-value-bytes`` is blocked
+   (an error's text must not carry data either);
 3. adds the applied policy to the reply's settings (``policy.*``), so the
    coordinator sees what bound;
 4. measures the reply (``core.egress``) and checks it against the policy and the
@@ -24,6 +26,7 @@ registered on the same ``ClientApp``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Mapping
@@ -35,7 +38,7 @@ from clients.site import SiteSetup, resolve_setup
 from core import protocol
 from core.config import DataConfig, ModelConfig
 from core.data import SiteDataError, index_site
-from core.egress import measure_content, measure_error
+from core.egress import ERROR_FIELD, measure_content, measure_error
 from core.ledger import BLOCKED_PREFIX, EGRESS, RELEASED, Egress
 from core.models import Manifest, build_model, get_manifest
 from core.policy import (
@@ -94,11 +97,65 @@ def _record(
 
 
 def _max_metric_values(setup: SiteSetup) -> int:
-    """The longest metric list that may leave: one value per case of the site."""
+    """The longest metric list that may leave: one value per training case (ITM)."""
     try:
-        return max(1, index_site(setup.site.directory).num_cases)
+        index = index_site(setup.site.directory)
     except SiteDataError:
         return 1
+    return max(1, len(index.labelled) + len(index.unlabelled))
+
+
+def _requested_names(message: Message) -> set[str]:
+    """Names the request itself introduced: its models and predictors."""
+    content = message.content
+    names = {
+        name
+        for key in content.array_records
+        if (name := protocol.model_name(key)) is not None
+    }
+    request = content.config_records.get(protocol.REQUEST_KEY, ConfigRecord())
+    if "predictors" in request:
+        # A malformed table has already failed the handler; then no name is requested.
+        with contextlib.suppress(ValueError):
+            names |= set(protocol.EvaluateRequest.from_fields(request).predictors)
+    return names
+
+
+def _unrequested_names(message: Message, reply: Message) -> list[Violation]:
+    """Wildcard fields (``dice.*``, ``itm.*``...) whose name the request never used.
+
+    The schema lets ``dice.<predictor>`` through for any name; without this check the
+    name itself could carry data (a case id, a patient name) out of the site.
+    """
+    schema = protocol.REPLY_SCHEMAS.get(message.metadata.message_type)
+    if schema is None:
+        return []
+    requested = _requested_names(message)
+    violations = []
+    for record_key, patterns, fields in (
+        (
+            protocol.METRICS_KEY,
+            schema.metrics,
+            reply.content.metric_records.get(protocol.METRICS_KEY, MetricRecord()),
+        ),
+        (
+            protocol.REPLY_KEY,
+            schema.settings,
+            reply.content.config_records.get(protocol.REPLY_KEY, ConfigRecord()),
+        ),
+    ):
+        prefixes = [pattern[:-1] for pattern in patterns if pattern.endswith(".*")]
+        for key in sorted(fields):
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is not None and key[len(prefix) :] not in requested:
+                violations.append(
+                    Violation(
+                        Rule.UNDECLARED_FIELD,
+                        f"{record_key}/{key} names {key[len(prefix) :]!r}, which is"
+                        " not a model or predictor of the request",
+                    )
+                )
+    return violations
 
 
 def _with_applied_policy(reply: Message, fields: Mapping[str, object]) -> None:
@@ -107,6 +164,38 @@ def _with_applied_policy(reply: Message, fields: Mapping[str, object]) -> None:
         reply.content[protocol.REPLY_KEY] = ConfigRecord(dict(fields))  # type: ignore[arg-type]
     else:
         settings.update(fields)  # type: ignore[arg-type]
+
+
+def _handler_policy_fields(reply: Message) -> list[Violation]:
+    """``policy.*`` settings the handler wrote itself: only the guard writes those.
+
+    The reply schemas let every ``policy.*`` setting through (the applied policy), so
+    without this check a handler could carry any data out under such a name.
+    """
+    settings = reply.content.config_records.get(protocol.REPLY_KEY, ConfigRecord())
+    return [
+        Violation(
+            Rule.UNDECLARED_FIELD,
+            f"{protocol.REPLY_KEY}/{key} was set by the handler; "
+            f"{protocol.APPLIED_POLICY_PREFIX}* settings are the guard's alone",
+        )
+        for key in sorted(settings)
+        if key.startswith(protocol.APPLIED_POLICY_PREFIX)
+    ]
+
+
+def _check_error(setup: SiteSetup, egress: Egress) -> list[Violation]:
+    """An error reason is released text: it gets the config-value size limit."""
+    limit = setup.policy.max_config_value_bytes
+    if egress.total_bytes <= limit:
+        return []
+    return [
+        Violation(
+            Rule.OVERSIZED_CONFIG_VALUE,
+            f"{ERROR_FIELD} is {egress.total_bytes} bytes, "
+            f"release.max-config-value-bytes allows {limit}",
+        )
+    ]
 
 
 def _refuse_before_running(setup: SiteSetup, message_type: str) -> Violation | None:
@@ -156,17 +245,19 @@ def egress_guard(
             message, protocol.SITE_ERROR_CODE, f"{type(error).__name__}: {error}"
         )
     if reply.has_error():
-        _record(
-            setup,
-            message,
-            egress=measure_error(reply.error.reason or ""),
-            violations=[],
-        )
+        error_egress = measure_error(reply.error.reason or "")
+        violations = _check_error(setup, error_egress)
+        _record(setup, message, egress=error_egress, violations=violations)
+        if violations:
+            reason = describe_violations(violations)
+            LOGGER.error("%s error reply blocked: %s", message_type, reason)
+            return _error_reply(message, protocol.EGRESS_BLOCKED_CODE, reason)
         return reply
 
+    forged = _handler_policy_fields(reply) + _unrequested_names(message, reply)
     _with_applied_policy(reply, setup.policy.to_fields())
     measured = measure_content(reply.content, message_type=message_type)
-    violations = check_reply(
+    violations = forged + check_reply(
         measured.description,
         policy=setup.policy,
         manifest=declared_manifest(setup.config.model, setup.config.data),

@@ -84,6 +84,8 @@ def measure_content(content: RecordContent, *, message_type: str) -> MeasuredCon
 
     The digest is SHA-256 over, record by record in key order, each array's name,
     dtype, shape and raw bytes, and each metric or config value's canonical JSON.
+    ``total_bytes`` counts every array's bytes and every value's canonical JSON, plus
+    the names they travel under.
 
     Example:
         >>> class Content:
@@ -121,7 +123,7 @@ def measure_content(content: RecordContent, *, message_type: str) -> MeasuredCon
                     nbytes=values.nbytes,
                 )
             )
-            total += values.nbytes
+            total += values.nbytes + len(name.encode())
     metric_records: dict[str, dict[str, int]] = {}
     config_records: dict[str, dict[str, int]] = {}
     metrics: dict[str, int] = {}
@@ -139,7 +141,8 @@ def measure_content(content: RecordContent, *, message_type: str) -> MeasuredCon
                 size = len(encoded)
                 counts[record_key][name] = _count(value) if kind == "metric" else size
                 flat[f"{record_key}/{name}"] = counts[record_key][name]
-                total += size
+                # Names leave too, and a wildcard field (``dice.*``) names anything.
+                total += size + len(name.encode())
     return MeasuredContent(
         description=ReplyDescription(
             message_type=message_type,

@@ -24,8 +24,11 @@ from clients.app import app as client_app
 from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
 from core.data import index_site
+from core.egress import measure_content
 from core.jobs import build_initial_weights
+from core.ledger import EGRESS, INGRESS, Ledger, verify_ledger
 from core.models import Arrays, build_model, get_manifest
+from core.policy import AppliedPolicy, LftmRelease
 from server import pipeline, records
 from server.pipeline import Coordinator, PhaseError, SiteInfo
 from server.report import build_report, format_markdown, write_report
@@ -91,6 +94,7 @@ class PipelineRun:
     adapted: dict[str, Arrays]
     evaluation: dict[str, Any]
     log: list[str]
+    coordinator: Coordinator
 
 
 # ------------------------------------------------------------------------- fixtures
@@ -190,6 +194,7 @@ def full_run(
         adapted=adapted,
         evaluation=evaluation,
         log=log,
+        coordinator=coordinator,
     )
 
 
@@ -794,3 +799,100 @@ def test_report_json_is_valid_json_when_hd95_is_undefined(
     # Assert
     text = (store.run_dir / "report.json").read_text()
     json.loads(text, parse_constant=reject_constant)
+
+
+# -------------------------------------------------------------------------- ledgers
+
+
+def site_ledger(run: PipelineRun, site: str) -> Ledger:
+    """The site's own ledger (these contexts set no state-dir: the default)."""
+    folder = Path(str(run.config.federation.dir)) / site
+    return Ledger(folder / ".sitebridge" / "ledger.jsonl")
+
+
+def test_coordinator_ledger_records_each_request_and_reply(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare
+    path = full_run.store.run_dir / "ledger.jsonl"
+    sent = full_run.grid.sent
+    expected_sequence = []
+    for message_type, count in (
+        (protocol.HELLO, 3),
+        (protocol.TRAIN_SOURCE, 2),
+        (protocol.LFTM, 1),
+        (protocol.ADAPT, 1),
+        (protocol.EVALUATE, 1),
+    ):
+        expected_sequence += [(EGRESS, message_type)] * count
+        expected_sequence += [(INGRESS, message_type)] * count
+
+    # Execute
+    result = verify_ledger(path)
+    entries = Ledger(path).entries()
+
+    # Assert
+    assert result.ok, result.problem
+    assert [(e.direction, e.message_type) for e in entries] == expected_sequence
+    requests = [e for e in entries if e.direction == EGRESS]
+    assert len(requests) == len(sent) == 8
+    assert all(e.sender == pipeline.COORDINATOR for e in requests)
+    assert [e.egress.digest for e in requests if e.egress] == [
+        measure_content(m.content, message_type=m.metadata.message_type).egress.digest
+        for m in sent
+    ]
+    replies = sorted(
+        (e.message_type, e.sender) for e in entries if e.direction == INGRESS
+    )
+    assert replies == sorted(
+        [(protocol.HELLO, name) for name in "ABC"]
+        + [(protocol.TRAIN_SOURCE, name) for name in "BC"]
+        + [(t, "A") for t in (protocol.LFTM, protocol.ADAPT, protocol.EVALUATE)]
+    )
+
+
+def test_each_reply_received_matches_the_sites_own_ledger_entry(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare
+    received = [
+        entry
+        for entry in Ledger(full_run.store.run_dir / "ledger.jsonl").entries()
+        if entry.direction == INGRESS
+    ]
+
+    # Execute
+    site_entries = {site: site_ledger(full_run, site).entries() for site in "ABC"}
+
+    # Assert
+    for site in "ABC":
+        result = verify_ledger(site_ledger(full_run, site).path)
+        assert result.ok, result.problem
+    for entry in received:
+        assert entry.egress is not None
+        released = {
+            site_entry.egress.digest: site_entry
+            for site_entry in site_entries[entry.sender]
+            if site_entry.released
+            and site_entry.egress is not None
+            and site_entry.message_type == entry.message_type
+        }
+        assert entry.egress.digest in released, (entry.sender, entry.message_type)
+        match = released[entry.egress.digest]
+        assert match.egress == entry.egress
+        assert match.sender == entry.sender
+        assert match.policy == full_run.coordinator.applied_policies[entry.sender]
+
+
+def test_coordinator_keeps_each_sites_applied_policy(full_run: PipelineRun) -> None:
+    # Prepare / Execute
+    applied = full_run.coordinator.applied_policies
+
+    # Assert
+    assert sorted(applied) == ["A", "B", "C"]
+    for fields in applied.values():
+        assert all(key.startswith(protocol.APPLIED_POLICY_PREFIX) for key in fields)
+        policy = AppliedPolicy.from_fields(fields)
+        assert policy.lftm_release is LftmRelease.DOMAIN
+        assert policy.weights_may_leave
+        assert not policy.dp_required
