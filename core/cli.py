@@ -1,7 +1,8 @@
 """The ``sitebridge`` console script: small utilities around the federation.
 
 Runs themselves are always ``flwr run .`` (see the README); these subcommands make
-data, check a site folder offline, print a run's report and audit an egress ledger.
+data, check a site folder offline, print a run's report, audit an egress ledger and
+audit a model for membership inference.
 Each body parses its arguments, calls one core function and returns an exit code.
 Heavy imports stay inside the subcommands.
 """
@@ -9,8 +10,14 @@ Heavy imports stay inside the subcommands.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from core.audit import MiaResult
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -121,6 +128,103 @@ def _audit_report(args: argparse.Namespace) -> int:
     return 0
 
 
+_RUN_CONFIG_PAIR: Final = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def parse_run_config(text: str) -> dict[str, bool | int | float | str]:
+    """Parse Flower's ``--run-config`` text (``'key=value ...'``, TOML values).
+
+    A single ``.toml`` path is read as a run-config file, as ``flwr run`` does.
+
+    Raises:
+        ValueError: a value is not a TOML scalar, or the file cannot be read.
+
+    Example:
+        >>> parse_run_config('train.epochs=5 train.device="cpu"')
+        {'train.epochs': 5, 'train.device': 'cpu'}
+    """
+    import tomllib
+
+    if text.strip().endswith(".toml"):
+        path = Path(text.strip())
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ValueError(f"--run-config {path}: {error}") from None
+        flat: dict[str, bool | int | float | str] = {}
+        pending: list[tuple[str, object]] = list(document.items())
+        while pending:
+            key, value = pending.pop()
+            if isinstance(value, dict):
+                pending.extend((f"{key}.{name}", item) for name, item in value.items())
+            elif isinstance(value, bool | int | float | str):
+                flat[key] = value
+            else:
+                raise ValueError(f"--run-config {path}: {key} is not a scalar")
+        return flat
+    overrides: dict[str, bool | int | float | str] = {}
+    for key, raw in _RUN_CONFIG_PAIR.findall(text):
+        try:
+            overrides[key] = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
+            raise ValueError(
+                f"--run-config: {key}={raw} is not a TOML value (quote strings: "
+                f'{key}="{raw}")'
+            ) from None
+    return overrides
+
+
+def _format_mia_table(results: Sequence[MiaResult]) -> str:
+    lines = [
+        f"{'attack':<16} {'AUC':>6}  {'95% CI':<15} {'members':>7} "
+        f"{'non-members':>11} {'references':>10}"
+    ]
+    for result in results:
+        interval = f"[{result.ci[0]:.3f}, {result.ci[1]:.3f}]"
+        lines.append(
+            f"{result.attack:<16} {result.auc:>6.3f}  {interval:<15} "
+            f"{result.n_members:>7} {result.n_nonmembers:>11} "
+            f"{result.references or '-':>10}"
+        )
+    return "\n".join(lines)
+
+
+def _audit_mia(args: argparse.Namespace) -> int:
+    import json
+
+    from core.audit import MiaAttack, audit_site, read_audit_weights
+    from core.config import load_default_config
+
+    try:
+        config = load_default_config(**parse_run_config(args.run_config))
+        attacks = list(MiaAttack) if args.attack == "all" else [MiaAttack(args.attack)]
+        weights = read_audit_weights(args.model, config)
+        results = audit_site(
+            args.site,
+            weights,
+            config,
+            attacks=attacks,
+            references=args.references,
+            resamples=args.bootstrap,
+            seed=args.seed,
+            progress=lambda line: print(line, flush=True),
+        )
+    except ValueError as error:  # SiteDataError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(_format_mia_table(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "site": str(args.site),
+            "model": str(args.model),
+            "results": [result.to_dict() for result in results],
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = argparse.ArgumentParser(
@@ -177,6 +281,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=float, help="the site's total epsilon budget to compare with"
     )
     summary.set_defaults(run=_audit_report)
+    mia = audit_commands.add_parser(
+        "mia",
+        help="membership-inference audit of a model trained on a site's cases",
+        description="Members are the site's labelled imagesTr cases, non-members its "
+        "labelled imagesTs cases; reports each attack's AUC with a bootstrap 95% CI.",
+    )
+    mia.add_argument("--site", type=Path, required=True, help="the site folder")
+    mia.add_argument(
+        "--model", type=Path, required=True, help="weights (.npz) trained on the site"
+    )
+    mia.add_argument(
+        "--attack",
+        choices=("loss-threshold", "calibrated-loss", "all"),
+        default="all",
+    )
+    mia.add_argument(
+        "--references",
+        type=int,
+        default=4,
+        help="reference models trained for calibrated-loss (default 4)",
+    )
+    mia.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)"
+    )
+    mia.add_argument("--seed", type=int, default=0)
+    mia.add_argument(
+        "--run-config",
+        default="",
+        help="overrides of the run-config defaults the model was trained with, as "
+        "for flwr run: 'model.channels=\"16,32\" train.epochs=5' or a .toml file",
+    )
+    mia.add_argument("--json", type=Path, help="also write the results here")
+    mia.set_defaults(run=_audit_mia)
     return parser
 
 
