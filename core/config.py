@@ -54,6 +54,17 @@ class Attention(StrEnum):
     GRADCAM = "gradcam"
 
 
+# The coordinator's phases in run order (server/runner.py runs them). ``last-phase``
+# names one of these; a resumed run skips those already persisted.
+PIPELINE_PHASES: Final = (
+    "discover",
+    "source-training",
+    "transferability",
+    "adaptation",
+    "evaluation",
+)
+
+
 def _require(condition: bool, key: str, rule: str, value: object) -> None:
     if not condition:
         raise ValueError(f"{key} must be {rule}, got {value!r}")
@@ -70,6 +81,7 @@ class FederationConfig:
     synthetic_sites: int
     synthetic_cases: int
     min_sites: int
+    expected_sites: int  # 0 = count the site folders when the coordinator sees them
     wait_nodes_s: float
     reply_timeout_s: float
 
@@ -88,6 +100,12 @@ class FederationConfig:
         )
         _require(self.min_sites >= 1, "federation.min-sites", ">= 1", self.min_sites)
         _require(
+            self.expected_sites >= 0,
+            "federation.expected-sites",
+            ">= 0",
+            self.expected_sites,
+        )
+        _require(
             self.wait_nodes_s > 0, "federation.wait-nodes-s", "> 0", self.wait_nodes_s
         )
         _require(
@@ -95,6 +113,31 @@ class FederationConfig:
             "federation.reply-timeout-s",
             "> 0",
             self.reply_timeout_s,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineConfig:
+    """Which phases run: stop early, or resume an interrupted run.
+
+    Its keys are top-level in the run config (``resume-run``, ``last-phase``).
+    """
+
+    resume_run: str  # a run id under output.runs-dir; "" = a new run
+    last_phase: str  # "" = every phase
+
+    def __post_init__(self) -> None:
+        _require(
+            self.last_phase in ("", *PIPELINE_PHASES),
+            "last-phase",
+            f"empty or one of {', '.join(PIPELINE_PHASES)}",
+            self.last_phase,
+        )
+        _require(
+            self.resume_run == "" or self.resume_run.isdigit(),
+            "resume-run",
+            "empty or a run id (digits, the folder name under output.runs-dir)",
+            self.resume_run,
         )
 
 
@@ -276,6 +319,7 @@ class PrivacyConfig:
 class RunConfig:
     """The whole resolved run configuration."""
 
+    pipeline: PipelineConfig
     federation: FederationConfig
     output: OutputConfig
     data: DataConfig
@@ -302,6 +346,16 @@ def _group_types() -> dict[str, type]:
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
+
+
+# Groups whose keys sit at the top level of the run config, without a group prefix.
+_TOP_LEVEL_GROUPS: Final = frozenset({"pipeline"})
+
+
+def _flat_key(group_name: str, field_name: str) -> str:
+    if group_name in _TOP_LEVEL_GROUPS:
+        return _kebab(field_name)
+    return f"{_kebab(group_name)}.{_kebab(field_name)}"
 
 
 def _parse_value(key: str, raw: ConfigValue, annotation: Any) -> object:
@@ -361,11 +415,14 @@ def load_run_config(flat: Mapping[str, ConfigValue]) -> RunConfig:
         hints = typing.get_type_hints(group_type)
         values: dict[str, object] = {}
         for field in dataclasses.fields(group_type):
-            key = f"{_kebab(group_name)}.{_kebab(field.name)}"
+            key = _flat_key(group_name, field.name)
             known.add(key)
             if key not in flat:
                 raise ValueError(f"{key} is missing from the run config")
-            values[field.name] = _parse_value(key, flat[key], hints[field.name])
+            raw = flat[key]
+            if key == "resume-run" and type(raw) is int:
+                raw = str(raw)  # an unquoted run id on the command line
+            values[field.name] = _parse_value(key, raw, hints[field.name])
         groups[group_name] = group_type(**values)
     unknown = sorted(set(flat) - known)
     if unknown:
@@ -384,7 +441,7 @@ def to_flat(config: RunConfig) -> dict[str, ConfigValue]:
                 value = ",".join(str(item) for item in value)
             elif isinstance(value, StrEnum):
                 value = value.value
-            flat[f"{_kebab(group_field.name)}.{_kebab(field.name)}"] = value
+            flat[_flat_key(group_field.name, field.name)] = value
     return flat
 
 

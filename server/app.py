@@ -1,25 +1,25 @@
 """The SiteBridge ServerApp: run config -> phase pipeline -> report.
 
-Phases run in order, each persisted under ``runs/<run-id>/phases/`` before the next
-starts: discover -> source training -> transferability -> adaptation -> evaluation.
-With ``federation.dir`` empty the built-in synthetic federation is generated (cached)
-first, which is what a local simulation runs on.
+Phases run in order (``server/runner.py``), each persisted under
+``runs/<run-id>/phases/`` before the next starts: discover -> source training ->
+transferability -> adaptation -> evaluation. ``last-phase`` stops early;
+``resume-run=<run-id>`` finishes an interrupted run in its own folder, reloading the
+phases it had finished. With ``federation.dir`` empty the built-in synthetic
+federation is generated (cached) first, which is what a local simulation runs on.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from core.config import RunConfig, load_run_config, to_flat
+from core.config import RunConfig, load_run_config
 from core.data import list_site_dirs, read_federation_target
 from core.synthetic import ensure_builtin_federation, resolve_federation_dir
 from server import pipeline
-from server.report import build_privacy_section, build_report, write_report
-from server.store import RunStore
+from server.runner import PipelineRunner, open_run_store
 
 app = ServerApp()
 
@@ -38,7 +38,12 @@ def resolve_runs_dir(config: RunConfig) -> Path:
 
 
 def prepare_federation(config: RunConfig) -> tuple[int, str | None]:
-    """Generate the built-in federation if asked; return (site count, target)."""
+    """Generate the built-in federation if asked; return (nodes to wait for, target).
+
+    In a deployment the coordinator usually cannot see the sites' folders: it then
+    waits for ``federation.expected-sites`` nodes (or ``federation.min-sites`` when
+    that is 0) and the target must be named by ``federation.target-site``.
+    """
     federation = config.federation
     if not federation.dir:
         folder = resolve_federation_dir(federation)
@@ -50,67 +55,29 @@ def prepare_federation(config: RunConfig) -> tuple[int, str | None]:
             progress=_log,
         )
     folder = resolve_federation_dir(federation)
-    return len(list_site_dirs(folder)), read_federation_target(folder)
+    if not folder.is_dir():
+        _log(f"{folder} is not visible here: the sites hold their own folders")
+        return federation.expected_sites or federation.min_sites, None
+    expected = federation.expected_sites or len(list_site_dirs(folder))
+    return expected, read_federation_target(folder)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the TGMA pipeline over the connected sites and write the report."""
+    """Run the pipeline over the connected sites and write the report."""
     config = load_run_config(context.run_config)
-    store = RunStore(resolve_runs_dir(config) / str(context.run_id))
-    store.write_json("config.json", to_flat(config))
-    _log(f"run {context.run_id}: results in {store.run_dir}")
+    store = open_run_store(
+        config, run_id=context.run_id, runs_dir=resolve_runs_dir(config)
+    )
+    resumed = f" (resuming run {config.pipeline.resume_run})" * bool(
+        config.pipeline.resume_run
+    )
+    _log(f"run {context.run_id}{resumed}: results in {store.run_dir}")
     expected, default_target = prepare_federation(config)
     coordinator = pipeline.Coordinator(grid=grid, config=config, store=store, log=_log)
-    seconds: dict[str, float] = {}
-
-    started = time.perf_counter()
-    nodes = pipeline.wait_for_nodes(
-        grid, expected=expected, wait_s=config.federation.wait_nodes_s, log=_log
-    )
-    sites, target = pipeline.discover(
-        coordinator, nodes=nodes, default_target=default_target
-    )
-    seconds["discover"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    target_site = next(site for site in sites.values() if site.name == target)
-    sources = {
-        node: site
-        for node, site in sites.items()
-        if site.name != target and site.hello.labelled > 0
-    }
-    models = pipeline.train_sources(coordinator, sources)
-    seconds["source-training"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    selection = pipeline.transferability(coordinator, target_site, models)
-    seconds["transferability"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    adapted = pipeline.adaptation(coordinator, target_site, models, selection)
-    seconds["adaptation"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    evaluation = pipeline.evaluation(
-        coordinator, target_site, models, adapted, selection
-    )
-    seconds["evaluation"] = time.perf_counter() - started
-
-    source_training = store.load_phase("source-training") or {}
-    privacy = build_privacy_section(
-        coordinator.ledger.entries(), coordinator.applied_policies, source_training
-    )
-    report = build_report(
-        run_id=context.run_id,
-        config=to_flat(config),
-        discover=store.load_phase("discover") or {},
-        source_training=source_training,
-        transferability=selection,
-        adaptation=store.load_phase("adaptation") or {},
-        evaluation=evaluation,
-        phase_seconds=seconds,
-        privacy=privacy,
-    )
-    markdown = write_report(store, report)
-    _log(f"report written to {store.run_dir / 'report.md'}\n\n{markdown}")
+    PipelineRunner(
+        coordinator,
+        flower_run_id=context.run_id,
+        expected_nodes=expected,
+        default_target=default_target,
+    ).run()

@@ -192,11 +192,9 @@ def wait_for_nodes(grid: Grid, *, expected: int, wait_s: float, log: Log) -> lis
     return sorted(nodes)
 
 
-def discover(
-    coordinator: Coordinator, *, nodes: list[int], default_target: str | None
-) -> tuple[dict[int, SiteInfo], str]:
-    """Phase 1: ask every node who it is; choose the target site."""
-    config = coordinator.config
+def _say_hello(
+    coordinator: Coordinator, nodes: list[int]
+) -> tuple[dict[int, SiteInfo], dict[int, str]]:
     replies = coordinator.ask(
         {node: records.build_request() for node in nodes}, protocol.HELLO
     )
@@ -212,6 +210,15 @@ def discover(
     coordinator.site_names.update({node: site.name for node, site in sites.items()})
     for node, reason in failed.items():
         coordinator.log(f"node {node} did not say hello: {reason}")
+    return sites, failed
+
+
+def discover(
+    coordinator: Coordinator, *, nodes: list[int], default_target: str | None
+) -> tuple[dict[int, SiteInfo], str]:
+    """Phase 1: ask every node who it is; choose the target site."""
+    config = coordinator.config
+    sites, failed = _say_hello(coordinator, nodes)
     if len(sites) < config.federation.min_sites:
         raise PhaseError(
             f"discover: only {len(sites)} site(s) answered, federation."
@@ -238,6 +245,33 @@ def discover(
     )
     coordinator.log(f"discover: sites {names}, target {target}")
     return sites, target
+
+
+def rediscover(
+    coordinator: Coordinator, *, nodes: list[int], saved: Mapping[str, Any]
+) -> dict[int, SiteInfo]:
+    """Map the sites of a resumed run onto this run's nodes (hello, not persisted).
+
+    Node ids belong to a Flower run (in simulation they change with every run), so a
+    resumed run asks every node who it is again; the saved discover result stays the
+    run's record. Only the target must answer: the finished phases do not need the
+    others, and later phases proceed without the missing ones as usual.
+
+    Raises:
+        PhaseError: the saved target did not answer.
+    """
+    sites, failed = _say_hello(coordinator, nodes)
+    names = sorted(site.name for site in sites.values())
+    if saved["target"] not in names:
+        raise PhaseError(
+            f"resume: target site {saved['target']!r} is not among the sites that "
+            f"answered {names}; failures: {failed}"
+        )
+    known = {site["name"] for site in saved["sites"]}
+    coordinator.log(
+        f"resume: sites {names} answered; the run's sites were {sorted(known)}"
+    )
+    return sites
 
 
 def train_sources(
@@ -370,7 +404,9 @@ def adaptation(
     for name, weights in adapted.items():
         coordinator.store.save_model(f"adapted-{name}", weights)
     outcome = protocol.AdaptReply.from_fields(records.read_metrics(reply.content))
-    coordinator.store.save_phase("adaptation", outcome.to_fields())
+    coordinator.store.save_phase(
+        "adaptation", {**outcome.to_fields(), "models": sorted(adapted)}
+    )
     coordinator.log(
         f"adaptation: {outcome.num_examples} examples, "
         f"{outcome.pseudo_label_foreground:.3f} pseudo-foreground, "

@@ -72,15 +72,24 @@ def build_report(
     *,
     run_id: int,
     config: Mapping[str, Any],
-    discover: Mapping[str, Any],
-    source_training: Mapping[str, Any],
-    transferability: Mapping[str, Any],
-    adaptation: Mapping[str, Any],
-    evaluation: Mapping[str, Any],
+    discover: Mapping[str, Any] | None,
+    source_training: Mapping[str, Any] | None,
+    transferability: Mapping[str, Any] | None,
+    adaptation: Mapping[str, Any] | None,
+    evaluation: Mapping[str, Any] | None,
     phase_seconds: Mapping[str, float],
     privacy: Mapping[str, Any] | None = None,
+    attempts: Sequence[Mapping[str, Any]] = (),
+    coordinator: Mapping[str, Any] | None = None,
+    error: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble the report document from the phases' persisted results."""
+    """Assemble the report document from the phases' persisted results.
+
+    A phase that has not finished (the run stopped at ``last-phase``, or failed) is
+    passed as None and appears as null; ``error`` says why a run stopped.
+    """
+    discover = discover or {"target": None, "sites": [], "missing": {}}
+    source_training = source_training or {}
     target = discover["target"]
     trained = set(source_training.get("training", {}))
     sites = []
@@ -114,17 +123,22 @@ def build_report(
     return {
         "run_id": run_id,
         "target": target,
+        "error": error,
         "sites": sites,
         "source_training": source_training.get("training", {}),
-        "transferability": {
+        "transferability": None
+        if transferability is None
+        else {
             key: transferability.get(key)
             for key in ("metric", "release", "dtm", "main", "aux", "weights", "itm")
         },
-        "adaptation": dict(adaptation),
-        "evaluation": dict(evaluation),
+        "adaptation": None if adaptation is None else dict(adaptation),
+        "evaluation": None if evaluation is None else dict(evaluation),
         "phase_seconds": dict(phase_seconds),
         "missing": missing,
         "privacy": dict(privacy or {}),
+        "attempts": [dict(attempt) for attempt in attempts],
+        "coordinator": dict(coordinator or {}),
         "config": dict(config),
     }
 
@@ -134,17 +148,27 @@ def _number(value: float, digits: int = 3) -> str:
 
 
 def format_markdown(report: Mapping[str, Any]) -> str:
-    """Human-readable summary of a report document."""
+    """Human-readable summary of a report document (complete or not)."""
     transfer = report["transferability"]
     evaluation = report["evaluation"]
-    lines = [
-        f"# SiteBridge run {report['run_id']}",
-        "",
-        f"Target site **{report['target']}**; TGMA chose main "
-        f"**{transfer['main']}** (W {transfer['weights']['main']:.3f}) and aux "
-        f"**{transfer['aux']}** (W {transfer['weights']['aux']:.3f}) by "
-        f"{transfer['metric'].upper()}.",
-        "",
+    lines = [f"# SiteBridge run {report['run_id']}", ""]
+    if report.get("error"):
+        lines += [f"**The run stopped:** {report['error']}", ""]
+    if transfer is not None:
+        aux = (
+            f" and aux **{transfer['aux']}** (W {transfer['weights']['aux']:.3f})"
+            if transfer["aux"]
+            else " (no aux)"
+        )
+        lines += [
+            f"Target site **{report['target']}**; TGMA chose main "
+            f"**{transfer['main']}** (W {transfer['weights']['main']:.3f}){aux} by "
+            f"{transfer['metric'].upper()}.",
+            "",
+        ]
+    elif report["target"]:
+        lines += [f"Target site **{report['target']}**.", ""]
+    lines += [
         "## Sites",
         "",
         "| site | role | labelled | unlabelled | evaluation |",
@@ -156,46 +180,74 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             f"| {site['name']} | {site['role']} | {cases['labelled']} | "
             f"{cases['unlabelled']} | {cases['evaluation']} |"
         )
-    lines += [
-        "",
-        f"## Transferability ({transfer['metric'].upper()} DTM on the target)",
-        "",
-        "| source | DTM | chosen |",
-        "|---|---|---|",
-    ]
-    for name, value in sorted(transfer["dtm"].items(), key=lambda item: -item[1]):
-        chosen = (
-            "main"
-            if name == transfer["main"]
-            else "aux"
-            if name == transfer["aux"]
-            else ""
-        )
-        lines.append(f"| {name} | {value:.3f} | {chosen} |")
-    lines += [
-        "",
-        f"## Evaluation on {report['target']}'s labelsTs "
-        f"({evaluation['num_cases']} cases)",
-        "",
-        "| predictor | Dice | HD95 (mm) |",
-        "|---|---|---|",
-    ]
-    for name, value in evaluation["dice"].items():
-        lines.append(
-            f"| {name} | {value:.3f} | "
-            f"{_number(evaluation['hd95_mm'].get(name, float('nan')), 2)} |"
-        )
+    if transfer is not None:
+        lines += [
+            "",
+            f"## Transferability ({transfer['metric'].upper()} DTM on the target)",
+            "",
+            "| source | DTM | chosen |",
+            "|---|---|---|",
+        ]
+        for name, value in sorted(transfer["dtm"].items(), key=lambda item: -item[1]):
+            chosen = (
+                "main"
+                if name == transfer["main"]
+                else "aux"
+                if name == transfer["aux"]
+                else ""
+            )
+            lines.append(f"| {name} | {value:.3f} | {chosen} |")
+    if evaluation is not None:
+        lines += [
+            "",
+            f"## Evaluation on {report['target']}'s labelsTs "
+            f"({evaluation['num_cases']} cases)",
+            "",
+            "| predictor | Dice | HD95 (mm) |",
+            "|---|---|---|",
+        ]
+        for name, value in evaluation["dice"].items():
+            lines.append(
+                f"| {name} | {value:.3f} | "
+                f"{_number(evaluation['hd95_mm'].get(name, float('nan')), 2)} |"
+            )
     lines += ["", "## Phases", "", "| phase | seconds |", "|---|---|"]
     lines += [
         f"| {name} | {seconds:.1f} |"
         for name, seconds in report["phase_seconds"].items()
     ]
+    peak = report.get("coordinator", {}).get("peak_rss_mb")
+    if peak is not None:
+        lines += ["", f"Coordinator peak memory (RSS): {peak:.0f} MiB."]
+    attempts = report.get("attempts", [])
+    if len(attempts) > 1:
+        lines += ["", "## Attempts", ""]
+        lines += [
+            f"- Flower run {attempt['flower_run_id']}: ran "
+            f"{', '.join(attempt['ran']) or 'nothing'}; reloaded "
+            f"{', '.join(attempt['reloaded']) or 'nothing'}; {attempt['outcome']}"
+            for attempt in attempts
+        ]
     lines += _privacy_lines(report.get("privacy", {}))
     missing = {phase: who for phase, who in report["missing"].items() if who}
     if missing:
         lines += ["", "## Missing sites", ""]
-        lines += [f"- {phase}: {who}" for phase, who in missing.items()]
-    lines += ["", "Plots: `dtm.png` (transferability), `dice.png` (evaluation).", ""]
+        lines += [
+            f"- {phase}: {site}: {reason}"
+            for phase, who in missing.items()
+            for site, reason in who.items()
+        ]
+    plots = [
+        text
+        for text, present in (
+            ("`dtm.png` (transferability)", transfer is not None),
+            ("`dice.png` (evaluation)", evaluation is not None),
+        )
+        if present
+    ]
+    if plots:
+        lines += ["", f"Plots: {', '.join(plots)}."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -248,8 +300,10 @@ def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths: list[Path] = []
     transfer = report["transferability"]
+    if transfer is None:
+        return paths
     names = sorted(transfer["dtm"])
     figure, axis = plt.subplots(figsize=(max(4, 0.8 * len(names) + 2), 3))
     colours = [
@@ -268,6 +322,8 @@ def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "dtm.png")
     figure.savefig(paths[-1], dpi=100)
     plt.close(figure)
+    if report["evaluation"] is None:
+        return paths
     dice = report["evaluation"]["dice"]
     figure, axis = plt.subplots(figsize=(max(5, 0.8 * len(dice) + 2), 3))
     axis.bar(

@@ -113,6 +113,10 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("transfer.metric", "rotation"),
         ("transfer.attention", "saliency"),
         ("federation.min-sites", 0),
+        ("federation.expected-sites", -1),
+        ("last-phase", "training"),
+        ("resume-run", "run-7"),
+        ("resume-run", True),
         ("federation.synthetic-sites", 2),
         ("federation.synthetic-cases", 1),
         ("federation.wait-nodes-s", 0.0),
@@ -263,3 +267,17 @@ def test_image_size_incompatible_with_strides_is_rejected() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match=r"data\.image-size|model\.strides"):
         load_run_config(flat)
+
+
+def test_pipeline_keys_are_top_level_and_accept_an_unquoted_run_id() -> None:
+    # Prepare
+    flat = read_default_run_config()
+    flat.update({"resume-run": 18103597986389260942 % 2**63, "last-phase": "discover"})
+
+    # Execute
+    config = load_run_config(flat)
+
+    # Assert
+    assert config.pipeline.resume_run == str(18103597986389260942 % 2**63)
+    assert config.pipeline.last_phase == "discover"
+    assert to_flat(config)["resume-run"] == config.pipeline.resume_run

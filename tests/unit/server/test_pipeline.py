@@ -9,18 +9,14 @@ synthetic federation without any Flower daemon.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from clients.app import app as client_app
 from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
 from core.data import index_site
@@ -33,51 +29,10 @@ from server import pipeline, records
 from server.pipeline import Coordinator, PhaseError, SiteInfo
 from server.report import build_report, format_markdown, write_report
 from server.store import RunStore
+from tests.unit.server.fake_grid import NODES, FakeGrid, build_grid
 
-NODES = {11: "A", 12: "B", 13: "C"}  # node id -> site folder
 BROKEN_NODE = 14  # serves a site folder that does not exist
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class FakeGrid:
-    """A Grid that delivers each message to the real ClientApp of its node.
-
-    Args:
-        contexts: node id -> that node's Context (its ``node_config`` names the site).
-        drop: nodes whose messages are swallowed (they never reply).
-    """
-
-    def __init__(self, contexts: Mapping[int, Context], *, drop: Iterable[int] = ()):
-        self.contexts = dict(contexts)
-        self.drop = set(drop)
-        self.sent: list[Message] = []
-        self._ids = itertools.count(1)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        replies = []
-        for message in messages:
-            # The real grid refuses a message that was already pushed.
-            assert message.metadata.message_id == ""
-            assert message.metadata.reply_to_message_id == ""
-            message.metadata.__dict__["_message_id"] = f"msg-{next(self._ids)}"
-            self.sent.append(message)
-            node = message.metadata.dst_node_id
-            if node in self.drop:
-                continue
-            reply = client_app(message, self.contexts[node])
-            reply.metadata.__dict__["_reply_to_message_id"] = (
-                message.metadata.message_id
-            )
-            replies.append(reply)
-        return replies
-
-    def sent_of_type(self, message_type: str) -> list[Message]:
-        return [m for m in self.sent if m.metadata.message_type == message_type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,41 +55,10 @@ class PipelineRun:
 # ------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def task_identity() -> Iterator[None]:
-    """What a ServerApp process has set before its main runs (Message needs it)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def build_config(
     run_config: Mapping[str, ConfigValue], **overrides: ConfigValue
 ) -> RunConfig:
     return load_run_config({**run_config, **overrides})
-
-
-def build_grid(
-    federation: Path,
-    run_config: Mapping[str, ConfigValue],
-    nodes: Mapping[int, str] = NODES,
-    *,
-    drop: Iterable[int] = (),
-) -> FakeGrid:
-    contexts = {
-        node: Context(
-            run_id=1,
-            node_id=node,
-            node_config={"site-dir": str(federation / site)},
-            state=RecordDict(),
-            run_config=dict(run_config),
-        )
-        for node, site in nodes.items()
-    }
-    return FakeGrid(contexts, drop=drop)
 
 
 def build_coordinator(
@@ -766,7 +690,7 @@ def test_report_lists_missing_sites(full_run: PipelineRun) -> None:
     # Assert
     assert report["missing"]["source-training"] == {"D": "no reply within 3600 s"}
     assert "## Missing sites" in markdown
-    assert "source-training: {'D': 'no reply within 3600 s'}" in markdown
+    assert "- source-training: D: no reply within 3600 s" in markdown
 
 
 def reject_constant(token: str) -> float:

@@ -1,0 +1,307 @@
+"""Runs the coordinator's phases in order, one persisted result at a time; resumes.
+
+Owns the run's life cycle around the phases of ``server/pipeline.py``:
+
+- the run folder: a new run gets ``runs/<run-id>/`` with its resolved config; a run
+  started with ``resume-run=<run-id>`` continues in that run's folder after checking
+  that its config matches (only the keys in :data:`RESUME_MAY_CHANGE` may differ);
+- the phase order and ``last-phase`` (stop early, e.g. for the scale benchmark);
+- resume: a phase whose result is already persisted is not run again; its result and
+  the models it received are reloaded from the run store. Discover's hello is always
+  sent (node ids belong to a Flower run), but its saved result stays the record;
+- each phase's wall time and the coordinator's peak memory, persisted with the run;
+- the report, written at the end of every attempt, also when a phase fails, so the
+  operator sees what finished, who was missing and why the run stopped.
+
+Phase results are written by the phases themselves (models first, then the phase's
+JSON), so a phase counts as finished exactly when its JSON exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+from core.config import PIPELINE_PHASES, ConfigValue, RunConfig, to_flat
+from core.models import Arrays
+from server import pipeline
+from server.pipeline import Coordinator, PhaseError, SiteInfo
+from server.report import build_privacy_section, build_report, write_report
+from server.store import RunStore
+
+CONFIG_FILE: Final = "config.json"
+TIMINGS_FILE: Final = "timings.json"
+ATTEMPTS_FILE: Final = "attempts.json"
+
+# Keys a resumed run may change: they steer the run, not what a phase computes.
+RESUME_MAY_CHANGE: Final = frozenset(
+    {
+        "resume-run",
+        "last-phase",
+        "output.runs-dir",
+        "federation.min-sites",
+        "federation.expected-sites",
+        "federation.wait-nodes-s",
+        "federation.reply-timeout-s",
+    }
+)
+
+
+class ResumeError(ValueError):
+    """``resume-run`` names no resumable run, or one run with a different config."""
+
+
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def config_differences(
+    saved: Mapping[str, ConfigValue], current: Mapping[str, ConfigValue]
+) -> list[str]:
+    """The keys, other than :data:`RESUME_MAY_CHANGE`, whose values differ.
+
+    Example:
+        >>> config_differences({"train.epochs": 3, "last-phase": ""},
+        ...                    {"train.epochs": 5, "last-phase": "discover"})
+        ['train.epochs: 3 -> 5']
+    """
+    keys = (set(saved) | set(current)) - RESUME_MAY_CHANGE
+    absent = "<absent>"
+    return [
+        f"{key}: {saved.get(key, absent)} -> {current.get(key, absent)}"
+        for key in sorted(keys)
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def open_run_store(config: RunConfig, *, run_id: int, runs_dir: Path) -> RunStore:
+    """The store of a new run, or of the run ``resume-run`` names.
+
+    Raises:
+        ResumeError: the named run has no folder or config, or its config differs in
+            a key that changes what a phase computes (every such key is named).
+    """
+    resume = config.pipeline.resume_run
+    current = to_flat(config)
+    if not resume:
+        store = RunStore(runs_dir / str(run_id))
+        store.write_json(CONFIG_FILE, current)
+        return store
+    run_dir = runs_dir / resume
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise ResumeError(
+            f"resume-run {resume}: {config_path} not found; resume-run names a "
+            f"run folder under output.runs-dir ({runs_dir})"
+        )
+    try:
+        saved = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise ResumeError(f"resume-run {resume}: {config_path}: {error}") from error
+    differences = config_differences(saved, current)
+    if differences:
+        raise ResumeError(
+            f"resume-run {resume}: the run config differs from the interrupted "
+            f"run's, so its finished phases would not match: " + "; ".join(differences)
+        )
+    return RunStore(run_dir)
+
+
+@dataclasses.dataclass
+class _Attempt:
+    """What this Flower run did to the run folder."""
+
+    flower_run_id: int
+    ran: list[str] = dataclasses.field(default_factory=list)
+    reloaded: list[str] = dataclasses.field(default_factory=list)
+    outcome: str = "running"
+
+
+class PipelineRunner:
+    """Runs (or reloads) each phase up to ``last-phase`` and writes the report.
+
+    Args:
+        coordinator: sends the messages; its store is the run folder.
+        flower_run_id: this Flower run's id (differs from the folder when resuming).
+        expected_nodes: nodes to wait for before discover.
+        default_target: the federation's target when the config names none.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        *,
+        flower_run_id: int,
+        expected_nodes: int,
+        default_target: str | None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.store = coordinator.store
+        self.config = coordinator.config
+        self.expected_nodes = expected_nodes
+        self.default_target = default_target
+        self.attempt = _Attempt(flower_run_id)
+        saved = self.store.run_dir / TIMINGS_FILE
+        timings = json.loads(saved.read_text()) if saved.is_file() else {}
+        self.seconds: dict[str, float] = dict(timings.get("seconds", {}))
+        self.memory_mb: dict[str, float] = {}
+
+    @property
+    def log(self) -> Callable[[str], None]:
+        """The coordinator's progress output."""
+        return self.coordinator.log
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[phase] = time.perf_counter() - started
+        self.memory_mb[phase] = peak_rss_mb()
+        self.attempt.ran.append(phase)
+        self.store.write_json(TIMINGS_FILE, {"seconds": self.seconds})
+
+    def _reloaded(self, phase: str) -> dict[str, Any] | None:
+        result = self.store.load_phase(phase)
+        if result is not None:
+            self.attempt.reloaded.append(phase)
+            self.log(f"{phase}: finished in an earlier attempt, reloaded")
+        return result
+
+    def run(self) -> dict[str, Any]:
+        """Run the phases; write and return the report.
+
+        Raises:
+            PhaseError: a phase could not proceed (the report is written first).
+        """
+        last = self.config.pipeline.last_phase or PIPELINE_PHASES[-1]
+        error: str | None = None
+        try:
+            self._run_phases(PIPELINE_PHASES[: PIPELINE_PHASES.index(last) + 1])
+            self.attempt.outcome = "completed"
+        except PhaseError as failure:
+            error = str(failure)
+            self.attempt.outcome = f"failed: {error}"
+        report = self._write_report(error)
+        if error is not None:
+            raise PhaseError(error)
+        return report
+
+    def _run_phases(self, phases: tuple[str, ...]) -> None:
+        coordinator, store = self.coordinator, self.store
+        nodes = pipeline.wait_for_nodes(
+            coordinator.grid,
+            expected=self.expected_nodes,
+            wait_s=self.config.federation.wait_nodes_s,
+            log=self.log,
+        )
+        saved_discover = self._reloaded("discover")
+        if saved_discover is None:
+            with self._timed("discover"):
+                sites, target = pipeline.discover(
+                    coordinator, nodes=nodes, default_target=self.default_target
+                )
+        else:
+            with self._timed("rediscover"):
+                sites = pipeline.rediscover(
+                    coordinator, nodes=nodes, saved=saved_discover
+                )
+            target = str(saved_discover["target"])
+        target_site = next(site for site in sites.values() if site.name == target)
+        if "source-training" not in phases:
+            return
+
+        models = self._source_models(sites, target)
+        if "transferability" not in phases:
+            return
+
+        selection = self._reloaded("transferability")
+        if selection is None:
+            with self._timed("transferability"):
+                selection = pipeline.transferability(coordinator, target_site, models)
+        if "adaptation" not in phases:
+            return
+
+        saved_adaptation = self._reloaded("adaptation")
+        if saved_adaptation is None:
+            with self._timed("adaptation"):
+                adapted = pipeline.adaptation(
+                    coordinator, target_site, models, selection
+                )
+        else:
+            adapted = {
+                name: store.load_model(f"adapted-{name}")
+                for name in saved_adaptation.get("models", ["main"])
+            }
+        if "evaluation" not in phases:
+            return
+
+        if self._reloaded("evaluation") is None:
+            with self._timed("evaluation"):
+                pipeline.evaluation(
+                    coordinator, target_site, models, adapted, selection
+                )
+
+    def _source_models(
+        self, sites: Mapping[int, SiteInfo], target: str
+    ) -> dict[str, Arrays]:
+        saved = self._reloaded("source-training")
+        if saved is not None:
+            return {
+                name: self.store.load_model(f"source-{name}")
+                for name in saved["training"]
+            }
+        sources = {
+            node: site
+            for node, site in sites.items()
+            if site.name != target and site.hello.labelled > 0
+        }
+        with self._timed("source-training"):
+            return pipeline.train_sources(self.coordinator, sources)
+
+    def _write_report(self, error: str | None) -> dict[str, Any]:
+        store = self.store
+        attempts_path = store.run_dir / ATTEMPTS_FILE
+        attempts = (
+            json.loads(attempts_path.read_text())["attempts"]
+            if attempts_path.is_file()
+            else []
+        )
+        attempts.append(dataclasses.asdict(self.attempt))
+        store.write_json(ATTEMPTS_FILE, {"attempts": attempts})
+        source_training = store.load_phase("source-training") or {}
+        report = build_report(
+            run_id=int(store.run_dir.name)
+            if store.run_dir.name.isdigit()
+            else self.attempt.flower_run_id,
+            config=to_flat(self.config),
+            discover=store.load_phase("discover"),
+            source_training=source_training,
+            transferability=store.load_phase("transferability"),
+            adaptation=store.load_phase("adaptation"),
+            evaluation=store.load_phase("evaluation"),
+            phase_seconds=self.seconds,
+            privacy=build_privacy_section(
+                self.coordinator.ledger.entries(),
+                self.coordinator.applied_policies,
+                source_training,
+            ),
+            attempts=attempts,
+            coordinator={
+                "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_mb_after_phase": self.memory_mb,
+            },
+            error=error,
+        )
+        markdown = write_report(store, report)
+        self.log(f"report written to {store.run_dir / 'report.md'}\n\n{markdown}")
+        return report

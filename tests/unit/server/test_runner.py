@@ -1,0 +1,362 @@
+"""The run's life cycle: phase order, last-phase, resume after a kill, dropout, report.
+
+Runs the real phases against the real ClientApp through the FakeGrid; a grid built
+with ``kill_at`` raises when the coordinator sends that message type, which is what
+the ServerApp process dying mid-run looks like from the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core import protocol
+from core.config import ConfigValue, load_run_config
+from core.ledger import verify_ledger
+from server.pipeline import Coordinator, PhaseError
+from server.runner import (
+    ATTEMPTS_FILE,
+    PipelineRunner,
+    ResumeError,
+    open_run_store,
+)
+from tests.unit.server.fake_grid import FakeGrid, ServerAppKilled, build_grid
+
+PHASE_FILES = (
+    "discover",
+    "source-training",
+    "transferability",
+    "adaptation",
+    "evaluation",
+)
+# Fields of a phase result that legitimately differ between two runs.
+RUN_SPECIFIC = {"node_id", "seconds"}
+
+
+def start_run(
+    grid: FakeGrid,
+    run_config: dict[str, ConfigValue],
+    runs_dir: Path,
+    flower_run_id: int,
+    **overrides: ConfigValue,
+) -> PipelineRunner:
+    config = load_run_config({**run_config, **overrides})
+    store = open_run_store(config, run_id=flower_run_id, runs_dir=runs_dir)
+    log: list[str] = []
+    coordinator = Coordinator(
+        grid=grid,  # type: ignore[arg-type]
+        config=config,
+        store=store,
+        log=log.append,
+    )
+    return PipelineRunner(
+        coordinator,
+        flower_run_id=flower_run_id,
+        expected_nodes=len(grid.contexts),
+        default_target="A",
+    )
+
+
+def comparable(value: Any) -> Any:
+    """A phase result without the fields that differ between runs."""
+    if isinstance(value, dict):
+        return {
+            key: comparable(item)
+            for key, item in value.items()
+            if key not in RUN_SPECIFIC
+        }
+    if isinstance(value, list):
+        return [comparable(item) for item in value]
+    return value
+
+
+def phase_results(run_dir: Path) -> dict[str, Any]:
+    return {
+        phase: comparable(
+            json.loads((run_dir / "phases" / f"{phase}.json").read_text())
+        )
+        for phase in PHASE_FILES
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """The run folder of one run that was never interrupted."""
+    runs_dir = tmp_path_factory.mktemp("uninterrupted")
+    start_run(build_grid(federation, run_config), run_config, runs_dir, 1).run()
+    return runs_dir / "1"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize(
+    "killed_at", [protocol.LFTM, protocol.ADAPT, protocol.EVALUATE]
+)
+def test_resume_after_a_kill_matches_the_uninterrupted_run(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    uninterrupted: Path,
+    killed_at: str,
+) -> None:
+    # Prepare: the ServerApp dies when it is about to send `killed_at`
+    killed = build_grid(federation, run_config, kill_at=killed_at)
+    with pytest.raises(ServerAppKilled):
+        start_run(killed, run_config, tmp_path, 7).run()
+    finished = sorted(p.stem for p in (tmp_path / "7" / "phases").glob("*.json"))
+    assert "source-training" in finished
+    assert "evaluation" not in finished
+    grid = build_grid(federation, run_config)
+
+    # Execute: a new Flower run (id 8) resumes run 7
+    report = start_run(grid, run_config, tmp_path, 8, **{"resume-run": "7"}).run()
+
+    # Assert: nothing finished is redone, and the results are the uninterrupted ones
+    assert not grid.sent_of_type(protocol.TRAIN_SOURCE)
+    assert len(grid.sent_of_type(protocol.HELLO)) == 3  # nodes re-mapped
+    assert phase_results(tmp_path / "7") == phase_results(uninterrupted)
+    for model in (uninterrupted / "models").glob("*.npz"):
+        with (
+            np.load(model) as expected,
+            np.load(tmp_path / "7" / "models" / model.name) as got,
+        ):
+            assert sorted(expected.files) == sorted(got.files)
+            for name in expected.files:
+                np.testing.assert_array_equal(got[name], expected[name])
+    assert not (tmp_path / "8").exists()  # the resumed run keeps its own folder
+    attempts = json.loads((tmp_path / "7" / ATTEMPTS_FILE).read_text())["attempts"]
+    assert [a["flower_run_id"] for a in attempts] == [8]  # the killed one never wrote
+    assert "source-training" in attempts[0]["reloaded"]
+    assert report["error"] is None
+    assert report["evaluation"] is not None
+    assert verify_ledger(tmp_path / "7" / "ledger.jsonl").ok
+
+
+def test_resume_of_a_finished_run_only_says_hello(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    start_run(build_grid(federation, run_config), run_config, tmp_path, 1).run()
+    grid = build_grid(federation, run_config)
+
+    # Execute
+    report = start_run(grid, run_config, tmp_path, 2, **{"resume-run": "1"}).run()
+
+    # Assert
+    assert {m.metadata.message_type for m in grid.sent} == {protocol.HELLO}
+    assert [a["ran"] for a in report["attempts"]] == [
+        ["discover", "source-training", "transferability", "adaptation", "evaluation"],
+        ["rediscover"],
+    ]
+    assert "## Attempts" in (tmp_path / "1" / "report.md").read_text()
+
+
+def test_resume_refuses_a_changed_config_naming_each_key(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    start_run(
+        build_grid(federation, run_config),
+        run_config,
+        tmp_path,
+        1,
+        **{"last-phase": "discover"},
+    ).run()
+
+    # Execute / Assert
+    with pytest.raises(ResumeError) as caught:
+        start_run(
+            build_grid(federation, run_config),
+            run_config,
+            tmp_path,
+            2,
+            **{"resume-run": "1", "train.epochs": 9, "adapt.epochs": 4},
+        )
+    assert "resume-run 1: the run config differs" in str(caught.value)
+    assert "train.epochs: 1 -> 9" in str(caught.value)
+    assert "adapt.epochs: 1 -> 4" in str(caught.value)
+
+
+def test_resume_may_change_how_the_run_is_steered(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    start_run(
+        build_grid(federation, run_config),
+        run_config,
+        tmp_path,
+        1,
+        **{"last-phase": "discover"},
+    ).run()
+
+    # Execute
+    runner = start_run(
+        build_grid(federation, run_config),
+        run_config,
+        tmp_path,
+        2,
+        **{
+            "resume-run": "1",
+            "last-phase": "source-training",
+            "federation.reply-timeout-s": 60.0,
+        },
+    )
+    runner.run()
+
+    # Assert
+    assert (tmp_path / "1" / "phases" / "source-training.json").is_file()
+
+
+def test_resume_of_an_unknown_run_is_a_clear_error(
+    run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    config = load_run_config({**run_config, "resume-run": "42"})
+    with pytest.raises(ResumeError, match=r"resume-run 42: .*42/config.json not found"):
+        open_run_store(config, run_id=43, runs_dir=tmp_path)
+
+
+# ----------------------------------------------------------------- last-phase, report
+
+
+def test_last_phase_stops_early_and_still_reports(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    grid = build_grid(federation, run_config)
+
+    # Execute
+    report = start_run(
+        grid, run_config, tmp_path, 1, **{"last-phase": "transferability"}
+    ).run()
+
+    # Assert
+    assert not grid.sent_of_type(protocol.ADAPT)
+    assert not grid.sent_of_type(protocol.EVALUATE)
+    assert report["transferability"]["main"] in {"B", "C"}
+    assert report["adaptation"] is None
+    assert report["evaluation"] is None
+    assert set(report["phase_seconds"]) == {
+        "discover",
+        "source-training",
+        "transferability",
+    }
+    assert report["coordinator"]["peak_rss_mb"] > 0
+    assert set(report["coordinator"]["peak_rss_mb_after_phase"]) == set(
+        report["phase_seconds"]
+    )
+    markdown = (tmp_path / "1" / "report.md").read_text()
+    assert "## Transferability" in markdown
+    assert "## Evaluation" not in markdown
+    assert (tmp_path / "1" / "dtm.png").is_file()
+    assert not (tmp_path / "1" / "dice.png").exists()
+
+
+def test_a_failed_phase_writes_the_report_with_the_reason(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: the target (node 11, site A) answers hello, then goes silent
+    grid = build_grid(federation, run_config)
+    runner = start_run(grid, run_config, tmp_path, 1)
+    grid.drop = {11}
+    original = grid.send_and_receive
+
+    def hello_then_silence(messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == protocol.HELLO:
+            grid.drop = set()
+            replies = original(messages, timeout=timeout)
+            grid.drop = {11}
+            return replies
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = hello_then_silence  # type: ignore[method-assign]
+
+    # Execute
+    with pytest.raises(PhaseError, match="transferability: target A failed"):
+        runner.run()
+
+    # Assert
+    report = json.loads((tmp_path / "1" / "report.json").read_text())
+    assert report["error"].startswith("transferability: target A failed: no reply")
+    assert report["transferability"] is None
+    assert report["attempts"][0]["outcome"].startswith("failed: transferability")
+    markdown = (tmp_path / "1" / "report.md").read_text()
+    assert "**The run stopped:** transferability: target A failed" in markdown
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_a_source_that_fails_is_left_out_and_reported(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: C's images become unreadable after it said hello
+    grid = build_grid(federation, run_config)
+    original = grid.send_and_receive
+    broken = tmp_path / "C-broken"
+
+    def break_c_after_hello(messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == protocol.TRAIN_SOURCE:
+            grid.contexts[13].node_config["site-dir"] = str(broken)
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = break_c_after_hello  # type: ignore[method-assign]
+
+    # Execute
+    report = start_run(
+        grid, run_config, tmp_path, 1, **{"federation.min-sites": 1}
+    ).run()
+
+    # Assert: the run finishes with B alone and says who was missing and why
+    assert report["error"] is None
+    assert report["transferability"]["main"] == "B"
+    assert report["transferability"]["aux"] is None
+    assert report["missing"]["source-training"] == {
+        "C": f"error {protocol.SITE_ERROR_CODE}: SiteDataError: {broken}: "
+        "site folder not found"
+    }
+    assert set(report["evaluation"]["dice"]) == {
+        "source:B",
+        "uniform",
+        "tgma",
+        "tgma-main",
+    }
+    markdown = (tmp_path / "1" / "report.md").read_text()
+    assert "- source-training: C: error" in markdown
+    assert "site folder not found" in markdown
+
+
+def test_too_few_sources_fail_the_run_with_a_clear_message(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: both sources go silent after hello; min-sites stays 2
+    grid = build_grid(federation, run_config)
+    original = grid.send_and_receive
+
+    def silence_sources(messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == protocol.TRAIN_SOURCE:
+            grid.drop = {12, 13}
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = silence_sources  # type: ignore[method-assign]
+
+    # Execute / Assert
+    with pytest.raises(PhaseError) as caught:
+        start_run(grid, run_config, tmp_path, 1).run()
+    message = str(caught.value)
+    assert message.startswith("source training: 0 source model(s) arrived, 2 needed")
+    assert "'B': 'no reply within 3600 s'" in message
+    assert "'C': 'no reply within 3600 s'" in message
