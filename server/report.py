@@ -1,6 +1,7 @@
 """Run report: ``report.json``, ``report.md`` and PNG plots in the run folder.
 
-``report.json`` holds ``sites`` (name, role, cases), ``transferability`` (``dtm`` per
+``report.json`` holds ``sites`` (name, role — target, source, failed (a source that
+did not deliver a model) or idle — and cases), ``transferability`` (``dtm`` per
 source, ``main``, ``aux``, ``weights``), ``evaluation.dice`` with one entry per source
 model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main`` and HD95),
 the per-phase timings, who was missing, ``privacy`` (per site: what it released per
@@ -92,6 +93,7 @@ def build_report(
     source_training = source_training or {}
     target = discover["target"]
     trained = set(source_training.get("training", {}))
+    failed = set(source_training.get("missing", {}))
     sites = []
     for site in discover["sites"]:
         role = (
@@ -99,6 +101,8 @@ def build_report(
             if site["name"] == target
             else "source"
             if site["name"] in trained
+            else "failed"
+            if site["name"] in failed
             else "idle"
         )
         sites.append(

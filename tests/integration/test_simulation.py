@@ -22,11 +22,30 @@ TARGET_POLICY = (
 )
 
 
-def run_tiny_federation(tmp_path: Path, **overrides: bool | int | float | str) -> Path:
-    """The one place that starts a simulation: returns the run folder."""
+def truncate_first_image(site: Path) -> Path:
+    """Cut the site's first training image to half its bytes; return its path."""
+    image = sorted((site / "imagesTr").iterdir())[0]
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    return image
+
+
+def run_tiny_federation(
+    tmp_path: Path,
+    num_sites: int = 3,
+    broken_site: str | None = None,
+    **overrides: bool | int | float | str,
+) -> Path:
+    """The one place that starts a simulation: returns the run folder.
+
+    ``broken_site`` gets a truncated image, so as a source it fails in source
+    training and the run must go on without it (federation.min-sites is 2).
+    """
     federation = tmp_path / "federation"
-    write_federation(federation, seed=3, num_sites=3, num_train_cases=3)
+    write_federation(federation, seed=3, num_sites=num_sites, num_train_cases=3)
     (federation / "A" / "policy.toml").write_text(TARGET_POLICY)
+    if broken_site is not None:
+        truncate_first_image(federation / broken_site)
     runs = tmp_path / "runs"
     run_config = {
         "federation.dir": str(federation),
@@ -40,7 +59,7 @@ def run_tiny_federation(tmp_path: Path, **overrides: bool | int | float | str) -
         **overrides,
     }
     exit_code = run_simulation(
-        num_supernodes=3,
+        num_supernodes=num_sites,
         run_config=format_run_config(run_config),
         flwr_home=tmp_path / "flwr-home",
         timeout_s=600,
@@ -52,16 +71,25 @@ def run_tiny_federation(tmp_path: Path, **overrides: bool | int | float | str) -
 
 
 def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
-    # Execute: the run asks for DP-SGD at every source
+    # Execute: the run asks for DP-SGD at every source; source D's data is broken
     run_dir = run_tiny_federation(
-        tmp_path, **{"privacy.dp": True, "privacy.noise-multiplier": 1.5}
+        tmp_path,
+        num_sites=4,
+        broken_site="D",
+        **{"privacy.dp": True, "privacy.noise-multiplier": 1.5},
     )
 
     # Assert
     report = json.loads((run_dir / "report.json").read_text())
     roles = {site["name"]: site["role"] for site in report["sites"]}
-    assert roles == {"A": "target", "B": "source", "C": "source"}
+    assert roles == {"A": "target", "B": "source", "C": "source", "D": "failed"}
     assert all(site["cases"]["labelled"] == 3 for site in report["sites"])
+    # Dropout: D is left out, and the report says who and why (naming the file).
+    broken = sorted((tmp_path / "federation" / "D" / "imagesTr").iterdir())[0]
+    reason = report["missing"]["source-training"]["D"]
+    assert reason.startswith("error ")
+    assert str(broken) in reason
+    assert "- source-training: D: error" in (run_dir / "report.md").read_text()
     transfer = report["transferability"]
     assert set(transfer["dtm"]) == {"B", "C"}
     assert {transfer["main"], transfer["aux"]} == {"B", "C"}
@@ -91,7 +119,8 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
 
     # Privacy: DP applied at the sources, every ledger intact, the report says so.
     privacy = report["privacy"]
-    assert set(privacy) == {"A", "B", "C"}
+    assert set(privacy) == {"A", "B", "C", "D"}
+    assert privacy["D"]["released"]["train.source"]["errors"] == 1
     for source in ("B", "C"):
         assert privacy[source]["policy"]["policy.dp.required"] is True
         assert privacy[source]["epsilon"]["noise_multiplier"] == 1.5
@@ -103,12 +132,12 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     federation = tmp_path / "federation"
     for ledger in (
         run_dir / "ledger.jsonl",
-        *(federation / site / ".sitebridge" / "ledger.jsonl" for site in "ABC"),
+        *(federation / site / ".sitebridge" / "ledger.jsonl" for site in "ABCD"),
     ):
         assert sitebridge(["audit", "verify", str(ledger)]) == 0
     site_digests = {
         entry.egress.digest
-        for site in "ABC"
+        for site in "ABCD"
         for entry in Ledger(
             federation / site / ".sitebridge" / "ledger.jsonl"
         ).entries()
@@ -119,7 +148,8 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         for entry in Ledger(run_dir / "ledger.jsonl").entries()
         if entry.direction == "ingress"
     ]
-    assert len(received) == 3 + 2 + 1 + 1 + 1  # hello, source, lftm, adapt, evaluate
+    # hello, source (D's error reply too), lftm, adapt, evaluate
+    assert len(received) == 4 + 3 + 1 + 1 + 1
     assert all(
         entry.egress and entry.egress.digest in site_digests for entry in received
     )
