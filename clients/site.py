@@ -6,7 +6,8 @@ Simulation: Flower 1.39 gives only ``partition-id``/``num-partitions``, so parti
 
 The site's policy is ``node_config["policy"]`` when set, else ``<site-dir>/policy.toml``
 when present, else the safe defaults of ``deploy/policy.template.toml``; it is merged
-with the run's privacy settings (the stricter wins). The site's state (ledger,
+with the run's privacy settings (the stricter wins) by ``core.site``, the same code
+``sitebridge site check`` runs offline. The site's state (ledger,
 privacy accountant) lives in ``node_config["state-dir"]``, default
 ``<site-dir>/.sitebridge/``.
 """
@@ -22,16 +23,9 @@ from flwr.app import Context
 from core.config import RunConfig, load_run_config
 from core.data import SiteDataError, list_site_dirs
 from core.ledger import Ledger
-from core.policy import (
-    POLICY_FILE,
-    AppliedPolicy,
-    PolicyError,
-    SitePolicy,
-    default_policy,
-    read_policy,
-    resolve_policy,
-)
+from core.policy import AppliedPolicy
 from core.privacy import ACCOUNTANT_FILE
+from core.site import read_applied_policy
 from core.synthetic import resolve_federation_dir
 
 SITE_DIR_KEY: Final = "site-dir"
@@ -104,25 +98,11 @@ def resolve_state_dir(context: Context, site: SiteLocation) -> Path:
     return site.directory / DEFAULT_STATE_DIR
 
 
-def read_site_policy(context: Context, site: SiteLocation) -> tuple[SitePolicy, str]:
-    """The site's own policy and where it came from.
-
-    Raises:
-        PolicyError: the policy file named in the node config is missing, or a policy
-            file is malformed (naming the file and the key).
-    """
+def resolve_policy_path(context: Context) -> Path | None:
+    """``node_config["policy"]``, or None when the node was started without one."""
     if POLICY_KEY in context.node_config:
-        path = Path(str(context.node_config[POLICY_KEY])).expanduser()
-        if not path.is_file():
-            raise PolicyError(
-                f"the node config's {POLICY_KEY!r} names no readable file",
-                source=str(path),
-            )
-        return read_policy(path), str(path)
-    path = site.directory / POLICY_FILE
-    if path.is_file():
-        return read_policy(path), str(path)
-    return default_policy(), "defaults"
+        return Path(str(context.node_config[POLICY_KEY])).expanduser()
+    return None
 
 
 def resolve_setup(context: Context) -> SiteSetup:
@@ -138,15 +118,8 @@ def resolve_setup(context: Context) -> SiteSetup:
     if not site.directory.is_dir():
         # Checked before anything is written: the ledger would create the folder.
         raise SiteDataError(f"{site.directory}: site folder not found")
-    site_policy, source = read_site_policy(context, site)
-    privacy = config.privacy
-    applied = resolve_policy(
-        site_policy,
-        run_dp_required=privacy.dp,
-        run_noise_multiplier=privacy.noise_multiplier or None,
-        run_target_epsilon=privacy.target_epsilon or None,
-        run_max_reply_mb=privacy.max_reply_mb or None,
-        run_delta=privacy.delta,
+    applied, source = read_applied_policy(
+        site.directory, config.privacy, policy_path=resolve_policy_path(context)
     )
     return SiteSetup(
         config=config,

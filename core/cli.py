@@ -51,15 +51,24 @@ def _builtin(args: argparse.Namespace) -> int:
 
 
 def _site_check(args: argparse.Namespace) -> int:
-    from core.data import SiteDataError, index_site, validate_site
+    from core.config import load_default_config
+    from core.site import check_site
 
     try:
-        summary = validate_site(index_site(args.site_dir), num_classes=args.num_classes)
-    except SiteDataError as error:
+        overrides = parse_run_config(args.run_config)
+        if args.num_classes is not None:
+            overrides["data.num-classes"] = args.num_classes
+        config = load_default_config(**overrides)
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print("\n".join(summary.to_lines()))
-    return 0
+    result = check_site(args.site_dir, config, policy_path=args.policy)
+    print("\n".join(result.to_lines()))
+    for problem in result.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if result.ok:
+        print(f"OK: {args.site_dir} passes the checks its SuperNode applies")
+    return 0 if result.ok else 1
 
 
 def find_report(path: Path) -> Path:
@@ -251,9 +260,32 @@ def build_parser() -> argparse.ArgumentParser:
     builtin.set_defaults(run=_builtin)
     site = commands.add_parser("site", help="site folder utilities")
     site_commands = site.add_subparsers(dest="site_command", required=True)
-    check = site_commands.add_parser("check", help="validate a site folder offline")
+    check = site_commands.add_parser(
+        "check",
+        help="validate a site folder offline, as its SuperNode would",
+        description="Reads every case of every split with the checks the site's "
+        "handlers apply (readable and complete files, image/label geometry, label "
+        "classes, finite intensities), reads and applies the site's policy, prints a "
+        "summary, and exits 1 naming the file and the problem if anything fails.",
+    )
     check.add_argument("site_dir", type=Path)
-    check.add_argument("--num-classes", type=int, default=2)
+    check.add_argument(
+        "--policy",
+        type=Path,
+        help="the policy file the node is started with (node config 'policy'); "
+        "default: <site_dir>/policy.toml if present",
+    )
+    check.add_argument(
+        "--run-config",
+        default="",
+        help="overrides of the run-config defaults the federation runs with, as for "
+        "flwr run: 'data.num-classes=3' or a .toml file",
+    )
+    check.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes labels must lie in (default: the run config's data.num-classes)",
+    )
     check.set_defaults(run=_site_check)
     report = commands.add_parser("report", help="print a run's report.md")
     report.add_argument(

@@ -112,16 +112,39 @@ class LoadedCase:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SiteSummary:
-    """What :func:`validate_site` found; ``foreground_fraction`` is 0 without labels."""
+    """What :func:`validate_site` found in a site whose every case passed the checks.
+
+    Attributes:
+        name: the site folder's name.
+        modality: from ``dataset.json`` (``"unknown"`` without one).
+        class_names: the classes ``dataset.json`` declares, index = label value.
+        num_classes: the classes the labels were checked against (the run's).
+        labelled: training cases with a label (``imagesTr`` + ``labelsTr``).
+        unlabelled: training cases without one.
+        evaluation: ``imagesTs`` cases with a ``labelsTs`` label.
+        shapes: the distinct image shapes ``(z, y, x)``, sorted.
+        spacing_min_mm: the smallest voxel size along ``(x, y, z)`` over all cases.
+        spacing_max_mm: the largest voxel size along ``(x, y, z)`` over all cases.
+        intensity_min: the lowest image intensity over all cases.
+        intensity_max: the highest image intensity over all cases.
+        label_voxels: voxels per class over all labels (labelled and evaluation).
+        foreground_fraction: mean over labels of the non-background voxel fraction;
+            0 without labels.
+    """
 
     name: str
     modality: str
+    class_names: tuple[str, ...]
+    num_classes: int
     labelled: int
     unlabelled: int
     evaluation: int
     shapes: tuple[tuple[int, int, int], ...]
     spacing_min_mm: tuple[float, float, float]
     spacing_max_mm: tuple[float, float, float]
+    intensity_min: float
+    intensity_max: float
+    label_voxels: tuple[int, ...]
     foreground_fraction: float
 
     def to_lines(self) -> list[str]:
@@ -133,12 +156,24 @@ class SiteSummary:
             f"{low:g}-{high:g}"
             for low, high in zip(self.spacing_min_mm, self.spacing_max_mm, strict=True)
         )
+        classes = ", ".join(
+            f"{index} {name}" for index, name in enumerate(self.class_names)
+        )
+        total = sum(self.label_voxels)
+        voxels = ", ".join(
+            f"{index}: {count} ({count / total:.2%})" if total else f"{index}: 0"
+            for index, count in enumerate(self.label_voxels)
+        )
         return [
             f"site {self.name} ({self.modality})",
             f"  cases: {self.labelled} labelled, {self.unlabelled} unlabelled, "
             f"{self.evaluation} evaluation",
+            f"  classes (dataset.json): {classes}; labels checked against "
+            f"0..{self.num_classes - 1}",
             f"  image shapes (z, y, x): {shapes}",
             f"  spacing (x, y, z) mm: {spacing}",
+            f"  intensity range: {self.intensity_min:g} to {self.intensity_max:g}",
+            f"  label voxels per class: {voxels or 'no labels'}",
             f"  foreground fraction: {self.foreground_fraction:.2%}",
         ]
 
@@ -253,6 +288,12 @@ def index_site(site_dir: Path) -> SiteIndex:
         problem = "is not a folder" if site_dir.exists() else "site folder not found"
         raise SiteDataError(f"{site_dir}: {problem}")
     if not (site_dir / "imagesTr").is_dir():
+        # Hidden entries (the default state folder .sitebridge) are not site data.
+        if not any(not child.name.startswith(".") for child in site_dir.iterdir()):
+            raise SiteDataError(
+                f"{site_dir}: empty site folder; a site needs "
+                f"imagesTr/<case>_{IMAGE_CHANNEL} images"
+            )
         raise SiteDataError(f"{site_dir / 'imagesTr'}: missing; a site needs imagesTr")
     modality, class_names = _read_metadata(site_dir)
     train_images = _scan_images(site_dir / "imagesTr")
@@ -261,7 +302,8 @@ def index_site(site_dir: Path) -> SiteIndex:
     test_labels = _scan_labels(site_dir / "labelsTs", test_images)
     if not train_images and not test_labels:
         raise SiteDataError(
-            f"{site_dir}: empty site, no <case>_{IMAGE_CHANNEL} images in imagesTr"
+            f"{site_dir / 'imagesTr'}: empty site, no cases in imagesTr (no "
+            f"<case>_{IMAGE_CHANNEL} images)"
         )
 
     def records(
@@ -346,15 +388,22 @@ def read_case(case: CaseRecord, *, num_classes: int) -> LoadedCase:
     image = image_volume.array.astype(np.float32)
     non_finite = int(np.count_nonzero(~np.isfinite(image)))
     if non_finite:
-        raise SiteDataError(f"{case.image_path}: contains {non_finite} NaN/inf voxels")
+        raise SiteDataError(
+            f"{case.image_path}: image contains {non_finite} NaN/inf voxels "
+            f"(of {image.size})"
+        )
     label = None
     if case.label_path is not None:
         label_volume = _read_checked(case.label_path, "label")
-        if not image_volume.same_geometry(label_volume):
+        differences = image_volume.geometry_differences(label_volume)
+        if differences:
+            described = "; ".join(
+                f"image {name} {mine} != label {name} {theirs}"
+                for name, mine, theirs in differences
+            )
             raise SiteDataError(
-                f"geometry mismatch between image {case.image_path} "
-                f"({image_volume.describe_geometry()}) and label {case.label_path} "
-                f"({label_volume.describe_geometry()})"
+                f"geometry mismatch between image {case.image_path} and label "
+                f"{case.label_path}: {described}"
             )
         label = _check_label(case.label_path, label_volume.array, num_classes)
     return LoadedCase(
@@ -368,12 +417,16 @@ def read_case(case: CaseRecord, *, num_classes: int) -> LoadedCase:
 def validate_site(index: SiteIndex, *, num_classes: int) -> SiteSummary:
     """Read and check every case of a site (all splits), one at a time.
 
+    The same :func:`read_case` checks the handlers apply to the cases they use, here
+    applied to every case (``sitebridge site check``).
+
     Args:
         index: the site, from :func:`index_site`.
         num_classes: labels must lie in ``0..num_classes - 1``.
 
     Returns:
-        Counts, shapes, spacing range and mean foreground fraction of the labels.
+        Counts, classes, shapes, spacing and intensity ranges, label voxels per class
+        and mean foreground fraction of the labels.
 
     Raises:
         SiteDataError: the site has no cases, or the first bad case, as
@@ -383,25 +436,34 @@ def validate_site(index: SiteIndex, *, num_classes: int) -> SiteSummary:
         raise SiteDataError(f"{index.root}: empty site, no cases to validate")
     shapes: set[tuple[int, int, int]] = set()
     spacings: list[tuple[float, float, float]] = []
+    intensities: list[tuple[float, float]] = []
+    label_voxels = np.zeros(num_classes, dtype=np.int64)
     fractions: list[float] = []
     for case in (*index.labelled, *index.unlabelled, *index.evaluation):
         loaded = read_case(case, num_classes=num_classes)
         depth, height, width = loaded.image.shape
         shapes.add((depth, height, width))
         spacings.append(loaded.spacing_mm)
+        intensities.append((float(loaded.image.min()), float(loaded.image.max())))
         if loaded.label is not None:
+            label_voxels += np.bincount(loaded.label.ravel(), minlength=num_classes)
             fractions.append(float(np.count_nonzero(loaded.label)) / loaded.label.size)
     spacing = np.asarray(spacings, dtype=np.float64)
     low, high = spacing.min(axis=0).tolist(), spacing.max(axis=0).tolist()
     return SiteSummary(
         name=index.name,
         modality=index.modality,
+        class_names=index.class_names,
+        num_classes=num_classes,
         labelled=len(index.labelled),
         unlabelled=len(index.unlabelled),
         evaluation=len(index.evaluation),
         shapes=tuple(sorted(shapes)),
         spacing_min_mm=(low[0], low[1], low[2]),
         spacing_max_mm=(high[0], high[1], high[2]),
+        intensity_min=min(low for low, _ in intensities),
+        intensity_max=max(high for _, high in intensities),
+        label_voxels=tuple(int(count) for count in label_voxels) if fractions else (),
         foreground_fraction=float(np.mean(fractions)) if fractions else 0.0,
     )
 

@@ -99,9 +99,15 @@ def _target_slices(index: SiteIndex, config: RunConfig) -> SliceSet:
     return build_slice_set(cases, data=config.data, with_labels=False)
 
 
-def _build_with(weights: Mapping[str, object], config: RunConfig) -> torch.nn.Module:
+def _build_with(
+    name: str, weights: Mapping[str, object], config: RunConfig
+) -> torch.nn.Module:
+    """The run's model holding ``weights``; an error names the model ``name``."""
     model = build_model(config.model, data=config.data)
-    set_weights(model, weights)  # type: ignore[arg-type]
+    try:
+        set_weights(model, weights)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise ValueError(f"model {name!r}: {error}") from error
     return model
 
 
@@ -157,7 +163,10 @@ def train_source_model(
     assert slices.labels is not None
     model = build_model(config.model, data=config.data)
     if initial_weights is not None:
-        set_weights(model, initial_weights)
+        try:
+            set_weights(model, initial_weights)
+        except ValueError as error:
+            raise ValueError(f"initial weights: {error}") from error
     device = select_device(config.train.device)
     label = f"train {index.name}"
     private: PrivateTrainResult | None = None
@@ -218,7 +227,7 @@ def _score_all(
     columns, probabilities = [], []
     for name in names:
         scores = score_candidate(
-            _build_with(candidates[name], config),
+            _build_with(name, candidates[name], config),
             slices.images,
             case_of_slice=slices.case_of_slice,
             num_cases=len(slices.case_ids),
@@ -287,7 +296,7 @@ def adapt_target(
     pseudo_labels = soft.argmax(1)
     names = [main] if aux is None else [main, aux]
     weights = [weight_main] if aux is None else [weight_main, weight_aux]
-    models = [_build_with(candidates[name], config) for name in names]
+    models = [_build_with(name, candidates[name], config) for name in names]
     result = adapt_pair(
         models,
         weights,
@@ -340,7 +349,9 @@ def evaluate_predictors(
     slices = build_slice_set(index.evaluation, data=config.data, with_labels=True)
     assert slices.labels is not None
     device = select_device(config.train.device)
-    built = {name: _build_with(weights, config) for name, weights in models.items()}
+    built = {
+        name: _build_with(name, weights, config) for name, weights in models.items()
+    }
     results = {}
     for predictor, members in predictors.items():
         unknown = [name for name, _ in members if name not in built]

@@ -279,7 +279,8 @@ class Ledger:
 
     Appends hold an exclusive ``flock`` on the file, so processes sharing a ledger
     never interleave lines or fork the chain. Each append is flushed and fsynced
-    before :meth:`append` returns.
+    before :meth:`append` returns; an append that fails part-way is cut back, so the
+    file always ends with a complete entry.
     """
 
     def __init__(self, path: Path) -> None:
@@ -329,7 +330,8 @@ class Ledger:
                 f"total={epsilon_total}"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a+b") as file:
+        # Unbuffered, so a failed write leaves nothing behind to be flushed later.
+        with self.path.open("a+b", buffering=0) as file:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX)
             try:
                 index, previous_hash = _read_chain_tail(file, self.path)
@@ -354,9 +356,19 @@ class Ledger:
                         f"policy is not JSON-serialisable: {error}"
                     ) from error
                 line = write_canonical_json(fields)
-                file.write(line.encode() + b"\n")
-                file.flush()
-                os.fsync(file.fileno())
+                end = file.seek(0, os.SEEK_END)
+                data = line.encode() + b"\n"
+                try:
+                    written = 0
+                    while written < len(data):
+                        written += file.write(data[written:])
+                    os.fsync(file.fileno())
+                except BaseException:
+                    # A torn append (disk full, interrupt) would leave half a line
+                    # and stop every later append: cut the file back to its last
+                    # complete entry instead.
+                    file.truncate(end)
+                    raise
             finally:
                 fcntl.flock(file.fileno(), fcntl.LOCK_UN)
         return LedgerEntry.from_json(_parse_line(line.encode()))

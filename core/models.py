@@ -20,6 +20,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from core.config import DataConfig, ModelConfig, Norm
+from core.storage import write_atomically
 
 Arrays: TypeAlias = dict[str, npt.NDArray[np.float32]]
 Manifest: TypeAlias = dict[str, tuple[int, ...]]
@@ -100,12 +101,9 @@ def set_weights(
 
 def save_weights(weights: Mapping[str, npt.NDArray[np.generic]], path: Path) -> None:
     """Write ``weights`` to an ``.npz`` file atomically (no pickle involved)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.npz")
     arrays: dict[str, Any] = {name: np.asarray(v) for name, v in weights.items()}
-    np.savez(temporary, **arrays)
-    temporary.replace(path)
+    with write_atomically(Path(path)) as temporary, temporary.open("wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def load_weights(path: Path) -> Arrays:

@@ -32,6 +32,7 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.policy import AppliedPolicy
+from core.storage import write_atomically
 from core.training import (
     TrainResult,
     augment_batch,
@@ -155,18 +156,14 @@ def read_accountant_state(path: Path) -> AccountantState:
 
 
 def write_accountant_state(state: AccountantState, path: Path) -> None:
-    """Write the accountant file atomically (JSON, no pickle)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(
-        json.dumps(
-            {"mechanism": "rdp", "history": [list(entry) for entry in state.history]},
-            indent=2,
-        )
-        + "\n"
-    )
-    temporary.replace(path)
+    """Write the accountant file atomically (JSON, no pickle).
+
+    A failure part-way leaves the previous file as it was (see
+    :func:`core.storage.write_atomically`), so ε spent is never lost to a torn write.
+    """
+    document = {"mechanism": "rdp", "history": [list(entry) for entry in state.history]}
+    with write_atomically(Path(path)) as temporary:
+        temporary.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def make_dp_compatible(model: nn.Module) -> nn.Module:

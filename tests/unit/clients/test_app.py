@@ -2,19 +2,20 @@
 
 No Flower daemon runs: each test builds the ``Message`` with explicit metadata (as a
 SuperNode would deliver it) and a ``Context`` whose ``node_config`` points at one site
-of a tiny synthetic federation (DEPLOY.md section 1).
+of a tiny synthetic federation (DEPLOY.md section 1), with the helpers of
+``tests/unit/clients/messages.py``. Bad input through the whole ClientApp, guard
+included, is ``test_bad_input.py``.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from clients import records
 from clients.app import adapt, evaluate, hello, lftm, train_source
@@ -23,8 +24,14 @@ from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
 from core.data import SiteDataError, build_slice_set, index_site
 from core.models import Arrays, build_model, get_manifest
+from tests.unit.clients.messages import (
+    MESSAGE_ID,
+    assert_site_error,
+    build_candidates,
+    build_context,
+    build_message,
+)
 
-MESSAGE_ID = "m1"
 TARGET = "A"
 SOURCES = ("B", "C")
 
@@ -55,46 +62,8 @@ def source_weights(
     return trained
 
 
-def build_message(content: RecordDict, message_type: str) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=MESSAGE_ID,
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600,
-        message_type=message_type,
-    )
-    return Message(content, metadata=metadata)
-
-
-def build_context(
-    run_config: Mapping[str, ConfigValue], node_config: Mapping[str, ConfigValue]
-) -> Context:
-    return Context(
-        run_id=1,
-        node_id=7,
-        node_config=dict(node_config),
-        state=RecordDict(),
-        run_config=dict(run_config),
-    )
-
-
 def site_context(run_config: Mapping[str, ConfigValue], site_dir: Path) -> Context:
     return build_context(run_config, {"site-dir": str(site_dir)})
-
-
-def build_candidates(
-    models: Mapping[str, Arrays], settings: Mapping[str, ConfigValue] | None = None
-) -> RecordDict:
-    content = RecordDict()
-    for name, weights in models.items():
-        content[protocol.model_key(name)] = records.to_array_record(weights)
-    if settings is not None:
-        content[protocol.REQUEST_KEY] = ConfigRecord(dict(settings))
-    return content
 
 
 def reply_text(message: Message) -> str:
@@ -107,14 +76,6 @@ def reply_text(message: Message) -> str:
         else:
             parts.extend(f"{name}={value!r}" for name, value in record.items())
     return "\n".join(parts)
-
-
-def assert_site_error(reply: Message, *fragments: str) -> None:
-    assert reply.has_error()
-    assert reply.error.code == protocol.SITE_ERROR_CODE
-    assert reply.metadata.reply_to_message_id == MESSAGE_ID
-    for fragment in fragments:
-        assert fragment in reply.error.reason, reply.error.reason
 
 
 # ---------------------------------------------------------------------------- hello

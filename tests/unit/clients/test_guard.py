@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
@@ -25,7 +24,6 @@ from flwr.app import (
     Context,
     Error,
     Message,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -47,98 +45,25 @@ from core.privacy import (
     read_accountant_state,
     write_accountant_state,
 )
+from tests.unit.clients.messages import (
+    DP_POLICY,
+    MESSAGE_ID,
+    assert_site_error,
+    build_message,
+    build_site_context,
+    policy_text,
+    reason_of,
+    write_policy,
+)
 
-MESSAGE_ID: Final = "m1"
 SOURCE: Final = "B"  # a site with labelled training cases
 BLOCKED: Final = "blocked by egress policy: "
 
 Handler = Callable[[Message, Context], Message]
 ContentFactory = Callable[[Manifest], RecordDict]
 
-# The safe defaults of deploy/policy.template.toml, as dotted policy.toml keys.
-DEFAULT_POLICY: Final[dict[str, object]] = {
-    "actions.answer": list(ACTIONS),
-    "release.lftm": "domain",
-    "release.weights-may-leave": True,
-    "release.max-reply-mb": 64.0,
-    "release.max-config-value-bytes": 4096,
-    "dp.required": False,
-    "dp.noise-multiplier": 1.0,
-    "dp.delta": 1e-5,
-    "dp.budget-epsilon": 10.0,
-}
-DP_POLICY: Final[dict[str, object]] = {
-    "dp.required": True,
-    "dp.noise-multiplier": 2.0,
-    "dp.budget-epsilon": 10.0,
-}
-
 
 # -------------------------------------------------------------------------- helpers
-
-
-def build_message(
-    content: RecordDict, message_type: str, message_id: str = MESSAGE_ID
-) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=message_id,
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600,
-        message_type=message_type,
-    )
-    return Message(content, metadata=metadata)
-
-
-def build_context(
-    run_config: Mapping[str, ConfigValue],
-    site_dir: Path,
-    state_dir: Path,
-    *,
-    policy: Path | None = None,
-    run_overrides: Mapping[str, ConfigValue] | None = None,
-) -> Context:
-    node_config: dict[str, ConfigValue] = {
-        "site-dir": str(site_dir),
-        "state-dir": str(state_dir),
-    }
-    if policy is not None:
-        node_config["policy"] = str(policy)
-    return Context(
-        run_id=1,
-        node_id=7,
-        node_config=node_config,
-        state=RecordDict(),
-        run_config={**run_config, **(run_overrides or {})},
-    )
-
-
-def policy_text(overrides: Mapping[str, object] | None = None) -> str:
-    """A policy.toml: the template's defaults with ``overrides`` (None drops a key)."""
-    tables: dict[str, list[str]] = {}
-    for key, value in {**DEFAULT_POLICY, **(overrides or {})}.items():
-        if value is None:
-            continue
-        table, name = key.split(".", 1)
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        else:  # JSON numbers, strings and string lists are valid TOML values too
-            text = json.dumps(value)
-        tables.setdefault(table, []).append(f"{name} = {text}")
-    return "".join(
-        f"[{table}]\n" + "".join(f"{line}\n" for line in lines)
-        for table, lines in tables.items()
-    )
-
-
-def write_policy(folder: Path, overrides: Mapping[str, object] | None = None) -> Path:
-    path = folder / "policy.toml"
-    path.write_text(policy_text(overrides))
-    return path
 
 
 def build_guarded_app(handlers: Mapping[str, Handler]) -> ClientApp:
@@ -210,10 +135,6 @@ def send_over_the_wire(content: RecordDict) -> RecordDict:
     return recorddict_from_proto(type(proto).FromString(proto.SerializeToString()))
 
 
-def reason_of(reply: Message) -> str:
-    return reply.error.reason or ""
-
-
 def assert_blocked(reply: Message, *rules: Rule) -> None:
     reason = reason_of(reply)
     assert reply.has_error()
@@ -223,15 +144,6 @@ def assert_blocked(reply: Message, *rules: Rule) -> None:
     assert reason.startswith(BLOCKED), reason[:500]
     for rule in rules:
         assert f"{rule.value} (" in reason, reason[:500]
-
-
-def assert_site_error(reply: Message, *fragments: str) -> None:
-    reason = reason_of(reply)
-    assert reply.has_error()
-    assert reply.error.code == protocol.SITE_ERROR_CODE, reason[:500]
-    assert reply.metadata.reply_to_message_id == MESSAGE_ID
-    for fragment in fragments:
-        assert fragment in reason, reason[:500]
 
 
 def decision(*rules: Rule) -> str:
@@ -267,7 +179,7 @@ def served(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Served:
     state_dir = tmp_path_factory.mktemp("served") / "state"
-    context = build_context(run_config, federation / SOURCE, state_dir)
+    context = build_site_context(run_config, federation / SOURCE, state_dir)
     replies = [
         site_app(build_message(RecordDict(), message_type, f"m{number}"), context)
         for number, message_type in enumerate(
@@ -324,7 +236,7 @@ def test_leaking_handler_is_blocked_and_the_site_keeps_serving(
     # Prepare
     leaky = ClientApp(mods=[egress_guard])
     leaky.evaluate()(leaky_evaluate)
-    context = build_context(run_config, federation / SOURCE, tmp_path / "state")
+    context = build_site_context(run_config, federation / SOURCE, tmp_path / "state")
     leak = RecordDict(
         {protocol.REQUEST_KEY: ConfigRecord({"leak": True, **UNIFORM_REQUEST})}
     )
@@ -552,7 +464,7 @@ def test_guard_blocks_each_rule(
     guarded = build_guarded_app(
         {message_type: build_handler(lambda: factory(manifest))}
     )
-    context = build_context(
+    context = build_site_context(
         run_config,
         federation / SOURCE,
         tmp_path / "state",
@@ -586,7 +498,7 @@ def test_action_not_in_the_policy_is_refused_before_its_handler_runs(
         }
     )
     policy = write_policy(tmp_path, {"actions.answer": [protocol.HELLO]})
-    context = build_context(
+    context = build_site_context(
         run_config, federation / SOURCE, tmp_path / "state", policy=policy
     )
 
@@ -617,7 +529,7 @@ def test_weights_may_not_leave_refuses_training_before_it_runs(
 ) -> None:
     # Prepare: with DP required, any training would write the site's accountant
     policy = write_policy(tmp_path, {**DP_POLICY, "release.weights-may-leave": False})
-    context = build_context(
+    context = build_site_context(
         run_config, federation / SOURCE, tmp_path / "state", policy=policy
     )
 
@@ -671,7 +583,7 @@ def test_handler_failure_becomes_a_recorded_site_error(
         )
 
     guarded = build_guarded_app({protocol.HELLO: failing})
-    context = build_context(run_config, federation / SOURCE, tmp_path / "state")
+    context = build_site_context(run_config, federation / SOURCE, tmp_path / "state")
 
     # Execute
     reply = guarded(build_message(RecordDict(), protocol.HELLO), context)
@@ -699,7 +611,7 @@ def test_error_text_cannot_carry_data_past_the_config_value_limit(
         )
 
     guarded = build_guarded_app({protocol.HELLO: leaking})
-    context = build_context(run_config, federation / SOURCE, tmp_path / "state")
+    context = build_site_context(run_config, federation / SOURCE, tmp_path / "state")
 
     # Execute
     reply = guarded(build_message(RecordDict(), protocol.HELLO), context)
@@ -718,7 +630,7 @@ def test_a_broken_ledger_fails_closed(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
     # Prepare: a ledger whose last line was cut off
-    context = build_context(run_config, federation / SOURCE, tmp_path / "state")
+    context = build_site_context(run_config, federation / SOURCE, tmp_path / "state")
     site_app(build_message(RecordDict(), protocol.HELLO), context)
     path = tmp_path / "state" / "ledger.jsonl"
     path.write_bytes(path.read_bytes()[:-10])
@@ -818,7 +730,7 @@ def test_the_stricter_of_site_policy_and_run_config_is_applied(
     expected: dict[str, object],
 ) -> None:
     # Prepare
-    context = build_context(
+    context = build_site_context(
         run_config,
         federation / SOURCE,
         tmp_path / "state",
@@ -841,7 +753,7 @@ def test_run_config_reply_limit_binds_when_smaller_than_the_sites(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
     # Prepare: the site allows 64 MB, the run only 100 bytes
-    context = build_context(
+    context = build_site_context(
         run_config,
         federation / SOURCE,
         tmp_path / "state",
@@ -863,7 +775,7 @@ def test_run_config_dp_binds_when_the_site_does_not_require_it(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
     # Prepare
-    context = build_context(
+    context = build_site_context(
         run_config,
         federation / SOURCE,
         tmp_path / "state",
@@ -985,7 +897,7 @@ def test_dp_training_spends_epsilon_cumulatively(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
     # Prepare
-    context = build_context(
+    context = build_site_context(
         run_config,
         federation / SOURCE,
         tmp_path / "state",
@@ -1037,7 +949,7 @@ def test_dp_training_over_budget_is_refused_before_training(
         write_accountant_state(AccountantState(history), accountant)
     before = accountant.read_bytes() if history else None
     policy = write_policy(tmp_path, {**DP_POLICY, "dp.budget-epsilon": budget})
-    context = build_context(
+    context = build_site_context(
         run_config, federation / SOURCE, tmp_path / "state", policy=policy
     )
 
@@ -1089,7 +1001,7 @@ def test_unusable_policy_refuses_everything_and_writes_nothing(
         policy.write_text(text)
     calls: list[str] = []
     guarded = build_guarded_app({protocol.HELLO: build_handler(hello_content, calls)})
-    context = build_context(
+    context = build_site_context(
         run_config, federation / SOURCE, tmp_path / "state", policy=policy
     )
 

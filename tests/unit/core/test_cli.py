@@ -7,6 +7,19 @@ import pytest
 
 from core.cli import find_report, main
 from core.data import index_site
+from tests.unit.bad_input import (
+    BAD_SITES,
+    SITE,
+    TRAIN_LABEL,
+    BadSite,
+    copy_site,
+    rewrite,
+    with_voxels,
+)
+
+POLICY_TEMPLATE = (
+    Path(__file__).resolve().parents[3] / "deploy" / "policy.template.toml"
+)
 
 
 def test_synth_writes_a_federation_in_the_site_layout(
@@ -41,33 +54,126 @@ def test_builtin_generates_once_and_reuses(
 
 
 def test_site_check_summarises_a_good_site(
-    federation: Path, capsys: pytest.CaptureFixture[str]
+    federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Prepare: a site with its own (valid) policy
+    site = copy_site(federation, tmp_path / SITE)
+    (site / "policy.toml").write_text(
+        POLICY_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8"
+    )
+
     # Execute
-    exit_code = main(["site", "check", str(federation / "A")])
+    exit_code = main(["site", "check", str(site)])
 
     # Assert
     assert exit_code == 0
-    assert "A" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert lines[:5] == [
+        "site B (synthetic-MR)",
+        "  cases: 2 labelled, 0 unlabelled, 6 evaluation",
+        "  classes (dataset.json): 0 background, 1 organ; labels checked against 0..1",
+        "  image shapes (z, y, x): 10x64x64",
+        "  spacing (x, y, z) mm: 1.5-1.5, 1.5-1.5, 3-3",
+    ]
+    assert lines[5].startswith("  intensity range: ")
+    assert lines[6].startswith("  label voxels per class: 0: ")
+    assert lines[7].startswith("  foreground fraction: ")
+    assert lines[8] == f"  policy: {site / 'policy.toml'}"
+    assert "LFTM release: domain; weights may leave: yes" in lines[10]
+    assert lines[-1] == f"OK: {site} passes the checks its SuperNode applies"
 
 
-def test_site_check_names_the_bad_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("name", "bad"), BAD_SITES.items(), ids=list(BAD_SITES))
+def test_site_check_names_the_file_and_the_problem(
+    federation: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    bad: BadSite,
 ) -> None:
     # Prepare
-    main(["synth", str(tmp_path / "fed"), "--sites", "3", "--cases", "2"])
-    broken = tmp_path / "fed" / "A" / "imagesTr" / "a_001_0000.nii.gz"
-    broken.write_bytes(b"not an image")
-    capsys.readouterr()
+    site = copy_site(federation, tmp_path / SITE)
+    named = bad.damage(site)
 
     # Execute
-    exit_code = main(["site", "check", str(tmp_path / "fed" / "A")])
+    exit_code = main(["site", "check", str(site)])
+
+    # Assert: the same messages the site's error replies carry (test_bad_input.py)
+    assert exit_code == 1
+    captured = capsys.readouterr()
+    (error,) = captured.err.splitlines()
+    assert error.startswith(f"error: {named}: ") or error.startswith(
+        "error: geometry mismatch between image "
+    ), error
+    for fragment in (str(named), *bad.problem):
+        assert fragment in error, error
+    assert "OK:" not in captured.out
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (None, "the node config's 'policy' names no readable file"),
+        (
+            POLICY_TEMPLATE.read_text(encoding="utf-8").replace(
+                "required = false", "required = 'yes'"
+            ),
+            "dp.required must be true or false, got 'yes'",
+        ),
+        ("[actions]\nanswer = ['query.hello']\n", "release.lftm is missing"),
+    ],
+    ids=["missing-file", "bad-value", "missing-key"],
+)
+def test_site_check_validates_the_policy_the_node_is_started_with(
+    federation: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    text: str | None,
+    fragment: str,
+) -> None:
+    # Prepare
+    site = copy_site(federation, tmp_path / SITE)
+    policy = tmp_path / "node-policy.toml"
+    if text is not None:
+        policy.write_text(text, encoding="utf-8")
+
+    # Execute
+    exit_code = main(["site", "check", str(site), "--policy", str(policy)])
+
+    # Assert: the data passed and is summarised; the policy is the one problem
+    assert exit_code == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {policy}: {fragment}\n"
+    assert captured.out.startswith("site B (synthetic-MR)\n")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--num-classes", "3"], ["--run-config", "data.num-classes=3"]],
+    ids=["num-classes", "run-config"],
+)
+def test_site_check_checks_labels_against_the_run_configs_classes(
+    federation: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    arguments: list[str],
+) -> None:
+    # Prepare: a label of class 2, outside the default 2 classes
+    site = copy_site(federation, tmp_path / SITE)
+    rewrite(TRAIN_LABEL, with_voxels(2))(site)
+
+    # Execute
+    default_exit = main(["site", "check", str(site)])
+    default_error = capsys.readouterr().err
+    exit_code = main(["site", "check", str(site), *arguments])
 
     # Assert
-    assert exit_code == 1
-    error = capsys.readouterr().err
-    assert "a_001_0000.nii.gz" in error
-    assert "unreadable" in error
+    assert default_exit == 1
+    assert "labels outside the declared classes 0..1: found [2]" in default_error
+    assert exit_code == 0
+    assert "labels checked against 0..2" in capsys.readouterr().out
 
 
 def test_report_prints_the_newest_run(

@@ -222,6 +222,12 @@ def _empty_site(site: Path) -> Path:
     return site
 
 
+def _empty_site_folder(site: Path) -> Path:
+    shutil.rmtree(site)
+    (site / ".sitebridge").mkdir(parents=True)  # the default state folder is not data
+    return site
+
+
 def _site_is_a_file(site: Path) -> Path:
     shutil.rmtree(site)
     site.write_text("not a folder")
@@ -234,7 +240,8 @@ def _site_is_a_file(site: Path) -> Path:
         (lambda site: site.parent / "absent", "site folder not found"),
         (_site_is_a_file, "is not a folder"),
         (_remove_folder("imagesTr"), "missing; a site needs imagesTr"),
-        (_empty_site, "empty site"),
+        (_empty_site, "empty site, no cases in imagesTr"),
+        (_empty_site_folder, "empty site folder; a site needs imagesTr"),
         (
             _write_image("labelsTr/case_999.nii.gz"),
             "label has no matching image case_999",
@@ -261,6 +268,7 @@ def _site_is_a_file(site: Path) -> Path:
         "not-a-folder",
         "no-imagesTr",
         "empty",
+        "empty-folder",
         "orphan-labelsTr",
         "orphan-labelsTs",
         "no-channel-suffix",
@@ -379,18 +387,30 @@ def _labelled_case(
             make_label(),
             (0.5, 0.75, 3.0),
             (0.0, 0.0, 0.0),
-            "spacing \\(0.5, 0.75, 3\\)",
+            "image spacing (0.5, 0.75, 2) mm != label spacing (0.5, 0.75, 3) mm",
             id="spacing",
         ),
         pytest.param(
-            make_label(), SPACING, (0.0, 5.0, 0.0), "origin \\(0, 5, 0\\)", id="origin"
+            make_label(),
+            SPACING,
+            (0.0, 5.0, 0.0),
+            "image origin (0, 0, 0) mm != label origin (0, 5, 0) mm",
+            id="origin",
         ),
         pytest.param(
             make_label((6, 12, 11)),
             SPACING,
             (0.0, 0.0, 0.0),
-            "shape \\(6, 12, 11\\)",
-            id="shape",
+            "image size (10, 12, 6) != label size (11, 12, 6)",
+            id="size",
+        ),
+        pytest.param(
+            make_label((5, 12, 10)),
+            (1.0, 0.75, 2.0),
+            (0.0, 0.0, 0.0),
+            "image size (10, 12, 6) != label size (10, 12, 5); "
+            "image spacing (0.5, 0.75, 2) mm != label spacing (1, 0.75, 2) mm",
+            id="size-and-spacing",
         ),
     ],
 )
@@ -405,13 +425,12 @@ def test_read_case_rejects_label_geometry_mismatch(
     case = _labelled_case(tmp_path, label, spacing, origin)
     assert case.label_path is not None
     expected = (
-        f"geometry mismatch between image {re.escape(str(case.image_path))} "
-        "\\(shape \\(6, 12, 10\\).*"
-        f"and label {re.escape(str(case.label_path))} .*{described}"
+        f"geometry mismatch between image {case.image_path} and label "
+        f"{case.label_path}: {described}"
     )
 
     # Execute / Assert
-    with pytest.raises(SiteDataError, match=expected):
+    with pytest.raises(SiteDataError, match=f"^{re.escape(expected)}$"):
         read_case(case, num_classes=2)
 
 
@@ -501,16 +520,29 @@ def test_validate_site_summarises_every_case(site: Path) -> None:
 
     # Assert
     assert (summary.name, summary.modality) == ("site_a", "MRI")
+    assert summary.class_names == ("background", "prostate")
+    assert summary.num_classes == 2
     assert (summary.labelled, summary.unlabelled, summary.evaluation) == (3, 1, 1)
     assert summary.shapes == ((4, 12, 10), (6, 12, 10))
     np.testing.assert_allclose(summary.spacing_min_mm, (0.5, 0.75, 2.0))
     np.testing.assert_allclose(summary.spacing_max_mm, (1.0, 1.0, 3.0))
+    # make_image spans 100 - 0.5 * 9 = 95.5 (x = 9) to 100 + 10 * 5 + 11 = 161; the
+    # DICOM case stores int16, so its 95.5 is 95.
+    assert (summary.intensity_min, summary.intensity_max) == (95.0, 161.0)
     # Three labels with 40 of 720 voxels set, one empty evaluation label.
+    assert summary.label_voxels == (4 * 720 - 3 * 40, 3 * 40)
     assert summary.foreground_fraction == pytest.approx(3 * 40 / 720 / 4)
-    lines = summary.to_lines()
-    assert lines[0] == "site site_a (MRI)"
-    assert "3 labelled, 1 unlabelled, 1 evaluation" in lines[1]
-    assert "4x12x10, 6x12x10" in lines[2]
+    assert summary.to_lines() == [
+        "site site_a (MRI)",
+        "  cases: 3 labelled, 1 unlabelled, 1 evaluation",
+        "  classes (dataset.json): 0 background, 1 prostate; labels checked against "
+        "0..1",
+        "  image shapes (z, y, x): 4x12x10, 6x12x10",
+        "  spacing (x, y, z) mm: 0.5-1, 0.75-1, 2-3",
+        "  intensity range: 95 to 161",
+        "  label voxels per class: 0: 2760 (95.83%), 1: 120 (4.17%)",
+        "  foreground fraction: 4.17%",
+    ]
 
 
 def test_validate_site_checks_evaluation_cases(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import locale
 import math
 import re
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from core.io import (
     write_dicom_series,
     write_volume,
 )
+from core.storage import write_atomically
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _COS, _SIN = math.cos(math.pi / 6), math.sin(math.pi / 6)
@@ -103,6 +106,17 @@ def test_dicom_series_folder_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(actual.origin_mm, expected.origin_mm, atol=1e-4)
 
 
+def test_dicom_series_writing_keeps_the_process_locale(tmp_path: Path) -> None:
+    # Prepare: GDCM's writer switches the process to the "C" locale
+    before = locale.setlocale(locale.LC_ALL)
+
+    # Execute
+    write_dicom_series(make_volume(np.int16), tmp_path / "case_0000")
+
+    # Assert: text files still open in the locale's encoding (UTF-8 here)
+    assert locale.setlocale(locale.LC_ALL) == before
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -146,6 +160,30 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _truncate_uncompressed(path: Path) -> None:
+    """Write ``path`` without compression (a header, then raw voxels); cut it short."""
+    volume = dataclasses.replace(make_volume(), array=np.zeros((8, 32, 32), np.float32))
+    write_volume(volume, path, compress=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def _truncate_mhd_data(path: Path) -> None:
+    """Write a ``.mhd`` header and its data file; cut the data file short."""
+    write_volume(make_volume(), path)
+    (data_file,) = (child for child in path.parent.iterdir() if child != path)
+    data_file.write_bytes(data_file.read_bytes()[:10])
+
+
+def _truncate_dicom_slice(folder: Path) -> None:
+    write_dicom_series(make_volume(np.int16), folder)
+    second = sorted(folder.iterdir())[1]
+    second.write_bytes(second.read_bytes()[:-20])
+
+
+SHORT = "truncated or unreadable image \\(holds \\d+ of the \\d+ data bytes"
+
+
 @pytest.mark.parametrize(
     ("name", "corrupt", "problem"),
     [
@@ -153,18 +191,41 @@ def _truncate(path: Path) -> None:
         (
             "garbage.nii.gz",
             lambda path: path.write_bytes(b"not an image" * 9),
-            "unreadable image",
+            "truncated or unreadable image \\(no image reader recognises the file",
         ),
         (
             "garbage.mha",
             lambda path: path.write_bytes(b"\x00\x01" * 50),
-            "unreadable image",
+            "truncated or unreadable image \\(no image reader recognises the file",
         ),
-        ("half.nii.gz", _truncate, "unreadable image \\(truncated"),
-        ("half.nii", _truncate, "unreadable image \\(truncated"),
-        ("half.nrrd", _truncate, "unreadable image"),
-        ("half.mha", _truncate, "unreadable image"),
+        (
+            "empty.nii",
+            lambda path: path.write_bytes(b""),
+            "truncated or unreadable image \\(the file is empty\\)",
+        ),
+        (
+            "half.nii.gz",
+            _truncate,
+            "truncated or unreadable image \\(gzip stream ends early",
+        ),
+        ("half.nii", _truncate, SHORT),
+        ("short.nii", _truncate_uncompressed, SHORT),
+        ("half.nrrd", _truncate, "truncated or unreadable image \\(.+\\)"),
+        (
+            "short.nrrd",
+            _truncate_uncompressed,
+            "truncated or unreadable image \\(fread",
+        ),
+        ("half.mha", _truncate, "truncated or unreadable image \\(the header ends"),
+        ("short.mha", _truncate_uncompressed, SHORT),
+        ("short.mhd", _truncate_mhd_data, SHORT),
         ("no_dicom", lambda path: path.mkdir(), "folder holds no DICOM series"),
+        (
+            "short_dicom",
+            _truncate_dicom_slice,
+            "truncated or unreadable image \\(1 of 4 DICOM files could not be read as "
+            "slices of the series: slice_0001.dcm\\)",
+        ),
     ],
 )
 def test_bad_file_raises_error_naming_path(
@@ -180,37 +241,90 @@ def test_bad_file_raises_error_naming_path(
 
 
 @pytest.mark.parametrize(
-    ("change", "same"),
+    ("change", "expected"),
     [
-        ({}, True),
-        ({"spacing_mm": (0.5, 0.75, 2.5005)}, True),
-        ({"spacing_mm": (0.5, 0.75, 3.0)}, False),
-        ({"origin_mm": (0.0, 0.0, 0.0)}, False),
-        ({"direction": ROTATED}, False),
-        ({"array": np.zeros((4, 5, 7), dtype=np.float32)}, False),
+        ({}, []),
+        ({"spacing_mm": (0.5, 0.75, 2.5005)}, []),
+        (
+            {"spacing_mm": (0.5, 0.75, 3.0)},
+            [("spacing", "(0.5, 0.75, 2.5) mm", "(0.5, 0.75, 3) mm")],
+        ),
+        (
+            {"origin_mm": (0.0, 0.0, 0.0)},
+            [("origin", "(-10, 20.5, 3.25) mm", "(0, 0, 0) mm")],
+        ),
+        (
+            {"direction": ROTATED},
+            [
+                (
+                    "direction",
+                    "(1, 0, 0, 0, 1, 0, 0, 0, 1)",
+                    f"({_COS:g}, {-_SIN:g}, 0, {_SIN:g}, {_COS:g}, 0, 0, 0, 1)",
+                )
+            ],
+        ),
+        (
+            {"array": np.zeros((4, 5, 7), dtype=np.float32)},
+            [("size", "(6, 5, 4)", "(7, 5, 4)")],
+        ),
     ],
+    ids=["same", "within-tolerance", "spacing", "origin", "direction", "size"],
 )
-def test_same_geometry(change: dict[str, object], same: bool) -> None:
+def test_geometry_differences_name_each_mismatch(
+    change: dict[str, object], expected: list[tuple[str, str, str]]
+) -> None:
     # Prepare
     image = make_volume()
-    other = Volume(
-        **{
-            "array": image.array,
-            "spacing_mm": image.spacing_mm,
-            "origin_mm": image.origin_mm,
-            "direction": image.direction,
-            **change,
-        }  # type: ignore[arg-type]
-    )
+    other = dataclasses.replace(image, **change)  # type: ignore[arg-type]
 
     # Execute
-    result = image.same_geometry(other)
+    differences = image.geometry_differences(other)
 
     # Assert
-    assert result is same
+    assert differences == expected
+    assert image.same_geometry(other) is (not expected)
     assert "shape (4, 5, 6) (z, y, x), spacing (0.5, 0.75, 2.5) mm" in (
         image.describe_geometry()
     )
+
+
+@pytest.mark.parametrize("name", ["case_0000.nii.gz", "case_0000.mhd", "state.json"])
+def test_write_atomically_leaves_only_the_finished_file(
+    tmp_path: Path, name: str
+) -> None:
+    # Prepare
+    path = tmp_path / "site" / name
+
+    # Execute
+    if name.endswith(".json"):
+        with write_atomically(path) as temporary:
+            temporary.write_text("{}")
+    else:
+        write_volume(make_volume(), path)
+
+    # Assert
+    files = sorted(child.name for child in path.parent.iterdir())
+    assert files == ([name, "case_0000.zraw"] if name.endswith(".mhd") else [name])
+    assert not [file for file in files if file.startswith(".")]
+
+
+def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "state.json"
+    path.write_text("old")
+
+    def write_half() -> None:
+        with write_atomically(path) as temporary:
+            temporary.write_text("half of the new")
+            raise OSError("disk full")
+
+    # Execute
+    with pytest.raises(OSError, match="disk full"):
+        write_half()
+
+    # Assert
+    assert path.read_text() == "old"
+    assert [child.name for child in tmp_path.iterdir()] == ["state.json"]
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])

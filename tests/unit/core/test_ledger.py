@@ -116,6 +116,29 @@ def edit_bytes(line: str) -> str:
     return write_canonical_json(fields)
 
 
+def test_a_failed_append_leaves_no_partial_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the disk fills up after the line's bytes were written, before fsync
+    path = tmp_path / "ledger.jsonl"
+    write_ledger(path)
+    before = path.read_bytes()
+
+    def disk_full(_descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    # Execute
+    with monkeypatch.context() as patched:
+        patched.setattr("core.ledger.os.fsync", disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            write_ledger(path)
+
+    # Assert: the file is as before, and the next append chains on
+    assert path.read_bytes() == before
+    write_ledger(path)
+    assert verify_ledger(path).entries == 2 * len(ENTRIES)
+
+
 def test_append_chains_entries_and_verifies(tmp_path: Path) -> None:
     # Prepare
     path = tmp_path / "state" / "ledger.jsonl"
