@@ -92,13 +92,25 @@ class SiteStyle:
 
 
 def default_site_names(num_sites: int) -> tuple[str, ...]:
-    """Return the site names ``A``, ``B``, ... for ``num_sites`` sites.
+    """Return the site names ``A``, ``B``, ... ``Z``, ``AA``, ``AB``, ... (as columns).
+
+    Past 26 sites the names go on as spreadsheet columns do, so every name stays a
+    plain folder name (the characters after ``Z`` are punctuation).
 
     Example:
         >>> default_site_names(3)
         ('A', 'B', 'C')
+        >>> default_site_names(28)[-3:]
+        ('Z', 'AA', 'AB')
     """
-    return tuple(chr(ord("A") + index) for index in range(num_sites))
+    names: list[str] = []
+    for index in range(num_sites):
+        name, number = "", index + 1
+        while number:
+            number, letter = divmod(number - 1, 26)
+            name = chr(ord("A") + letter) + name
+        names.append(name)
+    return tuple(names)
 
 
 def build_site_styles(num_sites: int) -> tuple[SiteStyle, ...]:

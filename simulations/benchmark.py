@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m simulations.benchmark tgma|privacy --out benchmarks/X.json``.
+"""Benchmarks: ``python -m simulations.benchmark tgma|privacy|scale --out FILE``.
 
 Leave-one-site-out over the synthetic federation: every site is the target in turn and
 the others are its sources. Per target it reports the Dice of each source alone, the
@@ -14,35 +14,46 @@ epsilons on a dedicated synthetic federation with more cases per site, audits ea
 model for membership inference (``core.audit``) on the source's own training cases
 versus its held-out cases, and measures each model's Dice on the default target; it
 regenerates the table between the ``<!-- benchmark:privacy -->`` markers.
+
+``scale`` runs the coordinator's discover, source-training and transferability phases
+in a real Flower simulation (``flwr run .``, ``last-phase=transferability``) on tiny
+synthetic federations of 4, 8, 16 and 32 sites, and reports each phase's wall time,
+the messages it exchanged and the coordinator's peak memory, as recorded in each run's
+``report.json`` and ledger; it regenerates the table between the
+``<!-- benchmark:scale -->`` markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from core import protocol
 from core.audit import (
     MiaAttack,
     attack_membership,
     build_audit_cases,
     train_reference_losses,
 )
-from core.config import RunConfig, TransferMetric, load_default_config
+from core.config import ConfigValue, RunConfig, TransferMetric, load_default_config
 from core.data import index_site, list_site_dirs, read_federation_target
 from core.jobs import (
     adapt_target,
@@ -51,6 +62,7 @@ from core.jobs import (
     score_candidates,
     train_source_model,
 )
+from core.ledger import EGRESS, INGRESS, Ledger, LedgerEntry
 from core.models import Arrays
 from core.privacy import DpSettings
 from core.synthetic import (
@@ -60,9 +72,30 @@ from core.synthetic import (
     write_federation,
 )
 from core.transferability import select_sources
+from simulations.simulate import format_run_config, run_simulation
 
 README_MARKER = "benchmark:tgma"
 PRIVACY_MARKER = "benchmark:privacy"
+SCALE_MARKER = "benchmark:scale"
+
+# The phases the scale benchmark runs (transferability needs the source models), and
+# the action each phase sends.
+SCALE_PHASES = ("discover", "source-training", "transferability")
+PHASE_OF_ACTION = {
+    protocol.HELLO: "discover",
+    protocol.TRAIN_SOURCE: "source-training",
+    protocol.LFTM: "transferability",
+}
+# Tiny on purpose: the scale benchmark measures how the coordinator's cost grows with
+# the number of sites, not accuracy.
+SCALE_RUN_CONFIG: dict[str, ConfigValue] = {
+    "last-phase": "transferability",
+    "data.image-size": 32,
+    "data.max-slices-per-case": 4,
+    "train.epochs": 1,
+    "model.channels": "8,16,32",
+    "model.strides": "2,2",
+}
 
 
 def describe_machine() -> str:
@@ -493,6 +526,420 @@ def format_privacy_table(document: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
+def parse_site_counts(text: str) -> list[int]:
+    """Site counts from a comma-separated list, ascending, each at least 3.
+
+    Example:
+        >>> parse_site_counts("8,4, 32,16,8")
+        [4, 8, 16, 32]
+    """
+    counts = sorted({int(value) for value in text.split(",") if value.strip()})
+    if not counts or counts[0] < 3:
+        raise ValueError(f"--sites needs site counts of at least 3, got {text!r}")
+    return counts
+
+
+def _site_counts_argument(text: str) -> list[int]:
+    try:
+        return parse_site_counts(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def count_phase_messages(
+    entries: Iterable[LedgerEntry],
+) -> dict[str, dict[str, int]]:
+    """Requests, replies and bytes per phase, from the coordinator's ledger.
+
+    An action no phase of :data:`PHASE_OF_ACTION` sends is counted under its own name.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        phase = PHASE_OF_ACTION.get(entry.message_type, entry.message_type)
+        row = counts.setdefault(
+            phase, {"requests": 0, "replies": 0, "bytes_sent": 0, "bytes_received": 0}
+        )
+        size = 0 if entry.egress is None else entry.egress.total_bytes
+        if entry.direction == EGRESS:
+            row["requests"] += 1
+            row["bytes_sent"] += size
+        elif entry.direction == INGRESS:
+            row["replies"] += 1
+            row["bytes_received"] += size
+    return counts
+
+
+def build_scale_entry(
+    report: Mapping[str, object],
+    *,
+    messages: Mapping[str, Mapping[str, int]],
+    flwr_run_seconds: float,
+) -> dict[str, object]:
+    """One site count's entry of the scale document, from its run's ``report.json``."""
+    phase_seconds = report["phase_seconds"]
+    coordinator = report["coordinator"]
+    sources = report["source_training"]
+    assert isinstance(phase_seconds, Mapping)
+    assert isinstance(coordinator, Mapping)
+    assert isinstance(sources, Mapping)
+    return {
+        "seconds": {
+            phase: float(phase_seconds[phase])
+            for phase in SCALE_PHASES
+            if phase in phase_seconds
+        },
+        "peak_rss_mb": float(coordinator["peak_rss_mb"]),
+        "peak_rss_mb_after_phase": dict(coordinator["peak_rss_mb_after_phase"]),
+        "flwr_run_seconds": flwr_run_seconds,
+        "source_models": len(sources),
+        "messages": {phase: dict(row) for phase, row in messages.items()},
+        "run_id": report["run_id"],
+        "error": report["error"],
+    }
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | None:
+    """Least-squares line through the points: slope, intercept and R².
+
+    None with fewer than two distinct x values.
+
+    Example:
+        >>> fit_line([4, 8, 16], [3.0, 5.0, 9.0])
+        {'slope': 0.5, 'intercept': 1.0, 'r2': 1.0}
+    """
+    if len(set(xs)) < 2:
+        return None
+    slope, intercept = (float(value) for value in np.polyfit(xs, ys, 1))
+    predicted = np.polyval([slope, intercept], xs)
+    spread = float(np.sum((np.asarray(ys) - np.mean(ys)) ** 2))
+    residual = float(np.sum((np.asarray(ys) - predicted) ** 2))
+    return {
+        "slope": round(slope, 6),
+        "intercept": round(intercept, 6),
+        "r2": round(1.0 - residual / spread, 6) if spread > 0 else 1.0,
+    }
+
+
+def fit_scale_growth(
+    sites: Mapping[str, Mapping[str, object]],
+) -> dict[str, dict[str, float] | None]:
+    """Per phase (and the whole run, and peak memory): cost per added site.
+
+    Fits a line over the site counts that finished without error; the slope of a
+    phase is seconds per added site, that of ``peak_rss_mb`` MiB per added site.
+    """
+    finished = {
+        int(count): entry for count, entry in sites.items() if not entry.get("error")
+    }
+    counts = sorted(finished)
+
+    def series(pick: str, phase: str | None = None) -> list[float]:
+        values = []
+        for count in counts:
+            value = finished[count][pick]
+            if phase is not None:
+                assert isinstance(value, Mapping)
+                value = value[phase]
+            values.append(float(value))  # type: ignore[arg-type]
+        return values
+
+    growth: dict[str, dict[str, float] | None] = {
+        phase: fit_line(counts, series("seconds", phase)) for phase in SCALE_PHASES
+    }
+    growth["flwr_run"] = fit_line(counts, series("flwr_run_seconds"))
+    growth["peak_rss_mb"] = fit_line(counts, series("peak_rss_mb"))
+    return growth
+
+
+def summarise_repeats(runs: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """One site count's entry from its repeated runs: medians of the times.
+
+    Seconds per phase and the ``flwr run`` wall time are medians over the runs that
+    finished (robust to a burst of other work on the machine); peak memory is the
+    largest seen. Messages and source models come from the first finished run (they
+    do not change between repeats). Every run is kept under ``repeats``.
+    """
+    finished = [run for run in runs if not run.get("error")]
+    if not finished:
+        return {
+            "error": runs[0].get("error", "no run"),
+            "flwr_run_seconds": float(
+                np.median([float(run["flwr_run_seconds"]) for run in runs])  # type: ignore[arg-type]
+            ),
+            "repeats": [dict(run) for run in runs],
+        }
+
+    def values(key: str) -> list[Mapping[str, float]]:
+        return [run[key] for run in finished]  # type: ignore[misc]
+
+    phases = [phase for phase in SCALE_PHASES if phase in values("seconds")[0]]
+    after_phase = values("peak_rss_mb_after_phase")
+    loads = [load for run in runs for load in run.get("load_average_1min", [])]  # type: ignore[attr-defined]
+    first = finished[0]
+    return {
+        "seconds": {
+            phase: float(np.median([row[phase] for row in values("seconds")]))
+            for phase in phases
+        },
+        "peak_rss_mb": max(float(run["peak_rss_mb"]) for run in finished),  # type: ignore[arg-type]
+        "peak_rss_mb_after_phase": {
+            phase: max(row[phase] for row in after_phase if phase in row)
+            for phase in after_phase[0]
+        },
+        "flwr_run_seconds": float(
+            np.median([float(run["flwr_run_seconds"]) for run in finished])  # type: ignore[arg-type]
+        ),
+        "source_models": first["source_models"],
+        "messages": first["messages"],
+        "load_average_1min": [min(loads), max(loads)] if loads else [],
+        "failed_repeats": len(runs) - len(finished),
+        "error": None,
+        "repeats": [dict(run) for run in runs],
+    }
+
+
+def _run_scale_once(
+    count: int,
+    *,
+    federation: Path,
+    folder: Path,
+    run_config: Mapping[str, ConfigValue],
+    timeout_s: float,
+) -> dict[str, object]:
+    """One ``flwr run`` at ``count`` sites; its entry, or its error."""
+    runs = folder / "runs"
+    overrides = {
+        **run_config,
+        "federation.dir": str(federation),
+        "output.runs-dir": str(runs),
+    }
+    _log(f"[scale] {count} sites: flwr run ({format_run_config(overrides)})")
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    try:
+        exit_code = run_simulation(
+            num_supernodes=count,
+            run_config=format_run_config(overrides),
+            flwr_home=folder / "flwr-home",
+            timeout_s=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        exit_code = 124
+    wall = time.perf_counter() - started
+    # Other work on the machine slows a run down: record how busy it was.
+    load = [load_before, os.getloadavg()[0]]
+    reports = sorted(runs.glob("*/report.json")) if runs.is_dir() else []
+    if exit_code != 0 or len(reports) != 1:
+        error = f"flwr run exited with {exit_code}; {len(reports)} reports in {runs}"
+        _log(f"[scale] {count} sites: FAILED ({error})")
+        return {"error": error, "flwr_run_seconds": wall, "load_average_1min": load}
+    report = json.loads(reports[0].read_text())
+    messages = count_phase_messages(
+        Ledger(reports[0].parent / "ledger.jsonl").entries()
+    )
+    entry = build_scale_entry(report, messages=messages, flwr_run_seconds=wall)
+    entry["load_average_1min"] = load
+    phases = ", ".join(
+        f"{phase} {seconds:.1f} s"
+        for phase, seconds in entry["seconds"].items()  # type: ignore[attr-defined]
+    )
+    _log(
+        f"[scale] {count} sites: {phases}; coordinator peak RSS "
+        f"{entry['peak_rss_mb']:.0f} MiB; flwr run {wall:.0f} s; load "
+        f"{load[0]:.1f} -> {load[1]:.1f}"
+    )
+    return entry
+
+
+def run_scale(
+    site_counts: Sequence[int],
+    *,
+    cases_per_site: int,
+    run_config: Mapping[str, ConfigValue],
+    seed: int,
+    work_dir: Path,
+    timeout_s: float,
+    repeats: int = 1,
+) -> dict[str, object]:
+    """Simulate the first phases at each site count; return the scale document.
+
+    Each site count gets one synthetic federation and, per repeat, a fresh Flower
+    home and runs folder under ``work_dir``. Repeats are interleaved (4, 8, 16, 32,
+    4, 8, ...) so that a burst of other work on the machine does not land on one
+    site count only. A run that fails is recorded with its error and the others
+    still run.
+    """
+    started = time.perf_counter()
+    federations: dict[int, Path] = {}
+    for count in site_counts:
+        federations[count] = work_dir / f"sites-{count}" / "federation"
+        _log(f"[scale] {count} sites: writing the federation {federations[count]}")
+        write_federation(
+            federations[count],
+            seed=seed,
+            num_sites=count,
+            num_train_cases=cases_per_site,
+        )
+    runs: dict[int, list[dict[str, object]]] = {count: [] for count in site_counts}
+    for repeat in range(1, repeats + 1):
+        for count in site_counts:
+            _log(f"[scale] repeat {repeat} of {repeats}")
+            runs[count].append(
+                _run_scale_once(
+                    count,
+                    federation=federations[count],
+                    folder=work_dir / f"sites-{count}" / f"repeat-{repeat}",
+                    run_config=run_config,
+                    timeout_s=timeout_s,
+                )
+            )
+    sites = {str(count): summarise_repeats(runs[count]) for count in site_counts}
+    cpus = os.cpu_count() or 1
+    actors = max(1, cpus // 2)
+    return {
+        "machine": describe_machine(),
+        "seconds": time.perf_counter() - started,
+        "settings": {
+            "site_counts": list(site_counts),
+            "repeats": repeats,
+            "training_cases_per_site": cases_per_site,
+            "evaluation_cases_per_site": EVALUATION_CASES_PER_SITE,
+            "synthetic_seed": seed,
+            "run_config": dict(run_config),
+            "flwr": importlib.metadata.version("flwr"),
+            "cpus": cpus,
+        },
+        "notes": (
+            "seconds: each phase's wall time in the coordinator (report.json "
+            "phase_seconds), the median over the repeats; source-training runs "
+            "because transferability needs the source models. peak_rss_mb: ru_maxrss "
+            "of the process running the ServerApp (the largest over the repeats), "
+            "which in simulation is the flwr-simulation process that also hosts the "
+            "Ray driver; the ClientApp actors are separate processes and not counted. "
+            "Flower's default client resources (2 CPUs per ClientApp actor) give "
+            f"{actors} actor(s) on this {cpus}-CPU machine, so sites are served "
+            + ("one after another" if actors == 1 else f"{actors} at a time")
+            + ". discover includes starting the Ray actors and the ClientApp's "
+            "imports. flwr_run_seconds: the whole `flwr run` (SuperLink start, app "
+            "install, simulation start-up and shutdown included), median. messages: "
+            "coordinator ledger entries per phase (requests = egress, replies = "
+            "ingress). load_average_1min: the lowest and highest 1-minute load "
+            "average read before and after each run (other work on the machine "
+            "slows the runs). repeats: every run, in the order run."
+        ),
+        "sites": sites,
+        "growth": fit_scale_growth(sites),
+    }
+
+
+def list_failed_site_counts(document: Mapping[str, object]) -> list[str]:
+    """The site counts whose run failed, in a scale document; [] for other documents.
+
+    Example:
+        >>> list_failed_site_counts({"sites": {"4": {}, "8": {"error": "timeout"}}})
+        ['8']
+    """
+    sites = document.get("sites", {})
+    assert isinstance(sites, Mapping)
+    return [count for count, entry in sites.items() if entry.get("error")]
+
+
+def _describe_scale_runs(
+    sites: Mapping[str, Mapping[str, object]], *, repeats: int
+) -> str:
+    loads = [
+        load
+        for entry in sites.values()
+        for load in entry.get("load_average_1min", [])  # type: ignore[attr-defined]
+    ]
+    runs = (
+        f"Times are medians of {repeats} interleaved runs per site count"
+        if repeats > 1
+        else "One run per site count"
+    )
+    busy = (
+        f"; the 1-minute load average during the runs was {min(loads):.1f}-"
+        f"{max(loads):.1f}."
+        if loads
+        else "."
+    )
+    return runs + busy
+
+
+def format_scale_table(document: Mapping[str, object]) -> str:
+    """Markdown table of a scale document: one row per site count, then the growth."""
+    sites = document["sites"]
+    settings = document["settings"]
+    growth = document["growth"]
+    assert isinstance(sites, Mapping)
+    assert isinstance(settings, Mapping)
+    assert isinstance(growth, Mapping)
+    lines = [
+        "| sites | source models | discover (s) | source training (s) | "
+        "transferability (s) | `flwr run` (s) | coordinator peak RSS (MiB) | "
+        "requests (replies): discover, source training, transferability | "
+        "MB sent in transferability |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for count, entry in sites.items():
+        if entry.get("error"):
+            lines.append(f"| {count} | failed: {entry['error']} |" + " |" * 7)
+            continue
+        seconds, messages = entry["seconds"], entry["messages"]
+        exchanged = ", ".join(
+            f"{row['requests']} ({row['replies']})"
+            for row in (
+                messages.get(phase, {"requests": 0, "replies": 0})
+                for phase in SCALE_PHASES
+            )
+        )
+        sent_mb = messages.get("transferability", {}).get("bytes_sent", 0) / 1e6
+        lines.append(
+            f"| {count} | {entry['source_models']} | "
+            + " | ".join(f"{seconds.get(phase, 0.0):.1f}" for phase in SCALE_PHASES)
+            + f" | {entry['flwr_run_seconds']:.0f} | {entry['peak_rss_mb']:.0f} | "
+            f"{exchanged} | {sent_mb:.2f} |"
+        )
+    lines.append("")
+    slopes = [
+        f"{name} {fit['slope']:+.2f} s per added site (R² {fit['r2']:.2f})"
+        for name, fit in (
+            (phase.replace("-", " "), growth.get(phase)) for phase in SCALE_PHASES
+        )
+        if fit is not None
+    ]
+    memory = growth.get("peak_rss_mb")
+    if slopes:
+        lines.append(
+            "Least-squares growth over "
+            f"{', '.join(str(count) for count in sites)} sites: "
+            + "; ".join(slopes)
+            + (
+                f"; coordinator peak RSS {memory['slope']:+.2f} MiB per added site "
+                f"(from {memory['intercept']:.0f} MiB at zero sites)."
+                if memory is not None
+                else "."
+            )
+        )
+        lines.append("")
+    run_config = settings["run_config"]
+    assert isinstance(run_config, Mapping)
+    lines.append(
+        f"Each site: {settings['training_cases_per_site']} training cases, "
+        f"image size {run_config['data.image-size']}, at most "
+        f"{run_config['data.max-slices-per-case']} slices per case, "
+        f"{run_config['train.epochs']} epoch{'s' * (run_config['train.epochs'] != 1)}, "
+        f"U-Net channels "
+        f"{run_config['model.channels']}; `last-phase=transferability`. "
+        "Peak RSS is the flwr-simulation process (the ServerApp and the Ray driver; "
+        "the ClientApp actor is a separate process). "
+        + _describe_scale_runs(sites, repeats=int(settings.get("repeats", 1)))
+        + f" Measured on {document['machine']}, flwr {settings['flwr']}, in "
+        f"{document['seconds']:.0f} s."
+    )
+    return "\n".join(lines)
+
+
 def update_readme(readme: Path, marker: str, table: str) -> None:
     """Replace the text between ``<!-- marker -->`` and ``<!-- /marker -->``."""
     text = readme.read_text()
@@ -537,6 +984,60 @@ def _add_common_options(command: argparse.ArgumentParser, out: str) -> None:
     )
 
 
+def _add_scale_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--out", type=Path, default=Path("benchmarks/scale.json"))
+    command.add_argument(
+        "--readme",
+        type=Path,
+        default=Path("README.md"),
+        help="README whose table block is regenerated ('' to skip)",
+    )
+    command.add_argument(
+        "--table-from",
+        type=Path,
+        default=None,
+        help="only regenerate the README table from an existing benchmark JSON",
+    )
+    command.add_argument(
+        "--sites",
+        type=_site_counts_argument,
+        default=[4, 8, 16, 32],
+        help="site counts, comma-separated (default 4,8,16,32)",
+    )
+    command.add_argument(
+        "--cases-per-site",
+        type=int,
+        default=2,
+        help="labelled training cases per site (default 2)",
+    )
+    command.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per site count, interleaved; times are medians (default 3)",
+    )
+    command.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    command.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep federations and runs here; default: a temporary folder, removed",
+    )
+    command.add_argument(
+        "--timeout-s",
+        type=float,
+        default=3600.0,
+        help="limit for each flwr run (default 3600)",
+    )
+    command.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override, e.g. --set train.epochs=2",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
@@ -572,12 +1073,18 @@ def main(argv: list[str] | None = None) -> int:
     privacy.add_argument("--references", type=int, default=4)
     privacy.add_argument("--bootstrap", type=int, default=1000)
     privacy.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    marker, formatter = (
-        (README_MARKER, format_table)
-        if args.command == "tgma"
-        else (PRIVACY_MARKER, format_privacy_table)
+    scale = commands.add_parser(
+        "scale",
+        help="wall time per phase and coordinator peak memory at 4, 8, 16, 32 sites "
+        "(real Flower simulations)",
     )
+    _add_scale_options(scale)
+    args = parser.parse_args(argv)
+    marker, formatter = {
+        "tgma": (README_MARKER, format_table),
+        "privacy": (PRIVACY_MARKER, format_privacy_table),
+        "scale": (SCALE_MARKER, format_scale_table),
+    }[args.command]
     overrides: dict[str, bool | int | float | str] = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -587,6 +1094,47 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         update_readme(args.readme, marker, table)
         return 0
+    if args.command == "scale":
+        document = _run_scale_command(args, overrides)
+    else:
+        document = _run_model_benchmark(args, overrides)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    table = formatter(document)
+    print(table)
+    if args.readme.is_file():  # --readme "" is Path("."), a folder: skip
+        update_readme(args.readme, marker, table)
+    return 1 if list_failed_site_counts(document) else 0
+
+
+def _run_scale_command(
+    args: argparse.Namespace, overrides: Mapping[str, ConfigValue]
+) -> dict[str, object]:
+    run_config = {**SCALE_RUN_CONFIG, **overrides}
+    # Fail on a mistyped --set now, not after the first simulation.
+    load_default_config(**run_config)
+    with contextlib.ExitStack() as stack:
+        work_dir = args.work_dir or Path(
+            stack.enter_context(
+                tempfile.TemporaryDirectory(
+                    prefix="sitebridge-scale-", ignore_cleanup_errors=True
+                )
+            )
+        )
+        return run_scale(
+            args.sites,
+            cases_per_site=args.cases_per_site,
+            run_config=run_config,
+            seed=args.seed,
+            work_dir=work_dir.resolve(),
+            timeout_s=args.timeout_s,
+            repeats=args.repeats,
+        )
+
+
+def _run_model_benchmark(
+    args: argparse.Namespace, overrides: Mapping[str, ConfigValue]
+) -> dict[str, object]:
     config = load_default_config(**overrides)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.command == "tgma":
@@ -616,13 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             tgma_json=Path("benchmarks/tgma.json"),
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
-    table = formatter(document)
-    print(table)
-    if str(args.readme) and args.readme.exists():
-        update_readme(args.readme, marker, table)
-    return 0
+    return document
 
 
 if __name__ == "__main__":

@@ -132,6 +132,17 @@ def test_default_site_names(count: int, names: tuple[str, ...]) -> None:
     assert default_site_names(count) == names
 
 
+def test_default_site_names_go_on_as_columns_past_z() -> None:
+    # Execute
+    names = default_site_names(54)
+
+    # Assert: plain, unique folder names in the scale benchmark's range and beyond.
+    assert names[24:29] == ("Y", "Z", "AA", "AB", "AC")
+    assert names[-2:] == ("BA", "BB")
+    assert len(set(names)) == 54
+    assert all(name.isalpha() and name.isupper() for name in names)
+
+
 # --- write_federation ----------------------------------------------------------------
 
 
