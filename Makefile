@@ -38,7 +38,8 @@ benchmark: venv
 	$(BIN)/python -m simulations.benchmark tgma --out benchmarks/tgma.json
 
 lint: venv
-	$(BIN)/ruff check core clients server simulations tests
+	$(BIN)/ruff check core clients server simulations deploy tests
+	for script in deploy/*.sh; do bash -n "$$script"; done
 	$(BIN)/mypy
 
 clean:

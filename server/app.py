@@ -38,13 +38,26 @@ def resolve_runs_dir(config: RunConfig) -> Path:
 
 
 def prepare_federation(config: RunConfig) -> tuple[int, str | None]:
-    """Generate the built-in federation if asked; return (nodes to wait for, target).
+    """Return (nodes to wait for, default target); generate the built-in federation.
 
-    In a deployment the coordinator usually cannot see the sites' folders: it then
-    waits for ``federation.expected-sites`` nodes (or ``federation.min-sites`` when
-    that is 0) and the target must be named by ``federation.target-site``.
+    In a deployment the coordinator cannot see the sites' folders: the run sets
+    ``federation.expected-sites`` (how many SuperNodes to wait for) and
+    ``federation.target-site``, and no federation folder is read or generated here.
+    Otherwise (simulation) the site folders under ``federation.dir`` (or the built-in
+    synthetic federation) say how many nodes to expect and which site is the target.
+
+    Raises:
+        ValueError: ``federation.expected-sites`` is set without a target site.
     """
     federation = config.federation
+    if federation.expected_sites:
+        if not federation.target_site:
+            raise ValueError(
+                "federation.target-site must name the target site when "
+                "federation.expected-sites is set (the coordinator does not see "
+                "the sites' folders)"
+            )
+        return federation.expected_sites, None
     if not federation.dir:
         folder = resolve_federation_dir(federation)
         ensure_builtin_federation(
@@ -55,11 +68,7 @@ def prepare_federation(config: RunConfig) -> tuple[int, str | None]:
             progress=_log,
         )
     folder = resolve_federation_dir(federation)
-    if not folder.is_dir():
-        _log(f"{folder} is not visible here: the sites hold their own folders")
-        return federation.expected_sites or federation.min_sites, None
-    expected = federation.expected_sites or len(list_site_dirs(folder))
-    return expected, read_federation_target(folder)
+    return len(list_site_dirs(folder)), read_federation_target(folder)
 
 
 @app.main()

@@ -9,18 +9,17 @@ import pytest
 
 from core import protocol
 from core.ledger import EGRESS, INGRESS, Egress, LedgerEntry
-from simulations.benchmark import (
+from simulations.benchmark import main
+from simulations.scale_benchmark import SCALE_RUN_CONFIG, parse_site_counts
+from simulations.scale_summary import (
     SCALE_MARKER,
     SCALE_PHASES,
-    SCALE_RUN_CONFIG,
     build_scale_entry,
     count_phase_messages,
     fit_line,
     fit_scale_growth,
     format_scale_table,
     list_failed_site_counts,
-    main,
-    parse_site_counts,
     summarise_repeats,
 )
 

@@ -17,6 +17,7 @@ import pytest
 from core import protocol
 from core.config import ConfigValue, load_run_config
 from core.ledger import verify_ledger
+from server.app import prepare_federation
 from server.pipeline import Coordinator, PhaseError
 from server.runner import (
     ATTEMPTS_FILE,
@@ -360,3 +361,38 @@ def test_too_few_sources_fail_the_run_with_a_clear_message(
     assert message.startswith("source training: 0 source model(s) arrived, 2 needed")
     assert "'B': 'no reply within 3600 s'" in message
     assert "'C': 'no reply within 3600 s'" in message
+
+
+# ------------------------------------------------------------ federation preparation
+
+
+def test_deployment_config_needs_no_federation_folder(
+    run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: the coordinator sees no site folder at all
+    config = load_run_config(
+        {
+            **run_config,
+            "federation.dir": str(tmp_path / "not-here"),
+            "federation.expected-sites": 3,
+            "federation.target-site": "A",
+        }
+    )
+
+    # Execute / Assert
+    assert prepare_federation(config) == (3, None)
+    assert not (tmp_path / "not-here").exists()
+
+
+def test_expected_sites_without_a_target_is_a_clear_error(
+    run_config: dict[str, ConfigValue],
+) -> None:
+    config = load_run_config({**run_config, "federation.expected-sites": 3})
+    with pytest.raises(ValueError, match=r"federation\.target-site must name the"):
+        prepare_federation(config)
+
+
+def test_simulation_config_counts_the_site_folders(
+    run_config: dict[str, ConfigValue],
+) -> None:
+    assert prepare_federation(load_run_config(run_config)) == (3, "A")

@@ -1,0 +1,66 @@
+"""What every benchmark leaves behind: progress lines, the JSON document, README tables.
+
+Shared by the ``tgma``, ``privacy`` and ``scale`` subcommands of
+``python -m simulations.benchmark``: the one-line machine description recorded in each
+document, progress printing, reading and writing the JSON document, and rewriting a
+README table block between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers. It knows
+nothing about any one benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+
+def describe_machine() -> str:
+    """One line naming the CPU/GPU, core count and library versions."""
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
+    return (
+        f"{device}, {torch.get_num_threads()} torch threads, Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def print_progress(line: str) -> None:
+    """Print one progress line now (benchmarks run for minutes; no buffering)."""
+    print(line, flush=True)
+
+
+def read_document(path: Path) -> Mapping[str, object]:
+    """Read a benchmark JSON document written by :func:`write_document`."""
+    document: Mapping[str, object] = json.loads(path.read_text())
+    return document
+
+
+def write_document(path: Path, document: Mapping[str, object]) -> None:
+    """Write ``document`` as indented JSON, creating the parent folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def write_readme_table(readme: Path, marker: str, table: str) -> None:
+    """Replace the text between ``<!-- marker -->`` and ``<!-- /marker -->``.
+
+    Raises:
+        ValueError: ``readme`` has no such block.
+    """
+    text = readme.read_text()
+    pattern = re.compile(
+        rf"(<!-- {re.escape(marker)} -->\n).*?(<!-- /{re.escape(marker)} -->)",
+        re.DOTALL,
+    )
+    if not pattern.search(text):
+        raise ValueError(f"{readme}: no <!-- {marker} --> ... <!-- /{marker} --> block")
+    readme.write_text(
+        pattern.sub(lambda match: f"{match.group(1)}{table}\n{match.group(2)}", text)
+    )
