@@ -26,6 +26,7 @@ from typing import Final
 
 from core.config import ConfigValue
 from simulations.benchmark_output import (
+    add_output_options,
     read_document,
     write_document,
     write_readme_table,
@@ -95,7 +96,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, ConfigValue]:
 
 
 def _add_common_options(command: argparse.ArgumentParser, out: str) -> None:
-    command.add_argument("--out", type=Path, default=Path(out))
+    add_output_options(command, out)
     command.add_argument(
         "--federation-dir",
         type=Path,
@@ -103,18 +104,6 @@ def _add_common_options(command: argparse.ArgumentParser, out: str) -> None:
         help="a federation folder; default: a synthetic one generated in --cache-dir",
     )
     command.add_argument("--cache-dir", type=Path, default=Path("data"))
-    command.add_argument(
-        "--readme",
-        type=Path,
-        default=Path("README.md"),
-        help="README whose table block is regenerated ('' to skip)",
-    )
-    command.add_argument(
-        "--table-from",
-        type=Path,
-        default=None,
-        help="only regenerate the README table from an existing benchmark JSON",
-    )
     command.add_argument(
         "--set",
         action="append",

@@ -9,6 +9,7 @@ nothing about any one benchmark.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -63,4 +64,21 @@ def write_readme_table(readme: Path, marker: str, table: str) -> None:
         raise ValueError(f"{readme}: no <!-- {marker} --> ... <!-- /{marker} --> block")
     readme.write_text(
         pattern.sub(lambda match: f"{match.group(1)}{table}\n{match.group(2)}", text)
+    )
+
+
+def add_output_options(command: argparse.ArgumentParser, out: str) -> None:
+    """``--out``, ``--readme`` and ``--table-from``: what every benchmark writes."""
+    command.add_argument("--out", type=Path, default=Path(out))
+    command.add_argument(
+        "--readme",
+        type=Path,
+        default=Path("README.md"),
+        help="README whose table block is regenerated ('' to skip)",
+    )
+    command.add_argument(
+        "--table-from",
+        type=Path,
+        default=None,
+        help="only regenerate the README table from an existing benchmark JSON",
     )

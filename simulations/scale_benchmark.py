@@ -26,7 +26,11 @@ from typing import Final
 from core.config import ConfigValue, load_default_config
 from core.ledger import Ledger
 from core.synthetic import EVALUATION_CASES_PER_SITE, write_federation
-from simulations.benchmark_output import describe_machine, print_progress
+from simulations.benchmark_output import (
+    add_output_options,
+    describe_machine,
+    print_progress,
+)
 from simulations.scale_summary import (
     build_scale_entry,
     count_phase_messages,
@@ -205,19 +209,7 @@ def run_scale(
 
 def add_scale_options(command: argparse.ArgumentParser) -> None:
     """Add every option of the ``scale`` subcommand."""
-    command.add_argument("--out", type=Path, default=Path("benchmarks/scale.json"))
-    command.add_argument(
-        "--readme",
-        type=Path,
-        default=Path("README.md"),
-        help="README whose table block is regenerated ('' to skip)",
-    )
-    command.add_argument(
-        "--table-from",
-        type=Path,
-        default=None,
-        help="only regenerate the README table from an existing benchmark JSON",
-    )
+    add_output_options(command, "benchmarks/scale.json")
     command.add_argument(
         "--sites",
         type=_site_counts_argument,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ import pytest
 from core.cli import main as sitebridge
 from core.synthetic import write_federation
 from deploy.loopback import (
+    ForegroundNode,
     LoopbackDeployment,
     SiteNode,
     is_running,
@@ -169,58 +170,53 @@ def test_flwr_run_completes_the_pipeline_over_tls(
     assert sitebridge(["audit", "verify", str(run_dir / "ledger.jsonl")]) == 0
 
 
-def test_a_supernode_with_an_unregistered_key_is_refused(
-    deployment: LoopbackDeployment, deployed_federation: Path
+@pytest.mark.parametrize(
+    ("name", "start", "node_says", "superlink_says"),
+    [
+        pytest.param(
+            "rogue",
+            # a key made by make-site-key.sh but never registered
+            LoopbackDeployment.start_unregistered_supernode,
+            "[code: 2004] Failed to activate SuperNode",
+            "No SuperNode found with the given public key",
+            id="unregistered-key",
+        ),
+        pytest.param(
+            "plaintext",
+            # --insecure and no key, against the TLS Fleet port
+            LoopbackDeployment.start_insecure_supernode,
+            "failed to connect to all addresses",
+            "WRONG_VERSION_NUMBER",
+            id="no-tls",
+        ),
+    ],
+)
+def test_a_supernode_is_refused(
+    deployment: LoopbackDeployment,
+    deployed_federation: Path,
+    name: str,
+    start: Callable[..., ForegroundNode],
+    node_says: str,
+    superlink_says: str,
 ) -> None:
     # Prepare
     superlink_log_start = deployment.superlink_log.stat().st_size
 
-    # Execute: a key made by make-site-key.sh but never registered
-    node = deployment.start_unregistered_supernode(
-        "rogue", site_dir=deployed_federation / "A"
-    )
+    # Execute
+    node = start(deployment, name, site_dir=deployed_federation / "A")
     exit_code = node.wait(timeout_s=REFUSAL_TIMEOUT_S)
 
     # Assert: Flower logs its own exit code 305; the process exits with status 1.
     log = node.log_text()
     assert exit_code != 0, log
     assert "Exit Code: 305" in log
-    assert "[code: 2004] Failed to activate SuperNode" in log
+    assert node_says in log
     wait_until(
         lambda: (
-            "No SuperNode found with the given public key"
-            in read_from(deployment.superlink_log, superlink_log_start)
+            superlink_says in read_from(deployment.superlink_log, superlink_log_start)
         ),
         timeout_s=60,
-        what="the SuperLink to log the refused key",
-    )
-    only_registered_nodes_online(deployment)
-
-
-def test_a_supernode_without_tls_is_refused(
-    deployment: LoopbackDeployment, deployed_federation: Path
-) -> None:
-    # Prepare
-    superlink_log_start = deployment.superlink_log.stat().st_size
-
-    # Execute: --insecure and no key, against the TLS Fleet port
-    node = deployment.start_insecure_supernode(
-        "plaintext", site_dir=deployed_federation / "A"
-    )
-    exit_code = node.wait(timeout_s=REFUSAL_TIMEOUT_S)
-
-    # Assert
-    log = node.log_text()
-    assert exit_code != 0, log
-    assert "Exit Code: 305" in log
-    assert "failed to connect to all addresses" in log
-    wait_until(
-        lambda: (
-            "WRONG_VERSION_NUMBER"
-            in read_from(deployment.superlink_log, superlink_log_start)
-        ),
-        timeout_s=60,
-        what="the SuperLink to log the failed TLS handshake",
+        what=f"the SuperLink to log {superlink_says!r}",
     )
     only_registered_nodes_online(deployment)
 
