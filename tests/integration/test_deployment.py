@@ -183,10 +183,12 @@ def test_flwr_run_completes_the_pipeline_over_tls(
         ),
         pytest.param(
             "plaintext",
-            # --insecure and no key, against the TLS Fleet port
+            # --insecure and no key, against the TLS Fleet port: the TLS server
+            # closes the plain-text connection. (The SuperLink's gRPC core logs the
+            # failed handshake, WRONG_VERSION_NUMBER, only sometimes: not asserted.)
             LoopbackDeployment.start_insecure_supernode,
             "failed to connect to all addresses",
-            "WRONG_VERSION_NUMBER",
+            None,
             id="no-tls",
         ),
     ],
@@ -197,7 +199,7 @@ def test_a_supernode_is_refused(
     name: str,
     start: Callable[..., ForegroundNode],
     node_says: str,
-    superlink_says: str,
+    superlink_says: str | None,
 ) -> None:
     # Prepare
     superlink_log_start = deployment.superlink_log.stat().st_size
@@ -211,13 +213,13 @@ def test_a_supernode_is_refused(
     assert exit_code != 0, log
     assert "Exit Code: 305" in log
     assert node_says in log
-    wait_until(
-        lambda: (
-            superlink_says in read_from(deployment.superlink_log, superlink_log_start)
-        ),
-        timeout_s=60,
-        what=f"the SuperLink to log {superlink_says!r}",
-    )
+    if superlink_says is not None:
+        superlink_log = deployment.superlink_log
+        wait_until(
+            lambda: superlink_says in read_from(superlink_log, superlink_log_start),
+            timeout_s=60,
+            what=f"the SuperLink to log {superlink_says!r}",
+        )
     only_registered_nodes_online(deployment)
 
 
