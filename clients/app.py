@@ -21,6 +21,7 @@ from clients import records
 from clients.guard import egress_guard
 from clients.site import SiteLocation, SiteSetup, resolve_setup
 from core import protocol
+from core.consensus_job import run_consensus
 from core.data import SiteDataError, index_site
 from core.jobs import (
     adapt_target,
@@ -178,6 +179,44 @@ def adapt(message: Message, _context: Context, setup: SiteSetup) -> Message:
         seconds=result.seconds,
     )
     return records.build_reply(message, metrics=reply.to_fields(), models=models)
+
+
+@app.train("consensus")
+@site_handler
+def consensus(message: Message, _context: Context, setup: SiteSetup) -> Message:
+    """Fuse noisy labels on this (target) site; reply aggregates and trained models.
+
+    The consensus labels are written to the site's state folder
+    (``consensus/run-<run id>/<method>/<case>.nii.gz``) and never sent.
+    """
+    config, site = setup.config, setup.site
+    request = protocol.ConsensusRequest.from_fields(
+        records.read_request(message.content)
+    )
+    outcome = run_consensus(
+        site.directory,
+        records.read_named_models(message.content),
+        config,
+        label_sources=request.label_sources,
+        start=request.start,
+        labels_dir=setup.state_dir / "consensus" / f"run-{message.metadata.run_id}",
+        progress=_progress(site),
+    )
+    reply = protocol.ConsensusReply(
+        num_images=outcome.num_images,
+        num_labels=outcome.num_labels,
+        num_atlases=outcome.num_atlases,
+        seconds=outcome.seconds,
+        data_parameter=outcome.data_parameter,
+        staple_sensitivity=outcome.staple_sensitivity,
+        agreement=outcome.agreement,
+        label_dice=outcome.label_dice,
+        spearman_dp=outcome.spearman_dp,
+        spearman_staple=outcome.spearman_staple,
+    )
+    return records.build_reply(
+        message, metrics=reply.to_fields(), models=outcome.models
+    )
 
 
 @app.evaluate()

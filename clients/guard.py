@@ -48,6 +48,7 @@ from core.policy import (
     check_reply,
     describe_violations,
 )
+from core.registration import index_atlases
 
 LOGGER = logging.getLogger("sitebridge.guard")
 
@@ -121,7 +122,26 @@ def _requested_names(message: Message) -> set[str]:
     return names
 
 
-def _unrequested_names(message: Message, reply: Message) -> list[Violation]:
+def _site_names(message: Message, setup: SiteSetup) -> set[str]:
+    """Names a consensus reply may use beyond the request's: methods and atlases.
+
+    The methods are fixed by the protocol; atlases are numbered ``atlas-1`` up to the
+    number the site holds, so a name says nothing but a position.
+    """
+    if message.metadata.message_type != protocol.CONSENSUS:
+        return set()
+    try:
+        atlases = len(index_atlases(setup.site.directory))
+    except SiteDataError:
+        atlases = 0
+    return set(protocol.CONSENSUS_METHODS) | {
+        f"{protocol.ATLAS_SOURCE_PREFIX}{k}" for k in range(1, atlases + 1)
+    }
+
+
+def _unrequested_names(
+    message: Message, reply: Message, setup: SiteSetup
+) -> list[Violation]:
     """Wildcard fields (``dice.*``, ``itm.*``...) whose name the request never used.
 
     The schema lets ``dice.<predictor>`` through for any name; without this check the
@@ -130,7 +150,7 @@ def _unrequested_names(message: Message, reply: Message) -> list[Violation]:
     schema = protocol.REPLY_SCHEMAS.get(message.metadata.message_type)
     if schema is None:
         return []
-    requested = _requested_names(message)
+    requested = _requested_names(message) | _site_names(message, setup)
     violations = []
     for record_key, patterns, fields in (
         (
@@ -254,7 +274,7 @@ def egress_guard(
             return _error_reply(message, protocol.EGRESS_BLOCKED_CODE, reason)
         return reply
 
-    forged = _handler_policy_fields(reply) + _unrequested_names(message, reply)
+    forged = _handler_policy_fields(reply) + _unrequested_names(message, reply, setup)
     _with_applied_policy(reply, setup.policy.to_fields())
     measured = measure_content(reply.content, message_type=message_type)
     violations = forged + check_reply(

@@ -61,6 +61,7 @@ PIPELINE_PHASES: Final = (
     "source-training",
     "transferability",
     "adaptation",
+    "consensus",
     "evaluation",
 )
 
@@ -283,6 +284,44 @@ class AdaptConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsensusConfig:
+    """Label consensus at the target (METHODS.md sections 0 and 2, DeepSTAPLE).
+
+    ``epochs``..``risk_regularisation`` drive DeepSTAPLE's own network and data
+    parameters; ``refine_*`` train the target model on each consensus.
+    """
+
+    enabled: bool
+    epochs: int
+    batch_size: int
+    learning_rate: float  # AdamW, the DeepSTAPLE network
+    dp_learning_rate: float  # SparseAdam, the data parameters
+    out_of_line: bool
+    fixed_weighting: bool
+    risk_regularisation: bool
+    atlases: bool  # add labels registered from the target's atlases/ folder
+    baselines: bool  # also train on TGMA pseudo-labels, majority vote and STAPLE
+    refine_epochs: int
+    refine_learning_rate: float
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "consensus.epochs", ">= 1", self.epochs)
+        _require(self.batch_size >= 1, "consensus.batch-size", ">= 1", self.batch_size)
+        for key, value in (
+            ("consensus.learning-rate", self.learning_rate),
+            ("consensus.dp-learning-rate", self.dp_learning_rate),
+            ("consensus.refine-learning-rate", self.refine_learning_rate),
+        ):
+            _require(math.isfinite(value) and value > 0, key, "> 0", value)
+        _require(
+            self.refine_epochs >= 1,
+            "consensus.refine-epochs",
+            ">= 1",
+            self.refine_epochs,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class PrivacyConfig:
     """What the run asks for privacy; each site's policy may ask for more.
 
@@ -327,6 +366,7 @@ class RunConfig:
     train: TrainConfig
     transfer: TransferConfig
     adapt: AdaptConfig
+    consensus: ConsensusConfig
     privacy: PrivacyConfig
 
     def __post_init__(self) -> None:

@@ -567,6 +567,62 @@ def _middle(count: int, keep: int) -> slice:
     return slice(start, start + keep)
 
 
+def label_slices(label: npt.NDArray[np.integer], *, data: DataConfig) -> torch.Tensor:
+    """Cut a ``(Z, Y, X)`` label volume into ``(N, S, S)`` int64 slices.
+
+    The same slices, in the same order, as :func:`build_slice_set` cuts from the
+    volume's image (the label must lie on the image's grid).
+    """
+    stack = cut_slices(label, axis=data.slice_axis)
+    classes = stack[_middle(stack.shape[0], data.max_slices_per_case)]
+    pixels = torch.from_numpy(np.ascontiguousarray(classes, dtype=np.int64))[:, None]
+    # nearest-exact samples pixel centres, matching bilinear's alignment.
+    return functional.interpolate(
+        pixels.to(torch.float32),
+        size=(data.image_size, data.image_size),
+        mode="nearest-exact",
+    )[:, 0].to(torch.int64)
+
+
+def label_volume_from_slices(
+    slices: torch.Tensor, shape: tuple[int, int, int], *, data: DataConfig
+) -> npt.NDArray[np.int64]:
+    """Inverse of :func:`label_slices`: put ``(N, S, S)`` slices back on the grid.
+
+    Each slice is resized (nearest) to the volume's in-plane size and put back at the
+    position it was cut from; slices :func:`build_slice_set` did not keep
+    (``data.max_slices_per_case``) stay 0.
+
+    Raises:
+        ValueError: the slice count does not match what the volume gives.
+
+    Example:
+        >>> from core.config import load_default_config
+        >>> data = load_default_config().data
+        >>> label = np.zeros((4, 20, 30), dtype=np.int64); label[1, 5:15, 10:20] = 1
+        >>> back = label_volume_from_slices(label_slices(label, data=data),
+        ...                                 label.shape, data=data)
+        >>> bool((back == label).all())
+        True
+    """
+    volume = np.zeros(shape, dtype=np.int64)
+    stack = cut_slices(volume, axis=data.slice_axis)  # a view into ``volume``
+    keep = _middle(stack.shape[0], data.max_slices_per_case)
+    expected = len(range(*keep.indices(stack.shape[0])))
+    if slices.shape[0] != expected:
+        raise ValueError(
+            f"a volume of shape {shape} gives {expected} slices along "
+            f"{data.slice_axis.value}, got {slices.shape[0]}"
+        )
+    resized = functional.interpolate(
+        slices[:, None].to(torch.float32),
+        size=tuple(stack.shape[1:]),
+        mode="nearest-exact",
+    )[:, 0]
+    stack[keep] = resized.to(torch.int64).numpy()
+    return volume
+
+
 def build_slice_set(
     cases: Sequence[CaseRecord], *, data: DataConfig, with_labels: bool
 ) -> SliceSet:
@@ -609,16 +665,7 @@ def build_slice_set(
             )
         )
         if loaded.label is not None:
-            classes = cut_slices(loaded.label, axis=data.slice_axis)[keep]
-            label = torch.from_numpy(np.ascontiguousarray(classes))[:, None]
-            # nearest-exact samples pixel centres, matching bilinear's alignment.
-            labels.append(
-                functional.interpolate(
-                    label.to(torch.float32),
-                    size=size,
-                    mode="nearest-exact",
-                )[:, 0].to(torch.int64)
-            )
+            labels.append(label_slices(loaded.label, data=data))
         owners.append(torch.full((pixels.shape[0],), number, dtype=torch.int64))
         slice_axis, row_axis, col_axis = _SLICE_SPACING_AXES[data.slice_axis]
         spacings.append(

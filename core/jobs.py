@@ -5,7 +5,8 @@
 site folder, the typed run config and weights as ``dict[str, numpy array]``, and return
 only what may leave the site: weights, per-case scores and aggregate metrics. The
 ClientApp handlers and the leave-one-site-out benchmark both call these functions, so
-the benchmark measures exactly what the federation runs. Never imports flwr.
+the benchmark measures exactly what the federation runs. ``train.consensus`` has its
+own module, :mod:`core.consensus_job`. Never imports flwr.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _target_slices(index: SiteIndex, config: RunConfig) -> SliceSet:
     return build_slice_set(cases, data=config.data, with_labels=False)
 
 
-def _build_with(
+def build_model_with(
     name: str, weights: Mapping[str, object], config: RunConfig
 ) -> torch.nn.Module:
     """The run's model holding ``weights``; an error names the model ``name``."""
@@ -216,18 +217,22 @@ def train_source_model(
     )
 
 
-def _score_all(
+def score_slices(
     slices: SliceSet,
     candidates: Mapping[str, Arrays],
     config: RunConfig,
     progress: Progress,
 ) -> tuple[Transferability, list[torch.Tensor]]:
+    """Score each candidate on ``slices`` (ITM); also return its softmax maps.
+
+    Candidates are taken in sorted name order, as ``Transferability.sources`` lists.
+    """
     device = select_device(config.train.device)
     names = tuple(sorted(candidates))
     columns, probabilities = [], []
     for name in names:
         scores = score_candidate(
-            _build_with(name, candidates[name], config),
+            build_model_with(name, candidates[name], config),
             slices.images,
             case_of_slice=slices.case_of_slice,
             num_cases=len(slices.case_ids),
@@ -259,7 +264,7 @@ def score_candidates(
     if not candidates:
         raise ValueError("no candidate models to score")
     slices = _target_slices(index_site(Path(site_dir)), config)
-    transferability, _ = _score_all(slices, candidates, config, progress)
+    transferability, _ = score_slices(slices, candidates, config, progress)
     return transferability
 
 
@@ -287,7 +292,7 @@ def adapt_target(
             )
     started = time.perf_counter()
     slices = _target_slices(index_site(Path(site_dir)), config)
-    transferability, probabilities = _score_all(slices, candidates, config, progress)
+    transferability, probabilities = score_slices(slices, candidates, config, progress)
     soft = build_pseudo_labels(
         probabilities,
         torch.tensor(transferability.itm),
@@ -296,7 +301,7 @@ def adapt_target(
     pseudo_labels = soft.argmax(1)
     names = [main] if aux is None else [main, aux]
     weights = [weight_main] if aux is None else [weight_main, weight_aux]
-    models = [_build_with(name, candidates[name], config) for name in names]
+    models = [build_model_with(name, candidates[name], config) for name in names]
     result = adapt_pair(
         models,
         weights,
@@ -350,7 +355,8 @@ def evaluate_predictors(
     assert slices.labels is not None
     device = select_device(config.train.device)
     built = {
-        name: _build_with(name, weights, config) for name, weights in models.items()
+        name: build_model_with(name, weights, config)
+        for name, weights in models.items()
     }
     results = {}
     for predictor, members in predictors.items():

@@ -22,6 +22,7 @@ from typing import Final, TypeVar
 from core.protocol import (
     ADAPT,
     APPLIED_POLICY_PREFIX,
+    CONSENSUS,
     EVALUATE,
     HELLO,
     LFTM,
@@ -38,7 +39,14 @@ from core.protocol import (
 POLICY_FILE: Final = "policy.toml"
 # Every action a site can be asked for; a new action in core.protocol must be added
 # here (and to deploy/policy.template.toml) before a policy can name it.
-ACTIONS: Final[tuple[str, ...]] = (HELLO, TRAIN_SOURCE, LFTM, ADAPT, EVALUATE)
+ACTIONS: Final[tuple[str, ...]] = (
+    HELLO,
+    TRAIN_SOURCE,
+    LFTM,
+    ADAPT,
+    CONSENSUS,
+    EVALUATE,
+)
 BYTES_PER_MB: Final = 1_000_000  # "MB" in max-reply-mb is decimal (SI)
 # float64/int64: no model parameter needs more, so a larger element smuggles data.
 MAX_BYTES_PER_ELEMENT: Final = 8

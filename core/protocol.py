@@ -24,6 +24,7 @@ HELLO: Final = "query.hello"
 TRAIN_SOURCE: Final = "train.source"
 LFTM: Final = "query.lftm"
 ADAPT: Final = "train.adapt"
+CONSENSUS: Final = "train.consensus"
 EVALUATE: Final = "evaluate"
 
 # Error code of a reply in which the site reports a problem with its data or the request
@@ -344,6 +345,116 @@ class AdaptReply:
         )
 
 
+# What a consensus is built from and what a model is trained on, in the reply's
+# ``label-dice.*`` and ``model.<method>`` names: TGMA's ITM-weighted pseudo-labels and
+# the three fusions of the noisy labels.
+CONSENSUS_METHODS: Final = ("itm", "majority", "staple", "deepstaple")
+# A consensus reply names the k-th atlas at the site (case-id order) "atlas-<k>",
+# never by its case name.
+ATLAS_SOURCE_PREFIX: Final = "atlas-"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsensusRequest:
+    """Which sent models label the target's images, and which one is refined.
+
+    ``label_sources`` name the candidate models whose predictions become noisy labels
+    (each target image gets one label per source, plus one per atlas at the site);
+    ``start`` names the sent model that is trained further on each consensus.
+    """
+
+    label_sources: tuple[str, ...]
+    start: str
+
+    def __post_init__(self) -> None:
+        if not self.label_sources:
+            raise ValueError("payload field 'label-sources' names no model")
+
+    def to_fields(self) -> Fields:
+        """Flatten for a ConfigRecord."""
+        return {"label-sources": list(self.label_sources), "start": self.start}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> ConsensusRequest:
+        """Parse a request's ConfigRecord."""
+        sources = _list(fields, "label-sources")
+        if not all(isinstance(name, str) for name in sources):
+            raise ValueError("payload field 'label-sources' must hold names only")
+        return cls(
+            label_sources=tuple(str(name) for name in sources),
+            start=_str(fields, "start"),
+        )
+
+
+def _prefixed(fields: Mapping[str, object], prefix: str) -> dict[str, float]:
+    return {
+        key[len(prefix) :]: _float(fields, key)
+        for key in fields
+        if key.startswith(prefix)
+    }
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsensusReply:
+    """Aggregate quality figures of a consensus run; the labels stay at the site.
+
+    Per noisy-label source (a candidate model's name, or ``atlas-<k>`` for the k-th
+    atlas, never its case name): the mean raw data parameter over the target's
+    images, the mean STAPLE sensitivity, and the mean Dice agreement with the
+    DeepSTAPLE consensus. When the target has evaluation labels: each method's
+    consensus Dice against them (``label_dice``) and the Spearman correlations of
+    data parameters and STAPLE sensitivities with the labels' true Dice, over the
+    evaluation images (nan when undefined). The refined models travel beside it as
+    ``model.<method>``.
+    """
+
+    num_images: int  # target cases labelled (training and evaluation images)
+    num_labels: int  # noisy label instances (2-D slices x label sources)
+    num_atlases: int
+    seconds: float
+    data_parameter: dict[str, float]
+    staple_sensitivity: dict[str, float]
+    agreement: dict[str, float]
+    label_dice: dict[str, float]
+    spearman_dp: float
+    spearman_staple: float
+
+    def to_fields(self) -> Fields:
+        """Flatten for a MetricRecord."""
+        fields: Fields = {
+            "num-images": self.num_images,
+            "num-labels": self.num_labels,
+            "num-atlases": self.num_atlases,
+            "seconds": self.seconds,
+            "spearman-dp": self.spearman_dp,
+            "spearman-staple": self.spearman_staple,
+        }
+        for prefix, values in (
+            ("data-parameter.", self.data_parameter),
+            ("staple-sensitivity.", self.staple_sensitivity),
+            ("agreement.", self.agreement),
+            ("label-dice.", self.label_dice),
+        ):
+            fields.update({f"{prefix}{name}": value for name, value in values.items()})
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> ConsensusReply:
+        """Parse a reply's MetricRecord."""
+        return cls(
+            num_images=_int(fields, "num-images"),
+            num_labels=_int(fields, "num-labels"),
+            num_atlases=_int(fields, "num-atlases"),
+            seconds=_float(fields, "seconds"),
+            data_parameter=_prefixed(fields, "data-parameter."),
+            staple_sensitivity=_prefixed(fields, "staple-sensitivity."),
+            agreement=_prefixed(fields, "agreement."),
+            label_dice=_prefixed(fields, "label-dice."),
+            spearman_dp=_float(fields, "spearman-dp"),
+            spearman_staple=_float(fields, "spearman-staple"),
+        )
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EvaluateRequest:
     """Predictors to score: name -> ``[(model name, weight), ...]`` (a softmax mix)."""
@@ -476,6 +587,21 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
     ADAPT: ReplySchema(
         metrics=("num-examples", "pseudo-label-foreground", "seconds"),
         models=("main", "aux"),
+    ),
+    CONSENSUS: ReplySchema(
+        metrics=(
+            "num-images",
+            "num-labels",
+            "num-atlases",
+            "seconds",
+            "spearman-dp",
+            "spearman-staple",
+            "data-parameter.*",
+            "staple-sensitivity.*",
+            "agreement.*",
+            "label-dice.*",
+        ),
+        models=CONSENSUS_METHODS,
     ),
     EVALUATE: ReplySchema(metrics=("num-cases", "dice.*", "hd95.*")),
 }

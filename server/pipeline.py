@@ -1,6 +1,7 @@
-"""The coordinator's phases (DESIGN.md section 5), TGMA's five for now.
+"""The coordinator's phases (DESIGN.md section 5).
 
-discover -> source training -> transferability -> adaptation -> evaluation.
+discover -> source training -> transferability -> adaptation -> consensus ->
+evaluation.
 
 Each phase sends one kind of message, waits for the replies, records which sites did
 not answer and why, persists its result to the run store before the next phase starts,
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from flwr.app import Message, RecordDict
@@ -415,17 +416,77 @@ def adaptation(
     return adapted
 
 
-def build_predictors(
-    sources: list[str], selection: Mapping[str, Any], *, adapted: bool
-) -> dict[str, list[tuple[str, float]]]:
-    """The predictors every report compares: each source, uniform, TGMA pair and main.
+ADAPTED_START: Final = "adapted:main"  # the model the consensus phase refines
 
-    Model names are ``source:<name>`` and ``adapted:main``/``adapted:aux``.
+
+def consensus(
+    coordinator: Coordinator,
+    target: SiteInfo,
+    models: Mapping[str, Arrays],
+    adapted: Mapping[str, Arrays],
+) -> dict[str, Arrays]:
+    """Phase 5: the target fuses the sources' predictions (and its atlases' labels).
+
+    The target builds its noisy label set, learns DeepSTAPLE data parameters, keeps
+    the consensus labels and trains the adapted main model on each consensus; only
+    aggregate figures and those models come back.
+    """
+    request = protocol.ConsensusRequest(
+        label_sources=tuple(sorted(models)), start=ADAPTED_START
+    )
+    reply = _ask_target(
+        coordinator,
+        target,
+        records.build_request(
+            settings=request.to_fields(),
+            models={**models, ADAPTED_START: adapted["main"]},
+        ),
+        protocol.CONSENSUS,
+        "consensus",
+    )
+    trained = records.read_named_models(reply.content)
+    if "deepstaple" not in trained:
+        raise PhaseError(
+            f"consensus: target {target.name} returned no DeepSTAPLE-trained model"
+        )
+    outcome = protocol.ConsensusReply.from_fields(records.read_metrics(reply.content))
+    for method, weights in trained.items():
+        coordinator.store.save_model(f"consensus-{method}", weights)
+    coordinator.store.save_phase(
+        "consensus",
+        {
+            **dataclasses.asdict(outcome),
+            "sources": sorted(outcome.data_parameter),
+            "models": sorted(trained),
+        },
+    )
+    coordinator.log(
+        f"consensus: {outcome.num_labels} noisy labels on {outcome.num_images} "
+        "images; mean data parameter "
+        + ", ".join(f"{n} {v:.3f}" for n, v in outcome.data_parameter.items())
+        + f"; {outcome.seconds:.1f} s at the target"
+    )
+    return trained
+
+
+def build_predictors(
+    sources: list[str],
+    selection: Mapping[str, Any],
+    *,
+    adapted: bool,
+    consensus_models: Sequence[str] = (),
+) -> dict[str, list[tuple[str, float]]]:
+    """The predictors every report compares.
+
+    Each source alone, their uniform average, the TGMA pair and its main model, and
+    the model trained on each consensus. Model names are ``source:<name>``,
+    ``adapted:main``/``adapted:aux`` and ``consensus:<method>``.
 
     Example:
         >>> sel = {"main": "B", "aux": "C", "weights": {"main": 0.6, "aux": 0.4}}
-        >>> sorted(build_predictors(["B", "C"], sel, adapted=True))
-        ['source:B', 'source:C', 'tgma', 'tgma-main', 'uniform']
+        >>> sorted(build_predictors(["B", "C"], sel, adapted=True,
+        ...                         consensus_models=["deepstaple"]))
+        ['consensus:deepstaple', 'source:B', 'source:C', 'tgma', 'tgma-main', 'uniform']
     """
     predictors: dict[str, list[tuple[str, float]]] = {
         f"source:{name}": [(f"source:{name}", 1.0)] for name in sources
@@ -437,6 +498,8 @@ def build_predictors(
             pair.append(("adapted:aux", float(selection["weights"]["aux"])))
         predictors["tgma"] = pair
         predictors["tgma-main"] = [("adapted:main", 1.0)]
+    for method in consensus_models:
+        predictors[f"consensus:{method}"] = [(f"consensus:{method}", 1.0)]
     return predictors
 
 
@@ -446,11 +509,21 @@ def evaluation(
     models: Mapping[str, Arrays],
     adapted: Mapping[str, Arrays],
     selection: Mapping[str, Any],
+    consensus_models: Mapping[str, Arrays] | None = None,
 ) -> dict[str, Any]:
-    """Phase 5: the target scores every predictor on its evaluation labels."""
+    """Phase 6: the target scores every predictor on its evaluation labels."""
+    consensus_models = consensus_models or {}
     named = {f"source:{name}": weights for name, weights in models.items()}
     named.update({f"adapted:{name}": weights for name, weights in adapted.items()})
-    predictors = build_predictors(sorted(models), selection, adapted=bool(adapted))
+    named.update(
+        {f"consensus:{name}": weights for name, weights in consensus_models.items()}
+    )
+    predictors = build_predictors(
+        sorted(models),
+        selection,
+        adapted=bool(adapted),
+        consensus_models=sorted(consensus_models),
+    )
     request = protocol.EvaluateRequest(predictors=predictors)
     reply = _ask_target(
         coordinator,

@@ -4,7 +4,10 @@
 did not deliver a model) or idle — and cases), ``transferability`` (``dtm`` per
 source, ``main``, ``aux``, ``weights``), ``evaluation.dice`` with one entry per source
 model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main`` and HD95),
-the per-phase timings, who was missing, ``privacy`` (per site: what it released per
+``consensus`` (per label source: mean data parameter, STAPLE sensitivity, agreement
+with the DeepSTAPLE consensus; per method: consensus Dice on the target's evaluation
+labels; Spearman correlations of label quality), the per-phase timings, who was
+missing, ``privacy`` (per site: what it released per
 action, the policy it applied and the epsilon it spent, from the coordinator's ledger
 and the sites' replies) and the resolved config.
 """
@@ -79,6 +82,7 @@ def build_report(
     adaptation: Mapping[str, Any] | None,
     evaluation: Mapping[str, Any] | None,
     phase_seconds: Mapping[str, float],
+    consensus: Mapping[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
     attempts: Sequence[Mapping[str, Any]] = (),
     coordinator: Mapping[str, Any] | None = None,
@@ -137,6 +141,7 @@ def build_report(
             for key in ("metric", "release", "dtm", "main", "aux", "weights", "itm")
         },
         "adaptation": None if adaptation is None else dict(adaptation),
+        "consensus": None if consensus is None else dict(consensus),
         "evaluation": None if evaluation is None else dict(evaluation),
         "phase_seconds": dict(phase_seconds),
         "missing": missing,
@@ -147,8 +152,64 @@ def build_report(
     }
 
 
-def _number(value: float, digits: int = 3) -> str:
+def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+# How the consensus section names each method (core.protocol.CONSENSUS_METHODS).
+_CONSENSUS_NAMES = {
+    "itm": "TGMA pseudo-labels (ITM-weighted)",
+    "majority": "majority vote",
+    "staple": "STAPLE",
+    "deepstaple": "DeepSTAPLE",
+}
+
+
+def _consensus_lines(
+    consensus: Mapping[str, Any], evaluation: Mapping[str, Any] | None
+) -> list[str]:
+    """The consensus section: methods compared, then each label source's quality."""
+    model_dice = {} if evaluation is None else evaluation["dice"]
+    atlases = consensus.get("num_atlases", 0)
+    lines = [
+        "",
+        "## Label consensus at the target",
+        "",
+        f"{consensus['num_labels']} noisy labels (2-D slices x label sources: "
+        f"{len(consensus['sources'])} sources, {atlases} of them atlases) on "
+        f"{consensus['num_images']} images; the consensus labels stay at the target. "
+        "Consensus Dice is measured on the target's evaluation images against their "
+        "labels; the model column is the adapted main model trained on each "
+        "consensus, scored by the evaluation phase.",
+        "",
+        "| labels | consensus Dice | model Dice |",
+        "|---|---|---|",
+    ]
+    for method, name in _CONSENSUS_NAMES.items():
+        lines.append(
+            f"| {name} | {_number(consensus['label_dice'].get(method))} | "
+            f"{_number(model_dice.get(f'consensus:{method}'))} |"
+        )
+    lines += [
+        "",
+        f"Spearman with the labels' true Dice: data parameters "
+        f"{_number(consensus['spearman_dp'], 2)}, STAPLE sensitivities "
+        f"{_number(consensus['spearman_staple'], 2)}.",
+        "",
+        "| label source | mean data parameter | STAPLE sensitivity | "
+        "agreement with DeepSTAPLE |",
+        "|---|---|---|---|",
+    ]
+    for source in sorted(
+        consensus["data_parameter"],
+        key=lambda name: -(consensus["data_parameter"][name] or -math.inf),
+    ):
+        lines.append(
+            f"| {source} | {_number(consensus['data_parameter'][source])} | "
+            f"{_number(consensus['staple_sensitivity'].get(source))} | "
+            f"{_number(consensus['agreement'].get(source))} |"
+        )
+    return lines
 
 
 def format_markdown(report: Mapping[str, Any]) -> str:
@@ -201,6 +262,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                 else ""
             )
             lines.append(f"| {name} | {value:.3f} | {chosen} |")
+    if report.get("consensus") is not None:
+        lines += _consensus_lines(report["consensus"], evaluation)
     if evaluation is not None:
         lines += [
             "",
@@ -333,7 +396,14 @@ def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     axis.bar(
         list(dice),
         list(dice.values()),
-        color=["tab:blue" if n.startswith("tgma") else "tab:gray" for n in dice],
+        color=[
+            "tab:blue"
+            if n.startswith("tgma")
+            else "tab:green"
+            if n.startswith("consensus")
+            else "tab:gray"
+            for n in dice
+        ],
     )
     axis.set_ylabel("Dice on target")
     axis.set_ylim(0, 1)

@@ -242,14 +242,40 @@ class PipelineRunner:
                 name: store.load_model(f"adapted-{name}")
                 for name in saved_adaptation.get("models", ["main"])
             }
+        if "consensus" not in phases:
+            return
+
+        consensus_models = self._consensus_models(target_site, models, adapted)
         if "evaluation" not in phases:
             return
 
         if self._reloaded("evaluation") is None:
             with self._timed("evaluation"):
                 pipeline.evaluation(
-                    coordinator, target_site, models, adapted, selection
+                    coordinator,
+                    target_site,
+                    models,
+                    adapted,
+                    selection,
+                    consensus_models,
                 )
+
+    def _consensus_models(
+        self,
+        target_site: SiteInfo,
+        models: Mapping[str, Arrays],
+        adapted: Mapping[str, Arrays],
+    ) -> dict[str, Arrays]:
+        if not self.config.consensus.enabled:
+            return {}
+        saved = self._reloaded("consensus")
+        if saved is not None:
+            return {
+                method: self.store.load_model(f"consensus-{method}")
+                for method in saved["models"]
+            }
+        with self._timed("consensus"):
+            return pipeline.consensus(self.coordinator, target_site, models, adapted)
 
     def _source_models(
         self, sites: Mapping[int, SiteInfo], target: str
@@ -288,6 +314,7 @@ class PipelineRunner:
             source_training=source_training,
             transferability=store.load_phase("transferability"),
             adaptation=store.load_phase("adaptation"),
+            consensus=store.load_phase("consensus"),
             evaluation=store.load_phase("evaluation"),
             phase_seconds=self.seconds,
             privacy=build_privacy_section(

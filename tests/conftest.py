@@ -15,6 +15,8 @@ TINY_RUN_CONFIG: dict[str, ConfigValue] = {
     "data.max-slices-per-case": 3,
     "train.epochs": 1,
     "adapt.epochs": 1,
+    "consensus.epochs": 1,
+    "consensus.refine-epochs": 1,
     "model.channels": "4,8",
     "model.strides": "2",
 }

@@ -93,6 +93,8 @@ def tiny_run_config(
         "data.max-slices-per-case": 4,
         "train.epochs": 3,
         "adapt.epochs": 1,
+        "consensus.epochs": 1,
+        "consensus.refine-epochs": 1,
         "model.channels": "8,16,32",
         "model.strides": "2,2",
         "federation.min-sites": 1,
@@ -161,6 +163,7 @@ def test_flwr_run_completes_the_pipeline_over_tls(
         "source-training",
         "transferability",
         "adaptation",
+        "consensus",
         "evaluation",
     }
     # B keeps its ledger in the --state-dir given to its SuperNode, not in its folder.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from core import protocol
 from core.cli import main as sitebridge
 from core.ledger import Ledger
 from core.synthetic import write_federation
@@ -54,6 +55,8 @@ def run_tiny_federation(
         "data.max-slices-per-case": 4,
         "train.epochs": 3,
         "adapt.epochs": 1,
+        "consensus.epochs": 1,
+        "consensus.refine-epochs": 1,
         "model.channels": "8,16,32",
         "model.strides": "2,2",
         **overrides,
@@ -100,13 +103,23 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert transfer["release"] == "instance"  # A's own policy.toml
     assert len(transfer["itm"]) == 3  # one row per target training case, no names
     dice = report["evaluation"]["dice"]
-    assert set(dice) == {"source:B", "source:C", "uniform", "tgma", "tgma-main"}
+    assert set(dice) == {"source:B", "source:C", "uniform", "tgma", "tgma-main"} | {
+        f"consensus:{method}" for method in protocol.CONSENSUS_METHODS
+    }
     assert all(0.0 <= value <= 1.0 for value in dice.values())
+    consensus = report["consensus"]
+    assert consensus["sources"] == ["B", "C"]
+    assert set(consensus["label_dice"]) == set(protocol.CONSENSUS_METHODS)
+    assert "## Label consensus at the target" in (run_dir / "report.md").read_text()
+    # The consensus labels stay at the target, in its state folder.
+    target_state = tmp_path / "federation" / "A" / ".sitebridge"
+    assert list((target_state / "consensus").glob("run-*/deepstaple/*.nii.gz"))
     for phase in (
         "discover",
         "source-training",
         "transferability",
         "adaptation",
+        "consensus",
         "evaluation",
     ):
         assert (run_dir / "phases" / f"{phase}.json").exists()

@@ -38,7 +38,10 @@ TEMPLATE = Path(__file__).resolve().parents[3] / "deploy" / "policy.template.tom
 
 POLICY_TOML = """\
 [actions]
-answer = ["query.hello", "train.source", "query.lftm", "train.adapt", "evaluate"]
+answer = [
+  "query.hello", "train.source", "query.lftm", "train.adapt", "train.consensus",
+  "evaluate",
+]
 
 [release]
 lftm = "domain"
@@ -237,16 +240,17 @@ budget-epsilon = 8.0
             "release.lftm must be one of 'instance', 'domain', got 'cases'",
         ),
         (
-            'answer = ["query.hello", "train.source", "query.lftm", "train.adapt",'
-            ' "evaluate"]',
+            'answer = [\n  "query.hello", "train.source", "query.lftm", "train.adapt", '
+            '"train.consensus",\n  "evaluate",\n]',
             'answer = "evaluate"',
             "actions.answer must be a list of action names, got 'evaluate'",
         ),
         (
-            '"evaluate"]',
-            '"evaluate", "query.images"]',
+            '"evaluate",\n]',
+            '"evaluate", "query.images",\n]',
             "actions.answer has unknown actions 'query.images'; valid actions: "
-            "evaluate, query.hello, query.lftm, train.adapt, train.source",
+            "evaluate, query.hello, query.lftm, train.adapt, train.consensus, "
+            "train.source",
         ),
         ("delta = 1e-5\n", "", "dp.delta is missing"),
         ('lftm = "domain"\n', "", "release.lftm is missing"),
@@ -432,7 +436,7 @@ def test_applied_policy_fields_are_flat_and_round_trip() -> None:
     # Assert
     assert fields == {
         "policy.actions.answer": (
-            "evaluate,query.hello,query.lftm,train.adapt,train.source"
+            "evaluate,query.hello,query.lftm,train.adapt,train.consensus,train.source"
         ),
         "policy.release.lftm": "domain",
         "policy.release.weights-may-leave": True,

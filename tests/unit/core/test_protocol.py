@@ -9,13 +9,18 @@ import pytest
 
 from core.protocol import (
     ADAPT,
+    CONSENSUS,
+    CONSENSUS_METHODS,
     EVALUATE,
     HELLO,
     LFTM,
     MODEL_KEY_PREFIX,
+    REPLY_SCHEMAS,
     TRAIN_SOURCE,
     AdaptReply,
     AdaptRequest,
+    ConsensusReply,
+    ConsensusRequest,
     EvaluateReply,
     EvaluateRequest,
     HelloReply,
@@ -36,6 +41,19 @@ HELLO_REPLY = HelloReply(
 TRAIN_REPLY = TrainReply(num_examples=360, num_cases=12, loss=0.25, seconds=3.5)
 ADAPT_REQUEST = AdaptRequest(main="C", aux="B", weight_main=0.6, weight_aux=0.4)
 ADAPT_REPLY = AdaptReply(num_examples=120, pseudo_label_foreground=0.07, seconds=9.0)
+CONSENSUS_REQUEST = ConsensusRequest(label_sources=("B", "C"), start="adapted:main")
+CONSENSUS_REPLY = ConsensusReply(
+    num_images=18,
+    num_labels=900,
+    num_atlases=1,
+    seconds=60.0,
+    data_parameter={"B": 0.4, "C": 0.3, "atlas-1": -0.2},
+    staple_sensitivity={"B": 0.9, "C": 0.8, "atlas-1": 0.5},
+    agreement={"B": 0.95, "C": 0.9, "atlas-1": 0.6},
+    label_dice={"itm": 0.8, "majority": 0.7, "staple": 0.75, "deepstaple": 0.85},
+    spearman_dp=0.8,
+    spearman_staple=0.6,
+)
 EVALUATE_REQUEST = EvaluateRequest(
     predictors={
         "tgma": [("main", 0.6), ("aux", 0.4)],
@@ -53,6 +71,8 @@ Payload = (
     | TrainReply
     | AdaptRequest
     | AdaptReply
+    | ConsensusRequest
+    | ConsensusReply
     | EvaluateRequest
     | EvaluateReply
 )
@@ -73,6 +93,20 @@ INSTANCE = {"release": "instance"}
         ADAPT_REQUEST,
         AdaptRequest(main="C", aux="", weight_main=1.0, weight_aux=0.0),
         ADAPT_REPLY,
+        CONSENSUS_REQUEST,
+        CONSENSUS_REPLY,
+        ConsensusReply(
+            num_images=1,
+            num_labels=0,
+            num_atlases=0,
+            seconds=0.0,
+            data_parameter={},
+            staple_sensitivity={},
+            agreement={},
+            label_dice={},
+            spearman_dp=0.0,
+            spearman_staple=0.0,
+        ),
         EVALUATE_REQUEST,
         EvaluateRequest(predictors={}),
         EVALUATE_REPLY,
@@ -330,6 +364,42 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             "seconds",
             "has the wrong type",
         ),
+        (
+            ConsensusRequest.from_fields,
+            _without(CONSENSUS_REQUEST.to_fields(), "start"),
+            "start",
+            "is missing",
+        ),
+        (
+            ConsensusRequest.from_fields,
+            _with(CONSENSUS_REQUEST.to_fields(), "label-sources", "B"),
+            "label-sources",
+            "has the wrong type",
+        ),
+        (
+            ConsensusRequest.from_fields,
+            _with(CONSENSUS_REQUEST.to_fields(), "label-sources", [1, 2]),
+            "label-sources",
+            "must hold names only",
+        ),
+        (
+            ConsensusRequest.from_fields,
+            _with(CONSENSUS_REQUEST.to_fields(), "label-sources", []),
+            "label-sources",
+            "names no model",
+        ),
+        (
+            ConsensusReply.from_fields,
+            _without(CONSENSUS_REPLY.to_fields(), "spearman-dp"),
+            "spearman-dp",
+            "is missing",
+        ),
+        (
+            ConsensusReply.from_fields,
+            _with(CONSENSUS_REPLY.to_fields(), "data-parameter.B", "0.4"),
+            "data-parameter.B",
+            "has the wrong type",
+        ),
         (EvaluateRequest.from_fields, {}, "predictors", "is missing"),
         (
             EvaluateRequest.from_fields,
@@ -455,4 +525,15 @@ def test_model_name_is_none_for_other_keys(key: str) -> None:
 
 def test_action_names_are_distinct() -> None:
     # Execute / Assert
-    assert len({HELLO, TRAIN_SOURCE, LFTM, ADAPT, EVALUATE}) == 5
+    assert len({HELLO, TRAIN_SOURCE, LFTM, ADAPT, CONSENSUS, EVALUATE}) == 6
+
+
+def test_consensus_reply_schema_allows_its_figures_and_method_models() -> None:
+    # Prepare
+    schema = REPLY_SCHEMAS[CONSENSUS]
+
+    # Execute / Assert
+    assert all(schema.allows_metric(key) for key in CONSENSUS_REPLY.to_fields())
+    assert not schema.allows_metric("labels.case_001")
+    assert schema.models == CONSENSUS_METHODS
+    assert not schema.weights

@@ -47,6 +47,7 @@ class PipelineRun:
     models: dict[str, Arrays]
     selection: dict[str, Any]
     adapted: dict[str, Arrays]
+    consensus: dict[str, Arrays]
     evaluation: dict[str, Any]
     log: list[str]
     coordinator: Coordinator
@@ -90,7 +91,7 @@ def full_run(
     run_config: dict[str, ConfigValue],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> PipelineRun:
-    """Discover -> source training -> transferability -> adaptation -> evaluation."""
+    """Every phase, discover to evaluation."""
     config = load_run_config(run_config)
     grid = build_grid(federation, run_config)
     log: list[str] = []
@@ -104,8 +105,9 @@ def full_run(
     models = pipeline.train_sources(coordinator, sources)
     selection = pipeline.transferability(coordinator, target_site, models)
     adapted = pipeline.adaptation(coordinator, target_site, models, selection)
+    consensus = pipeline.consensus(coordinator, target_site, models, adapted)
     evaluation = pipeline.evaluation(
-        coordinator, target_site, models, adapted, selection
+        coordinator, target_site, models, adapted, selection, consensus
     )
     return PipelineRun(
         grid=grid,
@@ -116,6 +118,7 @@ def full_run(
         models=models,
         selection=selection,
         adapted=adapted,
+        consensus=consensus,
         evaluation=evaluation,
         log=log,
         coordinator=coordinator,
@@ -505,9 +508,51 @@ def test_adaptation_returns_and_persists_adapted_models(full_run: PipelineRun) -
     assert protocol.AdaptReply.from_fields(saved).num_examples == 2 * 3 * 1
 
 
+CONSENSUS_MODELS = {f"consensus:{method}" for method in protocol.CONSENSUS_METHODS}
+
+
+def test_consensus_sends_sources_and_adapted_main_and_persists(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare
+    saved = full_run.store.load_phase("consensus")
+
+    # Execute
+    (message,) = full_run.grid.sent_of_type(protocol.CONSENSUS)
+    request = protocol.ConsensusRequest.from_fields(
+        message.content.config_records[protocol.REQUEST_KEY]
+    )
+    sent_models = {protocol.model_name(key) for key in message.content.array_records}
+
+    # Assert: the labels stay at the target; figures and trained models come back
+    assert request.label_sources == ("B", "C")
+    assert request.start == pipeline.ADAPTED_START
+    assert sent_models == {"B", "C", pipeline.ADAPTED_START}
+    assert set(full_run.consensus) == set(protocol.CONSENSUS_METHODS)
+    for method, weights in full_run.consensus.items():
+        assert manifest_of(weights) == manifest_of(full_run.models["B"])
+        assert (full_run.store.run_dir / "models" / f"consensus-{method}.npz").is_file()
+    assert saved is not None
+    assert saved["sources"] == ["B", "C"]
+    assert saved["models"] == sorted(protocol.CONSENSUS_METHODS)
+    assert set(saved["label_dice"]) == set(protocol.CONSENSUS_METHODS)
+    assert all(0.0 <= value <= 1.0 for value in saved["label_dice"].values())
+    assert saved["num_images"] == 2 + 6  # A's training and evaluation images
+    (reply_entry,) = [
+        entry
+        for entry in full_run.coordinator.ledger.entries()
+        if entry.message_type == protocol.CONSENSUS and entry.direction == "ingress"
+    ]
+    assert reply_entry.egress is not None
+    assert len(reply_entry.egress.arrays) == len(full_run.consensus) * len(
+        full_run.models["B"]
+    )
+
+
 def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -> None:
     # Prepare
     expected = {"source:B", "source:C", "uniform", "tgma", "tgma-main"}
+    expected |= CONSENSUS_MODELS
     saved = full_run.store.load_phase("evaluation")
 
     # Execute
@@ -515,7 +560,13 @@ def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -
     sent_models = {protocol.model_name(key) for key in message.content.array_records}
 
     # Assert
-    assert sent_models == {"source:B", "source:C", "adapted:main", "adapted:aux"}
+    assert sent_models == {
+        "source:B",
+        "source:C",
+        "adapted:main",
+        "adapted:aux",
+        *CONSENSUS_MODELS,
+    }
     assert full_run.evaluation["site"] == "A"
     assert full_run.evaluation["num_cases"] == 6
     assert set(full_run.evaluation["dice"]) == expected
@@ -534,6 +585,7 @@ def test_phases_log_one_line_each(full_run: PipelineRun) -> None:
         "source training at",
         "DTM ",
         "adaptation:",
+        "consensus:",
         "evaluation:",
     ):
         assert fragment in text
@@ -746,6 +798,7 @@ def test_coordinator_ledger_records_each_request_and_reply(
         (protocol.TRAIN_SOURCE, 2),
         (protocol.LFTM, 1),
         (protocol.ADAPT, 1),
+        (protocol.CONSENSUS, 1),
         (protocol.EVALUATE, 1),
     ):
         expected_sequence += [(EGRESS, message_type)] * count
@@ -759,7 +812,7 @@ def test_coordinator_ledger_records_each_request_and_reply(
     assert result.ok, result.problem
     assert [(e.direction, e.message_type) for e in entries] == expected_sequence
     requests = [e for e in entries if e.direction == EGRESS]
-    assert len(requests) == len(sent) == 8
+    assert len(requests) == len(sent) == 9
     assert all(e.sender == pipeline.COORDINATOR for e in requests)
     assert [e.egress.digest for e in requests if e.egress] == [
         measure_content(m.content, message_type=m.metadata.message_type).egress.digest
@@ -771,7 +824,15 @@ def test_coordinator_ledger_records_each_request_and_reply(
     assert replies == sorted(
         [(protocol.HELLO, name) for name in "ABC"]
         + [(protocol.TRAIN_SOURCE, name) for name in "BC"]
-        + [(t, "A") for t in (protocol.LFTM, protocol.ADAPT, protocol.EVALUATE)]
+        + [
+            (t, "A")
+            for t in (
+                protocol.LFTM,
+                protocol.ADAPT,
+                protocol.CONSENSUS,
+                protocol.EVALUATE,
+            )
+        ]
     )
 
 

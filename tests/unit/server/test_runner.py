@@ -32,6 +32,7 @@ PHASE_FILES = (
     "source-training",
     "transferability",
     "adaptation",
+    "consensus",
     "evaluation",
 )
 # Fields of a phase result that legitimately differ between two runs.
@@ -100,7 +101,8 @@ def uninterrupted(
 
 
 @pytest.mark.parametrize(
-    "killed_at", [protocol.LFTM, protocol.ADAPT, protocol.EVALUATE]
+    "killed_at",
+    [protocol.LFTM, protocol.ADAPT, protocol.CONSENSUS, protocol.EVALUATE],
 )
 def test_resume_after_a_kill_matches_the_uninterrupted_run(
     federation: Path,
@@ -157,7 +159,14 @@ def test_resume_of_a_finished_run_only_says_hello(
     # Assert
     assert {m.metadata.message_type for m in grid.sent} == {protocol.HELLO}
     assert [a["ran"] for a in report["attempts"]] == [
-        ["discover", "source-training", "transferability", "adaptation", "evaluation"],
+        [
+            "discover",
+            "source-training",
+            "transferability",
+            "adaptation",
+            "consensus",
+            "evaluation",
+        ],
         ["rediscover"],
     ]
     assert "## Attempts" in (tmp_path / "1" / "report.md").read_text()
@@ -333,7 +342,12 @@ def test_a_source_that_fails_is_left_out_and_reported(
         "uniform",
         "tgma",
         "tgma-main",
+        "consensus:itm",
+        "consensus:majority",
+        "consensus:staple",
+        "consensus:deepstaple",
     }
+    assert report["consensus"]["sources"] == ["B"]
     markdown = (tmp_path / "1" / "report.md").read_text()
     assert "- source-training: C: error" in markdown
     assert "site folder not found" in markdown
