@@ -161,8 +161,8 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         for entry in Ledger(run_dir / "ledger.jsonl").entries()
         if entry.direction == "ingress"
     ]
-    # hello, source (D's error reply too), lftm, adapt, evaluate
-    assert len(received) == 4 + 3 + 1 + 1 + 1
+    # hello, source (D's error reply too), lftm, adapt, consensus, evaluate
+    assert len(received) == 4 + 3 + 1 + 1 + 1 + 1
     assert all(
         entry.egress and entry.egress.digest in site_digests for entry in received
     )
