@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m simulations.benchmark tgma|privacy|scale --out FILE``.
+"""Benchmarks: ``python -m simulations.benchmark tgma|privacy|scale|consensus``.
 
 This module owns the command line only: the parser, the options the subcommands
 share, ``--set`` overrides, ``--table-from`` and the dispatch. Each subcommand lives
@@ -8,7 +8,10 @@ in its own module, which runs it, formats its README table and names its README 
 - ``privacy``: :mod:`simulations.privacy_benchmark` (membership inference with and
   without DP-SGD);
 - ``scale``: :mod:`simulations.scale_benchmark` (real Flower simulations) and
-  :mod:`simulations.scale_summary` (its document and table).
+  :mod:`simulations.scale_summary` (its document and table);
+- ``consensus``: :mod:`simulations.consensus_benchmark` (controlled noisy labels, the
+  table) and :mod:`simulations.consensus_pipeline` (consensus from source-model
+  predictions, the run of both parts).
 
 The machine line, JSON documents and README table blocks are
 :mod:`simulations.benchmark_output`.
@@ -31,6 +34,8 @@ from simulations.benchmark_output import (
     write_document,
     write_readme_table,
 )
+from simulations.consensus_benchmark import CONSENSUS_MARKER, format_consensus_table
+from simulations.consensus_pipeline import add_consensus_options, run_consensus_command
 from simulations.privacy_benchmark import (
     PRIVACY_MARKER,
     add_privacy_options,
@@ -66,6 +71,11 @@ SUBCOMMANDS: Final = {
     ),
     "scale": Subcommand(
         marker=SCALE_MARKER, format_table=format_scale_table, run=run_scale_command
+    ),
+    "consensus": Subcommand(
+        marker=CONSENSUS_MARKER,
+        format_table=format_consensus_table,
+        run=run_consensus_command,
     ),
 }
 
@@ -114,7 +124,7 @@ def _add_common_options(command: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m simulations.benchmark`` parser with its three subcommands."""
+    """The ``python -m simulations.benchmark`` parser with its four subcommands."""
     parser = argparse.ArgumentParser(
         prog="python -m simulations.benchmark", description=__doc__.splitlines()[0]
     )
@@ -132,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(real Flower simulations)",
     )
     add_scale_options(scale)
+    consensus = commands.add_parser(
+        "consensus",
+        help="label consensus: majority vote, STAPLE and DeepSTAPLE on controlled "
+        "noisy labels and on source-model predictions",
+    )
+    _add_common_options(consensus, "benchmarks/consensus.json")
+    add_consensus_options(consensus)
     return parser
 
 
