@@ -31,6 +31,7 @@ from core.jobs import (
 )
 from core.policy import PolicyError
 from core.privacy import dp_settings_for
+from core.semisup_job import run_semisup_round
 
 LOGGER = logging.getLogger("sitebridge.site")
 
@@ -216,6 +217,62 @@ def consensus(message: Message, _context: Context, setup: SiteSetup) -> Message:
     )
     return records.build_reply(
         message, metrics=reply.to_fields(), models=outcome.models
+    )
+
+
+def _teacher_key(scope: str) -> str:
+    """Where the node state keeps a schedule's teacher (never sent)."""
+    return f"semisup.teacher.{scope}"
+
+
+@app.train("semisup")
+@site_handler
+def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
+    """One round of UG-MCL on this site's cases; reply the student (FedAvg input).
+
+    The teacher stays in the node's state between rounds (``context.state``, one per
+    scope). A node that lost it (restarted) starts a new teacher from the student and
+    says so. DP-SGD is not available for this action: a policy that requires DP gets
+    a refusal rather than a non-private student.
+    """
+    request = protocol.SemisupRequest.from_fields(records.read_request(message.content))
+    if setup.policy.dp_required:
+        raise ValueError(
+            f"{setup.policy_source} requires DP-SGD for training on labelled data; "
+            "train.semisup has no DP-SGD variant yet, so it is refused"
+        )
+    site = setup.site
+    key = _teacher_key(request.scope)
+    kept = context.state.array_records.get(key)
+    if kept is None and request.round > 1:
+        _progress(site)(
+            f"semisup round {request.round}: no teacher kept from earlier rounds "
+            "(node restarted?); a new one starts from the student"
+        )
+    outcome = run_semisup_round(
+        site.directory,
+        records.read_weights(message.content),
+        setup.config,
+        teacher_weights=None if kept is None else records.from_array_record(kept),
+        start_step=request.start_step,
+        total_steps=request.total_steps,
+        iterations=request.iterations,
+        progress=_progress(site),
+    )
+    context.state[key] = records.to_array_record(outcome.teacher)
+    result = outcome.result
+    reply = protocol.SemisupReply(
+        num_examples=result.num_examples,
+        num_labelled=outcome.num_labelled,
+        num_unlabelled=outcome.num_unlabelled,
+        supervised_loss=result.supervised_loss,
+        consistency_loss=result.consistency_loss,
+        cross_task_loss=result.cross_task_loss,
+        certain_fraction=result.certain_fraction,
+        seconds=result.seconds,
+    )
+    return records.build_reply(
+        message, metrics=reply.to_fields(), weights=outcome.student
     )
 
 

@@ -38,6 +38,7 @@ from clients.site import SiteSetup, resolve_setup
 from core import protocol
 from core.config import DataConfig, ModelConfig
 from core.data import SiteDataError, index_site
+from core.dual_task import build_dual_task_model
 from core.egress import ERROR_FIELD, measure_content, measure_error
 from core.ledger import BLOCKED_PREFIX, EGRESS, RELEASED, Egress
 from core.models import Manifest, build_model, get_manifest
@@ -57,6 +58,24 @@ LOGGER = logging.getLogger("sitebridge.guard")
 def declared_manifest(model: ModelConfig, data: DataConfig) -> Manifest:
     """Parameter names and shapes of the model architecture declared for the run."""
     return get_manifest(build_model(model, data=data))
+
+
+@functools.lru_cache(maxsize=8)
+def declared_student_manifest(
+    model: ModelConfig, data: DataConfig, *, shared_head: bool
+) -> Manifest:
+    """Parameter names and shapes of the run's dual-task student (``train.semisup``)."""
+    return get_manifest(build_dual_task_model(model, data, shared_head=shared_head))
+
+
+def _reply_manifest(setup: SiteSetup, message_type: str) -> Manifest:
+    """The architecture a reply's arrays must match: the student for semisup."""
+    config = setup.config
+    if message_type == protocol.SEMISUP:
+        return declared_student_manifest(
+            config.model, config.data, shared_head=config.semisup.shared_head
+        )
+    return declared_manifest(config.model, config.data)
 
 
 def _error_reply(message: Message, code: int, reason: str) -> Message:
@@ -280,7 +299,7 @@ def egress_guard(
     violations = forged + check_reply(
         measured.description,
         policy=setup.policy,
-        manifest=declared_manifest(setup.config.model, setup.config.data),
+        manifest=_reply_manifest(setup, message_type),
         max_metric_values=_max_metric_values(setup),
     )
     epsilon = _epsilon(reply)

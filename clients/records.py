@@ -40,6 +40,17 @@ def read_named_models(content: RecordDict) -> dict[str, Arrays]:
     return models
 
 
+def read_weights(content: RecordDict) -> Arrays:
+    """The message's single set of weights (e.g. the ``train.semisup`` student).
+
+    Raises:
+        ValueError: the message carries no ``weights`` record.
+    """
+    if protocol.WEIGHTS_KEY not in content.array_records:
+        raise ValueError(f"message carries no {protocol.WEIGHTS_KEY!r} record")
+    return from_array_record(content.array_records[protocol.WEIGHTS_KEY])
+
+
 def read_request(content: RecordDict) -> ConfigRecord:
     """The request's ConfigRecord (empty when the coordinator sent none)."""
     return content.config_records.get(protocol.REQUEST_KEY, ConfigRecord())

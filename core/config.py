@@ -62,6 +62,7 @@ PIPELINE_PHASES: Final = (
     "transferability",
     "adaptation",
     "consensus",
+    "semisup",
     "evaluation",
 )
 
@@ -321,6 +322,98 @@ class ConsensusConfig:
         )
 
 
+class SemisupVariant(StrEnum):
+    """What the semi-supervised rounds optimise (METHODS.md section 3; baselines).
+
+    ``SUPERVISED``: the labelled part only, ``0.5 * (CE + Dice(softmax))``; no teacher.
+    ``MEAN_TEACHER``: plus unmasked intra-task consistency; no SDF terms.
+    ``UGMCL``: dual-task supervised loss, uncertainty-masked intra-task consistency and
+    cross-task consistency (the full method).
+    """
+
+    SUPERVISED = "supervised"
+    MEAN_TEACHER = "mean-teacher"
+    UGMCL = "ugmcl"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SemisupConfig:
+    """UG-MCL rounds: refinement at the target and FedAvg rounds across sites.
+
+    ``iterations`` steps refine the adapted model at the target (when it has labels);
+    ``rounds`` FedAvg rounds of ``local_iterations`` steps each train the student
+    across ``sites``. ``labelled_fraction`` keeps only that share of each site's
+    labelled cases as labelled (the rest count as unlabelled), to emulate sites that
+    can label only a few cases.
+    """
+
+    enabled: bool
+    variant: SemisupVariant
+    target: bool  # refine the adapted model at the target when it has labels
+    iterations: int  # steps of the target refinement
+    rounds: int  # federated rounds; 0 = no federated rounds
+    local_iterations: int  # steps per site per round
+    sites: tuple[str, ...]  # () = every site with labelled cases
+    labelled_fraction: float
+    labelled_batch: int
+    unlabelled_batch: int
+    learning_rate: float  # SGD, momentum 0.9, weight decay 1e-4 (METHODS.md 3(c))
+    ema_decay: float
+    passes: int  # teacher passes for the uncertainty
+    consistency: float  # weight of both consistency terms after the ramp
+    consistency_rampup: int  # steps; 0 = the whole schedule
+    sdf_k: float  # steepness of sigmoid(-k * SDF)
+    sdf_weight: float  # optional SDF regression on labelled data; 0 = off
+    masked_cross: bool  # uncertainty-mask the cross-task term too
+    shared_head: bool  # SDF = tanh(segmentation logits), the BraTS code's variant
+    dropout: float  # on the bottleneck and the heads' input (Monte-Carlo passes)
+
+    def __post_init__(self) -> None:
+        for key, value, lowest in (
+            ("semisup.iterations", self.iterations, 1),
+            ("semisup.rounds", self.rounds, 0),
+            ("semisup.local-iterations", self.local_iterations, 1),
+            ("semisup.labelled-batch", self.labelled_batch, 1),
+            ("semisup.unlabelled-batch", self.unlabelled_batch, 0),
+            ("semisup.passes", self.passes, 1),
+            ("semisup.consistency-rampup", self.consistency_rampup, 0),
+        ):
+            _require(value >= lowest, key, f">= {lowest}", value)
+        _require(
+            0.0 < self.labelled_fraction <= 1.0,
+            "semisup.labelled-fraction",
+            "in (0, 1]",
+            self.labelled_fraction,
+        )
+        _require(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            "semisup.learning-rate",
+            "> 0",
+            self.learning_rate,
+        )
+        _require(
+            0.0 <= self.ema_decay < 1.0,
+            "semisup.ema-decay",
+            "in [0, 1)",
+            self.ema_decay,
+        )
+        for weight_key, weight in (
+            ("semisup.consistency", self.consistency),
+            ("semisup.sdf-weight", self.sdf_weight),
+        ):
+            _require(math.isfinite(weight) and weight >= 0, weight_key, ">= 0", weight)
+        _require(self.sdf_k > 0, "semisup.sdf-k", "> 0", self.sdf_k)
+        _require(
+            0.0 <= self.dropout < 1.0, "semisup.dropout", "in [0, 1)", self.dropout
+        )
+        _require(
+            all(self.sites) and len(set(self.sites)) == len(self.sites),
+            "semisup.sites",
+            "empty or distinct comma-separated site names",
+            ",".join(self.sites),
+        )
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class PrivacyConfig:
     """What the run asks for privacy; each site's policy may ask for more.
@@ -367,6 +460,7 @@ class RunConfig:
     transfer: TransferConfig
     adapt: AdaptConfig
     consensus: ConsensusConfig
+    semisup: SemisupConfig
     privacy: PrivacyConfig
 
     def __post_init__(self) -> None:
@@ -403,6 +497,8 @@ def _parse_value(key: str, raw: ConfigValue, annotation: Any) -> object:
     origin = typing.get_origin(annotation)
     if origin is tuple:
         text = str(raw)
+        if typing.get_args(annotation)[0] is str:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
         try:
             return tuple(int(part) for part in text.split(",") if part.strip())
         except ValueError:

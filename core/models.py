@@ -1,9 +1,10 @@
 """Segmentation networks and their wire form.
 
-Owns ``build_model`` (a MONAI 2-D U-Net from :class:`core.config.ModelConfig`), the
-parameter manifest (names and shapes a reply may carry), and the conversion between a
-model and ``dict[str, numpy array]`` (the wire format) or a file on disk. The apps never
-touch ``state_dict`` themselves; they call these functions.
+Owns ``build_model`` (a MONAI 2-D or 3-D U-Net from
+:class:`core.config.ModelConfig`), the parameter manifest (names and shapes a reply may
+carry), and the conversion between a model and ``dict[str, numpy array]`` (the wire
+format) or a file on disk. The apps never touch ``state_dict`` themselves; they call
+these functions.
 """
 
 from __future__ import annotations
@@ -26,12 +27,25 @@ Arrays: TypeAlias = dict[str, npt.NDArray[np.float32]]
 Manifest: TypeAlias = dict[str, tuple[int, ...]]
 
 
-def build_model(model: ModelConfig, *, data: DataConfig) -> nn.Module:
-    """Build the 2-D MONAI U-Net described by ``model`` (1 input channel, C outputs).
+def build_model(
+    model: ModelConfig, *, data: DataConfig, spatial_dims: int = 2
+) -> nn.Module:
+    """Build the MONAI U-Net described by ``model`` (1 input channel, C outputs).
 
     Normalisation keeps no running statistics (instance/group norm) unless ``batch``
     is asked for, so the same network trains under Opacus later.
+
+    Args:
+        model: the architecture.
+        data: gives the number of output classes C.
+        spatial_dims: 2 (slices, the default everywhere in the pipeline) or 3
+            (volumes, used by :mod:`core.semisupervised`).
+
+    Raises:
+        ValueError: ``spatial_dims`` is neither 2 nor 3.
     """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     norm: tuple[str, dict[str, object]] | str
     if model.norm is Norm.INSTANCE:
         norm = ("instance", {"affine": True})
@@ -41,7 +55,7 @@ def build_model(model: ModelConfig, *, data: DataConfig) -> nn.Module:
     else:
         norm = "batch"
     network: nn.Module = UNet(
-        spatial_dims=2,
+        spatial_dims=spatial_dims,
         in_channels=1,
         out_channels=data.num_classes,
         channels=model.channels,

@@ -30,6 +30,7 @@ from core.protocol import (
     MODEL_KEY_PREFIX,
     REPLY_KEY,
     REPLY_SCHEMAS,
+    SEMISUP,
     TRAIN_SOURCE,
     WEIGHTS_KEY,
     ReplySchema,
@@ -45,6 +46,7 @@ ACTIONS: Final[tuple[str, ...]] = (
     LFTM,
     ADAPT,
     CONSENSUS,
+    SEMISUP,
     EVALUATE,
 )
 BYTES_PER_MB: Final = 1_000_000  # "MB" in max-reply-mb is decimal (SI)

@@ -25,6 +25,7 @@ TRAIN_SOURCE: Final = "train.source"
 LFTM: Final = "query.lftm"
 ADAPT: Final = "train.adapt"
 CONSENSUS: Final = "train.consensus"
+SEMISUP: Final = "train.semisup"
 EVALUATE: Final = "evaluate"
 
 # Error code of a reply in which the site reports a problem with its data or the request
@@ -455,6 +456,112 @@ class ConsensusReply:
         )
 
 
+# Which schedule a train.semisup message belongs to: the refinement at the target, or
+# the federated rounds. Each keeps its own teacher in the site's node state.
+SEMISUP_SCOPES: Final = ("target", "federated")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SemisupRequest:
+    """One round of semi-supervised training; the student travels as ``weights``.
+
+    Rounds are numbered from 1; a site runs ``iterations`` steps, numbered globally as
+    ``(round - 1) * iterations ...`` so its ramps span all ``rounds``.
+    """
+
+    scope: str
+    round: int
+    rounds: int
+    iterations: int
+
+    def __post_init__(self) -> None:
+        if self.scope not in SEMISUP_SCOPES:
+            raise ValueError(
+                f"payload field 'scope' must be one of {SEMISUP_SCOPES}, "
+                f"got {self.scope!r}"
+            )
+        if not 1 <= self.round <= self.rounds:
+            raise ValueError(
+                f"payload field 'round' must be in 1..rounds ({self.rounds}), "
+                f"got {self.round}"
+            )
+        if self.iterations < 1:
+            raise ValueError(
+                f"payload field 'iterations' must be >= 1, got {self.iterations}"
+            )
+
+    @property
+    def start_step(self) -> int:
+        """The global number of this round's first step."""
+        return (self.round - 1) * self.iterations
+
+    @property
+    def total_steps(self) -> int:
+        """Steps over all rounds (the length of the ramps)."""
+        return self.rounds * self.iterations
+
+    def to_fields(self) -> Fields:
+        """Flatten for a ConfigRecord."""
+        return {
+            "scope": self.scope,
+            "round": self.round,
+            "rounds": self.rounds,
+            "iterations": self.iterations,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> SemisupRequest:
+        """Parse a request's ConfigRecord."""
+        return cls(
+            scope=_str(fields, "scope"),
+            round=_int(fields, "round"),
+            rounds=_int(fields, "rounds"),
+            iterations=_int(fields, "iterations"),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SemisupReply:
+    """How a site's round went; the updated student travels beside it as ``weights``.
+
+    ``num_examples`` (samples seen, labelled and unlabelled) is the FedAvg weight.
+    """
+
+    num_examples: int
+    num_labelled: int  # labelled cases used
+    num_unlabelled: int  # unlabelled cases used (including labels set aside)
+    supervised_loss: float
+    consistency_loss: float
+    cross_task_loss: float
+    certain_fraction: float  # share of pixels under the uncertainty threshold
+    seconds: float
+
+    def to_fields(self) -> Fields:
+        """Flatten for a MetricRecord."""
+        return {
+            _kebab_field(field.name): getattr(self, field.name)
+            for field in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> SemisupReply:
+        """Parse a reply's MetricRecord."""
+        return cls(
+            num_examples=_int(fields, "num-examples"),
+            num_labelled=_int(fields, "num-labelled"),
+            num_unlabelled=_int(fields, "num-unlabelled"),
+            supervised_loss=_float(fields, "supervised-loss"),
+            consistency_loss=_float(fields, "consistency-loss"),
+            cross_task_loss=_float(fields, "cross-task-loss"),
+            certain_fraction=_float(fields, "certain-fraction"),
+            seconds=_float(fields, "seconds"),
+        )
+
+
+def _kebab_field(name: str) -> str:
+    return name.replace("_", "-")
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EvaluateRequest:
     """Predictors to score: name -> ``[(model name, weight), ...]`` (a softmax mix)."""
@@ -602,6 +709,19 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
             "label-dice.*",
         ),
         models=CONSENSUS_METHODS,
+    ),
+    SEMISUP: ReplySchema(
+        metrics=(
+            "num-examples",
+            "num-labelled",
+            "num-unlabelled",
+            "supervised-loss",
+            "consistency-loss",
+            "cross-task-loss",
+            "certain-fraction",
+            "seconds",
+        ),
+        weights=True,
     ),
     EVALUATE: ReplySchema(metrics=("num-cases", "dice.*", "hd95.*")),
 }

@@ -6,7 +6,9 @@ source, ``main``, ``aux``, ``weights``), ``evaluation.dice`` with one entry per 
 model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main`` and HD95),
 ``consensus`` (per label source: mean data parameter, STAPLE sensitivity, agreement
 with the DeepSTAPLE consensus; per method: consensus Dice on the target's evaluation
-labels; Spearman correlations of label quality), the per-phase timings, who was
+labels; Spearman correlations of label quality), ``semisup`` (the target's UG-MCL
+refinement and the federated rounds: Dice per site after each round, plotted in
+``semisup_dice.png``), the per-phase timings, who was
 missing, ``privacy`` (per site: what it released per
 action, the policy it applied and the epsilon it spent, from the coordinator's ledger
 and the sites' replies) and the resolved config.
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from core.ledger import INGRESS, LedgerEntry
+from server.report_semisup import PLOT_FILE as SEMISUP_PLOT
+from server.report_semisup import plot_semisup, semisup_lines
 from server.store import RunStore
 
 # The applied-policy fields the report shows (the rest stay in report.json).
@@ -83,6 +87,7 @@ def build_report(
     evaluation: Mapping[str, Any] | None,
     phase_seconds: Mapping[str, float],
     consensus: Mapping[str, Any] | None = None,
+    semisup: Mapping[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
     attempts: Sequence[Mapping[str, Any]] = (),
     coordinator: Mapping[str, Any] | None = None,
@@ -142,6 +147,7 @@ def build_report(
         },
         "adaptation": None if adaptation is None else dict(adaptation),
         "consensus": None if consensus is None else dict(consensus),
+        "semisup": None if semisup is None else dict(semisup),
         "evaluation": None if evaluation is None else dict(evaluation),
         "phase_seconds": dict(phase_seconds),
         "missing": missing,
@@ -264,6 +270,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {value:.3f} | {chosen} |")
     if report.get("consensus") is not None:
         lines += _consensus_lines(report["consensus"], evaluation)
+    if report.get("semisup") is not None:
+        lines += semisup_lines(report["semisup"], evaluation)
     if evaluation is not None:
         lines += [
             "",
@@ -309,6 +317,10 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         for text, present in (
             ("`dtm.png` (transferability)", transfer is not None),
             ("`dice.png` (evaluation)", evaluation is not None),
+            (
+                f"`{SEMISUP_PLOT}` (semi-supervised rounds)",
+                bool((report.get("semisup") or {}).get("federated")),
+            ),
         )
         if present
     ]
@@ -361,13 +373,17 @@ def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
 
 
 def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``dtm.png`` and ``dice.png`` (matplotlib, no display needed)."""
+    """Write ``dtm.png``, ``dice.png`` and the semisup plot (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths: list[Path] = []
+    if report.get("semisup") is not None:
+        semisup_plot = plot_semisup(report["semisup"], out_dir)
+        if semisup_plot is not None:
+            paths.append(semisup_plot)
     transfer = report["transferability"]
     if transfer is None:
         return paths
@@ -401,6 +417,8 @@ def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
             if n.startswith("tgma")
             else "tab:green"
             if n.startswith("consensus")
+            else "tab:purple"
+            if n.startswith("semisup")
             else "tab:gray"
             for n in dice
         ],

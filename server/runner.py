@@ -246,6 +246,10 @@ class PipelineRunner:
             return
 
         consensus_models = self._consensus_models(target_site, models, adapted)
+        if "semisup" not in phases:
+            return
+
+        semisup_models = self._semisup_models(sites, target_site, adapted)
         if "evaluation" not in phases:
             return
 
@@ -257,7 +261,10 @@ class PipelineRunner:
                     models,
                     adapted,
                     selection,
-                    consensus_models,
+                    {
+                        **{f"consensus:{m}": w for m, w in consensus_models.items()},
+                        **{f"semisup:{s}": w for s, w in semisup_models.items()},
+                    },
                 )
 
     def _consensus_models(
@@ -276,6 +283,23 @@ class PipelineRunner:
             }
         with self._timed("consensus"):
             return pipeline.consensus(self.coordinator, target_site, models, adapted)
+
+    def _semisup_models(
+        self,
+        sites: Mapping[int, SiteInfo],
+        target_site: SiteInfo,
+        adapted: Mapping[str, Arrays],
+    ) -> dict[str, Arrays]:
+        if not self.config.semisup.enabled:
+            return {}
+        saved = self._reloaded("semisup")
+        if saved is not None:
+            return {
+                scope: self.store.load_model(f"semisup-{scope}")
+                for scope in saved["models"]
+            }
+        with self._timed("semisup"):
+            return pipeline.semisup(self.coordinator, sites, target_site, adapted)
 
     def _source_models(
         self, sites: Mapping[int, SiteInfo], target: str
@@ -315,6 +339,7 @@ class PipelineRunner:
             transferability=store.load_phase("transferability"),
             adaptation=store.load_phase("adaptation"),
             consensus=store.load_phase("consensus"),
+            semisup=store.load_phase("semisup"),
             evaluation=store.load_phase("evaluation"),
             phase_seconds=self.seconds,
             privacy=build_privacy_section(

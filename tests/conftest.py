@@ -17,6 +17,10 @@ TINY_RUN_CONFIG: dict[str, ConfigValue] = {
     "adapt.epochs": 1,
     "consensus.epochs": 1,
     "consensus.refine-epochs": 1,
+    "semisup.iterations": 2,
+    "semisup.rounds": 2,
+    "semisup.local-iterations": 2,
+    "semisup.passes": 2,
     "model.channels": "4,8",
     "model.strides": "2",
 }

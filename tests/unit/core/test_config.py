@@ -131,6 +131,24 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("consensus.refine-epochs", 0),
         ("consensus.refine-learning-rate", float("nan")),
         ("consensus.out-of-line", "yes"),
+        ("semisup.variant", "fixmatch"),
+        ("semisup.iterations", 0),
+        ("semisup.rounds", -1),
+        ("semisup.local-iterations", 0),
+        ("semisup.labelled-fraction", 0.0),
+        ("semisup.labelled-fraction", 1.5),
+        ("semisup.labelled-batch", 0),
+        ("semisup.unlabelled-batch", -1),
+        ("semisup.learning-rate", 0.0),
+        ("semisup.ema-decay", 1.0),
+        ("semisup.passes", 0),
+        ("semisup.consistency", -0.1),
+        ("semisup.consistency-rampup", -1),
+        ("semisup.sdf-k", 0.0),
+        ("semisup.sdf-weight", float("nan")),
+        ("semisup.dropout", 1.0),
+        ("semisup.sites", "A,A"),
+        ("semisup.shared-head", "no"),
         ("privacy.noise-multiplier", -1.0),
         ("privacy.target-epsilon", -0.5),
         ("privacy.target-epsilon", float("inf")),
@@ -288,3 +306,17 @@ def test_pipeline_keys_are_top_level_and_accept_an_unquoted_run_id() -> None:
     assert config.pipeline.resume_run == str(18103597986389260942 % 2**63)
     assert config.pipeline.last_phase == "discover"
     assert to_flat(config)["resume-run"] == config.pipeline.resume_run
+
+
+def test_semisup_sites_parse_as_names_and_flatten_back() -> None:
+    # Prepare
+    flat = read_default_run_config()
+    flat["semisup.sites"] = " A, B ,C"
+
+    # Execute
+    config = load_run_config(flat)
+
+    # Assert
+    assert config.semisup.sites == ("A", "B", "C")
+    assert to_flat(config)["semisup.sites"] == "A,B,C"
+    assert load_default_config().semisup.sites == ()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,17 @@ import pytest
 from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
 from core.data import index_site
+from core.dual_task import build_dual_task_model
 from core.egress import measure_content
 from core.jobs import build_initial_weights
 from core.ledger import EGRESS, INGRESS, Ledger, verify_ledger
 from core.models import Arrays, build_model, get_manifest
-from core.policy import AppliedPolicy, LftmRelease
+from core.policy import ACTIONS, AppliedPolicy, LftmRelease
 from server import pipeline, records
 from server.pipeline import Coordinator, PhaseError, SiteInfo
 from server.report import build_report, format_markdown, write_report
 from server.store import RunStore
+from tests.unit.clients.messages import write_policy
 from tests.unit.server.fake_grid import NODES, FakeGrid, build_grid
 
 BROKEN_NODE = 14  # serves a site folder that does not exist
@@ -48,6 +52,7 @@ class PipelineRun:
     selection: dict[str, Any]
     adapted: dict[str, Arrays]
     consensus: dict[str, Arrays]
+    semisup: dict[str, Arrays]
     evaluation: dict[str, Any]
     log: list[str]
     coordinator: Coordinator
@@ -106,8 +111,17 @@ def full_run(
     selection = pipeline.transferability(coordinator, target_site, models)
     adapted = pipeline.adaptation(coordinator, target_site, models, selection)
     consensus = pipeline.consensus(coordinator, target_site, models, adapted)
+    semisup = pipeline.semisup(coordinator, sites, target_site, adapted)
     evaluation = pipeline.evaluation(
-        coordinator, target_site, models, adapted, selection, consensus
+        coordinator,
+        target_site,
+        models,
+        adapted,
+        selection,
+        {
+            **{f"consensus:{method}": w for method, w in consensus.items()},
+            **{f"semisup:{scope}": w for scope, w in semisup.items()},
+        },
     )
     return PipelineRun(
         grid=grid,
@@ -119,6 +133,7 @@ def full_run(
         selection=selection,
         adapted=adapted,
         consensus=consensus,
+        semisup=semisup,
         evaluation=evaluation,
         log=log,
         coordinator=coordinator,
@@ -549,14 +564,152 @@ def test_consensus_sends_sources_and_adapted_main_and_persists(
     )
 
 
+SEMISUP_MODELS = {"semisup:target", "semisup:federated"}
+
+
+def test_semisup_refines_at_the_target_and_runs_federated_rounds(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare
+    saved = full_run.store.load_phase("semisup")
+    config = full_run.config.semisup
+    student_manifest = get_manifest(
+        build_dual_task_model(full_run.config.model, full_run.config.data)
+    )
+
+    # Execute
+    sent = full_run.grid.sent_of_type(protocol.SEMISUP)
+    requests = [
+        protocol.SemisupRequest.from_fields(
+            m.content.config_records[protocol.REQUEST_KEY]
+        )
+        for m in sent
+    ]
+
+    # Assert: one target message, then one per site and round
+    assert len(sent) == 1 + config.rounds * 3
+    assert [(r.scope, r.round) for r in requests[:2]] == [
+        ("target", 1),
+        ("federated", 1),
+    ]
+    for message in sent:
+        weights = records.read_weights(message.content)
+        assert manifest_of(weights) == student_manifest
+    assert set(full_run.semisup) == {"target", "federated"}
+    for scope, weights in full_run.semisup.items():
+        assert manifest_of(weights) == manifest_of(full_run.models["B"])
+        assert (full_run.store.run_dir / "models" / f"semisup-{scope}.npz").is_file()
+    assert saved is not None
+    assert saved["start"] == pipeline.ADAPTED_START
+    assert saved["target"]["site"] == "A"
+    assert saved["target"]["num-labelled"] == 2
+    federated = saved["federated"]
+    assert federated["sites"] == ["A", "B", "C"]
+    assert federated["stopped"] is None
+    assert [entry["round"] for entry in federated["rounds"]] == [0, 1, 2]
+    for entry in federated["rounds"]:
+        assert set(entry["dice"]) == {"A", "B", "C"}
+        assert all(0.0 <= value <= 1.0 for value in entry["dice"].values())
+    assert set(federated["rounds"][1]["train"]) == {"A", "B", "C"}
+    # Each site keeps its own teacher in its node state, never sent.
+    for node, context in full_run.grid.contexts.items():
+        if node in full_run.sites:
+            assert "semisup.teacher.federated" in context.state.array_records
+    target_node = next(n for n, s in full_run.sites.items() if s.name == "A")
+    assert "semisup.teacher.target" in (
+        full_run.grid.contexts[target_node].state.array_records
+    )
+
+
+def test_semisup_rounds_average_the_students_by_samples(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare: round 2's messages carry round 1's FedAvg of the three students
+    round_two = [
+        m
+        for m in full_run.grid.sent_of_type(protocol.SEMISUP)
+        if m.content.config_records[protocol.REQUEST_KEY]["round"] == 2
+    ]
+
+    # Execute
+    students = [records.read_weights(m.content) for m in round_two]
+
+    # Assert: every site got the same average
+    assert len(students) == 3
+    for student in students[1:]:
+        for name, value in student.items():
+            np.testing.assert_array_equal(value, students[0][name])
+
+
+def test_semisup_refused_everywhere_leaves_the_run_going(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: every site's own policy leaves train.semisup unanswered
+    sites_dir = Path(shutil.copytree(federation, tmp_path / "federation"))
+    answers = [action for action in ACTIONS if action != protocol.SEMISUP]
+    for name in "ABC":
+        write_policy(sites_dir / name, {"actions.answer": answers})
+    config = load_run_config(run_config)
+    grid = build_grid(sites_dir, run_config)
+    coordinator = build_coordinator(grid, config, tmp_path / "1")
+    sites, target = pipeline.discover(
+        coordinator, nodes=grid.get_node_ids(), default_target="A"
+    )
+    target_site = next(site for site in sites.values() if site.name == target)
+
+    # Execute
+    models = pipeline.semisup(coordinator, sites, target_site, {})
+
+    # Assert: recorded, and nothing raised
+    saved = coordinator.store.load_phase("semisup")
+    assert models == {}
+    assert saved is not None
+    assert saved["start"] == "initial"
+    assert "'train.semisup' is not in actions.answer" in saved["target"]["missing"]
+    assert saved["federated"]["stopped"].startswith("round 1: 0 site(s) replied")
+    assert [entry["round"] for entry in saved["federated"]["rounds"]] == [0]
+
+
+def test_semisup_sites_must_name_answering_sites(
+    full_run: PipelineRun, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare
+    config = build_config(run_config, **{"semisup.sites": "A,Z"})
+    coordinator = build_coordinator(full_run.grid, config, tmp_path / "1")
+
+    # Execute / Assert
+    with pytest.raises(
+        PhaseError, match=re.escape("semisup.sites names ['Z'], which did not answer")
+    ):
+        pipeline.semisup_federated(coordinator, full_run.sites, {})
+
+
+def test_semisup_sites_must_hold_labels(
+    tmp_path: Path, full_run: PipelineRun, run_config: dict[str, ConfigValue]
+) -> None:
+    # Prepare: B said it holds no labelled case
+    config = build_config(run_config, **{"semisup.sites": "A,B"})
+    coordinator = build_coordinator(full_run.grid, config, tmp_path / "1")
+    sites = {11: site_info(11, "A"), 12: site_info(12, "B", labelled=0)}
+
+    # Execute / Assert
+    with pytest.raises(PhaseError, match=r"names \['B'\], which hold no labelled"):
+        pipeline.semisup_federated(coordinator, sites, {})
+
+
 def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -> None:
     # Prepare
     expected = {"source:B", "source:C", "uniform", "tgma", "tgma-main"}
-    expected |= CONSENSUS_MODELS
+    expected |= CONSENSUS_MODELS | SEMISUP_MODELS
     saved = full_run.store.load_phase("evaluation")
 
     # Execute
-    (message,) = full_run.grid.sent_of_type(protocol.EVALUATE)
+    (message,) = [
+        m
+        for m in full_run.grid.sent_of_type(protocol.EVALUATE)
+        if "predictors" in m.content.config_records[protocol.REQUEST_KEY]
+        and "tgma" in m.content.config_records[protocol.REQUEST_KEY]["predictors"]
+    ]
     sent_models = {protocol.model_name(key) for key in message.content.array_records}
 
     # Assert
@@ -566,6 +719,7 @@ def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -
         "adapted:main",
         "adapted:aux",
         *CONSENSUS_MODELS,
+        *SEMISUP_MODELS,
     }
     assert full_run.evaluation["site"] == "A"
     assert full_run.evaluation["num_cases"] == 6
@@ -586,6 +740,8 @@ def test_phases_log_one_line_each(full_run: PipelineRun) -> None:
         "DTM ",
         "adaptation:",
         "consensus:",
+        "semisup at target A:",
+        "semisup round 2/2:",
         "evaluation:",
     ):
         assert fragment in text
@@ -799,7 +955,13 @@ def test_coordinator_ledger_records_each_request_and_reply(
         (protocol.LFTM, 1),
         (protocol.ADAPT, 1),
         (protocol.CONSENSUS, 1),
-        (protocol.EVALUATE, 1),
+        (protocol.SEMISUP, 1),  # at the target
+        (protocol.EVALUATE, 3),  # round 0 of the federated rounds
+        (protocol.SEMISUP, 3),
+        (protocol.EVALUATE, 3),
+        (protocol.SEMISUP, 3),
+        (protocol.EVALUATE, 3),
+        (protocol.EVALUATE, 1),  # the evaluation phase
     ):
         expected_sequence += [(EGRESS, message_type)] * count
         expected_sequence += [(INGRESS, message_type)] * count
@@ -812,7 +974,7 @@ def test_coordinator_ledger_records_each_request_and_reply(
     assert result.ok, result.problem
     assert [(e.direction, e.message_type) for e in entries] == expected_sequence
     requests = [e for e in entries if e.direction == EGRESS]
-    assert len(requests) == len(sent) == 9
+    assert len(requests) == len(sent) == 25
     assert all(e.sender == pipeline.COORDINATOR for e in requests)
     assert [e.egress.digest for e in requests if e.egress] == [
         measure_content(m.content, message_type=m.metadata.message_type).egress.digest
@@ -830,9 +992,13 @@ def test_coordinator_ledger_records_each_request_and_reply(
                 protocol.LFTM,
                 protocol.ADAPT,
                 protocol.CONSENSUS,
+                protocol.SEMISUP,
                 protocol.EVALUATE,
             )
         ]
+        # the federated rounds: 2 rounds of training, 3 of evaluation, at each site
+        + [(protocol.SEMISUP, name) for name in "ABC"] * 2
+        + [(protocol.EVALUATE, name) for name in "ABC"] * 3
     )
 
 

@@ -33,6 +33,7 @@ PHASE_FILES = (
     "transferability",
     "adaptation",
     "consensus",
+    "semisup",
     "evaluation",
 )
 # Fields of a phase result that legitimately differ between two runs.
@@ -165,6 +166,7 @@ def test_resume_of_a_finished_run_only_says_hello(
             "transferability",
             "adaptation",
             "consensus",
+            "semisup",
             "evaluation",
         ],
         ["rediscover"],
@@ -346,8 +348,14 @@ def test_a_source_that_fails_is_left_out_and_reported(
         "consensus:majority",
         "consensus:staple",
         "consensus:deepstaple",
+        "semisup:target",
+        "semisup:federated",
     }
     assert report["consensus"]["sources"] == ["B"]
+    # C fails every semisup round too; A and B carry the rounds.
+    for entry in report["semisup"]["federated"]["rounds"][1:]:
+        assert set(entry["train"]) == {"A", "B"}
+        assert "C" in entry["missing"]
     markdown = (tmp_path / "1" / "report.md").read_text()
     assert "- source-training: C: error" in markdown
     assert "site folder not found" in markdown

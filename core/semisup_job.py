@@ -1,0 +1,251 @@
+"""The ``train.semisup`` job: one round of semi-supervised training at a site.
+
+A site holds a few labelled cases and many unlabelled ones. :func:`run_semisup_round`
+loads them (``semisup.labelled-fraction`` keeps only a seeded share of the labelled
+cases as labelled and sets the rest aside as unlabelled, to emulate a few-label site),
+loads the student it was sent and the teacher it kept from its previous round, runs
+:func:`core.semisupervised.train_semisupervised` for the round's steps and returns
+both networks' weights. The student may leave; the teacher stays at the site (the
+ClientApp keeps it in the node's state). Evaluation images are never trained on.
+
+The same function serves the refinement at the target (one round) and the federated
+rounds (FedAvg of the student across sites, ``server/pipeline.py``); the semisup
+benchmark calls it too, so it measures what the federation runs. Never imports flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from core.config import RunConfig, SemisupVariant
+from core.data import CaseRecord, SiteDataError, SliceSet, build_slice_set, index_site
+from core.dual_task import (
+    DualTaskUNet,
+    build_dual_task_model,
+    load_segmentation_weights,
+)
+from core.models import Arrays, get_weights, set_weights
+from core.semisupervised import (
+    SemisupResult,
+    SemisupSettings,
+    train_semisupervised,
+)
+from core.training import seed_everything, select_device
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_line: str) -> None:
+    """Progress sink that drops lines."""
+
+
+def split_labelled_cases(
+    cases: Sequence[CaseRecord], fraction: float, *, seed: int
+) -> tuple[tuple[CaseRecord, ...], tuple[CaseRecord, ...]]:
+    """Keep a seeded ``fraction`` of labelled cases labelled; set the rest aside.
+
+    At least one case stays labelled; the count rounds half up (12 cases at 0.1 keep
+    1, at 0.2 keep 2). Both parts keep the site's case order.
+
+    Example:
+        >>> from core.data import CaseSplit
+        >>> cases = [CaseRecord(case_id=f"c{i}", image_path=Path(f"c{i}"),
+        ...          label_path=Path(f"l{i}"), split=CaseSplit.TRAIN)
+        ...          for i in range(10)]
+        >>> kept, aside = split_labelled_cases(cases, 0.2, seed=0)
+        >>> len(kept), len(aside)
+        (2, 8)
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"labelled fraction must be in (0, 1], got {fraction}")
+    keep = min(len(cases), max(1, math.floor(fraction * len(cases) + 0.5)))
+    chosen = set(np.random.default_rng(seed).permutation(len(cases))[:keep].tolist())
+    kept = tuple(case for number, case in enumerate(cases) if number in chosen)
+    aside = tuple(case for number, case in enumerate(cases) if number not in chosen)
+    return kept, aside
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SemisupData:
+    """A site's training slices for semi-supervised rounds.
+
+    Attributes:
+        labelled: slices of the cases kept labelled, with their labels.
+        unlabelled_images: ``(M, 1, S, S)`` slices of every other training case (the
+            site's unlabelled cases and the labelled ones set aside); M may be 0.
+        num_labelled: labelled cases used.
+        num_unlabelled: unlabelled cases used.
+    """
+
+    labelled: SliceSet
+    unlabelled_images: torch.Tensor
+    num_labelled: int
+    num_unlabelled: int
+
+
+def load_semisup_data(site_dir: Path, config: RunConfig) -> SemisupData:
+    """Read a site's training cases and split them per ``semisup.labelled-fraction``.
+
+    Raises:
+        SiteDataError: the site has no labelled training case, or a case is bad.
+    """
+    index = index_site(Path(site_dir))
+    if not index.labelled:
+        raise SiteDataError(
+            f"{index.root}: no labelled training cases (labelsTr); train.semisup "
+            "needs at least one"
+        )
+    kept, aside = split_labelled_cases(
+        index.labelled, config.semisup.labelled_fraction, seed=config.train.seed
+    )
+    labelled = build_slice_set(kept, data=config.data, with_labels=True)
+    unlabelled_cases = (*aside, *index.unlabelled)
+    unlabelled_images = (
+        build_slice_set(unlabelled_cases, data=config.data, with_labels=False).images
+        if unlabelled_cases
+        else torch.zeros((0, *labelled.images.shape[1:]))
+    )
+    return SemisupData(
+        labelled=labelled,
+        unlabelled_images=unlabelled_images,
+        num_labelled=len(kept),
+        num_unlabelled=len(unlabelled_cases),
+    )
+
+
+def semisup_settings(
+    config: RunConfig,
+    *,
+    iterations: int,
+    variant: SemisupVariant | None = None,
+) -> SemisupSettings:
+    """The training settings of ``config.semisup`` (``variant`` overrides its own)."""
+    semisup = config.semisup
+    chosen = variant or semisup.variant
+    return SemisupSettings(
+        variant=chosen,
+        iterations=iterations,
+        labelled_batch=semisup.labelled_batch,
+        unlabelled_batch=(
+            0 if chosen is SemisupVariant.SUPERVISED else semisup.unlabelled_batch
+        ),
+        learning_rate=semisup.learning_rate,
+        ema_decay=semisup.ema_decay,
+        passes=semisup.passes,
+        consistency=semisup.consistency,
+        consistency_rampup=semisup.consistency_rampup,
+        k=semisup.sdf_k,
+        sdf_weight=semisup.sdf_weight,
+        masked_cross=semisup.masked_cross,
+        seed=config.train.seed,
+        amp=config.train.amp,
+        augment=config.train.augment,
+    )
+
+
+def build_student(config: RunConfig) -> DualTaskUNet:
+    """The run's dual-task network (architecture from ``model``/``semisup``)."""
+    return build_dual_task_model(
+        config.model,
+        config.data,
+        shared_head=config.semisup.shared_head,
+        dropout=config.semisup.dropout,
+    )
+
+
+def initial_student_weights(
+    config: RunConfig, start: Mapping[str, npt.NDArray[np.generic]] | None = None
+) -> Arrays:
+    """A student's first weights: seeded, its segmentation from ``start`` if given.
+
+    ``start`` holds ordinary segmentation weights (e.g. the adapted model); the
+    distance head keeps its seeded initialisation.
+    """
+    seed_everything(config.train.seed)
+    student = build_student(config)
+    if start is not None:
+        load_segmentation_weights(student, start)
+    return get_weights(student)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SemisupRound:
+    """One site's round: the student that may leave and the teacher that stays."""
+
+    student: Arrays
+    teacher: Arrays
+    num_labelled: int
+    num_unlabelled: int
+    result: SemisupResult
+
+
+def run_semisup_round(
+    site_dir: Path,
+    student_weights: Mapping[str, npt.NDArray[np.generic]],
+    config: RunConfig,
+    *,
+    teacher_weights: Mapping[str, npt.NDArray[np.generic]] | None,
+    start_step: int,
+    total_steps: int,
+    iterations: int,
+    variant: SemisupVariant | None = None,
+    data: SemisupData | None = None,
+    progress: Progress = _quiet,
+) -> SemisupRound:
+    """Train the sent student for one round on the site's cases.
+
+    Args:
+        site_dir: the site folder.
+        student_weights: the dual-task student as sent (FedAvg'd in federated rounds).
+        config: the run config (``semisup``, ``model``, ``data``, ``train.device``).
+        teacher_weights: the teacher the site kept from its previous round; ``None``
+            starts one from the student (the EMA's step 0 copies it anyway).
+        start_step: global number of the round's first step (ramps and EMA use it).
+        total_steps: steps over all rounds (the ramps' length).
+        iterations: steps of this round.
+        variant: train a baseline instead of ``semisup.variant``.
+        data: the site's slices when the caller already loaded them.
+        progress: called with progress lines.
+
+    Raises:
+        SiteDataError: the site has no labelled training case.
+        ValueError: weights that do not match the run's student architecture.
+    """
+    data = data or load_semisup_data(site_dir, config)
+    student = build_student(config)
+    set_weights(student, student_weights)
+    teacher = build_student(config)
+    set_weights(teacher, teacher_weights or student_weights)
+    assert data.labelled.labels is not None
+    progress(
+        f"semisup: {data.num_labelled} labelled case(s) ({len(data.labelled)} slices), "
+        f"{data.num_unlabelled} unlabelled ({data.unlabelled_images.shape[0]} slices),"
+        f" steps {start_step}..{start_step + iterations - 1} of {total_steps}"
+    )
+    result = train_semisupervised(
+        student,
+        teacher,
+        data.labelled.images,
+        data.labelled.labels,
+        data.unlabelled_images,
+        semisup_settings(config, iterations=iterations, variant=variant),
+        device=select_device(config.train.device),
+        start_step=start_step,
+        total_steps=total_steps,
+        label="semisup",
+        progress=progress,
+    )
+    return SemisupRound(
+        student=get_weights(student),
+        teacher=get_weights(teacher),
+        num_labelled=data.num_labelled,
+        num_unlabelled=data.num_unlabelled,
+        result=result,
+    )
