@@ -232,15 +232,14 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
 
     The teacher stays in the node's state between rounds (``context.state``, one per
     scope). A node that lost it (restarted) starts a new teacher from the student and
-    says so. DP-SGD is not available for this action: a policy that requires DP gets
-    a refusal rather than a non-private student.
+    says so. When the applied policy requires DP, the round's supervised part is
+    DP-SGD on the labelled slices (the consistency part sees unlabelled images only);
+    the site's accountant refuses a round that would exceed the budget before any
+    step, and the reply carries the ε spent and the site's total (unlabelled images
+    are not covered). Under DP the reply's supervised loss is withheld (0): it is a
+    statistic of the labelled slices outside the guarantee.
     """
     request = protocol.SemisupRequest.from_fields(records.read_request(message.content))
-    if setup.policy.dp_required:
-        raise ValueError(
-            f"{setup.policy_source} requires DP-SGD for training on labelled data; "
-            "train.semisup has no DP-SGD variant yet, so it is refused"
-        )
     site = setup.site
     key = _teacher_key(request.scope)
     kept = context.state.array_records.get(key)
@@ -257,19 +256,27 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
         start_step=request.start_step,
         total_steps=request.total_steps,
         iterations=request.iterations,
+        dp=dp_settings_for(
+            setup.policy, max_grad_norm=setup.config.privacy.max_grad_norm
+        ),
+        accountant_path=setup.accountant_path,
         progress=_progress(site),
     )
     context.state[key] = records.to_array_record(outcome.teacher)
-    result = outcome.result
+    result, private = outcome.result, outcome.privacy
     reply = protocol.SemisupReply(
         num_examples=result.num_examples,
         num_labelled=outcome.num_labelled,
         num_unlabelled=outcome.num_unlabelled,
-        supervised_loss=result.supervised_loss,
+        supervised_loss=result.supervised_loss if private is None else 0.0,
         consistency_loss=result.consistency_loss,
         cross_task_loss=result.cross_task_loss,
         certain_fraction=result.certain_fraction,
         seconds=result.seconds,
+        epsilon_spent=0.0 if private is None else private.epsilon_spent,
+        epsilon_total=0.0 if private is None else private.epsilon_total,
+        delta=0.0 if private is None else private.delta,
+        noise_multiplier=0.0 if private is None else private.noise_multiplier,
     )
     return records.build_reply(
         message, metrics=reply.to_fields(), weights=outcome.student

@@ -365,6 +365,7 @@ class SemisupConfig:
     sdf_k: float  # steepness of sigmoid(-k * SDF)
     sdf_weight: float  # optional SDF regression on labelled data; 0 = off
     masked_cross: bool  # uncertainty-mask the cross-task term too
+    max_grad_norm: float  # clip each update's gradient (L2); 0 = off
     shared_head: bool  # SDF = tanh(segmentation logits), the BraTS code's variant
     dropout: float  # on the bottleneck and the heads' input (Monte-Carlo passes)
 
@@ -400,6 +401,7 @@ class SemisupConfig:
         for weight_key, weight in (
             ("semisup.consistency", self.consistency),
             ("semisup.sdf-weight", self.sdf_weight),
+            ("semisup.max-grad-norm", self.max_grad_norm),
         ):
             _require(math.isfinite(weight) and weight >= 0, weight_key, ">= 0", weight)
         _require(self.sdf_k > 0, "semisup.sdf-k", "> 0", self.sdf_k)

@@ -525,6 +525,12 @@ class SemisupReply:
     """How a site's round went; the updated student travels beside it as ``weights``.
 
     ``num_examples`` (samples seen, labelled and unlabelled) is the FedAvg weight.
+    With DP-SGD (a site policy that requires it), ``epsilon_spent`` is the round's ε
+    and ``epsilon_total`` the site's cumulative ε after it, both at ``delta``, for the
+    labelled slices (unlabelled images are not covered); ``num_examples`` counts the
+    expected labelled draws; and ``supervised_loss`` is 0, withheld: a loss on the
+    labelled slices is not covered by the guarantee. The four DP fields are 0 without
+    DP; they are always sent, as FedAvg needs the same metric keys from every site.
     """
 
     num_examples: int
@@ -535,12 +541,31 @@ class SemisupReply:
     cross_task_loss: float
     certain_fraction: float  # share of pixels under the uncertainty threshold
     seconds: float
+    epsilon_spent: float = 0.0
+    epsilon_total: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        """Whether the student was trained with DP-SGD."""
+        return self.noise_multiplier > 0
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
         return {
-            _kebab_field(field.name): getattr(self, field.name)
-            for field in dataclasses.fields(self)
+            "num-examples": self.num_examples,
+            "num-labelled": self.num_labelled,
+            "num-unlabelled": self.num_unlabelled,
+            "supervised-loss": self.supervised_loss,
+            "consistency-loss": self.consistency_loss,
+            "cross-task-loss": self.cross_task_loss,
+            "certain-fraction": self.certain_fraction,
+            "seconds": self.seconds,
+            "dp.epsilon-spent": self.epsilon_spent,
+            "dp.epsilon-total": self.epsilon_total,
+            "dp.delta": self.delta,
+            "dp.noise-multiplier": self.noise_multiplier,
         }
 
     @classmethod
@@ -555,11 +580,11 @@ class SemisupReply:
             cross_task_loss=_float(fields, "cross-task-loss"),
             certain_fraction=_float(fields, "certain-fraction"),
             seconds=_float(fields, "seconds"),
+            epsilon_spent=_float(fields, "dp.epsilon-spent"),
+            epsilon_total=_float(fields, "dp.epsilon-total"),
+            delta=_float(fields, "dp.delta"),
+            noise_multiplier=_float(fields, "dp.noise-multiplier"),
         )
-
-
-def _kebab_field(name: str) -> str:
-    return name.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -720,6 +745,10 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
             "cross-task-loss",
             "certain-fraction",
             "seconds",
+            "dp.epsilon-spent",
+            "dp.epsilon-total",
+            "dp.delta",
+            "dp.noise-multiplier",
         ),
         weights=True,
     ),

@@ -10,7 +10,10 @@ ClientApp keeps it in the node's state). Evaluation images are never trained on.
 
 The same function serves the refinement at the target (one round) and the federated
 rounds (FedAvg of the student across sites, ``server/pipeline.py``); the semisup
-benchmark calls it too, so it measures what the federation runs. Never imports flwr.
+benchmark calls it too, so it measures what the federation runs. With DP settings
+(a site policy that requires DP-SGD) the round's supervised part is DP-SGD on the
+labelled slices, planned against the site's accountant file and recorded in it; the
+unlabelled images are not covered by the guarantee. Never imports flwr.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from core.config import RunConfig, SemisupVariant
+from core.config import Norm, RunConfig, SemisupVariant
 from core.data import CaseRecord, SiteDataError, SliceSet, build_slice_set, index_site
 from core.dual_task import (
     DualTaskUNet,
@@ -32,6 +35,15 @@ from core.dual_task import (
     load_segmentation_weights,
 )
 from core.models import Arrays, get_weights, set_weights
+from core.privacy import (
+    AccountantState,
+    DpSettings,
+    PrivacySpend,
+    account_steps,
+    plan_dp_sgd,
+    read_accountant_state,
+    write_accountant_state,
+)
 from core.semisupervised import (
     SemisupResult,
     SemisupSettings,
@@ -144,6 +156,7 @@ def semisup_settings(
         k=semisup.sdf_k,
         sdf_weight=semisup.sdf_weight,
         masked_cross=semisup.masked_cross,
+        max_grad_norm=semisup.max_grad_norm,
         seed=config.train.seed,
         amp=config.train.amp,
         augment=config.train.augment,
@@ -177,13 +190,18 @@ def initial_student_weights(
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SemisupRound:
-    """One site's round: the student that may leave and the teacher that stays."""
+    """One site's round: the student that may leave and the teacher that stays.
+
+    ``privacy`` is the round's DP-SGD cost and the site's accountant after it, or
+    None when the round ran without DP.
+    """
 
     student: Arrays
     teacher: Arrays
     num_labelled: int
     num_unlabelled: int
     result: SemisupResult
+    privacy: PrivacySpend | None = None
 
 
 def run_semisup_round(
@@ -197,9 +215,20 @@ def run_semisup_round(
     iterations: int,
     variant: SemisupVariant | None = None,
     data: SemisupData | None = None,
+    dp: DpSettings | None = None,
+    accountant_path: Path | None = None,
     progress: Progress = _quiet,
 ) -> SemisupRound:
     """Train the sent student for one round on the site's cases.
+
+    With ``dp``, the round is DP-SGD on its supervised part
+    (:func:`core.semisupervised.train_semisupervised` with a plan): the labelled
+    slices are Poisson-sampled at q = ``min(1, semisup.labelled-batch / N)`` (N
+    labelled slices) for ``iterations`` steps, the noise is the policy's (or what its
+    target epsilon needs for these steps), and the site's accountant must have room
+    for them before any step. The consistency terms use unlabelled images only. The
+    guarantee is sample-level for the labelled slices (image and label); unlabelled
+    images are not covered.
 
     Args:
         site_dir: the site folder.
@@ -212,18 +241,43 @@ def run_semisup_round(
         iterations: steps of this round.
         variant: train a baseline instead of ``semisup.variant``.
         data: the site's slices when the caller already loaded them.
+        dp: DP-SGD settings (the applied policy's), or None for ordinary training.
+        accountant_path: the site's accountant file; read before a DP round (the
+            budget check counts what is already spent) and rewritten after it. None
+            starts from an empty history and records nothing.
         progress: called with progress lines.
 
     Raises:
         SiteDataError: the site has no labelled training case.
-        ValueError: weights that do not match the run's student architecture.
+        PrivacyBudgetError: the DP round would exceed the site's budget; nothing was
+            trained and the accountant file is unchanged.
+        ValueError: weights that do not match the run's student architecture, or DP
+            asked for a model with BatchNorm (``model.norm='batch'``).
     """
+    if dp is not None and config.model.norm is Norm.BATCH:
+        raise ValueError(
+            "model.norm 'batch' keeps running statistics across samples, which DP-SGD "
+            "cannot account for; run with model.norm 'instance' or 'group' where DP "
+            "applies"
+        )
     data = data or load_semisup_data(site_dir, config)
     student = build_student(config)
     set_weights(student, student_weights)
     teacher = build_student(config)
     set_weights(teacher, teacher_weights or student_weights)
     assert data.labelled.labels is not None
+    settings = semisup_settings(config, iterations=iterations, variant=variant)
+    plan = None
+    accountant = AccountantState(())
+    if dp is not None:
+        if accountant_path is not None:
+            accountant = read_accountant_state(accountant_path)
+        plan = plan_dp_sgd(
+            min(1.0, settings.labelled_batch / len(data.labelled)),
+            iterations,
+            dp=dp,
+            accountant=accountant,
+        )
     progress(
         f"semisup: {data.num_labelled} labelled case(s) ({len(data.labelled)} slices), "
         f"{data.num_unlabelled} unlabelled ({data.unlabelled_images.shape[0]} slices),"
@@ -235,17 +289,35 @@ def run_semisup_round(
         data.labelled.images,
         data.labelled.labels,
         data.unlabelled_images,
-        semisup_settings(config, iterations=iterations, variant=variant),
+        settings,
         device=select_device(config.train.device),
         start_step=start_step,
         total_steps=total_steps,
         label="semisup",
         progress=progress,
+        private=plan,
     )
+    privacy = None
+    if plan is not None and dp is not None:
+        privacy = account_steps(
+            accountant,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            delta=plan.delta,
+        )
+        if accountant_path is not None:
+            write_accountant_state(privacy.accountant, accountant_path)
+        progress(
+            f"semisup: epsilon {privacy.epsilon_spent:.3f} spent on the labelled "
+            f"slices, {privacy.epsilon_total:.3f} of {dp.budget_epsilon:g} in total "
+            f"(delta {dp.delta:g})"
+        )
     return SemisupRound(
         student=get_weights(student),
         teacher=get_weights(teacher),
         num_labelled=data.num_labelled,
         num_unlabelled=data.num_unlabelled,
         result=result,
+        privacy=privacy,
     )

@@ -341,7 +341,7 @@ def supervised_loss(
 def _per_sample_dice(
     probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
-    """:func:`dice_loss` of each sample on its own: ``(B, *spatial)`` twice -> ``(B,)``."""
+    """:func:`dice_loss` of each sample on its own: ``(B, ...)`` twice -> ``(B,)``."""
     probabilities = probabilities.flatten(1)
     target = target.to(probabilities.dtype).flatten(1)
     overlap = (probabilities * target).sum(dim=1)

@@ -649,8 +649,8 @@ def semisup(
     Both start from the adapted main model (a fresh student without adaptation).
     The target refinement runs when ``semisup.target`` is set and the target holds
     labelled cases; the federated rounds when ``semisup.rounds`` > 0. Nothing later
-    depends on this phase, so a site that refuses or fails (a policy that requires
-    DP-SGD refuses ``train.semisup``) is recorded and the run goes on. Returns the
+    depends on this phase, so a site that refuses or fails (e.g. a DP site whose
+    epsilon budget is spent) is recorded and the run goes on. Returns the
     resulting segmentation models by scope (``target``, ``federated``).
     """
     config = coordinator.config

@@ -35,17 +35,37 @@ _POLICY_COLUMNS = (
 )
 
 
+def _dp_replies(
+    source_training: Mapping[str, Any], semisup: Mapping[str, Any] | None
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(site, reply figures)`` of every DP training reply of the run, in order."""
+    replies = list(source_training.get("training", {}).items())
+    if semisup is not None:
+        target = semisup.get("target")
+        if target is not None and "missing" not in target:
+            replies.append((target["site"], target))
+        for entry in (semisup.get("federated") or {}).get("rounds", []):
+            replies.extend(entry["train"].items())
+    return replies
+
+
 def build_privacy_section(
     entries: Sequence[LedgerEntry],
     applied_policies: Mapping[str, Mapping[str, Any]],
     source_training: Mapping[str, Any],
+    semisup: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per site: what reached the coordinator per action, the policy, epsilon spent.
+
+    Epsilon sums what every DP training of the run spent at the site (source
+    training and semi-supervised rounds); ``total`` is the site's cumulative
+    epsilon after its last reply.
 
     Args:
         entries: the coordinator's ledger of this run.
         applied_policies: site -> the ``policy.*`` fields its replies carried.
         source_training: the source-training phase result (its ``dp.*`` figures).
+        semisup: the semisup phase result (its replies' ``dp.*`` figures), if any.
 
     Returns:
         ``{site: {"released": {action: {...}}, "policy": {...}, "epsilon": {...}}}``.
@@ -66,13 +86,17 @@ def build_privacy_section(
         action["metric_values"] += sum(entry.egress.metrics.values())
     for name, policy in applied_policies.items():
         sites.setdefault(name, {"released": {}})["policy"] = dict(policy)
-    for name, training in source_training.get("training", {}).items():
-        sites.setdefault(name, {"released": {}})["epsilon"] = {
-            "spent": training.get("dp.epsilon-spent", 0.0),
-            "total": training.get("dp.epsilon-total", 0.0),
-            "delta": training.get("dp.delta", 0.0),
-            "noise_multiplier": training.get("dp.noise-multiplier", 0.0),
-        }
+    for name, reply in _dp_replies(source_training, semisup):
+        site = sites.setdefault(name, {"released": {}})
+        epsilon = site.setdefault(
+            "epsilon",
+            {"spent": 0.0, "total": 0.0, "delta": 0.0, "noise_multiplier": 0.0},
+        )
+        epsilon["spent"] += reply.get("dp.epsilon-spent", 0.0)
+        if reply.get("dp.noise-multiplier", 0.0):
+            epsilon["total"] = reply.get("dp.epsilon-total", 0.0)
+            epsilon["delta"] = reply.get("dp.delta", 0.0)
+            epsilon["noise_multiplier"] = reply.get("dp.noise-multiplier", 0.0)
     return dict(sorted(sites.items()))
 
 

@@ -346,6 +346,7 @@ class PipelineRunner:
                 self.coordinator.ledger.entries(),
                 self.coordinator.applied_policies,
                 source_training,
+                store.load_phase("semisup"),
             ),
             attempts=attempts,
             coordinator={

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m simulations.benchmark tgma|privacy|scale|consensus``.
+"""Benchmarks: ``python -m simulations.benchmark tgma|privacy|scale|consensus|semisup``.
 
 This module owns the command line only: the parser, the options the subcommands
 share, ``--set`` overrides, ``--table-from`` and the dispatch. Each subcommand lives
@@ -11,7 +11,9 @@ in its own module, which runs it, formats its README table and names its README 
   :mod:`simulations.scale_summary` (its document and table);
 - ``consensus``: :mod:`simulations.consensus_benchmark` (controlled noisy labels, the
   table) and :mod:`simulations.consensus_pipeline` (consensus from source-model
-  predictions, the run of both parts).
+  predictions, the run of both parts);
+- ``semisup``: :mod:`simulations.semisup_benchmark` (supervised, mean teacher, UG-MCL
+  and the fully supervised bound at few labelled cases, central and federated).
 
 The machine line, JSON documents and README table blocks are
 :mod:`simulations.benchmark_output`.
@@ -48,6 +50,12 @@ from simulations.scale_summary import (
     format_scale_table,
     list_failed_site_counts,
 )
+from simulations.semisup_benchmark import (
+    SEMISUP_MARKER,
+    add_semisup_options,
+    format_semisup_table,
+    run_semisup_command,
+)
 from simulations.tgma_benchmark import TGMA_MARKER, format_tgma_table, run_tgma_command
 
 
@@ -76,6 +84,11 @@ SUBCOMMANDS: Final = {
         marker=CONSENSUS_MARKER,
         format_table=format_consensus_table,
         run=run_consensus_command,
+    ),
+    "semisup": Subcommand(
+        marker=SEMISUP_MARKER,
+        format_table=format_semisup_table,
+        run=run_semisup_command,
     ),
 }
 
@@ -124,7 +137,7 @@ def _add_common_options(command: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m simulations.benchmark`` parser with its four subcommands."""
+    """The ``python -m simulations.benchmark`` parser with its five subcommands."""
     parser = argparse.ArgumentParser(
         prog="python -m simulations.benchmark", description=__doc__.splitlines()[0]
     )
@@ -149,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(consensus, "benchmarks/consensus.json")
     add_consensus_options(consensus)
+    semisup = commands.add_parser(
+        "semisup",
+        help="semi-supervised segmentation at 10%% and 20%% labelled cases: "
+        "supervised, mean teacher, UG-MCL and fully supervised, central and federated",
+    )
+    _add_common_options(semisup, "benchmarks/semisup.json")
+    add_semisup_options(semisup)
     return parser
 
 

@@ -109,12 +109,24 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     dice = report["evaluation"]["dice"]
     assert set(dice) == {"source:B", "source:C", "uniform", "tgma", "tgma-main"} | {
         f"consensus:{method}" for method in protocol.CONSENSUS_METHODS
-    }
+    } | {"semisup:target", "semisup:federated"}
     assert all(0.0 <= value <= 1.0 for value in dice.values())
     consensus = report["consensus"]
     assert consensus["sources"] == ["B", "C"]
     assert set(consensus["label_dice"]) == set(protocol.CONSENSUS_METHODS)
     assert "## Label consensus at the target" in (run_dir / "report.md").read_text()
+    # Semi-supervised rounds ran under DP-SGD at every site but D (broken image).
+    semisup = report["semisup"]
+    assert semisup["target"]["site"] == "A"
+    assert semisup["target"]["dp.epsilon-spent"] > 0.0
+    federated = semisup["federated"]
+    assert federated["sites"] == ["A", "B", "C", "D"]
+    assert [entry["round"] for entry in federated["rounds"]] == [0, 1, 2]
+    for entry in federated["rounds"][1:]:
+        assert set(entry["train"]) == {"A", "B", "C"}
+        assert "D" in entry["missing"]
+    assert "## Semi-supervised rounds (UG-MCL)" in (run_dir / "report.md").read_text()
+    assert (run_dir / "semisup_dice.png").stat().st_size > 0
     # The consensus labels stay at the target, in its state folder.
     target_state = tmp_path / "federation" / "A" / ".sitebridge"
     assert list((target_state / "consensus").glob("run-*/deepstaple/*.nii.gz"))
@@ -124,6 +136,7 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         "transferability",
         "adaptation",
         "consensus",
+        "semisup",
         "evaluation",
     ):
         assert (run_dir / "phases" / f"{phase}.json").exists()
@@ -141,7 +154,11 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     for source in ("B", "C"):
         assert privacy[source]["policy"]["policy.dp.required"] is True
         assert privacy[source]["epsilon"]["noise_multiplier"] == 1.5
-        assert privacy[source]["epsilon"]["spent"] > 0.0
+        # source training and the semisup rounds both spent at the site
+        assert (
+            privacy[source]["epsilon"]["spent"]
+            > (report["source_training"][source]["dp.epsilon-spent"])
+        )
         assert privacy[source]["released"]["train.source"]["arrays"] > 0
     assert privacy["A"]["policy"]["policy.release.lftm"] == "instance"
     assert privacy["A"]["released"]["query.lftm"]["arrays"] == 0
@@ -165,8 +182,10 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         for entry in Ledger(run_dir / "ledger.jsonl").entries()
         if entry.direction == "ingress"
     ]
-    # hello, source (D's error reply too), lftm, adapt, consensus, evaluate
-    assert len(received) == 4 + 3 + 1 + 1 + 1 + 1
+    # hello, source (D's error reply too), lftm, adapt, consensus, semisup at the
+    # target, round 0's evaluations, two rounds of semisup and evaluation at four
+    # sites (D's semisup errors too), evaluate
+    assert len(received) == 4 + 3 + 1 + 1 + 1 + 1 + 4 + 2 * (4 + 4) + 1
     assert all(
         entry.egress and entry.egress.digest in site_digests for entry in received
     )

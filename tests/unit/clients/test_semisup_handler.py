@@ -2,8 +2,10 @@
 
 Site A (two labelled cases in the tiny federation) is sent a student for two rounds
 with one node Context, as a SuperNode keeps it between messages: the first round
-leaves a teacher in the node state, the second uses it. Refusals (DP required, bad
-rounds, no labels) and the wire form of the request are checked too.
+leaves a teacher in the node state, the second uses it. A site whose policy requires
+DP trains the supervised part with DP-SGD and spends epsilon in its accountant.
+Refusals (budget, BatchNorm under DP, bad rounds, no labels) and the wire form of the
+request are checked too.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from core.config import ConfigValue, RunConfig, load_run_config
 from core.data import index_site
 from core.ledger import Ledger, verify_ledger
 from core.models import Arrays
-from core.semisup_job import initial_student_weights
+from core.privacy import ACCOUNTANT_FILE, read_accountant_state
+from core.semisup_job import initial_student_weights, load_semisup_data
 from tests.unit.clients.messages import (
+    DP_POLICY,
     assert_site_error,
     build_message,
     build_site_context,
@@ -179,23 +183,125 @@ def test_labelled_fraction_sets_labels_aside(
     assert result.num_examples == semisup.labelled_batch + semisup.unlabelled_batch
 
 
-def test_a_site_that_requires_dp_refuses_semisup(
+def test_a_site_that_requires_dp_trains_semisup_privately(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    student: Arrays,
+    config: RunConfig,
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    policy = write_policy(tmp_path, DP_POLICY)
+    state = tmp_path / "state"
+    context = build_site_context(run_config, federation / SITE, state, policy=policy)
+    slices = len(load_semisup_data(federation / SITE, config).labelled)
+    rate = min(1.0, config.semisup.labelled_batch / slices)
+
+    # Execute: two rounds, the accountant persisted in between
+    first = site_app(semisup_message(student, round_number=1), context)
+    history_after_first = read_accountant_state(state / ACCOUNTANT_FILE).history
+    second = site_app(
+        semisup_message(records.read_weights(first.content), round_number=2), context
+    )
+
+    # Assert
+    results = []
+    for reply in (first, second):
+        assert not reply.has_error(), reply.error.reason
+        results.append(
+            protocol.SemisupReply.from_fields(reply.content[protocol.METRICS_KEY])
+        )
+    assert history_after_first == ((2.0, rate, 2),)
+    assert read_accountant_state(state / ACCOUNTANT_FILE).history == (
+        (2.0, rate, 2),
+        (2.0, rate, 2),
+    )
+    assert results[0].epsilon_spent > 0
+    assert results[0].epsilon_total == pytest.approx(results[0].epsilon_spent)
+    assert results[1].epsilon_total > results[0].epsilon_total
+    assert results[1].epsilon_total == pytest.approx(
+        read_accountant_state(state / ACCOUNTANT_FILE).epsilon(1e-5)
+    )
+    for result in results:
+        assert result.private
+        assert (result.noise_multiplier, result.delta) == (2.0, 1e-5)
+        assert result.supervised_loss == 0.0  # withheld: outside the guarantee
+        assert result.num_examples == round(2 * rate * slices)
+    entries = Ledger(state / "ledger.jsonl").entries()
+    assert [(e.epsilon_spent, e.epsilon_total) for e in entries] == [
+        (r.epsilon_spent, r.epsilon_total) for r in results
+    ]
+    assert all(entry.released for entry in entries)
+    assert TEACHER_KEY in context.state.array_records
+
+
+def test_semisup_without_dp_spends_no_epsilon(
+    two_rounds: tuple[Context, Path, list[Message]],
+) -> None:
+    # Prepare
+    _context, state_dir, replies = two_rounds
+
+    # Execute
+    results = [
+        protocol.SemisupReply.from_fields(reply.content[protocol.METRICS_KEY])
+        for reply in replies
+    ]
+
+    # Assert: the dp.* keys are sent as zeros; no accountant file
+    assert all(not result.private for result in results)
+    assert all(result.epsilon_total == 0.0 for result in results)
+    assert all(result.supervised_loss > 0 for result in results)
+    assert not (state_dir / ACCOUNTANT_FILE).exists()
+
+
+def test_a_dp_site_over_budget_refuses_semisup_before_training(
     federation: Path,
     run_config: dict[str, ConfigValue],
     student: Arrays,
     tmp_path: Path,
 ) -> None:
     # Prepare
-    policy = write_policy(tmp_path, {"dp.required": True})
+    policy = write_policy(tmp_path, {**DP_POLICY, "dp.budget-epsilon": 0.01})
+    state = tmp_path / "state"
+    context = build_site_context(run_config, federation / SITE, state, policy=policy)
+
+    # Execute
+    reply = site_app(semisup_message(student), context)
+
+    # Assert
+    assert_site_error(
+        reply,
+        "PrivacyBudgetError: refused before training: the site's budget is epsilon "
+        "0.01 at delta 1e-05; 0.000 is spent and this training (2 steps, noise 2.000",
+    )
+    assert not (state / ACCOUNTANT_FILE).exists()
+    assert TEACHER_KEY not in context.state.array_records
+
+
+def test_a_dp_site_refuses_semisup_for_a_batch_norm_model(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    student: Arrays,
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    policy = write_policy(tmp_path, DP_POLICY)
     context = build_site_context(
-        run_config, federation / SITE, tmp_path / "state", policy=policy
+        run_config,
+        federation / SITE,
+        tmp_path / "state",
+        policy=policy,
+        run_overrides={"model.norm": "batch"},
     )
 
     # Execute
     reply = site_app(semisup_message(student), context)
 
     # Assert
-    assert_site_error(reply, "requires DP-SGD", "train.semisup has no DP-SGD variant")
+    assert_site_error(
+        reply, "model.norm 'batch' keeps running statistics across samples"
+    )
+    assert not (tmp_path / "state" / ACCOUNTANT_FILE).exists()
 
 
 def test_a_site_without_labels_refuses_semisup(

@@ -146,6 +146,7 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("semisup.consistency-rampup", -1),
         ("semisup.sdf-k", 0.0),
         ("semisup.sdf-weight", float("nan")),
+        ("semisup.max-grad-norm", -1.0),
         ("semisup.dropout", 1.0),
         ("semisup.sites", "A,A"),
         ("semisup.shared-head", "no"),

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from torch import nn
 
 from core.config import TrainConfig, load_default_config
 from core.models import build_model, get_weights
@@ -13,9 +14,13 @@ from core.policy import default_policy, resolve_policy
 from core.privacy import (
     AccountantState,
     DpSettings,
+    DpSgdPlan,
     PrivacyBudgetError,
+    PrivateGradient,
+    account_steps,
     dp_settings_for,
     make_dp_compatible,
+    plan_dp_sgd,
     plan_private_training,
     read_accountant_state,
     train_private,
@@ -276,3 +281,286 @@ def test_dp_settings_follow_the_applied_policy() -> None:
         max_grad_norm=0.5,
         budget_epsilon=6.0,
     )
+
+
+# ------------------------------------------- the mechanism alone (PrivateGradient)
+
+CPU = torch.device("cpu")
+
+
+def mechanism_plan(**overrides: float | int | None) -> DpSgdPlan:
+    values: dict[str, float | int | None] = {
+        "noise_multiplier": 1.0,
+        "sample_rate": 1.0,
+        "steps": 1,
+        "max_grad_norm": 1.0,
+        "delta": 1e-5,
+        "seed": 0,
+    }
+    values.update(overrides)
+    return DpSgdPlan(**values)  # type: ignore[arg-type]
+
+
+def two_scalars() -> nn.ModuleDict:
+    """Two 1x1 linear maps, weights 1: sample (u, v) has loss a*u + b*v."""
+    model = nn.ModuleDict(
+        {"a": nn.Linear(1, 1, bias=False), "b": nn.Linear(1, 1, bias=False)}
+    )
+    with torch.no_grad():
+        for layer in model.values():
+            layer.weight.fill_(1.0)
+    return model
+
+
+def test_plan_private_training_is_plan_dp_sgd_at_the_batch_rate() -> None:
+    # Prepare
+    dp = dp_settings(noise_multiplier=None, target_epsilon=3.0)
+    accountant = AccountantState(())
+
+    # Execute
+    noise, rate, steps = plan_private_training(
+        64, train=TRAIN, dp=dp, accountant=accountant
+    )
+    plan = plan_dp_sgd(4 / 64, 2 * 16, dp=dp, accountant=accountant)
+
+    # Assert
+    assert (rate, steps) == (4 / 64, 2 * 16)
+    assert plan == DpSgdPlan(
+        noise_multiplier=noise,
+        sample_rate=rate,
+        steps=steps,
+        max_grad_norm=1.0,
+        delta=1e-5,
+    )
+
+
+def test_plan_dp_sgd_refuses_a_training_over_budget() -> None:
+    # Prepare
+    spent = AccountantState(((1.0, 0.25, 400),))
+    budget = spent.epsilon(1e-5) + 0.01
+
+    # Execute / Assert
+    with pytest.raises(
+        PrivacyBudgetError,
+        match=(
+            rf"refused before training: the site's budget is epsilon {budget:g} at "
+            rf"delta 1e-05; {spent.epsilon(1e-5):.3f} is spent and this training "
+            r"\(10 steps, noise 1.000, sample rate 0.500\) would bring it to"
+        ),
+    ):
+        plan_dp_sgd(0.5, 10, dp=dp_settings(budget_epsilon=budget), accountant=spent)
+
+
+@pytest.mark.parametrize(
+    ("rate", "steps", "message"),
+    [
+        (0.0, 10, r"DP-SGD sample rate must be in \(0, 1\], got 0.0"),
+        (1.5, 10, r"DP-SGD sample rate must be in \(0, 1\], got 1.5"),
+        (0.5, 0, "DP-SGD needs at least one step, got 0"),
+    ],
+)
+def test_plan_dp_sgd_rejects_a_bad_rate_or_step_count(
+    rate: float, steps: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan_dp_sgd(rate, steps, dp=dp_settings(), accountant=AccountantState(()))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"noise_multiplier": 0.0}, "DP-SGD noise multiplier must be > 0, got 0.0"),
+        ({"sample_rate": 0.0}, r"DP-SGD sample rate must be in \(0, 1\]"),
+        ({"steps": 0}, "DP-SGD needs at least one step, got 0"),
+        ({"max_grad_norm": -1.0}, "max-grad-norm must be > 0, got -1.0"),
+        ({"delta": 0.0}, r"delta must be in \(0, 1\), got 0.0"),
+    ],
+)
+def test_dp_sgd_plan_validation_names_the_value(
+    overrides: dict[str, float | int], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        mechanism_plan(**overrides)
+
+
+def test_account_steps_extends_the_history_and_totals_it() -> None:
+    # Prepare
+    before = AccountantState(((1.0, 0.25, 40),))
+
+    # Execute
+    spend = account_steps(
+        before, noise_multiplier=2.0, sample_rate=0.5, steps=10, delta=1e-5
+    )
+
+    # Assert
+    assert spend.accountant.history == ((1.0, 0.25, 40), (2.0, 0.5, 10))
+    assert spend.epsilon_spent == pytest.approx(
+        AccountantState(((2.0, 0.5, 10),)).epsilon(1e-5)
+    )
+    assert spend.epsilon_total == pytest.approx(spend.accountant.epsilon(1e-5))
+    assert spend.epsilon_spent < spend.epsilon_total
+    assert (spend.noise_multiplier, spend.sample_rate, spend.steps) == (2.0, 0.5, 10)
+
+
+def test_private_gradient_clips_each_sample_jointly_and_divides_by_q_n() -> None:
+    # Prepare: samples (3, 4) (norm 5, clipped to (0.6, 0.8)) and (0.3, 0.4) (norm
+    # 0.5, kept); clipping each parameter on its own would give (1.3, 1.4) instead.
+    model = two_scalars()
+    samples = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    mechanism = PrivateGradient(
+        model, mechanism_plan(noise_multiplier=1e-9), num_samples=2, device=CPU
+    )
+
+    def loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        chosen = samples[indices]
+        return (model["a"](chosen[:, :1]) + model["b"](chosen[:, 1:])).flatten()
+
+    # Execute
+    losses = mechanism.step(loss)
+
+    # Assert: (0.6 + 0.3, 0.8 + 0.4) / (q N = 2)
+    gradients = [float(model[name].weight.grad) for name in ("a", "b")]
+    assert gradients == pytest.approx([0.45, 0.6], abs=1e-6)
+    assert losses.tolist() == pytest.approx([7.0, 0.7])
+    assert mechanism.steps_taken == 1
+
+
+def test_private_gradient_noise_has_the_planned_scale() -> None:
+    # Prepare: zero per-sample gradients, so the gradient is the noise alone:
+    # standard deviation sigma C / (q N) = 2 * 0.5 / (0.5 * 4) = 0.5.
+    model = nn.Linear(1, 20_000, bias=False)
+    plan = mechanism_plan(noise_multiplier=2.0, max_grad_norm=0.5, sample_rate=0.5)
+    mechanism = PrivateGradient(model, plan, num_samples=4, device=CPU)
+
+    def loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        return 0.0 * model(torch.ones(len(indices), 1)).sum(dim=1)
+
+    # Execute
+    mechanism.step(loss)
+
+    # Assert
+    gradient = model.weight.grad
+    assert gradient is not None
+    assert float(gradient.std()) == pytest.approx(0.5, rel=0.03)
+    assert abs(float(gradient.mean())) < 0.02
+    assert mechanism.expected_batch_size == 2.0
+
+
+def test_an_empty_draw_releases_the_noise_and_counts_as_a_step() -> None:
+    # Prepare: q = 1e-6 of 3 samples: nothing is drawn
+    model = nn.Linear(1, 20_000, bias=False)
+    plan = mechanism_plan(sample_rate=1e-6, steps=2)
+    mechanism = PrivateGradient(model, plan, num_samples=3, device=CPU)
+
+    def loss(_indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        raise AssertionError("an empty draw runs no forward")
+
+    # Execute
+    losses = mechanism.step(loss)
+
+    # Assert: noise sigma C / (q N) alone
+    gradient = model.weight.grad
+    assert gradient is not None
+    assert losses.numel() == 0
+    assert mechanism.steps_taken == 1
+    assert float(gradient.std()) == pytest.approx(1.0 / (1e-6 * 3), rel=0.03)
+
+
+def test_private_gradient_refuses_more_steps_than_planned() -> None:
+    # Prepare
+    model = two_scalars()
+    mechanism = PrivateGradient(model, mechanism_plan(), num_samples=1, device=CPU)
+
+    def loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        return model["a"](torch.ones(len(indices), 1)).flatten()
+
+    mechanism.step(loss)
+
+    # Execute / Assert
+    with pytest.raises(
+        RuntimeError, match="DP-SGD was planned and is accounted for 1 steps"
+    ):
+        mechanism.step(loss)
+
+
+def test_private_gradient_rejects_a_loss_that_is_not_per_sample() -> None:
+    # Prepare
+    model = two_scalars()
+    mechanism = PrivateGradient(model, mechanism_plan(), num_samples=2, device=CPU)
+
+    def pooled(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        return model["a"](torch.ones(len(indices), 1)).mean()
+
+    # Execute / Assert
+    with pytest.raises(
+        ValueError,
+        match=r"a per-sample loss must have shape \(2,\) for 2 drawn samples, got \(\)",
+    ):
+        mechanism.step(pooled)
+
+
+def test_private_gradient_needs_samples_and_a_compatible_model() -> None:
+    # Prepare
+    batch_norm = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="model is not DP-compatible"):
+        PrivateGradient(batch_norm, mechanism_plan(), num_samples=4, device=CPU)
+    with pytest.raises(ValueError, match="needs at least one protected sample"):
+        PrivateGradient(two_scalars(), mechanism_plan(), num_samples=0, device=CPU)
+
+
+def test_private_gradient_needs_a_model_in_train_mode() -> None:
+    # Prepare: Opacus' validator refuses an eval-mode model; one switched later
+    # captures no per-sample gradient
+    with pytest.raises(ValueError, match="Model needs to be in training mode"):
+        PrivateGradient(
+            two_scalars().eval(), mechanism_plan(), num_samples=1, device=CPU
+        )
+    model = two_scalars()
+    mechanism = PrivateGradient(model, mechanism_plan(), num_samples=1, device=CPU)
+    model.eval()
+
+    def loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        return model["a"](torch.ones(len(indices), 1)).flatten()
+
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match="DP-SGD needs the model in train mode"):
+        mechanism.step(loss)
+
+
+def test_the_private_pass_leaves_the_global_rng_as_it_found_it() -> None:
+    # Prepare: a loss that consumes the global RNG (as dropout does)
+    model = two_scalars()
+    mechanism = PrivateGradient(
+        model, mechanism_plan(sample_rate=0.5), num_samples=50, device=CPU
+    )
+
+    def loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        noise = torch.rand(len(indices), 1)
+        return model["a"](noise).flatten()
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+
+    # Execute
+    torch.manual_seed(0)
+    mechanism.step(loss)
+
+    # Assert: what the caller draws next does not depend on the secret draw
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_closing_the_mechanism_leaves_a_plain_module() -> None:
+    # Prepare
+    model = two_scalars()
+    mechanism = PrivateGradient(model, mechanism_plan(), num_samples=1, device=CPU)
+    mechanism.step(lambda i, _: model["a"](torch.ones(len(i), 1)).flatten())
+
+    # Execute
+    mechanism.close()
+
+    # Assert
+    assert not hasattr(model, "autograd_grad_sample_hooks")
+    assert all(not hasattr(p, "grad_sample") for p in model.parameters())
+    assert all(not layer._forward_hooks for layer in model.values())

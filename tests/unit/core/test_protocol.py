@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -16,6 +17,7 @@ from core.protocol import (
     LFTM,
     MODEL_KEY_PREFIX,
     REPLY_SCHEMAS,
+    SEMISUP,
     TRAIN_SOURCE,
     AdaptReply,
     AdaptRequest,
@@ -25,6 +27,7 @@ from core.protocol import (
     EvaluateRequest,
     HelloReply,
     LftmReply,
+    SemisupReply,
     TrainReply,
     model_key,
     model_name,
@@ -53,6 +56,20 @@ CONSENSUS_REPLY = ConsensusReply(
     label_dice={"itm": 0.8, "majority": 0.7, "staple": 0.75, "deepstaple": 0.85},
     spearman_dp=0.8,
     spearman_staple=0.6,
+)
+SEMISUP_REPLY = SemisupReply(
+    num_examples=400,
+    num_labelled=2,
+    num_unlabelled=5,
+    supervised_loss=0.0,
+    consistency_loss=0.01,
+    cross_task_loss=0.2,
+    certain_fraction=0.7,
+    seconds=12.0,
+    epsilon_spent=0.8,
+    epsilon_total=2.5,
+    delta=1e-5,
+    noise_multiplier=1.2,
 )
 EVALUATE_REQUEST = EvaluateRequest(
     predictors={
@@ -335,6 +352,12 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             "has the wrong type",
         ),
         (
+            SemisupReply.from_fields,
+            _without(SEMISUP_REPLY.to_fields(), "dp.epsilon-total"),
+            "dp.epsilon-total",
+            "is missing",
+        ),
+        (
             AdaptRequest.from_fields,
             _without(ADAPT_REQUEST.to_fields(), "aux"),
             "aux",
@@ -537,3 +560,27 @@ def test_consensus_reply_schema_allows_its_figures_and_method_models() -> None:
     assert not schema.allows_metric("labels.case_001")
     assert schema.models == CONSENSUS_METHODS
     assert not schema.weights
+
+
+def test_semisup_reply_carries_its_dp_figures_under_its_schema() -> None:
+    # Prepare
+    schema = REPLY_SCHEMAS[SEMISUP]
+    plain = dataclasses.replace(
+        SEMISUP_REPLY,
+        epsilon_spent=0.0,
+        epsilon_total=0.0,
+        delta=0.0,
+        noise_multiplier=0.0,
+    )
+
+    # Execute
+    fields = SEMISUP_REPLY.to_fields()
+
+    # Assert: the same keys with and without DP (FedAvg needs them), all declared
+    assert SemisupReply.from_fields(fields) == SEMISUP_REPLY
+    assert set(fields) == set(plain.to_fields()) == set(schema.metrics)
+    assert (fields["dp.epsilon-spent"], fields["dp.epsilon-total"]) == (0.8, 2.5)
+    assert (fields["dp.delta"], fields["dp.noise-multiplier"]) == (1e-5, 1.2)
+    assert SEMISUP_REPLY.private
+    assert not plain.private
+    assert schema.weights

@@ -16,11 +16,13 @@ from torch import nn
 from core.config import RunConfig, SemisupVariant, load_default_config
 from core.dual_task import (
     DualTaskUNet,
+    _bottleneck,
     build_dual_task_model,
     load_segmentation_weights,
     segmentation_weights,
 )
 from core.models import build_model, get_weights, set_weights
+from core.privacy import DpSgdPlan, PrivateGradient
 from core.semisup_terms import (
     clipped_noise,
     compute_sdf,
@@ -30,6 +32,7 @@ from core.semisup_terms import (
     dice_loss,
     ema_update,
     intra_consistency,
+    per_sample_supervised_loss,
     predictive_entropy,
     sigmoid_rampup,
     supervised_loss,
@@ -519,6 +522,40 @@ def test_supervised_loss_single_task() -> None:
     assert float(loss) == pytest.approx(0.5 * (terms["cross_entropy"] + dice))
 
 
+@pytest.mark.parametrize(
+    ("dual_task", "sdf_weight"), [(True, 0.0), (True, 0.3), (False, 0.0)]
+)
+def test_per_sample_supervised_loss_is_each_samples_own_batch_loss(
+    dual_task: bool, sdf_weight: float
+) -> None:
+    # Prepare
+    torch.manual_seed(0)
+    logits, sdf = torch.randn(3, 2, 8, 8), torch.tanh(torch.randn(3, 2, 8, 8))
+    _, labels = bright_boxes(3, (8, 8), seed=1)
+
+    # Execute
+    losses = per_sample_supervised_loss(
+        logits, sdf, labels, k=3.0, sdf_weight=sdf_weight, dual_task=dual_task
+    )
+
+    # Assert
+    expected = [
+        float(
+            supervised_loss(
+                logits[i : i + 1],
+                sdf[i : i + 1],
+                labels[i : i + 1],
+                k=3.0,
+                sdf_weight=sdf_weight,
+                dual_task=dual_task,
+            )[0]
+        )
+        for i in range(3)
+    ]
+    assert losses.shape == (3,)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+
+
 # -------------------------------------------------------------------- network
 
 
@@ -673,6 +710,39 @@ def test_dual_task_model_trains_under_opacus(norm: str) -> None:
         assert parameter.grad_sample.shape == (3, *parameter.shape), name
 
 
+def test_the_bottleneck_dropout_hook_fires_under_opacus() -> None:
+    # Prepare: observe the bottleneck's output after the dropout hook
+    dual = tiny_dual(dropout=0.5).train()
+    images, labels = bright_boxes(4, (16, 16), seed=0)
+    plan = DpSgdPlan(
+        noise_multiplier=1.0,
+        sample_rate=1.0,
+        steps=1,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        seed=0,
+    )
+    mechanism = PrivateGradient(dual, plan, num_samples=4, device=CPU)
+    zeros: list[float] = []
+    _bottleneck(dual.segmentation).register_forward_hook(
+        lambda _m, _i, output: zeros.append(float((output == 0).float().mean()))
+    )
+
+    def loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        logits, sdf = dual(images[indices])
+        return per_sample_supervised_loss(logits, sdf, labels[indices])
+
+    # Execute
+    mechanism.step(loss)
+    mechanism.close()
+    with torch.no_grad():
+        dual.eval()(images)
+
+    # Assert: about half the bottleneck is dropped in the private pass, none in eval
+    assert 0.35 < zeros[0] < 0.65
+    assert zeros[1] < 0.05
+
+
 # ------------------------------------------------------------------- training
 
 
@@ -690,9 +760,11 @@ def run(
     teacher: bool = True,
     spatial_dims: int = 2,
     lines: list[str] | None = None,
+    private: DpSgdPlan | None = None,
+    student: DualTaskUNet | None = None,
     **overrides: float | int | bool,
 ) -> tuple[DualTaskUNet, DualTaskUNet | None, SemisupResult]:
-    student = tiny_dual(spatial_dims=spatial_dims)
+    student = student or tiny_dual(spatial_dims=spatial_dims)
     ema = copy.deepcopy(student) if teacher else None
     result = train_semisupervised(
         student,
@@ -703,6 +775,7 @@ def run(
         settings(variant, **overrides),
         device=CPU,
         progress=(lines.append if lines is not None else lambda _: None),
+        private=private,
     )
     return student, ema, result
 
@@ -917,6 +990,197 @@ def test_semisup_settings_accept_the_variant_as_a_string() -> None:
     assert settings("ugmcl").variant is SemisupVariant.UGMCL  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'fixmatch' is not a valid SemisupVariant"):
         settings("fixmatch")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------- DP-SGD (supervised part)
+
+
+def dp_plan(**overrides: float | int | None) -> DpSgdPlan:
+    values: dict[str, float | int | None] = {
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.5,
+        "steps": 3,
+        "max_grad_norm": 1.0,
+        "delta": 1e-5,
+        "seed": 0,
+    }
+    values.update(overrides)
+    return DpSgdPlan(**values)  # type: ignore[arg-type]
+
+
+def has_opacus_leftovers(model: nn.Module) -> bool:
+    return hasattr(model, "autograd_grad_sample_hooks") or any(
+        hasattr(p, "grad_sample") for p in model.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    ("variant", "teacher", "num_examples"),
+    [
+        # q N = 0.5 * 4 = 2 expected labelled draws a step, plus 4 unlabelled
+        (SemisupVariant.SUPERVISED, False, 3 * 2),
+        (SemisupVariant.MEAN_TEACHER, True, 3 * (2 + 4)),
+        (SemisupVariant.UGMCL, True, 3 * (2 + 4)),
+    ],
+)
+def test_private_training_runs_the_planned_steps(
+    square_data: dict[str, torch.Tensor],
+    variant: SemisupVariant,
+    teacher: bool,
+    num_examples: int,
+) -> None:
+    # Prepare
+    lines: list[str] = []
+    initial = tiny_dual().state_dict()
+
+    # Execute
+    student, _, result = run(
+        square_data,
+        variant,
+        teacher=teacher,
+        lines=lines,
+        private=dp_plan(),
+        sdf_weight=0.3,
+    )
+
+    # Assert
+    assert result.iterations == 3
+    assert result.num_examples == num_examples
+    assert math.isfinite(result.supervised_loss)
+    assert (result.consistency_loss > 0) == (variant is not SemisupVariant.SUPERVISED)
+    assert (result.cross_task_loss > 0) == (variant is SemisupVariant.UGMCL)
+    assert not all_close(student.state_dict(), initial)
+    assert not student.training
+    assert not has_opacus_leftovers(student)
+    assert (
+        "DP-SGD on the labelled part (noise 1.000, clip 1, sample rate 0.500)"
+        in (lines[0])
+    )
+
+
+def test_labelled_slices_reach_the_student_only_through_the_clipped_gradient(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Prepare: other labelled slices and labels, the same unlabelled images
+    other_images, other_labels = bright_boxes(4, (16, 16), seed=7)
+    other = {**square_data, "labelled": other_images, "labels": other_labels}
+    initial = tiny_dual().state_dict()
+
+    def train(
+        data: Mapping[str, torch.Tensor], clip: float
+    ) -> tuple[DualTaskUNet, DualTaskUNet | None]:
+        student, teacher, _ = run(
+            data,
+            SemisupVariant.UGMCL,
+            passes=2,
+            learning_rate=0.1,
+            private=dp_plan(max_grad_norm=clip),
+        )
+        return student, teacher
+
+    # Execute: a clipping norm of 1e-9 leaves the labelled slices (almost) no way in
+    closed = [train(data, 1e-9) for data in (square_data, other)]
+    open_ = [train(data, 1.0) for data in (square_data, other)]
+
+    # Assert: with the private gradient shut, the labels make no difference to the
+    # student or the teacher, though the (unlabelled) consistency moved them
+    for first, second in zip(*closed, strict=True):
+        assert first is not None
+        assert second is not None
+        for name, value in first.state_dict().items():
+            torch.testing.assert_close(
+                value, second.state_dict()[name], atol=1e-6, rtol=0
+            )
+    assert not all_close(closed[0][0].state_dict(), initial)
+    difference = max(
+        float((value - open_[1][0].state_dict()[name]).abs().max())
+        for name, value in open_[0][0].state_dict().items()
+    )
+    assert difference > 1e-4
+
+
+def test_private_training_without_unlabelled_images_has_no_consistency(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Prepare
+    data = {**square_data, "unlabelled": torch.empty(0)}
+
+    # Execute
+    _, _, result = run(data, SemisupVariant.UGMCL, private=dp_plan())
+
+    # Assert: the non-DP loop would take the consistency over the labelled slices
+    assert result.num_examples == 3 * 2
+    assert (result.consistency_loss, result.cross_task_loss) == (0.0, 0.0)
+    assert result.certain_fraction == 0.0
+
+
+def test_private_training_is_reproducible_with_a_fixed_seed(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Execute
+    first, _, _ = run(square_data, SemisupVariant.UGMCL, passes=2, private=dp_plan())
+    again, _, _ = run(square_data, SemisupVariant.UGMCL, passes=2, private=dp_plan())
+    other, _, _ = run(
+        square_data, SemisupVariant.UGMCL, passes=2, private=dp_plan(seed=1)
+    )
+
+    # Assert
+    assert all_close(first.state_dict(), again.state_dict())
+    assert not all_close(first.state_dict(), other.state_dict())
+
+
+def test_a_dp_plan_for_other_steps_is_refused(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"the DP-SGD plan is for 5 steps but the call takes "
+        r"settings\.iterations = 3",
+    ):
+        run(square_data, SemisupVariant.UGMCL, private=dp_plan(steps=5))
+
+
+def test_a_batch_norm_student_is_refused_under_dp(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Prepare
+    student = tiny_dual(**{"model.norm": "batch"})
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"model is not DP-compatible: .*BatchNorm"):
+        run(square_data, SemisupVariant.UGMCL, private=dp_plan(), student=student)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_private_ugmcl_on_cuda_runs_without_amp() -> None:
+    # Prepare
+    labelled, labels = bright_boxes(4, (32, 32), seed=0)
+    unlabelled, _ = bright_boxes(4, (32, 32), seed=1)
+    student = tiny_dual()
+    teacher = copy.deepcopy(student)
+    lines: list[str] = []
+
+    # Execute
+    result = train_semisupervised(
+        student,
+        teacher,
+        labelled,
+        labels,
+        unlabelled,
+        settings(SemisupVariant.UGMCL, iterations=4, sdf_weight=0.3, amp=True),
+        device=torch.device("cuda"),
+        progress=lines.append,
+        private=dp_plan(steps=4),
+    )
+
+    # Assert
+    assert result.device.startswith("cuda")
+    assert "AMP" not in lines[0]
+    assert math.isfinite(result.supervised_loss)
+    assert math.isfinite(result.consistency_loss)
+    assert all(p.device.type == "cuda" for p in student.parameters())
+    assert not has_opacus_leftovers(student)
 
 
 @pytest.mark.gpu

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from core.egress import measure_error
 from core.ledger import EGRESS, INGRESS, RELEASED, ArrayRelease, Egress, Ledger
 from core.policy import default_policy, resolve_policy
@@ -96,6 +98,39 @@ def test_privacy_section_counts_what_each_site_released(tmp_path: Path) -> None:
         "noise_multiplier": 1.5,
     }
     assert "policy" not in section["C"]
+
+
+def test_privacy_section_adds_the_semisup_rounds_epsilon(tmp_path: Path) -> None:
+    # Prepare: B trained its source model, then took part in two DP rounds
+    ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")
+    training = {"training": {"B": B_TRAINING}}
+    round_reply = {
+        "dp.epsilon-spent": 0.5,
+        "dp.delta": 1e-5,
+        "dp.noise-multiplier": 1.5,
+    }
+    semisup = {
+        "target": {"site": "A", "missing": "error 101: refused"},
+        "federated": {
+            "rounds": [
+                {"round": 0, "train": {}},
+                {"round": 1, "train": {"B": {**round_reply, "dp.epsilon-total": 2.9}}},
+                {"round": 2, "train": {"B": {**round_reply, "dp.epsilon-total": 3.3}}},
+            ]
+        },
+    }
+
+    # Execute
+    section = build_privacy_section(ledger.entries(), {}, training, semisup)
+
+    # Assert: spent sums the run's trainings; total is the site's latest figure
+    assert section["B"]["epsilon"] == {
+        "spent": pytest.approx(0.8 + 0.5 + 0.5),
+        "total": 3.3,
+        "delta": 1e-5,
+        "noise_multiplier": 1.5,
+    }
+    assert "epsilon" not in section.get("A", {})
 
 
 def test_report_markdown_shows_the_privacy_tables(tmp_path: Path) -> None:
