@@ -30,7 +30,7 @@ from core.jobs import (
     train_source_model,
 )
 from core.policy import PolicyError
-from core.privacy import dp_settings_for
+from core.privacy import PrivacySpend, PrivateTrainResult, dp_settings_for
 from core.semisup_job import run_semisup_round
 
 LOGGER = logging.getLogger("sitebridge.site")
@@ -74,6 +74,25 @@ def _progress(site: SiteLocation) -> Callable[[str], None]:
     return emit
 
 
+def _privacy_figures(
+    private: PrivateTrainResult | PrivacySpend | None,
+) -> dict[str, float]:
+    """A training reply's ``epsilon_*``, ``delta`` and ``noise_multiplier`` fields."""
+    if private is None:
+        return {
+            "epsilon_spent": 0.0,
+            "epsilon_total": 0.0,
+            "delta": 0.0,
+            "noise_multiplier": 0.0,
+        }
+    return {
+        "epsilon_spent": private.epsilon_spent,
+        "epsilon_total": private.epsilon_total,
+        "delta": private.delta,
+        "noise_multiplier": private.noise_multiplier,
+    }
+
+
 @app.query("hello")
 @site_handler
 def hello(message: Message, _context: Context, setup: SiteSetup) -> Message:
@@ -115,10 +134,7 @@ def train_source(message: Message, _context: Context, setup: SiteSetup) -> Messa
         num_cases=result.num_cases,
         loss=result.final_loss,
         seconds=result.seconds,
-        epsilon_spent=0.0 if private is None else private.epsilon_spent,
-        epsilon_total=0.0 if private is None else private.epsilon_total,
-        delta=0.0 if private is None else private.delta,
-        noise_multiplier=0.0 if private is None else private.noise_multiplier,
+        **_privacy_figures(private),
     )
     return records.build_reply(
         message, metrics=reply.to_fields(), weights=result.weights
@@ -273,10 +289,7 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
         cross_task_loss=result.cross_task_loss,
         certain_fraction=result.certain_fraction,
         seconds=result.seconds,
-        epsilon_spent=0.0 if private is None else private.epsilon_spent,
-        epsilon_total=0.0 if private is None else private.epsilon_total,
-        delta=0.0 if private is None else private.delta,
-        noise_multiplier=0.0 if private is None else private.noise_multiplier,
+        **_privacy_figures(private),
     )
     return records.build_reply(
         message, metrics=reply.to_fields(), weights=outcome.student

@@ -272,20 +272,15 @@ def dice_loss(
         >>> float(dice_loss(torch.ones(4), torch.ones(4)))
         0.0
     """
-    target = target.to(probabilities.dtype)
-    overlap = (probabilities * target).sum()
-    total = (probabilities * probabilities).sum() + (target * target).sum()
-    return 1.0 - (2.0 * overlap + eps) / (total + eps)
+    return _per_sample_dice(probabilities.reshape(1, -1), target.reshape(1, -1), eps)[0]
 
 
 def _mean_foreground_dice(
     probabilities: torch.Tensor, one_hot: torch.Tensor
 ) -> torch.Tensor:
-    losses = [
-        dice_loss(probabilities[:, c], one_hot[:, c])
-        for c in range(1, probabilities.shape[1])
-    ]
-    return torch.stack(losses).mean()
+    return _per_sample_foreground_dice(
+        probabilities.movedim(0, 1).unsqueeze(0), one_hot.movedim(0, 1).unsqueeze(0)
+    )[0]
 
 
 def supervised_loss(

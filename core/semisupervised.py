@@ -246,6 +246,39 @@ def _consistency_terms(
     return intra_consistency(probabilities, target, mask), cross, mask.mean()
 
 
+def _weighted_consistency(
+    student_logits: torch.Tensor,
+    student_sdf: torch.Tensor,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    *,
+    settings: SemisupSettings,
+    step: int,
+    total_steps: int,
+    noise: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (ramped weight x (intra + cross), intra, cross, certain fraction).
+
+    The uncertainty threshold and the consistency weight both follow the global
+    step over ``total_steps`` (METHODS.md 3(b)7 and 10).
+    """
+    intra, cross, certain = _consistency_terms(
+        student_logits,
+        student_sdf,
+        teacher,
+        images,
+        settings=settings,
+        threshold=uncertainty_threshold(step, total_steps, student_logits.shape[1]),
+        noise=noise,
+    )
+    weight = consistency_weight(
+        step,
+        weight=settings.consistency,
+        rampup=settings.consistency_rampup or total_steps,
+    )
+    return weight * (intra + cross), intra, cross, certain
+
+
 def _step_loss(
     student: DualTaskUNet,
     teacher: DualTaskUNet | None,
@@ -275,21 +308,17 @@ def _step_loss(
         if teacher is None:
             zero = torch.zeros_like(supervised)
             return supervised, torch.stack([supervised.detach(), zero, zero, zero])
-        intra, cross, certain = _consistency_terms(
+        weighted, intra, cross, certain = _weighted_consistency(
             logits,
             sdf,
             teacher,
             images,
             settings=settings,
-            threshold=uncertainty_threshold(step, total_steps, student.num_classes),
+            step=step,
+            total_steps=total_steps,
             noise=noise,
         )
-    weight = consistency_weight(
-        step,
-        weight=settings.consistency,
-        rampup=settings.consistency_rampup or total_steps,
-    )
-    loss = supervised + weight * (intra + cross)
+    loss = supervised + weighted
     return loss, torch.stack([supervised, intra, cross, certain]).detach()
 
 
@@ -370,22 +399,18 @@ def _private_step(
         (images,) = augment_batch([images], generator)
     images = images.to(device, non_blocking=True)
     logits, sdf = student(images)
-    intra, cross, certain = _consistency_terms(
+    weighted, intra, cross, certain = _weighted_consistency(
         logits.float(),
         sdf.float(),
         teacher,
         images,
         settings=settings,
-        threshold=uncertainty_threshold(step, total_steps, student.num_classes),
+        step=step,
+        total_steps=total_steps,
         noise=noise,
     )
-    weight = consistency_weight(
-        step,
-        weight=settings.consistency,
-        rampup=settings.consistency_rampup or total_steps,
-    )
     # Adds to the private gradient.
-    (weight * (intra + cross)).backward()  # type: ignore[no-untyped-call]
+    weighted.backward()  # type: ignore[no-untyped-call]
     consistency = torch.stack([intra, cross, certain]).detach().cpu()
     return torch.cat([supervised.reshape(1), consistency]), drawn
 
