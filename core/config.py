@@ -417,6 +417,67 @@ class SemisupConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AffinityConfig:
+    """Task profiles, affinities and transfer paths (METHODS.md sections 0 and 4).
+
+    ``image_size``..``foreground_quantiles`` say how every site computes its task
+    profile; ``image_weight`` (a) and ``label_weight`` (b) weigh the normalised
+    distance d = a * H + b * (1 - R) (``python -m simulations.benchmark affinity
+    --calibrate`` fits them); ``max_hops`` bounds a transfer path's length.
+    """
+
+    image_size: int  # S: every image is resized to an S^3 cube
+    pca_variance: float  # explained variance the per-image PCA keeps
+    quantiles: int  # K: midpoint quantiles of the image term
+    quantile_clip: float  # image quantiles are clipped to [-clip, clip] (z-score units)
+    label_grid: int  # G: side of the mean foreground map
+    foreground_quantiles: (
+        int  # midpoint quantiles of the labelled cases' foreground fractions
+    )
+    image_weight: float  # a
+    label_weight: float  # b
+    max_hops: int
+
+    def __post_init__(self) -> None:
+        for key, value in (
+            ("affinity.image-size", self.image_size),
+            ("affinity.quantiles", self.quantiles),
+            ("affinity.label-grid", self.label_grid),
+        ):
+            _require(value >= 2, key, ">= 2", value)
+        _require(
+            self.foreground_quantiles >= 1,
+            "affinity.foreground-quantiles",
+            ">= 1",
+            self.foreground_quantiles,
+        )
+        _require(
+            0.0 < self.pca_variance <= 1.0,
+            "affinity.pca-variance",
+            "in (0, 1]",
+            self.pca_variance,
+        )
+        _require(
+            math.isfinite(self.quantile_clip) and self.quantile_clip > 0,
+            "affinity.quantile-clip",
+            "> 0",
+            self.quantile_clip,
+        )
+        for weight_key, weight in (
+            ("affinity.image-weight", self.image_weight),
+            ("affinity.label-weight", self.label_weight),
+        ):
+            _require(math.isfinite(weight) and weight >= 0, weight_key, ">= 0", weight)
+        _require(
+            self.image_weight + self.label_weight > 0,
+            "affinity.image-weight",
+            "positive when affinity.label-weight is 0",
+            self.image_weight,
+        )
+        _require(self.max_hops >= 1, "affinity.max-hops", ">= 1", self.max_hops)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class PrivacyConfig:
     """What the run asks for privacy; each site's policy may ask for more.
 
@@ -463,6 +524,7 @@ class RunConfig:
     adapt: AdaptConfig
     consensus: ConsensusConfig
     semisup: SemisupConfig
+    affinity: AffinityConfig
     privacy: PrivacyConfig
 
     def __post_init__(self) -> None:

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from core.task_profile import DEFAULT_PROFILE_SETTINGS, SiteProfile, build_site_profile
+from core.config import load_default_config
+from core.task_profile import SiteProfile, build_site_profile, profile_settings
+
+SETTINGS = profile_settings(load_default_config().affinity)
 
 
 @pytest.fixture(scope="module")
 def profiles(federation: Path) -> dict[str, SiteProfile]:
     return {
-        name: build_site_profile(federation / name, DEFAULT_PROFILE_SETTINGS)
+        name: build_site_profile(federation / name, SETTINGS)
         for name in ("A", "B", "C")
     }
 
@@ -25,4 +28,4 @@ def unlabelled_profile(
     site = tmp_path_factory.mktemp("unlabelled") / "U"
     shutil.copytree(federation / "A", site)
     shutil.rmtree(site / "labelsTr")
-    return build_site_profile(site, DEFAULT_PROFILE_SETTINGS)
+    return build_site_profile(site, SETTINGS)

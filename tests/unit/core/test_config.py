@@ -147,6 +147,16 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("semisup.sdf-k", 0.0),
         ("semisup.sdf-weight", float("nan")),
         ("semisup.max-grad-norm", -1.0),
+        ("affinity.image-size", 1),
+        ("affinity.quantiles", 1),
+        ("affinity.label-grid", 0),
+        ("affinity.foreground-quantiles", 0),
+        ("affinity.pca-variance", 0.0),
+        ("affinity.pca-variance", 1.5),
+        ("affinity.quantile-clip", 0.0),
+        ("affinity.image-weight", -0.5),
+        ("affinity.label-weight", float("inf")),
+        ("affinity.max-hops", 0),
         ("semisup.dropout", 1.0),
         ("semisup.sites", "A,A"),
         ("semisup.shared-head", "no"),
@@ -321,3 +331,17 @@ def test_semisup_sites_parse_as_names_and_flatten_back() -> None:
     assert config.semisup.sites == ("A", "B", "C")
     assert to_flat(config)["semisup.sites"] == "A,B,C"
     assert load_default_config().semisup.sites == ()
+
+
+def test_affinity_weights_may_not_both_be_zero() -> None:
+    # Prepare
+    flat = read_default_run_config()
+    flat["affinity.image-weight"] = 0.0
+    flat["affinity.label-weight"] = 0.0
+
+    # Execute / Assert
+    with pytest.raises(
+        ValueError,
+        match=r"^affinity.image-weight must be positive when affinity.label-weight is 0",
+    ):
+        load_run_config(flat)

@@ -1,3 +1,5 @@
+"""The DP release of a task profile: sensitivities, epsilon against Opacus."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,15 +9,16 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
+from core.config import load_default_config
 from core.profile_noise import (
     RDP_ORDERS,
     compute_gaussian_epsilon,
     get_profile_sensitivity,
     noise_profile,
 )
-from core.task_profile import DEFAULT_PROFILE_SETTINGS, SiteProfile, midpoint_quantiles
+from core.task_profile import SiteProfile, midpoint_quantiles, profile_settings
 
-SETTINGS = DEFAULT_PROFILE_SETTINGS
+SETTINGS = profile_settings(load_default_config().affinity)
 
 
 @pytest.mark.parametrize("noise_multiplier", [0.7, 1.0, 2.5, 8.0])

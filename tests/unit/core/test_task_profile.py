@@ -1,3 +1,5 @@
+"""A site's task profile: settings, resizing, image quantiles, the wire form."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,15 +8,16 @@ import json
 import numpy as np
 import pytest
 
+from core.config import load_default_config
 from core.task_profile import (
-    DEFAULT_PROFILE_SETTINGS,
     SiteProfile,
     build_image_quantiles,
     build_site_profile,
+    profile_settings,
     resize_volume,
 )
 
-SETTINGS = DEFAULT_PROFILE_SETTINGS
+SETTINGS = profile_settings(load_default_config().affinity)
 
 
 def test_settings_reject_bad_values():
