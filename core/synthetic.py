@@ -258,6 +258,33 @@ def _case_rng(seed: int, site_index: int, case_index: int) -> np.random.Generato
     return np.random.default_rng([seed, site_index, case_index])
 
 
+def write_case(
+    case: SyntheticCase, site_dir: Path, *, case_id: str, training: bool
+) -> None:
+    """Write one case's image and label NIfTI into the site layout.
+
+    Args:
+        case: the generated case.
+        site_dir: the site folder; sub-folders are created as needed.
+        case_id: the file stem (``<case_id>_0000.nii.gz`` and ``<case_id>.nii.gz``).
+        training: ``imagesTr``/``labelsTr`` when true, else ``imagesTs``/``labelsTs``.
+    """
+    split = "Tr" if training else "Ts"
+    for array, folder, file_name in (
+        (case.image, f"images{split}", f"{case_id}_0000.nii.gz"),
+        (case.label, f"labels{split}", f"{case_id}.nii.gz"),
+    ):
+        write_volume(
+            Volume(
+                array=array,
+                spacing_mm=SPACING_MM,
+                origin_mm=(0.0, 0.0, 0.0),
+                direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
+            ),
+            site_dir / folder / file_name,
+        )
+
+
 def write_site(
     style: SiteStyle,
     site_dir: Path,
@@ -270,22 +297,12 @@ def write_site(
     site_dir.mkdir(parents=True, exist_ok=True)
     total = num_train_cases + EVALUATION_CASES_PER_SITE
     for case_index in range(total):
-        case = generate_case(style, _case_rng(seed, site_index, case_index))
-        split = "Tr" if case_index < num_train_cases else "Ts"
-        case_id = f"{style.name.lower()}_{case_index:03d}"
-        for array, folder, file_name in (
-            (case.image, f"images{split}", f"{case_id}_0000.nii.gz"),
-            (case.label, f"labels{split}", f"{case_id}.nii.gz"),
-        ):
-            write_volume(
-                Volume(
-                    array=array,
-                    spacing_mm=SPACING_MM,
-                    origin_mm=(0.0, 0.0, 0.0),
-                    direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
-                ),
-                site_dir / folder / file_name,
-            )
+        write_case(
+            generate_case(style, _case_rng(seed, site_index, case_index)),
+            site_dir,
+            case_id=f"{style.name.lower()}_{case_index:03d}",
+            training=case_index < num_train_cases,
+        )
     dataset = {
         "name": f"synthetic site {style.name}",
         "modality": "synthetic-MR",
