@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m simulations.benchmark tgma|privacy|scale|consensus|semisup``.
+"""Benchmarks: ``python -m simulations.benchmark <subcommand>``, one per benchmark.
 
 This module owns the command line only: the parser, the options the subcommands
 share, ``--set`` overrides, ``--table-from`` and the dispatch. Each subcommand lives
@@ -13,7 +13,11 @@ in its own module, which runs it, formats its README table and names its README 
   table) and :mod:`simulations.consensus_pipeline` (consensus from source-model
   predictions, the run of both parts);
 - ``semisup``: :mod:`simulations.semisup_benchmark` (supervised, mean teacher, UG-MCL
-  and the fully supervised bound at few labelled cases, central and federated).
+  and the fully supervised bound at few labelled cases, central and federated);
+- ``affinity``: :mod:`simulations.affinity_benchmark` (SeqTran transfer paths against
+  direct transfer on the chain federation, and ``--calibrate`` of the affinity
+  weights: :mod:`simulations.affinity_calibration`), trained and scored by
+  :mod:`simulations.affinity_transfer`.
 
 The machine line, JSON documents and README table blocks are
 :mod:`simulations.benchmark_output`.
@@ -30,6 +34,12 @@ from pathlib import Path
 from typing import Final
 
 from core.config import ConfigValue
+from simulations.affinity_benchmark import (
+    AFFINITY_MARKER,
+    add_affinity_options,
+    format_affinity_table,
+    run_affinity_command,
+)
 from simulations.benchmark_output import (
     add_output_options,
     read_document,
@@ -90,6 +100,11 @@ SUBCOMMANDS: Final = {
         format_table=format_semisup_table,
         run=run_semisup_command,
     ),
+    "affinity": Subcommand(
+        marker=AFFINITY_MARKER,
+        format_table=format_affinity_table,
+        run=run_affinity_command,
+    ),
 }
 
 
@@ -137,7 +152,7 @@ def _add_common_options(command: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m simulations.benchmark`` parser with its five subcommands."""
+    """The ``python -m simulations.benchmark`` parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="python -m simulations.benchmark", description=__doc__.splitlines()[0]
     )
@@ -169,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(semisup, "benchmarks/semisup.json")
     add_semisup_options(semisup)
+    affinity = commands.add_parser(
+        "affinity",
+        help="SeqTran transfer paths against direct transfer on the chain federation; "
+        "--calibrate fits the affinity weights a and b",
+    )
+    _add_common_options(affinity, "benchmarks/affinity.json")
+    add_affinity_options(affinity)
     return parser
 
 

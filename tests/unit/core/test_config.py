@@ -342,6 +342,6 @@ def test_affinity_weights_may_not_both_be_zero() -> None:
     # Execute / Assert
     with pytest.raises(
         ValueError,
-        match=r"^affinity.image-weight must be positive when affinity.label-weight is 0",
+        match=r"^affinity.image-weight must be positive when affinity.label-weight",
     ):
         load_run_config(flat)

@@ -1,0 +1,399 @@
+"""The ``affinity`` benchmark: SeqTran's transfer paths against direct transfer.
+
+On the chain federation (:mod:`core.synthetic_chain`: a 3 x 3 grid of appearance x
+anatomy, the target ``T-bright-large`` with 2 labelled cases), each target's sources
+are the other sites. Per target it reports the Dice on the target's evaluation labels
+after transfer along the cheapest path under the affinity distance ``d``
+(:func:`core.transfer_paths.cheapest_path`, at most ``affinity.max-hops`` hops), along
+the paper's landmark -> intermediate -> target path, directly from the source nearest
+by ``d``, directly from the source whose one-step Dice is truly highest (the oracle),
+and along a seeded random path with the chosen path's hop count; and the Spearman
+correlation between ``-d(source, target)`` and the one-step Dice (the source's model
+fine-tuned on the target's few labels). Two intermediates, their labels cut to the
+target's count, are targets too. ``--calibrate`` fits ``a`` and ``b`` on the one-step
+Dice (:mod:`simulations.affinity_calibration`), writes them into pyproject.toml and
+chooses the paths with them. Training and scoring are
+:mod:`simulations.affinity_transfer`; this module owns the run, its JSON document and
+the README table between the ``<!-- benchmark:affinity -->`` markers; the command line
+is ``simulations.benchmark``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import torch
+
+from core.config import ConfigValue, RunConfig, load_default_config, to_flat
+from core.data import list_site_dirs
+from core.synthetic_chain import ensure_chain_federation
+from core.task_profile import build_site_profile, profile_settings
+from simulations.affinity_calibration import (
+    PairTerms,
+    fit_leave_one_out,
+    fit_weights,
+    mean_spearman,
+    write_affinity_weights,
+)
+from simulations.affinity_transfer import (
+    PathTrainer,
+    Progress,
+    TargetSetup,
+    build_recipe,
+    evaluate_target,
+    few_label_view,
+    measure_single_steps,
+    read_federation_roles,
+    setup_target,
+)
+from simulations.benchmark_output import describe_machine, print_progress
+
+AFFINITY_MARKER: Final = "benchmark:affinity"
+# The benchmark's scale: a few minutes on 2 CPU cores. Build with
+# build_affinity_config; each transfer step's recipe is FINETUNE_*.
+AFFINITY_RUN_CONFIG: Final[dict[str, ConfigValue]] = {
+    "data.image-size": 32,
+    "data.max-slices-per-case": 0,
+    "model.channels": "16,32,64",
+    "model.strides": "2,2",
+    "train.epochs": 30,  # a path's first site, from the seeded start
+}
+FINETUNE_EPOCHS: Final = 15
+FINETUNE_LEARNING_RATE: Final = 3e-4
+# Labelled training cases per landmark, intermediate and target.
+CHAIN_CASES: Final = (8, 8, 2)
+EXTRA_TARGETS: Final = ("I-dark-large", "I-bright-small")
+COLUMNS: Final = (
+    "path",
+    "paper_path",
+    "direct_affinity_best",
+    "direct_oracle_best",
+    "random_path",
+)
+HEADERS: Final = (
+    "chosen path",
+    "paper path",
+    "direct: affinity-best",
+    "direct: oracle-best",
+    "random path",
+)
+TARGET_SPEARMAN: Final = 0.6
+MISSING: Final = "—"
+
+
+def build_affinity_config(overrides: Mapping[str, ConfigValue]) -> RunConfig:
+    """Load the defaults with :data:`AFFINITY_RUN_CONFIG`, then ``overrides``, on top.
+
+    Raises:
+        ValueError: an override names an unknown key or breaks a config rule.
+    """
+    return load_default_config(**{**AFFINITY_RUN_CONFIG, **overrides})
+
+
+def _with_weights(config: RunConfig, image: float, label: float) -> RunConfig:
+    return dataclasses.replace(
+        config,
+        affinity=dataclasses.replace(
+            config.affinity, image_weight=image, label_weight=label
+        ),
+    )
+
+
+def _mean(targets: Mapping[str, Mapping[str, object]], key: str) -> float:
+    values = [row[key] for row in targets.values()]
+    numbers = [float(v) for v in values if isinstance(v, float) and math.isfinite(v)]
+    return float(np.mean(numbers)) if numbers else math.nan
+
+
+def run_affinity(
+    config: RunConfig,
+    *,
+    federation_dir: Path,
+    targets: Sequence[str] = (),
+    calibrate: bool = False,
+    pyproject: Path | None = None,
+    finetune_epochs: int = FINETUNE_EPOCHS,
+    finetune_learning_rate: float = FINETUNE_LEARNING_RATE,
+    progress: Progress = print_progress,
+) -> dict[str, object]:
+    """Measure one-step transfer, optionally calibrate, then score every target's paths.
+
+    Args:
+        config: the run config (:func:`build_affinity_config`); its affinity weights
+            choose the paths unless ``calibrate``.
+        federation_dir: a chain federation (with ``federation.toml``).
+        targets: extra target sites besides the federation's own, each cut to the
+            federation target's number of labelled cases.
+        calibrate: fit ``a, b`` on the one-step Dice and choose the paths with them.
+        pyproject: where ``calibrate`` writes the fitted weights; None writes nothing.
+        finetune_epochs: epochs of each fine-tuning step.
+        finetune_learning_rate: learning rate of each fine-tuning step.
+        progress: called with one line per training step.
+
+    Returns:
+        The JSON-able document (see the README): ``targets``, ``mean``,
+        ``targets_met``, ``weights``, ``calibration`` (None without ``calibrate``),
+        the recipe and the flat run config.
+
+    Raises:
+        ValueError: a target is not a site of the federation, or is listed twice;
+            ``federation.toml`` is missing or incomplete.
+    """
+    roles = read_federation_roles(federation_dir)
+    main_target = str(roles["target"])
+    landmarks = [str(site) for site in roles["landmarks"]]  # type: ignore[attr-defined]
+    sites = {path.name: path for path in list_site_dirs(federation_dir)}
+    names = [main_target, *targets]
+    unknown = [name for name in names if name not in sites]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"targets {names} must be distinct sites of {federation_dir} "
+            f"(sites there: {sorted(sites)})"
+        )
+    settings = profile_settings(config.affinity)
+    profiles = {name: build_site_profile(sites[name], settings) for name in sites}
+    few = profiles[main_target].num_labelled
+    recipe = build_recipe(
+        config, epochs=finetune_epochs, learning_rate=finetune_learning_rate
+    )
+    trainer = PathTrainer(recipe, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="affinity-views-") as views:
+        setups: dict[str, TargetSetup] = {}
+        for name in names:
+            folder = sites[name]
+            if name != main_target:
+                folder = few_label_view(folder, Path(views) / name, num_labelled=few)
+            setups[name] = setup_target(name, folder, sites, profiles, config)
+        single = {
+            name: measure_single_steps(trainer, setup, config)
+            for name, setup in setups.items()
+        }
+        terms: dict[str, PairTerms] = {
+            name: setup.terms({s: d["dice"] for s, d in single[name].items()})
+            for name, setup in setups.items()
+        }
+        calibration: dict[str, object] | None = None
+        if calibrate:
+            fit = fit_weights(terms)
+            calibration = {
+                "image_weight": fit.image_weight,
+                "label_weight": fit.label_weight,
+                "spearman_fitted": fit.spearman,
+                "spearman_defaults": mean_spearman(
+                    terms, image_weight=1.0, label_weight=1.0
+                ),
+                "spearman_before": mean_spearman(
+                    terms,
+                    image_weight=config.affinity.image_weight,
+                    label_weight=config.affinity.label_weight,
+                ),
+                "held_out_spearman": fit_leave_one_out(terms),
+                "written_to": None if pyproject is None else str(pyproject),
+            }
+            progress(
+                f"[affinity] calibrated a = {fit.image_weight:g}, b = "
+                f"{fit.label_weight:g}: mean Spearman {fit.spearman:.3f} (defaults "
+                f"a = b = 1: {calibration['spearman_defaults']:.3f})"
+            )
+            if pyproject is not None:
+                write_affinity_weights(
+                    pyproject,
+                    image_weight=fit.image_weight,
+                    label_weight=fit.label_weight,
+                )
+            config = _with_weights(config, fit.image_weight, fit.label_weight)
+        rows = {
+            name: evaluate_target(
+                trainer,
+                setup,
+                single[name],
+                config,
+                landmarks=landmarks,
+                seed=config.train.seed + number,
+            )
+            for number, (name, setup) in enumerate(setups.items())
+        }
+    mean = {
+        key: _mean(rows, key) for key in (*COLUMNS, "spearman", "spearman_zero_shot")
+    }
+    return {
+        "targets": rows,
+        "mean": mean,
+        "targets_met": {
+            "path_beats_direct_affinity_best": bool(
+                mean["path"] > mean["direct_affinity_best"]
+            ),
+            "spearman_at_least_0.6": bool(mean["spearman"] >= TARGET_SPEARMAN),
+        },
+        "weights": {
+            "image_weight": config.affinity.image_weight,
+            "label_weight": config.affinity.label_weight,
+            "max_hops": config.affinity.max_hops,
+        },
+        "calibration": calibration,
+        "recipe": {
+            "scratch_epochs": config.train.epochs,
+            "scratch_learning_rate": config.train.learning_rate,
+            "finetune_epochs": finetune_epochs,
+            "finetune_learning_rate": finetune_learning_rate,
+            "target_labelled_cases": few,
+            "training_steps": trainer.steps_trained,
+        },
+        "config": to_flat(config),
+    }
+
+
+def _cell(value: object, digits: int = 3) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return MISSING
+    return f"{value:.{digits}f}" if math.isfinite(value) else MISSING
+
+
+def _mapping(value: object, key: str) -> Mapping[str, object]:
+    inner = value.get(key) if isinstance(value, Mapping) else None
+    return inner if isinstance(inner, Mapping) else {}
+
+
+def _nodes(value: object) -> str:
+    if isinstance(value, list):
+        return " → ".join(map(str, value))
+    return str(value) if isinstance(value, str) else MISSING
+
+
+def format_affinity_table(document: Mapping[str, object]) -> str:
+    """Markdown table of an ``affinity`` benchmark document.
+
+    One row per target and a mean row: Dice per strategy and the Spearman; then the
+    chosen paths, the calibration, the targets and the machine. A dash for a value
+    that is absent or nan.
+    """
+    lines = [
+        f"| target | {' | '.join(HEADERS)} | Spearman(-d, Dice) |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
+    targets = _mapping(document, "targets")
+    rows = [(name, row) for name, row in targets.items() if isinstance(row, Mapping)]
+    for name, row in [*rows, ("**mean**", _mapping(document, "mean"))]:
+        cells = [_cell(row.get(key)) for key in (*COLUMNS, "spearman")]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines.append("")
+    for name, row in rows:
+        chosen = _mapping(row, "chosen")
+        lines.append(
+            f"- {name}: chosen {_nodes(chosen.get('path'))}; paper "
+            f"{_nodes(chosen.get('paper_path'))}; affinity-best "
+            f"{_nodes(chosen.get('direct_affinity_best'))}; oracle "
+            f"{_nodes(chosen.get('direct_oracle_best'))}; random "
+            f"{_nodes(chosen.get('random_path'))}."
+        )
+    lines.append("")
+    weights = _mapping(document, "weights")
+    calibration = _mapping(document, "calibration")
+    if calibration:
+        held = _mapping(calibration, "held_out_spearman")
+        held_text = ", ".join(f"{n} {_cell(v)}" for n, v in held.items())
+        lines.append(
+            f"Calibrated a = {_cell(calibration.get('image_weight'))}, b = "
+            f"{_cell(calibration.get('label_weight'))}: mean Spearman "
+            f"{_cell(calibration.get('spearman_fitted'))} (defaults a = b = 1: "
+            f"{_cell(calibration.get('spearman_defaults'))}); fitted on the same "
+            "one-step Dice it is scored on"
+            + (f"; fitted on the other targets: {held_text}." if held else ".")
+        )
+    elif weights:
+        lines.append(
+            f"Weights a = {_cell(weights.get('image_weight'))}, b = "
+            f"{_cell(weights.get('label_weight'))} (not calibrated in this run)."
+        )
+    met = _mapping(document, "targets_met")
+    if met:
+        beats = bool(met.get("path_beats_direct_affinity_best"))
+        rho = bool(met.get("spearman_at_least_0.6"))
+        lines.append(
+            "Targets (chosen path above direct affinity-best on average; Spearman ≥ "
+            f"{TARGET_SPEARMAN}): {'met' if beats and rho else 'not met'} (path "
+            f"{'above' if beats else 'not above'} direct, Spearman "
+            f"{'≥' if rho else '<'} {TARGET_SPEARMAN})."
+        )
+    recipe = _mapping(document, "recipe")
+    lines.append(
+        f"Recipe: {recipe.get('scratch_epochs', '?')} epochs from scratch, "
+        f"{recipe.get('finetune_epochs', '?')} epochs at learning rate "
+        f"{recipe.get('finetune_learning_rate', '?')} per transfer step; "
+        f"{recipe.get('target_labelled_cases', '?')} labelled cases per target. "
+        f"Measured on {document.get('machine', 'an unknown machine')} in "
+        f"{_cell(document.get('seconds'), 0)} s."
+    )
+    return "\n".join(lines)
+
+
+def add_affinity_options(command: argparse.ArgumentParser) -> None:
+    """The ``affinity`` subcommand's own options."""
+    command.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit a and b to the measured transfer Dice and write them into "
+        "--pyproject (the run config reads them from there)",
+    )
+    command.add_argument("--pyproject", type=Path, default=Path("pyproject.toml"))
+    command.add_argument(
+        "--targets",
+        default=",".join(EXTRA_TARGETS),
+        help="comma-separated extra target sites (labels cut to the federation "
+        f"target's count); default {','.join(EXTRA_TARGETS)}; '' for none",
+    )
+    command.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
+    command.add_argument(
+        "--finetune-learning-rate", type=float, default=FINETUNE_LEARNING_RATE
+    )
+    command.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; 0 = torch's default (1 avoids oversubscription on "
+        "a CPU shared with other work)",
+    )
+
+
+def run_affinity_command(
+    args: argparse.Namespace, overrides: Mapping[str, ConfigValue]
+) -> dict[str, object]:
+    """Run the ``affinity`` subcommand from its parsed arguments; the document."""
+    started = time.perf_counter()
+    config = build_affinity_config(overrides)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    landmark, intermediate, target = CHAIN_CASES
+    federation = args.federation_dir or ensure_chain_federation(
+        args.cache_dir,
+        seed=config.federation.synthetic_seed,
+        num_train_cases=landmark,
+        num_intermediate_cases=intermediate,
+        num_target_cases=target,
+        progress=print_progress,
+    )
+    document: dict[str, object] = {
+        "machine": describe_machine(),
+        "federation": str(federation),
+    }
+    document.update(
+        run_affinity(
+            config,
+            federation_dir=federation,
+            targets=[name.strip() for name in args.targets.split(",") if name.strip()],
+            calibrate=args.calibrate,
+            pyproject=args.pyproject if args.calibrate else None,
+            finetune_epochs=args.finetune_epochs,
+            finetune_learning_rate=args.finetune_learning_rate,
+        )
+    )
+    document["seconds"] = time.perf_counter() - started
+    return document

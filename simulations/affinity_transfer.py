@@ -1,0 +1,300 @@
+"""Transfer paths for the ``affinity`` benchmark: train them, choose them, score them.
+
+A transfer step ``s -> t`` fine-tunes the current model on ``t``'s labelled cases
+(:func:`core.jobs.train_source_model` from the current weights); a path
+``v0 -> ... -> target`` trains on ``v0`` from the seeded start, fine-tunes along the
+rest and is scored on the target's evaluation labels. :class:`PathTrainer` caches
+models by path prefix, so every source is trained from scratch once. A site other than
+the federation's target can be a target too, through :func:`few_label_view` (its
+labelled training cases cut to a few). :func:`evaluate_target` chooses one target's
+paths under the config's affinity weights and scores each of them; the run, its
+document and table are :mod:`simulations.affinity_benchmark`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from core.affinity import SiteMatrix, affinity_matrices, distance_matrix, normalise
+from core.config import RunConfig
+from core.data import index_site
+from core.jobs import build_initial_weights, evaluate_predictors, train_source_model
+from core.models import Arrays
+from core.task_profile import SiteProfile, build_site_profile, profile_settings
+from core.transfer_paths import TransferPath, cheapest_path, paper_path
+from simulations.affinity_calibration import PairTerms, pair_terms
+from simulations.tgma_benchmark import spearman
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Recipe:
+    """How a path is trained: from scratch on its first site, then fine-tuned."""
+
+    scratch: RunConfig
+    finetune: RunConfig
+
+
+def build_recipe(config: RunConfig, *, epochs: int, learning_rate: float) -> Recipe:
+    """``config`` for the first site; its fine-tuning twin for every later step.
+
+    Raises:
+        ValueError: ``epochs < 1`` or ``learning_rate <= 0`` (from the config rules).
+    """
+    finetune = dataclasses.replace(
+        config,
+        train=dataclasses.replace(
+            config.train, epochs=epochs, learning_rate=learning_rate
+        ),
+    )
+    return Recipe(scratch=config, finetune=finetune)
+
+
+def read_federation_roles(federation_dir: Path) -> dict[str, object]:
+    """``federation.toml`` of a chain federation (target, intermediates, landmarks).
+
+    Raises:
+        ValueError: the file is missing or lacks ``target`` or ``landmarks``.
+    """
+    path = federation_dir / "federation.toml"
+    if not path.is_file():
+        raise ValueError(
+            f"{path}: missing; the affinity benchmark needs a chain federation "
+            "(core/synthetic_chain.py) naming its target and landmarks"
+        )
+    roles = tomllib.loads(path.read_text())
+    missing = [key for key in ("target", "landmarks") if key not in roles]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)} entry")
+    return roles
+
+
+def few_label_view(site_dir: Path, view_dir: Path, *, num_labelled: int) -> Path:
+    """A view of a site with only its first ``num_labelled`` labelled cases.
+
+    The view is a folder of symbolic links: ``dataset.json``, the evaluation folders
+    and the first ``num_labelled`` training image/label pairs (in case order).
+
+    Raises:
+        ValueError: ``num_labelled < 1`` or ``view_dir`` exists.
+        SiteDataError: the site folder is invalid (from :func:`index_site`).
+    """
+    if num_labelled < 1:
+        raise ValueError(f"a target needs >= 1 labelled case, got {num_labelled}")
+    if view_dir.exists():
+        raise ValueError(f"{view_dir}: already exists; choose a new folder")
+    index = index_site(site_dir)
+    view_dir.mkdir(parents=True)
+    for name in ("dataset.json", "imagesTs", "labelsTs"):
+        if (site_dir / name).exists():
+            (view_dir / name).symlink_to((site_dir / name).resolve())
+    for folder in ("imagesTr", "labelsTr"):
+        (view_dir / folder).mkdir()
+    for case in index.labelled[:num_labelled]:
+        for path in (case.image_path, case.label_path):
+            assert path is not None
+            (view_dir / path.parent.name / path.name).symlink_to(path.resolve())
+    return view_dir
+
+
+class PathTrainer:
+    """Trains transfer paths, caching every prefix's model.
+
+    A prefix is a tuple of ``(site, folder)`` steps, so the same site as a full source
+    and as a few-label target are different steps.
+    """
+
+    def __init__(self, recipe: Recipe, *, progress: Progress) -> None:
+        self._recipe = recipe
+        self._progress = progress
+        self._models: dict[tuple[tuple[str, Path], ...], Arrays] = {}
+        self._initial = build_initial_weights(recipe.scratch)
+        self.steps_trained = 0
+
+    def model(self, steps: Sequence[tuple[str, Path]]) -> Arrays:
+        """The model trained along ``steps`` (trained now unless cached)."""
+        key = tuple(steps)
+        if key in self._models:
+            return self._models[key]
+        first = len(key) == 1
+        start = self._initial if first else self.model(key[:-1])
+        config = self._recipe.scratch if first else self._recipe.finetune
+        name, folder = key[-1]
+        result = train_source_model(folder, config, initial_weights=start)
+        self.steps_trained += 1
+        self._progress(
+            f"[affinity] {' -> '.join(site for site, _ in key)}: "
+            f"{'trained' if first else 'fine-tuned'} on {name} ({result.num_cases} "
+            f"cases), loss {result.final_loss:.3f} ({result.seconds:.1f} s)"
+        )
+        self._models[key] = result.weights
+        return result.weights
+
+
+def score(site_dir: Path, weights: Arrays, config: RunConfig) -> float:
+    """Dice of one model on the site's evaluation labels."""
+    scores = evaluate_predictors(
+        site_dir, {"m": weights}, {"m": [("m", 1.0)]}, config, with_hd95=False
+    )
+    return scores["m"].dice
+
+
+def random_path(
+    sources: Sequence[str], target: str, *, hops: int, seed: int
+) -> tuple[str, ...]:
+    """A seeded random simple path of ``hops`` edges through ``sources`` to ``target``.
+
+    Example:
+        >>> random_path(["A", "B", "C"], "T", hops=2, seed=0)
+        ('B', 'C', 'T')
+
+    Raises:
+        ValueError: ``hops`` is not in ``[1, len(sources)]``.
+    """
+    if not 1 <= hops <= len(sources):
+        raise ValueError(f"hops must be in [1, {len(sources)}], got {hops}")
+    return (*random.Random(seed).sample(sorted(sources), hops), target)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TargetSetup:
+    """One target: its folders, sources and the normalised affinity terms."""
+
+    name: str
+    folder: Path  # the few-label view (the federation's target: its own folder)
+    sources: dict[str, Path]
+    image_norm: SiteMatrix
+    label_norm: SiteMatrix
+
+    def terms(self, dice: Mapping[str, float]) -> PairTerms:
+        """The sources' terms to this target with their one-step Dice."""
+        names = list(self.sources)
+        return pair_terms(
+            [self.image_norm.get(name, self.name) for name in names],
+            [1.0 - self.label_norm.get(name, self.name) for name in names],
+            [dice[name] for name in names],
+        )
+
+
+def setup_target(
+    name: str,
+    folder: Path,
+    sites: Mapping[str, Path],
+    profiles: Mapping[str, SiteProfile],
+    config: RunConfig,
+) -> TargetSetup:
+    """One target's setup: its profile from ``folder``, the others' from ``profiles``.
+
+    ``H`` and ``R`` are normalised over the federation as this target sees it.
+    """
+    own = build_site_profile(folder, profile_settings(config.affinity))
+    scenario = {site: profiles[site] for site in sites if site != name}
+    scenario[name] = dataclasses.replace(own, site=name)
+    image_norm, label_norm = normalise(*affinity_matrices(scenario))
+    return TargetSetup(
+        name=name,
+        folder=folder,
+        sources={site: path for site, path in sites.items() if site != name},
+        image_norm=image_norm,
+        label_norm=label_norm,
+    )
+
+
+def _steps(setup: TargetSetup, nodes: Sequence[str]) -> list[tuple[str, Path]]:
+    return [
+        (node, setup.folder if node == setup.name else setup.sources[node])
+        for node in nodes
+    ]
+
+
+def _path_dice(
+    trainer: PathTrainer, setup: TargetSetup, nodes: Sequence[str], config: RunConfig
+) -> float:
+    return score(setup.folder, trainer.model(_steps(setup, nodes)), config)
+
+
+def measure_single_steps(
+    trainer: PathTrainer, setup: TargetSetup, config: RunConfig
+) -> dict[str, dict[str, float]]:
+    """Per source: zero-shot Dice and Dice after one fine-tuning step on the target."""
+    measured = {}
+    for source in setup.sources:
+        measured[source] = {
+            "zero_shot_dice": _path_dice(trainer, setup, [source], config),
+            "dice": _path_dice(trainer, setup, [source, setup.name], config),
+        }
+    return measured
+
+
+def evaluate_target(
+    trainer: PathTrainer,
+    setup: TargetSetup,
+    single: Mapping[str, Mapping[str, float]],
+    config: RunConfig,
+    *,
+    landmarks: Sequence[str],
+    seed: int,
+) -> dict[str, object]:
+    """Choose the paths under the config's weights, train them and score them."""
+    affinity = config.affinity
+    distances = distance_matrix(
+        setup.image_norm,
+        setup.label_norm,
+        image_weight=affinity.image_weight,
+        label_weight=affinity.label_weight,
+    )
+    sources, target = list(setup.sources), setup.name
+    dice = {source: single[source]["dice"] for source in sources}
+    chosen = cheapest_path(
+        distances, sources=sources, target=target, max_hops=affinity.max_hops
+    )
+    usable = [site for site in landmarks if site in setup.sources]
+    paper: TransferPath | None = (
+        paper_path(distances, landmarks=usable, candidates=sources, target=target)
+        if usable and len(sources) > 1
+        else None
+    )
+    nearest = min(sources, key=lambda site: (distances.get(site, target), site))
+    oracle = max(sources, key=lambda site: (dice[site], site))
+    shuffled = random_path(sources, target, hops=chosen.hops, seed=seed)
+    return {
+        "path": _path_dice(trainer, setup, chosen.nodes, config),
+        "paper_path": (
+            math.nan
+            if paper is None
+            else _path_dice(trainer, setup, paper.nodes, config)
+        ),
+        "direct_affinity_best": dice[nearest],
+        "direct_oracle_best": dice[oracle],
+        "random_path": _path_dice(trainer, setup, shuffled, config),
+        "spearman": spearman(
+            [-distances.get(site, target) for site in sources],
+            [dice[site] for site in sources],
+        ),
+        "spearman_zero_shot": spearman(
+            [-distances.get(site, target) for site in sources],
+            [single[site]["zero_shot_dice"] for site in sources],
+        ),
+        "chosen": {
+            "path": list(chosen.nodes),
+            "paper_path": None if paper is None else list(paper.nodes),
+            "direct_affinity_best": nearest,
+            "direct_oracle_best": oracle,
+            "random_path": list(shuffled),
+        },
+        "single_step": {
+            source: {
+                "distance": distances.get(source, target),
+                "image_term": setup.image_norm.get(source, target),
+                "label_term": 1.0 - setup.label_norm.get(source, target),
+                **single[source],
+            }
+            for source in sources
+        },
+    }
