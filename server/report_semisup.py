@@ -45,8 +45,8 @@ def semisup_lines(
         "## Semi-supervised rounds (UG-MCL)",
         "",
         f"Variant `{semisup['variant']}`, starting from `{semisup['start']}`; each "
-        f"site kept {semisup['labelled_fraction']:g} of its labelled cases labelled "
-        "and used the rest as unlabelled images.",
+        f"site kept {semisup['labelled_fraction']:.0%} of its labelled cases "
+        "labelled and used its other training images as unlabelled.",
     ]
     target = semisup.get("target")
     if target is not None and "missing" in target:

@@ -52,7 +52,7 @@ def test_semisup_section_shows_target_and_rounds() -> None:
 
     # Assert
     assert "## Semi-supervised rounds (UG-MCL)" in text
-    assert "kept 0.2 of its labelled cases labelled" in text
+    assert "kept 20% of its labelled cases labelled" in text
     assert "At the target A: 2 labelled and 10 unlabelled cases" in text
     assert "Dice on its evaluation labels: 0.810" in text
     assert "| round | A | B | mean |" in text
