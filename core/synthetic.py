@@ -355,18 +355,34 @@ def ensure_builtin_federation(
     folder = get_builtin_federation_dir(
         cache_dir, seed=seed, num_sites=num_sites, num_train_cases=num_train_cases
     )
+    return generate_once(
+        folder,
+        lambda: write_federation(
+            folder,
+            seed=seed,
+            num_sites=num_sites,
+            num_train_cases=num_train_cases,
+            progress=progress,
+        ),
+        description="built-in synthetic federation",
+        progress=progress,
+    )
+
+
+def generate_once(
+    folder: Path,
+    write: Callable[[], object],
+    *,
+    description: str,
+    progress: Callable[[str], None] | None,
+) -> Path:
+    """Run ``write`` unless ``folder`` exists (a cached federation); return it."""
     if not folder.exists():
         if progress is not None:
-            progress(f"generating the built-in synthetic federation in {folder}")
+            progress(f"generating the {description} in {folder}")
         # Another process may finish it first; its result is the same.
         with contextlib.suppress(FileExistsError):
-            write_federation(
-                folder,
-                seed=seed,
-                num_sites=num_sites,
-                num_train_cases=num_train_cases,
-                progress=progress,
-            )
+            write()
     return folder
 
 

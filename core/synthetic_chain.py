@@ -35,7 +35,6 @@ and writes with :func:`core.synthetic.write_case`; never imports flwr or torch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import json
@@ -51,6 +50,7 @@ from core.synthetic import (
     EVALUATION_CASES_PER_SITE,
     SiteStyle,
     generate_case,
+    generate_once,
     write_case,
 )
 
@@ -379,17 +379,16 @@ def ensure_chain_federation(
         num_intermediate_cases=num_intermediate_cases,
         num_target_cases=num_target_cases,
     )
-    if not folder.exists():
-        if progress is not None:
-            progress(f"generating the synthetic chain federation in {folder}")
-        # Another process may finish it first; its result is the same.
-        with contextlib.suppress(FileExistsError):
-            write_chain_federation(
-                folder,
-                seed=seed,
-                num_train_cases=num_train_cases,
-                num_intermediate_cases=num_intermediate_cases,
-                num_target_cases=num_target_cases,
-                progress=progress,
-            )
-    return folder
+    return generate_once(
+        folder,
+        lambda: write_chain_federation(
+            folder,
+            seed=seed,
+            num_train_cases=num_train_cases,
+            num_intermediate_cases=num_intermediate_cases,
+            num_target_cases=num_target_cases,
+            progress=progress,
+        ),
+        description="synthetic chain federation",
+        progress=progress,
+    )
