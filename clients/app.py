@@ -132,7 +132,9 @@ def train_source(message: Message, _context: Context, setup: SiteSetup) -> Messa
     reply = protocol.TrainReply(
         num_examples=result.num_examples,
         num_cases=result.num_cases,
-        loss=result.final_loss,
+        # Under DP the loss is withheld: it is computed from the labelled slices
+        # outside the noised gradient, so it is not covered by the guarantee.
+        loss=result.final_loss if private is None else 0.0,
         seconds=result.seconds,
         **_privacy_figures(private),
     )

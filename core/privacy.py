@@ -578,7 +578,8 @@ def train_private(
 
     The loss is Dice + cross-entropy per sample (never pooled over the batch, which
     would couple samples' gradients), so clipping bounds each sample's influence.
-    AMP is not used under DP.
+    AMP is not used under DP. The Poisson draws and the noise come from the
+    operating system, not ``train.seed``: a DP training is not bit-reproducible.
 
     Args:
         model: the network; made DP-compatible first (a fixed copy may be returned).
@@ -603,13 +604,17 @@ def train_private(
     noise, sample_rate, _planned_steps = plan_private_training(
         num_samples, train=train, dp=dp, accountant=accountant
     )
+    # train.seed fixes the initial weights and the augmentation; which slices each
+    # step draws and the noise come from the operating system, because the
+    # coordinator knows the run's seed and could otherwise replay (and subtract)
+    # the noise.
     generator = seed_everything(train.seed)
     model = make_dp_compatible(model).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=train.learning_rate)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, labels),
         batch_size=train.batch_size,
-        generator=generator,
+        generator=torch.Generator().manual_seed(secrets.randbits(62)),
     )
     engine = PrivacyEngine(accountant="rdp")
     private_model, private_optimizer, private_loader = engine.make_private(
@@ -619,6 +624,9 @@ def train_private(
         noise_multiplier=noise,
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=True,
+        noise_generator=torch.Generator(device=device).manual_seed(
+            secrets.randbits(62)
+        ),
     )
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
     report(

@@ -564,3 +564,44 @@ def test_closing_the_mechanism_leaves_a_plain_module() -> None:
     assert not hasattr(model, "autograd_grad_sample_hooks")
     assert all(not hasattr(p, "grad_sample") for p in model.parameters())
     assert all(not layer._forward_hooks for layer in model.values())
+
+
+def test_dp_noise_does_not_follow_the_run_seed() -> None:
+    # Prepare: the coordinator knows train.seed; it must not be able to replay the
+    # noise, so two trainings with the same seed and data end apart.
+    torch.manual_seed(0)
+    images = torch.randn(8, 1, 16, 16)
+    labels = (images[:, 0] > 0).long()
+    train = load_default_config(
+        **{"train.epochs": 1, "train.batch-size": 4, "train.augment": False}
+    ).train
+    dp = DpSettings(
+        noise_multiplier=1.0,
+        target_epsilon=None,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        budget_epsilon=1000.0,
+    )
+
+    # Execute
+    trained = []
+    for _ in range(2):
+        torch.manual_seed(1)  # the same initial weights both times
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+        model, _result = train_private(
+            model,
+            images,
+            labels,
+            train=train,
+            dp=dp,
+            accountant=AccountantState(()),
+            device=torch.device("cpu"),
+            label="test",
+            progress=lambda _line: None,
+        )
+        trained.append(model.state_dict())
+
+    # Assert: the same initial weights (seeded), different noisy updates
+    assert any(
+        not torch.equal(trained[0][name], trained[1][name]) for name in trained[0]
+    )
