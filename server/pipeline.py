@@ -586,7 +586,14 @@ def semisup_federated(
             )
             coordinator.log(f"semisup rounds stopped: {result['stopped']}")
             break
-        averaged, _ = strategy.aggregate_train(round_number, list(replies.ok.values()))
+        # Replies arrive in any order; float sums depend on it, so average in site
+        # order (a resumed run then reproduces the rounds bit for bit).
+        ordered = sorted(
+            replies.ok.items(), key=lambda item: participants[item[0]].name
+        )
+        averaged, _ = strategy.aggregate_train(
+            round_number, [reply for _node, reply in ordered]
+        )
         assert averaged is not None  # there were replies to average
         student = records.from_array_record(averaged)
         dice, missing = _evaluate_rounds_model(coordinator, participants, student)

@@ -95,10 +95,10 @@ def tiny_run_config(
         "adapt.epochs": 1,
         "consensus.epochs": 1,
         "consensus.refine-epochs": 1,
-        "semisup.iterations": 2,
-        "semisup.rounds": 2,
-        "semisup.local-iterations": 2,
-        "semisup.passes": 2,
+        # Each semisup round is two more message batches, and every batch starts a
+        # ClientApp process per site here; the Flower simulation test and the unit
+        # tests cover the phase, so the deployment runs keep CI inside its budget.
+        "semisup.enabled": False,
         "model.channels": "8,16,32",
         "model.strides": "2,2",
         "federation.min-sites": 1,
@@ -168,7 +168,6 @@ def test_flwr_run_completes_the_pipeline_over_tls(
         "transferability",
         "adaptation",
         "consensus",
-        "semisup",
         "evaluation",
     }
     # B keeps its ledger in the --state-dir given to its SuperNode, not in its folder.
