@@ -21,16 +21,23 @@ from clients import records
 from clients.guard import egress_guard
 from clients.site import SiteLocation, SiteSetup, resolve_setup
 from core import protocol
+from core.affinity_job import finetune_model, release_profile
 from core.consensus_job import run_consensus
 from core.data import SiteDataError, index_site
 from core.jobs import (
+    SourceTraining,
     adapt_target,
     evaluate_predictors,
     score_candidates,
     train_source_model,
 )
 from core.policy import PolicyError
-from core.privacy import PrivacySpend, PrivateTrainResult, dp_settings_for
+from core.privacy import (
+    DpSettings,
+    PrivacySpend,
+    PrivateTrainResult,
+    dp_settings_for,
+)
 from core.semisup_job import run_semisup_round
 
 LOGGER = logging.getLogger("sitebridge.site")
@@ -119,15 +126,26 @@ def train_source(message: Message, _context: Context, setup: SiteSetup) -> Messa
     state folder) refuses a training that would exceed the budget before any step.
     """
     initial = message.content.array_records.get(protocol.WEIGHTS_KEY)
-    dp = dp_settings_for(setup.policy, max_grad_norm=setup.config.privacy.max_grad_norm)
     result = train_source_model(
         setup.site.directory,
         setup.config,
         initial_weights=None if initial is None else records.from_array_record(initial),
-        dp=dp,
+        dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
         progress=_progress(setup.site),
     )
+    return _training_reply(message, result)
+
+
+def _dp_settings(setup: SiteSetup) -> DpSettings | None:
+    """The DP settings the site's applied policy demands (None: no DP)."""
+    return dp_settings_for(
+        setup.policy, max_grad_norm=setup.config.privacy.max_grad_norm
+    )
+
+
+def _training_reply(message: Message, result: SourceTraining) -> Message:
+    """A ``train.source``/``train.finetune`` reply: the weights and their figures."""
     private = result.privacy
     reply = protocol.TrainReply(
         num_examples=result.num_examples,
@@ -141,6 +159,55 @@ def train_source(message: Message, _context: Context, setup: SiteSetup) -> Messa
     return records.build_reply(
         message, metrics=reply.to_fields(), weights=result.weights
     )
+
+
+@app.train("finetune")
+@site_handler
+def finetune(message: Message, _context: Context, setup: SiteSetup) -> Message:
+    """One step of a transfer path: fine-tune the given model on the site's labels.
+
+    The recipe is the run's ``affinity.finetune-*``; DP-SGD runs when the applied
+    policy requires it, as for ``train.source``.
+    """
+    weights = message.content.array_records.get(protocol.WEIGHTS_KEY)
+    if weights is None:
+        raise ValueError(
+            f"a {protocol.FINETUNE!r} request carries the model to fine-tune under "
+            f"{protocol.WEIGHTS_KEY!r}; this one has none"
+        )
+    result = finetune_model(
+        setup.site.directory,
+        records.from_array_record(weights),
+        setup.config,
+        dp=_dp_settings(setup),
+        accountant_path=setup.accountant_path,
+        progress=_progress(setup.site),
+    )
+    return _training_reply(message, result)
+
+
+@app.query("profile")
+@site_handler
+def profile(message: Message, _context: Context, setup: SiteSetup) -> Message:
+    """The site's task profile (aggregates of its training cases, never a case).
+
+    Noised when the applied policy requires DP; the release is then recorded in the
+    site's accountant and refused when it would exceed the budget.
+    """
+    released = release_profile(
+        setup.site.directory,
+        setup.config,
+        dp=_dp_settings(setup),
+        accountant_path=setup.accountant_path,
+        progress=_progress(setup.site),
+    )
+    reply = protocol.ProfileReply.from_profile_values(
+        released.profile.to_dict(),
+        epsilon_total=(
+            0.0 if released.privacy is None else released.privacy.epsilon_total
+        ),
+    )
+    return records.build_reply(message, metrics=reply.to_fields())
 
 
 @app.query("lftm")
@@ -274,9 +341,7 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
         start_step=request.start_step,
         total_steps=request.total_steps,
         iterations=request.iterations,
-        dp=dp_settings_for(
-            setup.policy, max_grad_norm=setup.config.privacy.max_grad_norm
-        ),
+        dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
         progress=_progress(site),
     )

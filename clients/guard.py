@@ -116,13 +116,28 @@ def _record(
     )
 
 
-def _max_metric_values(setup: SiteSetup) -> int:
-    """The longest metric list that may leave: one value per training case (ITM)."""
+def _max_metric_values(setup: SiteSetup, message_type: str) -> int:
+    """The longest metric list that may leave.
+
+    One value per training case (ITM); for a task profile, the lengths the run's
+    ``affinity`` settings declare (``K`` quantiles, the ``G^3`` mean foreground map,
+    ``K_f`` foreground quantiles), which the site computed itself.
+    """
     try:
         index = index_site(setup.site.directory)
+        cases = len(index.labelled) + len(index.unlabelled)
     except SiteDataError:
-        return 1
-    return max(1, len(index.labelled) + len(index.unlabelled))
+        cases = 1
+    if message_type == protocol.PROFILE:
+        affinity = setup.config.affinity
+        return max(
+            1,
+            cases,
+            affinity.quantiles,
+            affinity.label_grid**3,
+            affinity.foreground_quantiles,
+        )
+    return max(1, cases)
 
 
 def _requested_names(message: Message) -> set[str]:
@@ -300,7 +315,7 @@ def egress_guard(
         measured.description,
         policy=setup.policy,
         manifest=_reply_manifest(setup, message_type),
-        max_metric_values=_max_metric_values(setup),
+        max_metric_values=_max_metric_values(setup, message_type),
     )
     epsilon = _epsilon(reply)
     _record(

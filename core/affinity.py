@@ -185,9 +185,13 @@ def label_similarity(first: SiteProfile, second: SiteProfile) -> float:
 
 
 def affinity_matrices(
-    profiles: Mapping[str, SiteProfile],
+    profiles: Mapping[str, SiteProfile], *, with_labels: bool = True
 ) -> tuple[SiteMatrix, SiteMatrix]:
     """Return the raw pairwise ``(H, R)`` over the sites, in the mapping's order.
+
+    With ``with_labels=False`` (a site without labelled cases takes part, e.g. an
+    unlabelled target) ``R`` is 1 everywhere: a constant term that :func:`normalise`
+    turns into no contribution, so ``d`` is the image term alone.
 
     Raises:
         ValueError: a key differs from its profile's site name, or a pair fails
@@ -205,9 +209,10 @@ def affinity_matrices(
         for col in range(row, count):
             second = profiles[sites[col]]
             image[row, col] = image[col, row] = image_distance(profiles[first], second)
-            label[row, col] = label[col, row] = label_similarity(
-                profiles[first], second
-            )
+            if with_labels:
+                label[row, col] = label[col, row] = label_similarity(
+                    profiles[first], second
+                )
     return SiteMatrix(sites=sites, values=image), SiteMatrix(sites=sites, values=label)
 
 

@@ -59,6 +59,7 @@ class Attention(StrEnum):
 PIPELINE_PHASES: Final = (
     "discover",
     "source-training",
+    "affinity",
     "transferability",
     "adaptation",
     "consensus",
@@ -420,12 +421,19 @@ class SemisupConfig:
 class AffinityConfig:
     """Task profiles, affinities and transfer paths (METHODS.md sections 0 and 4).
 
-    ``image_size``..``foreground_quantiles`` say how every site computes its task
-    profile; ``image_weight`` (a) and ``label_weight`` (b) weigh the normalised
-    distance d = a * H + b * (1 - R) (``python -m simulations.benchmark affinity
-    --calibrate`` fits them); ``max_hops`` bounds a transfer path's length.
+    ``enabled`` runs the pipeline's ``affinity`` phase (profiles, path, sequential
+    fine-tuning; its model joins the TGMA candidates). ``image_size``..
+    ``foreground_quantiles`` say how every site computes its task profile;
+    ``image_weight`` (a) and ``label_weight`` (b) weigh the normalised distance
+    d = a * H + b * (1 - R) (``python -m simulations.benchmark affinity --calibrate``
+    fits them); ``min_hops``..``max_hops`` bound a transfer path's length (the
+    paper's path has exactly 2: one intermediate); a path starts at a source with at
+    least ``start_case_fraction`` of the best-labelled source's cases; each
+    fine-tuning step
+    along the path trains ``finetune_epochs`` epochs at ``finetune_learning_rate``.
     """
 
+    enabled: bool
     image_size: int  # S: every image is resized to an S^3 cube
     pca_variance: float  # explained variance the per-image PCA keeps
     quantiles: int  # K: midpoint quantiles of the image term
@@ -436,7 +444,11 @@ class AffinityConfig:
     )
     image_weight: float  # a
     label_weight: float  # b
+    min_hops: int
     max_hops: int
+    start_case_fraction: float
+    finetune_epochs: int
+    finetune_learning_rate: float
 
     def __post_init__(self) -> None:
         for key, value in (
@@ -474,7 +486,32 @@ class AffinityConfig:
             "positive when affinity.label-weight is 0",
             self.image_weight,
         )
-        _require(self.max_hops >= 1, "affinity.max-hops", ">= 1", self.max_hops)
+        _require(self.min_hops >= 1, "affinity.min-hops", ">= 1", self.min_hops)
+        _require(
+            0.0 <= self.start_case_fraction <= 1.0,
+            "affinity.start-case-fraction",
+            "in [0, 1]",
+            self.start_case_fraction,
+        )
+        _require(
+            self.max_hops >= self.min_hops,
+            "affinity.max-hops",
+            f">= affinity.min-hops ({self.min_hops})",
+            self.max_hops,
+        )
+        _require(
+            self.finetune_epochs >= 1,
+            "affinity.finetune-epochs",
+            ">= 1",
+            self.finetune_epochs,
+        )
+        _require(
+            math.isfinite(self.finetune_learning_rate)
+            and self.finetune_learning_rate > 0,
+            "affinity.finetune-learning-rate",
+            "> 0",
+            self.finetune_learning_rate,
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

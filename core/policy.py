@@ -24,10 +24,12 @@ from core.protocol import (
     APPLIED_POLICY_PREFIX,
     CONSENSUS,
     EVALUATE,
+    FINETUNE,
     HELLO,
     LFTM,
     METRICS_KEY,
     MODEL_KEY_PREFIX,
+    PROFILE,
     REPLY_KEY,
     REPLY_SCHEMAS,
     SEMISUP,
@@ -47,6 +49,8 @@ ACTIONS: Final[tuple[str, ...]] = (
     ADAPT,
     CONSENSUS,
     SEMISUP,
+    PROFILE,
+    FINETUNE,
     EVALUATE,
 )
 BYTES_PER_MB: Final = 1_000_000  # "MB" in max-reply-mb is decimal (SI)

@@ -26,6 +26,8 @@ LFTM: Final = "query.lftm"
 ADAPT: Final = "train.adapt"
 CONSENSUS: Final = "train.consensus"
 SEMISUP: Final = "train.semisup"
+PROFILE: Final = "query.profile"
+FINETUNE: Final = "train.finetune"
 EVALUATE: Final = "evaluate"
 
 # Error code of a reply in which the site reports a problem with its data or the request
@@ -588,6 +590,141 @@ class SemisupReply:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ProfileReply:
+    """A site's SeqTran task profile (``core.task_profile.SiteProfile``) on the wire.
+
+    The image term's quantile function and, for a site with labelled training cases,
+    the label term's mean foreground map (flattened, ``label_grid^3`` values) and
+    foreground-fraction quantiles; a site without labels sends neither and
+    ``label_grid`` 0. With DP (a site policy that requires it) the values are noised
+    and ``epsilon_spent`` is this release's ε, ``epsilon_total`` the site's cumulative
+    ε after it, both at ``delta``; the four DP fields are 0 for an exact profile.
+    """
+
+    image_quantiles: tuple[float, ...]
+    quantile_clip: float
+    label_grid: int
+    mean_label_map: tuple[float, ...] | None
+    foreground_quantiles: tuple[float, ...] | None
+    num_images: int
+    num_labelled: int
+    epsilon_spent: float = 0.0
+    epsilon_total: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        has_map = self.mean_label_map is not None
+        if has_map != (self.foreground_quantiles is not None):
+            raise ValueError(
+                "payload fields 'mean-label-map' and 'foreground-quantiles' must come "
+                "together (a label term) or not at all"
+            )
+        if has_map != (self.label_grid > 0):
+            raise ValueError(
+                f"payload field 'label-grid' is {self.label_grid}, which must be > 0 "
+                "exactly when a label term is sent"
+            )
+
+    @property
+    def private(self) -> bool:
+        """Whether the profile was released with Gaussian noise."""
+        return self.noise_multiplier > 0
+
+    def profile_values(
+        self, site: str
+    ) -> dict[str, str | int | float | list[float] | None]:
+        """The values ``SiteProfile.from_dict`` rebuilds and checks the profile from."""
+        private = self.private
+        return {
+            "site": site,
+            "image_quantiles": list(self.image_quantiles),
+            "quantile_clip": self.quantile_clip,
+            "label_grid": self.label_grid or None,
+            "mean_label_map": (
+                None if self.mean_label_map is None else list(self.mean_label_map)
+            ),
+            "foreground_quantiles": (
+                None
+                if self.foreground_quantiles is None
+                else list(self.foreground_quantiles)
+            ),
+            "num_images": self.num_images,
+            "num_labelled": self.num_labelled,
+            "noise_multiplier": self.noise_multiplier if private else None,
+            "delta": self.delta if private else None,
+            "epsilon": self.epsilon_spent if private else None,
+        }
+
+    @classmethod
+    def from_profile_values(
+        cls, values: Mapping[str, object], *, epsilon_total: float = 0.0
+    ) -> ProfileReply:
+        """The reply of a profile written by ``SiteProfile.to_dict``.
+
+        Raises:
+            ValueError: a value has the wrong type.
+        """
+        fields: dict[str, object] = {
+            "image-quantiles": values["image_quantiles"],
+            "quantile-clip": values["quantile_clip"],
+            "label-grid": values["label_grid"] or 0,
+            "num-images": values["num_images"],
+            "num-labelled": values["num_labelled"],
+            "dp.epsilon-spent": values["epsilon"] or 0.0,
+            "dp.epsilon-total": epsilon_total,
+            "dp.delta": values["delta"] or 0.0,
+            "dp.noise-multiplier": values["noise_multiplier"] or 0.0,
+        }
+        for key in ("mean_label_map", "foreground_quantiles"):
+            if values[key] is not None:
+                fields[key.replace("_", "-")] = values[key]
+        return cls.from_fields(fields)
+
+    def to_fields(self) -> Fields:
+        """Flatten for a MetricRecord (the label term only when there is one)."""
+        fields: Fields = {
+            "image-quantiles": list(self.image_quantiles),
+            "quantile-clip": self.quantile_clip,
+            "label-grid": self.label_grid,
+            "num-images": self.num_images,
+            "num-labelled": self.num_labelled,
+            "dp.epsilon-spent": self.epsilon_spent,
+            "dp.epsilon-total": self.epsilon_total,
+            "dp.delta": self.delta,
+            "dp.noise-multiplier": self.noise_multiplier,
+        }
+        if self.mean_label_map is not None and self.foreground_quantiles is not None:
+            fields["mean-label-map"] = list(self.mean_label_map)
+            fields["foreground-quantiles"] = list(self.foreground_quantiles)
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> ProfileReply:
+        """Parse a reply's MetricRecord."""
+        with_labels = "mean-label-map" in fields or "foreground-quantiles" in fields
+        return cls(
+            image_quantiles=tuple(_float_list(fields, "image-quantiles")),
+            quantile_clip=_float(fields, "quantile-clip"),
+            label_grid=_int(fields, "label-grid"),
+            mean_label_map=(
+                tuple(_float_list(fields, "mean-label-map")) if with_labels else None
+            ),
+            foreground_quantiles=(
+                tuple(_float_list(fields, "foreground-quantiles"))
+                if with_labels
+                else None
+            ),
+            num_images=_int(fields, "num-images"),
+            num_labelled=_int(fields, "num-labelled"),
+            epsilon_spent=_float(fields, "dp.epsilon-spent"),
+            epsilon_total=_float(fields, "dp.epsilon-total"),
+            delta=_float(fields, "dp.delta"),
+            noise_multiplier=_float(fields, "dp.noise-multiplier"),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EvaluateRequest:
     """Predictors to score: name -> ``[(model name, weight), ...]`` (a softmax mix)."""
 
@@ -752,5 +889,22 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
         ),
         weights=True,
     ),
+    PROFILE: ReplySchema(
+        metrics=(
+            "image-quantiles",
+            "quantile-clip",
+            "label-grid",
+            "mean-label-map",
+            "foreground-quantiles",
+            "num-images",
+            "num-labelled",
+            "dp.epsilon-spent",
+            "dp.epsilon-total",
+            "dp.delta",
+            "dp.noise-multiplier",
+        )
+    ),
     EVALUATE: ReplySchema(metrics=("num-cases", "dice.*", "hd95.*")),
 }
+# A fine-tuning step of a transfer path replies as a source training does.
+REPLY_SCHEMAS[FINETUNE] = REPLY_SCHEMAS[TRAIN_SOURCE]

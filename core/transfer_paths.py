@@ -10,11 +10,12 @@ imports flwr or torch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from core.affinity import SiteMatrix
+from core.config import AffinityConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +128,33 @@ def paper_path(
     return min(paths, key=_sort_key)
 
 
+def start_sites(labelled: Mapping[str, int], *, fraction: float) -> list[str]:
+    """The sources a path may start from: enough labelled cases to train from scratch.
+
+    A path's first site trains its model from scratch; every later site only
+    fine-tunes it. The paper starts every path at a landmark, whose score
+    ``sum_u d(v, u) / (n_v + n_u)`` favours sites with many cases; without its
+    communities, the federated form keeps as starting points the sources holding at
+    least ``fraction`` of the best-labelled source's cases (``affinity.start-case-
+    fraction``; 0 = any source).
+
+    Example:
+        >>> start_sites({"A": 8, "B": 2, "C": 5}, fraction=0.5)
+        ['A', 'C']
+
+    Raises:
+        ValueError: no sources, a negative count, or ``fraction`` outside [0, 1].
+    """
+    if not labelled:
+        raise ValueError("no sources given; a path needs at least one")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if min(labelled.values()) < 0:
+        raise ValueError(f"labelled case counts must be >= 0, got {dict(labelled)}")
+    most = max(labelled.values())
+    return sorted(name for name, count in labelled.items() if count >= fraction * most)
+
+
 def cheapest_path(
     distances: SiteMatrix,
     *,
@@ -142,9 +170,11 @@ def cheapest_path(
     plus its transfer cost, for any number of hops. With ``min_hops = max_hops = 2``,
     ``landmarks`` as the allowed first nodes and ``sources`` as the candidates this is
     exactly :func:`paper_path`. With ``min_hops = 1`` a direct path costs
-    ``2 d(s, t)``, so wherever ``d`` obeys the triangle inequality a direct path is
-    never beaten: intermediates win only where ``d`` is not a metric, as the
-    normalised affinity distance in general is not.
+    ``2 d(s, t)`` and is never beaten, for any ``d >= 0``: a longer path
+    ``s -> ... -> m -> t`` costs at least ``d(s, t) + d(m, t)``, and both terms are at
+    least the nearest source's ``d(s*, t)``. So ``min_hops = 1`` always picks plain
+    direct transfer from the nearest source; a sequential path needs ``min_hops >= 2``
+    (the paper's one intermediate; ``affinity.min-hops``).
 
     Exact search: depth-first over simple paths in lexicographic order, pruning a
     partial path once it costs more than the best complete one (sound because
@@ -211,3 +241,31 @@ def cheapest_path(
             f"through {list(sources)} to {target!r}"
         )
     return best
+
+
+def choose_path(
+    distances: SiteMatrix,
+    *,
+    labelled: Mapping[str, int],
+    target: str,
+    affinity: AffinityConfig,
+) -> TransferPath:
+    """The run's transfer path to ``target`` under the ``affinity`` settings.
+
+    :func:`cheapest_path` over the sources of ``labelled`` (name -> labelled cases)
+    with ``affinity.min-hops``..``affinity.max-hops`` edges (capped at the number of
+    sources: a simple path cannot use more), starting at :func:`start_sites`. The
+    pipeline's ``affinity`` phase and the ``affinity`` benchmark both choose here.
+
+    Raises:
+        ValueError: as :func:`cheapest_path` and :func:`start_sites`.
+    """
+    sources = sorted(labelled)
+    return cheapest_path(
+        distances,
+        sources=sources,
+        target=target,
+        min_hops=min(affinity.min_hops, len(sources)),
+        max_hops=min(affinity.max_hops, len(sources)),
+        landmarks=start_sites(labelled, fraction=affinity.start_case_fraction),
+    )

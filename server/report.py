@@ -1,7 +1,9 @@
 """Run report: ``report.json``, ``report.md`` and PNG plots in the run folder.
 
 ``report.json`` holds ``sites`` (name, role — target, source, failed (a source that
-did not deliver a model) or idle — and cases), ``transferability`` (``dtm`` per
+did not deliver a model) or idle — and cases), ``affinity`` (SeqTran: the profiles'
+figures, the distance matrix, the chosen transfer path and its fine-tuning steps,
+pictured in ``affinity_path.png``), ``transferability`` (``dtm`` per
 source, ``main``, ``aux``, ``weights``), ``evaluation.dice`` with one entry per source
 model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main`` and HD95),
 ``consensus`` (per label source: mean data parameter, STAPLE sensitivity, agreement
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from core.ledger import INGRESS, LedgerEntry
+from server.report_affinity import PLOT_FILE as AFFINITY_PLOT
+from server.report_affinity import affinity_lines, plot_affinity
 from server.report_semisup import PLOT_FILE as SEMISUP_PLOT
 from server.report_semisup import plot_semisup, semisup_lines
 from server.store import RunStore
@@ -36,10 +40,15 @@ _POLICY_COLUMNS = (
 
 
 def _dp_replies(
-    source_training: Mapping[str, Any], semisup: Mapping[str, Any] | None
+    source_training: Mapping[str, Any],
+    semisup: Mapping[str, Any] | None,
+    affinity: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, Mapping[str, Any]]]:
-    """``(site, reply figures)`` of every DP training reply of the run, in order."""
+    """``(site, reply figures)`` of every DP reply of the run, in order."""
     replies = list(source_training.get("training", {}).items())
+    if affinity is not None:
+        replies.extend(affinity.get("profiles", {}).items())
+        replies.extend((step["site"], step) for step in affinity.get("steps", []))
     if semisup is not None:
         target = semisup.get("target")
         if target is not None and "missing" not in target:
@@ -54,18 +63,20 @@ def build_privacy_section(
     applied_policies: Mapping[str, Mapping[str, Any]],
     source_training: Mapping[str, Any],
     semisup: Mapping[str, Any] | None = None,
+    affinity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per site: what reached the coordinator per action, the policy, epsilon spent.
 
-    Epsilon sums what every DP training of the run spent at the site (source
-    training and semi-supervised rounds); ``total`` is the site's cumulative
-    epsilon after its last reply.
+    Epsilon sums what every DP release of the run spent at the site (source
+    training, the task profile and fine-tuning steps, semi-supervised rounds);
+    ``total`` is the site's cumulative epsilon after its last reply.
 
     Args:
         entries: the coordinator's ledger of this run.
         applied_policies: site -> the ``policy.*`` fields its replies carried.
         source_training: the source-training phase result (its ``dp.*`` figures).
         semisup: the semisup phase result (its replies' ``dp.*`` figures), if any.
+        affinity: the affinity phase result (profile and fine-tuning figures).
 
     Returns:
         ``{site: {"released": {action: {...}}, "policy": {...}, "epsilon": {...}}}``.
@@ -86,7 +97,7 @@ def build_privacy_section(
         action["metric_values"] += sum(entry.egress.metrics.values())
     for name, policy in applied_policies.items():
         sites.setdefault(name, {"released": {}})["policy"] = dict(policy)
-    for name, reply in _dp_replies(source_training, semisup):
+    for name, reply in _dp_replies(source_training, semisup, affinity):
         site = sites.setdefault(name, {"released": {}})
         epsilon = site.setdefault(
             "epsilon",
@@ -112,6 +123,7 @@ def build_report(
     phase_seconds: Mapping[str, float],
     consensus: Mapping[str, Any] | None = None,
     semisup: Mapping[str, Any] | None = None,
+    affinity: Mapping[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
     attempts: Sequence[Mapping[str, Any]] = (),
     coordinator: Mapping[str, Any] | None = None,
@@ -169,6 +181,7 @@ def build_report(
             key: transferability.get(key)
             for key in ("metric", "release", "dtm", "main", "aux", "weights", "itm")
         },
+        "affinity": None if affinity is None else dict(affinity),
         "adaptation": None if adaptation is None else dict(adaptation),
         "consensus": None if consensus is None else dict(consensus),
         "semisup": None if semisup is None else dict(semisup),
@@ -275,6 +288,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             f"| {site['name']} | {site['role']} | {cases['labelled']} | "
             f"{cases['unlabelled']} | {cases['evaluation']} |"
         )
+    if report.get("affinity") is not None:
+        lines += affinity_lines(report["affinity"], evaluation)
     if transfer is not None:
         lines += [
             "",
@@ -342,6 +357,10 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             ("`dtm.png` (transferability)", transfer is not None),
             ("`dice.png` (evaluation)", evaluation is not None),
             (
+                f"`{AFFINITY_PLOT}` (affinity matrix and transfer path)",
+                (report.get("affinity") or {}).get("distance") is not None,
+            ),
+            (
                 f"`{SEMISUP_PLOT}` (semi-supervised rounds)",
                 bool((report.get("semisup") or {}).get("federated")),
             ),
@@ -397,13 +416,17 @@ def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
 
 
 def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``dtm.png``, ``dice.png`` and the semisup plot (matplotlib, Agg)."""
+    """Write ``dtm.png``, ``dice.png``, the affinity and semisup plots (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths: list[Path] = []
+    if report.get("affinity") is not None:
+        affinity_plot = plot_affinity(report["affinity"], out_dir)
+        if affinity_plot is not None:
+            paths.append(affinity_plot)
     if report.get("semisup") is not None:
         semisup_plot = plot_semisup(report["semisup"], out_dir)
         if semisup_plot is not None:

@@ -221,6 +221,10 @@ class PipelineRunner:
             return
 
         models = self._source_models(sites, target)
+        if "affinity" not in phases:
+            return
+
+        models = {**models, **self._affinity_model(sites, target_site, models)}
         if "transferability" not in phases:
             return
 
@@ -266,6 +270,26 @@ class PipelineRunner:
                         **{f"semisup:{s}": w for s, w in semisup_models.items()},
                     },
                 )
+
+    def _affinity_model(
+        self,
+        sites: Mapping[int, SiteInfo],
+        target_site: SiteInfo,
+        models: Mapping[str, Arrays],
+    ) -> dict[str, Arrays]:
+        """The SeqTran candidate by name (empty when off or none came of it)."""
+        if not self.config.affinity.enabled:
+            return {}
+        saved = self._reloaded("affinity")
+        if saved is None:
+            with self._timed("affinity"):
+                saved, _ = pipeline.affinity(
+                    self.coordinator, sites, target_site, models
+                )
+        model = saved.get("model")
+        if not model:
+            return {}
+        return {model: self.store.load_model(f"affinity-{model}")}
 
     def _consensus_models(
         self,
@@ -336,6 +360,7 @@ class PipelineRunner:
             config=to_flat(self.config),
             discover=store.load_phase("discover"),
             source_training=source_training,
+            affinity=store.load_phase("affinity"),
             transferability=store.load_phase("transferability"),
             adaptation=store.load_phase("adaptation"),
             consensus=store.load_phase("consensus"),
@@ -347,6 +372,7 @@ class PipelineRunner:
                 self.coordinator.applied_policies,
                 source_training,
                 store.load_phase("semisup"),
+                store.load_phase("affinity"),
             ),
             attempts=attempts,
             coordinator={

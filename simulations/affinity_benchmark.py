@@ -58,7 +58,8 @@ from simulations.benchmark_output import describe_machine, print_progress
 
 AFFINITY_MARKER: Final = "benchmark:affinity"
 # The benchmark's scale: a few minutes on 2 CPU cores. Build with
-# build_affinity_config; each transfer step's recipe is FINETUNE_*.
+# build_affinity_config; each transfer step's recipe is the run config's
+# affinity.finetune-* (the pipeline's), overridable with --set.
 AFFINITY_RUN_CONFIG: Final[dict[str, ConfigValue]] = {
     "data.image-size": 32,
     "data.max-slices-per-case": 0,
@@ -66,8 +67,6 @@ AFFINITY_RUN_CONFIG: Final[dict[str, ConfigValue]] = {
     "model.strides": "2,2",
     "train.epochs": 30,  # a path's first site, from the seeded start
 }
-FINETUNE_EPOCHS: Final = 15
-FINETUNE_LEARNING_RATE: Final = 3e-4
 # Labelled training cases per landmark, intermediate and target.
 CHAIN_CASES: Final = (8, 8, 2)
 EXTRA_TARGETS: Final = ("I-dark-large", "I-bright-small")
@@ -120,8 +119,6 @@ def run_affinity(
     targets: Sequence[str] = (),
     calibrate: bool = False,
     pyproject: Path | None = None,
-    finetune_epochs: int = FINETUNE_EPOCHS,
-    finetune_learning_rate: float = FINETUNE_LEARNING_RATE,
     progress: Progress = print_progress,
 ) -> dict[str, object]:
     """Measure one-step transfer, optionally calibrate, then score every target's paths.
@@ -134,8 +131,6 @@ def run_affinity(
             federation target's number of labelled cases.
         calibrate: fit ``a, b`` on the one-step Dice and choose the paths with them.
         pyproject: where ``calibrate`` writes the fitted weights; None writes nothing.
-        finetune_epochs: epochs of each fine-tuning step.
-        finetune_learning_rate: learning rate of each fine-tuning step.
         progress: called with one line per training step.
 
     Returns:
@@ -161,9 +156,7 @@ def run_affinity(
     settings = profile_settings(config.affinity)
     profiles = {name: build_site_profile(sites[name], settings) for name in sites}
     few = profiles[main_target].num_labelled
-    recipe = build_recipe(
-        config, epochs=finetune_epochs, learning_rate=finetune_learning_rate
-    )
+    recipe = build_recipe(config)
     trainer = PathTrainer(recipe, progress=progress)
     with tempfile.TemporaryDirectory(prefix="affinity-views-") as views:
         setups: dict[str, TargetSetup] = {}
@@ -242,8 +235,8 @@ def run_affinity(
         "recipe": {
             "scratch_epochs": config.train.epochs,
             "scratch_learning_rate": config.train.learning_rate,
-            "finetune_epochs": finetune_epochs,
-            "finetune_learning_rate": finetune_learning_rate,
+            "finetune_epochs": config.affinity.finetune_epochs,
+            "finetune_learning_rate": config.affinity.finetune_learning_rate,
             "target_labelled_cases": few,
             "training_steps": trainer.steps_trained,
         },
@@ -350,10 +343,6 @@ def add_affinity_options(command: argparse.ArgumentParser) -> None:
         help="comma-separated extra target sites (labels cut to the federation "
         f"target's count); default {','.join(EXTRA_TARGETS)}; '' for none",
     )
-    command.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
-    command.add_argument(
-        "--finetune-learning-rate", type=float, default=FINETUNE_LEARNING_RATE
-    )
     command.add_argument(
         "--threads",
         type=int,
@@ -391,8 +380,6 @@ def run_affinity_command(
             targets=[name.strip() for name in args.targets.split(",") if name.strip()],
             calibrate=args.calibrate,
             pyproject=args.pyproject if args.calibrate else None,
-            finetune_epochs=args.finetune_epochs,
-            finetune_learning_rate=args.finetune_learning_rate,
         )
     )
     document["seconds"] = time.perf_counter() - started

@@ -21,12 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from core.affinity import SiteMatrix, affinity_matrices, distance_matrix, normalise
+from core.affinity_job import finetune_config
 from core.config import RunConfig
 from core.data import index_site
 from core.jobs import build_initial_weights, evaluate_predictors, train_source_model
 from core.models import Arrays
 from core.task_profile import SiteProfile, build_site_profile, profile_settings
-from core.transfer_paths import TransferPath, cheapest_path, paper_path
+from core.transfer_paths import TransferPath, choose_path, paper_path
 from simulations.affinity_calibration import PairTerms, pair_terms
 from simulations.tgma_benchmark import spearman
 
@@ -41,19 +42,13 @@ class Recipe:
     finetune: RunConfig
 
 
-def build_recipe(config: RunConfig, *, epochs: int, learning_rate: float) -> Recipe:
+def build_recipe(config: RunConfig) -> Recipe:
     """``config`` for the first site; its fine-tuning twin for every later step.
 
-    Raises:
-        ValueError: ``epochs < 1`` or ``learning_rate <= 0`` (from the config rules).
+    The twin is the pipeline's own (:func:`core.affinity_job.finetune_config`):
+    ``affinity.finetune-epochs`` at ``affinity.finetune-learning-rate``.
     """
-    finetune = dataclasses.replace(
-        config,
-        train=dataclasses.replace(
-            config.train, epochs=epochs, learning_rate=learning_rate
-        ),
-    )
-    return Recipe(scratch=config, finetune=finetune)
+    return Recipe(scratch=config, finetune=finetune_config(config))
 
 
 def read_federation_roles(federation_dir: Path) -> dict[str, object]:
@@ -171,6 +166,7 @@ class TargetSetup:
     sources: dict[str, Path]
     image_norm: SiteMatrix
     label_norm: SiteMatrix
+    labelled: dict[str, int]  # every site's labelled cases as its profile says
 
     def terms(self, dice: Mapping[str, float]) -> PairTerms:
         """The sources' terms to this target with their one-step Dice."""
@@ -203,6 +199,7 @@ def setup_target(
         sources={site: path for site, path in sites.items() if site != name},
         image_norm=image_norm,
         label_norm=label_norm,
+        labelled={site: profile.num_labelled for site, profile in scenario.items()},
     )
 
 
@@ -251,8 +248,11 @@ def evaluate_target(
     )
     sources, target = list(setup.sources), setup.name
     dice = {source: single[source]["dice"] for source in sources}
-    chosen = cheapest_path(
-        distances, sources=sources, target=target, max_hops=affinity.max_hops
+    chosen = choose_path(
+        distances,
+        labelled={source: setup.labelled[source] for source in sources},
+        target=target,
+        affinity=affinity,
     )
     usable = [site for site in landmarks if site in setup.sources]
     paper: TransferPath | None = (

@@ -21,6 +21,7 @@ TINY_RUN_CONFIG: dict[str, ConfigValue] = {
     "semisup.rounds": 2,
     "semisup.local-iterations": 2,
     "semisup.passes": 2,
+    "affinity.finetune-epochs": 1,
     "model.channels": "4,8",
     "model.strides": "2",
 }

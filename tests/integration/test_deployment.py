@@ -99,6 +99,9 @@ def tiny_run_config(
         # ClientApp process per site here; the Flower simulation test and the unit
         # tests cover the phase, so the deployment runs keep CI inside its budget.
         "semisup.enabled": False,
+        # The same for the affinity phase (a profile batch and one batch per
+        # fine-tuning step); the Flower simulation test runs it.
+        "affinity.enabled": False,
         "model.channels": "8,16,32",
         "model.strides": "2,2",
         "federation.min-sites": 1,

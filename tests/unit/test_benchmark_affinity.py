@@ -105,7 +105,7 @@ def document(
                 str(pyproject),
                 "--targets",
                 "I-dark-large",
-                "--finetune-epochs=1",
+                "--set=affinity.finetune-epochs=1",
                 "--threads=1",
                 *overrides,
             ]
@@ -335,13 +335,15 @@ def test_run_affinity_refuses_an_unknown_target(federation: Path) -> None:
         run_affinity(config, federation_dir=federation, targets=["Nowhere"])
 
 
-def test_build_recipe_fine_tunes_with_its_own_epochs_and_rate() -> None:
-    config = build_affinity_config({})
-    recipe = build_recipe(config, epochs=4, learning_rate=1e-4)
+def test_build_recipe_fine_tunes_with_the_run_configs_affinity_recipe() -> None:
+    config = build_affinity_config(
+        {"affinity.finetune-epochs": 4, "affinity.finetune-learning-rate": 1e-4}
+    )
+    recipe = build_recipe(config)
     assert recipe.scratch.train.epochs == 30
     assert (recipe.finetune.train.epochs, recipe.finetune.train.learning_rate) == (
         4,
         1e-4,
     )
-    with pytest.raises(ValueError, match=r"train\.epochs"):
-        build_recipe(config, epochs=0, learning_rate=1e-4)
+    with pytest.raises(ValueError, match=r"affinity\.finetune-epochs must be >= 1"):
+        build_affinity_config({"affinity.finetune-epochs": 0})

@@ -18,8 +18,15 @@ from core.affinity import (
     normalise,
     wasserstein_1d_from_quantiles,
 )
+from core.config import load_default_config
 from core.task_profile import midpoint_quantiles
-from core.transfer_paths import TransferPath, cheapest_path, paper_path
+from core.transfer_paths import (
+    TransferPath,
+    cheapest_path,
+    choose_path,
+    paper_path,
+    start_sites,
+)
 
 
 def matrix(sites: str, rows: npt.ArrayLike) -> SiteMatrix:
@@ -428,3 +435,70 @@ def test_paper_path_needs_two_distinct_sites():
         ValueError, match="target 'T' is also listed among the candidates"
     ):
         paper_path(square, landmarks=["A"], candidates=["T"], target="T")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_with_one_hop_allowed_the_nearest_sources_direct_path_always_wins(seed):
+    # Prepare: an arbitrary non-negative, non-metric, asymmetric distance
+    rng = np.random.default_rng(seed)
+    sites = "ABCDET"
+    values = rng.uniform(0.0, 1.0, size=(6, 6))
+    np.fill_diagonal(values, 0.0)
+    distances = matrix(sites, values)
+    nearest = min("ABCDE", key=lambda site: (distances.get(site, "T"), site))
+
+    # Execute
+    free = cheapest_path(distances, sources=list("ABCDE"), target="T", max_hops=3)
+    sequential = cheapest_path(
+        distances, sources=list("ABCDE"), target="T", min_hops=2, max_hops=3
+    )
+
+    # Assert: why affinity.min-hops defaults to 2 (the paper's one intermediate)
+    assert free.nodes == (nearest, "T")
+    assert sequential.hops >= 2
+
+
+def test_start_sites_keep_the_sources_with_enough_labelled_cases():
+    counts = {"L": 8, "I": 6, "T": 2, "E": 0}
+    assert start_sites(counts, fraction=0.5) == ["I", "L"]
+    assert start_sites(counts, fraction=0.0) == ["E", "I", "L", "T"]
+    assert start_sites(counts, fraction=1.0) == ["L"]
+
+
+@pytest.mark.parametrize(
+    ("counts", "fraction", "message"),
+    [
+        ({}, 0.5, "no sources given"),
+        ({"A": 2}, 1.5, r"fraction must be in \[0, 1\], got 1.5"),
+        ({"A": -1}, 0.5, "labelled case counts must be >= 0"),
+    ],
+)
+def test_start_sites_reject_bad_input(counts, fraction, message):
+    with pytest.raises(ValueError, match=message):
+        start_sites(counts, fraction=fraction)
+
+
+def test_choose_path_starts_at_a_data_rich_source_and_caps_the_hops():
+    # Prepare: T2 (two cases) is nearest the target but may not start a path
+    distances = matrix(
+        ["L", "I", "S", "T"],
+        [
+            [0.0, 0.2, 0.9, 0.9],
+            [0.2, 0.0, 0.5, 0.4],
+            [0.9, 0.5, 0.0, 0.1],
+            [0.9, 0.4, 0.1, 0.0],
+        ],
+    )
+    affinity = load_default_config().affinity
+
+    # Execute
+    chosen = choose_path(
+        distances, labelled={"L": 8, "I": 8, "S": 2}, target="T", affinity=affinity
+    )
+    alone = choose_path(distances, labelled={"L": 8}, target="T", affinity=affinity)
+
+    # Assert
+    assert chosen.nodes[0] in ("L", "I")
+    assert chosen.hops == 2
+    assert chosen.nodes == ("I", "S", "T")
+    assert alone.nodes == ("L", "T")  # one source: only a direct path exists

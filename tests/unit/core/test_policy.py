@@ -40,7 +40,7 @@ POLICY_TOML = """\
 [actions]
 answer = [
   "query.hello", "train.source", "query.lftm", "train.adapt", "train.consensus",
-  "train.semisup", "evaluate",
+  "train.semisup", "query.profile", "train.finetune", "evaluate",
 ]
 
 [release]
@@ -241,7 +241,8 @@ budget-epsilon = 8.0
         ),
         (
             'answer = [\n  "query.hello", "train.source", "query.lftm", "train.adapt", '
-            '"train.consensus",\n  "train.semisup", "evaluate",\n]',
+            '"train.consensus",\n  "train.semisup", "query.profile", "train.finetune", '
+            '"evaluate",\n]',
             'answer = "evaluate"',
             "actions.answer must be a list of action names, got 'evaluate'",
         ),
@@ -249,8 +250,8 @@ budget-epsilon = 8.0
             '"evaluate",\n]',
             '"evaluate", "query.images",\n]',
             "actions.answer has unknown actions 'query.images'; valid actions: "
-            "evaluate, query.hello, query.lftm, train.adapt, train.consensus, "
-            "train.semisup, train.source",
+            "evaluate, query.hello, query.lftm, query.profile, train.adapt, "
+            "train.consensus, train.finetune, train.semisup, train.source",
         ),
         ("delta = 1e-5\n", "", "dp.delta is missing"),
         ('lftm = "domain"\n', "", "release.lftm is missing"),
@@ -436,8 +437,8 @@ def test_applied_policy_fields_are_flat_and_round_trip() -> None:
     # Assert
     assert fields == {
         "policy.actions.answer": (
-            "evaluate,query.hello,query.lftm,train.adapt,train.consensus,"
-            "train.semisup,train.source"
+            "evaluate,query.hello,query.lftm,query.profile,train.adapt,"
+            "train.consensus,train.finetune,train.semisup,train.source"
         ),
         "policy.release.lftm": "domain",
         "policy.release.weights-may-leave": True,

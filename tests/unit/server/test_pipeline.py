@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from core import protocol
+from core.affinity import affinity_matrices, normalise
 from core.config import ConfigValue, RunConfig, load_run_config
 from core.data import index_site
 from core.dual_task import build_dual_task_model
@@ -28,6 +29,7 @@ from core.jobs import build_initial_weights
 from core.ledger import EGRESS, INGRESS, Ledger, verify_ledger
 from core.models import Arrays, build_model, get_manifest
 from core.policy import ACTIONS, AppliedPolicy, LftmRelease
+from core.task_profile import build_site_profile, profile_settings
 from server import pipeline, records
 from server.pipeline import Coordinator, PhaseError, SiteInfo
 from server.report import build_report, format_markdown, write_report
@@ -48,7 +50,9 @@ class PipelineRun:
     config: RunConfig
     sites: dict[int, SiteInfo]
     target: str
-    models: dict[str, Arrays]
+    source_models: dict[str, Arrays]
+    affinity: dict[str, Any]
+    models: dict[str, Arrays]  # the source models and the SeqTran candidate
     selection: dict[str, Any]
     adapted: dict[str, Arrays]
     consensus: dict[str, Arrays]
@@ -107,7 +111,12 @@ def full_run(
     sites, target = pipeline.discover(coordinator, nodes=nodes, default_target="A")
     target_site = next(site for site in sites.values() if site.name == target)
     sources = {node: site for node, site in sites.items() if site.name != target}
-    models = pipeline.train_sources(coordinator, sources)
+    sources_models = pipeline.train_sources(coordinator, sources)
+    affinity, transferred = pipeline.affinity(
+        coordinator, sites, target_site, sources_models
+    )
+    assert transferred is not None
+    models = {**sources_models, pipeline.SEQTRAN_CANDIDATE: transferred}
     selection = pipeline.transferability(coordinator, target_site, models)
     adapted = pipeline.adaptation(coordinator, target_site, models, selection)
     consensus = pipeline.consensus(coordinator, target_site, models, adapted)
@@ -129,6 +138,8 @@ def full_run(
         config=config,
         sites=sites,
         target=target,
+        source_models=sources_models,
+        affinity=affinity,
         models=models,
         selection=selection,
         adapted=adapted,
@@ -301,8 +312,8 @@ def test_train_sources_returns_and_persists_one_model_per_source(
     kept = {name: full_run.store.load_model(f"source-{name}") for name in ("B", "C")}
 
     # Assert
-    assert sorted(full_run.models) == ["B", "C"]
-    for name, weights in full_run.models.items():
+    assert sorted(full_run.source_models) == ["B", "C"]
+    for name, weights in full_run.source_models.items():
         assert manifest_of(weights) == expected_manifest
         assert (full_run.store.run_dir / "models" / f"source-{name}.npz").is_file()
         assert all(np.array_equal(kept[name][k], weights[k]) for k in weights)
@@ -408,6 +419,147 @@ def test_train_sources_reports_a_silent_source_as_timed_out(
     assert "'C': 'no reply within 2.5 s'" in str(caught.value)
 
 
+# ------------------------------------------------------------------ affinity (SeqTran)
+
+
+def test_affinity_profiles_every_site_and_fine_tunes_along_the_path(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare
+    result = full_run.affinity
+    saved = full_run.store.load_phase("affinity")
+    nodes = {site.name: node for node, site in full_run.sites.items()}
+
+    # Execute
+    profiled = full_run.grid.sent_of_type(protocol.PROFILE)
+    finetuned = full_run.grid.sent_of_type(protocol.FINETUNE)
+
+    # Assert: every site published; the path starts at a source and ends at A
+    assert sorted(m.metadata.dst_node_id for m in profiled) == [11, 12, 13]
+    assert set(result["profiles"]) == {"A", "B", "C"}
+    assert result["sites"] == ["B", "C", "A"]
+    assert result["label_term"] is True  # every site holds labelled cases
+    distance = np.array(result["distance"])
+    assert distance.shape == (3, 3)
+    assert np.all(np.diag(distance) == 0.0)
+    assert np.all(distance >= 0.0)
+    path = result["path"]["nodes"]
+    assert path[0] in ("B", "C")
+    assert path[-1] == "A"
+    assert len(path) <= 3
+    # Fine-tuned at each later site of the path, then at the labelled target.
+    expected_steps = [*path[1:-1], "A"]
+    assert [step["site"] for step in result["steps"]] == expected_steps
+    assert [m.metadata.dst_node_id for m in finetuned] == [
+        nodes[name] for name in expected_steps
+    ]
+    first = records.read_weights(finetuned[0].content)
+    start = full_run.source_models[path[0]]
+    assert all(np.array_equal(first[k], start[k]) for k in start)
+    transferred = full_run.models[pipeline.SEQTRAN_CANDIDATE]
+    assert manifest_of(transferred) == manifest_of(start)
+    assert any(not np.array_equal(transferred[k], start[k]) for k in start)
+    assert result["model"] == pipeline.SEQTRAN_CANDIDATE
+    assert result["stopped"] is None
+    assert saved == json.loads(json.dumps(result))
+
+
+def test_affinity_refused_finetune_leaves_the_run_going_without_a_model(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: every site's policy leaves train.finetune unanswered
+    sites_dir = Path(shutil.copytree(federation, tmp_path / "federation"))
+    answers = [action for action in ACTIONS if action != protocol.FINETUNE]
+    for name in "ABC":
+        write_policy(sites_dir / name, {"actions.answer": answers})
+    config = load_run_config(run_config)
+    grid = build_grid(sites_dir, run_config)
+    coordinator = build_coordinator(grid, config, tmp_path / "1")
+    sites, _ = pipeline.discover(
+        coordinator, nodes=grid.get_node_ids(), default_target="A"
+    )
+    target_site = next(site for site in sites.values() if site.name == "A")
+    models = {"B": build_initial_weights(config), "C": build_initial_weights(config)}
+
+    # Execute
+    result, transferred = pipeline.affinity(coordinator, sites, target_site, models)
+
+    # Assert
+    assert transferred is None
+    assert result["model"] is None
+    assert result["path"] is not None
+    assert result["stopped"].startswith("step 1 at ")
+    assert "'train.finetune' is not in actions.answer" in result["stopped"]
+    assert coordinator.store.load_phase("affinity") is not None
+
+
+def test_affinity_without_the_targets_profile_records_why(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: the target (node 11) never replies to anything
+    config = load_run_config(run_config)
+    grid = build_grid(federation, run_config, drop=[11])
+    coordinator = build_coordinator(grid, config, tmp_path / "1")
+    sites = {node: site_info(node, name) for node, name in NODES.items()}
+    models = {"B": build_initial_weights(config)}
+
+    # Execute
+    result, transferred = pipeline.affinity(coordinator, sites, sites[11], models)
+
+    # Assert
+    assert transferred is None
+    assert result["stopped"] == "no profile from the target A"
+    assert result["missing"] == {
+        "A": f"no reply within {config.federation.reply_timeout_s:g} s"
+    }
+    assert grid.sent_of_type(protocol.FINETUNE) == []
+
+
+def test_affinity_rejects_a_source_named_like_the_candidate(
+    full_run: PipelineRun, tmp_path: Path
+) -> None:
+    # Prepare
+    coordinator = build_coordinator(full_run.grid, full_run.config, tmp_path / "1")
+    target = next(site for site in full_run.sites.values() if site.name == "A")
+
+    # Execute / Assert
+    with pytest.raises(PhaseError, match="a source site is named 'seqtran'"):
+        pipeline.affinity(
+            coordinator,
+            full_run.sites,
+            target,
+            {pipeline.SEQTRAN_CANDIDATE: full_run.source_models["B"]},
+        )
+
+
+def test_path_for_an_unlabelled_target_uses_the_image_term_only(
+    federation: Path, run_config: dict[str, ConfigValue]
+) -> None:
+    # Prepare: A's profile without its label term
+    config = load_run_config(run_config)
+    settings = profile_settings(config.affinity)
+    profiles = {name: build_site_profile(federation / name, settings) for name in "ABC"}
+    profiles["A"] = dataclasses.replace(
+        profiles["A"], mean_label_map=None, foreground_quantiles=None, num_labelled=0
+    )
+
+    # Execute
+    path, matrices = pipeline._choose_path(config, profiles, ["C", "B"], "A")
+    image_only = config.affinity.image_weight * np.array(
+        normalise(*affinity_matrices(profiles, with_labels=False))[0].values
+    )
+
+    # Assert
+    assert matrices["label_term"] is False
+    assert matrices["label_similarity"] is None
+    assert matrices["weights"]["label"] == 0.0
+    order = [list("ABC").index(name) for name in matrices["sites"]]
+    np.testing.assert_allclose(
+        matrices["distance"], image_only[np.ix_(order, order)], atol=1e-12
+    )
+    assert path.nodes[-1] == "A"
+
+
 # ------------------------------------------------------------------- transferability
 
 
@@ -422,8 +574,9 @@ def test_transferability_chooses_main_and_aux_by_dtm(full_run: PipelineRun) -> N
 
     # Assert
     assert selection["metric"] == "lftm"
-    assert selection["sources"] == ["B", "C"]
-    assert set(selection["dtm"]) == {"B", "C"}
+    # The SeqTran candidate is scored beside the source models.
+    assert selection["sources"] == ["B", "C", pipeline.SEQTRAN_CANDIDATE]
+    assert set(selection["dtm"]) == {"B", "C", pipeline.SEQTRAN_CANDIDATE}
     assert all(0.0 <= value <= 1.0 for value in selection["dtm"].values())
     assert (selection["main"], selection["aux"]) == (ranked[0], ranked[1])
     weights = selection["weights"]
@@ -446,7 +599,7 @@ def test_transferability_sends_only_source_models_to_the_target(
 
     # Assert
     assert [m.metadata.dst_node_id for m in sent] == [11]
-    assert set(sent[0].content.keys()) == {"model.B", "model.C"}
+    assert set(sent[0].content.keys()) == {"model.B", "model.C", "model.seqtran"}
 
 
 @pytest.mark.parametrize("phase", ["transferability", "adaptation", "evaluation"])
@@ -540,15 +693,20 @@ def test_consensus_sends_sources_and_adapted_main_and_persists(
     sent_models = {protocol.model_name(key) for key in message.content.array_records}
 
     # Assert: the labels stay at the target; figures and trained models come back
-    assert request.label_sources == ("B", "C")
+    assert request.label_sources == ("B", "C", pipeline.SEQTRAN_CANDIDATE)
     assert request.start == pipeline.ADAPTED_START
-    assert sent_models == {"B", "C", pipeline.ADAPTED_START}
+    assert sent_models == {
+        "B",
+        "C",
+        pipeline.SEQTRAN_CANDIDATE,
+        pipeline.ADAPTED_START,
+    }
     assert set(full_run.consensus) == set(protocol.CONSENSUS_METHODS)
     for method, weights in full_run.consensus.items():
         assert manifest_of(weights) == manifest_of(full_run.models["B"])
         assert (full_run.store.run_dir / "models" / f"consensus-{method}.npz").is_file()
     assert saved is not None
-    assert saved["sources"] == ["B", "C"]
+    assert saved["sources"] == ["B", "C", pipeline.SEQTRAN_CANDIDATE]
     assert saved["models"] == sorted(protocol.CONSENSUS_METHODS)
     assert set(saved["label_dice"]) == set(protocol.CONSENSUS_METHODS)
     assert all(0.0 <= value <= 1.0 for value in saved["label_dice"].values())
@@ -699,7 +857,8 @@ def test_semisup_sites_must_hold_labels(
 
 def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -> None:
     # Prepare
-    expected = {"source:B", "source:C", "uniform", "tgma", "tgma-main"}
+    expected = {"source:B", "source:C", "source:seqtran", "uniform", "tgma"}
+    expected |= {"tgma-main"}
     expected |= CONSENSUS_MODELS | SEMISUP_MODELS
     saved = full_run.store.load_phase("evaluation")
 
@@ -716,6 +875,7 @@ def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -
     assert sent_models == {
         "source:B",
         "source:C",
+        "source:seqtran",
         "adapted:main",
         "adapted:aux",
         *CONSENSUS_MODELS,
@@ -738,6 +898,7 @@ def test_phases_log_one_line_each(full_run: PipelineRun) -> None:
         "discover: sites",
         "source training at",
         "DTM ",
+        "affinity: path ",
         "adaptation:",
         "consensus:",
         "semisup at target A:",
@@ -845,7 +1006,7 @@ def test_report_json_holds_sites_transferability_and_dice(
         assert site["cases"] == {"labelled": 2, "unlabelled": 0, "evaluation": 6}
     transfer = document["transferability"]
     assert {"dtm", "main", "aux", "weights"} <= set(transfer)
-    assert set(transfer["dtm"]) == {"B", "C"}
+    assert set(transfer["dtm"]) == {"B", "C", pipeline.SEQTRAN_CANDIDATE}
     assert transfer["main"] == full_run.selection["main"]
     assert transfer["weights"]["main"] + transfer["weights"]["aux"] == pytest.approx(1)
     dice = document["evaluation"]["dice"]
@@ -948,10 +1109,13 @@ def test_coordinator_ledger_records_each_request_and_reply(
     # Prepare
     path = full_run.store.run_dir / "ledger.jsonl"
     sent = full_run.grid.sent
+    finetuned = [step["site"] for step in full_run.affinity["steps"]]
     expected_sequence = []
     for message_type, count in (
         (protocol.HELLO, 3),
         (protocol.TRAIN_SOURCE, 2),
+        (protocol.PROFILE, 3),
+        *[(protocol.FINETUNE, 1)] * len(finetuned),
         (protocol.LFTM, 1),
         (protocol.ADAPT, 1),
         (protocol.CONSENSUS, 1),
@@ -974,7 +1138,7 @@ def test_coordinator_ledger_records_each_request_and_reply(
     assert result.ok, result.problem
     assert [(e.direction, e.message_type) for e in entries] == expected_sequence
     requests = [e for e in entries if e.direction == EGRESS]
-    assert len(requests) == len(sent) == 25
+    assert len(requests) == len(sent) == 28 + len(finetuned)
     assert all(e.sender == pipeline.COORDINATOR for e in requests)
     assert [e.egress.digest for e in requests if e.egress] == [
         measure_content(m.content, message_type=m.metadata.message_type).egress.digest
@@ -986,6 +1150,8 @@ def test_coordinator_ledger_records_each_request_and_reply(
     assert replies == sorted(
         [(protocol.HELLO, name) for name in "ABC"]
         + [(protocol.TRAIN_SOURCE, name) for name in "BC"]
+        + [(protocol.PROFILE, name) for name in "ABC"]
+        + [(protocol.FINETUNE, name) for name in finetuned]
         + [
             (t, "A")
             for t in (

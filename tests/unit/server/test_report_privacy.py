@@ -133,6 +133,42 @@ def test_privacy_section_adds_the_semisup_rounds_epsilon(tmp_path: Path) -> None
     assert "epsilon" not in section.get("A", {})
 
 
+def test_privacy_section_adds_the_profile_and_fine_tuning_epsilon(
+    tmp_path: Path,
+) -> None:
+    # Prepare: B trained its source model, released a noised profile, then
+    # fine-tuned the path's model under DP
+    ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")
+    training = {"training": {"B": B_TRAINING}}
+    dp = {"dp.delta": 1e-5, "dp.noise-multiplier": 1.5}
+    affinity = {
+        "profiles": {
+            "B": {**dp, "dp.epsilon-spent": 5.0, "dp.epsilon-total": 6.0},
+            "A": {
+                "dp.epsilon-spent": 0.0,
+                "dp.epsilon-total": 0.0,
+                "dp.delta": 0.0,
+                "dp.noise-multiplier": 0.0,
+            },
+        },
+        "steps": [
+            {"site": "B", **dp, "dp.epsilon-spent": 0.7, "dp.epsilon-total": 7.1}
+        ],
+    }
+
+    # Execute
+    section = build_privacy_section(ledger.entries(), {}, training, None, affinity)
+
+    # Assert: in run order, the fine-tuning step's total is B's latest
+    assert section["B"]["epsilon"] == {
+        "spent": pytest.approx(0.8 + 5.0 + 0.7),
+        "total": 7.1,
+        "delta": 1e-5,
+        "noise_multiplier": 1.5,
+    }
+    assert section["A"]["epsilon"]["noise_multiplier"] == 0.0  # an exact profile
+
+
 def test_report_markdown_shows_the_privacy_tables(tmp_path: Path) -> None:
     # Prepare
     ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")

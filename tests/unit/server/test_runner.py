@@ -30,6 +30,7 @@ from tests.unit.server.fake_grid import FakeGrid, ServerAppKilled, build_grid
 PHASE_FILES = (
     "discover",
     "source-training",
+    "affinity",
     "transferability",
     "adaptation",
     "consensus",
@@ -103,7 +104,13 @@ def uninterrupted(
 
 @pytest.mark.parametrize(
     "killed_at",
-    [protocol.LFTM, protocol.ADAPT, protocol.CONSENSUS, protocol.EVALUATE],
+    [
+        protocol.FINETUNE,
+        protocol.LFTM,
+        protocol.ADAPT,
+        protocol.CONSENSUS,
+        protocol.EVALUATE,
+    ],
 )
 def test_resume_after_a_kill_matches_the_uninterrupted_run(
     federation: Path,
@@ -163,6 +170,7 @@ def test_resume_of_a_finished_run_only_says_hello(
         [
             "discover",
             "source-training",
+            "affinity",
             "transferability",
             "adaptation",
             "consensus",
@@ -255,12 +263,13 @@ def test_last_phase_stops_early_and_still_reports(
     # Assert
     assert not grid.sent_of_type(protocol.ADAPT)
     assert not grid.sent_of_type(protocol.EVALUATE)
-    assert report["transferability"]["main"] in {"B", "C"}
+    assert report["transferability"]["main"] in {"B", "C", "seqtran"}
     assert report["adaptation"] is None
     assert report["evaluation"] is None
     assert set(report["phase_seconds"]) == {
         "discover",
         "source-training",
+        "affinity",
         "transferability",
     }
     assert report["coordinator"]["peak_rss_mb"] > 0
@@ -331,16 +340,20 @@ def test_a_source_that_fails_is_left_out_and_reported(
         grid, run_config, tmp_path, 1, **{"federation.min-sites": 1}
     ).run()
 
-    # Assert: the run finishes with B alone and says who was missing and why
+    # Assert: the run finishes with B alone and says who was missing and why; the
+    # SeqTran candidate is B's model fine-tuned at A (one source: a direct path)
     assert report["error"] is None
-    assert report["transferability"]["main"] == "B"
-    assert report["transferability"]["aux"] is None
+    assert report["affinity"]["path"]["nodes"] == ["B", "A"]
+    assert "C" in report["affinity"]["missing"]
+    transfer = report["transferability"]
+    assert {transfer["main"], transfer["aux"]} == {"B", "seqtran"}
     assert report["missing"]["source-training"] == {
         "C": f"error {protocol.SITE_ERROR_CODE}: SiteDataError: {broken}: "
         "site folder not found"
     }
     assert set(report["evaluation"]["dice"]) == {
         "source:B",
+        "source:seqtran",
         "uniform",
         "tgma",
         "tgma-main",
@@ -351,7 +364,7 @@ def test_a_source_that_fails_is_left_out_and_reported(
         "semisup:target",
         "semisup:federated",
     }
-    assert report["consensus"]["sources"] == ["B"]
+    assert report["consensus"]["sources"] == ["B", "seqtran"]
     # C fails every semisup round too; A and B carry the rounds.
     for entry in report["semisup"]["federated"]["rounds"][1:]:
         assert set(entry["train"]) == {"A", "B"}

@@ -1,0 +1,172 @@
+"""The site side of SeqTran (METHODS.md section 4): the released profile, a fine-tune.
+
+Owns what a site runs for the two affinity actions of the pipeline:
+
+- ``query.profile``: :func:`release_profile` computes the site's task profile from its
+  training cases (:func:`core.task_profile.build_site_profile`) and, when the applied
+  policy requires DP, releases it through the Gaussian mechanism of
+  :mod:`core.profile_noise`. That release is recorded in the site's accountant, the
+  same RDP history DP-SGD uses: ``num_parts`` Gaussian mechanisms are
+  ``(noise, sample rate 1, num_parts steps)`` there, so the budget check and the
+  cumulative ε compose with every DP training of the site.
+- ``train.finetune``: :func:`finetune_model` trains the given model further on the
+  site's labelled cases with the fine-tuning recipe of :func:`finetune_config`
+  (``affinity.finetune-epochs`` at ``affinity.finetune-learning-rate``), with DP-SGD
+  when the policy requires it. The ``affinity`` benchmark uses the same recipe.
+
+The coordinator's side (distances, the path) is :mod:`core.affinity` and
+:mod:`core.transfer_paths`; the wire form is ``core.protocol.ProfileReply``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from core.config import RunConfig
+from core.jobs import SourceTraining, train_source_model
+from core.models import Arrays
+from core.privacy import (
+    AccountantState,
+    DpSettings,
+    PrivacySpend,
+    account_steps,
+    plan_dp_sgd,
+    read_accountant_state,
+    write_accountant_state,
+)
+from core.profile_noise import get_profile_sensitivity, noise_profile
+from core.task_profile import SiteProfile, build_site_profile, profile_settings
+
+Progress = Callable[[str], None]
+
+# Each part of a profile is one full-data Gaussian mechanism: sample rate 1.
+PROFILE_SAMPLE_RATE = 1.0
+
+
+def _quiet(_line: str) -> None:
+    """Discard progress output."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReleasedProfile:
+    """A profile as it leaves the site, and what it cost (None when exact)."""
+
+    profile: SiteProfile
+    privacy: PrivacySpend | None
+
+
+def release_profile(
+    site_dir: Path,
+    config: RunConfig,
+    *,
+    dp: DpSettings | None = None,
+    accountant_path: Path | None = None,
+    rng: np.random.Generator | None = None,
+    progress: Progress = _quiet,
+) -> ReleasedProfile:
+    """The site's task profile, noised when ``dp`` is given.
+
+    Args:
+        site_dir: the site folder; training cases only are read.
+        config: the run config; ``affinity`` says how the profile is computed.
+        dp: the applied policy's DP settings, or None for the exact profile. The
+            noise is ``dp.noise_multiplier``, raised to what ``dp.target_epsilon``
+            needs for this release when that is set (as for DP-SGD).
+        accountant_path: the site's accountant file, read for the budget check and
+            rewritten with the release. None starts from an empty history and
+            records nothing.
+        rng: the noise source; None (what a site runs with) seeds it from the
+            operating system, as the run's seed is known to the coordinator.
+        progress: called with one line.
+
+    Raises:
+        SiteDataError: a training case is missing or invalid.
+        ValueError: the site has no training images.
+        PrivacyBudgetError: the release would bring the site's cumulative ε above its
+            budget; nothing is released and the accountant file is unchanged.
+    """
+    profile = build_site_profile(Path(site_dir), profile_settings(config.affinity))
+    if dp is None:
+        progress(
+            f"profile of {profile.num_images} training images "
+            f"({profile.num_labelled} labelled), exact"
+        )
+        return ReleasedProfile(profile=profile, privacy=None)
+    accountant = (
+        AccountantState(())
+        if accountant_path is None
+        else read_accountant_state(accountant_path)
+    )
+    parts = get_profile_sensitivity(profile).num_parts
+    plan = plan_dp_sgd(PROFILE_SAMPLE_RATE, parts, dp=dp, accountant=accountant)
+    noised, _epsilon = noise_profile(
+        profile,
+        noise_multiplier=plan.noise_multiplier,
+        delta=dp.delta,
+        rng=rng or np.random.default_rng(secrets.randbits(128)),
+    )
+    spend = account_steps(
+        accountant,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=PROFILE_SAMPLE_RATE,
+        steps=parts,
+        delta=dp.delta,
+    )
+    if accountant_path is not None:
+        write_accountant_state(spend.accountant, accountant_path)
+    progress(
+        f"profile of {profile.num_images} training images ({profile.num_labelled} "
+        f"labelled), noise {plan.noise_multiplier:.3f}: epsilon "
+        f"{spend.epsilon_spent:.3f} (site total {spend.epsilon_total:.3f}, delta "
+        f"{dp.delta:g})"
+    )
+    return ReleasedProfile(profile=noised, privacy=spend)
+
+
+def finetune_config(config: RunConfig) -> RunConfig:
+    """``config`` with the fine-tuning recipe of ``affinity`` as its training recipe.
+
+    Example:
+        >>> from core.config import load_default_config
+        >>> tuned = finetune_config(load_default_config())
+        >>> tuned.train.epochs, tuned.train.learning_rate
+        (15, 0.0003)
+    """
+    return dataclasses.replace(
+        config,
+        train=dataclasses.replace(
+            config.train,
+            epochs=config.affinity.finetune_epochs,
+            learning_rate=config.affinity.finetune_learning_rate,
+        ),
+    )
+
+
+def finetune_model(
+    site_dir: Path,
+    weights: Arrays,
+    config: RunConfig,
+    *,
+    dp: DpSettings | None = None,
+    accountant_path: Path | None = None,
+    progress: Progress = _quiet,
+) -> SourceTraining:
+    """Fine-tune ``weights`` on the site's labelled cases (one step of a path).
+
+    Raises:
+        SiteDataError: the site has no labelled cases, or its data is bad.
+        PrivacyBudgetError: a DP fine-tuning would exceed the site's budget.
+    """
+    return train_source_model(
+        Path(site_dir),
+        finetune_config(config),
+        initial_weights=weights,
+        dp=dp,
+        accountant_path=accountant_path,
+        progress=progress,
+    )
