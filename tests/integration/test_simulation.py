@@ -97,6 +97,21 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert reason.startswith("error ")
     assert str(broken) in reason
     assert "- source-training: D: error" in (run_dir / "report.md").read_text()
+    # SeqTran: every readable site published a profile, noised under the run's DP
+    # (its epsilon in the reply); the path's first fine-tuning step then ran out of
+    # budget at its site, so the run went on without the SeqTran candidate.
+    affinity = report["affinity"]
+    assert set(affinity["profiles"]) == {"A", "B", "C"}
+    for release in affinity["profiles"].values():
+        assert release["dp.noise-multiplier"] == 1.5
+        assert release["dp.epsilon-spent"] > 0.0
+    assert "D" in affinity["missing"]
+    assert affinity["path"]["nodes"][-1] == "A"
+    assert len(affinity["path"]["nodes"]) == 3
+    assert "PrivacyBudgetError" in affinity["stopped"]
+    assert affinity["model"] is None
+    assert (run_dir / "affinity_path.png").stat().st_size > 0
+    assert "## Task affinity and transfer path" in (run_dir / "report.md").read_text()
     transfer = report["transferability"]
     assert set(transfer["dtm"]) == {"B", "C"}
     assert {transfer["main"], transfer["aux"]} == {"B", "C"}
@@ -133,6 +148,7 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     for phase in (
         "discover",
         "source-training",
+        "affinity",
         "transferability",
         "adaptation",
         "consensus",
@@ -182,10 +198,11 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         for entry in Ledger(run_dir / "ledger.jsonl").entries()
         if entry.direction == "ingress"
     ]
-    # hello, source (D's error reply too), lftm, adapt, consensus, semisup at the
-    # target, round 0's evaluations, two rounds of semisup and evaluation at four
-    # sites (D's semisup errors too), evaluate
-    assert len(received) == 4 + 3 + 1 + 1 + 1 + 1 + 4 + 2 * (4 + 4) + 1
+    # hello, source (D's error reply too), profile (D's error too), the refused
+    # fine-tuning step, lftm, adapt, consensus, semisup at the target, round 0's
+    # evaluations, two rounds of semisup and evaluation at four sites (D's semisup
+    # errors too), evaluate
+    assert len(received) == 4 + 3 + 4 + 1 + 1 + 1 + 1 + 1 + 4 + 2 * (4 + 4) + 1
     assert all(
         entry.egress and entry.egress.digest in site_digests for entry in received
     )
