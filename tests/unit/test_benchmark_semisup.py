@@ -19,6 +19,7 @@ from simulations.semisup_benchmark import (
     format_semisup_table,
     gap_recovered,
     parse_fractions,
+    parse_seeds,
     run_semisup,
 )
 
@@ -55,6 +56,7 @@ def _tiny_args(federation: Path, tmp_path: Path) -> list[str]:
         "--readme",
         str(readme),
         "--threads=1",  # tiny tensors; no oversubscription when tests run in parallel
+        "--seeds=0,1",
         *overrides,
     ]
 
@@ -124,14 +126,37 @@ def test_tiny_run_records_gaps_targets_and_detail(
         }
     detail = document["detail"]
     assert isinstance(detail, dict)
-    federated = detail["federated"]["0.1"]["ugmcl"]
+    assert list(detail) == ["0", "1"]
+    assert document["seeds"] == [0, 1]
+    federated = detail["1"]["federated"]["0.1"]["ugmcl"]
     assert set(federated["sites"]) == {"A", "B", "C"}
     assert len(federated["rounds"]) == 2
     assert federated["rounds"][-1] == federated["dice"]
-    assert detail["central"]["0.1"]["supervised"]["num_labelled"] == 1
-    assert detail["central"]["0.1"]["full"]["num_labelled"] == 2
+    assert detail["0"]["central"]["0.1"]["supervised"]["num_labelled"] == 1
+    assert detail["0"]["central"]["0.1"]["full"]["num_labelled"] == 2
     assert document["central_site"] == "A"
     assert document["steps"] == {"central": 2, "rounds": 2, "local_iterations": 1}
+
+
+def test_tiny_run_reports_the_mean_over_seeds_and_each_seed(
+    document: dict[str, object],
+) -> None:
+    # Assert: every Dice is the mean of the seeds' values, listed in seed order.
+    per_seed, detail = document["per_seed"], document["detail"]
+    assert isinstance(per_seed, dict)
+    assert isinstance(detail, dict)
+    for setting in ("central", "federated"):
+        table = document[setting]
+        assert isinstance(table, dict)
+        for fraction, row in table.items():
+            for variant, mean in row.items():
+                values = per_seed[setting][fraction][variant]
+                expected = [
+                    detail[seed][setting][fraction][variant]["dice"]
+                    for seed in ("0", "1")
+                ]
+                assert values == expected
+                assert mean == pytest.approx(sum(values) / 2)
 
 
 def test_tiny_run_writes_the_readme_block(document: dict[str, object]) -> None:
@@ -143,6 +168,7 @@ def test_tiny_run_writes_the_readme_block(document: dict[str, object]) -> None:
     assert block.count("| central |") == 2
     assert block.count("| federated |") == 2
     assert "Measured on " in block
+    assert "mean over 2 seed(s) (train.seed 0, 1:" in block
 
 
 @pytest.mark.parametrize(
@@ -185,6 +211,30 @@ def test_parse_fractions_rejects(text: str, message: str) -> None:
         parse_fractions(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0", (0,)), ("3, 1,2", (3, 1, 2))],
+)
+def test_parse_seeds(text: str, expected: tuple[int, ...]) -> None:
+    # Execute / Assert
+    assert parse_seeds(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0,-1", r"seed '-1' must be a non-negative integer"),
+        ("0,x", r"seed 'x' must be"),
+        ("", r"seed '' must be"),
+        ("1,1", r"repeated seed in '1,1'"),
+    ],
+)
+def test_parse_seeds_rejects(text: str, message: str) -> None:
+    # Execute / Assert
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_seeds(text)
+
+
 def test_command_line_names_a_bad_fraction(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -203,6 +253,8 @@ def test_command_line_names_a_bad_fraction(
         ({}, {"semisup.sites": "A,Y"}, r"sites \['Y'\] not in"),
         ({"fractions": (0.1, 1.0)}, {}, r"fractions must lie in \(0, 1\), got"),
         ({"fractions": ()}, {}, r"fractions must lie in \(0, 1\), got \[\]"),
+        ({"seeds": ()}, {}, r"seeds must be distinct non-negative integers, got \[\]"),
+        ({"seeds": (1, 1)}, {}, r"seeds must be distinct .*got \[1, 1\]"),
     ],
 )
 def test_run_semisup_rejects_before_training(
@@ -292,3 +344,32 @@ def test_format_semisup_table_without_any_section() -> None:
 
     # Assert
     assert table.splitlines()[2:] == ["", "Measured on an unknown machine in — s."]
+
+
+@pytest.mark.parametrize(
+    ("seeds", "per_seed", "expected"),
+    [
+        (
+            [0, 1],
+            {"central": {"0.2": {"ugmcl": [0.8, 0.86], "full": [0.9, 0.91]}}},
+            "Dice is the mean over 2 seed(s) (train.seed 0, 1: which cases are "
+            "labelled, the initial weights, the batches); each seed's Dice is in the "
+            "JSON (`per_seed`); one cell's seeds differ by up to 0.060.",
+        ),
+        (
+            [3],
+            {"central": {"0.2": {"ugmcl": [0.8]}}},
+            "Dice is the mean over 1 seed(s) (train.seed 3: which cases are "
+            "labelled, the initial weights, the batches); each seed's Dice is in the "
+            "JSON (`per_seed`).",
+        ),
+    ],
+)
+def test_format_semisup_table_names_the_seeds_and_their_spread(
+    seeds: list[int], per_seed: dict[str, object], expected: str
+) -> None:
+    # Execute
+    table = format_semisup_table({"seeds": seeds, "per_seed": per_seed})
+
+    # Assert
+    assert expected in table.splitlines()
