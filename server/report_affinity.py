@@ -102,6 +102,7 @@ def plot_affinity(affinity: Mapping[str, Any], out_dir: Path) -> Path | None:
     count = len(sites)
     figure, (heat, graph) = plt.subplots(1, 2, figsize=(9, 4))
     image = heat.imshow(distance, cmap="viridis_r")
+    middle = (min(map(min, distance)) + max(map(max, distance))) / 2
     heat.set_xticks(range(count), sites, rotation=45)
     heat.set_yticks(range(count), sites)
     heat.set_title("distance d (lower = closer)")
@@ -114,7 +115,8 @@ def plot_affinity(affinity: Mapping[str, Any], out_dir: Path) -> Path | None:
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="white",
+                # viridis_r is light at low values: dark text there, light text above
+                color="black" if distance[row][col] < middle else "white",
             )
     figure.colorbar(image, ax=heat, fraction=0.046)
     # Sites on a circle, the target on top; grey lines for every pair.
@@ -138,7 +140,15 @@ def plot_affinity(affinity: Mapping[str, Any], out_dir: Path) -> Path | None:
             "",
             xy=(x1, y1),
             xytext=(x0, y0),
-            arrowprops={"arrowstyle": "-|>", "color": "tab:red", "linewidth": 2},
+            # stop short of the node markers so the arrow heads stay visible
+            arrowprops={
+                "arrowstyle": "-|>",
+                "color": "tab:red",
+                "linewidth": 2,
+                "mutation_scale": 18,
+                "shrinkA": 14,
+                "shrinkB": 14,
+            },
             zorder=2,
         )
         value = distance[sites.index(start)][sites.index(end)]
