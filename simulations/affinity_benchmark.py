@@ -9,8 +9,10 @@ the paper's landmark -> intermediate -> target path, directly from the source ne
 by ``d``, directly from the source whose one-step Dice is truly highest (the oracle),
 and along a seeded random path with the chosen path's hop count; and the Spearman
 correlation between ``-d(source, target)`` and the one-step Dice (the source's model
-fine-tuned on the target's few labels). Two intermediates, their labels cut to the
-target's count, are targets too. ``--calibrate`` fits ``a`` and ``b`` on the one-step
+fine-tuned on the target's few labels). Every Dice is the mean over ``--seeds``
+(``train.seed`` values; each retrains every path), as one seed is too noisy to rank
+the sources. Two intermediates, their labels cut to the target's count, are targets
+too. ``--calibrate`` fits ``a`` and ``b`` on the one-step
 Dice (:mod:`simulations.affinity_calibration`), writes them into pyproject.toml and
 chooses the paths with them. Training and scoring are
 :mod:`simulations.affinity_transfer`; this module owns the run, its JSON document and
@@ -46,7 +48,9 @@ from simulations.affinity_calibration import (
 from simulations.affinity_transfer import (
     PathTrainer,
     Progress,
+    SingleSteps,
     TargetSetup,
+    average_single_steps,
     build_recipe,
     evaluate_target,
     few_label_view,
@@ -54,7 +58,12 @@ from simulations.affinity_transfer import (
     read_federation_roles,
     setup_target,
 )
-from simulations.benchmark_output import describe_machine, print_progress
+from simulations.benchmark_output import (
+    describe_machine,
+    parse_seeds,
+    print_progress,
+    with_seed,
+)
 
 AFFINITY_MARKER: Final = "benchmark:affinity"
 # The benchmark's scale: a few minutes on 2 CPU cores. Build with
@@ -85,6 +94,11 @@ HEADERS: Final = (
     "random path",
 )
 TARGET_SPEARMAN: Final = 0.6
+# One seed's one-step Dice moves by about 0.06 between train.seed values (measured:
+# seeds 0-2, mean per-step standard deviation 0.056-0.072 per target), as much as the
+# sources differ, and one seed's Spearman ranged 0.05-0.71 at one target; so the
+# benchmark averages every Dice over three seeds by default (about 2 minutes each).
+DEFAULT_SEEDS: Final = (0, 1, 2)
 MISSING: Final = "—"
 
 
@@ -117,6 +131,7 @@ def run_affinity(
     *,
     federation_dir: Path,
     targets: Sequence[str] = (),
+    seeds: Sequence[int] = (0,),
     calibrate: bool = False,
     pyproject: Path | None = None,
     progress: Progress = print_progress,
@@ -129,6 +144,9 @@ def run_affinity(
         federation_dir: a chain federation (with ``federation.toml``).
         targets: extra target sites besides the federation's own, each cut to the
             federation target's number of labelled cases.
+        seeds: ``train.seed`` values; every path is trained once per seed (weights,
+            batches) and every Dice is the mean over them. The Spearman and the
+            calibration use the mean one-step Dice; each seed's own is recorded.
         calibrate: fit ``a, b`` on the one-step Dice and choose the paths with them.
         pyproject: where ``calibrate`` writes the fitted weights; None writes nothing.
         progress: called with one line per training step.
@@ -140,7 +158,8 @@ def run_affinity(
 
     Raises:
         ValueError: a target is not a site of the federation, or is listed twice;
-            ``federation.toml`` is missing or incomplete.
+            no seed, or a seed repeats; ``federation.toml`` is missing or
+            incomplete.
     """
     roles = read_federation_roles(federation_dir)
     main_target = str(roles["target"])
@@ -153,11 +172,15 @@ def run_affinity(
             f"targets {names} must be distinct sites of {federation_dir} "
             f"(sites there: {sorted(sites)})"
         )
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
     settings = profile_settings(config.affinity)
     profiles = {name: build_site_profile(sites[name], settings) for name in sites}
     few = profiles[main_target].num_labelled
-    recipe = build_recipe(config)
-    trainer = PathTrainer(recipe, progress=progress)
+    trainers = {
+        seed: PathTrainer(build_recipe(with_seed(config, seed)), progress=progress)
+        for seed in seeds
+    }
     with tempfile.TemporaryDirectory(prefix="affinity-views-") as views:
         setups: dict[str, TargetSetup] = {}
         for name in names:
@@ -165,14 +188,17 @@ def run_affinity(
             if name != main_target:
                 folder = few_label_view(folder, Path(views) / name, num_labelled=few)
             setups[name] = setup_target(name, folder, sites, profiles, config)
-        single = {
-            name: measure_single_steps(trainer, setup, config)
+        measured: dict[str, list[SingleSteps]] = {
+            name: [
+                measure_single_steps(trainer, setup, config)
+                for trainer in trainers.values()
+            ]
             for name, setup in setups.items()
         }
-        terms: dict[str, PairTerms] = {
-            name: setup.terms({s: d["dice"] for s, d in single[name].items()})
-            for name, setup in setups.items()
-        }
+        terms: dict[str, PairTerms] = {}
+        for name, setup in setups.items():
+            mean_steps = average_single_steps(measured[name])
+            terms[name] = setup.terms({s: d["dice"] for s, d in mean_steps.items()})
         calibration: dict[str, object] | None = None
         if calibrate:
             fit = fit_weights(terms)
@@ -205,12 +231,12 @@ def run_affinity(
             config = _with_weights(config, fit.image_weight, fit.label_weight)
         rows = {
             name: evaluate_target(
-                trainer,
+                trainers,
                 setup,
-                single[name],
+                measured[name],
                 config,
                 landmarks=landmarks,
-                seed=config.train.seed + number,
+                number=number,
             )
             for number, (name, setup) in enumerate(setups.items())
         }
@@ -238,8 +264,9 @@ def run_affinity(
             "finetune_epochs": config.affinity.finetune_epochs,
             "finetune_learning_rate": config.affinity.finetune_learning_rate,
             "target_labelled_cases": few,
-            "training_steps": trainer.steps_trained,
+            "training_steps": sum(t.steps_trained for t in trainers.values()),
         },
+        "seeds": list(seeds),
         "config": to_flat(config),
     }
 
@@ -259,6 +286,19 @@ def _nodes(value: object) -> str:
     if isinstance(value, list):
         return " → ".join(map(str, value))
     return str(value) if isinstance(value, str) else MISSING
+
+
+def _seeds(value: object) -> str:
+    if isinstance(value, list) and value:
+        return ", ".join(map(str, value))
+    return MISSING
+
+
+def _random_nodes(value: object) -> str:
+    """One random path per seed, separated by commas."""
+    if not isinstance(value, list) or not value:
+        return MISSING
+    return ", ".join(_nodes(nodes) for nodes in value)
 
 
 def format_affinity_table(document: Mapping[str, object]) -> str:
@@ -285,7 +325,7 @@ def format_affinity_table(document: Mapping[str, object]) -> str:
             f"{_nodes(chosen.get('paper_path'))}; affinity-best "
             f"{_nodes(chosen.get('direct_affinity_best'))}; oracle "
             f"{_nodes(chosen.get('direct_oracle_best'))}; random "
-            f"{_nodes(chosen.get('random_path'))}."
+            f"{_random_nodes(chosen.get('random_paths'))}."
         )
     lines.append("")
     weights = _mapping(document, "weights")
@@ -321,7 +361,8 @@ def format_affinity_table(document: Mapping[str, object]) -> str:
         f"Recipe: {recipe.get('scratch_epochs', '?')} epochs from scratch, "
         f"{recipe.get('finetune_epochs', '?')} epochs at learning rate "
         f"{recipe.get('finetune_learning_rate', '?')} per transfer step; "
-        f"{recipe.get('target_labelled_cases', '?')} labelled cases per target. "
+        f"{recipe.get('target_labelled_cases', '?')} labelled cases per target; "
+        f"every Dice a mean over train.seed {_seeds(document.get('seeds'))}. "
         f"Measured on {document.get('machine', 'an unknown machine')} in "
         f"{_cell(document.get('seconds'), 0)} s."
     )
@@ -342,6 +383,13 @@ def add_affinity_options(command: argparse.ArgumentParser) -> None:
         default=",".join(EXTRA_TARGETS),
         help="comma-separated extra target sites (labels cut to the federation "
         f"target's count); default {','.join(EXTRA_TARGETS)}; '' for none",
+    )
+    command.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=DEFAULT_SEEDS,
+        help="comma-separated train.seed values; every Dice is the mean over them "
+        f"(each seed retrains every path); default {','.join(map(str, DEFAULT_SEEDS))}",
     )
     command.add_argument(
         "--threads",
@@ -378,6 +426,7 @@ def run_affinity_command(
             config,
             federation_dir=federation,
             targets=[name.strip() for name in args.targets.split(",") if name.strip()],
+            seeds=args.seeds,
             calibrate=args.calibrate,
             pyproject=args.pyproject if args.calibrate else None,
         )

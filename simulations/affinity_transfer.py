@@ -4,11 +4,14 @@ A transfer step ``s -> t`` fine-tunes the current model on ``t``'s labelled case
 (:func:`core.jobs.train_source_model` from the current weights); a path
 ``v0 -> ... -> target`` trains on ``v0`` from the seeded start, fine-tunes along the
 rest and is scored on the target's evaluation labels. :class:`PathTrainer` caches
-models by path prefix, so every source is trained from scratch once. A site other than
-the federation's target can be a target too, through :func:`few_label_view` (its
-labelled training cases cut to a few). :func:`evaluate_target` chooses one target's
-paths under the config's affinity weights and scores each of them; the run, its
-document and table are :mod:`simulations.affinity_benchmark`.
+models by path prefix, so every source is trained from scratch once per seed. A site
+other than the federation's target can be a target too, through
+:func:`few_label_view` (its labelled training cases cut to a few). One seed's Dice is
+noisy (the same step moves by about 0.06 between ``train.seed`` values, as much as
+the sources differ), so every Dice is a mean over one :class:`PathTrainer` per seed
+(:func:`average_single_steps`, :func:`evaluate_target`). :func:`evaluate_target`
+chooses one target's paths under the config's affinity weights and scores each of
+them; the run, its document and table are :mod:`simulations.affinity_benchmark`.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ class PathTrainer:
         result = train_source_model(folder, config, initial_weights=start)
         self.steps_trained += 1
         self._progress(
-            f"[affinity] {' -> '.join(site for site, _ in key)}: "
+            f"[affinity] seed {self._recipe.scratch.train.seed}: "
+            f"{' -> '.join(site for site, _ in key)}: "
             f"{'trained' if first else 'fine-tuned'} on {name} ({result.num_cases} "
             f"cases), loss {result.final_loss:.3f} ({result.seconds:.1f} s)"
         )
@@ -216,9 +220,12 @@ def _path_dice(
     return score(setup.folder, trainer.model(_steps(setup, nodes)), config)
 
 
+SingleSteps = dict[str, dict[str, float]]  # source -> zero_shot_dice, dice
+
+
 def measure_single_steps(
     trainer: PathTrainer, setup: TargetSetup, config: RunConfig
-) -> dict[str, dict[str, float]]:
+) -> SingleSteps:
     """Per source: zero-shot Dice and Dice after one fine-tuning step on the target."""
     measured = {}
     for source in setup.sources:
@@ -229,16 +236,73 @@ def measure_single_steps(
     return measured
 
 
-def evaluate_target(
-    trainer: PathTrainer,
+def average_single_steps(per_seed: Sequence[SingleSteps]) -> SingleSteps:
+    """Per source: the mean over the seeds of its zero-shot and one-step Dice.
+
+    Example:
+        >>> average_single_steps([
+        ...     {"A": {"zero_shot_dice": 0.25, "dice": 0.5}},
+        ...     {"A": {"zero_shot_dice": 0.75, "dice": 1.0}},
+        ... ])
+        {'A': {'zero_shot_dice': 0.5, 'dice': 0.75}}
+
+    Raises:
+        ValueError: no seed, or the seeds measured different sources or values.
+    """
+    if not per_seed:
+        raise ValueError("no seed's one-step Dice to average")
+    first = per_seed[0]
+    shape = {source: list(values) for source, values in first.items()}
+    if any(
+        {source: list(values) for source, values in measured.items()} != shape
+        for measured in per_seed
+    ):
+        raise ValueError(f"every seed must measure the same sources and values {shape}")
+    return {
+        source: {
+            key: math.fsum(measured[source][key] for measured in per_seed)
+            / len(per_seed)
+            for key in keys
+        }
+        for source, keys in shape.items()
+    }
+
+
+def _mean_path_dice(
+    trainers: Mapping[int, PathTrainer],
     setup: TargetSetup,
-    single: Mapping[str, Mapping[str, float]],
+    paths: Mapping[int, Sequence[str]],
+    config: RunConfig,
+) -> tuple[float, list[float]]:
+    """Mean over the seeds of each seed's path Dice (``paths``: seed -> nodes)."""
+    values = [
+        _path_dice(trainer, setup, paths[seed], config)
+        for seed, trainer in trainers.items()
+    ]
+    return math.fsum(values) / len(values), values
+
+
+def evaluate_target(
+    trainers: Mapping[int, PathTrainer],
+    setup: TargetSetup,
+    measured: Sequence[SingleSteps],
     config: RunConfig,
     *,
     landmarks: Sequence[str],
-    seed: int,
+    number: int,
 ) -> dict[str, object]:
-    """Choose the paths under the config's weights, train them and score them."""
+    """Choose the paths under the config's weights, train them and score them.
+
+    Args:
+        trainers: seed -> that seed's trainer; every Dice is the mean over them.
+        setup: the target.
+        measured: :func:`measure_single_steps` of each trainer, in ``trainers``
+            order; the path choice's oracle and Spearman use their mean.
+        config: its affinity weights choose the paths.
+        landmarks: the federation's landmarks (the paper path's starts).
+        number: the target's position; the random path of seed ``s`` is drawn with
+            seed ``s + number``, so targets and seeds get different draws.
+    """
     affinity = config.affinity
     distances = distance_matrix(
         setup.image_norm,
@@ -247,6 +311,7 @@ def evaluate_target(
         label_weight=affinity.label_weight,
     )
     sources, target = list(setup.sources), setup.name
+    single = average_single_steps(measured)
     dice = {source: single[source]["dice"] for source in sources}
     chosen = choose_path(
         distances,
@@ -262,31 +327,49 @@ def evaluate_target(
     )
     nearest = min(sources, key=lambda site: (distances.get(site, target), site))
     oracle = max(sources, key=lambda site: (dice[site], site))
-    shuffled = random_path(sources, target, hops=chosen.hops, seed=seed)
+    shuffled = {
+        seed: random_path(sources, target, hops=chosen.hops, seed=seed + number)
+        for seed in trainers
+    }
+    path, path_per_seed = _mean_path_dice(
+        trainers, setup, dict.fromkeys(trainers, chosen.nodes), config
+    )
+    paper_dice, paper_per_seed = (
+        (math.nan, [])
+        if paper is None
+        else _mean_path_dice(
+            trainers, setup, dict.fromkeys(trainers, paper.nodes), config
+        )
+    )
+    random_dice, random_per_seed = _mean_path_dice(trainers, setup, shuffled, config)
+    scores = [-distances.get(site, target) for site in sources]
+
     return {
-        "path": _path_dice(trainer, setup, chosen.nodes, config),
-        "paper_path": (
-            math.nan
-            if paper is None
-            else _path_dice(trainer, setup, paper.nodes, config)
-        ),
+        "path": path,
+        "paper_path": paper_dice,
         "direct_affinity_best": dice[nearest],
         "direct_oracle_best": dice[oracle],
-        "random_path": _path_dice(trainer, setup, shuffled, config),
-        "spearman": spearman(
-            [-distances.get(site, target) for site in sources],
-            [dice[site] for site in sources],
-        ),
+        "random_path": random_dice,
+        "spearman": spearman(scores, [dice[site] for site in sources]),
         "spearman_zero_shot": spearman(
-            [-distances.get(site, target) for site in sources],
-            [single[site]["zero_shot_dice"] for site in sources],
+            scores, [single[site]["zero_shot_dice"] for site in sources]
         ),
+        "per_seed": {
+            "seeds": list(trainers),
+            "path": path_per_seed,
+            "paper_path": paper_per_seed,
+            "random_path": random_per_seed,
+            "spearman": [
+                spearman(scores, [steps[site]["dice"] for site in sources])
+                for steps in measured
+            ],
+        },
         "chosen": {
             "path": list(chosen.nodes),
             "paper_path": None if paper is None else list(paper.nodes),
             "direct_affinity_best": nearest,
             "direct_oracle_best": oracle,
-            "random_path": list(shuffled),
+            "random_paths": [list(nodes) for nodes in shuffled.values()],
         },
         "single_step": {
             source: {
@@ -294,6 +377,7 @@ def evaluate_target(
                 "image_term": setup.image_norm.get(source, target),
                 "label_term": 1.0 - setup.label_norm.get(source, target),
                 **single[source],
+                "dice_per_seed": [steps[source]["dice"] for steps in measured],
             }
             for source in sources
         },

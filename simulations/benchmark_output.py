@@ -1,15 +1,17 @@
 """What every benchmark leaves behind: progress lines, the JSON document, README tables.
 
-Shared by the ``tgma``, ``privacy`` and ``scale`` subcommands of
-``python -m simulations.benchmark``: the one-line machine description recorded in each
-document, progress printing, reading and writing the JSON document, and rewriting a
-README table block between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers. It knows
+Shared by the subcommands of ``python -m simulations.benchmark``: the one-line machine
+description recorded in each document, progress printing, reading and writing the JSON
+document, rewriting a README table block between ``<!-- NAME -->`` and
+``<!-- /NAME -->`` markers, and the ``--seeds`` option (several ``train.seed`` values
+for the benchmarks whose one run is too noisy to rank methods). It knows
 nothing about any one benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
@@ -17,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from core.config import RunConfig
 
 
 def describe_machine() -> str:
@@ -81,4 +85,34 @@ def add_output_options(command: argparse.ArgumentParser, out: str) -> None:
         type=Path,
         default=None,
         help="only regenerate the README table from an existing benchmark JSON",
+    )
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: comma-separated distinct non-negative integers (``train.seed``).
+
+    Example:
+        >>> parse_seeds("0, 1,2")
+        (0, 1, 2)
+
+    Raises:
+        argparse.ArgumentTypeError: a value is not a non-negative integer, a value
+            repeats, or none is given.
+    """
+    seeds = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"seed {item!r} must be a non-negative integer"
+            )
+        seeds.append(int(item))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"repeated seed in {text!r}")
+    return tuple(seeds)
+
+
+def with_seed(config: RunConfig, seed: int) -> RunConfig:
+    """``config`` with ``train.seed`` replaced (weights, batches, noise, dropout)."""
+    return dataclasses.replace(
+        config, train=dataclasses.replace(config.train, seed=seed)
     )

@@ -73,7 +73,12 @@ from core.semisup_job import (
 )
 from core.synthetic import ensure_builtin_federation
 from server.records import from_array_record, to_array_record
-from simulations.benchmark_output import describe_machine, print_progress
+from simulations.benchmark_output import (
+    describe_machine,
+    parse_seeds,
+    print_progress,
+    with_seed,
+)
 
 SEMISUP_MARKER: Final = "benchmark:semisup"
 # The benchmark's scale: about 15 minutes on 2 CPU cores (UG-MCL's nine teacher
@@ -367,35 +372,6 @@ def _targets(
     }
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``--seeds``: comma-separated distinct non-negative integers (``train.seed``).
-
-    Example:
-        >>> parse_seeds("0, 1,2")
-        (0, 1, 2)
-
-    Raises:
-        argparse.ArgumentTypeError: a value is not a non-negative integer, a value
-            repeats, or none is given.
-    """
-    seeds = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item.isdigit():
-            raise argparse.ArgumentTypeError(
-                f"seed {item!r} must be a non-negative integer"
-            )
-        seeds.append(int(item))
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"repeated seed in {text!r}")
-    return tuple(seeds)
-
-
-def _with_seed(config: RunConfig, seed: int) -> RunConfig:
-    return dataclasses.replace(
-        config, train=dataclasses.replace(config.train, seed=seed)
-    )
-
-
 Runs = dict[str, dict[str, dict[str, dict[str, object]]]]
 
 
@@ -544,7 +520,7 @@ def run_semisup(
     )
     detail = {
         str(seed): _run_seed(
-            _with_seed(config, seed),
+            with_seed(config, seed),
             available=available,
             central=central,
             federated_sites=federated_sites,

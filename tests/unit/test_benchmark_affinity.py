@@ -29,6 +29,7 @@ from simulations.affinity_calibration import (
     write_affinity_weights,
 )
 from simulations.affinity_transfer import (
+    average_single_steps,
     build_recipe,
     few_label_view,
     random_path,
@@ -106,6 +107,7 @@ def document(
                 "--targets",
                 "I-dark-large",
                 "--set=affinity.finetune-epochs=1",
+                "--seeds=0,1",
                 "--threads=1",
                 *overrides,
             ]
@@ -133,7 +135,8 @@ def test_tiny_run_has_the_issue_shape(document: dict[str, object]) -> None:
     row = targets["T-bright-large"]
     chosen = row["chosen"]
     assert chosen["path"][-1] == "T-bright-large"
-    assert len(chosen["random_path"]) == len(chosen["path"])
+    assert len(chosen["random_paths"]) == 2
+    assert all(len(path) == len(chosen["path"]) for path in chosen["random_paths"])
     assert chosen["paper_path"][0].startswith("L-")
     assert len(row["single_step"]) == 8
     oracle = row["single_step"][chosen["direct_oracle_best"]]["dice"]
@@ -146,6 +149,23 @@ def test_tiny_run_has_the_issue_shape(document: dict[str, object]) -> None:
         "path_beats_direct_affinity_best",
         "spearman_at_least_0.6",
     }
+
+
+def test_tiny_run_averages_every_dice_over_the_seeds(
+    document: dict[str, object],
+) -> None:
+    # Assert: each Dice is the mean of the two seeds' values recorded beside it.
+    assert document["seeds"] == [0, 1]
+    row = document["targets"]["T-bright-large"]
+    per_seed = row["per_seed"]
+    assert per_seed["seeds"] == [0, 1]
+    for key in ("path", "random_path"):
+        assert row[key] == pytest.approx(sum(per_seed[key]) / 2)
+    for step in row["single_step"].values():
+        assert len(step["dice_per_seed"]) == 2
+        assert step["dice"] == pytest.approx(sum(step["dice_per_seed"]) / 2)
+    assert len(per_seed["spearman"]) == 2
+    assert "every Dice a mean over train.seed 0, 1" in str(document["_readme"])
 
 
 def test_tiny_run_calibrates_and_writes_the_weights(
@@ -333,6 +353,23 @@ def test_run_affinity_refuses_an_unknown_target(federation: Path) -> None:
     config = build_affinity_config(TINY_AFFINITY)
     with pytest.raises(ValueError, match="must be distinct sites"):
         run_affinity(config, federation_dir=federation, targets=["Nowhere"])
+
+
+@pytest.mark.parametrize("seeds", [(), (1, 1)])
+def test_run_affinity_refuses_bad_seeds(
+    federation: Path, seeds: tuple[int, ...]
+) -> None:
+    config = build_affinity_config(TINY_AFFINITY)
+    with pytest.raises(ValueError, match="seeds must be distinct and at least one"):
+        run_affinity(config, federation_dir=federation, seeds=seeds)
+
+
+def test_average_single_steps_refuses_mismatched_seeds() -> None:
+    with pytest.raises(ValueError, match="no seed's one-step Dice"):
+        average_single_steps([])
+    first = {"A": {"zero_shot_dice": 0.1, "dice": 0.5}}
+    with pytest.raises(ValueError, match="every seed must measure the same sources"):
+        average_single_steps([first, {"B": {"zero_shot_dice": 0.1, "dice": 0.5}}])
 
 
 def test_build_recipe_fine_tunes_with_the_run_configs_affinity_recipe() -> None:
