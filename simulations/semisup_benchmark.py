@@ -186,6 +186,25 @@ def gap_recovered(*, supervised: float, method: float, full: float) -> float:
     return (method - supervised) / gap
 
 
+def parse_settings(text: str) -> tuple[str, ...]:
+    """``--settings``: comma-separated names among :data:`SETTINGS`.
+
+    Example:
+        >>> parse_settings("federated, central")
+        ('federated', 'central')
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown or repeated name, or none given.
+    """
+    names = tuple(part.strip() for part in text.split(","))
+    unknown = [name for name in names if name not in SETTINGS]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"settings {text!r}: each must be one of {', '.join(SETTINGS)}, once"
+        )
+    return names
+
+
 def _with_fraction(config: RunConfig, fraction: float) -> RunConfig:
     return dataclasses.replace(
         config,
@@ -382,22 +401,27 @@ def _run_seed(
     central: str,
     federated_sites: Mapping[str, Path],
     fractions: Sequence[float],
+    settings: Sequence[str],
     progress: Progress,
 ) -> Runs:
-    """Every variant at every fraction, central and federated, at one seed.
+    """Every variant at every fraction, in each of ``settings``, at one seed.
 
     Returns:
         setting -> fraction -> variant -> run detail (``full`` in every fraction).
     """
-    runs: Runs = {s: {} for s in SETTINGS}
+    runs: Runs = {s: {} for s in settings}
     full: dict[str, dict[str, object]] = {}
     prefix = f"seed {config.train.seed}: "
     for fraction in (*fractions, 1.0):
         key = fraction_key(fraction)
         fraction_config = _with_fraction(config, fraction)
+        needed = {
+            **(federated_sites if "federated" in settings else {}),
+            **({central: available[central]} if "central" in settings else {}),
+        }
         data = {
             name: load_semisup_data(path, fraction_config)
-            for name, path in {**federated_sites, central: available[central]}.items()
+            for name, path in needed.items()
         }
         variants = (
             {"full": VARIANTS["full"][0]}
@@ -406,31 +430,35 @@ def _run_seed(
         )
         for name, variant in variants.items():
             label = f"{prefix}{name} at {key}" if fraction < 1.0 else f"{prefix}full"
-            central_run = train_central(
-                available[central],
-                fraction_config,
-                variant=variant,
-                data=data[central],
-                progress=progress,
-            )
-            progress(
-                f"[semisup] central {label}: Dice {central_run['dice']:.3f} "
-                f"({central_run['seconds']:.0f} s)"
-            )
-            federated_run = train_federated(
-                federated_sites,
-                fraction_config,
-                variant=variant,
-                data={name: data[name] for name in federated_sites},
-                label=label,
-                progress=progress,
-            )
-            if fraction == 1.0:
-                full = {"central": central_run, "federated": federated_run}
-            else:
-                runs["central"].setdefault(key, {})[name] = central_run
-                runs["federated"].setdefault(key, {})[name] = federated_run
-    for setting in SETTINGS:
+            trained: dict[str, dict[str, object]] = {}
+            if "central" in settings:
+                trained["central"] = train_central(
+                    available[central],
+                    fraction_config,
+                    variant=variant,
+                    data=data[central],
+                    progress=progress,
+                )
+                progress(
+                    f"[semisup] central {label}: Dice "
+                    f"{_dice(trained['central']):.3f} "
+                    f"({trained['central']['seconds']:.0f} s)"
+                )
+            if "federated" in settings:
+                trained["federated"] = train_federated(
+                    federated_sites,
+                    fraction_config,
+                    variant=variant,
+                    data={name: data[name] for name in federated_sites},
+                    label=label,
+                    progress=progress,
+                )
+            for setting, run in trained.items():
+                if fraction == 1.0:
+                    full[setting] = run
+                else:
+                    runs[setting].setdefault(key, {})[name] = run
+    for setting in settings:
         for row in runs[setting].values():
             row["full"] = full[setting]
     return runs
@@ -457,6 +485,7 @@ def run_semisup(
     fractions: Sequence[float] = FRACTIONS,
     seeds: Sequence[int] = (0,),
     central_site: str | None = None,
+    settings: Sequence[str] = SETTINGS,
     progress: Progress = print_progress,
 ) -> dict[str, object]:
     """Run every variant at every fraction, central and federated, at every seed.
@@ -475,6 +504,8 @@ def run_semisup(
         seeds: the ``train.seed`` values to average over.
         central_site: the site of the central setting; default the first site in
             folder order.
+        settings: ``central``, ``federated`` or both; the document has a key for
+            each one run (a longer schedule can then be measured centrally alone).
         progress: called with one line per run and per federated round.
 
     Returns:
@@ -487,8 +518,9 @@ def run_semisup(
         the seeds, the sites, the steps, the flat run config and ``seconds``.
 
     Raises:
-        ValueError: a fraction outside (0, 1), no seed or a negative one, an unknown
-            central site, or ``semisup.sites`` naming a site the federation lacks.
+        ValueError: a fraction outside (0, 1), no seed or a negative one, no
+            setting or an unknown one, an unknown central site, or
+            ``semisup.sites`` naming a site the federation lacks.
         SiteDataError: a site has no labelled training or no evaluation case.
     """
     started = time.perf_counter()
@@ -501,6 +533,11 @@ def run_semisup(
         raise ValueError(
             f"seeds must be distinct non-negative integers, got {list(seeds)}"
         )
+    if not settings or any(setting not in SETTINGS for setting in settings):
+        raise ValueError(
+            f"settings must be some of {list(SETTINGS)}, got {list(settings)}"
+        )
+    settings = [setting for setting in SETTINGS if setting in settings]
     available = {path.name: path for path in list_site_dirs(federation_dir)}
     central = central_site or next(iter(available))
     wanted = list(config.semisup.sites) or list(available)
@@ -512,11 +549,16 @@ def run_semisup(
         )
     federated_sites = {name: available[name] for name in wanted}
     semisup = config.semisup
+    described = {
+        "central": f"central: site {central}, {semisup.iterations} steps",
+        "federated": (
+            f"federated: {len(federated_sites)} sites, {semisup.rounds} rounds x "
+            f"{semisup.local_iterations} steps"
+        ),
+    }
     progress(
-        f"[semisup] central: site {central}, {semisup.iterations} steps; federated: "
-        f"{len(federated_sites)} sites, {semisup.rounds} rounds x "
-        f"{semisup.local_iterations} steps; fractions {list(fractions)}; seeds "
-        f"{list(seeds)}"
+        f"[semisup] {'; '.join(described[setting] for setting in settings)}; "
+        f"fractions {list(fractions)}; seeds {list(seeds)}"
     )
     detail = {
         str(seed): _run_seed(
@@ -525,6 +567,7 @@ def run_semisup(
             central=central,
             federated_sites=federated_sites,
             fractions=fractions,
+            settings=settings,
             progress=progress,
         )
         for seed in seeds
@@ -533,7 +576,7 @@ def run_semisup(
     per_seed: dict[str, object] = {}
     gaps: dict[str, object] = {}
     targets: dict[str, object] = {}
-    for setting in SETTINGS:
+    for setting in settings:
         tables = [_summarise(runs[setting]) for runs in detail.values()]
         dice = _mean_over_seeds(tables)
         setting_gaps = _gaps(dice)
@@ -552,6 +595,7 @@ def run_semisup(
     document["targets_met"] = targets
     document["detail"] = detail
     document["seeds"] = list(seeds)
+    document["settings"] = list(settings)
     document["central_site"] = central
     document["federated_sites"] = list(federated_sites)
     document["fractions"] = [fraction_key(fraction) for fraction in fractions]
@@ -694,6 +738,12 @@ def add_semisup_options(command: argparse.ArgumentParser) -> None:
         "seed redraws the labelled cases, weights and batches); default 0",
     )
     command.add_argument(
+        "--settings",
+        type=parse_settings,
+        default=SETTINGS,
+        help="comma-separated settings to run: central, federated; default both",
+    )
+    command.add_argument(
         "--central-site",
         default=None,
         help="the site of the central setting; default the first site",
@@ -733,6 +783,7 @@ def run_semisup_command(
             fractions=args.fractions,
             seeds=args.seeds,
             central_site=args.central_site,
+            settings=args.settings,
         )
     )
     document["seconds"] = time.perf_counter() - started

@@ -20,6 +20,7 @@ from simulations.semisup_benchmark import (
     gap_recovered,
     parse_fractions,
     parse_seeds,
+    parse_settings,
     run_semisup,
 )
 
@@ -235,6 +236,36 @@ def test_parse_seeds_rejects(text: str, message: str) -> None:
         parse_seeds(text)
 
 
+def test_central_only_run_trains_and_reports_the_central_setting_alone(
+    federation: Path,
+) -> None:
+    # Execute
+    lines: list[str] = []
+    document = run_semisup(
+        build_semisup_config(TINY_SEMISUP),
+        federation_dir=federation,
+        fractions=(0.2,),
+        settings=("central",),
+        progress=lines.append,
+    )
+
+    # Assert: no federated round ran, and the table shows central rows only.
+    assert document["settings"] == ["central"]
+    assert "federated" not in document
+    assert set(document["central"]["0.2"]) == set(VARIANT_KEYS)
+    assert set(document["targets_met"]) == {"central"}
+    assert not any("federated" in line for line in lines)
+    table = format_semisup_table(document)
+    assert "| central | 20% |" in table
+    assert "| federated |" not in table
+
+
+@pytest.mark.parametrize("text", ["central,local", "central,central", ""])
+def test_parse_settings_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="each must be one of"):
+        parse_settings(text)
+
+
 def test_command_line_names_a_bad_fraction(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -255,6 +286,8 @@ def test_command_line_names_a_bad_fraction(
         ({"fractions": ()}, {}, r"fractions must lie in \(0, 1\), got \[\]"),
         ({"seeds": ()}, {}, r"seeds must be distinct non-negative integers, got \[\]"),
         ({"seeds": (1, 1)}, {}, r"seeds must be distinct .*got \[1, 1\]"),
+        ({"settings": ()}, {}, r"settings must be some of .*got \[\]"),
+        ({"settings": ("local",)}, {}, r"settings must be some of .*got \['local'\]"),
     ],
 )
 def test_run_semisup_rejects_before_training(
