@@ -691,13 +691,20 @@ def format_semisup_table(document: Mapping[str, object]) -> str:
     lines.append("")
     steps = _mapping(document, "steps")
     sites = document.get("federated_sites")
-    if steps and isinstance(sites, list):
-        lines.append(
-            f"Central: site {document.get('central_site', '?')}, "
-            f"{steps.get('central')} steps; federated: {len(sites)} sites "
+    ran = document.get("settings", list(SETTINGS))  # older documents ran both
+    if steps and isinstance(sites, list) and isinstance(ran, list):
+        described = {
+            "central": f"Central: site {document.get('central_site', '?')}, "
+            f"{steps.get('central')} steps",
+            "federated": f"federated: {len(sites)} sites "
             f"({', '.join(map(str, sites))}), {steps.get('rounds')} FedAvg rounds x "
-            f"{steps.get('local_iterations')} steps. Dice on the evaluation labels "
-            "(federated: mean over the sites)."
+            f"{steps.get('local_iterations')} steps",
+        }
+        parts = [text for setting, text in described.items() if setting in ran]
+        lines.append(
+            "; ".join(parts)
+            + ". Dice on the evaluation labels"
+            + (" (federated: mean over the sites)." if "federated" in ran else ".")
         )
     seeds = document.get("seeds")
     if isinstance(seeds, list) and seeds:

@@ -258,6 +258,8 @@ def test_central_only_run_trains_and_reports_the_central_setting_alone(
     table = format_semisup_table(document)
     assert "| central | 20% |" in table
     assert "| federated |" not in table
+    assert "Central: site A, 2 steps. Dice on the evaluation labels." in table
+    assert "FedAvg" not in table
 
 
 @pytest.mark.parametrize("text", ["central,local", "central,central", ""])
