@@ -19,8 +19,10 @@ owns the run, its JSON document and the README table between the
 
 ``--seeds`` repeats everything at several ``train.seed`` values (which cases stay
 labelled, the initial weights, the batches, noise and dropout) and reports the mean,
-with each seed's Dice beside it. At this scale one seed cannot rank the methods
-(issue 6, measured on the central 20% setting, site A):
+with each seed's Dice beside it; ``--merge`` joins documents of the same setup run
+at different seeds in separate processes (:func:`merge_semisup_documents`). At this
+scale one seed cannot rank the methods (issue 6, measured on the central 20% setting,
+site A):
 
 - the consistency terms barely train the student: with the paper's lambda <= 0.1,
   ramped over the 300 steps, the gradient of lambda (L_intra + L_cross) has a median
@@ -77,6 +79,7 @@ from simulations.benchmark_output import (
     describe_machine,
     parse_seeds,
     print_progress,
+    read_document,
     with_seed,
 )
 
@@ -478,6 +481,40 @@ def _mean_over_seeds(
     }
 
 
+def summarise_seeds(
+    detail: Mapping[str, Runs], settings: Sequence[str]
+) -> dict[str, object]:
+    """The document's summary from every seed's runs (seed -> setting -> ... -> run).
+
+    Returns:
+        For each of ``settings``, fraction -> variant -> mean Dice over the seeds;
+        ``per_seed`` (each seed's Dice, in ``detail`` order), ``gap_recovered`` and
+        ``targets_met`` (from the means).
+    """
+    document: dict[str, object] = {}
+    per_seed: dict[str, object] = {}
+    gaps: dict[str, object] = {}
+    targets: dict[str, object] = {}
+    for setting in settings:
+        tables = [_summarise(runs[setting]) for runs in detail.values()]
+        dice = _mean_over_seeds(tables)
+        setting_gaps = _gaps(dice)
+        document[setting] = dice
+        per_seed[setting] = {
+            fraction: {
+                variant: [table[fraction][variant] for table in tables]
+                for variant in row
+            }
+            for fraction, row in dice.items()
+        }
+        gaps[setting] = setting_gaps
+        targets[setting] = _targets(dice, setting_gaps)
+    document["per_seed"] = per_seed
+    document["gap_recovered"] = gaps
+    document["targets_met"] = targets
+    return document
+
+
 def run_semisup(
     config: RunConfig,
     *,
@@ -572,27 +609,7 @@ def run_semisup(
         )
         for seed in seeds
     }
-    document: dict[str, object] = {}
-    per_seed: dict[str, object] = {}
-    gaps: dict[str, object] = {}
-    targets: dict[str, object] = {}
-    for setting in settings:
-        tables = [_summarise(runs[setting]) for runs in detail.values()]
-        dice = _mean_over_seeds(tables)
-        setting_gaps = _gaps(dice)
-        document[setting] = dice
-        per_seed[setting] = {
-            fraction: {
-                variant: [table[fraction][variant] for table in tables]
-                for variant in row
-            }
-            for fraction, row in dice.items()
-        }
-        gaps[setting] = setting_gaps
-        targets[setting] = _targets(dice, setting_gaps)
-    document["per_seed"] = per_seed
-    document["gap_recovered"] = gaps
-    document["targets_met"] = targets
+    document = summarise_seeds(detail, settings)
     document["detail"] = detail
     document["seeds"] = list(seeds)
     document["settings"] = list(settings)
@@ -600,13 +617,107 @@ def run_semisup(
     document["federated_sites"] = list(federated_sites)
     document["fractions"] = [fraction_key(fraction) for fraction in fractions]
     document["steps"] = {
-        "central": semisup.iterations,
-        "rounds": semisup.rounds,
-        "local_iterations": semisup.local_iterations,
+        **({"central": semisup.iterations} if "central" in settings else {}),
+        **(
+            {"rounds": semisup.rounds, "local_iterations": semisup.local_iterations}
+            if "federated" in settings
+            else {}
+        ),
     }
     document["config"] = to_flat(config)
     document["seconds"] = time.perf_counter() - started
     return document
+
+
+# What documents merged by merge_semisup_documents must share: the same runs, told
+# apart only by train.seed.
+_SAME_SETUP: Final = (
+    "machine",
+    "federation",
+    "settings",
+    "fractions",
+    "central_site",
+    "federated_sites",
+    "steps",
+)
+
+
+def merge_semisup_documents(
+    documents: Sequence[Mapping[str, object]],
+) -> dict[str, object]:
+    """One document from runs of the same setup at different seeds.
+
+    The semisup benchmark is single-process; ``--seeds`` runs the seeds one after
+    another. A long schedule is faster as one process per seed (``--threads 1``
+    each, on a machine with a core per process), and this joins their documents as
+    if one run had made them: the means, per-seed lists, gaps and targets are
+    recomputed from the joined ``detail``. ``seconds`` is the sum of the runs'
+    (``merged_seconds`` lists each).
+
+    Raises:
+        ValueError: fewer than two documents, a document that is not a semisup
+            benchmark document, documents whose setup differs (machine, federation,
+            settings, fractions, sites, steps or any run-config value but
+            ``train.seed``), or a seed in more than one document.
+    """
+    if len(documents) < 2:
+        raise ValueError(f"merging needs at least two documents, got {len(documents)}")
+    for index, document in enumerate(documents):
+        missing = [
+            key
+            for key in (*_SAME_SETUP, "seeds", "detail", "config")
+            if key not in document
+        ]
+        if missing:
+            raise ValueError(
+                f"document {index} is not a semisup benchmark document "
+                f"(no {', '.join(missing)})"
+            )
+    first = documents[0]
+    for index, document in enumerate(documents[1:], start=1):
+        differs = [key for key in _SAME_SETUP if document[key] != first[key]]
+        config, first_config = document["config"], first["config"]
+        assert isinstance(config, Mapping)
+        assert isinstance(first_config, Mapping)
+        differs += [
+            key
+            for key in sorted(set(config) | set(first_config))
+            if key != "train.seed" and config.get(key) != first_config.get(key)
+        ]
+        if differs:
+            raise ValueError(
+                f"document {index} was run with another setup than document 0 "
+                f"(differs in {', '.join(differs)})"
+            )
+    seeds: list[int] = []
+    detail: dict[str, Runs] = {}
+    for document in documents:
+        document_seeds, runs = document["seeds"], document["detail"]
+        assert isinstance(document_seeds, list)
+        assert isinstance(runs, Mapping)
+        repeated = sorted(set(seeds) & set(document_seeds))
+        if repeated:
+            raise ValueError(f"seeds {repeated} are in more than one document")
+        seeds += document_seeds
+        detail.update(runs)
+    settings = first["settings"]
+    assert isinstance(settings, list)
+    merged: dict[str, object] = {
+        "machine": first["machine"],
+        "federation": first["federation"],
+    }
+    merged.update(summarise_seeds(detail, settings))
+    merged["detail"] = detail
+    merged["seeds"] = seeds
+    for key in _SAME_SETUP[2:]:
+        merged[key] = first[key]
+    merged["config"] = {**first["config"], "train.seed": seeds[0]}  # type: ignore[dict-item]
+    seconds = [document.get("seconds") for document in documents]
+    merged["merged_seconds"] = seconds
+    merged["seconds"] = float(
+        sum(value for value in seconds if isinstance(value, int | float))
+    )
+    return merged
 
 
 def _cell(value: object, digits: int = 3) -> str:
@@ -701,8 +812,10 @@ def format_semisup_table(document: Mapping[str, object]) -> str:
             f"{steps.get('local_iterations')} steps",
         }
         parts = [text for setting, text in described.items() if setting in ran]
+        sentence = "; ".join(parts)
         lines.append(
-            "; ".join(parts)
+            sentence[:1].upper()
+            + sentence[1:]
             + ". Dice on the evaluation labels"
             + (" (federated: mean over the sites)." if "federated" in ran else ".")
         )
@@ -722,9 +835,15 @@ def format_semisup_table(document: Mapping[str, object]) -> str:
     targets = _describe_targets(document)
     if targets is not None:
         lines.append(targets)
+    merged = document.get("merged_seconds")
     lines.append(
         f"Measured on {document.get('machine', 'an unknown machine')} in "
-        f"{_cell(document.get('seconds'), 0)} s."
+        f"{_cell(document.get('seconds'), 0)} s"
+        + (
+            f" (the sum of {len(merged)} runs merged with --merge)."
+            if isinstance(merged, list)
+            else "."
+        )
     )
     return "\n".join(lines)
 
@@ -756,6 +875,15 @@ def add_semisup_options(command: argparse.ArgumentParser) -> None:
         help="the site of the central setting; default the first site",
     )
     command.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="train nothing: join semisup documents of the same setup run at "
+        "different --seeds (e.g. one process per seed) into one at --out",
+    )
+    command.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -767,7 +895,19 @@ def add_semisup_options(command: argparse.ArgumentParser) -> None:
 def run_semisup_command(
     args: argparse.Namespace, overrides: Mapping[str, ConfigValue]
 ) -> dict[str, object]:
-    """Run the ``semisup`` subcommand from its parsed arguments; return the document."""
+    """Run the ``semisup`` subcommand from its parsed arguments; return the document.
+
+    Raises:
+        ValueError: ``--merge`` with ``--set`` overrides (a merge trains nothing),
+            or documents :func:`merge_semisup_documents` rejects.
+    """
+    if args.merge is not None:
+        if overrides:
+            raise ValueError(
+                f"--merge trains nothing, so --set {', '.join(overrides)} would be "
+                "ignored; the documents keep the config they were run with"
+            )
+        return merge_semisup_documents([read_document(path) for path in args.merge])
     started = time.perf_counter()
     config = build_semisup_config(overrides)
     if args.threads > 0:

@@ -12,12 +12,14 @@ import torch
 
 from core.config import ConfigValue
 from simulations.benchmark import main
+from simulations.benchmark_output import read_document, write_document
 from simulations.semisup_benchmark import (
     SEMISUP_MARKER,
     SEMISUP_RUN_CONFIG,
     build_semisup_config,
     format_semisup_table,
     gap_recovered,
+    merge_semisup_documents,
     parse_fractions,
     parse_seeds,
     parse_settings,
@@ -408,3 +410,149 @@ def test_format_semisup_table_names_the_seeds_and_their_spread(
 
     # Assert
     assert expected in table.splitlines()
+
+
+def _write_central_run(federation: Path, path: Path, seeds: tuple[int, ...]) -> Path:
+    """A tiny central-only document at ``seeds``, written as the command writes it."""
+    document = run_semisup(
+        build_semisup_config(TINY_SEMISUP),
+        federation_dir=federation,
+        fractions=(0.2,),
+        seeds=seeds,
+        settings=("central",),
+        progress=lambda line: None,
+    )
+    write_document(path, {"machine": "test machine", "federation": "f", **document})
+    return path
+
+
+def _without_seconds(value: object) -> object:
+    """``value`` with every ``seconds`` entry dropped (wall time differs per run)."""
+    if isinstance(value, dict):
+        return {
+            key: _without_seconds(inner)
+            for key, inner in value.items()
+            if key != "seconds"
+        }
+    return value
+
+
+def test_merge_joins_runs_at_different_seeds_as_one_run_would(
+    federation: Path, tmp_path: Path
+) -> None:
+    # Prepare: seeds 0 and 1 run apart, and both in one run.
+    first = _write_central_run(federation, tmp_path / "seed0.json", (0,))
+    second = _write_central_run(federation, tmp_path / "seed1.json", (1,))
+    together = read_document(
+        _write_central_run(federation, tmp_path / "both.json", (0, 1))
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"<!-- {SEMISUP_MARKER} -->\nold\n<!-- /{SEMISUP_MARKER} -->\n")
+
+    # Execute
+    code = main(
+        [
+            "semisup",
+            "--merge",
+            str(first),
+            str(second),
+            "--out",
+            str(tmp_path / "m.json"),
+            "--readme",
+            str(readme),
+        ]
+    )
+
+    # Assert: the same means, per-seed values, gaps and detail as the joint run.
+    assert code == 0
+    merged = read_document(tmp_path / "m.json")
+    for key in ("central", "per_seed", "gap_recovered", "targets_met"):
+        assert merged[key] == together[key], key
+    assert _without_seconds(merged["detail"]) == _without_seconds(together["detail"])
+    assert merged["seeds"] == [0, 1]
+    assert merged["steps"] == {"central": 2}
+    assert merged["config"] == together["config"]
+    parts = [read_document(path)["seconds"] for path in (first, second)]
+    assert merged["merged_seconds"] == parts
+    assert merged["seconds"] == pytest.approx(sum(parts))  # type: ignore[arg-type]
+    block = readme.read_text()
+    assert "mean over 2 seed(s) (train.seed 0, 1:" in block
+    assert "(the sum of 2 runs merged with --merge)." in block
+
+
+def _setup_document(seed: int, **changes: object) -> dict[str, object]:
+    document: dict[str, object] = {
+        "machine": "m",
+        "federation": "f",
+        "settings": ["central"],
+        "fractions": ["0.2"],
+        "central_site": "A",
+        "federated_sites": ["A", "B"],
+        "steps": {"central": 300},
+        "seeds": [seed],
+        "detail": {str(seed): {"central": {}}},
+        "config": {"train.seed": seed, "semisup.iterations": 300},
+    }
+    document.update(changes)
+    return document
+
+
+@pytest.mark.parametrize(
+    ("documents", "message"),
+    [
+        ([_setup_document(0)], r"at least two documents, got 1"),
+        (
+            [_setup_document(0), {"machine": "m", "seeds": [1]}],
+            r"document 1 is not a semisup benchmark document \(no federation, ",
+        ),
+        (
+            [_setup_document(0), _setup_document(1, steps={"central": 3000})],
+            r"document 1 was run with another setup than document 0 "
+            r"\(differs in steps\)",
+        ),
+        (
+            [
+                _setup_document(0),
+                _setup_document(
+                    1, config={"train.seed": 1, "semisup.iterations": 3000}
+                ),
+            ],
+            r"\(differs in semisup\.iterations\)",
+        ),
+        (
+            [_setup_document(0), _setup_document(1), _setup_document(0)],
+            r"seeds \[0\] are in more than one document",
+        ),
+    ],
+)
+def test_merge_rejects(documents: list[dict[str, object]], message: str) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        merge_semisup_documents(documents)
+
+
+def test_merge_refuses_overrides_it_would_ignore(tmp_path: Path) -> None:
+    # Prepare
+    paths = []
+    for seed in (0, 1):
+        paths.append(tmp_path / f"{seed}.json")
+        write_document(paths[-1], _setup_document(seed))
+
+    # Execute / Assert
+    with pytest.raises(
+        ValueError,
+        match=r"--merge trains nothing, so --set "
+        r"semisup\.rounds would be ignored",
+    ):
+        main(
+            [
+                "semisup",
+                "--merge",
+                *map(str, paths),
+                "--out",
+                str(tmp_path / "m.json"),
+                "--set",
+                "semisup.rounds=3",
+            ]
+        )
+    assert not (tmp_path / "m.json").exists()
