@@ -32,10 +32,6 @@ from typing import Final
 
 import torch
 from monai.losses import DiceCELoss
-from opacus import GradSampleModule, PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from core.config import TrainConfig
@@ -49,6 +45,12 @@ from core.training import (
 )
 
 ACCOUNTANT_FILE: Final = "accountant.json"
+# _OPACUS_LAZY: Opacus is imported inside the functions that use it, never at module
+# level. Importing it pulls in torch.distributed.tensor and sympy, about a quarter of
+# a site process's start-up, and in deployment every message starts a new ClientApp
+# process that imports this module (through clients.site) whether or not the site
+# trains under DP. tests/unit/test_boundaries.py checks that the ClientApp module
+# loads without Opacus.
 CLIP_EPSILON: Final = 1e-6  # in the clip factor's denominator, as Opacus' optimiser
 _SEED_BOUND: Final = 2**62  # seeds drawn from the mechanism's own generator
 
@@ -134,6 +136,8 @@ class AccountantState:
         """Cumulative epsilon at ``delta`` over the whole history (0 when empty)."""
         if not self.history:
             return 0.0
+        from opacus.accountants import RDPAccountant  # lazy: see _OPACUS_LAZY
+
         accountant = RDPAccountant()
         accountant.history = [tuple(entry) for entry in self.history]
         return float(accountant.get_epsilon(delta))
@@ -182,6 +186,8 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: Opacus still rejects the model after fixing (naming the problem).
     """
+    from opacus.validators import ModuleValidator  # lazy: see _OPACUS_LAZY
+
     if ModuleValidator.validate(model, strict=False):
         model = ModuleValidator.fix(model)
     errors = ModuleValidator.validate(model, strict=False)
@@ -281,6 +287,10 @@ def plan_dp_sgd(
         raise ValueError(f"DP-SGD needs at least one step, got {steps}")
     noise = dp.noise_multiplier or 0.0
     if dp.target_epsilon is not None:
+        from opacus.accountants.utils import (  # lazy: _OPACUS_LAZY
+            get_noise_multiplier,
+        )
+
         noise = max(
             noise,
             float(
@@ -434,6 +444,9 @@ class PrivateGradient:
     ) -> None:
         if num_samples < 1:
             raise ValueError("DP-SGD needs at least one protected sample, got 0")
+        from opacus import GradSampleModule  # lazy: see _OPACUS_LAZY
+        from opacus.validators import ModuleValidator
+
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
             raise ValueError(f"model is not DP-compatible: {errors[0]}")
@@ -616,6 +629,8 @@ def train_private(
         batch_size=train.batch_size,
         generator=torch.Generator().manual_seed(secrets.randbits(62)),
     )
+    from opacus import PrivacyEngine  # lazy: see _OPACUS_LAZY
+
     engine = PrivacyEngine(accountant="rdp")
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -355,3 +357,28 @@ def test_checker_reports_line_numbers() -> None:
 
     # Assert
     assert [(v.path, v.line) for v in violations] == [("core/late.py", 5)]
+
+
+def test_the_client_app_starts_without_opacus() -> None:
+    # Prepare: in deployment every message starts a new ClientApp process, so what
+    # the module imports is paid per message; Opacus (with torch.distributed.tensor
+    # and sympy) is needed only by DP training and is imported there
+    # (core/privacy.py, _OPACUS_LAZY).
+    probe = (
+        "import sys, clients.app; "
+        "print(sorted(name for name in ('opacus', 'sympy') if name in sys.modules))"
+    )
+
+    # Execute: a fresh interpreter, as the ClientApp process is
+    completed = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+
+    # Assert
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
