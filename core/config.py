@@ -47,6 +47,13 @@ class TransferMetric(StrEnum):
     ENTROPY = "entropy"
 
 
+class LandmarkRule(StrEnum):
+    """Where a SeqTran transfer path may start (``affinity.landmarks``)."""
+
+    CASE_FRACTION = "case-fraction"  # sources with enough labelled cases, any hops
+    COMMUNITIES = "communities"  # the paper: Girvan-Newman communities' landmarks
+
+
 class Attention(StrEnum):
     """Attention map behind the LFTM keep-mask."""
 
@@ -427,10 +434,14 @@ class AffinityConfig:
     ``image_weight`` (a) and ``label_weight`` (b) weigh the normalised distance
     d = a * H + b * (1 - R) (``python -m simulations.benchmark affinity --calibrate``
     fits them); ``min_hops``..``max_hops`` bound a transfer path's length (the
-    paper's path has exactly 2: one intermediate); a path starts at a source with at
-    least ``start_case_fraction`` of the best-labelled source's cases; each
-    fine-tuning step
-    along the path trains ``finetune_epochs`` epochs at ``finetune_learning_rate``.
+    paper's path has exactly 2: one intermediate); ``landmarks`` says where a path
+    may start: ``case-fraction``, a source with at least ``start_case_fraction`` of the
+    best-labelled source's cases, or ``communities``, the landmark of one of
+    ``communities`` Girvan-Newman communities with an intermediate of the same
+    community (the paper's exact 2-hop search, METHODS.md 4 (b) 6-7);
+    ``one_factor_edges`` drops every transfer step between sites whose modality and
+    labels both differ (METHODS.md 4 (d)); each fine-tuning step along the path trains
+    ``finetune_epochs`` epochs at ``finetune_learning_rate``.
     """
 
     enabled: bool
@@ -447,6 +458,9 @@ class AffinityConfig:
     min_hops: int
     max_hops: int
     start_case_fraction: float
+    landmarks: LandmarkRule
+    communities: int
+    one_factor_edges: bool
     finetune_epochs: int
     finetune_learning_rate: float
 
@@ -499,6 +513,25 @@ class AffinityConfig:
             f">= affinity.min-hops ({self.min_hops})",
             self.max_hops,
         )
+        _require(
+            self.communities >= 1, "affinity.communities", ">= 1", self.communities
+        )
+        if self.landmarks is LandmarkRule.COMMUNITIES:
+            # The community search is the paper's landmark -> intermediate -> target.
+            _require(
+                self.min_hops <= 2,
+                "affinity.min-hops",
+                "<= 2 when affinity.landmarks is 'communities' (its paths have "
+                "exactly 2 hops)",
+                self.min_hops,
+            )
+            _require(
+                self.max_hops >= 2,
+                "affinity.max-hops",
+                ">= 2 when affinity.landmarks is 'communities' (its paths have "
+                "exactly 2 hops)",
+                self.max_hops,
+            )
         _require(
             self.finetune_epochs >= 1,
             "affinity.finetune-epochs",

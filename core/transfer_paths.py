@@ -1,21 +1,27 @@
 """SeqTran transfer-path search over a site distance matrix (METHODS.md 4 (b) 7).
 
 Owns the paper's landmark -> intermediate -> target choice and its generalisation to
-the cheapest simple path of at most K hops. Distances come from
-:func:`core.affinity.distance_matrix`, but any non-negative finite matrix works: ``d``
-need not be symmetric or a metric. Pure Python over a :class:`SiteMatrix`; never
-imports flwr or torch.
+the cheapest simple path of at most K hops, and the case-fraction start sites. Distances
+come from :func:`core.affinity.distance_matrix`, but any non-negative finite matrix
+works: ``d`` need not be symmetric or a metric. Both searches skip the edges the
+one-factor rule removed (:mod:`core.transfer_graph`); the run's choice under its config
+is :func:`core.transfer_choice.choose_path`. Pure Python over a :class:`SiteMatrix`;
+never imports flwr or torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 
 import numpy as np
 
 from core.affinity import SiteMatrix
-from core.config import AffinityConfig
+from core.transfer_graph import Edge, edge
+
+
+class NoPathError(ValueError):
+    """No path satisfies the search's constraints (hops, starts, removed edges)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,7 +75,8 @@ def _check_distances(distances: SiteMatrix, target: str) -> None:
         )
 
 
-def _sort_key(path: TransferPath) -> tuple[float, int, float, tuple[str, ...]]:
+def path_order(path: TransferPath) -> tuple[float, int, float, tuple[str, ...]]:
+    """The order paths are chosen in: the lowest first (see the comment inside)."""
     # Exact cost ties go to fewer fine-tuning steps, then to the lower transfer cost
     # (with a symmetric d, k -> i -> t and i -> k -> t always tie on cost; the one
     # whose last step is nearer the target is the sensible pick), then to the
@@ -83,13 +90,15 @@ def paper_path(
     landmarks: Sequence[str],
     candidates: Sequence[str],
     target: str,
+    removed: Set[Edge] = frozenset(),
 ) -> TransferPath:
     """Return the paper's best ``landmark -> intermediate -> target`` path.
 
     Minimises ``cost(k, i, t) = d(k, t) + d(k, i) + d(i, t)`` over landmarks ``k`` and
     intermediates ``i != k`` (METHODS 4 (b) 7); ``path_length = d(k, i) + d(i, t)``.
     Ties as in :func:`cheapest_path` (with a symmetric ``d``, ``k, i`` and ``i, k``
-    always tie on cost; the lower path length wins).
+    always tie on cost; the lower path length wins). A pair whose edge ``k - i`` or
+    ``i - t`` is in ``removed`` is skipped.
 
     Example:
         >>> d = SiteMatrix(sites=("A", "B", "T"), values=np.array(
@@ -99,7 +108,8 @@ def paper_path(
 
     Raises:
         ValueError: an unknown site, the target among landmarks or candidates, empty
-            or duplicated lists, negative distances, or no pair with ``i != k``.
+            or duplicated lists, or negative distances.
+        NoPathError: no pair with ``i != k`` whose edges are not removed.
     """
     _check_distances(distances, target)
     landmarks = _check_sites(distances, landmarks, role="landmarks", target=target)
@@ -107,7 +117,10 @@ def paper_path(
     paths = []
     for landmark in landmarks:
         for middle in candidates:
-            if middle == landmark:
+            if middle == landmark or not {
+                edge(landmark, middle),
+                edge(middle, target),
+            }.isdisjoint(removed):
                 continue
             path_length = distances.get(landmark, middle) + distances.get(
                 middle, target
@@ -121,11 +134,12 @@ def paper_path(
                 )
             )
     if not paths:
-        raise ValueError(
+        raise NoPathError(
             f"no landmark -> intermediate pair with distinct sites among landmarks "
             f"{list(landmarks)} and candidates {list(candidates)}"
+            + _removed_note(removed)
         )
-    return min(paths, key=_sort_key)
+    return min(paths, key=path_order)
 
 
 def start_sites(labelled: Mapping[str, int], *, fraction: float) -> list[str]:
@@ -163,6 +177,7 @@ def cheapest_path(
     max_hops: int,
     min_hops: int = 1,
     landmarks: Sequence[str] | None = None,
+    removed: Set[Edge] = frozenset(),
 ) -> TransferPath:
     """Return the cheapest simple path ``s -> ... -> target`` of 1..``max_hops`` edges.
 
@@ -188,6 +203,7 @@ def cheapest_path(
         max_hops: at most this many edges (>= 1).
         min_hops: at least this many edges (1 <= min_hops <= max_hops).
         landmarks: the allowed first nodes (a subset of ``sources``); ``None`` = any.
+        removed: edges no step may take (:func:`core.transfer_graph.edge` pairs).
 
     Returns:
         The cheapest path; exact cost ties go to fewer hops, then the lower
@@ -195,8 +211,8 @@ def cheapest_path(
 
     Raises:
         ValueError: an unknown site, the target among the sources, no sources,
-            landmarks outside the sources, bad hop bounds, negative distances, or no
-            path within the hop bounds.
+            landmarks outside the sources, bad hop bounds, or negative distances.
+        NoPathError: no path within the hop bounds avoids the removed edges.
     """
     _check_distances(distances, target)
     sources = _check_sites(distances, sources, role="sources", target=target)
@@ -220,52 +236,30 @@ def cheapest_path(
         if best is not None and search + length > best.cost:
             return
         hops = len(nodes)  # edges once the target is appended
-        if hops >= min_hops:
+        if hops >= min_hops and edge(nodes[-1], target) not in removed:
             final = length + distances.get(nodes[-1], target)
             path = TransferPath(
                 nodes=(*nodes, target), cost=search + final, path_length=final
             )
-            if best is None or _sort_key(path) < _sort_key(best):
+            if best is None or path_order(path) < path_order(best):
                 best = path
         if hops < max_hops:
             for site in ordered:
-                if site not in nodes:
+                if site not in nodes and edge(nodes[-1], site) not in removed:
                     step = distances.get(nodes[-1], site)
                     extend((*nodes, site), search, length + step)
 
     for start in sorted(starts):
         extend((start,), distances.get(start, target), 0.0)
     if best is None:
-        raise ValueError(
+        raise NoPathError(
             f"no simple path with {min_hops}..{max_hops} hops from {list(starts)} "
-            f"through {list(sources)} to {target!r}"
+            f"through {list(sources)} to {target!r}" + _removed_note(removed)
         )
     return best
 
 
-def choose_path(
-    distances: SiteMatrix,
-    *,
-    labelled: Mapping[str, int],
-    target: str,
-    affinity: AffinityConfig,
-) -> TransferPath:
-    """The run's transfer path to ``target`` under the ``affinity`` settings.
-
-    :func:`cheapest_path` over the sources of ``labelled`` (name -> labelled cases)
-    with ``affinity.min-hops``..``affinity.max-hops`` edges (capped at the number of
-    sources: a simple path cannot use more), starting at :func:`start_sites`. The
-    pipeline's ``affinity`` phase and the ``affinity`` benchmark both choose here.
-
-    Raises:
-        ValueError: as :func:`cheapest_path` and :func:`start_sites`.
-    """
-    sources = sorted(labelled)
-    return cheapest_path(
-        distances,
-        sources=sources,
-        target=target,
-        min_hops=min(affinity.min_hops, len(sources)),
-        max_hops=min(affinity.max_hops, len(sources)),
-        landmarks=start_sites(labelled, fraction=affinity.start_case_fraction),
-    )
+def _removed_note(removed: Set[Edge]) -> str:
+    if not removed:
+        return ""
+    return f" without the removed edges {[list(pair) for pair in sorted(removed)]}"

@@ -36,7 +36,8 @@ from core.ledger import EGRESS, INGRESS, RELEASED, Ledger
 from core.models import Arrays
 from core.semisup_job import initial_student_weights
 from core.task_profile import SiteProfile
-from core.transfer_paths import TransferPath, choose_path
+from core.transfer_choice import PathChoice, choose_path
+from core.transfer_graph import TaskFactors
 from core.transferability import select_sources
 from server import records
 from server.store import RunStore
@@ -373,11 +374,14 @@ def _choose_path(
     profiles: Mapping[str, SiteProfile],
     sources: Sequence[str],
     target: str,
-) -> tuple[TransferPath, dict[str, Any]]:
-    """The cheapest path to ``target`` and the matrices it was chosen on.
+    *,
+    factors: Mapping[str, TaskFactors],
+) -> tuple[PathChoice, dict[str, Any]]:
+    """The path to ``target`` (:func:`choose_path`) and the matrices it was chosen on.
 
     The label term needs labels at every site of the matrix; when the target (or a
-    source) has none, ``d`` is the image term alone.
+    source) has none, ``d`` is the image term alone. ``factors`` (each site's
+    modality and labels from ``query.hello``) serve ``affinity.one-factor-edges``.
     """
     names = [*sorted(sources), target]
     scenario = {name: profiles[name] for name in names}
@@ -398,19 +402,29 @@ def _choose_path(
         image_weight=affinity.image_weight,
         label_weight=label_weight,
     )
-    path = choose_path(
+    choice = choose_path(
         distances,
         labelled={name: profiles[name].num_labelled for name in sources},
         target=target,
         affinity=affinity,
+        factors=factors,
     )
-    return path, {
+    return choice, {
         "sites": names,
         "label_term": with_labels,
         "weights": {"image": affinity.image_weight, "label": label_weight},
         "image_distance": _matrix(image),
         "label_similarity": _matrix(label) if with_labels else None,
         "distance": _matrix(distances),
+        "graph": {
+            "landmarks": affinity.landmarks.value,
+            "starts": list(choice.starts),
+            "communities": [
+                {"members": list(c.members), "landmark": c.landmark}
+                for c in choice.communities
+            ],
+            "one_factor_removed": [list(pair) for pair in choice.removed],
+        },
     }
 
 
@@ -455,8 +469,13 @@ def affinity(
 
     Every site publishes its task profile (``query.profile``; noised where its
     policy requires DP). The coordinator computes ``d = a*H + b*(1 - R)`` over the
-    sources with a model and the target and picks the cheapest path of at most
-    ``affinity.max-hops`` edges (METHODS.md 4 (b) 7). The path's first site's source
+    sources with a model and the target and picks the path by
+    :func:`core.transfer_choice.choose_path` (METHODS.md 4 (b) 5-7: the cheapest of
+    ``affinity.min-hops``..``affinity.max-hops`` edges, or with ``affinity.landmarks
+    = "communities"`` a landmark -> intermediate -> target path within a community;
+    the communities and the edges the one-factor rule removed are recorded under
+    ``graph``; settings the federation cannot meet stop the phase, not the run).
+    The path's first site's source
     model is fine-tuned (``train.finetune``) at each later site in turn and, when the
     target holds labelled cases, last at the target. The result joins the TGMA
     candidates as :data:`SEQTRAN_CANDIDATE`. Nothing later depends on it, so a missing
@@ -482,6 +501,7 @@ def affinity(
         "stopped": None,
     }
     sources = [name for name in models if name in profiles]
+    choice: PathChoice | None = None
     if target.name not in profiles or not sources:
         result["stopped"] = (
             f"no profile from the target {target.name}"
@@ -489,10 +509,25 @@ def affinity(
             else "no source with both a model and a profile"
         )
     else:
-        path, matrices = _choose_path(
-            coordinator.config, profiles, sources, target.name
-        )
-        result.update(matrices)
+        factors = {
+            site.name: TaskFactors.from_class_names(
+                site.hello.modality, site.hello.class_names
+            )
+            for site in sites.values()
+        }
+        try:
+            choice, matrices = _choose_path(
+                coordinator.config, profiles, sources, target.name, factors=factors
+            )
+        except ValueError as error:
+            # Settings this federation cannot meet (affinity.communities above the
+            # sources that answered, the one-factor rule leaving no path) cost the
+            # optional candidate, not the run.
+            result["stopped"] = f"no transfer path: {error}"
+        else:
+            result.update(matrices)
+    if choice is not None:
+        path = choice.path
         result["path"] = {
             "nodes": list(path.nodes),
             "cost": path.cost,

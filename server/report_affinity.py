@@ -70,6 +70,7 @@ def affinity_lines(
             f"Chosen path: **{' -> '.join(path['nodes'])}** (search cost "
             f"{path['cost']:.3f}, path length {path['path_length']:.3f}).",
         ]
+    lines += _graph_lines(affinity.get("graph") or {})
     for step in affinity.get("steps", []):
         lines.append(
             f"- fine-tuned at {step['site']}: {step['num-examples']} examples, "
@@ -84,6 +85,32 @@ def affinity_lines(
             "",
             f"The transferred model joined the TGMA candidates as "
             f"`{affinity['model']}`; Dice on the target: {_number(dice.get(name))}.",
+        ]
+    return lines
+
+
+def _graph_lines(graph: Mapping[str, Any]) -> list[str]:
+    """The communities and landmarks searched, and the steps the one-factor rule cut."""
+    lines = []
+    communities = graph.get("communities") or []
+    if communities:
+        listed = "; ".join(
+            f"{{{', '.join(c['members'])}}} (landmark {c['landmark']})"
+            for c in communities
+        )
+        lines += [
+            "",
+            f"Communities (Girvan-Newman over the sources, `affinity.landmarks` = "
+            f"communities): {listed}. A path runs from a landmark through a site of "
+            "its community to the target.",
+        ]
+    removed = graph.get("one_factor_removed") or []
+    if removed:
+        pairs = ", ".join(f"{first} - {second}" for first, second in removed)
+        lines += [
+            "",
+            f"One-factor rule (`affinity.one-factor-edges`): no transfer step between "
+            f"{pairs} (modality and labels both differ).",
         ]
     return lines
 

@@ -30,7 +30,9 @@ from core.data import index_site
 from core.jobs import build_initial_weights, evaluate_predictors, train_source_model
 from core.models import Arrays
 from core.task_profile import SiteProfile, build_site_profile, profile_settings
-from core.transfer_paths import TransferPath, choose_path, paper_path
+from core.transfer_choice import choose_path
+from core.transfer_graph import TaskFactors
+from core.transfer_paths import TransferPath, paper_path
 from simulations.affinity_calibration import PairTerms, pair_terms
 from simulations.tgma_benchmark import spearman
 
@@ -171,6 +173,7 @@ class TargetSetup:
     image_norm: SiteMatrix
     label_norm: SiteMatrix
     labelled: dict[str, int]  # every site's labelled cases as its profile says
+    factors: dict[str, TaskFactors]  # every site's modality and labels (dataset.json)
 
     def terms(self, dice: Mapping[str, float]) -> PairTerms:
         """The sources' terms to this target with their one-step Dice."""
@@ -197,6 +200,8 @@ def setup_target(
     scenario = {site: profiles[site] for site in sites if site != name}
     scenario[name] = dataclasses.replace(own, site=name)
     image_norm, label_norm = normalise(*affinity_matrices(scenario))
+    folders = {**sites, name: folder}
+    indexes = {site: index_site(path) for site, path in folders.items()}
     return TargetSetup(
         name=name,
         folder=folder,
@@ -204,6 +209,10 @@ def setup_target(
         image_norm=image_norm,
         label_norm=label_norm,
         labelled={site: profile.num_labelled for site, profile in scenario.items()},
+        factors={
+            site: TaskFactors.from_class_names(index.modality, index.class_names)
+            for site, index in indexes.items()
+        },
     )
 
 
@@ -313,12 +322,14 @@ def evaluate_target(
     sources, target = list(setup.sources), setup.name
     single = average_single_steps(measured)
     dice = {source: single[source]["dice"] for source in sources}
-    chosen = choose_path(
+    choice = choose_path(
         distances,
         labelled={source: setup.labelled[source] for source in sources},
         target=target,
         affinity=affinity,
+        factors=setup.factors,
     )
+    chosen = choice.path
     usable = [site for site in landmarks if site in setup.sources]
     paper: TransferPath | None = (
         paper_path(distances, landmarks=usable, candidates=sources, target=target)
@@ -370,6 +381,10 @@ def evaluate_target(
             "direct_affinity_best": nearest,
             "direct_oracle_best": oracle,
             "random_paths": [list(nodes) for nodes in shuffled.values()],
+            "communities": [
+                {"members": list(c.members), "landmark": c.landmark}
+                for c in choice.communities
+            ],
         },
         "single_step": {
             source: {

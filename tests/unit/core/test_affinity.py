@@ -20,10 +20,10 @@ from core.affinity import (
 )
 from core.config import load_default_config
 from core.task_profile import midpoint_quantiles
+from core.transfer_choice import choose_path
 from core.transfer_paths import (
     TransferPath,
     cheapest_path,
-    choose_path,
     paper_path,
     start_sites,
 )
@@ -494,8 +494,10 @@ def test_choose_path_starts_at_a_data_rich_source_and_caps_the_hops():
     # Execute
     chosen = choose_path(
         distances, labelled={"L": 8, "I": 8, "S": 2}, target="T", affinity=affinity
-    )
-    alone = choose_path(distances, labelled={"L": 8}, target="T", affinity=affinity)
+    ).path
+    alone = choose_path(
+        distances, labelled={"L": 8}, target="T", affinity=affinity
+    ).path
 
     # Assert
     assert chosen.nodes[0] in ("L", "I")

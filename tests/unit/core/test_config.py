@@ -7,6 +7,7 @@ import pytest
 from core.config import (
     Attention,
     ConfigValue,
+    LandmarkRule,
     Norm,
     RunConfig,
     SliceAxis,
@@ -157,6 +158,10 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("affinity.image-weight", -0.5),
         ("affinity.label-weight", float("inf")),
         ("affinity.max-hops", 0),
+        ("affinity.communities", 0),
+        ("affinity.communities", 2.0),
+        ("affinity.landmarks", "centroids"),
+        ("affinity.one-factor-edges", "yes"),
         ("semisup.dropout", 1.0),
         ("semisup.sites", "A,A"),
         ("semisup.shared-head", "no"),
@@ -196,6 +201,13 @@ def test_validation_error_names_the_toml_key(key: str, value: ConfigValue) -> No
     [
         ("model.strides", "2,2", "3 values", "(2, 2)"),
         ("transfer.metric", "rotation", "one of 'lftm', 'entropy'", "'rotation'"),
+        (
+            "affinity.landmarks",
+            "centroids",
+            "one of 'case-fraction', 'communities'",
+            "'centroids'",
+        ),
+        ("affinity.communities", 0, ">= 1", "0"),
         ("model.channels", "16,x", "comma-separated integers", "'16,x'"),
         ("train.epochs", "3", "an integer", "'3'"),
         ("train.epochs", True, "an integer", "True"),
@@ -344,4 +356,53 @@ def test_affinity_weights_may_not_both_be_zero() -> None:
         ValueError,
         match=r"^affinity.image-weight must be positive when affinity.label-weight",
     ):
+        load_run_config(flat)
+
+
+def test_affinity_landmark_keys_default_to_the_case_fraction_search() -> None:
+    # Execute
+    affinity = load_default_config().affinity
+
+    # Assert
+    assert affinity.landmarks is LandmarkRule.CASE_FRACTION
+    assert affinity.communities == 2
+    assert affinity.one_factor_edges is False
+
+
+@pytest.mark.parametrize(
+    ("landmarks", "min_hops", "max_hops", "message"),
+    [
+        (
+            "communities",
+            3,
+            3,
+            r"^affinity.min-hops must be <= 2 when affinity.landmarks is "
+            r"'communities' \(its paths have exactly 2 hops\), got 3$",
+        ),
+        (
+            "communities",
+            1,
+            1,
+            r"^affinity.max-hops must be >= 2 when affinity.landmarks is "
+            r"'communities' \(its paths have exactly 2 hops\), got 1$",
+        ),
+        ("communities", 1, 3, None),
+        ("case-fraction", 3, 3, None),
+        ("case-fraction", 1, 1, None),
+    ],
+)
+def test_communities_landmarks_need_hop_bounds_that_allow_two(
+    landmarks: str, min_hops: int, max_hops: int, message: str | None
+) -> None:
+    # Prepare
+    flat = read_default_run_config()
+    flat["affinity.landmarks"] = landmarks
+    flat["affinity.min-hops"] = min_hops
+    flat["affinity.max-hops"] = max_hops
+
+    # Execute / Assert
+    if message is None:
+        assert load_run_config(flat).affinity.landmarks == landmarks
+        return
+    with pytest.raises(ValueError, match=message):
         load_run_config(flat)

@@ -461,6 +461,10 @@ def test_affinity_profiles_every_site_and_fine_tunes_along_the_path(
     assert any(not np.array_equal(transferred[k], start[k]) for k in start)
     assert result["model"] == pipeline.SEQTRAN_CANDIDATE
     assert result["stopped"] is None
+    assert result["graph"]["landmarks"] == "case-fraction"
+    assert result["graph"]["communities"] == []
+    assert result["graph"]["one_factor_removed"] == []
+    assert path[0] in result["graph"]["starts"]
     assert saved == json.loads(json.dumps(result))
 
 
@@ -515,6 +519,75 @@ def test_affinity_without_the_targets_profile_records_why(
     assert grid.sent_of_type(protocol.FINETUNE) == []
 
 
+def hello_as(node: int, name: str, modality: str, label: str) -> SiteInfo:
+    info = site_info(node, name)
+    hello = dataclasses.replace(
+        info.hello, modality=modality, class_names=("background", label)
+    )
+    return SiteInfo(node, hello)
+
+
+@pytest.mark.parametrize(
+    ("communities", "path", "stopped"),
+    [
+        # One community {B, C}; B and C tie on the landmark score, B wins by name;
+        # B -> C -> A keeps to the steps the one-factor rule left.
+        (1, ["B", "C", "A"], None),
+        (
+            3,
+            None,
+            "no transfer path: affinity.communities = 3 is more than the 2 sources "
+            "['B', 'C']; set it to at most 2",
+        ),
+    ],
+)
+def test_affinity_with_communities_records_them_and_the_removed_steps(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    communities: int,
+    path: list[str] | None,
+    stopped: str | None,
+) -> None:
+    # Prepare: B (CT, tumour) differs from the target A (MR, organ) in both factors,
+    # from C (CT, organ) in the label only
+    config = build_config(
+        run_config,
+        **{
+            "affinity.landmarks": "communities",
+            "affinity.communities": communities,
+            "affinity.one-factor-edges": True,
+        },
+    )
+    grid = build_grid(federation, run_config)
+    coordinator = build_coordinator(grid, config, tmp_path / "1")
+    sites = {
+        11: hello_as(11, "A", "MR", "organ"),
+        12: hello_as(12, "B", "CT", "tumour"),
+        13: hello_as(13, "C", "CT", "organ"),
+    }
+    models = {"B": build_initial_weights(config), "C": build_initial_weights(config)}
+
+    # Execute
+    result, transferred = pipeline.affinity(coordinator, sites, sites[11], models)
+
+    # Assert
+    assert result["stopped"] == stopped
+    if path is None:
+        assert result["path"] is None
+        assert transferred is None
+        assert "graph" not in result
+        return
+    assert result["path"]["nodes"] == path
+    assert result["graph"] == {
+        "landmarks": "communities",
+        "starts": ["B"],
+        "communities": [{"members": ["B", "C"], "landmark": "B"}],
+        "one_factor_removed": [["A", "B"]],
+    }
+    assert transferred is not None
+
+
 def test_affinity_rejects_a_source_named_like_the_candidate(
     full_run: PipelineRun, tmp_path: Path
 ) -> None:
@@ -544,7 +617,9 @@ def test_path_for_an_unlabelled_target_uses_the_image_term_only(
     )
 
     # Execute
-    path, matrices = pipeline._choose_path(config, profiles, ["C", "B"], "A")
+    choice, matrices = pipeline._choose_path(
+        config, profiles, ["C", "B"], "A", factors={}
+    )
     image_only = config.affinity.image_weight * np.array(
         normalise(*affinity_matrices(profiles, with_labels=False))[0].values
     )
@@ -557,7 +632,7 @@ def test_path_for_an_unlabelled_target_uses_the_image_term_only(
     np.testing.assert_allclose(
         matrices["distance"], image_only[np.ix_(order, order)], atol=1e-12
     )
-    assert path.nodes[-1] == "A"
+    assert choice.path.nodes[-1] == "A"
 
 
 # ------------------------------------------------------------------- transferability

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from server.report_affinity import PLOT_FILE, affinity_lines, plot_affinity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,6 +90,54 @@ def test_section_says_why_there_is_no_model_and_when_only_images_count() -> None
     assert "image term only: a site has no labelled case" in text
     assert "No transferred model: step 1 at C failed: refused." in text
     assert "Dice on the target" not in text
+
+
+@pytest.mark.parametrize(
+    ("graph", "expected", "absent"),
+    [
+        (
+            {
+                "landmarks": "communities",
+                "starts": ["B"],
+                "communities": [
+                    {"members": ["B", "C"], "landmark": "B"},
+                    {"members": ["D"], "landmark": "D"},
+                ],
+                "one_factor_removed": [["C", "D"]],
+            },
+            [
+                "Communities (Girvan-Newman over the sources, `affinity.landmarks` = "
+                "communities): {B, C} (landmark B); {D} (landmark D).",
+                "One-factor rule (`affinity.one-factor-edges`): no transfer step "
+                "between C - D (modality and labels both differ).",
+            ],
+            [],
+        ),
+        (
+            {
+                "landmarks": "case-fraction",
+                "starts": ["B", "C"],
+                "communities": [],
+                "one_factor_removed": [],
+            },
+            [],
+            ["Communities", "One-factor rule"],
+        ),
+        (None, [], ["Communities", "One-factor rule"]),  # a result from before them
+    ],
+)
+def test_section_names_communities_landmarks_and_removed_steps(
+    graph: dict[str, Any] | None, expected: list[str], absent: list[str]
+) -> None:
+    # Prepare
+    result = affinity_result() if graph is None else affinity_result(graph=graph)
+
+    # Execute
+    text = "\n".join(affinity_lines(result, None))
+
+    # Assert
+    assert all(line in text for line in expected)
+    assert not any(word in text for word in absent)
 
 
 def test_plot_draws_the_matrix_and_the_path(tmp_path: Path) -> None:
