@@ -79,6 +79,9 @@ SCRIPT_VARIABLES: Final = (
 REFUSED_MAX_RETRIES: Final = 2
 REFUSED_MAX_WAIT_S: Final = 30
 CLI_TIMEOUT_S: Final = 120.0
+# What `flwr` prints when the SuperLink failed one Control API call internally, e.g.
+# "database is locked" in its log (SQLite state, DEPLOY.md G8) on a loaded host.
+TRANSIENT_CONTROL_ERROR: Final = "Internal server error."
 
 T = TypeVar("T")
 
@@ -577,6 +580,15 @@ class LoopbackDeployment:
         _log(f"submitted run {run_id}")
         return run_id
 
+    def stop_run(self, run_id: int) -> None:
+        """``flwr stop <run-id>``: the SuperLink marks the run ``finished:stopped``.
+
+        For a run whose ServerApp died, this ends it at once instead of when the
+        ServerApp's heartbeat expires (about a minute, DEPLOY.md G6).
+        """
+        self._flwr("stop", str(run_id), CONNECTION)
+        _log(f"stopped run {run_id}")
+
     def run_info(self, run_id: int) -> dict[str, object]:
         """``flwr ls --run-id`` of ``run_id`` as a dict (status, timestamps, ...)."""
         runs = self._flwr_json("ls", CONNECTION, "--run-id", str(run_id))["runs"]
@@ -595,7 +607,16 @@ class LoopbackDeployment:
 
         def finished() -> str | None:
             self._processes.refresh()
-            status = self.run_status(run_id)
+            try:
+                status = self.run_status(run_id)
+            except DeploymentError as error:
+                # On a busy host the SuperLink's SQLite state is sometimes locked for
+                # longer than its timeout, and the Control API answers that one query
+                # with "Internal server error"; the next poll gets through.
+                if TRANSIENT_CONTROL_ERROR not in str(error):
+                    raise
+                _log(f"flwr ls of run {run_id} failed transiently; polling on")
+                return None
             return status if status.startswith("finished") else None
 
         status = wait_until(
