@@ -252,7 +252,9 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_results(
     assert len(serverapps) == 1
     os.kill(serverapps[0], signal.SIGKILL)
     # The operator stops the dead run; Flower itself would mark it failed only once
-    # the ServerApp's heartbeat expired, about a minute later (DEPLOY.md G6).
+    # the ServerApp's heartbeat expired, about a minute later (DEPLOY.md G6). Do not
+    # resume before it has finished: with both runs open, the SuperLink's SQLite state
+    # was locked, its ServerApp launcher died on the error and no later run started.
     deployment.stop_run(killed)
     stopped = deployment.wait_for_run(killed, timeout_s=RUN_TIMEOUT_S)
     assert stopped == "finished:stopped"
