@@ -9,11 +9,11 @@ both networks' weights. The student may leave; the teacher stays at the site (th
 ClientApp keeps it in the node's state). Evaluation images are never trained on.
 
 The same function serves the refinement at the target (one round) and the federated
-rounds (FedAvg of the student across sites, ``server/pipeline.py``); the semisup
-benchmark calls it too, so it measures what the federation runs. With DP settings
-(a site policy that requires DP-SGD) the round's supervised part is DP-SGD on the
-labelled slices, planned against the site's accountant file and recorded in it; the
-unlabelled images are not covered by the guarantee. Never imports flwr.
+rounds (FedAvg of the student across sites, ``server/pipeline_semisup.py``); the
+semisup benchmark calls it too, so it measures what the federation runs. With DP
+settings (a site policy that requires DP-SGD) the round's supervised part is DP-SGD on
+the labelled slices, planned against the site's accountant file and recorded in it;
+the unlabelled images are not covered by the guarantee. Never imports flwr.
 """
 
 from __future__ import annotations

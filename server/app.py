@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from core.config import RunConfig, load_run_config
 from core.data import list_site_dirs, read_federation_target
 from core.synthetic import ensure_builtin_federation, resolve_federation_dir
-from server import pipeline
+from server.coordinator import Coordinator
 from server.runner import PipelineRunner, open_run_store
 
 app = ServerApp()
@@ -83,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     _log(f"run {context.run_id}{resumed}: results in {store.run_dir}")
     expected, default_target = prepare_federation(config)
-    coordinator = pipeline.Coordinator(grid=grid, config=config, store=store, log=_log)
+    coordinator = Coordinator(grid=grid, config=config, store=store, log=_log)
     PipelineRunner(
         coordinator,
         flower_run_id=context.run_id,

@@ -1,6 +1,6 @@
 """The report's SeqTran section: the affinity matrix, the chosen path and its picture.
 
-Reads the ``affinity`` phase result (``server/pipeline.py``) and the evaluation
+Reads the ``affinity`` phase result (``server/pipeline_affinity.py``) and the evaluation
 phase's Dice; :mod:`server.report` calls these two functions. The picture
 (``affinity_path.png``) shows the distance matrix as a heat map beside the sites as a
 graph, with the chosen path drawn as arrows labelled by their distance.

@@ -1,6 +1,6 @@
 """The report's semi-supervised section: its markdown and the Dice-per-round plot.
 
-Reads the ``semisup`` phase result (``server/pipeline.py``) and the evaluation
+Reads the ``semisup`` phase result (``server/pipeline_semisup.py``) and the evaluation
 phase's Dice; :mod:`server.report` calls these two functions.
 """
 

@@ -1,6 +1,6 @@
 """Runs the coordinator's phases in order, one persisted result at a time; resumes.
 
-Owns the run's life cycle around the phases of ``server/pipeline.py``:
+Owns the run's life cycle around the phases of ``server/pipeline*.py``:
 
 - the run folder: a new run gets ``runs/<run-id>/`` with its resolved config; a run
   started with ``resume-run=<run-id>`` continues in that run's folder after checking
@@ -31,8 +31,8 @@ from typing import Any, Final
 
 from core.config import PIPELINE_PHASES, ConfigValue, RunConfig, to_flat
 from core.models import Arrays
-from server import pipeline
-from server.pipeline import Coordinator, PhaseError, SiteInfo
+from server import pipeline, pipeline_affinity, pipeline_semisup
+from server.coordinator import Coordinator, PhaseError, SiteInfo
 from server.report import build_privacy_section, build_report, write_report
 from server.store import RunStore
 
@@ -283,7 +283,7 @@ class PipelineRunner:
         saved = self._reloaded("affinity")
         if saved is None:
             with self._timed("affinity"):
-                saved, _ = pipeline.affinity(
+                saved, _ = pipeline_affinity.affinity(
                     self.coordinator, sites, target_site, models
                 )
         model = saved.get("model")
@@ -323,7 +323,9 @@ class PipelineRunner:
                 for scope in saved["models"]
             }
         with self._timed("semisup"):
-            return pipeline.semisup(self.coordinator, sites, target_site, adapted)
+            return pipeline_semisup.semisup(
+                self.coordinator, sites, target_site, adapted
+            )
 
     def _source_models(
         self, sites: Mapping[int, SiteInfo], target: str

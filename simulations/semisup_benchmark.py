@@ -13,8 +13,8 @@ Dice on each site's evaluation labels. Every site step is
 :func:`core.semisup_job.run_semisup_round`, the ClientApp's ``train.semisup`` job, and
 the students are averaged by Flower's own FedAvg aggregation
 (:func:`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` weighted by
-``num-examples``), as ``server/pipeline.py`` averages the sites' replies. This module
-owns the run, its JSON document and the README table between the
+``num-examples``), as ``server/pipeline_semisup.py`` averages the sites' replies.
+This module owns the run, its JSON document and the README table between the
 ``<!-- benchmark:semisup -->`` markers; the command line is ``simulations.benchmark``.
 
 ``--seeds`` repeats everything at several ``train.seed`` values (which cases stay
@@ -274,7 +274,7 @@ def average_students(students: Sequence[tuple[Arrays, int]]) -> Arrays:
     Each pair becomes the record a site's reply carries (one ArrayRecord, one
     MetricRecord with ``num-examples``) and :func:`aggregate_arrayrecords` averages
     them weighted by ``num-examples``, as ``FedAvg(weighted_by_key="num-examples")``
-    does in ``server/pipeline.py``.
+    does in ``server/pipeline_semisup.py``.
     """
     records = [
         RecordDict(

@@ -30,8 +30,14 @@ from core.ledger import EGRESS, INGRESS, Ledger, verify_ledger
 from core.models import Arrays, build_model, get_manifest
 from core.policy import ACTIONS, AppliedPolicy, LftmRelease
 from core.task_profile import build_site_profile, profile_settings
-from server import pipeline, records
-from server.pipeline import Coordinator, PhaseError, SiteInfo
+from server import pipeline, pipeline_affinity, pipeline_semisup, records
+from server.coordinator import (
+    ADAPTED_START,
+    COORDINATOR,
+    Coordinator,
+    PhaseError,
+    SiteInfo,
+)
 from server.report import build_report, format_markdown, write_report
 from server.store import RunStore
 from tests.unit.clients.messages import write_policy
@@ -112,15 +118,15 @@ def full_run(
     target_site = next(site for site in sites.values() if site.name == target)
     sources = {node: site for node, site in sites.items() if site.name != target}
     sources_models = pipeline.train_sources(coordinator, sources)
-    affinity, transferred = pipeline.affinity(
+    affinity, transferred = pipeline_affinity.affinity(
         coordinator, sites, target_site, sources_models
     )
     assert transferred is not None
-    models = {**sources_models, pipeline.SEQTRAN_CANDIDATE: transferred}
+    models = {**sources_models, pipeline_affinity.SEQTRAN_CANDIDATE: transferred}
     selection = pipeline.transferability(coordinator, target_site, models)
     adapted = pipeline.adaptation(coordinator, target_site, models, selection)
     consensus = pipeline.consensus(coordinator, target_site, models, adapted)
-    semisup = pipeline.semisup(coordinator, sites, target_site, adapted)
+    semisup = pipeline_semisup.semisup(coordinator, sites, target_site, adapted)
     evaluation = pipeline.evaluation(
         coordinator,
         target_site,
@@ -456,10 +462,10 @@ def test_affinity_profiles_every_site_and_fine_tunes_along_the_path(
     first = records.read_weights(finetuned[0].content)
     start = full_run.source_models[path[0]]
     assert all(np.array_equal(first[k], start[k]) for k in start)
-    transferred = full_run.models[pipeline.SEQTRAN_CANDIDATE]
+    transferred = full_run.models[pipeline_affinity.SEQTRAN_CANDIDATE]
     assert manifest_of(transferred) == manifest_of(start)
     assert any(not np.array_equal(transferred[k], start[k]) for k in start)
-    assert result["model"] == pipeline.SEQTRAN_CANDIDATE
+    assert result["model"] == pipeline_affinity.SEQTRAN_CANDIDATE
     assert result["stopped"] is None
     assert result["graph"]["landmarks"] == "case-fraction"
     assert result["graph"]["communities"] == []
@@ -486,7 +492,9 @@ def test_affinity_refused_finetune_leaves_the_run_going_without_a_model(
     models = {"B": build_initial_weights(config), "C": build_initial_weights(config)}
 
     # Execute
-    result, transferred = pipeline.affinity(coordinator, sites, target_site, models)
+    result, transferred = pipeline_affinity.affinity(
+        coordinator, sites, target_site, models
+    )
 
     # Assert
     assert transferred is None
@@ -508,7 +516,9 @@ def test_affinity_without_the_targets_profile_records_why(
     models = {"B": build_initial_weights(config)}
 
     # Execute
-    result, transferred = pipeline.affinity(coordinator, sites, sites[11], models)
+    result, transferred = pipeline_affinity.affinity(
+        coordinator, sites, sites[11], models
+    )
 
     # Assert
     assert transferred is None
@@ -569,7 +579,9 @@ def test_affinity_with_communities_records_them_and_the_removed_steps(
     models = {"B": build_initial_weights(config), "C": build_initial_weights(config)}
 
     # Execute
-    result, transferred = pipeline.affinity(coordinator, sites, sites[11], models)
+    result, transferred = pipeline_affinity.affinity(
+        coordinator, sites, sites[11], models
+    )
 
     # Assert
     assert result["stopped"] == stopped
@@ -597,11 +609,11 @@ def test_affinity_rejects_a_source_named_like_the_candidate(
 
     # Execute / Assert
     with pytest.raises(PhaseError, match="a source site is named 'seqtran'"):
-        pipeline.affinity(
+        pipeline_affinity.affinity(
             coordinator,
             full_run.sites,
             target,
-            {pipeline.SEQTRAN_CANDIDATE: full_run.source_models["B"]},
+            {pipeline_affinity.SEQTRAN_CANDIDATE: full_run.source_models["B"]},
         )
 
 
@@ -617,7 +629,7 @@ def test_path_for_an_unlabelled_target_uses_the_image_term_only(
     )
 
     # Execute
-    choice, matrices = pipeline._choose_path(
+    choice, matrices = pipeline_affinity.choose_affinity_path(
         config, profiles, ["C", "B"], "A", factors={}
     )
     image_only = config.affinity.image_weight * np.array(
@@ -650,8 +662,8 @@ def test_transferability_chooses_main_and_aux_by_dtm(full_run: PipelineRun) -> N
     # Assert
     assert selection["metric"] == "lftm"
     # The SeqTran candidate is scored beside the source models.
-    assert selection["sources"] == ["B", "C", pipeline.SEQTRAN_CANDIDATE]
-    assert set(selection["dtm"]) == {"B", "C", pipeline.SEQTRAN_CANDIDATE}
+    assert selection["sources"] == ["B", "C", pipeline_affinity.SEQTRAN_CANDIDATE]
+    assert set(selection["dtm"]) == {"B", "C", pipeline_affinity.SEQTRAN_CANDIDATE}
     assert all(0.0 <= value <= 1.0 for value in selection["dtm"].values())
     assert (selection["main"], selection["aux"]) == (ranked[0], ranked[1])
     weights = selection["weights"]
@@ -768,20 +780,20 @@ def test_consensus_sends_sources_and_adapted_main_and_persists(
     sent_models = {protocol.model_name(key) for key in message.content.array_records}
 
     # Assert: the labels stay at the target; figures and trained models come back
-    assert request.label_sources == ("B", "C", pipeline.SEQTRAN_CANDIDATE)
-    assert request.start == pipeline.ADAPTED_START
+    assert request.label_sources == ("B", "C", pipeline_affinity.SEQTRAN_CANDIDATE)
+    assert request.start == ADAPTED_START
     assert sent_models == {
         "B",
         "C",
-        pipeline.SEQTRAN_CANDIDATE,
-        pipeline.ADAPTED_START,
+        pipeline_affinity.SEQTRAN_CANDIDATE,
+        ADAPTED_START,
     }
     assert set(full_run.consensus) == set(protocol.CONSENSUS_METHODS)
     for method, weights in full_run.consensus.items():
         assert manifest_of(weights) == manifest_of(full_run.models["B"])
         assert (full_run.store.run_dir / "models" / f"consensus-{method}.npz").is_file()
     assert saved is not None
-    assert saved["sources"] == ["B", "C", pipeline.SEQTRAN_CANDIDATE]
+    assert saved["sources"] == ["B", "C", pipeline_affinity.SEQTRAN_CANDIDATE]
     assert saved["models"] == sorted(protocol.CONSENSUS_METHODS)
     assert set(saved["label_dice"]) == set(protocol.CONSENSUS_METHODS)
     assert all(0.0 <= value <= 1.0 for value in saved["label_dice"].values())
@@ -833,7 +845,7 @@ def test_semisup_refines_at_the_target_and_runs_federated_rounds(
         assert manifest_of(weights) == manifest_of(full_run.models["B"])
         assert (full_run.store.run_dir / "models" / f"semisup-{scope}.npz").is_file()
     assert saved is not None
-    assert saved["start"] == pipeline.ADAPTED_START
+    assert saved["start"] == ADAPTED_START
     assert saved["target"]["site"] == "A"
     assert saved["target"]["num-labelled"] == 2
     federated = saved["federated"]
@@ -891,7 +903,7 @@ def test_semisup_refused_everywhere_leaves_the_run_going(
     target_site = next(site for site in sites.values() if site.name == target)
 
     # Execute
-    models = pipeline.semisup(coordinator, sites, target_site, {})
+    models = pipeline_semisup.semisup(coordinator, sites, target_site, {})
 
     # Assert: recorded, and nothing raised
     saved = coordinator.store.load_phase("semisup")
@@ -914,7 +926,7 @@ def test_semisup_sites_must_name_answering_sites(
     with pytest.raises(
         PhaseError, match=re.escape("semisup.sites names ['Z'], which did not answer")
     ):
-        pipeline.semisup_federated(coordinator, full_run.sites, {})
+        pipeline_semisup.semisup_federated(coordinator, full_run.sites, {})
 
 
 def test_semisup_sites_must_hold_labels(
@@ -927,7 +939,7 @@ def test_semisup_sites_must_hold_labels(
 
     # Execute / Assert
     with pytest.raises(PhaseError, match=r"names \['B'\], which hold no labelled"):
-        pipeline.semisup_federated(coordinator, sites, {})
+        pipeline_semisup.semisup_federated(coordinator, sites, {})
 
 
 def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -> None:
@@ -1081,7 +1093,7 @@ def test_report_json_holds_sites_transferability_and_dice(
         assert site["cases"] == {"labelled": 2, "unlabelled": 0, "evaluation": 6}
     transfer = document["transferability"]
     assert {"dtm", "main", "aux", "weights"} <= set(transfer)
-    assert set(transfer["dtm"]) == {"B", "C", pipeline.SEQTRAN_CANDIDATE}
+    assert set(transfer["dtm"]) == {"B", "C", pipeline_affinity.SEQTRAN_CANDIDATE}
     assert transfer["main"] == full_run.selection["main"]
     assert transfer["weights"]["main"] + transfer["weights"]["aux"] == pytest.approx(1)
     dice = document["evaluation"]["dice"]
@@ -1214,7 +1226,7 @@ def test_coordinator_ledger_records_each_request_and_reply(
     assert [(e.direction, e.message_type) for e in entries] == expected_sequence
     requests = [e for e in entries if e.direction == EGRESS]
     assert len(requests) == len(sent) == 28 + len(finetuned)
-    assert all(e.sender == pipeline.COORDINATOR for e in requests)
+    assert all(e.sender == COORDINATOR for e in requests)
     assert [e.egress.digest for e in requests if e.egress] == [
         measure_content(m.content, message_type=m.metadata.message_type).egress.digest
         for m in sent

@@ -18,7 +18,7 @@ from core import protocol
 from core.config import ConfigValue, load_run_config
 from core.ledger import verify_ledger
 from server.app import prepare_federation
-from server.pipeline import Coordinator, PhaseError
+from server.coordinator import Coordinator, PhaseError
 from server.runner import (
     ATTEMPTS_FILE,
     PipelineRunner,

@@ -1,0 +1,195 @@
+"""The coordinator: it sends a phase's messages and records them in its ledger.
+
+Owns :class:`Coordinator` (one message per node, replies matched by message id,
+timeouts reported per node), what the coordinator knows of a site
+(:class:`SiteInfo`), the phase failure (:class:`PhaseError`) and the model names
+that several phases share. The phases themselves live in ``server/pipeline.py``,
+``server/pipeline_affinity.py`` and ``server/pipeline_semisup.py``.
+
+The coordinator keeps its own hash-chained ledger (``runs/<run-id>/ledger.jsonl``):
+one ``egress`` entry per request it sends and one ``ingress`` entry per reply it
+receives, digested exactly as the site digests it (``core.egress``), so an auditor can
+match each site's ledger against it. It also keeps the policy each site reported it
+applied, for the report's privacy section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from core import protocol
+from core.config import RunConfig
+from core.egress import measure_content, measure_error
+from core.ledger import EGRESS, INGRESS, RELEASED, Ledger
+from server import records
+from server.store import RunStore
+
+Log = Callable[[str], None]
+COORDINATOR: Final = "coordinator"  # the coordinator's name in ledgers
+LEDGER_FILE: Final = "ledger.jsonl"
+ADAPTED_START: Final = "adapted:main"  # the model consensus and semisup start from
+
+
+class PhaseError(RuntimeError):
+    """A phase could not proceed (too few sites answered, or a required one failed)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SiteInfo:
+    """A site as the coordinator knows it: its node and what it said in hello."""
+
+    node_id: int
+    hello: protocol.HelloReply
+
+    @property
+    def name(self) -> str:
+        """The site's name."""
+        return self.hello.site
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replies:
+    """Replies of one phase by node id, and the nodes that failed with the reason."""
+
+    ok: dict[int, Message]
+    failed: dict[int, str]
+
+
+@dataclasses.dataclass
+class Coordinator:
+    """Sends a phase's messages, collects its replies and records both in its ledger.
+
+    Attributes:
+        site_names: node id -> site name, known after discover.
+        applied_policies: site name -> the ``policy.*`` fields its last reply said
+            were applied.
+    """
+
+    grid: Grid
+    config: RunConfig
+    store: RunStore
+    log: Log
+    site_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    applied_policies: dict[str, dict[str, Any]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    @property
+    def ledger(self) -> Ledger:
+        """The coordinator's ledger of this run."""
+        return Ledger(self.store.run_dir / LEDGER_FILE)
+
+    def site_name(self, node: int, reply: Message | None = None) -> str:
+        """The node's site name: known, or said in its hello reply, or ``node <id>``."""
+        if node in self.site_names:
+            return self.site_names[node]
+        if reply is not None and not reply.has_error():
+            said = records.read_settings(reply.content).get("site")
+            if isinstance(said, str) and said:
+                return said
+        return f"node {node}"
+
+    def _record(self, message: Message, *, direction: str, sender: str) -> None:
+        if message.has_error():
+            egress = measure_error(message.error.reason or "")
+        else:
+            egress = measure_content(
+                message.content, message_type=message.metadata.message_type
+            ).egress
+        self.ledger.append(
+            run_id=str(message.metadata.run_id),
+            message_type=message.metadata.message_type,
+            sender=sender,
+            direction=direction,
+            egress=egress,
+            decision=RELEASED,
+            policy={},
+            epsilon_spent=0.0,
+            epsilon_total=0.0,
+        )
+
+    def _keep_applied_policy(self, node: int, reply: Message) -> None:
+        if reply.has_error():
+            return
+        settings = records.read_settings(reply.content)
+        applied = {
+            key: value
+            for key, value in settings.items()
+            if key.startswith(protocol.APPLIED_POLICY_PREFIX)
+        }
+        if applied:
+            self.applied_policies[self.site_name(node, reply)] = applied
+
+    def ask(self, requests: Mapping[int, RecordDict], message_type: str) -> Replies:
+        """Send one message per node and wait up to the reply timeout.
+
+        Replies are matched to requests by message id (an error reply made by the
+        SuperLink does not carry the dead node's id); a node that neither answered nor
+        errored before the timeout is reported as timed out. Every request and reply
+        is recorded in the coordinator's ledger.
+        """
+        messages = {
+            node: Message(content, dst_node_id=node, message_type=message_type)
+            for node, content in requests.items()
+        }
+        for message in messages.values():
+            self._record(message, direction=EGRESS, sender=COORDINATOR)
+        replies = list(
+            self.grid.send_and_receive(
+                list(messages.values()), timeout=self.config.federation.reply_timeout_s
+            )
+        )
+        # The grid assigns message ids when it pushes, so map them only afterwards.
+        by_message_id = {
+            message.metadata.message_id: node for node, message in messages.items()
+        }
+        ok: dict[int, Message] = {}
+        failed: dict[int, str] = {}
+        for reply in replies:
+            node = by_message_id.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            self._record(reply, direction=INGRESS, sender=self.site_name(node, reply))
+            self._keep_applied_policy(node, reply)
+            if reply.has_error():
+                failed[node] = f"error {reply.error.code}: {reply.error.reason}"
+            else:
+                ok[node] = reply
+        for node in requests:
+            if node not in ok and node not in failed:
+                failed[node] = (
+                    f"no reply within {self.config.federation.reply_timeout_s:g} s"
+                )
+        return Replies(ok=ok, failed=failed)
+
+
+def names_by_site(
+    sites: Mapping[int, SiteInfo], nodes: Mapping[int, object]
+) -> dict[str, Any]:
+    """``nodes``' values keyed by site name (the node id where the site is unknown)."""
+    return {
+        sites[node].name if node in sites else str(node): value
+        for node, value in nodes.items()
+    }
+
+
+def ask_target(
+    coordinator: Coordinator,
+    target: SiteInfo,
+    content: RecordDict,
+    message_type: str,
+    phase: str,
+) -> Message:
+    """Ask the target alone; its reply, or a PhaseError naming ``phase``."""
+    replies = coordinator.ask({target.node_id: content}, message_type)
+    if target.node_id not in replies.ok:
+        raise PhaseError(
+            f"{phase}: target {target.name} failed: "
+            f"{replies.failed.get(target.node_id)}"
+        )
+    return replies.ok[target.node_id]
