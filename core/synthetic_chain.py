@@ -275,6 +275,44 @@ def write_chain_site(site: ChainSite, site_dir: Path, *, seed: int) -> None:
     (site_dir / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
 
 
+def read_chain_levels(site_dir: Path) -> tuple[int, int] | None:
+    """Return a site's ``(appearance level, anatomy level)`` from its ``dataset.json``.
+
+    The levels :func:`write_chain_site` records; ``None`` for a site that records
+    neither (not a chain site, e.g. a real hospital's folder).
+
+    Raises:
+        ValueError: ``dataset.json`` is missing or not a JSON object, only one level is
+            recorded, or a level is not an integer of the grid (0 to 2).
+    """
+    path = Path(site_dir) / "dataset.json"
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{path}: cannot read the site's dataset.json ({error})"
+        ) from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: dataset.json must hold a JSON object")
+    keys = ("appearance_level", "anatomy_level")
+    present = [key for key in keys if key in metadata]
+    if not present:
+        return None
+    counts = (len(APPEARANCES), len(ANATOMIES))
+    levels = []
+    for key, count in zip(keys, counts, strict=True):
+        value = metadata.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(
+                f"{path}: {key} must be an integer level, got {value!r} (a chain "
+                f"site records both {keys[0]} and {keys[1]})"
+            )
+        if not 0 <= value < count:
+            raise ValueError(f"{path}: {key} must be in [0, {count - 1}], got {value}")
+        levels.append(value)
+    return levels[0], levels[1]
+
+
 def _toml_names(sites: tuple[ChainSite, ...], role: ChainRole) -> str:
     return ", ".join(f'"{site.name}"' for site in sites if site.role == role)
 

@@ -64,6 +64,7 @@ from simulations.benchmark_output import (
     print_progress,
     with_seed,
 )
+from simulations.tgma_benchmark import spearman
 
 AFFINITY_MARKER: Final = "benchmark:affinity"
 # The benchmark's scale: a few minutes on 2 CPU cores. Build with
@@ -94,11 +95,15 @@ HEADERS: Final = (
     "random path",
 )
 TARGET_SPEARMAN: Final = 0.6
-# One seed's one-step Dice moves by about 0.06 between train.seed values (measured:
-# seeds 0-2, mean per-step standard deviation 0.056-0.072 per target), as much as the
-# sources differ, and one seed's Spearman ranged 0.05-0.71 at one target; so the
-# benchmark averages every Dice over three seeds by default (about 2 minutes each).
-DEFAULT_SEEDS: Final = (0, 1, 2)
+SPEARMAN_KEYS: Final = ("spearman", "spearman_zero_shot", "spearman_factor_levels")
+SEED_RESAMPLES: Final = 2000  # bootstrap draws of the seeds for the Spearman interval
+# One seed's one-step Dice moves by about 0.06 between train.seed values (seeds 0-2:
+# mean per-step standard deviation 0.056-0.072 per target, up to 0.2 for a source
+# whose fine-tuning sometimes collapses), as much as the sources differ. Over three
+# seeds the mean Spearman's bootstrap interval was [0.32, 0.65]: too wide to say
+# which side of 0.6 it is on. Ten seeds (about 100 s each on one core) narrow every
+# Dice's standard error by sqrt(10 / 3).
+DEFAULT_SEEDS: Final = tuple(range(10))
 MISSING: Final = "—"
 
 
@@ -240,9 +245,15 @@ def run_affinity(
             )
             for number, (name, setup) in enumerate(setups.items())
         }
-    mean = {
-        key: _mean(rows, key) for key in (*COLUMNS, "spearman", "spearman_zero_shot")
-    }
+    mean = {key: _mean(rows, key) for key in (*COLUMNS, *SPEARMAN_KEYS)}
+    interval = spearman_seed_interval(rows)
+    if interval is not None:
+        progress(
+            f"[affinity] mean Spearman {mean['spearman']:.3f}, "
+            f"{interval['level']:.0%} interval over the seeds "
+            f"[{interval['low']:.3f}, {interval['high']:.3f}]; the generator's factor "
+            f"distance ranks the same Dice at {mean['spearman_factor_levels']:.3f}"
+        )
     return {
         "targets": rows,
         "mean": mean,
@@ -257,6 +268,7 @@ def run_affinity(
             "label_weight": config.affinity.label_weight,
             "max_hops": config.affinity.max_hops,
         },
+        "spearman_interval": interval,
         "calibration": calibration,
         "recipe": {
             "scratch_epochs": config.train.epochs,
@@ -269,6 +281,89 @@ def run_affinity(
         "seeds": list(seeds),
         "config": to_flat(config),
     }
+
+
+def spearman_seed_interval(
+    rows: Mapping[str, Mapping[str, object]],
+    *,
+    resamples: int = SEED_RESAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float] | None:
+    """Percentile-bootstrap interval of the mean Spearman(-d, one-step Dice) over seeds.
+
+    Each resample draws the ``train.seed`` values with replacement (the same draw for
+    every target, as one seed trains every target's paths), averages each source's
+    one-step Dice over the drawn seeds and takes the mean over targets of
+    Spearman(-d, that Dice). It measures how much the training seeds move the
+    figure at the run's weights ``d``; it does not refit the calibration per resample.
+
+    Args:
+        rows: per target, an ``evaluate_target`` row
+            (:mod:`simulations.affinity_transfer`): its ``single_step`` sources
+            with ``distance`` and ``dice_per_seed``.
+        resamples: bootstrap draws.
+        level: the interval's coverage, in (0, 1).
+        seed: the draws' random seed.
+
+    Returns:
+        ``{"low", "high", "level", "resamples", "seeds"}``, or ``None`` with fewer
+        than two seeds (nothing to resample).
+
+    Raises:
+        ValueError: no target, a row without ``single_step``, sources with different
+            numbers of seeds, or ``resamples`` / ``level`` out of range.
+    """
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError(
+            f"resamples must be >= 1 and level in (0, 1), got {resamples} and {level}"
+        )
+    if not rows:
+        raise ValueError("no target rows to resample")
+    tables = []  # per target: (-d per source, (sources, seeds) Dice)
+    for name, row in rows.items():
+        steps = row.get("single_step")
+        if not isinstance(steps, Mapping) or not steps:
+            raise ValueError(f"target {name}: its row has no single_step sources")
+        scores = [-float(step["distance"]) for step in steps.values()]
+        dice = [list(map(float, step["dice_per_seed"])) for step in steps.values()]
+        if len({len(values) for values in dice}) != 1:
+            raise ValueError(
+                f"target {name}: every source needs the same number of seeds, got "
+                f"{sorted({len(values) for values in dice})}"
+            )
+        tables.append((scores, np.asarray(dice, dtype=np.float64)))
+    counts = {table.shape[1] for _, table in tables}
+    if len(counts) != 1:
+        raise ValueError(f"targets were measured over different seeds: {counts}")
+    count = counts.pop()
+    if count < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, count, size=count)
+        values.append(
+            np.mean(
+                [
+                    spearman(scores, table[:, drawn].mean(axis=1).tolist())
+                    for scores, table in tables
+                ]
+            )
+        )
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return {
+        "low": float(low),
+        "high": float(high),
+        "level": level,
+        "resamples": resamples,
+        "seeds": count,
+    }
+
+
+def _percent(value: object) -> str:
+    return f"{value:.0%}" if isinstance(value, float) else MISSING
 
 
 def _cell(value: object, digits: int = 3) -> str:
@@ -345,6 +440,24 @@ def format_affinity_table(document: Mapping[str, object]) -> str:
         lines.append(
             f"Weights a = {_cell(weights.get('image_weight'))}, b = "
             f"{_cell(weights.get('label_weight'))} (not calibrated in this run)."
+        )
+    interval = _mapping(document, "spearman_interval")
+    if interval:
+        lines.append(
+            f"Spearman over the seeds: {_percent(interval.get('level'))} interval "
+            f"[{_cell(interval.get('low'))}, {_cell(interval.get('high'))}] "
+            f"(bootstrap of the {interval.get('seeds', '?')} train.seed values, "
+            f"{interval.get('resamples', '?')} draws, at these weights)."
+        )
+    reference = _mapping(document, "mean").get("spearman_factor_levels")
+    if isinstance(reference, float) and math.isfinite(reference):
+        per_target = ", ".join(
+            f"{name} {_cell(row.get('spearman_factor_levels'))}" for name, row in rows
+        )
+        lines.append(
+            "Reference: the generator's own factor distance (appearance plus anatomy "
+            "levels apart, which no site publishes) ranks the same one-step Dice at "
+            f"Spearman {_cell(reference)} ({per_target})."
         )
     met = _mapping(document, "targets_met")
     if met:

@@ -29,6 +29,7 @@ from core.config import RunConfig
 from core.data import index_site
 from core.jobs import build_initial_weights, evaluate_predictors, train_source_model
 from core.models import Arrays
+from core.synthetic_chain import read_chain_levels
 from core.task_profile import SiteProfile, build_site_profile, profile_settings
 from core.transfer_choice import choose_path
 from core.transfer_graph import TaskFactors
@@ -174,6 +175,9 @@ class TargetSetup:
     label_norm: SiteMatrix
     labelled: dict[str, int]  # every site's labelled cases as its profile says
     factors: dict[str, TaskFactors]  # every site's modality and labels (dataset.json)
+    # Every site's (appearance, anatomy) grid levels from its dataset.json; None unless
+    # every site is a chain site. Only the reference Spearman uses them, never d.
+    levels: dict[str, tuple[int, int]] | None
 
     def terms(self, dice: Mapping[str, float]) -> PairTerms:
         """The sources' terms to this target with their one-step Dice."""
@@ -202,6 +206,7 @@ def setup_target(
     image_norm, label_norm = normalise(*affinity_matrices(scenario))
     folders = {**sites, name: folder}
     indexes = {site: index_site(path) for site, path in folders.items()}
+    levels = {site: read_chain_levels(path) for site, path in sites.items()}
     return TargetSetup(
         name=name,
         folder=folder,
@@ -213,6 +218,32 @@ def setup_target(
             site: TaskFactors.from_class_names(index.modality, index.class_names)
             for site, index in indexes.items()
         },
+        levels=(
+            None
+            if any(value is None for value in levels.values())
+            else {site: value for site, value in levels.items() if value is not None}
+        ),
+    )
+
+
+def factor_levels_apart(
+    levels: Mapping[str, tuple[int, int]], source: str, target: str
+) -> int:
+    """Grid levels between two chain sites: appearance plus anatomy levels apart.
+
+    The generator's own distance (:mod:`core.synthetic_chain`), which no site
+    publishes.
+
+    Example:
+        >>> factor_levels_apart({"T": (0, 0), "L": (2, 1)}, "L", "T")
+        3
+    """
+    (source_appearance, source_anatomy), (target_appearance, target_anatomy) = (
+        levels[source],
+        levels[target],
+    )
+    return abs(source_appearance - target_appearance) + abs(
+        source_anatomy - target_anatomy
     )
 
 
@@ -364,6 +395,16 @@ def evaluate_target(
         "spearman": spearman(scores, [dice[site] for site in sources]),
         "spearman_zero_shot": spearman(
             scores, [single[site]["zero_shot_dice"] for site in sources]
+        ),
+        # The same Dice ranked by the generator's true factor distance instead of
+        # -d: how far an affinity that knew the grid would get on this measurement.
+        "spearman_factor_levels": (
+            math.nan
+            if setup.levels is None
+            else spearman(
+                [-factor_levels_apart(setup.levels, site, target) for site in sources],
+                [dice[site] for site in sources],
+            )
         ),
         "per_seed": {
             "seeds": list(trainers),

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from core.config import ConfigValue
-from core.synthetic_chain import write_chain_federation
+from core.synthetic_chain import ANATOMIES, APPEARANCES, write_chain_federation
 from simulations.affinity_benchmark import (
     AFFINITY_MARKER,
     COLUMNS,
+    SPEARMAN_KEYS,
     build_affinity_config,
     format_affinity_table,
     run_affinity,
+    spearman_seed_interval,
 )
 from simulations.affinity_calibration import (
     PairTerms,
@@ -36,6 +38,7 @@ from simulations.affinity_transfer import (
     read_federation_roles,
 )
 from simulations.benchmark import main
+from simulations.tgma_benchmark import spearman
 
 # Seconds on 2 CPU cores: 9 sites x (1 or 2) cases x 3 slices, a 2-level U-Net.
 TINY_AFFINITY: dict[str, ConfigValue] = {
@@ -128,10 +131,10 @@ def test_tiny_run_has_the_issue_shape(document: dict[str, object]) -> None:
     assert isinstance(targets, dict)
     assert isinstance(mean, dict)
     assert list(targets) == ["T-bright-large", "I-dark-large"]
-    assert set(mean) == {*COLUMNS, "spearman", "spearman_zero_shot"}
+    assert set(mean) == {*COLUMNS, *SPEARMAN_KEYS}
     for row in [*targets.values(), mean]:
         assert all(0.0 <= row[key] <= 1.0 for key in COLUMNS)
-        assert -1.0 <= row["spearman"] <= 1.0
+        assert all(-1.0 <= row[key] <= 1.0 for key in SPEARMAN_KEYS)
     row = targets["T-bright-large"]
     chosen = row["chosen"]
     assert chosen["path"][-1] == "T-bright-large"
@@ -168,6 +171,108 @@ def test_tiny_run_averages_every_dice_over_the_seeds(
     assert "every Dice a mean over train.seed 0, 1" in str(document["_readme"])
 
 
+def test_tiny_run_reports_the_seed_interval_and_the_factor_reference(
+    document: dict[str, object],
+) -> None:
+    # Assert: the interval brackets nothing outside [-1, 1] and is recomputable from
+    # the recorded per-seed Dice; the reference is the generator's levels' Spearman.
+    interval = document["spearman_interval"]
+    assert isinstance(interval, dict)
+    assert interval["seeds"] == 2
+    assert -1.0 <= interval["low"] <= interval["high"] <= 1.0
+    assert spearman_seed_interval(document["targets"]) == interval
+    for name, row in document["targets"].items():
+        steps = row["single_step"]
+        apart = [
+            -sum(
+                abs(source - target)
+                for source, target in zip(_levels(site), _levels(name), strict=True)
+            )
+            for site in steps
+        ]
+        expected = spearman(apart, [step["dice"] for step in steps.values()])
+        assert row["spearman_factor_levels"] == pytest.approx(expected)
+    assert "95% interval" in str(document["_readme"])
+    assert "the generator's own factor distance" in str(document["_readme"])
+
+
+def _levels(site: str) -> tuple[int, int]:
+    _, appearance, anatomy = site.split("-")
+    return (
+        [level.name for level in APPEARANCES].index(appearance),
+        [level.name for level in ANATOMIES].index(anatomy),
+    )
+
+
+def _interval_rows(dice_per_seed: list[list[float]]) -> dict[str, object]:
+    distances = [0.1 * (index + 1) for index in range(len(dice_per_seed))]
+    return {
+        "T": {
+            "single_step": {
+                f"S{index}": {"distance": distance, "dice_per_seed": dice}
+                for index, (distance, dice) in enumerate(
+                    zip(distances, dice_per_seed, strict=True)
+                )
+            }
+        }
+    }
+
+
+def test_spearman_seed_interval_collapses_when_every_seed_agrees() -> None:
+    # Arrange: Dice falls with d at every seed, so every resample gives rho = 1.
+    rows = _interval_rows([[0.9, 0.9, 0.9], [0.7, 0.7, 0.7], [0.5, 0.5, 0.5]])
+
+    # Execute
+    interval = spearman_seed_interval(rows, resamples=50)
+
+    # Assert
+    assert interval == {
+        "low": 1.0,
+        "high": 1.0,
+        "level": 0.95,
+        "resamples": 50,
+        "seeds": 3,
+    }
+
+
+def test_spearman_seed_interval_spans_seeds_that_disagree() -> None:
+    # Arrange: seed 0 ranks the sources as d does, seed 1 reverses them.
+    rows = _interval_rows([[0.9, 0.1], [0.7, 0.3], [0.5, 0.5], [0.3, 0.7]])
+
+    # Execute
+    interval = spearman_seed_interval(rows, resamples=200)
+
+    # Assert: both seeds drawn twice give -1 and +1; the interval covers both.
+    assert interval is not None
+    assert interval["low"] == -1.0
+    assert interval["high"] == 1.0
+
+
+def test_spearman_seed_interval_needs_two_seeds() -> None:
+    assert spearman_seed_interval(_interval_rows([[0.9], [0.7]])) is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "options", "message"),
+    [
+        ({}, {}, "no target rows to resample"),
+        ({"T": {}}, {}, "target T: its row has no single_step sources"),
+        (
+            _interval_rows([[0.9, 0.8], [0.7]]),
+            {},
+            r"target T: every source needs the same number of seeds, got \[1, 2\]",
+        ),
+        (_interval_rows([[0.9, 0.8]]), {"resamples": 0}, "resamples must be >= 1"),
+        (_interval_rows([[0.9, 0.8]]), {"level": 1.0}, "level in \\(0, 1\\)"),
+    ],
+)
+def test_spearman_seed_interval_refuses_bad_input(
+    rows: dict[str, object], options: dict[str, float], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        spearman_seed_interval(rows, **options)  # type: ignore[arg-type]
+
+
 def test_tiny_run_calibrates_and_writes_the_weights(
     document: dict[str, object],
 ) -> None:
@@ -201,6 +306,7 @@ def test_format_affinity_table_on_a_hand_made_document() -> None:
         "direct_oracle_best": 0.85,
         "random_path": 0.5,
         "spearman": 0.9,
+        "spearman_factor_levels": 0.7,
         "chosen": {"path": ["L-a", "I-b", "T"], "direct_affinity_best": "I-b"},
     }
     document = {
@@ -214,6 +320,13 @@ def test_format_affinity_table_on_a_hand_made_document() -> None:
         },
         "weights": {"image_weight": 1.0, "label_weight": 1.0},
         "calibration": None,
+        "spearman_interval": {
+            "low": 0.25,
+            "high": 0.95,
+            "level": 0.95,
+            "resamples": 2000,
+            "seeds": 10,
+        },
         "recipe": {"scratch_epochs": 30, "finetune_epochs": 15},
     }
 
@@ -226,6 +339,14 @@ def test_format_affinity_table_on_a_hand_made_document() -> None:
     assert lines[3] == "| **mean** | 0.800 | — | 0.700 | 0.850 | 0.500 | 0.900 |"
     assert "- T: chosen L-a → I-b → T; paper —; affinity-best I-b;" in table
     assert "(not calibrated in this run)" in table
+    assert (
+        "Spearman over the seeds: 95% interval [0.250, 0.950] (bootstrap of the 10 "
+        "train.seed values, 2000 draws, at these weights)." in table
+    )
+    assert (
+        "levels apart, which no site publishes) ranks the same one-step Dice at "
+        "Spearman 0.700 (T 0.700)." in table
+    )
     assert ": met (path above direct, Spearman ≥ 0.6)" in table
     assert "Measured on CPU (test) in 12 s." in table
 

@@ -31,6 +31,7 @@ from core.synthetic_chain import (
     ensure_chain_federation,
     get_chain_federation_dir,
     get_chain_role,
+    read_chain_levels,
     write_chain_federation,
     write_chain_site,
 )
@@ -277,6 +278,49 @@ def test_dataset_json_records_the_factors_and_style(generated: Generated) -> Non
         assert style["organ_scale"] == site.style.organ_scale
         assert tuple(style["organ_offset_px"]) == site.style.organ_offset_px
         assert metadata["labels"] == {"0": "background", "1": "organ"}
+
+
+def test_read_chain_levels_reads_what_the_generator_recorded(
+    generated: Generated,
+) -> None:
+    for site in generated.sites:
+        levels = read_chain_levels(generated.folder / site.name)
+        assert levels == (site.appearance_level, site.anatomy_level)
+
+
+def test_read_chain_levels_is_none_for_a_site_without_levels(tmp_path: Path) -> None:
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "hospital"}))
+    assert read_chain_levels(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read the site's dataset.json"),
+        ("{not json", "cannot read the site's dataset.json"),
+        ("[1, 2]", "dataset.json must hold a JSON object"),
+        ('{"appearance_level": 1}', "anatomy_level must be an integer level, got None"),
+        (
+            '{"appearance_level": "1", "anatomy_level": 0}',
+            "appearance_level must be an integer level, got '1'",
+        ),
+        (
+            '{"appearance_level": true, "anatomy_level": 0}',
+            "appearance_level must be an integer level, got True",
+        ),
+        (
+            '{"appearance_level": 0, "anatomy_level": 3}',
+            r"anatomy_level must be in \[0, 2\], got 3",
+        ),
+    ],
+)
+def test_read_chain_levels_refuses_bad_metadata(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    if content is not None:
+        (tmp_path / "dataset.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_chain_levels(tmp_path)
 
 
 def test_ensure_chain_federation_generates_once_and_reuses(
