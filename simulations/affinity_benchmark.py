@@ -77,7 +77,8 @@ AFFINITY_RUN_CONFIG: Final[dict[str, ConfigValue]] = {
     "model.strides": "2,2",
     "train.epochs": 30,  # a path's first site, from the seeded start
 }
-# Labelled training cases per landmark, intermediate and target.
+# Labelled training cases per landmark and intermediate, and the target's default
+# (--target-cases; METHODS 4 (d) suggests reporting several few-shot counts).
 CHAIN_CASES: Final = (8, 8, 2)
 EXTRA_TARGETS: Final = ("I-dark-large", "I-bright-small")
 COLUMNS: Final = (
@@ -482,6 +483,35 @@ def format_affinity_table(document: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
+def parse_target_cases(text: str) -> int:
+    """``--target-cases``: an integer from 1 to the intermediates' labelled cases.
+
+    Extra targets are intermediates cut to the target's count, so it cannot exceed
+    theirs.
+
+    Example:
+        >>> parse_target_cases("5")
+        5
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or out of range.
+    """
+    intermediate = CHAIN_CASES[1]
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--target-cases must be an integer, got {text!r}"
+        ) from None
+    if not 1 <= count <= intermediate:
+        raise argparse.ArgumentTypeError(
+            f"--target-cases must be in [1, {intermediate}] (extra targets are "
+            f"intermediates with {intermediate} labelled cases, cut to the target's "
+            f"count), got {count}"
+        )
+    return count
+
+
 def add_affinity_options(command: argparse.ArgumentParser) -> None:
     """The ``affinity`` subcommand's own options."""
     command.add_argument(
@@ -491,6 +521,14 @@ def add_affinity_options(command: argparse.ArgumentParser) -> None:
         "--pyproject (the run config reads them from there)",
     )
     command.add_argument("--pyproject", type=Path, default=Path("pyproject.toml"))
+    command.add_argument(
+        "--target-cases",
+        type=parse_target_cases,
+        default=CHAIN_CASES[2],
+        help="labelled training cases of the generated federation's target (every "
+        "extra target is cut to the same); at most the intermediates' "
+        f"{CHAIN_CASES[1]}; default {CHAIN_CASES[2]}",
+    )
     command.add_argument(
         "--targets",
         default=",".join(EXTRA_TARGETS),
@@ -521,7 +559,8 @@ def run_affinity_command(
     config = build_affinity_config(overrides)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    landmark, intermediate, target = CHAIN_CASES
+    landmark, intermediate, _ = CHAIN_CASES
+    target = args.target_cases
     federation = args.federation_dir or ensure_chain_federation(
         args.cache_dir,
         seed=config.federation.synthetic_seed,

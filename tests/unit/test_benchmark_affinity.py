@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -354,6 +355,62 @@ def test_format_affinity_table_on_a_hand_made_document() -> None:
 def test_format_affinity_table_tolerates_an_empty_document() -> None:
     table = format_affinity_table({})
     assert "| **mean** | — | — | — | — | — | — |" in table
+
+
+def test_target_cases_sets_the_generated_targets_labels(tmp_path: Path) -> None:
+    # Arrange: a generated chain federation (no --federation-dir), 3 target labels.
+    out = tmp_path / "affinity.json"
+    overrides = [f"--set={key}={value}" for key, value in TINY_AFFINITY.items()]
+    threads = torch.get_num_threads()
+
+    # Execute
+    try:
+        code = main(
+            [
+                "affinity",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--target-cases",
+                "3",
+                "--targets",
+                "",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                "--readme",
+                "",
+                "--set=affinity.finetune-epochs=1",
+                "--threads=1",
+                *overrides,
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+    # Assert: the federation's folder says 8-8-3 and the target trained on 3 cases.
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert str(document["federation"]).endswith("-cases8-8-3")
+    assert document["recipe"]["target_labelled_cases"] == 3
+    assert document["spearman_interval"] is None  # one seed: nothing to resample
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", r"--target-cases must be in \[1, 8\] .* got 0"),
+        ("9", r"--target-cases must be in \[1, 8\] .* got 9"),
+        ("two", "--target-cases must be an integer, got 'two'"),
+    ],
+)
+def test_target_cases_option_refuses_bad_counts(
+    value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["affinity", "--target-cases", value])
+    assert stopped.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_weights_at_rescales_the_larger_weight_to_one() -> None:
