@@ -106,6 +106,7 @@ SEED_RESAMPLES: Final = 2000  # bootstrap draws of the seeds for the Spearman in
 # Dice's standard error by sqrt(10 / 3).
 DEFAULT_SEEDS: Final = tuple(range(10))
 MISSING: Final = "—"
+RANDOM_PATHS_SHOWN: Final = 3  # per target in the README; the JSON has every seed's
 
 
 def build_affinity_config(overrides: Mapping[str, ConfigValue]) -> RunConfig:
@@ -391,10 +392,19 @@ def _seeds(value: object) -> str:
 
 
 def _random_nodes(value: object) -> str:
-    """One random path per seed, separated by commas."""
+    """One random path per seed, separated by commas; past three, the count.
+
+    Example:
+        >>> _random_nodes([["A", "T"], ["B", "T"], ["C", "T"], ["D", "T"]])
+        'A → T, B → T, C → T and 1 more (every draw is in the JSON)'
+    """
     if not isinstance(value, list) or not value:
         return MISSING
-    return ", ".join(_nodes(nodes) for nodes in value)
+    shown = ", ".join(_nodes(nodes) for nodes in value[:RANDOM_PATHS_SHOWN])
+    hidden = len(value) - RANDOM_PATHS_SHOWN
+    return shown + (
+        f" and {hidden} more (every draw is in the JSON)" if hidden > 0 else ""
+    )
 
 
 def format_affinity_table(document: Mapping[str, object]) -> str:
