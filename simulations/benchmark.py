@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_from is not None:
         table = subcommand.format_table(read_document(args.table_from))
         print(table)
-        write_readme_table(args.readme, subcommand.marker, table)
+        if args.readme.is_file():  # --readme "" is Path("."): print only
+            write_readme_table(args.readme, subcommand.marker, table)
         return 0
     document = subcommand.run(args, overrides)
     write_document(args.out, document)

@@ -351,6 +351,27 @@ def test_format_scale_table_shows_a_failed_run() -> None:
     assert "| 16 | failed: flwr run exited with 1 |" in table
 
 
+def test_table_from_with_an_empty_readme_only_prints(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a README in the working folder that --readme "" must leave alone.
+    out = tmp_path / "scale.json"
+    out.write_text(json.dumps(scale_document(4, 8)))
+    monkeypatch.chdir(tmp_path)
+    block = f"<!-- {SCALE_MARKER} -->\nold\n<!-- /{SCALE_MARKER} -->\n"
+    (tmp_path / "README.md").write_text(block)
+
+    # Execute
+    exit_code = main(["scale", "--table-from", str(out), "--readme", ""])
+
+    # Assert
+    assert exit_code == 0
+    assert "| 8 | 7 |" in capsys.readouterr().out
+    assert (tmp_path / "README.md").read_text() == block
+
+
 def test_table_from_rewrites_only_the_scale_block(tmp_path: Path) -> None:
     # Prepare
     out = tmp_path / "scale.json"
