@@ -67,6 +67,24 @@ image-weight = 5.0
 """
 
 
+def run_tiny_affinity(arguments: list[str]) -> int:
+    """Run ``benchmark affinity`` at the tiny scale on one thread (then restored)."""
+    overrides = [f"--set={key}={value}" for key, value in TINY_AFFINITY.items()]
+    threads = torch.get_num_threads()
+    try:
+        return main(
+            [
+                "affinity",
+                *arguments,
+                "--set=affinity.finetune-epochs=1",
+                "--threads=1",
+                *overrides,
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny chain federation: 1 labelled case per site, 2 at the intermediates."""
@@ -93,31 +111,22 @@ def document(
     )
     pyproject = folder / "pyproject.toml"
     pyproject.write_text(PYPROJECT)
-    overrides = [f"--set={key}={value}" for key, value in TINY_AFFINITY.items()]
-    threads = torch.get_num_threads()
-    try:
-        code = main(
-            [
-                "affinity",
-                "--federation-dir",
-                str(federation),
-                "--out",
-                str(folder / "affinity.json"),
-                "--readme",
-                str(readme),
-                "--calibrate",
-                "--pyproject",
-                str(pyproject),
-                "--targets",
-                "I-dark-large",
-                "--set=affinity.finetune-epochs=1",
-                "--seeds=0,1",
-                "--threads=1",
-                *overrides,
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    code = run_tiny_affinity(
+        [
+            "--federation-dir",
+            str(federation),
+            "--out",
+            str(folder / "affinity.json"),
+            "--readme",
+            str(readme),
+            "--calibrate",
+            "--pyproject",
+            str(pyproject),
+            "--targets",
+            "I-dark-large",
+            "--seeds=0,1",
+        ]
+    )
     assert code == 0
     result: dict[str, object] = json.loads((folder / "affinity.json").read_text())
     result["_readme"] = readme.read_text()
@@ -360,33 +369,24 @@ def test_format_affinity_table_tolerates_an_empty_document() -> None:
 def test_target_cases_sets_the_generated_targets_labels(tmp_path: Path) -> None:
     # Arrange: a generated chain federation (no --federation-dir), 3 target labels.
     out = tmp_path / "affinity.json"
-    overrides = [f"--set={key}={value}" for key, value in TINY_AFFINITY.items()]
-    threads = torch.get_num_threads()
 
     # Execute
-    try:
-        code = main(
-            [
-                "affinity",
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--target-cases",
-                "3",
-                "--targets",
-                "",
-                "--seeds",
-                "0",
-                "--out",
-                str(out),
-                "--readme",
-                "",
-                "--set=affinity.finetune-epochs=1",
-                "--threads=1",
-                *overrides,
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    code = run_tiny_affinity(
+        [
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--target-cases",
+            "3",
+            "--targets",
+            "",
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+            "--readme",
+            "",
+        ]
+    )
 
     # Assert: the federation's folder says 8-8-3 and the target trained on 3 cases.
     assert code == 0
