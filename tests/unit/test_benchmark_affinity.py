@@ -13,6 +13,7 @@ import torch
 
 from core.config import ConfigValue
 from core.synthetic_chain import ANATOMIES, APPEARANCES, write_chain_federation
+from simulations import affinity_benchmark
 from simulations.affinity_benchmark import (
     AFFINITY_MARKER,
     COLUMNS,
@@ -366,8 +367,12 @@ def test_format_affinity_table_tolerates_an_empty_document() -> None:
     assert "| **mean** | — | — | — | — | — | — |" in table
 
 
-def test_target_cases_sets_the_generated_targets_labels(tmp_path: Path) -> None:
-    # Arrange: a generated chain federation (no --federation-dir), 3 target labels.
+def test_target_cases_sets_the_generated_targets_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: a generated chain federation (no --federation-dir) with 2 target
+    # labels; the generated sites are cut to (1, 2) cases so that it runs in seconds.
+    monkeypatch.setattr(affinity_benchmark, "CHAIN_CASES", (1, 2, 1))
     out = tmp_path / "affinity.json"
 
     # Execute
@@ -376,7 +381,7 @@ def test_target_cases_sets_the_generated_targets_labels(tmp_path: Path) -> None:
             "--cache-dir",
             str(tmp_path / "cache"),
             "--target-cases",
-            "3",
+            "2",
             "--targets",
             "",
             "--seeds",
@@ -388,11 +393,11 @@ def test_target_cases_sets_the_generated_targets_labels(tmp_path: Path) -> None:
         ]
     )
 
-    # Assert: the federation's folder says 8-8-3 and the target trained on 3 cases.
+    # Assert: the federation's folder says 1-2-2 and the target trained on 2 cases.
     assert code == 0
     document = json.loads(out.read_text())
-    assert str(document["federation"]).endswith("-cases8-8-3")
-    assert document["recipe"]["target_labelled_cases"] == 3
+    assert str(document["federation"]).endswith("-cases1-2-2")
+    assert document["recipe"]["target_labelled_cases"] == 2
     assert document["spearman_interval"] is None  # one seed: nothing to resample
 
 
