@@ -5,8 +5,9 @@ safe :func:`default_policy` that ``deploy/policy.template.toml`` documents), the
 stricter-wins merge with the run config (:func:`resolve_policy` ->
 :class:`AppliedPolicy`) and the egress rules applied to a description of a reply
 (:func:`check_reply`). The Flower mod that builds that description and blocks replies
-lives in ``clients/guard.py``. Pure: stdlib (``tomllib``) and ``core.protocol`` only;
-never imports flwr, torch or numpy.
+lives in ``clients/guard.py``. The ``[limits]`` table's model and checks are
+:mod:`core.limits`. Pure: stdlib (``tomllib``), ``core.protocol`` and ``core.limits``
+only; never imports flwr, torch or numpy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final, TypeVar
 
+from core.limits import SiteLimits, default_limits, parse_limits, to_limit_fields
 from core.protocol import (
     ADAPT,
     APPLIED_POLICY_PREFIX,
@@ -92,6 +94,9 @@ class Rule(StrEnum):
     OVERSIZED_CONFIG_VALUE = "oversized-config-value"
     INSTANCE_LFTM_NOT_ALLOWED = "instance-lftm-not-allowed"
     TOO_MANY_METRIC_VALUES = "too-many-metric-values"
+    LIMIT_EXCEEDED = "limit-exceeded"
+    NO_DP_FORM = "no-dp-form"
+    BUNDLE_NOT_APPROVED = "bundle-not-approved"
 
 
 def _require(condition: bool, key: str, rule: str, value: object) -> None:
@@ -111,6 +116,9 @@ class SitePolicy:
     this policy or the run requires it); ε is sample-level, at ``delta``, cumulative
     over every run and phase that trained on this site's labelled data, and
     ``epsilon_budget`` caps that total. The site's own accountant computes it.
+    ``limits`` are the ``[limits]`` table (:mod:`core.limits`) and
+    ``semisup_labelled_fraction`` the share of the site's labelled cases that
+    semi-supervised training may treat as labelled (the site's choice, not the run's).
     """
 
     answers: frozenset[str]
@@ -123,8 +131,16 @@ class SitePolicy:
     epsilon_budget: float
     max_reply_mb: float
     max_config_value_bytes: int
+    limits: SiteLimits
+    semisup_labelled_fraction: float
 
     def __post_init__(self) -> None:
+        _require(
+            0.0 < self.semisup_labelled_fraction <= 1.0,
+            "semisup.labelled-fraction",
+            "in (0, 1]",
+            self.semisup_labelled_fraction,
+        )
         unknown = sorted(self.answers - set(ACTIONS))
         if unknown:
             raise PolicyError(
@@ -197,16 +213,23 @@ def default_policy() -> SitePolicy:
         epsilon_budget=10.0,
         max_reply_mb=64.0,
         max_config_value_bytes=4096,
+        limits=default_limits(),
+        semisup_labelled_fraction=1.0,
     )
 
 
-# TOML table -> its keys; every key is required except the two exclusive ways of
-# setting DP noise.
+# TOML table -> its keys. Every key of the first three tables is required except the
+# two exclusive ways of setting DP noise. The [limits] and [semisup] tables came later:
+# they and their keys are optional (a policy written before them keeps working with the
+# safe defaults), but an unknown key in them is an error all the same.
 _KEYS: Final[dict[str, tuple[str, ...]]] = {
     "actions": ("answer",),
     "release": ("lftm", "weights-may-leave", "max-reply-mb", "max-config-value-bytes"),
     "dp": ("required", "noise-multiplier", "target-epsilon", "delta", "budget-epsilon"),
+    "limits": tuple(key[len("limits.") :] for key in to_limit_fields(default_limits())),
+    "semisup": ("labelled-fraction",),
 }
+_OPTIONAL_TABLES: Final = frozenset({"limits", "semisup"})
 _OPTIONAL: Final = frozenset({"dp.noise-multiplier", "dp.target-epsilon"})
 
 
@@ -229,6 +252,8 @@ def _flatten(document: Mapping[str, object]) -> dict[str, object]:
                 )
             flat[f"{table_name}.{name}"] = value
     for table_name, names in _KEYS.items():
+        if table_name in _OPTIONAL_TABLES:
+            continue
         for name in names:
             key = f"{table_name}.{name}"
             if key not in flat and key not in _OPTIONAL:
@@ -270,10 +295,23 @@ def _float(key: str, raw: object) -> float:
 _Policy = TypeVar("_Policy", "SitePolicy", "AppliedPolicy")
 
 
+def _limits(flat: Mapping[str, object]) -> SiteLimits:
+    table = {
+        key[len("limits.") :]: value
+        for key, value in flat.items()
+        if key.startswith("limits.")
+    }
+    try:
+        return parse_limits(table)
+    except ValueError as error:
+        raise PolicyError(str(error)) from None
+
+
 def _build(kind: type[_Policy], flat: Mapping[str, object]) -> _Policy:
     """Build either policy from dotted ``policy.toml`` keys (KeyError when missing)."""
     noise = flat.get("dp.noise-multiplier")
     target = flat.get("dp.target-epsilon")
+    fraction = flat.get("semisup.labelled-fraction", 1.0)
     return kind(
         answers=_actions("actions.answer", flat["actions.answer"]),
         lftm_release=_release("release.lftm", flat["release.lftm"]),
@@ -291,6 +329,8 @@ def _build(kind: type[_Policy], flat: Mapping[str, object]) -> _Policy:
         target_epsilon=None if target is None else _float("dp.target-epsilon", target),
         delta=_float("dp.delta", flat["dp.delta"]),
         epsilon_budget=_float("dp.budget-epsilon", flat["dp.budget-epsilon"]),
+        limits=_limits(flat),
+        semisup_labelled_fraction=_float("semisup.labelled-fraction", fraction),
     )
 
 
@@ -337,6 +377,8 @@ class AppliedPolicy:
     epsilon_budget: float
     max_reply_mb: float
     max_config_value_bytes: int
+    limits: SiteLimits
+    semisup_labelled_fraction: float
 
     def __post_init__(self) -> None:
         if self.dp_required and self.noise_multiplier is self.target_epsilon is None:
@@ -384,6 +426,8 @@ class AppliedPolicy:
             "dp.required": self.dp_required,
             "dp.delta": self.delta,
             "dp.budget-epsilon": self.epsilon_budget,
+            "semisup.labelled-fraction": self.semisup_labelled_fraction,
+            **to_limit_fields(self.limits),
         }
         if self.noise_multiplier is not None:
             fields["dp.noise-multiplier"] = self.noise_multiplier
@@ -438,8 +482,8 @@ def resolve_policy(
 
     DP is required if either side requires it; the larger noise multiplier, the
     smaller target ε, the smaller δ and the smaller reply limit apply. Everything
-    else (answered actions, LFTM release, whether weights leave, the ε budget) is
-    the site's alone.
+    else (answered actions, LFTM release, whether weights leave, the ε budget, the
+    query limits, the semi-supervised labelled fraction) is the site's alone.
 
     Args:
         site: the site's own policy.
@@ -480,6 +524,8 @@ def resolve_policy(
         if run_max_reply_mb is not None
         else site.max_reply_mb,
         max_config_value_bytes=site.max_config_value_bytes,
+        limits=site.limits,
+        semisup_labelled_fraction=site.semisup_labelled_fraction,
     )
 
 

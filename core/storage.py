@@ -2,13 +2,16 @@
 
 Owns :func:`write_atomically`, the one way a site's files (privacy accountant, model
 weights, images) are replaced, so a failure part-way (a full disk, an interrupted
-process) never leaves a half-written file behind. The ledger, which is appended to
-rather than replaced, keeps the same promise in ``core.ledger``. Stdlib only.
+process) never leaves a half-written file behind, and :func:`hold_exclusive_lock`, the
+one way a read-check-write of such a file (a budget check and its recorded spend) is
+kept from racing another process. The ledger, which is appended to rather than
+replaced, keeps the same promise in ``core.ledger``. Stdlib only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 from collections.abc import Iterator
@@ -51,3 +54,33 @@ def write_atomically(path: Path) -> Iterator[Path]:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+@contextlib.contextmanager
+def hold_exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the lock file ``path`` for the ``with`` block.
+
+    Every process (and every thread: each call opens its own file description) that
+    wraps its read-check-write of one state file in this lock, with the same lock
+    path, runs that section alone, so two requests arriving at once can't both pass a
+    budget check that only one of them fits. The lock file is created (with its
+    folders) and never removed; the lock is released when the block ends, also on an
+    exception, and by the operating system if the process dies.
+
+    Example:
+        >>> import tempfile
+        >>> lock = Path(tempfile.mkdtemp()) / "budget.lock"
+        >>> with hold_exclusive_lock(lock):
+        ...     held = lock.exists()
+        >>> held
+        True
+        >>> import shutil; shutil.rmtree(lock.parent)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

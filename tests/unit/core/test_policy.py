@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from core.limits import default_limits, to_limit_fields
 from core.policy import (
     ACTIONS,
     AppliedPolicy,
@@ -54,6 +55,12 @@ required = false
 noise-multiplier = 1.0
 delta = 1e-5
 budget-epsilon = 10.0
+
+[limits]
+min-cases = 2
+
+[semisup]
+labelled-fraction = 1.0
 """
 
 MANIFEST: dict[str, tuple[int, ...]] = {
@@ -149,6 +156,12 @@ required = true
 target-epsilon = 3
 delta = 1e-6
 budget-epsilon = 8.0
+[limits]
+max-predictors-per-request = 4
+min-cases = 5
+max-request-seconds = 60
+[semisup]
+labelled-fraction = 0.5
 """
     expected = SitePolicy(
         answers=frozenset({HELLO, EVALUATE}),
@@ -161,6 +174,13 @@ budget-epsilon = 8.0
         epsilon_budget=8.0,
         max_reply_mb=8.0,
         max_config_value_bytes=512,
+        limits=dataclasses.replace(
+            default_limits(),
+            max_predictors_per_request=4,
+            min_cases=5,
+            max_request_seconds=60.0,
+        ),
+        semisup_labelled_fraction=0.5,
     )
 
     # Execute
@@ -268,12 +288,40 @@ budget-epsilon = 8.0
         (
             "[dp]",
             "[egress]\nstrict = true\n[dp]",
-            "unknown table [egress]; valid tables: [actions], [release], [dp]",
+            "unknown table [egress]; valid tables: [actions], [release], [dp], "
+            "[limits], [semisup]",
         ),
         (
             "[actions]",
             "version = 2\n[actions]",
-            "unknown version; valid tables: [actions], [release], [dp]",
+            "unknown version; valid tables: [actions], [release], [dp], [limits]",
+        ),
+        (
+            "min-cases = 2",
+            "min-cases = 2\nmax-queries = 5",
+            "unknown key limits.max-queries; valid keys in [limits]: "
+            "max-models-per-request,",
+        ),
+        ("min-cases = 2", "min-cases = 0", "limits.min-cases must be >= 1, got 0"),
+        (
+            "min-cases = 2",
+            "min-cases = 2.5",
+            "limits.min-cases must be an integer, got 2.5",
+        ),
+        (
+            "min-cases = 2",
+            "max-request-seconds = -1",
+            "limits.max-request-seconds must be >= 0 (0 = no cap), got -1.0",
+        ),
+        (
+            "min-cases = 2",
+            "max-request-seconds = true",
+            "limits.max-request-seconds must be a number, got True",
+        ),
+        (
+            "labelled-fraction = 1.0",
+            "labelled-fraction = 0.0",
+            "semisup.labelled-fraction must be in (0, 1], got 0.0",
         ),
     ],
 )
@@ -449,6 +497,11 @@ def test_applied_policy_fields_are_flat_and_round_trip() -> None:
         "policy.dp.target-epsilon": 3.0,
         "policy.dp.delta": 1e-5,
         "policy.dp.budget-epsilon": 10.0,
+        "policy.semisup.labelled-fraction": 1.0,
+        **{
+            f"policy.{key}": value
+            for key, value in to_limit_fields(default_limits()).items()
+        },
     }
     assert AppliedPolicy.from_fields({"metric": "lftm", **fields}) == applied
 
@@ -852,4 +905,7 @@ def test_rule_ids_are_stable() -> None:
         "oversized-config-value",
         "instance-lftm-not-allowed",
         "too-many-metric-values",
+        "limit-exceeded",
+        "no-dp-form",
+        "bundle-not-approved",
     }
