@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from core.audit import MiaResult
+    from core.ledger import LedgerEntry
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -96,16 +97,57 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from core.ledger import verify_ledger
+    from core.ledger import Ledger, verify_ledger
 
-    if not args.ledger.is_file():
-        print(f"error: no ledger at {args.ledger}", file=sys.stderr)
+    ledgers = [args.ledger, *args.against]
+    missing = [path for path in ledgers if not path.is_file()]
+    if missing:
+        print(f"error: no ledger at {missing[0]}", file=sys.stderr)
         return 2
-    result = verify_ledger(args.ledger)
-    if not result.ok:
-        print(f"TAMPERED: {result.problem}", file=sys.stderr)
+    for path in ledgers:
+        result = verify_ledger(path)
+        if not result.ok:
+            where = "" if path == args.ledger else f"{path}: "
+            print(f"TAMPERED: {where}{result.problem}", file=sys.stderr)
+            return 1
+    print(f"OK: {verify_ledger(args.ledger).entries} entries, chain intact")
+    if not args.against:
+        return 0
+    return _match_against_coordinator(
+        Ledger(args.ledger).entries(),
+        [entry for path in args.against for entry in Ledger(path).entries()],
+        site=args.site,
+    )
+
+
+def _match_against_coordinator(
+    site_entries: list[LedgerEntry], coordinator: list[LedgerEntry], *, site: str | None
+) -> int:
+    from core.ledger_match import coordinator_sites, match_ledgers
+
+    known = coordinator_sites(coordinator)
+    if site is None:
+        own = {entry.sender for entry in site_entries}
+        candidates = [name for name in known if name in own] or known
+        if len(candidates) != 1:
+            print(
+                "error: name the site as the coordinator knows it with --site; the "
+                f"coordinator ledger holds replies of {', '.join(known) or 'no site'}",
+                file=sys.stderr,
+            )
+            return 2
+        site = candidates[0]
+    match = match_ledgers(site_entries, coordinator, site=site)
+    for line in match.not_received:
+        print(f"note: {line}")
+    if not match.ok:
+        for line in match.problems:
+            print(f"MISMATCH: {line}", file=sys.stderr)
         return 1
-    print(f"OK: {result.entries} entries, chain intact")
+    print(
+        f"OK: all {match.anchors} replies the coordinator received from {site} are "
+        "in this ledger, with the same hashes and digests"
+    )
     return 0
 
 
@@ -300,9 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser(
         "verify",
-        help="exit 0 if the ledger's hash chain is intact, else name the entry",
+        help="exit 0 if the ledger's hash chain is intact (and, with --against, "
+        "matches the coordinator's), else name the entry",
+        description="Checks the hash chain. With --against, also checks a site's "
+        "ledger against the anchors its replies carried to the coordinator: a "
+        "rewritten or truncated site ledger no longer matches them.",
     )
     verify.add_argument("ledger", type=Path, help="a ledger.jsonl file")
+    verify.add_argument(
+        "--against",
+        type=Path,
+        action="append",
+        default=[],
+        help="a coordinator ledger (runs/<run-id>/ledger.jsonl); repeat for runs",
+    )
+    verify.add_argument(
+        "--site",
+        help="the site's name at the coordinator (default: the site ledger's own, "
+        "or the only site in the coordinator ledger)",
+    )
     verify.set_defaults(run=_audit_verify)
     summary = audit_commands.add_parser(
         "report", help="summarise what left, per run and per action, and epsilon used"

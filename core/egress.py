@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from core.ledger import ArrayRelease, Egress
 from core.policy import ArrayDescription, ReplyDescription
+from core.protocol import LEDGER_ANCHOR_PREFIX, REPLY_KEY
 
 ERROR_FIELD: Final = "error.reason"  # how an error reply's reason is measured
 
@@ -85,7 +86,8 @@ def measure_content(content: RecordContent, *, message_type: str) -> MeasuredCon
     The digest is SHA-256 over, record by record in key order, each array's name,
     dtype, shape and raw bytes, and each metric or config value's canonical JSON.
     ``total_bytes`` counts every array's bytes and every value's canonical JSON, plus
-    the names they travel under.
+    the names they travel under. A reply's ledger anchor (``ledger.*`` settings) is
+    left out: the site adds it after recording the digest.
 
     Example:
         >>> class Content:
@@ -136,6 +138,12 @@ def measure_content(content: RecordContent, *, message_type: str) -> MeasuredCon
             digest.update(f"{kind}-record:{record_key}\n".encode())
             counts[record_key] = {}
             for name, value in sorted(records[record_key].items()):
+                if (
+                    kind == "config"
+                    and record_key == REPLY_KEY
+                    and name.startswith(LEDGER_ANCHOR_PREFIX)
+                ):
+                    continue
                 encoded = _encode(value)
                 digest.update(f"{name}=".encode() + encoded + b"\n")
                 size = len(encoded)

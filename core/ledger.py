@@ -7,9 +7,19 @@ deleted, inserted or reordered entry breaks the chain. Also owns the audit summa
 imports flwr, torch or numpy. Callers describe what left (:class:`Egress`) and the
 policy decision; this module only records and checks.
 
-Limit, stated plainly: a chain can't show that entries were cut off at the *end* of the
-file (every remaining entry is still intact). Compare the entry count with the other
-side's ledger (site versus coordinator) to catch that.
+Decisions: a site's entry for a reply is ``released`` (it passed the egress guard and
+was handed to the SuperNode for delivery; the coordinator's ledger, not the site's,
+shows whether it arrived), ``error`` (an error reply: only its reason left) or
+``blocked: <rules>`` (refused; only the refusal's reason left). The coordinator's
+entries are ``sent`` (a request), ``received`` or ``error`` (a reply) and
+``undelivered`` (no reply came before the timeout). An entry may carry the ``anchor``
+of the other side's entry it answers: the coordinator records, for each reply, the
+index and hash of the site's own ledger entry for it, which the reply carries.
+
+Limit, stated plainly: on its own, a chain can't show that entries were cut off at the
+*end* of the file, nor that someone who can write the file rewrote it and recomputed
+every hash. The anchors catch both: :mod:`core.ledger_match` checks a site's ledger
+against the hashes its replies carried to the coordinator.
 """
 
 from __future__ import annotations
@@ -32,8 +42,15 @@ JsonObject: TypeAlias = dict[str, object]
 GENESIS_HASH: Final = "0" * 64
 EGRESS: Final = "egress"
 INGRESS: Final = "ingress"
-RELEASED: Final = "released"
+RELEASED: Final = "released"  # a site's reply that passed its guard, handed on
+ERROR: Final = "error"  # an error reply (only its reason left)
+SENT: Final = "sent"  # the coordinator's request
+RECEIVED: Final = "received"  # a reply that reached the coordinator
+UNDELIVERED: Final = "undelivered"  # no reply reached the coordinator in time
 BLOCKED_PREFIX: Final = "blocked: "
+DECISIONS: Final = (RELEASED, ERROR, SENT, RECEIVED, UNDELIVERED)
+# Decisions whose entry's content reached (or was handed on toward) the other side.
+_DELIVERED: Final = frozenset({RELEASED, SENT, RECEIVED})
 _DIRECTIONS: Final = (EGRESS, INGRESS)
 
 
@@ -207,6 +224,9 @@ class LedgerEntry:
         epsilon_total: the site accountant's cumulative ε after this entry, or 0.0.
         previous_hash: ``entry_hash`` of the previous entry; 64 zeros for the first.
         entry_hash: SHA-256 of the canonical JSON of every other field.
+        anchor: the other side's ledger entry this one answers (``{"index": int,
+            "hash": str}``), or None; absent from entries written before anchors
+            existed, which still verify.
     """
 
     index: int
@@ -222,18 +242,33 @@ class LedgerEntry:
     epsilon_total: float
     previous_hash: str
     entry_hash: str
+    anchor: dict[str, object] | None = None
 
     @property
     def released(self) -> bool:
-        """Whether the decision let the reply leave."""
-        return self.decision == RELEASED
+        """Whether the entry's content left (site) or travelled (coordinator).
+
+        An error reply's reason, a refusal's reason and an undelivered reply are not
+        counted as released content.
+        """
+        return self.decision in _DELIVERED
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the site's guard refused the reply."""
+        return self.decision.startswith(BLOCKED_PREFIX)
 
     def to_json(self) -> JsonObject:
-        """Plain JSON-ready mapping of every field, as written to the file."""
+        """Plain JSON-ready mapping of every field, as written to the file.
+
+        ``anchor`` is left out when None, as entries without one were written.
+        """
         fields: JsonObject = {
             field.name: getattr(self, field.name) for field in dataclasses.fields(self)
         }
         fields["egress"] = None if self.egress is None else self.egress.to_json()
+        if self.anchor is None:
+            del fields["anchor"]
         return fields
 
     @classmethod
@@ -260,17 +295,26 @@ class LedgerEntry:
             epsilon_total=_get_float(data, "epsilon_total"),
             previous_hash=_get_str(data, "previous_hash"),
             entry_hash=_get_str(data, "entry_hash"),
+            anchor=_get_anchor(data),
         )
         _check_values(entry.direction, entry.decision)
         return entry
 
 
+def _get_anchor(data: Mapping[str, object]) -> dict[str, object] | None:
+    if data.get("anchor") is None:
+        return None
+    anchor = _get_dict(data, "anchor")
+    return {"index": _get_int(anchor, "index"), "hash": _get_str(anchor, "hash")}
+
+
 def _check_values(direction: str, decision: str) -> None:
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be 'egress' or 'ingress', got {direction!r}")
-    if decision != RELEASED and not decision.startswith(BLOCKED_PREFIX):
+    if decision not in DECISIONS and not decision.startswith(BLOCKED_PREFIX):
         raise ValueError(
-            f"decision must be 'released' or 'blocked: <rule>', got {decision!r}"
+            f"decision must be one of {', '.join(map(repr, DECISIONS))} or "
+            f"'blocked: <rule>', got {decision!r}"
         )
 
 
@@ -300,6 +344,7 @@ class Ledger:
         epsilon_spent: float,
         epsilon_total: float,
         time: str | None = None,
+        anchor: Mapping[str, object] | None = None,
     ) -> LedgerEntry:
         """Append one entry chained to the last one and return it.
 
@@ -314,6 +359,7 @@ class Ledger:
             epsilon_spent: ε of this reply alone (0.0 without DP).
             epsilon_total: the site's cumulative ε after this reply, or 0.0.
             time: ISO-8601 UTC time; now when None.
+            anchor: the other side's entry this one answers (``index``, ``hash``).
 
         Returns:
             The entry as written.
@@ -349,6 +395,11 @@ class Ledger:
                     "epsilon_total": float(epsilon_total),
                     "previous_hash": previous_hash,
                 }
+                if anchor is not None:
+                    fields["anchor"] = {
+                        "index": int(anchor["index"]),  # type: ignore[call-overload]
+                        "hash": str(anchor["hash"]),
+                    }
                 try:
                     fields["entry_hash"] = compute_entry_hash(fields)
                 except TypeError as error:
@@ -515,8 +566,11 @@ class EgressTotals:
 
     Attributes:
         replies: entries in the group.
-        released: entries whose decision was ``released``.
+        released: entries whose content left or travelled (``released``, ``sent``,
+            ``received``).
         blocked: entries whose decision was ``blocked: <rule>``.
+        errors: error replies (``error``).
+        undelivered: replies that never reached the coordinator (``undelivered``).
         bytes_released: sum of ``total_bytes`` over released entries.
         arrays_released: arrays in released entries.
         metric_values_released: metric values (not names) in released entries.
@@ -525,6 +579,8 @@ class EgressTotals:
     replies: int
     released: int
     blocked: int
+    errors: int
+    undelivered: int
     bytes_released: int
     arrays_released: int
     metric_values_released: int
@@ -542,7 +598,9 @@ class EgressTotals:
         return cls(
             replies=len(entries),
             released=len(released),
-            blocked=len(entries) - len(released),
+            blocked=sum(entry.blocked for entry in entries),
+            errors=sum(entry.decision == ERROR for entry in entries),
+            undelivered=sum(entry.decision == UNDELIVERED for entry in entries),
             bytes_released=sum(egress.total_bytes for egress in content),
             arrays_released=sum(len(egress.arrays) for egress in content),
             metric_values_released=sum(
@@ -675,6 +733,8 @@ _HEADER: Final = (
     "replies",
     "released",
     "blocked",
+    "errors",
+    "undelivered",
     "bytes released",
     "arrays",
     "metric values",
@@ -694,6 +754,8 @@ def _table(summary: LedgerSummary) -> list[tuple[str, ...]]:
             str(row.totals.replies),
             str(row.totals.released),
             str(row.totals.blocked),
+            str(row.totals.errors),
+            str(row.totals.undelivered),
             str(row.totals.bytes_released),
             str(row.totals.arrays_released),
             str(row.totals.metric_values_released),

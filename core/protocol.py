@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from typing import Final, TypeAlias
 
@@ -57,6 +58,27 @@ def model_key(name: str) -> str:
 def model_name(key: str) -> str | None:
     """Inverse of :func:`model_key`; None for keys that are not model keys."""
     return key[len(MODEL_KEY_PREFIX) :] if key.startswith(MODEL_KEY_PREFIX) else None
+
+
+# A site's name: it becomes part of file names at the coordinator (models, reports), so
+# a name is a short token that can't climb out of a folder ("../x") or hide a path.
+SITE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_site_name(name: str) -> str:
+    """``name`` when it is a valid site name, else a ValueError saying why.
+
+    Example:
+        >>> check_site_name("hospital-a")
+        'hospital-a'
+        >>> check_site_name("../runs")
+        Traceback (most recent call last):
+        ...
+        ValueError: site name '../runs' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
+    """
+    if not SITE_NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"site name {name!r} must match {SITE_NAME_PATTERN.pattern}")
+    return name
 
 
 def _require(
@@ -127,7 +149,7 @@ class HelloReply:
         """Parse a reply's ConfigRecord."""
         names = _list(fields, "class-names")
         return cls(
-            site=_str(fields, "site"),
+            site=check_site_name(_str(fields, "site")),
             modality=_str(fields, "modality"),
             labelled=_int(fields, "labelled"),
             unlabelled=_int(fields, "unlabelled"),
@@ -787,6 +809,75 @@ class EvaluateReply:
 # prefix (``core.policy.AppliedPolicy.to_fields``), so the coordinator sees what bound.
 APPLIED_POLICY_PREFIX: Final = "policy."
 
+# Every reply also carries its anchor: the index and hash of the site's own ledger
+# entry for it. The settings below hold it (an error reply, which has only a reason,
+# carries it at the end of the reason). Neither side digests the anchor: it is added
+# after the site's ledger recorded the reply's digest.
+LEDGER_ANCHOR_PREFIX: Final = "ledger."
+LEDGER_INDEX_FIELD: Final = "ledger.entry-index"
+LEDGER_HASH_FIELD: Final = "ledger.entry-hash"
+_ANCHORED_REASON: Final = re.compile(
+    r"^(?P<reason>.*) \[site ledger entry (?P<index>\d+) (?P<hash>[0-9a-f]{64})\]$",
+    re.DOTALL,
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LedgerAnchor:
+    """Where a reply is recorded in its site's ledger: the entry's index and hash.
+
+    The coordinator keeps the anchor of every reply in its own ledger, so a site's
+    ledger that was rewritten (its hashes recomputed) or cut short no longer matches
+    what its replies said (``core.ledger_match``).
+
+    Example:
+        >>> anchor = LedgerAnchor(3, "ab" * 32)
+        >>> LedgerAnchor.split_reason(anchor.anchor_reason("bad case")) == (
+        ...     "bad case", anchor)
+        True
+        >>> LedgerAnchor.from_settings(anchor.to_fields()) == anchor
+        True
+    """
+
+    index: int
+    entry_hash: str
+
+    def to_fields(self) -> Fields:
+        """The reply settings that carry the anchor."""
+        return {LEDGER_INDEX_FIELD: self.index, LEDGER_HASH_FIELD: self.entry_hash}
+
+    def to_json(self) -> dict[str, object]:
+        """The anchor as a ledger entry records it."""
+        return {"index": self.index, "hash": self.entry_hash}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, object]) -> LedgerAnchor | None:
+        """The anchor in a reply's settings; None when it has none (or a bad one)."""
+        index, entry_hash = (
+            settings.get(LEDGER_INDEX_FIELD),
+            settings.get(LEDGER_HASH_FIELD),
+        )
+        if (
+            isinstance(index, int)
+            and not isinstance(index, bool)
+            and isinstance(entry_hash, str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry_hash)
+        ):
+            return cls(index, entry_hash)
+        return None
+
+    def anchor_reason(self, reason: str) -> str:
+        """An error reason with this anchor appended."""
+        return f"{reason} [site ledger entry {self.index} {self.entry_hash}]"
+
+    @classmethod
+    def split_reason(cls, reason: str) -> tuple[str, LedgerAnchor | None]:
+        """An error reason without its anchor, and the anchor (None when absent)."""
+        matched = _ANCHORED_REASON.match(reason)
+        if matched is None:
+            return reason, None
+        return matched["reason"], cls(int(matched["index"]), matched["hash"])
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ReplySchema:
@@ -802,8 +893,14 @@ class ReplySchema:
     models: tuple[str, ...] = ()  # names allowed as model.<name> ArrayRecords
 
     def allows_setting(self, key: str) -> bool:
-        """Whether ``key`` may appear in the reply's settings."""
-        return key.startswith(APPLIED_POLICY_PREFIX) or _matches(key, self.settings)
+        """Whether ``key`` may appear in the reply's settings.
+
+        The applied policy (``policy.*``) and the ledger anchor (``ledger.*``) may
+        appear in every reply; the egress guard alone writes them.
+        """
+        return key.startswith(
+            (APPLIED_POLICY_PREFIX, LEDGER_ANCHOR_PREFIX)
+        ) or _matches(key, self.settings)
 
     def allows_metric(self, key: str) -> bool:
         """Whether ``key`` may appear in the reply's metrics.

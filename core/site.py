@@ -3,13 +3,16 @@
 Owns what a node (``clients/site.py``, per message) and ``sitebridge site check``
 (offline) both do with a site folder — find and read the site's policy, apply it to
 the run's privacy settings (:func:`read_applied_policy`), and read and check every
-case (:func:`check_site`) — so the offline check is exactly the node's. Pure core:
-never imports flwr, clients or server.
+case (:func:`check_site`) — so the offline check is exactly the node's; and how a
+site's error text is made fit to leave it (:func:`redact_site_text`: cases by index,
+never a file name or an absolute path). Pure core: never imports flwr, clients or
+server.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Final
 
@@ -26,6 +29,80 @@ from core.policy import (
 )
 
 DEFAULT_POLICY_SOURCE: Final = "defaults"
+# Folders of a site whose file names are case names (and so often patient ids).
+_CASE_FOLDERS: Final = (
+    "imagesTr",
+    "labelsTr",
+    "imagesTs",
+    "labelsTs",
+    "atlases/imagesTr",
+    "atlases/labelsTr",
+)
+_VOLUME_SUFFIX: Final = re.compile(r"\.(nii\.gz|nii|nrrd|mha|mhd|dcm)$", re.IGNORECASE)
+_CHANNEL_SUFFIX: Final = re.compile(r"_\d{4}$")
+# An absolute path: a "/" that starts a token (not one after "<site>"), then anything
+# up to a space, quote, colon or bracket.
+_ABSOLUTE_PATH: Final = re.compile(r"(?<![\w.>])/[^\s'\":()\[\]]+")
+
+
+def _case_names(site_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The site's case ids (sorted) and every case file name -> its case id.
+
+    Names only: nothing is read, so this works on a damaged site too.
+    """
+    files: dict[str, str] = {}
+    for folder in _CASE_FOLDERS:
+        path = Path(site_dir) / folder
+        if not path.is_dir():
+            continue
+        for entry in path.iterdir():
+            stem = _CHANNEL_SUFFIX.sub("", _VOLUME_SUFFIX.sub("", entry.name))
+            if stem:
+                files[entry.name] = stem
+    return sorted(set(files.values())), files
+
+
+def redact_site_text(
+    text: str, *, site_dir: Path | None, state_dir: Path | None = None
+) -> str:
+    """``text`` fit to leave the site: cases by index, no file names, no paths.
+
+    At hospitals a case's file name is often a patient identifier, and a path says how
+    the site's disks are laid out; neither may leave in an error reply. Every case
+    name found in the site's case folders (and every file name there) becomes
+    ``case #<k>``, ``k`` its position among the site's case ids in sorted order; the
+    site folder becomes ``<site>``, the state folder ``<state>``, and any other
+    absolute path ``<path>``. With no site folder (None) only paths are redacted.
+    The site's own log keeps the original text.
+
+    Example:
+        >>> import tempfile
+        >>> site = Path(tempfile.mkdtemp()) / "hospital"
+        >>> (site / "imagesTr").mkdir(parents=True)
+        >>> _ = (site / "imagesTr" / "smith-1984_0000.nii.gz").write_bytes(b"")
+        >>> redact_site_text(
+        ...     f"{site}/imagesTr/smith-1984_0000.nii.gz: case 'smith-1984' is bad; "
+        ...     "see /etc/sitebridge/x.toml", site_dir=site)
+        "<site>/imagesTr/case #0: case 'case #0' is bad; see <path>"
+        >>> import shutil; shutil.rmtree(site.parent)
+    """
+    case_ids, files = ([], {}) if site_dir is None else _case_names(site_dir)
+    index = {case_id: position for position, case_id in enumerate(case_ids)}
+    names = {name: f"case #{index[case_id]}" for name, case_id in files.items()}
+    names.update({case_id: f"case #{index[case_id]}" for case_id in case_ids})
+    folders = {} if site_dir is None else {str(Path(site_dir)): "<site>"}
+    if state_dir is not None:
+        folders[str(Path(state_dir))] = "<state>"
+    with_resolved = dict(folders)
+    for folder, marker in folders.items():
+        resolved = str(Path(folder).resolve())
+        with_resolved.setdefault(resolved, marker)
+    for folder in sorted(with_resolved, key=len, reverse=True):
+        text = text.replace(folder, with_resolved[folder])
+    text = _ABSOLUTE_PATH.sub("<path>", text)
+    for name in sorted(names, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", names[name], text)
+    return text
 
 
 def read_site_policy(

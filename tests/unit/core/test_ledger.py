@@ -291,7 +291,8 @@ def test_egress_from_json_names_a_missing_field() -> None:
         pytest.param(
             lambda lines: [lines[0], rehash(lines[1], decision="maybe"), *lines[2:]],
             1,
-            "malformed: decision must be 'released' or 'blocked: <rule>'",
+            "malformed: decision must be one of 'released', 'error', 'sent', "
+            "'received', 'undelivered' or 'blocked: <rule>', got 'maybe'",
             id="bad-decision",
         ),
     ],
@@ -406,7 +407,7 @@ def test_entries_names_a_malformed_line(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"direction": "sideways"}, "direction must be 'egress' or 'ingress'"),
-        ({"decision": "ok"}, "decision must be 'released' or 'blocked: <rule>'"),
+        ({"decision": "ok"}, "decision must be one of 'released', 'error', 'sent',"),
         ({"epsilon_spent": float("nan")}, "epsilon must be finite"),
         ({"epsilon_total": float("inf")}, "epsilon must be finite"),
         ({"policy": {"key": object()}}, "policy is not JSON-serialisable"),
@@ -550,16 +551,20 @@ def test_summary_text_is_a_table(tmp_path: Path) -> None:
         "replies",
         "released",
         "blocked",
+        "errors",
+        "undelivered",
         "bytes released",
         "arrays",
         "metric values",
     ]
     assert any(
-        line.split() == ["run-1", "query.lftm", "egress", "1", "0", "1", "0", "0", "0"]
+        line.split()
+        == ["run-1", "query.lftm", "egress", "1", "0", "1", "0", "0", "0", "0", "0"]
         for line in lines
     )
     assert any(
-        line.split() == ["(all)", "(all)", "(all)", "4", "3", "1", "424", "4", "7"]
+        line.split()
+        == ["(all)", "(all)", "(all)", "4", "3", "1", "0", "0", "424", "4", "7"]
         for line in lines
     )
 
