@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 from flwr.app import Context, Error, Message
@@ -19,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from clients import records
 from clients.guard import egress_guard
-from clients.site import SiteLocation, SiteSetup, resolve_setup
+from clients.site import SiteSetup, resolve_setup
 from core import protocol
 from core.affinity_job import finetune_model, release_profile
 from core.consensus_job import run_consensus
@@ -31,6 +32,7 @@ from core.jobs import (
     score_candidates,
     train_source_model,
 )
+from core.limits import LimitError, label_term_allowed
 from core.policy import PolicyError
 from core.privacy import (
     DpSettings,
@@ -74,9 +76,21 @@ def site_handler(handler: Handler) -> Callable[[Message, Context], Message]:
     return wrapped
 
 
-def _progress(site: SiteLocation) -> Callable[[str], None]:
+def _progress(setup: SiteSetup) -> Callable[[str], None]:
+    """The site's progress sink for one request; it also enforces the time cap.
+
+    Every long loop reports progress through it (per epoch or per stretch of steps),
+    so a request past ``limits.max-request-seconds`` stops at its next report.
+    """
+    site, deadline = setup.site, setup.deadline
+
     def emit(line: str) -> None:
         print(f"[site {site.name}] {line}", flush=True)
+        if deadline is not None and time.monotonic() > deadline:
+            raise LimitError(
+                "the request ran past limits.max-request-seconds "
+                f"({setup.policy.limits.max_request_seconds:g} s) and was stopped"
+            )
 
     return emit
 
@@ -132,7 +146,7 @@ def train_source(message: Message, _context: Context, setup: SiteSetup) -> Messa
         initial_weights=None if initial is None else records.from_array_record(initial),
         dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
-        progress=_progress(setup.site),
+        progress=_progress(setup),
     )
     return _training_reply(message, result)
 
@@ -181,7 +195,7 @@ def finetune(message: Message, _context: Context, setup: SiteSetup) -> Message:
         setup.config,
         dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
-        progress=_progress(setup.site),
+        progress=_progress(setup),
     )
     return _training_reply(message, result)
 
@@ -199,10 +213,24 @@ def profile(message: Message, _context: Context, setup: SiteSetup) -> Message:
         setup.config,
         dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
-        progress=_progress(setup.site),
+        progress=_progress(setup),
     )
+    values = released.profile.to_dict()
+    if not label_term_allowed(setup.policy.limits, released.profile.num_labelled):
+        # A mean label map over fewer than limits.min-cases cases is (nearly) those
+        # cases' label maps: the label term stays home, the image term leaves.
+        values = {
+            **values,
+            "label_grid": None,
+            "mean_label_map": None,
+            "foreground_quantiles": None,
+        }
+        _progress(setup)(
+            f"profile: label term left out ({released.profile.num_labelled} labelled "
+            f"cases, limits.min-cases is {setup.policy.limits.min_cases})"
+        )
     reply = protocol.ProfileReply.from_profile_values(
-        released.profile.to_dict(),
+        values,
         epsilon_total=(
             0.0 if released.privacy is None else released.privacy.epsilon_total
         ),
@@ -223,7 +251,7 @@ def lftm(message: Message, _context: Context, setup: SiteSetup) -> Message:
         setup.site.directory,
         candidates,
         setup.config,
-        progress=_progress(setup.site),
+        progress=_progress(setup),
     )
     columns = {
         name: [row[column] for row in transferability.itm]
@@ -254,7 +282,7 @@ def adapt(message: Message, _context: Context, setup: SiteSetup) -> Message:
         aux=request.aux or None,
         weight_main=request.weight_main,
         weight_aux=request.weight_aux,
-        progress=_progress(site),
+        progress=_progress(setup),
     )
     models = {"main": result.main_weights}
     if result.aux_weights is not None:
@@ -286,7 +314,7 @@ def consensus(message: Message, _context: Context, setup: SiteSetup) -> Message:
         label_sources=request.label_sources,
         start=request.start,
         labels_dir=setup.state_dir / "consensus" / f"run-{message.metadata.run_id}",
-        progress=_progress(site),
+        progress=_progress(setup),
     )
     reply = protocol.ConsensusReply(
         num_images=outcome.num_images,
@@ -329,7 +357,7 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
     key = _teacher_key(request.scope)
     kept = context.state.array_records.get(key)
     if kept is None and request.round > 1:
-        _progress(site)(
+        _progress(setup)(
             f"semisup round {request.round}: no teacher kept from earlier rounds "
             "(node restarted?); a new one starts from the student"
         )
@@ -343,7 +371,7 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
         iterations=request.iterations,
         dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
-        progress=_progress(site),
+        progress=_progress(setup),
     )
     context.state[key] = records.to_array_record(outcome.teacher)
     result, private = outcome.result, outcome.privacy
@@ -373,7 +401,7 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
     )
     models = records.read_named_models(message.content)
     scores = evaluate_predictors(
-        site.directory, models, request.predictors, config, progress=_progress(site)
+        site.directory, models, request.predictors, config, progress=_progress(setup)
     )
     reply = protocol.EvaluateReply(
         num_cases=len(next(iter(scores.values())).cases) if scores else 0,

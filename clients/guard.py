@@ -3,24 +3,35 @@
 For every message it resolves the site's applied policy (site policy and run config,
 the stricter wins) and then:
 
-1. refuses, before the handler runs, an action the policy does not answer, and an
-   action whose reply is trained weights when the policy keeps weights home (no
-   training is wasted on a reply that could never leave);
-2. runs the handler; any exception the handler let through becomes an error reply,
-   and an error reason longer than ``release.max-config-value-bytes`` is blocked
-   (an error's text must not carry data either);
-3. adds the applied policy to the reply's settings (``policy.*``), so the
-   coordinator sees what bound;
+1. refuses, before the handler runs, an action the policy does not answer, an action
+   whose reply is trained weights when the policy keeps weights home, an action with
+   no DP form at a site that requires DP, and a request beyond the site's query
+   limits (``core.limits``: sizes, models, predictors and label sources per request,
+   the fewest cases behind a release); then charges the request's query units to the
+   site's query book (per run and cumulative), refusing it when they don't fit. No
+   work is wasted on a reply that could never leave;
+2. runs the handler; any exception the handler let through becomes an error reply;
+   an error's reason is redacted (cases by index, no file name, no absolute path;
+   the site's log keeps the original) and blocked when longer than
+   ``release.max-config-value-bytes`` (an error's text must not carry data either);
+3. rounds the reply's data-derived metrics to ``limits.metric-decimals`` and adds
+   the applied policy to its settings (``policy.*``), so the coordinator sees what
+   bound;
 4. measures the reply (``core.egress``) and checks it against the policy and the
    model manifest declared for the run (``core.policy.check_reply``): only the
    action's declared records and fields, model parameters of the declared names and
    shapes, and values within the size limits may leave;
-5. appends one hash-chained entry to the site's ledger: what left (or would have),
-   its digest, the decision, the policy and the epsilon spent;
-6. replaces a blocked reply by an error reply naming the broken rules.
+5. appends one hash-chained entry to the site's ledger for every reply, refusals and
+   errors included: what left, its digest, the decision (``released``, ``error`` or
+   ``blocked: <rules>``), the policy and the epsilon spent;
+6. replaces a blocked reply by an error reply naming the broken rules, and anchors
+   every reply in the ledger: the reply carries its entry's index and hash
+   (``ledger.*`` settings, or the end of an error's reason), which the coordinator
+   records, so a rewritten or truncated site ledger is caught (``core.ledger_match``).
 
-The node keeps serving after every refusal. Everything in here is the site's: the
-coordinator cannot switch the guard off, and a new action gets it by being
+The node keeps serving after every refusal. Everything in here is the site's: in a
+deployment the site runs the SiteBridge it installed (see ``deploy/README.md``), so
+the coordinator cannot switch the guard off, and a new action gets it by being
 registered on the same ``ClientApp``.
 """
 
@@ -30,17 +41,35 @@ import contextlib
 import functools
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients.site import SiteSetup, resolve_setup
+from clients.site import (
+    SITE_DIR_KEY,
+    SiteSetup,
+    locate_state_leniently,
+    resolve_setup,
+)
 from core import protocol
 from core.config import DataConfig, ModelConfig
 from core.data import SiteDataError, index_site
 from core.dual_task import build_dual_task_model
 from core.egress import ERROR_FIELD, measure_content, measure_error
-from core.ledger import BLOCKED_PREFIX, EGRESS, RELEASED, Egress
+from core.ledger import BLOCKED_PREFIX, EGRESS, ERROR, RELEASED, Egress, Ledger
+from core.limits import (
+    CANDIDATES,
+    LABEL_SOURCES,
+    PREDICTORS,
+    CaseCounts,
+    LimitError,
+    charge_queries,
+    check_cases,
+    check_request,
+    check_run_sizes,
+    round_metric_fields,
+)
 from core.models import Manifest, build_model, get_manifest
 from core.policy import (
     PolicyError,
@@ -50,8 +79,18 @@ from core.policy import (
     describe_violations,
 )
 from core.registration import index_atlases
+from core.site import redact_site_text
 
 LOGGER = logging.getLogger("sitebridge.guard")
+LEDGER_FILE = "ledger.jsonl"
+# Actions that train on a site's labelled data or release statistics of it but have no
+# DP form here; a site that requires DP refuses them before any work.
+NO_DP_FORM: dict[str, str] = {
+    protocol.CONSENSUS: (
+        "DeepSTAPLE fits a data parameter per noisy label of this site's images and "
+        "trains models on consensus labels, for which no DP-SGD form is implemented"
+    ),
+}
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,20 +129,24 @@ def _epsilon(reply: Message) -> tuple[float, float]:
     return float(spent), float(total)  # type: ignore[arg-type]
 
 
+def _decision(violations: list[Violation], *, error: bool) -> str:
+    if violations:
+        return BLOCKED_PREFIX + ", ".join(
+            dict.fromkeys(violation.rule.value for violation in violations)
+        )
+    return ERROR if error else RELEASED
+
+
 def _record(
     setup: SiteSetup,
     message: Message,
     *,
     egress: Egress | None,
-    violations: list[Violation],
+    decision: str,
     epsilon: tuple[float, float] = (0.0, 0.0),
-) -> None:
-    decision = (
-        BLOCKED_PREFIX + ", ".join(dict.fromkeys(v.rule.value for v in violations))
-        if violations
-        else RELEASED
-    )
-    setup.ledger.append(
+) -> protocol.LedgerAnchor:
+    """Append the reply's ledger entry; return its anchor (index and hash)."""
+    entry = setup.ledger.append(
         run_id=str(message.metadata.run_id),
         message_type=message.metadata.message_type,
         sender=setup.site.name,
@@ -114,6 +157,32 @@ def _record(
         epsilon_spent=epsilon[0],
         epsilon_total=epsilon[1],
     )
+    return protocol.LedgerAnchor(entry.index, entry.entry_hash)
+
+
+def _redact(setup: SiteSetup, reason: str) -> str:
+    return redact_site_text(
+        reason, site_dir=setup.site.directory, state_dir=setup.state_dir
+    )
+
+
+def _error_reply_recorded(
+    setup: SiteSetup,
+    message: Message,
+    *,
+    code: int,
+    reason: str,
+    violations: list[Violation],
+) -> Message:
+    """An error reply whose (redacted) reason is ledgered and anchored."""
+    reason = _redact(setup, reason)
+    anchor = _record(
+        setup,
+        message,
+        egress=measure_error(reason),
+        decision=_decision(violations, error=True),
+    )
+    return _error_reply(message, code, anchor.anchor_reason(reason))
 
 
 def _max_metric_values(setup: SiteSetup, message_type: str) -> int:
@@ -221,20 +290,23 @@ def _with_applied_policy(reply: Message, fields: Mapping[str, object]) -> None:
 
 
 def _handler_policy_fields(reply: Message) -> list[Violation]:
-    """``policy.*`` settings the handler wrote itself: only the guard writes those.
+    """``policy.*``/``ledger.*`` settings the handler wrote: only the guard does.
 
-    The reply schemas let every ``policy.*`` setting through (the applied policy), so
-    without this check a handler could carry any data out under such a name.
+    The reply schemas let every ``policy.*`` setting (the applied policy) and every
+    ``ledger.*`` setting (the anchor) through, so without this check a handler could
+    carry any data out under such a name.
     """
     settings = reply.content.config_records.get(protocol.REPLY_KEY, ConfigRecord())
     return [
         Violation(
             Rule.UNDECLARED_FIELD,
             f"{protocol.REPLY_KEY}/{key} was set by the handler; "
-            f"{protocol.APPLIED_POLICY_PREFIX}* settings are the guard's alone",
+            f"{key.split('.')[0]}.* settings are the guard's alone",
         )
         for key in sorted(settings)
-        if key.startswith(protocol.APPLIED_POLICY_PREFIX)
+        if key.startswith(
+            (protocol.APPLIED_POLICY_PREFIX, protocol.LEDGER_ANCHOR_PREFIX)
+        )
     ]
 
 
@@ -252,22 +324,168 @@ def _check_error(setup: SiteSetup, egress: Egress) -> list[Violation]:
     ]
 
 
-def _refuse_before_running(setup: SiteSetup, message_type: str) -> Violation | None:
-    """The rule a message breaks before any work, or None when it may run."""
-    if message_type not in setup.policy.answers:
-        return Violation(
-            Rule.ACTION_NOT_ANSWERED,
-            f"{message_type!r} is not in actions.answer of {setup.policy_source}",
-        )
+def _refuse_before_running(setup: SiteSetup, message: Message) -> list[Violation]:
+    """The rules a message breaks before any work; empty when it may run."""
+    message_type = message.metadata.message_type
+    policy = setup.policy
+    if message_type not in policy.answers:
+        return [
+            Violation(
+                Rule.ACTION_NOT_ANSWERED,
+                f"{message_type!r} is not in actions.answer of {setup.policy_name}",
+            )
+        ]
     schema = protocol.REPLY_SCHEMAS.get(message_type)
     returns_weights = schema is not None and (schema.weights or bool(schema.models))
-    if returns_weights and not setup.policy.weights_may_leave:
-        return Violation(
-            Rule.WEIGHTS_MAY_NOT_LEAVE,
-            f"a {message_type!r} reply is trained weights, but release."
-            f"weights-may-leave is false in {setup.policy_source}; nothing was run",
+    if returns_weights and not policy.weights_may_leave:
+        return [
+            Violation(
+                Rule.WEIGHTS_MAY_NOT_LEAVE,
+                f"a {message_type!r} reply is trained weights, but release."
+                f"weights-may-leave is false in {setup.policy_name}; nothing was run",
+            )
+        ]
+    if policy.dp_required and message_type in NO_DP_FORM:
+        return [
+            Violation(
+                Rule.NO_DP_FORM,
+                f"this site requires DP (dp.required in {setup.policy_name}), and "
+                f"{message_type!r} has no DP form: {NO_DP_FORM[message_type]}; "
+                "nothing was run",
+            )
+        ]
+    breaches = check_run_sizes(setup.config, policy.limits, message_type)
+    breaches += _request_breaches(setup, message)
+    counts = _case_counts(setup)
+    if counts is not None:
+        breaches += check_cases(policy.limits, message_type, counts)
+    return [Violation(Rule.LIMIT_EXCEEDED, breach) for breach in breaches]
+
+
+def _request_breaches(setup: SiteSetup, message: Message) -> list[str]:
+    """Per-request limits: models carried, predictors, label sources, iterations.
+
+    A request too malformed to count is left to its handler, which refuses it.
+    """
+    content, message_type = message.content, message.metadata.message_type
+    models = sum(protocol.model_name(key) is not None for key in content.array_records)
+    request = content.config_records.get(protocol.REQUEST_KEY, ConfigRecord())
+    predictors = label_sources = iterations = None
+    with contextlib.suppress(ValueError):
+        if message_type == protocol.EVALUATE:
+            predictors = protocol.EvaluateRequest.from_fields(request).predictors
+        elif message_type == protocol.CONSENSUS:
+            label_sources = len(
+                protocol.ConsensusRequest.from_fields(request).label_sources
+            )
+        elif message_type == protocol.SEMISUP:
+            iterations = protocol.SemisupRequest.from_fields(request).iterations
+    return check_request(
+        setup.policy.limits,
+        models=models,
+        predictors=predictors,
+        label_sources=label_sources,
+        iterations=iterations,
+    )
+
+
+def _case_counts(setup: SiteSetup) -> CaseCounts | None:
+    """The site's case counts; None when its data can't be indexed.
+
+    The handler then fails with the reason.
+    """
+    try:
+        index = index_site(setup.site.directory)
+    except SiteDataError:
+        return None
+    return CaseCounts(
+        labelled=len(index.labelled),
+        unlabelled=len(index.unlabelled),
+        evaluation=len(index.evaluation),
+    )
+
+
+def _query_units(message: Message) -> dict[str, int]:
+    """What a request counts against the site's query book."""
+    content, message_type = message.content, message.metadata.message_type
+    request = content.config_records.get(protocol.REQUEST_KEY, ConfigRecord())
+    with contextlib.suppress(ValueError):
+        if message_type == protocol.EVALUATE:
+            predictors = protocol.EvaluateRequest.from_fields(request).predictors
+            return {PREDICTORS: len(predictors)}
+        if message_type == protocol.CONSENSUS:
+            sources = protocol.ConsensusRequest.from_fields(request).label_sources
+            return {LABEL_SOURCES: len(sources)}
+    if message_type == protocol.LFTM:
+        return {
+            CANDIDATES: sum(
+                protocol.model_name(key) is not None for key in content.array_records
+            )
+        }
+    return {}
+
+
+def _charge(setup: SiteSetup, message: Message) -> Violation | None:
+    """Charge the request's query units; the violation when they don't fit."""
+    units = _query_units(message)
+    if not units:
+        return None
+    try:
+        charge_queries(
+            setup.query_book_path,
+            run_id=str(message.metadata.run_id),
+            units=units,
+            limits=setup.policy.limits,
         )
+    except LimitError as error:
+        return Violation(Rule.LIMIT_EXCEEDED, str(error))
     return None
+
+
+def _round_metrics(setup: SiteSetup, reply: Message) -> None:
+    metrics = reply.content.metric_records.get(protocol.METRICS_KEY)
+    if metrics is None:
+        return
+    rounded = round_metric_fields(dict(metrics), setup.policy.limits.metric_decimals)
+    for key, value in rounded.items():
+        metrics[key] = value
+
+
+def _refuse_unresolved(message: Message, context: Context, error: Exception) -> Message:
+    """The reply to a message whose site setup failed, ledgered where possible.
+
+    Without a readable policy nothing may be answered; the reply says why (redacted),
+    and when the site and its state folder can be found all the same the reply is
+    ledgered like every other.
+    """
+    message_type = message.metadata.message_type
+    reason = f"{type(error).__name__}: {error}"
+    LOGGER.error("%s refused: %s", message_type, reason)
+    located = locate_state_leniently(context)
+    if located is None:
+        # No site, so no ledger to write to; the text still leaves no path.
+        named = context.node_config.get(SITE_DIR_KEY)
+        site_dir = None if named is None else Path(str(named)).expanduser()
+        return _error_reply(
+            message,
+            protocol.SITE_ERROR_CODE,
+            redact_site_text(reason, site_dir=site_dir),
+        )
+    site, state_dir = located
+    reason = redact_site_text(reason, site_dir=site.directory, state_dir=state_dir)
+    entry = Ledger(state_dir / LEDGER_FILE).append(
+        run_id=str(message.metadata.run_id),
+        message_type=message_type,
+        sender=site.name,
+        direction=EGRESS,
+        egress=measure_error(reason),
+        decision=ERROR,
+        policy={},
+        epsilon_spent=0.0,
+        epsilon_total=0.0,
+    )
+    anchor = protocol.LedgerAnchor(entry.index, entry.entry_hash)
+    return _error_reply(message, protocol.SITE_ERROR_CODE, anchor.anchor_reason(reason))
 
 
 def egress_guard(
@@ -278,17 +496,21 @@ def egress_guard(
     try:
         setup = resolve_setup(context)
     except (SiteDataError, PolicyError, ValueError, OSError) as error:
-        # Without a site or a readable policy nothing may be answered (there is no
-        # policy to check against); the reply says why, and no data is read.
-        reason = f"{type(error).__name__}: {error}"
-        LOGGER.error("%s refused: %s", message_type, reason)
-        return _error_reply(message, protocol.SITE_ERROR_CODE, reason)
+        return _refuse_unresolved(message, context, error)
 
-    refusal = _refuse_before_running(setup, message_type)
-    if refusal is not None:
-        _record(setup, message, egress=None, violations=[refusal])
-        return _error_reply(
-            message, protocol.EGRESS_BLOCKED_CODE, describe_violations([refusal])
+    refusals = _refuse_before_running(setup, message)
+    if not refusals:
+        charge = _charge(setup, message)
+        refusals = [] if charge is None else [charge]
+    if refusals:
+        reason = describe_violations(refusals)
+        LOGGER.error("%s refused: %s", message_type, reason)
+        return _error_reply_recorded(
+            setup,
+            message,
+            code=protocol.EGRESS_BLOCKED_CODE,
+            reason=reason,
+            violations=refusals,
         )
 
     try:
@@ -299,16 +521,28 @@ def egress_guard(
             message, protocol.SITE_ERROR_CODE, f"{type(error).__name__}: {error}"
         )
     if reply.has_error():
-        error_egress = measure_error(reply.error.reason or "")
-        violations = _check_error(setup, error_egress)
-        _record(setup, message, egress=error_egress, violations=violations)
+        reason = _redact(setup, reply.error.reason or "")
+        attempted = measure_error(reason)
+        violations = _check_error(setup, attempted)
         if violations:
-            reason = describe_violations(violations)
-            LOGGER.error("%s error reply blocked: %s", message_type, reason)
-            return _error_reply(message, protocol.EGRESS_BLOCKED_CODE, reason)
-        return reply
+            blocked = describe_violations(violations)
+            LOGGER.error("%s error reply blocked: %s", message_type, blocked)
+            # The entry records the text that was stopped, as for any blocked reply.
+            anchor = _record(
+                setup,
+                message,
+                egress=attempted,
+                decision=_decision(violations, error=True),
+            )
+            return _error_reply(
+                message, protocol.EGRESS_BLOCKED_CODE, anchor.anchor_reason(blocked)
+            )
+        return _error_reply_recorded(
+            setup, message, code=reply.error.code, reason=reason, violations=[]
+        )
 
     forged = _handler_policy_fields(reply) + _unrequested_names(message, reply, setup)
+    _round_metrics(setup, reply)
     _with_applied_policy(reply, setup.policy.to_fields())
     measured = measure_content(reply.content, message_type=message_type)
     violations = forged + check_reply(
@@ -317,13 +551,29 @@ def egress_guard(
         manifest=_reply_manifest(setup, message_type),
         max_metric_values=_max_metric_values(setup, message_type),
     )
-    epsilon = _epsilon(reply)
-    _record(
-        setup, message, egress=measured.egress, violations=violations, epsilon=epsilon
-    )
     if violations:
         reason = describe_violations(violations)
         LOGGER.error("%s reply blocked: %s", message_type, reason)
-        print(f"[site {setup.site.name}] {message_type}: {reason}", flush=True)
-        return _error_reply(message, protocol.EGRESS_BLOCKED_CODE, reason)
+        # What left is the refusal's reason, not the blocked content; the entry
+        # records what would have left, so an auditor sees what was stopped.
+        anchor = _record(
+            setup,
+            message,
+            egress=measured.egress,
+            decision=_decision(violations, error=True),
+            epsilon=_epsilon(reply),
+        )
+        return _error_reply(
+            message,
+            protocol.EGRESS_BLOCKED_CODE,
+            anchor.anchor_reason(_redact(setup, reason)),
+        )
+    anchor = _record(
+        setup,
+        message,
+        egress=measured.egress,
+        decision=RELEASED,
+        epsilon=_epsilon(reply),
+    )
+    _with_applied_policy(reply, anchor.to_fields())
     return reply

@@ -7,14 +7,16 @@ Simulation: Flower 1.39 gives only ``partition-id``/``num-partitions``, so parti
 The site's policy is ``node_config["policy"]`` when set, else ``<site-dir>/policy.toml``
 when present, else the safe defaults of ``deploy/policy.template.toml``; it is merged
 with the run's privacy settings (the stricter wins) by ``core.site``, the same code
-``sitebridge site check`` runs offline. The site's state (ledger,
-privacy accountant) lives in ``node_config["state-dir"]``, default
-``<site-dir>/.sitebridge/``.
+``sitebridge site check`` runs offline. Settings the site owns override the run's
+here, once, so every handler sees them: the cap on slices per case and the
+semi-supervised labelled fraction. The site's state (ledger, privacy accountant, query
+book) lives in ``node_config["state-dir"]``, default ``<site-dir>/.sitebridge/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Final
 
@@ -23,9 +25,10 @@ from flwr.app import Context
 from core.config import RunConfig, load_run_config
 from core.data import SiteDataError, list_site_dirs
 from core.ledger import Ledger
+from core.limits import QUERIES_FILE, cap_slices_per_case
 from core.policy import AppliedPolicy
 from core.privacy import ACCOUNTANT_FILE
-from core.site import read_applied_policy
+from core.site import DEFAULT_POLICY_SOURCE, read_applied_policy
 from core.synthetic import resolve_federation_dir
 
 SITE_DIR_KEY: Final = "site-dir"
@@ -74,11 +77,32 @@ def resolve_site(context: Context, config: RunConfig) -> SiteLocation:
 class SiteSetup:
     """Everything a handler needs about its site for one message."""
 
-    config: RunConfig
+    config: RunConfig  # the run's, with the site-owned settings applied
     site: SiteLocation
     policy: AppliedPolicy  # the stricter of the site's policy and the run config
     policy_source: str  # the policy file read, or "defaults"
     state_dir: Path
+    started: float  # time.monotonic() when the message's setup was resolved
+
+    @property
+    def policy_name(self) -> str:
+        """The policy's source as a reply may name it (never the file's path)."""
+        return (
+            "the default policy"
+            if self.policy_source == DEFAULT_POLICY_SOURCE
+            else "the site's policy"
+        )
+
+    @property
+    def deadline(self) -> float | None:
+        """``time.monotonic()`` past which the request must stop (None: no cap)."""
+        seconds = self.policy.limits.max_request_seconds
+        return self.started + seconds if seconds else None
+
+    @property
+    def query_book_path(self) -> Path:
+        """The site's query book (query units per run, against its budget)."""
+        return self.state_dir / QUERIES_FILE
 
     @property
     def ledger(self) -> Ledger:
@@ -122,9 +146,44 @@ def resolve_setup(context: Context) -> SiteSetup:
         site.directory, config.privacy, policy_path=resolve_policy_path(context)
     )
     return SiteSetup(
-        config=config,
+        config=apply_site_settings(config, applied),
         site=site,
         policy=applied,
         policy_source=source,
         state_dir=resolve_state_dir(context, site),
+        started=time.monotonic(),
     )
+
+
+def apply_site_settings(config: RunConfig, policy: AppliedPolicy) -> RunConfig:
+    """``config`` with the settings the site owns: slices per case, labelled share."""
+    capped = cap_slices_per_case(config, policy.limits)
+    return dataclasses.replace(
+        capped,
+        semisup=dataclasses.replace(
+            capped.semisup, labelled_fraction=policy.semisup_labelled_fraction
+        ),
+    )
+
+
+def locate_state_leniently(context: Context) -> tuple[SiteLocation, Path] | None:
+    """The site and its state folder even when the run config is bad; else None.
+
+    Used to ledger the error reply to a message whose setup failed: the node config
+    names the site in deployment; in simulation the federation folder comes from the
+    run config, which is tried as it is. A site folder that does not exist is still
+    returned when the node config names the state folder (it is then written there,
+    and no site folder is created).
+    """
+    node_config = context.node_config
+    try:
+        if SITE_DIR_KEY in node_config:
+            directory = Path(str(node_config[SITE_DIR_KEY])).expanduser()
+            site = SiteLocation(name=directory.name, directory=directory)
+        else:
+            site = resolve_site(context, load_run_config(context.run_config))
+    except (ValueError, OSError):
+        return None
+    if not site.directory.is_dir() and STATE_DIR_KEY not in node_config:
+        return None
+    return site, resolve_state_dir(context, site)

@@ -7,10 +7,13 @@ that several phases share. The phases themselves live in ``server/pipeline.py``,
 ``server/pipeline_affinity.py`` and ``server/pipeline_semisup.py``.
 
 The coordinator keeps its own hash-chained ledger (``runs/<run-id>/ledger.jsonl``):
-one ``egress`` entry per request it sends and one ``ingress`` entry per reply it
-receives, digested exactly as the site digests it (``core.egress``), so an auditor can
-match each site's ledger against it. It also keeps the policy each site reported it
-applied, for the report's privacy section.
+one ``egress`` entry per request it sends (``sent``), one ``ingress`` entry per reply it
+receives (``received``, or ``error`` for an error reply), digested exactly as the site
+digests it (``core.egress``), with the reply's anchor (the index and hash of the site's
+own ledger entry for it), and one ``undelivered`` entry per node that sent nothing
+before the timeout. So an auditor can match each site's ledger against it
+(``sitebridge audit verify SITE_LEDGER --against runs/<id>/ledger.jsonl``). It also
+keeps the policy each site reported it applied, for the report's privacy section.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ from flwr.serverapp import Grid
 from core import protocol
 from core.config import RunConfig
 from core.egress import measure_content, measure_error
-from core.ledger import EGRESS, INGRESS, RELEASED, Ledger
+from core.ledger import (
+    EGRESS,
+    ERROR,
+    INGRESS,
+    RECEIVED,
+    SENT,
+    UNDELIVERED,
+    Egress,
+    Ledger,
+)
 from server import records
 from server.store import RunStore
 
@@ -36,7 +48,28 @@ ADAPTED_START: Final = "adapted:main"  # the model consensus and semisup start f
 
 
 class PhaseError(RuntimeError):
-    """A phase could not proceed (too few sites answered, or a required one failed)."""
+    """A phase could not proceed (too few sites answered, or a required one failed).
+
+    Attributes:
+        phase: the phase that failed, when known.
+        missing: site (or node) name -> why it did not answer, for the report's
+            missing-sites section even though the phase never persisted a result.
+        refused: the target refused the phase's request by its policy (rather than
+            failing): an optional phase is then skipped, not the run stopped.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        phase: str | None = None,
+        missing: Mapping[str, str] | None = None,
+        refused: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.phase = phase
+        self.missing = dict(missing or {})
+        self.refused = refused
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,10 +87,16 @@ class SiteInfo:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Replies:
-    """Replies of one phase by node id, and the nodes that failed with the reason."""
+    """Replies of one phase by node id, and the nodes that failed with the reason.
+
+    ``refused`` are the failed nodes whose site refused the request by its policy
+    (an egress-guard refusal, ``core.protocol.EGRESS_BLOCKED_CODE``), as opposed to
+    a site that failed or did not answer.
+    """
 
     ok: dict[int, Message]
     failed: dict[int, str]
+    refused: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass
@@ -94,23 +133,66 @@ class Coordinator:
                 return said
         return f"node {node}"
 
-    def _record(self, message: Message, *, direction: str, sender: str) -> None:
-        if message.has_error():
-            egress = measure_error(message.error.reason or "")
-        else:
-            egress = measure_content(
-                message.content, message_type=message.metadata.message_type
-            ).egress
+    def _record_request(self, message: Message) -> None:
+        egress = measure_content(
+            message.content, message_type=message.metadata.message_type
+        ).egress
+        self._append(
+            message, direction=EGRESS, sender=COORDINATOR, egress=egress, decision=SENT
+        )
+
+    def _record_reply(self, reply: Message, *, sender: str) -> str | None:
+        """Ledger a reply with its anchor; return an error reply's unanchored reason."""
+        if reply.has_error():
+            reason, anchor = protocol.LedgerAnchor.split_reason(
+                reply.error.reason or ""
+            )
+            self._append(
+                reply,
+                direction=INGRESS,
+                sender=sender,
+                egress=measure_error(reason),
+                decision=ERROR,
+                anchor=anchor,
+            )
+            return reason
+        anchor = protocol.LedgerAnchor.from_settings(
+            records.read_settings(reply.content)
+        )
+        egress = measure_content(
+            reply.content, message_type=reply.metadata.message_type
+        ).egress
+        self._append(
+            reply,
+            direction=INGRESS,
+            sender=sender,
+            egress=egress,
+            decision=RECEIVED,
+            anchor=anchor,
+        )
+        return None
+
+    def _append(
+        self,
+        message: Message,
+        *,
+        direction: str,
+        sender: str,
+        egress: Egress | None,
+        decision: str,
+        anchor: protocol.LedgerAnchor | None = None,
+    ) -> None:
         self.ledger.append(
             run_id=str(message.metadata.run_id),
             message_type=message.metadata.message_type,
             sender=sender,
             direction=direction,
             egress=egress,
-            decision=RELEASED,
+            decision=decision,
             policy={},
             epsilon_spent=0.0,
             epsilon_total=0.0,
+            anchor=None if anchor is None else anchor.to_json(),
         )
 
     def _keep_applied_policy(self, node: int, reply: Message) -> None:
@@ -131,14 +213,15 @@ class Coordinator:
         Replies are matched to requests by message id (an error reply made by the
         SuperLink does not carry the dead node's id); a node that neither answered nor
         errored before the timeout is reported as timed out. Every request and reply
-        is recorded in the coordinator's ledger.
+        is recorded in the coordinator's ledger, and so is every reply that did not
+        come (``undelivered``).
         """
         messages = {
             node: Message(content, dst_node_id=node, message_type=message_type)
             for node, content in requests.items()
         }
         for message in messages.values():
-            self._record(message, direction=EGRESS, sender=COORDINATOR)
+            self._record_request(message)
         replies = list(
             self.grid.send_and_receive(
                 list(messages.values()), timeout=self.config.federation.reply_timeout_s
@@ -150,22 +233,32 @@ class Coordinator:
         }
         ok: dict[int, Message] = {}
         failed: dict[int, str] = {}
+        refused: set[int] = set()
         for reply in replies:
             node = by_message_id.get(reply.metadata.reply_to_message_id)
             if node is None:
                 continue
-            self._record(reply, direction=INGRESS, sender=self.site_name(node, reply))
+            reason = self._record_reply(reply, sender=self.site_name(node, reply))
             self._keep_applied_policy(node, reply)
-            if reply.has_error():
-                failed[node] = f"error {reply.error.code}: {reply.error.reason}"
+            if reason is not None:
+                failed[node] = f"error {reply.error.code}: {reason}"
+                if reply.error.code == protocol.EGRESS_BLOCKED_CODE:
+                    refused.add(node)
             else:
                 ok[node] = reply
-        for node in requests:
+        for node, message in messages.items():
             if node not in ok and node not in failed:
                 failed[node] = (
                     f"no reply within {self.config.federation.reply_timeout_s:g} s"
                 )
-        return Replies(ok=ok, failed=failed)
+                self._append(
+                    message,
+                    direction=INGRESS,
+                    sender=self.site_name(node),
+                    egress=None,
+                    decision=UNDELIVERED,
+                )
+        return Replies(ok=ok, failed=failed, refused=frozenset(refused))
 
 
 def names_by_site(
@@ -188,8 +281,11 @@ def ask_target(
     """Ask the target alone; its reply, or a PhaseError naming ``phase``."""
     replies = coordinator.ask({target.node_id: content}, message_type)
     if target.node_id not in replies.ok:
+        reason = str(replies.failed.get(target.node_id))
         raise PhaseError(
-            f"{phase}: target {target.name} failed: "
-            f"{replies.failed.get(target.node_id)}"
+            f"{phase}: target {target.name} failed: {reason}",
+            phase=phase,
+            missing={target.name: reason},
+            refused=target.node_id in replies.refused,
         )
     return replies.ok[target.node_id]

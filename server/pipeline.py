@@ -81,7 +81,9 @@ def discover(
         raise PhaseError(
             f"discover: only {len(sites)} site(s) answered, federation."
             f"min-sites is {config.federation.min_sites}; failures: "
-            f"{failed}"
+            f"{failed}",
+            phase="discover",
+            missing={coordinator.site_name(node): why for node, why in failed.items()},
         )
     target = config.federation.target_site or default_target
     names = sorted(site.name for site in sites.values())
@@ -172,7 +174,9 @@ def train_sources(
     if len(models) < max(required, 1):
         raise PhaseError(
             f"source training: {len(models)} source model(s) arrived, "
-            f"{required} needed; failures: {names_by_site(sources, failed)}"
+            f"{required} needed; failures: {names_by_site(sources, failed)}",
+            phase="source-training",
+            missing=names_by_site(sources, failed),
         )
     missing = names_by_site(sources, failed)
     coordinator.store.save_phase(
@@ -273,16 +277,26 @@ def consensus(
     request = protocol.ConsensusRequest(
         label_sources=tuple(sorted(models)), start=ADAPTED_START
     )
-    reply = ask_target(
-        coordinator,
-        target,
-        records.build_request(
-            settings=request.to_fields(),
-            models={**models, ADAPTED_START: adapted["main"]},
-        ),
-        protocol.CONSENSUS,
-        "consensus",
-    )
+    try:
+        reply = ask_target(
+            coordinator,
+            target,
+            records.build_request(
+                settings=request.to_fields(),
+                models={**models, ADAPTED_START: adapted["main"]},
+            ),
+            protocol.CONSENSUS,
+            "consensus",
+        )
+    except PhaseError as error:
+        if not error.refused:
+            raise
+        # The target's policy refuses consensus (e.g. it requires DP, which
+        # DeepSTAPLE has no form of): an optional phase, so the run goes on.
+        reason = error.missing.get(target.name, str(error))
+        coordinator.store.save_phase("consensus", {"skipped": reason, "models": []})
+        coordinator.log(f"consensus: skipped, the target refused it: {reason}")
+        return {}
     trained = records.read_named_models(reply.content)
     if "deepstaple" not in trained:
         raise PhaseError(

@@ -128,17 +128,22 @@ def build_report(
     attempts: Sequence[Mapping[str, Any]] = (),
     coordinator: Mapping[str, Any] | None = None,
     error: str | None = None,
+    failure: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report document from the phases' persisted results.
 
     A phase that has not finished (the run stopped at ``last-phase``, or failed) is
-    passed as None and appears as null; ``error`` says why a run stopped.
+    passed as None and appears as null; ``error`` says why a run stopped, and
+    ``failure`` (``phase``, ``missing``: site -> reason, ``resume``: the command that
+    finishes the run) what the failed phase knew of the sites it missed, so a run that
+    stopped still names its failed sites.
     """
     discover = discover or {"target": None, "sites": [], "missing": {}}
     source_training = source_training or {}
     target = discover["target"]
     trained = set(source_training.get("training", {}))
-    failed = set(source_training.get("missing", {}))
+    failure = dict(failure or {})
+    failed = set(source_training.get("missing", {})) | set(failure.get("missing", {}))
     sites = []
     for site in discover["sites"]:
         role = (
@@ -169,10 +174,14 @@ def build_report(
             ("source-training", source_training),
         )
     }
+    if failure.get("missing"):
+        phase = str(failure.get("phase") or "the failed phase")
+        missing[phase] = {**missing.get(phase, {}), **failure["missing"]}
     return {
         "run_id": run_id,
         "target": target,
         "error": error,
+        "resume": failure.get("resume"),
         "sites": sites,
         "source_training": source_training.get("training", {}),
         "transferability": None
@@ -212,6 +221,13 @@ def _consensus_lines(
     consensus: Mapping[str, Any], evaluation: Mapping[str, Any] | None
 ) -> list[str]:
     """The consensus section: methods compared, then each label source's quality."""
+    if consensus.get("skipped"):
+        return [
+            "",
+            "## Label consensus at the target",
+            "",
+            f"Skipped: the target refused it ({consensus['skipped']}).",
+        ]
     model_dice = {} if evaluation is None else evaluation["dice"]
     atlases = consensus.get("num_atlases", 0)
     lines = [
@@ -350,6 +366,16 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             f"- {phase}: {site}: {reason}"
             for phase, who in missing.items()
             for site, reason in who.items()
+        ]
+    if report.get("resume"):
+        lines += [
+            "",
+            "## Resume",
+            "",
+            "The run stopped before its last phase. Restart the missing site(s), then "
+            "finish the run in this folder (finished phases are reloaded):",
+            "",
+            f"    {report['resume']}",
         ]
     plots = [
         text

@@ -54,6 +54,16 @@ RESUME_MAY_CHANGE: Final = frozenset(
 )
 
 
+def resume_command(run_folder: str) -> str:
+    """The run-config override that finishes the run in ``run_folder``.
+
+    Example:
+        >>> print(resume_command("17"))
+        flwr run . <connection> --run-config 'resume-run="17"'
+    """
+    return f"flwr run . <connection> --run-config 'resume-run=\"{run_folder}\"'"
+
+
 class ResumeError(ValueError):
     """``resume-run`` names no resumable run, or one run with a different config."""
 
@@ -184,16 +194,20 @@ class PipelineRunner:
             PhaseError: a phase could not proceed (the report is written first).
         """
         last = self.config.pipeline.last_phase or PIPELINE_PHASES[-1]
-        error: str | None = None
+        error: PhaseError | None = None
         try:
             self._run_phases(PIPELINE_PHASES[: PIPELINE_PHASES.index(last) + 1])
             self.attempt.outcome = "completed"
         except PhaseError as failure:
-            error = str(failure)
-            self.attempt.outcome = f"failed: {error}"
+            error = failure
+            self.attempt.outcome = f"failed: {failure}"
         report = self._write_report(error)
         if error is not None:
-            raise PhaseError(error)
+            self.log(
+                f"the run stopped: {error}\nrestart the missing site(s), then resume "
+                f"it: {resume_command(self.store.run_dir.name)}"
+            )
+            raise PhaseError(str(error), phase=error.phase, missing=error.missing)
         return report
 
     def _run_phases(self, phases: tuple[str, ...]) -> None:
@@ -344,7 +358,7 @@ class PipelineRunner:
         with self._timed("source-training"):
             return pipeline.train_sources(self.coordinator, sources)
 
-    def _write_report(self, error: str | None) -> dict[str, Any]:
+    def _write_report(self, error: PhaseError | None) -> dict[str, Any]:
         store = self.store
         attempts_path = store.run_dir / ATTEMPTS_FILE
         attempts = (
@@ -381,7 +395,14 @@ class PipelineRunner:
                 "peak_rss_mb": peak_rss_mb(),
                 "peak_rss_mb_after_phase": self.memory_mb,
             },
-            error=error,
+            error=None if error is None else str(error),
+            failure=None
+            if error is None
+            else {
+                "phase": error.phase,
+                "missing": error.missing,
+                "resume": resume_command(store.run_dir.name),
+            },
         )
         markdown = write_report(store, report)
         self.log(f"report written to {store.run_dir / 'report.md'}\n\n{markdown}")

@@ -2,7 +2,9 @@
 
 Holds the resolved config, one JSON file per finished phase, the models the
 coordinator received (``.npz``, no pickle) and the report. Every file is written under a
-temporary name and renamed, so a crash never leaves a half-written result.
+temporary name and renamed, so a crash never leaves a half-written result, and every
+path is checked to stay inside the run folder: names that come from sites (site and
+model names) are validated where they arrive, and this is the second line.
 """
 
 from __future__ import annotations
@@ -44,9 +46,23 @@ class RunStore:
         (self.run_dir / "phases").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
 
+    def _inside(self, relative: str) -> Path:
+        """``run_dir / relative``, refusing any path that leaves the run folder.
+
+        Raises:
+            ValueError: the path climbs out of ``run_dir`` (naming it).
+        """
+        path = self.run_dir / relative
+        if not path.resolve().is_relative_to(self.run_dir.resolve()):
+            raise ValueError(
+                f"refusing to write {relative!r}: it leaves the run folder "
+                f"{self.run_dir}"
+            )
+        return path
+
     def write_json(self, relative: str, document: Mapping[str, Any]) -> Path:
         """Write ``document`` as indented JSON at ``run_dir / relative``."""
-        path = self.run_dir / relative
+        path = self._inside(relative)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_text(
@@ -57,7 +73,7 @@ class RunStore:
 
     def write_text(self, relative: str, text: str) -> Path:
         """Write ``text`` at ``run_dir / relative``."""
-        path = self.run_dir / relative
+        path = self._inside(relative)
         temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_text(text)
         temporary.replace(path)
@@ -77,10 +93,10 @@ class RunStore:
 
     def save_model(self, name: str, weights: Arrays) -> Path:
         """Keep a model the coordinator received."""
-        path = self.run_dir / "models" / f"{name}.npz"
+        path = self._inside(f"models/{name}.npz")
         save_weights(weights, path)
         return path
 
     def load_model(self, name: str) -> Arrays:
         """A model saved by :meth:`save_model`."""
-        return load_weights(self.run_dir / "models" / f"{name}.npz")
+        return load_weights(self._inside(f"models/{name}.npz"))

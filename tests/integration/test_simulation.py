@@ -15,11 +15,14 @@ from simulations.simulate import format_run_config, run_simulation
 
 pytestmark = pytest.mark.integration
 
+TEMPLATE = (
+    Path(__file__).resolve().parents[2] / "deploy" / "policy.template.toml"
+).read_text()
 # The target releases LFTM per case; everything else is the template's defaults.
-TARGET_POLICY = (
-    (Path(__file__).resolve().parents[2] / "deploy" / "policy.template.toml")
-    .read_text()
-    .replace('lftm = "domain"', 'lftm = "instance"')
+TARGET_POLICY = TEMPLATE.replace('lftm = "domain"', 'lftm = "instance"')
+# A source that requires DP-SGD for everything done with its labelled data.
+DP_SOURCE_POLICY = TEMPLATE.replace("required = false", "required = true").replace(
+    "noise-multiplier = 1.0", "noise-multiplier = 1.5"
 )
 
 
@@ -35,16 +38,22 @@ def run_tiny_federation(
     tmp_path: Path,
     num_sites: int = 3,
     broken_site: str | None = None,
+    dp_sources: bool = False,
     **overrides: bool | int | float | str,
 ) -> Path:
     """The one place that starts a simulation: returns the run folder.
 
     ``broken_site`` gets a truncated image, so as a source it fails in source
-    training and the run must go on without it (federation.min-sites is 2).
+    training and the run must go on without it (federation.min-sites is 2). With
+    ``dp_sources`` every source's own policy requires DP-SGD.
     """
     federation = tmp_path / "federation"
-    write_federation(federation, seed=3, num_sites=num_sites, num_train_cases=3)
+    names = write_federation(federation, seed=3, num_sites=num_sites, num_train_cases=3)
     (federation / "A" / "policy.toml").write_text(TARGET_POLICY)
+    if dp_sources:
+        for name in names:
+            if name != "A":
+                (federation / name / "policy.toml").write_text(DP_SOURCE_POLICY)
     if broken_site is not None:
         truncate_first_image(federation / broken_site)
     runs = tmp_path / "runs"
@@ -78,12 +87,9 @@ def run_tiny_federation(
 
 
 def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
-    # Execute: the run asks for DP-SGD at every source; source D's data is broken
+    # Execute: every source's policy requires DP-SGD; source D's data is broken
     run_dir = run_tiny_federation(
-        tmp_path,
-        num_sites=4,
-        broken_site="D",
-        **{"privacy.dp": True, "privacy.noise-multiplier": 1.5},
+        tmp_path, num_sites=4, broken_site="D", dp_sources=True
     )
 
     # Assert
@@ -91,20 +97,23 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     roles = {site["name"]: site["role"] for site in report["sites"]}
     assert roles == {"A": "target", "B": "source", "C": "source", "D": "failed"}
     assert all(site["cases"]["labelled"] == 3 for site in report["sites"])
-    # Dropout: D is left out, and the report says who and why (naming the file).
+    # Dropout: D is left out, and the report says who and why (naming the file by
+    # its place in the site and the case by index, never by path or name).
     broken = sorted((tmp_path / "federation" / "D" / "imagesTr").iterdir())[0]
     reason = report["missing"]["source-training"]["D"]
     assert reason.startswith("error ")
-    assert str(broken) in reason
+    assert "<site>/imagesTr/case #0: truncated or unreadable image" in reason
+    assert str(broken.parent) not in reason
     assert "- source-training: D: error" in (run_dir / "report.md").read_text()
-    # SeqTran: every readable site published a profile, noised under the run's DP
-    # (its epsilon in the reply); the path's first fine-tuning step then ran out of
-    # budget at its site, so the run went on without the SeqTran candidate.
+    # SeqTran: every readable site published a profile, the sources' noised under
+    # their DP (its epsilon in the reply), the target's exact; the path's first
+    # fine-tuning step then ran out of budget at its site, so the run went on
+    # without the SeqTran candidate.
     affinity = report["affinity"]
     assert set(affinity["profiles"]) == {"A", "B", "C"}
-    for release in affinity["profiles"].values():
-        assert release["dp.noise-multiplier"] == 1.5
-        assert release["dp.epsilon-spent"] > 0.0
+    for site, release in affinity["profiles"].items():
+        assert release["dp.noise-multiplier"] == (0.0 if site == "A" else 1.5)
+        assert (release["dp.epsilon-spent"] > 0.0) == (site != "A")
     assert "D" in affinity["missing"]
     assert affinity["path"]["nodes"][-1] == "A"
     assert len(affinity["path"]["nodes"]) == 3
@@ -130,10 +139,11 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert consensus["sources"] == ["B", "C"]
     assert set(consensus["label_dice"]) == set(protocol.CONSENSUS_METHODS)
     assert "## Label consensus at the target" in (run_dir / "report.md").read_text()
-    # Semi-supervised rounds ran under DP-SGD at every site but D (broken image).
+    # Semi-supervised rounds ran under DP-SGD at the sources (D failed: broken
+    # image), without at the target, whose policy does not require it.
     semisup = report["semisup"]
     assert semisup["target"]["site"] == "A"
-    assert semisup["target"]["dp.epsilon-spent"] > 0.0
+    assert semisup["target"]["dp.epsilon-spent"] == 0.0
     federated = semisup["federated"]
     assert federated["sites"] == ["A", "B", "C", "D"]
     assert [entry["round"] for entry in federated["rounds"]] == [0, 1, 2]
@@ -177,6 +187,7 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         )
         assert privacy[source]["released"]["train.source"]["arrays"] > 0
     assert privacy["A"]["policy"]["policy.release.lftm"] == "instance"
+    assert privacy["A"]["policy"]["policy.dp.required"] is False
     assert privacy["A"]["released"]["query.lftm"]["arrays"] == 0
     assert "## Privacy" in (run_dir / "report.md").read_text()
     federation = tmp_path / "federation"
@@ -185,6 +196,11 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         *(federation / site / ".sitebridge" / "ledger.jsonl" for site in "ABCD"),
     ):
         assert sitebridge(["audit", "verify", str(ledger)]) == 0
+    # Every site's ledger holds every anchor its replies carried to the coordinator.
+    for site in "ABCD":
+        site_ledger = federation / site / ".sitebridge" / "ledger.jsonl"
+        verify = ["audit", "verify", str(site_ledger)]
+        assert sitebridge([*verify, "--against", str(run_dir / "ledger.jsonl")]) == 0
     site_digests = {
         entry.egress.digest
         for site in "ABCD"

@@ -84,10 +84,11 @@ def test_profile_reply_is_the_exact_profile(
     assert set(reply.content.keys()) == {protocol.METRICS_KEY, protocol.REPLY_KEY}
     released = protocol.ProfileReply.from_fields(reply.content[protocol.METRICS_KEY])
     rebuilt = SiteProfile.from_dict(released.profile_values(SITE))
-    assert np.allclose(rebuilt.image_quantiles, expected.image_quantiles)
+    # Exact to the site's release precision (limits.metric-decimals = 3).
+    assert np.allclose(rebuilt.image_quantiles, expected.image_quantiles, atol=5e-4)
     assert rebuilt.mean_label_map is not None
     assert expected.mean_label_map is not None
-    assert np.allclose(rebuilt.mean_label_map, expected.mean_label_map)
+    assert np.allclose(rebuilt.mean_label_map, expected.mean_label_map, atol=5e-4)
     assert rebuilt.mean_label_map.shape == (config.affinity.label_grid,) * 3
     assert rebuilt.noise is None
     assert not released.private

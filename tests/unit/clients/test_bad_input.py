@@ -13,9 +13,10 @@ of site B whose state (ledger, DP accountant) lives in its own folder. Each case
    holding a DP history (the policy requires DP-SGD, so ``train.source`` would
    spend from it);
 2. damages the copy and sends one message;
-3. checks the error reply, that nothing is half-written (no temporary file, the
-   ledger verifies and holds the released error when the handler ran, or is
-   untouched when the node refused before it, and the accountant is unchanged);
+3. checks the error reply (the file by its place in the site, the case by index:
+   no absolute path and no case name leaves), that nothing is half-written (no
+   temporary file, the ledger verifies and holds the one error entry, and the
+   accountant is unchanged);
 4. repairs the input and sends the next message to the same app: a normal reply,
    because the node keeps serving (one case per action sends that action again).
 """
@@ -46,6 +47,7 @@ from core.privacy import (
     read_accountant_state,
     write_accountant_state,
 )
+from core.site import redact_site_text
 from tests.unit.bad_input import BAD_SITES, SITE, BadSite, copy_site
 from tests.unit.clients.messages import (
     DP_POLICY,
@@ -354,13 +356,19 @@ def test_bad_input_is_named_nothing_is_half_written_and_the_site_serves_on(
     accountant_before = (sandbox.state / ACCOUNTANT_FILE).read_bytes()
     ledger_before = (sandbox.state / LEDGER_FILE).read_bytes()
     named = bad.damage(sandbox)
+    # The file by its place in the site with the case as an index, as the damaged
+    # site's names give it (the repair below renames files back).
+    expected_name = redact_site_text(named, site_dir=sandbox.site)
     files_before = files_under(tmp_path)
 
     # Execute: the bad message, then the next one once the input is repaired
     reply = site_app(
         sandbox.request(bad.message_type, MESSAGE_ID), sandbox.context(run_config)
     )
-    files_after = files_under(tmp_path)
+    # The query book is charged before the work runs (and stays charged).
+    files_after = [
+        name for name in files_under(tmp_path) if not name.startswith("state/queries")
+    ]
     accountant_after = (sandbox.state / ACCOUNTANT_FILE).read_bytes()
     ledger_after = (sandbox.state / LEDGER_FILE).read_bytes()
     sandbox.repair(tmp_path / "node-policy.toml")
@@ -368,24 +376,28 @@ def test_bad_input_is_named_nothing_is_half_written_and_the_site_serves_on(
         sandbox.request(protocol.HELLO, "m2"), sandbox.context(run_config)
     )
 
-    # Assert: the reply names the file (or parameter) and the problem
-    assert_site_error(reply, named, *bad.problem)
+    # Assert: the reply names the file (or parameter) and the problem, the file by
+    # its place in the site with the case as an index: no path, no case name leaves.
+    assert_site_error(reply, expected_name, *bad.problem)
+    assert str(tmp_path) not in reason_of(reply)
+    assert "b_000" not in reason_of(reply)
+    assert "b_002" not in reason_of(reply)
     # Nothing half-written: no file appeared (no temporary, no partial model), the
     # accountant is byte for byte what it was, and the ledger only grew by the one
-    # complete entry of the released error (none when the node refused first).
+    # complete entry of the error reply (errors are ledgered like every reply).
     assert files_after == files_before
     assert accountant_after == accountant_before
     assert ledger_after.startswith(ledger_before)
     assert verify_ledger(sandbox.state / LEDGER_FILE).ok
     entries = Ledger(sandbox.state / LEDGER_FILE).entries()
-    if bad.reaches_handler:
-        assert ledger_after.count(b"\n") == ledger_before.count(b"\n") + 1
-        assert entries[1].message_type == bad.message_type
-        assert entries[1].released
-        assert entries[1].egress == measure_error(reason_of(reply))
-        assert entries[1].epsilon_spent == 0.0
-    else:
-        assert ledger_after == ledger_before
+    assert ledger_after.count(b"\n") == ledger_before.count(b"\n") + 1
+    assert entries[1].message_type == bad.message_type
+    assert entries[1].decision == "error"
+    unanchored, anchor = protocol.LedgerAnchor.split_reason(reason_of(reply))
+    assert anchor == protocol.LedgerAnchor(1, entries[1].entry_hash)
+    assert entries[1].egress == measure_error(unanchored)
+    assert entries[1].epsilon_spent == 0.0
+    assert (entries[1].policy == {}) == (not bad.reaches_handler)
     # The node keeps serving: the next message gets a normal reply.
     assert not next_reply.has_error(), reason_of(next_reply)
     assert next_reply.metadata.reply_to_message_id == "m2"

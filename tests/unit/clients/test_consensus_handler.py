@@ -294,12 +294,14 @@ def test_weights_may_not_leave_refuses_consensus_before_it_runs(
         reply,
         Rule.WEIGHTS_MAY_NOT_LEAVE,
         "a 'train.consensus' reply is trained weights",
-        f"weights-may-leave is false in {policy}; nothing was run",
+        "weights-may-leave is false in the site's policy; nothing was run",
     )
     assert sorted(path.name for path in state_dir.iterdir()) == ["ledger.jsonl"]
     (entry,) = Ledger(state_dir / "ledger.jsonl").entries()
     assert entry.decision == f"blocked: {Rule.WEIGHTS_MAY_NOT_LEAVE.value}"
-    assert entry.egress is None
+    # Only the refusal's reason left, and the entry says so.
+    assert entry.egress is not None
+    assert entry.egress.arrays == ()
 
 
 def test_error_start_model_not_sent_and_the_node_keeps_serving(
@@ -327,7 +329,7 @@ def test_error_start_model_not_sent_and_the_node_keeps_serving(
     assert not answered.has_error(), answered.error.reason
     assert answered.metadata.reply_to_message_id == "m2"
     first, second = Ledger(tmp_path / "state" / "ledger.jsonl").entries()
-    assert (first.message_type, first.released) == (protocol.CONSENSUS, True)
+    assert (first.message_type, first.decision) == (protocol.CONSENSUS, "error")
     assert (second.message_type, second.released) == (protocol.HELLO, True)
 
 
@@ -363,7 +365,8 @@ def stand_in_reply(names: Mapping[str, str], manifest: Manifest) -> RecordDict:
         ("atlases", {}, None),
         ("atlases", {"data-parameter": "atlas-9"}, "atlas-9"),
         ("atlases", {"label-dice": "patient-x"}, "patient-x"),
-        ("atlases", {"agreement": "b_000"}, "b_000"),
+        # A case name is redacted even in a refusal: its index goes out instead.
+        ("atlases", {"agreement": "b_000"}, "case #"),
         ("plain", {}, "atlas-1"),  # A itself holds no atlas
     ],
     ids=["declared", "atlas-beyond-count", "patient-name", "atlas-case-id", "no-atlas"],
@@ -405,6 +408,8 @@ def test_guard_lets_consensus_name_only_methods_and_held_atlases(
         assert_blocked(
             reply,
             Rule.UNDECLARED_FIELD,
-            f"names {blocked!r}, which is not a model or predictor of the request",
+            f"names {blocked!r}" if blocked != "case #" else "names 'case #",
+            "which is not a model or predictor of the request",
         )
+        assert "b_000" not in reply.error.reason
         assert entry.decision == f"blocked: {Rule.UNDECLARED_FIELD.value}"

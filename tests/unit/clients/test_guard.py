@@ -36,7 +36,7 @@ from clients.guard import declared_manifest, egress_guard
 from core import cli, protocol
 from core.config import ConfigValue, RunConfig, load_run_config
 from core.egress import measure_content, measure_error
-from core.ledger import Ledger, LedgerError, verify_ledger
+from core.ledger import Egress, Ledger, LedgerError, verify_ledger
 from core.models import Manifest
 from core.policy import ACTIONS, AppliedPolicy, Rule
 from core.privacy import (
@@ -133,6 +133,13 @@ def send_over_the_wire(content: RecordDict) -> RecordDict:
     """``content`` as the coordinator receives it: serialised and parsed again."""
     proto = recorddict_to_proto(content)
     return recorddict_from_proto(type(proto).FromString(proto.SerializeToString()))
+
+
+def released_reason(reply: Message) -> Egress:
+    """What an error reply released: its reason without the ledger anchor."""
+    reason, anchor = protocol.LedgerAnchor.split_reason(reason_of(reply))
+    assert anchor is not None, reason_of(reply)
+    return measure_error(reason)
 
 
 def assert_blocked(reply: Message, *rules: Rule) -> None:
@@ -510,11 +517,16 @@ def test_action_not_in_the_policy_is_refused_before_its_handler_runs(
     # Assert
     assert calls_after_refusal == []
     assert_blocked(refused, Rule.ACTION_NOT_ANSWERED)
-    assert f"'train.source' is not in actions.answer of {policy}" in reason_of(refused)
+    assert "'train.source' is not in actions.answer of the site's policy" in reason_of(
+        refused
+    )
     assert not answered.has_error(), answered.error.reason
     assert calls == [protocol.HELLO]
     first, second = ledger_of(tmp_path / "state").entries()
-    assert (first.decision, first.egress) == (decision(Rule.ACTION_NOT_ANSWERED), None)
+    assert (first.decision, first.egress) == (
+        decision(Rule.ACTION_NOT_ANSWERED),
+        released_reason(refused),
+    )
     assert second.released
 
 
@@ -539,8 +551,9 @@ def test_weights_may_not_leave_refuses_training_before_it_runs(
     # Assert
     assert_blocked(reply, Rule.WEIGHTS_MAY_NOT_LEAVE)
     assert f"a {message_type!r} reply is trained weights" in reason_of(reply)
-    assert f"weights-may-leave is false in {policy}; nothing was run" in reason_of(
-        reply
+    assert (
+        "weights-may-leave is false in the site's policy; nothing was run"
+        in reason_of(reply)
     )
     assert sorted(path.name for path in (tmp_path / "state").iterdir()) == [
         "ledger.jsonl"
@@ -548,14 +561,19 @@ def test_weights_may_not_leave_refuses_training_before_it_runs(
     (entry,) = ledger_of(tmp_path / "state").entries()
     assert (entry.decision, entry.egress) == (
         decision(Rule.WEIGHTS_MAY_NOT_LEAVE),
-        None,
+        released_reason(reply),
     )
     assert entry.policy["policy.release.weights-may-leave"] is False
 
 
 def test_every_rule_is_proven_through_the_guard() -> None:
     # Prepare
-    proven_elsewhere = {Rule.ACTION_NOT_ANSWERED}
+    proven_elsewhere = {
+        Rule.ACTION_NOT_ANSWERED,  # test_action_not_in_the_policy_is_refused_...
+        Rule.LIMIT_EXCEEDED,  # test_limits.py and tests/security/
+        Rule.NO_DP_FORM,  # test_limits.py and tests/security/
+        Rule.BUNDLE_NOT_APPROVED,  # the site's app process (clients/serve.py)
+    }
 
     # Execute
     proven = {rule for case in RULE_CASES for rule in case.values[3]}
@@ -591,8 +609,8 @@ def test_handler_failure_becomes_a_recorded_site_error(
     # Assert
     assert_site_error(reply, "RuntimeError: boom at the site")
     (entry,) = ledger_of(tmp_path / "state").entries()
-    assert entry.released
-    assert entry.egress == measure_error(reason_of(reply))
+    assert entry.decision == "error"
+    assert entry.egress == released_reason(reply)
 
 
 @pytest.mark.parametrize("how", ["raises", "returns-error"])
@@ -966,8 +984,8 @@ def test_dp_training_over_budget_is_refused_before_training(
     )
     assert (accountant.read_bytes() if accountant.exists() else None) == before
     (entry,) = ledger_of(tmp_path / "state").entries()
-    assert entry.released
-    assert entry.egress == measure_error(reason_of(reply))
+    assert entry.decision == "error"
+    assert entry.egress == released_reason(reply)
     assert (entry.epsilon_spent, entry.epsilon_total) == (0.0, 0.0)
 
 
@@ -988,7 +1006,7 @@ def test_dp_training_over_budget_is_refused_before_training(
     ],
     ids=["not-toml", "missing-file", "unknown-key", "missing-key", "unknown-action"],
 )
-def test_unusable_policy_refuses_everything_and_writes_nothing(
+def test_unusable_policy_refuses_everything_and_ledgers_the_refusal(
     federation: Path,
     run_config: dict[str, ConfigValue],
     tmp_path: Path,
@@ -1013,6 +1031,11 @@ def test_unusable_policy_refuses_everything_and_writes_nothing(
 
     # Assert
     for reply in replies:
-        assert_site_error(reply, "PolicyError", str(policy), fragment)
+        assert_site_error(reply, "PolicyError: <path>: ", fragment)
+        assert str(tmp_path) not in reason_of(reply)
     assert calls == []
-    assert not (tmp_path / "state").exists()
+    entries = ledger_of(tmp_path / "state").entries()
+    assert [(entry.decision, entry.policy) for entry in entries] == [("error", {})] * 2
+    assert [entry.egress for entry in entries] == [
+        released_reason(reply) for reply in replies
+    ]

@@ -165,12 +165,12 @@ def test_labelled_fraction_sets_labels_aside(
     student: Arrays,
     tmp_path: Path,
 ) -> None:
-    # Prepare: A keeps one of its two labelled cases labelled
+    # Prepare: A's own policy keeps one of its two labelled cases labelled; the
+    # run's semisup.labelled-fraction is the site's to set, so the run's 1.0 (the
+    # default) does not count
+    policy = write_policy(tmp_path, {"semisup.labelled-fraction": 0.5})
     context = build_site_context(
-        run_config,
-        federation / SITE,
-        tmp_path / "state",
-        run_overrides={"semisup.labelled-fraction": 0.5},
+        run_config, federation / SITE, tmp_path / "state", policy=policy
     )
 
     # Execute

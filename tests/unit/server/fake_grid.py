@@ -3,6 +3,8 @@
 Shared by the coordinator tests: it assigns message ids at push time (as the real grid
 does) and hands each message to the real ClientApp with the Context of the node's
 site, so the phases exercise both sides of the wire contract without a Flower daemon.
+Each grid is one Flower run with a run id of its own, as every ``flwr run`` has: the
+sites' per-run query limits count per run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from clients.app import app as client_app
 from core.config import ConfigValue
 
 NODES = {11: "A", 12: "B", 13: "C"}  # node id -> site folder
+_RUN_IDS = itertools.count(1001)  # one Flower run id per grid
 
 
 class ServerAppKilled(BaseException):
@@ -45,6 +48,7 @@ class FakeGrid:
         self.kill_at = kill_at
         self.sent: list[Message] = []
         self._ids = itertools.count(1)
+        self.run_id = next(iter(self.contexts.values())).run_id if contexts else 1
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -61,6 +65,8 @@ class FakeGrid:
             assert message.metadata.message_id == ""
             assert message.metadata.reply_to_message_id == ""
             message.metadata.__dict__["_message_id"] = f"msg-{next(self._ids)}"
+            # The ServerApp stamps its run's id on every message (here: TaskIdentity).
+            message.metadata.__dict__["_run_id"] = self.run_id
             self.sent.append(message)
             node = message.metadata.dst_node_id
             if node in self.drop:
@@ -84,9 +90,10 @@ def build_grid(
     drop: Iterable[int] = (),
     kill_at: str | None = None,
 ) -> FakeGrid:
+    run_id = next(_RUN_IDS)
     contexts = {
         node: Context(
-            run_id=1,
+            run_id=run_id,
             node_id=node,
             node_config={"site-dir": str(federation / site)},
             state=RecordDict(),

@@ -27,6 +27,7 @@ from core.dual_task import build_dual_task_model
 from core.egress import measure_content
 from core.jobs import build_initial_weights
 from core.ledger import EGRESS, INGRESS, Ledger, verify_ledger
+from core.ledger_match import match_ledgers
 from core.models import Arrays, build_model, get_manifest
 from core.policy import ACTIONS, AppliedPolicy, LftmRelease
 from core.task_profile import build_site_profile, profile_settings
@@ -809,6 +810,52 @@ def test_consensus_sends_sources_and_adapted_main_and_persists(
     )
 
 
+def test_consensus_refused_by_a_dp_target_is_skipped_and_the_run_goes_on(
+    full_run: PipelineRun,
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+) -> None:
+    # Prepare: the target's policy requires DP, which DeepSTAPLE has no form of
+    grid = build_grid(federation, run_config)
+    policy = write_policy(tmp_path, {"dp.required": True})
+    grid.contexts[11].node_config["policy"] = str(policy)
+    grid.contexts[11].node_config["state-dir"] = str(tmp_path / "state")
+    log: list[str] = []
+    coordinator = build_coordinator(grid, full_run.config, tmp_path / "run", log)
+    target = site_info(11, "A")
+
+    # Execute
+    trained = pipeline.consensus(
+        coordinator, target, {"B": full_run.models["B"]}, full_run.adapted
+    )
+
+    # Assert: nothing was trained, the phase says why, and the report shows it
+    assert trained == {}
+    saved = coordinator.store.load_phase("consensus")
+    assert saved is not None
+    assert saved["models"] == []
+    assert "no-dp-form" in saved["skipped"]
+    assert any(
+        line.startswith("consensus: skipped, the target refused") for line in log
+    )
+    report = build_report(
+        run_id=1,
+        config={},
+        discover=None,
+        source_training=None,
+        transferability=None,
+        adaptation=None,
+        evaluation=None,
+        phase_seconds={},
+        consensus=saved,
+    )
+    assert (
+        "Skipped: the target refused it (error 101: blocked by egress policy: "
+        "no-dp-form" in format_markdown(report)
+    )
+
+
 SEMISUP_MODELS = {"semisup:target", "semisup:federated"}
 
 
@@ -1286,6 +1333,32 @@ def test_each_reply_received_matches_the_sites_own_ledger_entry(
         assert match.egress == entry.egress
         assert match.sender == entry.sender
         assert match.policy == full_run.coordinator.applied_policies[entry.sender]
+
+
+def test_every_reply_is_anchored_in_its_sites_ledger(full_run: PipelineRun) -> None:
+    # Prepare
+    coordinator = Ledger(full_run.store.run_dir / "ledger.jsonl").entries()
+
+    # Execute
+    matches = {
+        site: match_ledgers(
+            site_ledger(full_run, site).entries(), coordinator, site=site
+        )
+        for site in "ABC"
+    }
+
+    # Assert: requests are "sent", replies "received" with the site entry's anchor,
+    # and each site's ledger holds every anchor with the same hash and digest
+    assert {entry.decision for entry in coordinator if entry.direction == EGRESS} == {
+        "sent"
+    }
+    replies = [entry for entry in coordinator if entry.direction == INGRESS]
+    assert {entry.decision for entry in replies} == {"received"}
+    assert all(entry.anchor is not None for entry in replies)
+    for site, match in matches.items():
+        assert match.ok, (site, match.problems)
+        assert match.anchors == sum(entry.sender == site for entry in replies)
+        assert match.not_received == ()
 
 
 def test_coordinator_keeps_each_sites_applied_policy(full_run: PipelineRun) -> None:

@@ -319,6 +319,46 @@ def test_a_failed_phase_writes_the_report_with_the_reason(
 # --------------------------------------------------------------------------- dropout
 
 
+def test_a_run_stopped_for_too_few_sites_names_them_and_how_to_resume(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: C's folder disappears after hello; two source models are required
+    grid = build_grid(federation, run_config)
+    original = grid.send_and_receive
+
+    def break_c_after_hello(messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == protocol.TRAIN_SOURCE:
+            grid.contexts[13].node_config["site-dir"] = str(tmp_path / "C-gone")
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = break_c_after_hello  # type: ignore[method-assign]
+    runner = start_run(grid, run_config, tmp_path, 5, **{"federation.min-sites": 2})
+
+    # Execute
+    with pytest.raises(PhaseError, match="source training: 1 source model"):
+        runner.run()
+
+    # Assert: C is failed (not idle), the missing-sites section names it, and the
+    # report says how to finish the run once C is back
+    report = json.loads((tmp_path / "5" / "report.json").read_text())
+    roles = {site["name"]: site["role"] for site in report["sites"]}
+    assert roles == {"A": "target", "B": "idle", "C": "failed"}
+    assert report["missing"]["source-training"] == {
+        "C": f"error {protocol.SITE_ERROR_CODE}: SiteDataError: <site>: "
+        "site folder not found"
+    }
+    assert report["resume"] == (
+        "flwr run . <connection> --run-config 'resume-run=\"5\"'"
+    )
+    markdown = (tmp_path / "5" / "report.md").read_text()
+    assert "## Missing sites" in markdown
+    assert "- source-training: C: error 100" in markdown
+    assert "## Resume" in markdown
+    assert 'resume-run="5"' in markdown
+    assert (tmp_path / "5" / "phases" / "source-training.json").exists() is False
+
+
 def test_a_source_that_fails_is_left_out_and_reported(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
@@ -348,7 +388,7 @@ def test_a_source_that_fails_is_left_out_and_reported(
     transfer = report["transferability"]
     assert {transfer["main"], transfer["aux"]} == {"B", "seqtran"}
     assert report["missing"]["source-training"] == {
-        "C": f"error {protocol.SITE_ERROR_CODE}: SiteDataError: {broken}: "
+        "C": f"error {protocol.SITE_ERROR_CODE}: SiteDataError: <site>: "
         "site folder not found"
     }
     assert set(report["evaluation"]["dice"]) == {
