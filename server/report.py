@@ -83,13 +83,23 @@ def build_privacy_section(
     """
     sites: dict[str, dict[str, Any]] = {}
     for entry in entries:
-        if entry.direction != INGRESS or entry.egress is None:
+        if entry.direction != INGRESS:
             continue
         site = sites.setdefault(entry.sender, {"released": {}})
         action = site["released"].setdefault(
             entry.message_type,
-            {"replies": 0, "errors": 0, "bytes": 0, "arrays": 0, "metric_values": 0},
+            {
+                "replies": 0,
+                "errors": 0,
+                "undelivered": 0,
+                "bytes": 0,
+                "arrays": 0,
+                "metric_values": 0,
+            },
         )
+        if entry.egress is None:  # no reply reached the coordinator
+            action["undelivered"] += 1
+            continue
         action["replies"] += 1
         action["errors"] += int("error.reason" in entry.egress.configs)
         action["bytes"] += entry.egress.total_bytes
@@ -410,14 +420,16 @@ def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
         "`ledger.jsonl` in this folder; each site keeps its own), the policy the "
         "site applied and the DP-SGD epsilon it spent in this run.",
         "",
-        "| site | action | replies | errors | bytes | arrays | metric values |",
-        "|---|---|---|---|---|---|---|",
+        "| site | action | replies | errors | undelivered | bytes | arrays | "
+        "metric values |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for site, section in privacy.items():
         for action, counts in section.get("released", {}).items():
             lines.append(
                 f"| {site} | {action} | {counts['replies']} | {counts['errors']} | "
-                f"{counts['bytes']} | {counts['arrays']} | {counts['metric_values']} |"
+                f"{counts.get('undelivered', 0)} | {counts['bytes']} | "
+                f"{counts['arrays']} | {counts['metric_values']} |"
             )
     lines += [
         "",

@@ -83,6 +83,7 @@ def test_privacy_section_counts_what_each_site_released(tmp_path: Path) -> None:
         "train.source": {
             "replies": 2,
             "errors": 0,
+            "undelivered": 0,
             "bytes": 820,
             "arrays": 2,
             "metric_values": 2,
@@ -200,7 +201,7 @@ def test_report_markdown_shows_the_privacy_tables(tmp_path: Path) -> None:
 
     # Assert
     assert "## Privacy" in markdown
-    assert "| B | train.source | 2 | 0 | 820 | 2 | 2 |" in markdown
+    assert "| B | train.source | 2 | 0 | 0 | 820 | 2 | 2 |" in markdown
     assert "| C | train.source | 1 | 1 |" in markdown
     assert "| B | domain | True | True | 10.0 | 0.800 (δ 1e-05) | 2.400 |" in markdown
     assert "| C | n/a | n/a | n/a | n/a | no DP | - |" in markdown
