@@ -195,23 +195,43 @@ class CellMeasurements:
     seconds: float
 
 
-# Crafted models by (code, model, data, seed), reused within one process: crafting is
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CraftedSet:
+    """The pattern models of one construction, checked offline.
+
+    Attributes:
+        models: the code's pattern models and the whole-image one, by name.
+        cost: what crafting them cost (models, training steps, seconds).
+        unusable: cells whose predictor does not paint exactly its cell (a model
+            that did not converge); they are never asked about.
+        margin: the smallest ``|p(fg) - p(bg)|`` of any usable cell predictor: how
+            far from a tie the site's arithmetic may drift (float16 on a GPU site)
+            before a region changes.
+    """
+
+    models: dict[str, Arrays]
+    cost: dict[str, object]
+    unusable: frozenset[int]
+    margin: float
+
+
+# Crafted sets by (code, model, data, seed), reused within one process: crafting is
 # the attacker's offline work, done once per construction (a reuse costs nothing and
 # is reported as such).
-_CRAFTED: dict[tuple[object, ...], tuple[dict[str, Arrays], dict[str, object]]] = {}
+_CRAFTED: dict[tuple[object, ...], CraftedSet] = {}
 
 
-def crafted_models(
-    plan: AttackPlan, costs: list[dict[str, object]]
-) -> dict[str, Arrays]:
-    """The code's pattern models plus the whole-image one; their cost into ``costs``."""
+def crafted_models(plan: AttackPlan, costs: list[dict[str, object]]) -> CraftedSet:
+    """The plan's crafted set; what crafting it cost goes into ``costs``."""
     config = plan.config
     code = plan.code()
     key = (code, config.model, config.data, config.train.seed)
     if key in _CRAFTED:
-        models, cost = _CRAFTED[key]
-        costs.append({**cost, "seconds": 0.0, "training_steps": 0, "reused": True})
-        return models
+        crafted = _CRAFTED[key]
+        costs.append(
+            {**crafted.cost, "seconds": 0.0, "training_steps": 0, "reused": True}
+        )
+        return crafted
     models, cost = craft_code_models(config, code, seed=config.train.seed)
     everything = craft_pattern_model(
         config,
@@ -220,31 +240,37 @@ def crafted_models(
         seed=config.train.seed + len(models),
     )
     models[ALL_FOREGROUND] = everything.weights
+    unusable, margin = _check_regions(plan, models)
     cost = {
         **cost,
         "models": len(models),
         "training_steps": int(_number(cost["training_steps"])) + everything.steps,
         "seconds": round(_number(cost["seconds"]) + everything.seconds, 2),
+        "unusable_cells": len(unusable),
+        "min_margin": round(margin, 4),
     }
-    _check_regions(plan, models)
     if len(_CRAFTED) >= 4:  # a few constructions at most; weights are megabytes
         _CRAFTED.clear()
-    _CRAFTED[key] = (models, cost)
+    crafted = CraftedSet(models=models, cost=cost, unusable=unusable, margin=margin)
+    _CRAFTED[key] = crafted
     costs.append(cost)
-    return models
+    return crafted
 
 
-def _check_regions(plan: AttackPlan, models: Mapping[str, Arrays]) -> None:
-    """Offline: every cell predictor paints its cell and nothing else, or raise."""
+def _check_regions(
+    plan: AttackPlan, models: Mapping[str, Arrays]
+) -> tuple[frozenset[int], float]:
+    """Offline: cells whose predictor misses its cell; the others' smallest margin."""
     code = plan.code()
     maps = pattern_probabilities(models, plan.config)
-    predictors = {str(cell): code.members(cell) for cell in range(code.num_cells)}
+    predictors = {cell: code.members(cell) for cell in range(code.num_cells)}
+    unusable, margins = set(), []
     for cell, region in predictor_regions(maps, predictors).items():
-        if not np.array_equal(region.foreground, code.cell_map(int(cell))):
-            raise RuntimeError(
-                f"crafted predictor of cell {cell} paints "
-                f"{int(region.foreground.sum())} pixels, not its cell"
-            )
+        if np.array_equal(region.foreground, code.cell_map(cell)):
+            margins.append(region.margin)
+        else:
+            unusable.add(cell)
+    return frozenset(unusable), min(margins, default=0.0)
 
 
 def _batches(plan: AttackPlan, cells: Sequence[int]) -> Iterator[list[int]]:
@@ -317,7 +343,7 @@ def measure_cells(
         )
         plan = dataclasses.replace(plan, stopped=f"refused: {error}")
     run_requests = 0
-    models: dict[str, Arrays] = {}
+    crafted: CraftedSet | None = None
     crafted_for: AttackPlan | None = None
     while not plan.stopped:
         code = plan.code()
@@ -325,9 +351,14 @@ def measure_cells(
             code,
             plan.config,
         ):
-            models, crafted_for = crafted_models(plan, costs), plan
+            crafted, crafted_for = crafted_models(plan, costs), plan
+        assert crafted is not None
         tile = max(1, (plan.models_per_request or 2 * code.cells_per_side) // 2)
-        pending = [cell for cell in _tile_order(code, tile) if cell not in values]
+        pending = [
+            cell
+            for cell in _tile_order(code, tile)
+            if cell not in values and cell not in crafted.unusable
+        ]
         if not pending:
             coarser = coarser_cells_when_values_vanish(plan, values, whole)
             if coarser is None:
@@ -344,7 +375,7 @@ def measure_cells(
         batch = next(_batches(plan, pending))
         requests += 1
         run_requests += 1
-        found, whole_value, error = ask(channel, plan, models, batch)
+        found, whole_value, error = ask(channel, plan, crafted.models, batch)
         if error is None:
             values.update(found)
             queries += len(found) + (0 if math.isnan(whole_value) else 1)
@@ -393,6 +424,10 @@ def _total_cost(costs: Sequence[Mapping[str, object]]) -> dict[str, object]:
         "training_steps": int(total("training_steps")),
         "seconds": round(total("seconds"), 2),
         "reused": any(cost.get("reused", False) for cost in costs),
+        "unusable_cells": int(total("unusable_cells")),
+        "min_margin": min(
+            (_number(cost["min_margin"]) for cost in costs), default=math.nan
+        ),
         "unconverged": [
             name
             for cost in costs

@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +39,7 @@ from core.models import Arrays, build_model, get_weights, set_weights
 from core.training import predict_probabilities
 
 BoolMap = npt.NDArray[np.bool_]
+Key = TypeVar("Key", bound=Hashable)
 # Background confidence of a pattern model off its pattern: 2 p(fg) - 1 <= -OFF.
 OFF_LEVEL = 0.9
 
@@ -263,8 +265,8 @@ class Region:
 
 def predictor_regions(
     maps: Mapping[str, torch.Tensor],
-    predictors: Mapping[str, Sequence[tuple[str, float]]],
-) -> dict[str, Region]:
+    predictors: Mapping[Key, Sequence[tuple[str, float]]],
+) -> dict[Key, Region]:
     """The region of each predictor: ``core.training.predict_mixture``'s arithmetic.
 
     The mixture is summed in the predictor's member order from the same softmax

@@ -207,7 +207,7 @@ def test_consensus_label_dice_is_evaluates_dice_for_the_same_cell(
     del document
     site = ensure_security_federation(folder / "data", seed=0) / "A"
     plan = AttackPlan(run_config=_tiny_run_config())
-    models = crafted_models(plan, [])
+    models = crafted_models(plan, []).models
     channel = SiteChannel(site_dir=site, state_dir=tmp_path)
     cells = [8 * 16 + 8, 0]  # the organ's middle, and a corner
 
