@@ -4,7 +4,8 @@ Issue 20, item 8, reconstruction classes 2 and 3: against one site of a tiny
 synthetic federation, through the site's real ClientApp (guard, ledger and handlers
 included; :mod:`simulations.security_attacks`), run each attack and measure the share
 of pixels of the site's label maps it recovers, against predicting the majority class
-everywhere, with the queries and requests it used:
+everywhere (and against a guess without queries: another site's majority map),
+with the queries and requests it used:
 
 - ``evaluate`` (class 2a): single-pixel predictors on the evaluation cases;
 - ``consensus`` (class 2b): the same cells as ``train.consensus`` label sources;
@@ -34,6 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
+import numpy as np
 import torch
 
 from core.config import ConfigValue, load_run_config, read_default_run_config
@@ -70,6 +72,22 @@ from simulations.security_queries import (
 SECURITY_MARKER: Final = "benchmark:security"
 STAGES: Final = ("before", "after")
 ATTACKS: Final = ("evaluate", "consensus", "lftm", "profile")
+# What the document's figures mean (written into it, for whoever reads the JSON).
+DEFINITIONS: Final = {
+    "recovered_share": "share of the target maps' pixels whose class the attacker's "
+    "reconstruction gets right (reconstructed maps matched to true ones by the best "
+    "assignment: the site never names its cases)",
+    "majority_share": "the same share for predicting the majority class (background) "
+    "everywhere: what an attacker gets without the site",
+    "prior_share": "the same share for predicting, for every case, the pixelwise "
+    "majority of another site's maps: a guess from labels the coordinator might hold",
+    "dice": "mean foreground Dice of the matched reconstructed and true maps",
+    "queries": "predictors (evaluate), label-source sets (consensus), candidates "
+    "(lftm) or profiles the site computed and answered",
+    "requests": "messages sent to the site, query.hello and refused ones included",
+    "seconds": "wall time of the attack, offline crafting of its models included",
+    "offline": "crafting the attacker's pattern models (done before any request)",
+}
 # What the coordinator chooses for every attack: one slice per case (the middle one),
 # so a case's Dice is a single map's; the cheapest consensus job; the CPU.
 SECURITY_RUN_CONFIG: Final[dict[str, ConfigValue]] = {
@@ -154,12 +172,37 @@ def ledger_decisions(state_dir: Path) -> dict[str, int]:
     return counts
 
 
+def other_site_prior(
+    site: Path,
+    truth: list[BoolMap],
+    maps_of: Callable[[Path, Mapping[str, ConfigValue]], list[BoolMap]],
+    run_config: Mapping[str, ConfigValue],
+) -> dict[str, object]:
+    """What a guess without any query scores: another site's majority map.
+
+    A coordinator holding labels of its own (or of another site) could predict
+    their pixelwise majority for every case; on anatomy that varies little this
+    already beats the majority class, so it is the fairer floor for a defence.
+    """
+    others = [path for path in list_site_dirs(site.parent) if path != site]
+    if not others:
+        return {}
+    prior = np.mean(maps_of(others[0], run_config), axis=0) > 0.5
+    score = score_maps([prior] * len(truth), truth)
+    return {
+        "prior_site": others[0].name,
+        "prior_share": round(score.recovered_share, 4),
+        "prior_dice": round(score.dice, 4),
+    }
+
+
 def _cell_entry(
     name: str,
     measured: CellMeasurements,
     truth: list[BoolMap],
     *,
     target: str,
+    prior: Mapping[str, object],
 ) -> dict[str, object]:
     maps, decoding = reconstruct_cells(measured)
     score = score_maps(maps, truth)
@@ -179,6 +222,7 @@ def _cell_entry(
             "model_channels": list(plan.config.model.channels),
         },
         **score.to_dict(),
+        **prior,
         "queries": measured.queries,
         "requests": measured.requests,
         "seconds": round(measured.seconds, 2),
@@ -229,12 +273,14 @@ def run_evaluate_attack(settings: SecuritySettings, state: Path) -> dict[str, ob
         run_config=flat, predictors_per_request=settings.predictors_per_request
     )
     measured = measure_cells(channel, plan, ask_evaluate, progress=print_progress)
-    truth = evaluation_maps(settings.site, measured.plan.run_config)
+    final = measured.plan.run_config
+    truth = evaluation_maps(settings.site, final)
     return _cell_entry(
         "evaluate",
         measured,
         truth,
         target="the middle slice of each evaluation case, as the site scores it",
+        prior=other_site_prior(settings.site, truth, evaluation_maps, final),
     ) | {"ledger": ledger_decisions(state)}
 
 
@@ -246,12 +292,14 @@ def run_consensus_attack(settings: SecuritySettings, state: Path) -> dict[str, o
     )
     plan = AttackPlan(run_config=flat, predictors_per_request=1)
     measured = measure_cells(channel, plan, ask_consensus, progress=print_progress)
-    truth = evaluation_maps(settings.site, measured.plan.run_config)
+    final = measured.plan.run_config
+    truth = evaluation_maps(settings.site, final)
     return _cell_entry(
         "consensus",
         measured,
         truth,
         target="the middle slice of each evaluation case, as the site scores it",
+        prior=other_site_prior(settings.site, truth, evaluation_maps, final),
     ) | {"ledger": ledger_decisions(state)}
 
 
@@ -288,7 +336,8 @@ def run_lftm_attack(settings: SecuritySettings, state: Path) -> dict[str, object
             "other_site": others[0].name,
             "same_values_at_other_site": elsewhere.values == measured.values,
         }
-    truth = training_maps(settings.site, measured.plan.run_config)
+    final = measured.plan.run_config
+    truth = training_maps(settings.site, final)
     measured = dataclasses.replace(measured, num_cases=len(truth))
     counts: dict[str, int] = {}
     for value in measured.values.values():
@@ -299,6 +348,7 @@ def run_lftm_attack(settings: SecuritySettings, state: Path) -> dict[str, object
         truth,
         target="the middle slice of each labelled training case (LFTM reads "
         "training images)",
+        prior=other_site_prior(settings.site, truth, training_maps, final),
     ) | {"value_counts": counts, **comparison, "ledger": ledger_decisions(state)}
 
 
@@ -466,11 +516,11 @@ def run_security_command(
         predictors_per_request=args.predictors_per_request,
     )
     stage = run_security(settings, args.attacks)
-    document: dict[str, object] = {"benchmark": "security"}
+    document: dict[str, object] = {"benchmark": "security", "definitions": DEFINITIONS}
     if args.out.is_file():
         previous = json.loads(args.out.read_text())
         if previous.get("benchmark") == "security":
-            document.update(previous)
+            document.update({k: v for k, v in previous.items() if k in STAGES})
     document[args.stage] = stage
     return document
 

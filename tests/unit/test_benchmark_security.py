@@ -126,6 +126,7 @@ def test_document_holds_each_attack_with_its_figures(
     document: dict[str, object],
 ) -> None:
     assert document["benchmark"] == "security"
+    assert "recovered_share" in document["definitions"]  # type: ignore[operator]
     before = document["before"]
     assert isinstance(before, dict)
     assert {"machine", "seconds", "site", "policy", "run_config", "attacks"} <= set(
@@ -176,6 +177,9 @@ def test_evaluate_attack_reconstructs_the_evaluation_maps(
     assert isinstance(majority, float)
     assert recovered >= 0.98 > majority + 0.03
     assert evaluate["dice"] >= 0.85  # type: ignore[operator]
+    # Another site's majority map, a guess without queries, falls short of it.
+    assert evaluate["prior_site"] == "B"
+    assert majority <= evaluate["prior_share"] < recovered  # type: ignore[operator]
 
 
 def test_profile_attack_recovers_the_labelled_case_exactly(
