@@ -136,6 +136,19 @@ def training_maps(site: Path, run_config: Mapping[str, ConfigValue]) -> list[Boo
     return list(slices.labels.numpy() > 0)
 
 
+def labelled_volumes(
+    site: Path, _run_config: Mapping[str, ConfigValue]
+) -> list[BoolMap]:
+    """The foreground of each labelled training case, on its own grid."""
+    index = index_site(site)
+    volumes = []
+    for case in index.labelled:
+        label = read_case(case, num_classes=len(index.class_names)).label
+        assert label is not None  # a labelled case
+        volumes.append(label > 0)
+    return volumes
+
+
 def reconstruct_cells(
     measured: CellMeasurements,
 ) -> tuple[list[BoolMap], dict[str, object]]:
@@ -363,15 +376,13 @@ def run_profile_attack(settings: SecuritySettings, state: Path) -> dict[str, obj
         grid=settings.profile_grid,
         progress=print_progress,
     )
-    index = index_site(settings.site)
-    truths: list[BoolMap] = []
-    for case in index.labelled:
-        label = read_case(case, num_classes=len(index.class_names)).label
-        assert label is not None  # a labelled case
-        truths.append(label > 0)
+    truths = labelled_volumes(settings.site, settings.run_config)
     shape = truths[0].shape
     guess = reconstruct_volume(measured.mean_label_map, shape)
     score = score_maps([guess] * len(truths), truths)
+    prior = other_site_prior(
+        settings.site, truths, labelled_volumes, settings.run_config
+    )
     print_progress(
         f"profile: recovered {score.recovered_share:.4f} against majority "
         f"{score.majority_share:.4f} with {measured.requests} request(s) at grid "
@@ -382,6 +393,7 @@ def run_profile_attack(settings: SecuritySettings, state: Path) -> dict[str, obj
         "grid (the attacker is assumed to know the acquisition matrix)",
         "site": {"cases": len(truths), "volume_shape": list(shape)},
         **score.to_dict(),
+        **prior,
         "queries": 1 if measured.grid else 0,
         "requests": measured.requests,
         "seconds": round(measured.seconds, 2),
@@ -521,16 +533,36 @@ def run_security_command(
         previous = json.loads(args.out.read_text())
         if previous.get("benchmark") == "security":
             document.update({k: v for k, v in previous.items() if k in STAGES})
-    document[args.stage] = stage
+    document[args.stage] = merge_stage(document.get(args.stage), stage)
     return document
+
+
+def merge_stage(previous: object, stage: dict[str, object]) -> dict[str, object]:
+    """``stage``, keeping earlier attacks of ``previous`` run against the same setup.
+
+    Rerunning one attack (``--attacks consensus``) replaces only its entry when the
+    site, policy and run config are unchanged; otherwise the stage starts anew.
+    """
+    same = isinstance(previous, Mapping) and all(
+        previous.get(key) == stage[key] for key in ("site", "policy", "run_config")
+    )
+    if not same:
+        return stage
+    assert isinstance(previous, Mapping)
+    attacks = {**previous["attacks"], **stage["attacks"]}  # type: ignore[dict-item]
+    return {
+        **stage,
+        "seconds": round(sum(float(a["seconds"]) for a in attacks.values()), 1),
+        "attacks": {name: attacks[name] for name in ATTACKS if name in attacks},
+    }
 
 
 def format_security_table(document: Mapping[str, object]) -> str:
     """Markdown table: per stage and attack, recovered share against the majority."""
     lines = [
-        "| stage | attack | recovered share | majority share | foreground Dice | "
-        "queries | requests | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | attack | recovered share | majority share | other site's map | "
+        "foreground Dice | queries | requests | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in STAGES:
         part = document.get(stage)
@@ -539,9 +571,12 @@ def format_security_table(document: Mapping[str, object]) -> str:
         attacks = part["attacks"]
         assert isinstance(attacks, Mapping)
         for name, row in attacks.items():
+            prior = row.get("prior_share")
             lines.append(
                 f"| {stage} | {name} | {row['recovered_share']:.4f} | "
-                f"{row['majority_share']:.4f} | {row['dice']:.3f} | {row['queries']} | "
-                f"{row['requests']} | {row['seconds']:.0f} |"
+                f"{row['majority_share']:.4f} | "
+                f"{'-' if prior is None else format(prior, '.4f')} | "
+                f"{row['dice']:.3f} | {row['queries']} | {row['requests']} | "
+                f"{row['seconds']:.0f} |"
             )
     return "\n".join(lines)

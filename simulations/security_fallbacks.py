@@ -109,7 +109,8 @@ def smaller_sizes(plan: AttackPlan, reason: str) -> AttackPlan | None:
 def fewer_models_per_predictor(plan: AttackPlan, reason: str) -> AttackPlan | None:
     """Mixtures are restricted: one model per predictor, cells coarse enough to pay.
 
-    ``models-per-predictor`` style limit names match too ("per-predictor").
+    ``models-per-predictor`` style limit names match too ("per-predictor"), and
+    limits on a consensus request's label sources (a cell's models are those).
     """
     text = reason.lower()
     if plan.digits == 1 or not any(
@@ -121,6 +122,8 @@ def fewer_models_per_predictor(plan: AttackPlan, reason: str) -> AttackPlan | No
             "members",
             "per predictor",
             "per-predictor",
+            "label source",  # consensus: a cell's models are its label sources
+            "label-source",
         )
     ):
         return None

@@ -63,7 +63,8 @@ TINY_SECURITY: dict[str, ConfigValue] = {
 }
 
 
-def _run(tmp: Path, *extra: str) -> dict[str, object]:
+def _run(tmp: Path, *extra: str, out: Path | None = None) -> dict[str, object]:
+    out = out or tmp / "security.json"
     threads = torch.get_num_threads()
     overrides = [f"--set={key}={value}" for key, value in TINY_SECURITY.items()]
     try:
@@ -74,7 +75,7 @@ def _run(tmp: Path, *extra: str) -> dict[str, object]:
                     "--cache-dir",
                     str(tmp / "data"),
                     "--out",
-                    str(tmp / "security.json"),
+                    str(out),
                     "--image-size=16",
                     "--consensus-image-size=16",
                     "--lftm-block=8",
@@ -88,7 +89,7 @@ def _run(tmp: Path, *extra: str) -> dict[str, object]:
         )
     finally:
         torch.set_num_threads(threads)
-    document: dict[str, object] = json.loads((tmp / "security.json").read_text())
+    document: dict[str, object] = json.loads(out.read_text())
     return document
 
 
@@ -193,6 +194,8 @@ def test_profile_attack_recovers_the_labelled_case_exactly(
     assert profile["epsilon"] == 0.0
     assert profile["site"] == {"cases": 1, "volume_shape": [10, 64, 64]}
     assert profile["recovered_share"] == 1.0
+    assert profile["prior_site"] == "B"
+    assert profile["prior_share"] < 1.0  # type: ignore[operator]
     assert profile["majority_share"] < 0.99  # type: ignore[operator]
 
 
@@ -257,6 +260,24 @@ def test_a_refusing_site_is_recorded_and_the_before_stage_kept(
     part = after["after"]
     assert isinstance(part, dict)
     assert part["policy"]["file"] == str(policy)  # type: ignore[index]
+
+
+def test_rerunning_one_attack_keeps_the_others_of_its_stage(
+    document: dict[str, object], folder: Path, tmp_path: Path
+) -> None:
+    # Prepare: a copy of the tiny run's document
+    out = tmp_path / "security.json"
+    out.write_text(json.dumps(document))
+
+    # Execute
+    rerun = _run(folder, "--attacks=profile", out=out)
+
+    # Assert
+    attacks = _attacks(rerun, "before")
+    assert list(attacks) == ["evaluate", "lftm", "profile"]
+    assert attacks["evaluate"] == _attacks(document, "before")["evaluate"]
+    assert attacks["profile"]["recovered_share"] == 1.0
+    assert "| before | lftm |" in format_security_table(rerun)
 
 
 # ------------------------------------------------------------------- fallbacks
@@ -324,6 +345,9 @@ def test_restricted_mixtures_fall_back_to_one_model_per_coarser_cell(
     coarse = fewer_models_per_predictor(wide, "negative or unnormalised weights")
     assert coarse is not None
     assert (coarse.digits, coarse.block) == (1, 4)
+    sources = fewer_models_per_predictor(plan, "2 label sources, limits allow 1")
+    assert sources is not None
+    assert sources.digits == 1
     assert fewer_models_per_predictor(weaker, "mixture") is None
 
 
