@@ -17,7 +17,10 @@ in its own module, which runs it, formats its README table and names its README 
 - ``affinity``: :mod:`simulations.affinity_benchmark` (SeqTran transfer paths against
   direct transfer on the chain federation, and ``--calibrate`` of the affinity
   weights: :mod:`simulations.affinity_calibration`), trained and scored by
-  :mod:`simulations.affinity_transfer`.
+  :mod:`simulations.affinity_transfer`;
+- ``security``: :mod:`simulations.security_benchmark` (what an adversarial
+  coordinator reconstructs of a site's label maps through ``evaluate``,
+  ``train.consensus``, ``query.lftm`` and ``query.profile``; before and after).
 
 The machine line, JSON documents and README table blocks are
 :mod:`simulations.benchmark_output`.
@@ -59,6 +62,12 @@ from simulations.scale_summary import (
     SCALE_MARKER,
     format_scale_table,
     list_failed_site_counts,
+)
+from simulations.security_benchmark import (
+    SECURITY_MARKER,
+    add_security_options,
+    format_security_table,
+    run_security_command,
 )
 from simulations.semisup_benchmark import (
     SEMISUP_MARKER,
@@ -104,6 +113,11 @@ SUBCOMMANDS: Final = {
         marker=AFFINITY_MARKER,
         format_table=format_affinity_table,
         run=run_affinity_command,
+    ),
+    "security": Subcommand(
+        marker=SECURITY_MARKER,
+        format_table=format_security_table,
+        run=run_security_command,
     ),
 }
 
@@ -191,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(affinity, "benchmarks/affinity.json")
     add_affinity_options(affinity)
+    security = commands.add_parser(
+        "security",
+        help="label maps an adversarial coordinator reconstructs through evaluate, "
+        "consensus, LFTM and profile replies (--stage before|after, --policy FILE)",
+    )
+    _add_common_options(security, "benchmarks/security.json")
+    add_security_options(security)
     return parser
 
 
