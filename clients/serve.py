@@ -370,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One line per HTTP request (two per second while idle) would bury the site's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     secret = None
     if args.superexec_auth_secret_file is not None:
         try:
