@@ -337,6 +337,27 @@ def test_start_supernode_says_why_the_coordinator_did_not_accept_the_node(
     only_registered_nodes_online(deployment)
 
 
+def test_register_site_refuses_a_second_key_under_a_taken_name(
+    deployment: LoopbackDeployment,
+) -> None:
+    # Prepare: a new key, sent to the coordinator as if it were site A's
+    deployment.run_script("make-site-key.sh", "second-a")
+    before = deployment.node_statuses()
+
+    # Execute
+    completed = deployment.run_script(
+        "register-site.sh", str(deployment.root / "keys" / "second-a.pub"), "A"
+    )
+
+    # Assert: refused, naming A's node; nothing was registered
+    assert completed.returncode == 1
+    assert (
+        f"a key is already registered as 'A' (node {deployment.node_ids['A']})"
+        in completed.stderr
+    )
+    assert deployment.node_statuses() == before
+
+
 def other_ca(root: Path) -> Path:
     """A self-signed CA certificate that signed nothing of this deployment."""
     certificate = root / "other-ca.crt"
