@@ -15,14 +15,28 @@ functions and classes (Flower is pinned to 1.39.x; re-check them on an upgrade):
   ``ConfirmMessageReceived``);
 - ``flwr.supercore.interceptors``: ``RuntimeVersionHttpInterceptor``,
   ``RuntimeTokenHttpInterceptor``, ``SuperExecAuthHttpInterceptor``;
-- ``flwr.supernode.runtime.run_clientapp``: ``pull_task_input``, ``push_message``;
-- ``flwr.common.serde.context_to_proto``, ``flwr.supercore.heartbeat.HeartbeatSender``
-  and ``flwr.supercore.constant.TaskType``.
+- ``flwr.supernode.runtime.run_clientapp.push_message``, and the steps of its
+  ``pull_task_input`` (re-done here, see below): ``flwr.common.serde``'s
+  ``context_from_proto``, ``run_from_proto``, ``fab_from_proto`` and
+  ``context_to_proto``, ``flwr.supercore.inflatable``'s
+  ``pull_and_inflate_object_from_tree``, ``make_pull_object_fn_protobuf``,
+  ``make_confirm_message_received_fn_protobuf``, ``ObjectUnavailableError`` and
+  ``ObjectPullError``, and ``flwr.supercore.task_identity.TaskIdentity``;
+- ``flwr.supercore.heartbeat.HeartbeatSender`` and ``flwr.supercore.constant.TaskType``.
 
 Flower's own helpers are not used where they act on the whole process:
 ``make_simple_http_retry_invoker`` sends SIGINT to the process on an HTTP 401 and
 ``make_task_heartbeat_fn_http`` on a refused heartbeat, right for a process per task,
 wrong for one that serves task after task. Retries here are bounded and per call.
+
+``pull_task_input`` is re-done for one case a process per task never notices: when a
+run is stopped while the SuperNode receives one of its messages, Flower 1.39's
+SuperNode leaves that message's task pending with its content never stored
+(``_pull_and_store_message`` lets ``RunNotRunningException`` pass), and the task's
+puller waits up to two hours for it. One process serving task after task would stop
+serving the site. The SuperNode receives one message at a time, so a task still
+waiting for its content while a newer task is pending was abandoned: its pull gives up
+(:class:`TaskAbandonedError`), and the task ends without a reply (the run is over).
 """
 
 from __future__ import annotations
@@ -36,21 +50,40 @@ from typing import Final, TypeVar
 
 import httpx
 from flwr.app import Context, Message
-from flwr.common.serde import context_to_proto
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    fab_from_proto,
+    run_from_proto,
+)
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullPendingTasksRequest,
+    PullTaskInputRequest,
     PushTaskOutputRequest,
     SendTaskHeartbeatRequest,
 )
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message
 
 LOGGER = logging.getLogger("sitebridge.serve")
 
@@ -75,6 +108,13 @@ T = TypeVar("T")
 
 class RuntimeApiError(RuntimeError):
     """A Runtime API call failed after its retries."""
+
+
+class TaskAbandonedError(RuntimeApiError):
+    """The SuperNode will never deliver this task's message (its run was stopped)."""
+
+
+_ABANDONED: Final = "the SuperNode abandoned this message"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,7 +197,15 @@ class RuntimeApi:
 
     def open_task(self, token: str) -> TaskChannel:
         """The channel of one claimed task (its token authenticates every call)."""
-        return TaskChannel(self.address, token)
+        return TaskChannel(self.address, token, newer_task=self.has_pending_task)
+
+    def has_pending_task(self) -> bool:
+        """Whether a task waits to be acquired (False when the SuperNode is silent)."""
+        try:
+            response = self._client.PullPendingTasks(PullPendingTasksRequest())
+        except httpx.HTTPError:
+            return False
+        return len(response.tasks) > 0
 
     def close(self) -> None:
         """Close the HTTP connection."""
@@ -171,7 +219,10 @@ class TaskChannel:
     with an error on the task's behalf when the claim expires).
     """
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(
+        self, address: str, token: str, *, newer_task: Callable[[], bool]
+    ) -> None:
+        self._newer_task = newer_task
         self._client = RuntimeHttpClient.from_server_address(
             server_address=address,
             insecure=True,
@@ -212,21 +263,65 @@ class TaskChannel:
     def pull(self) -> TaskInput:
         """The task's message, the node's context, its run and bundle.
 
+        As Flower 1.39's ``pull_task_input``, but the wait for the message's content
+        ends as soon as the SuperNode has moved on to a newer task.
+
         Raises:
+            TaskAbandonedError: the SuperNode abandoned the message.
             RuntimeApiError: the SuperNode did not hand them over.
         """
-
-        def call() -> TaskInput:
-            message, context, run, fab = pull_task_input(self._client)
-            return TaskInput(
-                message=message,
-                context=context,
-                fab_content=bytes(fab.content),
-                run_id=int(run.run_id),
-            )
-
         # Not retried: the SuperNode activates the task on the first pull.
-        return _with_retries(call, "pulling the task input", tries=1)
+        try:
+            return _with_retries(self._pull, "pulling the task input", tries=1)
+        except ObjectPullError as error:
+            if _ABANDONED in str(error):
+                raise TaskAbandonedError(
+                    f"{_ABANDONED}: its content never arrived and a newer task is "
+                    "pending (the run was stopped while the message arrived)"
+                ) from error
+            raise RuntimeApiError(f"pulling the task input: {error}") from error
+
+    def _pull(self) -> TaskInput:
+        response = self._client.PullTaskInput(PullTaskInputRequest())
+        TaskIdentity.task_id = response.task_id
+        TaskIdentity.run_id = response.run.run_id
+        TaskIdentity.node_id = response.context.node_id
+        context = context_from_proto(response.context)
+        run = run_from_proto(response.run)
+        fab = fab_from_proto(response.fab)
+        messages = self._client.PullMessages(PullAppMessagesRequest())
+        if not messages.messages_list:
+            raise RuntimeApiError("the SuperNode handed over no message")
+        node = Node(node_id=context.node_id)
+        object_tree = messages.message_object_trees[0]
+        pull_object = make_pull_object_fn_protobuf(
+            self._client.PullObject, node, context.run_id
+        )
+
+        def pull_unless_abandoned(object_id: str) -> bytes:
+            try:
+                return pull_object(object_id)
+            except ObjectUnavailableError:
+                if self._newer_task():
+                    raise ObjectPullError(object_id, _ABANDONED) from None
+                raise
+
+        message = pull_and_inflate_object_from_tree(
+            object_tree,
+            pull_unless_abandoned,
+            make_confirm_message_received_fn_protobuf(
+                self._client.ConfirmMessageReceived, node, context.run_id
+            ),
+            return_type=Message,
+        )
+        # The inflated message lacks its own id (its object id), as in Flower.
+        message.metadata.__dict__["_message_id"] = object_tree.object_id
+        return TaskInput(
+            message=message,
+            context=context,
+            fab_content=bytes(fab.content),
+            run_id=int(run.run_id),
+        )
 
     def push_reply(self, reply: Message, context: Context) -> None:
         """Push the reply message (and every object it holds) to the SuperNode.

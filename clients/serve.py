@@ -46,7 +46,12 @@ from typing import Final, Protocol
 import httpx
 from flwr.app import Context, Error, Message
 
-from clients.runtime_api import RuntimeApi, RuntimeApiError, TaskInput
+from clients.runtime_api import (
+    RuntimeApi,
+    RuntimeApiError,
+    TaskAbandonedError,
+    TaskInput,
+)
 from clients.site import DEFAULT_STATE_DIR, LEDGER_FILE, SITE_DIR_KEY, STATE_DIR_KEY
 from core import protocol
 from core.approvals import (
@@ -136,7 +141,10 @@ def refuse(task: TaskInput, sha256: str, *, why: str = "") -> Message:
         why: an extra sentence for the site's log (never sent).
     """
     site, state_dir = site_state(task.context)
-    _kept, where = keep_refused_bundle(state_dir, task.fab_content)
+    try:
+        _kept, where = keep_refused_bundle(state_dir, task.fab_content)
+    except OSError as error:  # the copy is for review; the refusal stands without
+        where = f"not kept: {error}"
     reason = refusal_reason(sha256)
     _ledger_reply(
         state_dir,
@@ -312,6 +320,11 @@ class Server:
             details = "the site's SiteBridge app was stopped during this message"
             if task is not None:
                 reply = failure_reply(task, details)
+        except TaskAbandonedError as error:
+            # Nobody waits for a reply: the run is over. No reply, or the
+            # SuperNode would hold it for its next message.
+            LOGGER.warning("task skipped: %s", error)
+            details = str(error)
         except Exception as error:  # any failure answers this task; the loop goes on
             LOGGER.exception("task failed")
             details = (

@@ -3,8 +3,10 @@
 The decisions (:func:`clients.serve.handle`) run the site's real ClientApp on a tiny
 synthetic site with hand-built Messages and Contexts (``messages.py``); the loop
 (:class:`clients.serve.Server`) runs against a fake Runtime API that hands out
-prepared tasks and records what the loop pushes. The real Runtime API of a real
-SuperNode is exercised by ``tests/integration/test_deployment.py``.
+prepared tasks and records what the loop pushes; a task's pull
+(:class:`clients.runtime_api.TaskChannel`) runs Flower's own object pulling against a
+fake HTTP client that answers with real protobuf messages. The real Runtime API of a
+real SuperNode is exercised by ``tests/integration/test_deployment.py``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,30 @@ import httpx
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
+from flwr.common.serde import (
+    context_to_proto,
+    fab_to_proto,
+    message_to_proto,
+    run_to_proto,
+)
+from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+    ConfirmMessageReceivedResponse,
+    PullObjectRequest,
+    PullObjectResponse,
+)
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    PullAppMessagesResponse,
+    PullTaskInputResponse,
+)
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    get_object_tree,
+)
+from flwr.supercore.run import Run
 
 from clients.app import app as site_app
-from clients.runtime_api import TaskInput
+from clients.runtime_api import TaskAbandonedError, TaskChannel, TaskInput
 from clients.serve import BUNDLE_NOT_APPROVED, Server, handle
 from core import protocol
 from core.approvals import (
@@ -374,3 +397,118 @@ def test_an_unreachable_supernode_is_waited_for_and_said_once(
     assert caplog.text.count("does not answer") == 1
     assert "answers again" in caplog.text
     assert channel.pushed[0].error.code == protocol.EGRESS_BLOCKED_CODE
+
+
+# ------------------------------------------------------------------- pulling a task
+
+
+class FakeRuntimeClient:
+    """The SuperNode's Runtime API for one task, as protobuf answers.
+
+    Its message's objects become available after ``unavailable`` pulls of each.
+    """
+
+    def __init__(self, task: TaskInput, *, unavailable: int) -> None:
+        self.task = task
+        self.unavailable = unavailable
+        message = task.message
+        message.metadata.__dict__["_message_id"] = message.object_id
+        self.tree = get_object_tree(message)
+        self.objects = {
+            object_id: obj.deflate()
+            for object_id, obj in get_all_nested_objects(message).items()
+        }
+        self.tries: dict[str, int] = {}
+
+    def PullTaskInput(self, _request: object) -> PullTaskInputResponse:  # noqa: N802
+        fab = Fab(bundle_sha256(self.task.fab_content), self.task.fab_content, {})
+        return PullTaskInputResponse(
+            context=context_to_proto(self.task.context),
+            run=run_to_proto(Run.create_empty(self.task.run_id)),
+            fab=fab_to_proto(fab),
+            task_id=1,
+        )
+
+    def PullMessages(self, _request: object) -> PullAppMessagesResponse:  # noqa: N802
+        return PullAppMessagesResponse(
+            messages_list=[message_to_proto(self.task.message)],
+            message_object_trees=[self.tree],
+        )
+
+    def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802
+        tries = self.tries[request.object_id] = self.tries.get(request.object_id, 0) + 1
+        if tries <= self.unavailable:
+            return PullObjectResponse(object_found=True, object_available=False)
+        return PullObjectResponse(
+            object_found=True,
+            object_available=True,
+            object_content=self.objects[request.object_id],
+        )
+
+    def ConfirmMessageReceived(  # noqa: N802
+        self, _request: object
+    ) -> ConfirmMessageReceivedResponse:
+        return ConfirmMessageReceivedResponse()
+
+    def close(self) -> None:
+        pass
+
+
+def channel_with(client: FakeRuntimeClient, newer_task: bool) -> TaskChannel:
+    channel = TaskChannel("127.0.0.1:1", "token", newer_task=lambda: newer_task)
+    channel._client = client  # type: ignore[assignment]
+    return channel
+
+
+def test_a_pull_waits_for_content_that_is_still_arriving(context: Context) -> None:
+    # Prepare: the content arrives on the second look; no newer task is pending
+    task = hello_task(context, bundle("GUARD = True\n"))
+    client = FakeRuntimeClient(task, unavailable=1)
+
+    # Execute
+    pulled = channel_with(client, newer_task=False).pull()
+
+    # Assert
+    assert pulled.message.metadata.message_type == protocol.HELLO
+    assert pulled.fab_content == task.fab_content
+    assert pulled.context.node_config == context.node_config
+    assert max(client.tries.values()) == 2
+
+
+def test_a_pull_gives_up_a_message_the_supernode_abandoned(context: Context) -> None:
+    # Prepare: the content never arrives, and a newer task is pending (the
+    # SuperNode moved on after the run was stopped while this message arrived)
+    client = FakeRuntimeClient(
+        hello_task(context, bundle("GUARD = True\n")), unavailable=10**9
+    )
+
+    # Execute / Assert: given up at the first look, not after Flower's two hours
+    with pytest.raises(TaskAbandonedError, match="the SuperNode abandoned this"):
+        channel_with(client, newer_task=True).pull()
+    assert max(client.tries.values()) == 1
+
+
+class AbandonedChannel(FakeChannel):
+    """A task whose message the SuperNode never delivers."""
+
+    def pull(self) -> TaskInput:
+        raise TaskAbandonedError("the SuperNode abandoned this message")
+
+
+def test_the_loop_skips_an_abandoned_task_without_a_reply(
+    context: Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the first task's pull says it was abandoned; the second is served
+    fab = bundle("GUARD = True\n")
+    abandoned = AbandonedChannel(hello_task(context, fab, "m0"))
+    served = FakeChannel(hello_task(context, fab, "m1"))
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="sitebridge.serve"):
+        serve(FakeRuntime([abandoned, served]), site_app)
+
+    # Assert: no reply for the abandoned task (its run is over), and it ended
+    assert abandoned.pushed == []
+    assert abandoned.finished == [(None, False, "the SuperNode abandoned this message")]
+    assert "task skipped: the SuperNode abandoned this message" in caplog.text
+    assert len(served.pushed) == 1
