@@ -1,8 +1,8 @@
 """The ``sitebridge`` console script: small utilities around the federation.
 
 Runs themselves are always ``flwr run .`` (see the README); these subcommands make
-data, check a site folder offline, print a run's report, audit an egress ledger and
-audit a model for membership inference.
+data, check a site folder offline, approve the app bundles a site serves, print a
+run's report, audit an egress ledger and audit a model for membership inference.
 Each body parses its arguments, calls one core function and returns an exit code.
 Heavy imports stay inside the subcommands.
 """
@@ -70,6 +70,85 @@ def _site_check(args: argparse.Namespace) -> int:
     if result.ok:
         print(f"OK: {args.site_dir} passes the checks its SuperNode applies")
     return 0 if result.ok else 1
+
+
+def _approvals_file(args: argparse.Namespace) -> Path:
+    """The approvals file of the state dir named by --state-dir or --site-dir."""
+    from core.approvals import APPROVALS_FILE
+
+    state_dir = args.state_dir or args.site_dir / ".sitebridge"
+    return Path(state_dir).expanduser() / APPROVALS_FILE
+
+
+def _site_approve(args: argparse.Namespace) -> int:
+    from core.approvals import (
+        ApprovalError,
+        BundleSummary,
+        approve,
+        parse_sha256,
+        read_approvals,
+        refused_bundle_path,
+        revoke,
+        summarise_bundle,
+    )
+
+    path = _approvals_file(args)
+    try:
+        if args.list:
+            approvals = read_approvals(path)
+            if not approvals:
+                print(f"no bundle approved in {path}: the site refuses every run")
+            for approval in approvals:
+                note = f"  {approval.note}" if approval.note else ""
+                print(
+                    f"{approval.sha256}  {approval.approved_at}  {approval.source}"
+                    f"{note}"
+                )
+            return 0
+        if args.revoke is not None:
+            revoked = revoke(path, args.revoke)
+            print(f"revoked bundle {revoked.sha256} in {path}")
+            return 0
+        if args.bundle is None:
+            print(
+                "error: name a .fab file or its SHA-256 (or --list, --revoke)",
+                file=sys.stderr,
+            )
+            return 1
+        bundle = Path(args.bundle).expanduser()
+        summary: BundleSummary | None
+        if bundle.is_file():
+            summary = summarise_bundle(bundle.read_bytes(), source=str(bundle))
+            source = f"file {bundle.name}"
+        else:
+            digest = parse_sha256(args.bundle)
+            kept = refused_bundle_path(path.parent, digest)
+            summary = (
+                summarise_bundle(kept.read_bytes(), source=str(kept))
+                if kept.is_file()
+                else None
+            )
+            if summary is not None and summary.sha256 != digest:
+                print(f"error: {kept} does not hash to {digest}", file=sys.stderr)
+                return 1
+            source = "sha256"
+        approval, new = approve(
+            path,
+            summary.sha256 if summary is not None else digest,
+            source=source,
+            note=args.note,
+        )
+    except (ApprovalError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    what = (
+        f" ({summary.name} {summary.version}, {len(summary.files)} files)"
+        if summary is not None
+        else " (no copy of it here to show)"
+    )
+    verb = "approved" if new else "already approved"
+    print(f"{verb}: bundle {approval.sha256}{what} in {path}")
+    return 0
 
 
 def find_report(path: Path) -> Path:
@@ -329,6 +408,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="classes labels must lie in (default: the run config's data.num-classes)",
     )
     check.set_defaults(run=_site_check)
+    approve = site_commands.add_parser(
+        "approve",
+        help="approve an app bundle (a .fab file or its SHA-256) this site serves",
+        description="The site's SuperNode (with sitebridge-serve) answers a run only "
+        "when the SHA-256 of the run's app bundle is approved here; it then runs the "
+        "SiteBridge installed at the site, never the bundle's code. Build the "
+        "release you reviewed with `flwr build` and approve that file, or approve the "
+        "SHA-256 a refusal named after reviewing the copy kept in "
+        "<state-dir>/bundles/.",
+    )
+    where = approve.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the site's state dir (its SuperNode's --state-dir)",
+    )
+    where.add_argument(
+        "--site-dir",
+        type=Path,
+        help="the site folder, when its state dir is <site-dir>/.sitebridge",
+    )
+    approve.add_argument(
+        "bundle", nargs="?", help="a .fab file, or the SHA-256 of a bundle"
+    )
+    approve.add_argument("--note", default="", help="who reviewed it, which release")
+    approve.add_argument(
+        "--list", action="store_true", help="list the approved bundles"
+    )
+    approve.add_argument("--revoke", metavar="SHA256", help="revoke an approval")
+    approve.set_defaults(run=_site_approve)
     report = commands.add_parser("report", help="print a run's report.md")
     report.add_argument(
         "path",

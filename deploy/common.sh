@@ -70,9 +70,10 @@ export_flower_safety_env() {
     export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 }
 
-# check_site_name NAME: site names become file names.
+# check_site_name NAME: site names become file names (here and at the coordinator,
+# which checks the same pattern: server/coordinator.py SITE_NAME_PATTERN).
 check_site_name() {
-    [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "site name '$1' must match [A-Za-z0-9][A-Za-z0-9._-]*"
+    [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] || die "site name '$1' must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 }
 
 # check_toml_safe VALUE WHAT: values written into TOML/--node-config double quotes.
@@ -153,4 +154,97 @@ stop_pid_file() {
     pid_matches "$pid" "$name" "$pid_file" && die "$label (PID $pid) is still running"
     rm -f "$pid_file"
     note "$label stopped"
+}
+
+# ensure_secret_file FILE: a random shared secret (mode 600) that lets only this site's
+# app process take its SuperNode's tasks (flower-supernode --superexec-auth-secret-file).
+# Made once; kept across restarts; two starts at once agree on one file.
+ensure_secret_file() {
+    local file="$1" temporary
+    [[ -s "$file" ]] && return 0
+    temporary="$file.$$.tmp"
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$temporary")
+    mv -n "$temporary" "$file"
+    rm -f "$temporary"
+    [[ -s "$file" ]] || die "could not write the secret $file"
+}
+
+# log_size FILE: its size in bytes (0 when missing): where this start's lines begin.
+log_size() {
+    stat -c %s "$1" 2>/dev/null || echo 0
+}
+
+# log_since FILE OFFSET: what FILE got after OFFSET bytes, without colour codes.
+log_since() {
+    tail -c "+$(($2 + 1))" "$1" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g'
+}
+
+# is_alive PID: the process runs (a zombie, exited but not yet reaped, does not).
+is_alive() {
+    local stat fields
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    read -r -a fields <<<"${stat##*) }"
+    [[ "${fields[0]}" != Z && "${fields[0]}" != X ]]
+}
+
+# log_error FILE OFFSET: Flower's exit message (from "Exit Code:" to the blank line
+# after it) on one line.
+log_error() {
+    log_since "$1" "$2" |
+        awk '/Exit Code:/ {on = 1; sub(/^.*Exit Code:/, "Exit Code:")} on && /^[[:space:]]*$/ {exit} on {print}' |
+        tr '\n' ' ' | sed 's/ *$//'
+}
+
+# wait_for_supernode PID LOG OFFSET TIMEOUT_S: wait until the SuperNode PID (a child of
+# this shell) is accepted by the coordinator ("SuperNode ID:" in its log), exits, or the
+# time is up. Sets SUPERNODE_OUTCOME to accepted, refused-key (Flower's ApiError 2004:
+# the key is not registered or was revoked), refused-tls (TLS handshake failed),
+# exited:<status>, or timeout.
+wait_for_supernode() {
+    local pid="$1" log="$2" offset="$3" deadline=$((SECONDS + $4)) text status
+    while :; do
+        if log_since "$log" "$offset" | grep -q "SuperNode ID:"; then
+            SUPERNODE_OUTCOME=accepted
+            return 0
+        fi
+        if ! is_alive "$pid"; then
+            status=0
+            wait "$pid" 2>/dev/null || status=$?
+            text="$(log_since "$log" "$offset")"
+            if grep -q "SuperNode ID:" <<<"$text"; then
+                SUPERNODE_OUTCOME="exited:$status"
+            elif grep -q "\[code: 2004\]" <<<"$text"; then
+                SUPERNODE_OUTCOME=refused-key
+            elif grep -qiE "handshake failed|certificate_verify_failed|peer name|ssl_error" <<<"$text"; then
+                SUPERNODE_OUTCOME=refused-tls
+            else
+                SUPERNODE_OUTCOME="exited:$status"
+            fi
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            SUPERNODE_OUTCOME=timeout
+            return 0
+        fi
+        sleep 0.2
+    done
+}
+
+# wait_for_log_line PID LOG OFFSET TEXT TIMEOUT_S: wait until LOG shows TEXT after
+# OFFSET; fail when PID exits first or the time is up.
+wait_for_log_line() {
+    local pid="$1" log="$2" offset="$3" text="$4" deadline=$((SECONDS + $5))
+    while ! log_since "$log" "$offset" | grep -qF -- "$text"; do
+        is_alive "$pid" || return 1
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+# probe_tcp HOST:PORT: something accepts a TCP connection there (within 3 s).
+probe_tcp() {
+    local host="${1%:*}" port="${1##*:}"
+    host="${host#[}"
+    host="${host%]}"
+    timeout 3 bash -c ': <"/dev/tcp/$0/$1"' "$host" "$port" 2>/dev/null
 }

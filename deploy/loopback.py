@@ -3,9 +3,11 @@
 A real SuperLink (TLS, SuperNode authentication, SQLite) and one SuperNode per site run
 on 127.0.0.1 with free ports, started, registered and stopped by the same scripts an
 operator runs, so the scripts are what is tested. The harness adds what a test needs:
-``flwr run`` submission and run status, killing and restarting a SuperNode, finding the
-ServerApp, misconfigured SuperNodes that must be refused, and a guarantee that every
-process it started, with every process those started, is gone at the end.
+approving the app bundle at every site (``sitebridge site approve``, as a site's IT
+does), ``flwr run`` submission and run status, killing and restarting a SuperNode,
+adding and removing a site, finding the ServerApp, misconfigured SuperNodes that must be
+refused, and a guarantee that every process it started, with every process those
+started, is gone at the end.
 
 Example:
     with LoopbackDeployment(root, [SiteNode(name="A", site_dir=site_a)]) as deployment:
@@ -73,7 +75,7 @@ SCRIPT_VARIABLES: Final = (
     *("SUPERLINK_SAN", "SUPERLINK_CN", "SUPERLINK_DATABASE", "SUPERLINK_FLWR_HOME"),
     *("SITE_DIR", "SITE_POLICY", "SITE_STATE_DIR", "SUPERNODE_KEY"),
     *("SUPERNODE_FLWR_HOME", "SUPERNODE_HOST", "SUPERNODE_PORT"),
-    *("SUPERNODE_MAX_RETRIES", "SUPERNODE_MAX_WAIT_TIME"),
+    *("SUPERNODE_MAX_RETRIES", "SUPERNODE_MAX_WAIT_TIME", "SUPERNODE_START_TIMEOUT_S"),
 )
 # A refused SuperNode gives up after this many tries / seconds (production: unbounded).
 REFUSED_MAX_RETRIES: Final = 2
@@ -190,6 +192,7 @@ class LoopbackDeployment:
         self.node_ports = {name: free_port() for name in self.sites}
         self.node_ids: dict[str, int] = {}
         self.timings_s: dict[str, float] = {}
+        self.approved_bundle: str | None = None
         self._marker = uuid.uuid4().hex
         self._processes = ProcessTracker(f"{MARKER_VARIABLE}={self._marker}".encode())
         self._children: list[ForegroundNode] = []
@@ -218,10 +221,10 @@ class LoopbackDeployment:
         )
         return env
 
-    def _script(
+    def run_script(
         self, name: str, *args: str, extra_env: Mapping[str, str] | None = None
-    ) -> str:
-        """Run ``deploy/<name>``; echo its messages; return its stdout."""
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``deploy/<name>`` (whatever its exit status); echo its messages."""
         completed = subprocess.run(
             ["bash", str(SCRIPTS_DIR / name), *args],
             cwd=self.root,
@@ -233,6 +236,13 @@ class LoopbackDeployment:
         )
         for line in completed.stderr.splitlines():
             _log(line)
+        return completed
+
+    def _script(
+        self, name: str, *args: str, extra_env: Mapping[str, str] | None = None
+    ) -> str:
+        """Run ``deploy/<name>``; echo its messages; return its stdout."""
+        completed = self.run_script(name, *args, extra_env=extra_env)
         if completed.returncode != 0:
             raise DeploymentError(
                 f"{name} {' '.join(args)} exited with {completed.returncode}:\n"
@@ -281,6 +291,54 @@ class LoopbackDeployment:
     def supernode_log(self, site: str) -> Path:
         """The log file of ``site``'s SuperNode."""
         return self.root / "logs" / f"supernode-{site}.log"
+
+    def app_log(self, site: str) -> Path:
+        """The log file of ``site``'s app process (``sitebridge-serve``)."""
+        return self.root / "logs" / f"sitebridge-app-{site}.log"
+
+    def site_state_dir(self, site: str) -> Path:
+        """Where ``site`` keeps its ledger and approvals (start-supernode.sh's rule)."""
+        node = self.sites[site]
+        return node.state_dir or node.site_dir / ".sitebridge"
+
+    # -- approvals -------------------------------------------------------------
+
+    @staticmethod
+    def bundle_sha256(app_dir: Path) -> str:
+        """The SHA-256 of the bundle ``flwr run <app_dir>`` submits (same build)."""
+        from flwr.cli.build import build_fab_from_disk
+
+        from core.approvals import bundle_sha256
+
+        return bundle_sha256(build_fab_from_disk(app_dir.resolve()))
+
+    def approve_app(
+        self, app_dir: Path | None = None, *, sites: Iterable[str] | None = None
+    ) -> str:
+        """Approve the bundle of ``app_dir`` (default: the harness's app) at sites.
+
+        Runs ``sitebridge site approve --state-dir <state> <sha256>`` per site, as a
+        site's IT would after reviewing the release; returns the SHA-256.
+        """
+        digest = self.bundle_sha256(app_dir or self.app_dir)
+        beside = Path(sys.executable).parent / "sitebridge"
+        for site in self.sites if sites is None else sites:
+            command = [
+                str(beside) if beside.exists() else "sitebridge",
+                *("site", "approve", "--state-dir", str(self.site_state_dir(site))),
+                *(digest, "--note", "loopback harness"),
+            ]
+            completed = subprocess.run(
+                command, capture_output=True, text=True, check=False
+            )
+            if completed.returncode != 0:
+                raise DeploymentError(
+                    f"sitebridge site approve at {site} failed: {completed.stderr}"
+                )
+        if app_dir is None or app_dir.resolve() == self.app_dir:
+            self.approved_bundle = digest
+        _log(f"approved bundle {digest[:12]} at {sorted(sites or self.sites)}")
+        return digest
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -333,6 +391,8 @@ class LoopbackDeployment:
                 self._script("register-site.sh", public_key, name)
             )
         reached("sites-registered")
+        self.approve_app()
+        reached("bundle-approved")
         for name in self.sites:
             self.start_supernode(name)
         self.wait_for_online(self.sites, timeout_s=self.online_timeout_s)
@@ -415,6 +475,12 @@ class LoopbackDeployment:
             self.root / "state" / f"supernode-{site}.pid", "flower-supernode"
         )
 
+    def app_pid(self, site: str) -> int | None:
+        """The PID of ``site``'s app process (``sitebridge-serve``) while it runs."""
+        return self._pid_from_file(
+            self.root / "state" / f"sitebridge-app-{site}.pid", "sitebridge-serve"
+        )
+
     def _pid_from_file(self, pid_file: Path, name: str) -> int | None:
         try:
             pid = int(pid_file.read_text().strip())
@@ -445,6 +511,7 @@ class LoopbackDeployment:
         if node.state_dir is not None:
             args += ["--state-dir", str(node.state_dir)]
         self._script("start-supernode.sh", *args, site)
+        self._track_pid_file(self.root / "state" / f"sitebridge-app-{site}.pid")
         return self._track_pid_file(self.root / "state" / f"supernode-{site}.pid")
 
     def stop_supernode(
@@ -521,25 +588,55 @@ class LoopbackDeployment:
         self._processes.track(process.pid)
         return node
 
-    def start_unregistered_supernode(
-        self, name: str, *, site_dir: Path
-    ) -> ForegroundNode:
-        """A SuperNode whose key was never registered (it must be refused).
+    def try_start_supernode(
+        self,
+        name: str,
+        *,
+        site_dir: Path,
+        extra_env: Mapping[str, str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run start-supernode.sh for a site that may be refused; return its result.
 
-        Made with make-site-key.sh and run by start-supernode.sh ``--foreground``
-        (which execs the node, so its exit status is the node's), with bounded
-        retries so that it exits.
+        A key is made with make-site-key.sh if ``name`` has none (and is never
+        registered here). The script waits up to ``timeout_s`` for the coordinator's
+        answer (SUPERNODE_START_TIMEOUT_S) and, when refused, stops what it started
+        and exits non-zero saying why.
         """
-        self._script("make-site-key.sh", name)
+        if not (self.root / "keys" / name).exists():
+            self._script("make-site-key.sh", name)
         env = {
-            **self.env,
             "SUPERNODE_PORT": str(free_port()),
-            "SUPERNODE_MAX_RETRIES": str(REFUSED_MAX_RETRIES),
-            "SUPERNODE_MAX_WAIT_TIME": str(REFUSED_MAX_WAIT_S),
+            "SUPERNODE_START_TIMEOUT_S": str(int(timeout_s)),
+            **(extra_env or {}),
         }
-        script = str(SCRIPTS_DIR / "start-supernode.sh")
-        command = ["bash", script, "--foreground", "--site-dir", str(site_dir), name]
-        return self._foreground(name, command, env)
+        completed = self.run_script(
+            "start-supernode.sh", "--site-dir", str(site_dir), name, extra_env=env
+        )
+        self._processes.refresh()
+        return completed
+
+    def add_site(self, node: SiteNode) -> int:
+        """Register a new site, approve the bundle there and start it; its node id."""
+        self.sites[node.name] = node
+        self.node_ports[node.name] = free_port()
+        self._script("make-site-key.sh", node.name)
+        public_key = str(self.root / "keys" / f"{node.name}.pub")
+        node_id = int(self._script("register-site.sh", public_key, node.name))
+        self.node_ids[node.name] = node_id
+        self.approve_app(sites=[node.name])
+        self.start_supernode(node.name)
+        self.wait_for_online([node.name], timeout_s=self.online_timeout_s)
+        return node_id
+
+    def remove_site(self, name: str) -> None:
+        """Stop a site's processes and unregister its key; it leaves the harness.
+
+        Uses stop-supernode.sh and ``flwr supernode unregister``.
+        """
+        self._script("stop-supernode.sh", name)
+        self._flwr("supernode", "unregister", str(self.node_ids[name]), CONNECTION)
+        del self.sites[name], self.node_ports[name], self.node_ids[name]
 
     def start_insecure_supernode(self, name: str, *, site_dir: Path) -> ForegroundNode:
         """A SuperNode without TLS or key, dialling the TLS Fleet API (refused).
@@ -570,12 +667,21 @@ class LoopbackDeployment:
 
     # -- runs ------------------------------------------------------------------
 
-    def submit_run(self, run_config: Mapping[str, bool | int | float | str]) -> int:
-        """``flwr run <app> <connection>`` (not streaming); return the run id."""
-        args = ["run", str(self.app_dir), CONNECTION]
+    def submit_run(
+        self,
+        run_config: Mapping[str, bool | int | float | str],
+        *,
+        app_dir: Path | None = None,
+    ) -> int:
+        """``flwr run <app> <connection>`` (not streaming); return the run id.
+
+        ``app_dir`` defaults to the harness's app, whose bundle the sites approved.
+        """
+        app = (app_dir or self.app_dir).resolve()
+        args = ["run", str(app), CONNECTION]
         if run_config:
             args += ["--run-config", format_run_config(run_config)]
-        payload = self._flwr_json(*args, cwd=self.app_dir)
+        payload = self._flwr_json(*args, cwd=app)
         run_id = int(str(payload["run-id"]))
         _log(f"submitted run {run_id}")
         return run_id

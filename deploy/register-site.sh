@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # register-site.sh — COORDINATOR: register a site's SuperNode public key with the
-# SuperLink, so that the SuperNode holding the matching private key may connect.
+# SuperLink under the site's name, so that the SuperNode holding the matching private
+# key may connect. That name is the site's identity in every run (its folder's name
+# is not): one name, one key. A name that is already registered is refused.
 #
 # Usage: deploy/register-site.sh SITE_PUBLIC_KEY [NAME]
 #
 #   SITE_PUBLIC_KEY   the .pub file the site sent (made by make-site-key.sh)
-#   NAME              a name for the SuperNode (default: the file name without .pub)
+#   NAME              the site's name (default: the file name without .pub); 1-64
+#                     letters, digits, '.', '_' or '-', starting with a letter or digit
 #
 # Prints the SuperNode's node id on stdout (messages go to stderr). The registration is
 # stored in the SuperLink's database and survives restarts; revoke it with
@@ -42,6 +45,15 @@ require_command flwr "activate the SiteBridge virtualenv or set SITEBRIDGE_VENV"
 connection="${SITEBRIDGE_CONNECTION:-sitebridge}"
 config="${FLWR_HOME:-$HOME/.flwr}/config.toml"
 require_file "$config" "write the coordinator's connection first (deploy/write-connection.sh)"
+
+# Flower lets several keys share a name; SiteBridge does not (the name is the site).
+python_bin="$(dirname "$(command -v flwr)")/python"
+[[ -x "$python_bin" ]] || python_bin=python3
+existing="$("$python_bin" "$(dirname "${BASH_SOURCE[0]}")/registered_names.py" "$connection" --name "$name")" ||
+    die "could not check whether the name '$name' is registered already (see above)"
+if [[ -n "$existing" ]]; then
+    die "a key is already registered as '$name' (node $(cut -d' ' -f1 <<<"$existing" | paste -sd, -)): a site's name is its identity and belongs to one key. To give the site a new key, revoke the old one first: flwr supernode unregister <node-id> $connection"
+fi
 
 output="$(flwr supernode register "$(absolute_path "$public_key")" "$connection" --name "$name" --format json 2>&1)" ||
     die "registration of $public_key failed: $output"

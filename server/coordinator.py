@@ -19,6 +19,7 @@ keeps the policy each site reported it applied, for the report's privacy section
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -45,6 +46,9 @@ Log = Callable[[str], None]
 COORDINATOR: Final = "coordinator"  # the coordinator's name in ledgers
 LEDGER_FILE: Final = "ledger.jsonl"
 ADAPTED_START: Final = "adapted:main"  # the model consensus and semisup start from
+# Site names become file names (models/source-<name>.npz, report rows): one safe
+# component, as deploy/register-site.sh checks at registration.
+SITE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class PhaseError(RuntimeError):
@@ -70,6 +74,25 @@ class PhaseError(RuntimeError):
         self.phase = phase
         self.missing = dict(missing or {})
         self.refused = refused
+
+
+def validate_site_name(name: str, node: int) -> str:
+    """``name`` when it is a safe site name (it becomes part of file names).
+
+    Raises:
+        PhaseError: naming the node, when ``name`` is not 1-64 letters, digits,
+            ``.``, ``_`` or ``-`` starting with a letter or digit.
+
+    Example:
+        >>> validate_site_name("hospital-a", 7)
+        'hospital-a'
+    """
+    if not SITE_NAME_PATTERN.fullmatch(name):
+        raise PhaseError(
+            f"node {node}: site name {name[:80]!r} is not 1-64 letters, digits, "
+            "'.', '_' or '-' starting with a letter or digit"
+        )
+    return name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,33 +1,44 @@
 """The pipeline over a real gRPC + TLS deployment with SuperNode auth, on loopback.
 
-One harness (deploy/loopback.py) serves the whole module: a SuperLink and three
-SuperNodes started by the deploy/ scripts. The tests: an uninterrupted run (also the
-baseline), refusal of an unregistered key and of a node without TLS, a ServerApp
-killed mid-run and resumed with ``resume-run``, a SuperNode killed mid-phase (dropout),
-and at the end, that every process the harness started is gone. Every wait is on an
-event (a file, a run status, a process exit, a log line) with a generous deadline,
-never a fixed sleep. The last test stops the harness: keep it last.
+One harness (deploy/loopback.py) serves the whole module: a SuperLink and three sites
+started by the deploy/ scripts, each a SuperNode in ``--isolation process`` and the
+site's own app process (``sitebridge-serve``); the harness approves this repository's
+app bundle at every site, as a site's IT would. The tests: an uninterrupted run (also
+the baseline), a bundle whose guard was removed (refused by every site, ledgered), a
+key that is not registered, a wrong CA or an unreachable coordinator (start-supernode.sh
+says which and fails), a node without TLS, a fourth registered node whose folder is
+named like a site (it never becomes that site), a ServerApp killed mid-run and resumed
+with ``resume-run``, a SuperNode killed mid-phase (dropout), and at the end, that every
+process the harness started is gone. Every wait is on an event (a file, a run status,
+a process exit, a log line) with a generous deadline, never a fixed sleep. The last test
+stops the harness: keep it last.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from clients.serve import BUNDLE_NOT_APPROVED
+from core.approvals import refused_bundle_path
 from core.cli import main as sitebridge
+from core.ledger import Ledger
 from core.synthetic import write_federation
 from deploy.loopback import (
-    ForegroundNode,
+    REPO_ROOT,
     LoopbackDeployment,
     SiteNode,
     is_running,
     wait_until,
 )
+from simulations.simulate import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -144,9 +155,18 @@ def baseline_run(
 
 
 def only_registered_nodes_online(deployment: LoopbackDeployment) -> None:
-    """The three registered SuperNodes are online, and no other node is known."""
+    """The three sites' SuperNodes are online, and no other node is registered."""
     deployment.wait_for_online(SITES, timeout_s=REFUSAL_TIMEOUT_S)
-    assert set(deployment.node_statuses()) == set(deployment.node_ids.values())
+    registered = {
+        node
+        for node, status in deployment.node_statuses().items()
+        if status != "unregistered"
+    }
+    assert registered == {deployment.node_ids[site] for site in SITES}
+
+
+def site_state_dirs(deployment: LoopbackDeployment) -> dict[str, Path]:
+    return {site: deployment.site_state_dir(site) for site in SITES}
 
 
 def test_flwr_run_completes_the_pipeline_over_tls(
@@ -180,56 +200,241 @@ def test_flwr_run_completes_the_pipeline_over_tls(
     assert sitebridge(["audit", "verify", str(run_dir / "ledger.jsonl")]) == 0
 
 
+def test_the_sites_ran_the_installed_sitebridge_not_the_bundle(
+    deployment: LoopbackDeployment, baseline_run: tuple[int, str, Path]
+) -> None:
+    # Prepare / Execute: the baseline run
+    run_id, status, _ = baseline_run
+    assert status == "finished:completed"
+
+    # Assert: no SuperNode unpacked the bundle (Flower's subprocess isolation would
+    # install it under its FLWR_HOME); each site's app process answered the run
+    for site in SITES:
+        home = deployment.root / "state" / f"supernode-{site}-home"
+        assert not (home / "apps").exists(), sorted(home.rglob("*"))[:5]
+        app_log = deployment.app_log(site).read_text()
+        assert f"run {run_id}: query.hello for site {site} (bundle " in app_log
+        assert f"{deployment.approved_bundle[:12]} approved)" in app_log  # type: ignore[index]
+
+
+def copy_repository(destination: Path) -> Path:
+    """This repository's files as ``flwr run .`` would bundle them, in a new folder."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    return destination
+
+
+def test_a_bundle_whose_guard_was_removed_gets_nothing_from_any_site(
+    deployment: LoopbackDeployment, loopback_root: Path
+) -> None:
+    # Prepare: the coordinator edits clients/guard.py in its copy before flwr run
+    app = copy_repository(loopback_root / "rogue-app" / "sitebridge")
+    with (app / "clients" / "guard.py").open("a") as guard:
+        guard.write(
+            "\n\ndef egress_guard(message, context, call_next):  # no guard\n"
+            "    return call_next(message, context)\n"
+        )
+    rogue = deployment.bundle_sha256(app)
+    assert rogue != deployment.approved_bundle
+    runs = loopback_root / "runs-rogue"
+
+    # Execute
+    run_id = deployment.submit_run(tiny_run_config(runs), app_dir=app)
+    status = deployment.wait_for_run(run_id, timeout_s=RUN_TIMEOUT_S)
+
+    # Assert: every site refused, so the run ended at discover without results
+    assert status == "finished:failed", deployment.run_log(run_id)[-4000:]
+    report = json.loads((runs / str(run_id) / "report.json").read_text())
+    assert "discover: only 0 site(s) answered" in report["error"]
+    assert report["error"].count(f"bundle SHA-256 {rogue} is not approved") == 3
+    assert (
+        f"sitebridge site approve --state-dir <state-dir> {rogue}" in (report["error"])
+    )
+    assert not (runs / str(run_id) / "phases" / "discover.json").exists()
+    assert not list((runs / str(run_id)).glob("models/*"))
+    # Each site ledgered its refusal and kept the bundle for review.
+    for site, state in site_state_dirs(deployment).items():
+        entries = [
+            entry
+            for entry in Ledger(state / "ledger.jsonl").entries()
+            if entry.run_id == str(run_id)
+        ]
+        assert [entry.decision for entry in entries] == [
+            f"blocked: {BUNDLE_NOT_APPROVED}"
+        ], site
+        assert entries[0].message_type == "query.hello"
+        assert refused_bundle_path(state, rogue).is_file()
+        assert sitebridge(["audit", "verify", str(state / "ledger.jsonl")]) == 0
+
+
 @pytest.mark.parametrize(
-    ("name", "start", "node_says", "superlink_says"),
+    ("extra_env", "says"),
     [
         pytest.param(
-            "rogue",
-            # a key made by make-site-key.sh but never registered
-            LoopbackDeployment.start_unregistered_supernode,
-            "[code: 2004] Failed to activate SuperNode",
-            "No SuperNode found with the given public key",
+            {},
+            "the coordinator refused this SuperNode: its key is not registered or "
+            "was revoked. Send keys/rogue.pub to the coordinator",
             id="unregistered-key",
         ),
         pytest.param(
-            "plaintext",
-            # --insecure and no key, against the TLS Fleet port: the TLS server
-            # closes the plain-text connection. (The SuperLink's gRPC core logs the
-            # failed handshake, WRONG_VERSION_NUMBER, only sometimes: not asserted.)
-            LoopbackDeployment.start_insecure_supernode,
-            "failed to connect to all addresses",
-            None,
-            id="no-tls",
+            {"SITEBRIDGE_CA_CERT": "other-ca.crt"},
+            "TLS to the coordinator failed: its certificate is not signed by",
+            id="wrong-ca",
+        ),
+        pytest.param(
+            {"SUPERLINK_FLEET_ADDRESS": "127.0.0.1:closed"},
+            "the coordinator is unreachable: nothing answered at 127.0.0.1:",
+            id="unreachable",
         ),
     ],
 )
-def test_a_supernode_is_refused(
+def test_start_supernode_says_why_the_coordinator_did_not_accept_the_node(
     deployment: LoopbackDeployment,
     deployed_federation: Path,
-    name: str,
-    start: Callable[..., ForegroundNode],
-    node_says: str,
-    superlink_says: str | None,
+    loopback_root: Path,
+    extra_env: dict[str, str],
+    says: str,
 ) -> None:
-    # Prepare
+    # Prepare: a key made by make-site-key.sh but never registered, and the case's
+    # misconfiguration (another CA's certificate; a port nothing listens on)
+    env = dict(extra_env)
+    if "SITEBRIDGE_CA_CERT" in env:
+        env["SITEBRIDGE_CA_CERT"] = str(other_ca(loopback_root))
+    if env.get("SUPERLINK_FLEET_ADDRESS", "").endswith(":closed"):
+        env["SUPERLINK_FLEET_ADDRESS"] = f"127.0.0.1:{free_port()}"
     superlink_log_start = deployment.superlink_log.stat().st_size
 
     # Execute
-    node = start(deployment, name, site_dir=deployed_federation / "A")
+    completed = deployment.try_start_supernode(
+        "rogue", site_dir=deployed_federation / "A", extra_env=env, timeout_s=8
+    )
+
+    # Assert: a non-zero exit with the reason, and nothing of the node left running
+    assert completed.returncode == 1, completed.stderr
+    assert says in completed.stderr
+    assert deployment.supernode_pid("rogue") is None
+    assert deployment.app_pid("rogue") is None
+    if not extra_env:
+        assert "[code: 2004] Failed to activate SuperNode" in completed.stderr
+        superlink_log = deployment.superlink_log
+        wait_until(
+            lambda: (
+                "No SuperNode found with the given public key"
+                in read_from(superlink_log, superlink_log_start)
+            ),
+            timeout_s=60,
+            what="the SuperLink to log the unknown key",
+        )
+    only_registered_nodes_online(deployment)
+
+
+def test_register_site_refuses_a_second_key_under_a_taken_name(
+    deployment: LoopbackDeployment,
+) -> None:
+    # Prepare: a new key, sent to the coordinator as if it were site A's
+    deployment.run_script("make-site-key.sh", "second-a")
+    before = deployment.node_statuses()
+
+    # Execute
+    completed = deployment.run_script(
+        "register-site.sh", str(deployment.root / "keys" / "second-a.pub"), "A"
+    )
+
+    # Assert: refused, naming A's node; nothing was registered
+    assert completed.returncode == 1
+    assert (
+        f"a key is already registered as 'A' (node {deployment.node_ids['A']})"
+        in completed.stderr
+    )
+    assert deployment.node_statuses() == before
+
+
+def other_ca(root: Path) -> Path:
+    """A self-signed CA certificate that signed nothing of this deployment."""
+    certificate = root / "other-ca.crt"
+    if not certificate.exists():
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes"),
+                *("-keyout", str(root / "other-ca.key"), "-out", str(certificate)),
+                *("-subj", "/CN=another CA", "-days", "1"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return certificate
+
+
+def test_a_supernode_without_tls_is_refused(
+    deployment: LoopbackDeployment, deployed_federation: Path
+) -> None:
+    # Execute: --insecure and no key, against the TLS Fleet port: the TLS server
+    # closes the plain-text connection. (The SuperLink's gRPC core logs the failed
+    # handshake, WRONG_VERSION_NUMBER, only sometimes: not asserted.)
+    node = deployment.start_insecure_supernode(
+        "plaintext", site_dir=deployed_federation / "A"
+    )
     exit_code = node.wait(timeout_s=REFUSAL_TIMEOUT_S)
 
     # Assert: Flower logs its own exit code 305; the process exits with status 1.
     log = node.log_text()
     assert exit_code != 0, log
     assert "Exit Code: 305" in log
-    assert node_says in log
-    if superlink_says is not None:
-        superlink_log = deployment.superlink_log
-        wait_until(
-            lambda: superlink_says in read_from(superlink_log, superlink_log_start),
-            timeout_s=60,
-            what=f"the SuperLink to log {superlink_says!r}",
+    assert "failed to connect to all addresses" in log
+    only_registered_nodes_online(deployment)
+
+
+FOUR_SITES_DISCOVER: dict[str, bool | int | float | str] = {
+    "federation.expected-sites": 4,
+    "last-phase": "discover",
+}
+
+
+def test_a_fourth_node_whose_folder_is_named_like_a_site_does_not_become_it(
+    deployment: LoopbackDeployment, deployed_federation: Path, loopback_root: Path
+) -> None:
+    # Prepare: a fourth key, registered as D, whose site folder is named A
+    poser = loopback_root / "poser" / "A"
+    shutil.copytree(deployed_federation / "B", poser)
+    node_d = deployment.add_site(
+        SiteNode(name="D", site_dir=poser, state_dir=loopback_root / "site-state" / "D")
+    )
+    runs = loopback_root / "runs-poser"
+    try:
+        # Execute: a run that expects four sites, and one that expects three
+        four = deployment.submit_run(tiny_run_config(runs, **FOUR_SITES_DISCOVER))
+        four_status = deployment.wait_for_run(four, timeout_s=RUN_TIMEOUT_S)
+        three = deployment.submit_run(
+            tiny_run_config(runs, **{"last-phase": "discover"})
         )
+        three_status = deployment.wait_for_run(three, timeout_s=RUN_TIMEOUT_S)
+    finally:
+        deployment.remove_site("D")
+
+    # Assert: with four expected, the node takes part as D (its registered name),
+    # never as A, and the coordinator's log says what it claimed
+    assert four_status == "finished:completed", deployment.run_log(four)[-4000:]
+    discover = json.loads((runs / str(four) / "phases" / "discover.json").read_text())
+    names = {site["name"]: site["node_id"] for site in discover["sites"]}
+    assert names == {**{s: deployment.node_ids[s] for s in SITES}, "D": node_d}
+    assert (
+        f"node {node_d} says it is site 'A', but its key is registered as 'D'"
+    ) in deployment.run_log(four)
+    # With three expected, discover refuses, naming every node and its name.
+    assert three_status == "finished:failed", deployment.run_log(three)[-4000:]
+    error = json.loads((runs / str(three) / "report.json").read_text())["error"]
+    assert error.startswith("discover: 4 nodes are connected, 3 expected")
+    assert f"{node_d} ('D')" in error
+    assert f"{deployment.node_ids['A']} ('A')" in error
     only_registered_nodes_online(deployment)
 
 

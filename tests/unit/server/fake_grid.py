@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 
 from clients.app import app as client_app
 from core.config import ConfigValue
@@ -34,6 +35,8 @@ class FakeGrid:
         drop: nodes whose messages are swallowed (they never reply).
         kill_at: a message type; sending it "kills the ServerApp" (raises
             :class:`ServerAppKilled` before anything is delivered).
+        names: node id -> the name its key was registered under (a deployment's
+            grid reports them; a simulation's has none).
     """
 
     def __init__(
@@ -42,16 +45,24 @@ class FakeGrid:
         *,
         drop: Iterable[int] = (),
         kill_at: str | None = None,
+        names: Mapping[int, str] | None = None,
     ):
         self.contexts = dict(contexts)
         self.drop = set(drop)
         self.kill_at = kill_at
+        self.names = dict(names or {})
         self.sent: list[Message] = []
         self._ids = itertools.count(1)
         self.run_id = next(iter(self.contexts.values())).run_id if contexts else 1
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
+
+    def get_nodes(self) -> list[NodeInfo]:
+        return [
+            NodeInfo(node_id=node, name=self.names.get(node, ""))
+            for node in self.contexts
+        ]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -89,6 +100,7 @@ def build_grid(
     *,
     drop: Iterable[int] = (),
     kill_at: str | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> FakeGrid:
     run_id = next(_RUN_IDS)
     contexts = {
@@ -101,4 +113,4 @@ def build_grid(
         )
         for node, site in nodes.items()
     }
-    return FakeGrid(contexts, drop=drop, kill_at=kill_at)
+    return FakeGrid(contexts, drop=drop, kill_at=kill_at, names=names)

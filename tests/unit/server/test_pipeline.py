@@ -38,6 +38,7 @@ from server.coordinator import (
     Coordinator,
     PhaseError,
     SiteInfo,
+    validate_site_name,
 )
 from server.report import build_report, format_markdown, write_report
 from server.store import RunStore
@@ -302,6 +303,150 @@ def test_wait_for_nodes_returns_sorted_ids_without_waiting(
     # Assert
     assert nodes == [11, 12, 13]
     assert log == ["3 of 3 expected nodes connected"]
+
+
+# Registered names as a deployment's grid reports them (register-site.sh --name).
+REGISTERED = {11: "hospital-a", 12: "hospital-b", 13: "hospital-c"}
+POSER = 15  # a fourth registered node whose folder is named like site A
+
+
+def test_discover_names_each_node_by_its_registered_name(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: the folders say A, B and C; the keys were registered as hospital-*
+    config = build_config(run_config, **{"federation.target-site": "hospital-a"})
+    grid = build_grid(federation, run_config, names=REGISTERED)
+    log: list[str] = []
+    coordinator = build_coordinator(grid, config, tmp_path, log)
+
+    # Execute
+    sites, target = pipeline.discover(
+        coordinator, nodes=sorted(NODES), default_target=None
+    )
+
+    # Assert: the registered names win, each mismatch is logged, the ledger agrees
+    assert {node: site.name for node, site in sites.items()} == REGISTERED
+    assert target == "hospital-a"
+    assert (
+        "node 11 says it is site 'A', but its key is registered as 'hospital-a': "
+        "it takes part as 'hospital-a'"
+    ) in log
+    saved = coordinator.store.load_phase("discover")
+    assert [site["site"] for site in saved["sites"]] == sorted(REGISTERED.values())
+    replies = [e for e in coordinator.ledger.entries() if e.direction == INGRESS]
+    assert sorted(entry.sender for entry in replies) == sorted(REGISTERED.values())
+
+
+def test_a_node_whose_folder_is_named_like_another_site_does_not_become_it(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: node 15 serves a folder named A, its key is registered as D
+    config = build_config(run_config, **{"federation.target-site": "A"})
+    names = {11: "A", 12: "B", 13: "C", POSER: "D"}
+    grid = build_grid(federation, run_config, {**NODES, POSER: "A"}, names=names)
+    log: list[str] = []
+    coordinator = build_coordinator(grid, config, tmp_path, log)
+
+    # Execute
+    sites, target = pipeline.discover(
+        coordinator, nodes=sorted(grid.get_node_ids()), default_target=None
+    )
+
+    # Assert: it takes part as D (the run's operator then sees a fourth site)
+    assert sites[POSER].name == "D"
+    assert target == "A"
+    assert sites[11].name == "A"
+    assert f"node {POSER} says it is site 'A', but its key is registered as 'D'" in (
+        "\n".join(log)
+    )
+
+
+def test_discover_refuses_two_nodes_registered_under_one_name_naming_them(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: a second key registered as B (by hand, past register-site.sh)
+    config = build_config(run_config)
+    grid = build_grid(federation, run_config, names={11: "A", 12: "B", 13: "B"})
+    coordinator = build_coordinator(grid, config, tmp_path)
+
+    # Execute / Assert
+    with pytest.raises(
+        PhaseError,
+        match=r"several nodes are the same site \('B': nodes 12, 13\); each site is "
+        r"one registered key",
+    ):
+        pipeline.discover(coordinator, nodes=sorted(NODES), default_target="A")
+    assert coordinator.store.load_phase("discover") is None
+
+
+@pytest.mark.parametrize(
+    ("names", "node", "says"),
+    [
+        (
+            {11: "A", 12: "B", 13: "../../escape"},
+            13,
+            "node 13: site name '../../escape' is not 1-64 letters, digits",
+        ),
+        (
+            {11: "A", 12: "B"},
+            13,
+            "node 13: its key was registered without a name, so it has no site "
+            "identity (it says 'C')",
+        ),
+    ],
+    ids=["unsafe-name", "unnamed-key"],
+)
+def test_discover_leaves_out_a_node_without_a_safe_registered_name(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    names: dict[int, str],
+    node: int,
+    says: str,
+) -> None:
+    # Prepare
+    config = build_config(run_config)
+    grid = build_grid(federation, run_config, names=names)
+    coordinator = build_coordinator(grid, config, tmp_path)
+
+    # Execute
+    sites, _ = pipeline.discover(coordinator, nodes=sorted(NODES), default_target="A")
+
+    # Assert: left out, and the reason is the run's record
+    assert node not in sites
+    missing = coordinator.store.load_phase("discover")["missing"]
+    assert missing[str(node)].startswith(says)
+
+
+@pytest.mark.parametrize(
+    "name", ["A", "hospital-a", "site_2.v1", "x" * 64], ids=lambda name: name[:12]
+)
+def test_validate_site_name_accepts_one_safe_path_component(name: str) -> None:
+    assert validate_site_name(name, 7) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "..", "../a", "a/b", ".hidden", "-a", "a b", "x" * 65, "é"]
+)
+def test_validate_site_name_refuses_anything_else_naming_the_node(name: str) -> None:
+    with pytest.raises(PhaseError, match=r"^node 7: site name .* is not 1-64 letters"):
+        validate_site_name(name, 7)
+
+
+def test_wait_for_nodes_refuses_more_nodes_than_expected_naming_them(
+    federation: Path, run_config: dict[str, ConfigValue]
+) -> None:
+    # Prepare: a fourth registered node is online for a three-site run
+    names = {11: "A", 12: "B", 13: "C", POSER: "D"}
+    grid = build_grid(federation, run_config, {**NODES, POSER: "A"}, names=names)
+
+    # Execute / Assert
+    with pytest.raises(
+        PhaseError,
+        match=r"^discover: 4 nodes are connected, 3 expected .*: nodes 11 \('A'\), "
+        r"12 \('B'\), 13 \('C'\), 15 \('D'\)\. Unregister the nodes",
+    ):
+        pipeline.wait_for_nodes(grid, expected=3, wait_s=1.0, log=[].append)
 
 
 # -------------------------------------------------------------------- source training
