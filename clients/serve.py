@@ -62,7 +62,7 @@ from core.approvals import (
     keep_refused_bundle,
 )
 from core.egress import measure_error
-from core.ledger import BLOCKED_PREFIX, EGRESS, RELEASED, Ledger
+from core.ledger import BLOCKED_PREFIX, EGRESS, ERROR, Ledger
 
 LOGGER = logging.getLogger("sitebridge.serve")
 
@@ -117,9 +117,14 @@ def _ledger_reply(
     reason: str,
     *,
     decision: str,
-) -> None:
-    """Append the error reply that leaves for ``message`` to the site's ledger."""
-    Ledger(state_dir / LEDGER_FILE).append(
+) -> protocol.LedgerAnchor:
+    """Append the error reply that leaves for ``message`` to the site's ledger.
+
+    Returns:
+        The entry's anchor, which the reply's reason then carries (as every reply's
+        does), so the coordinator's ledger can vouch for this one too.
+    """
+    entry = Ledger(state_dir / LEDGER_FILE).append(
         run_id=str(message.metadata.run_id),
         message_type=message.metadata.message_type,
         sender=site,
@@ -130,6 +135,7 @@ def _ledger_reply(
         epsilon_spent=0.0,
         epsilon_total=0.0,
     )
+    return protocol.LedgerAnchor(entry.index, entry.entry_hash)
 
 
 def refuse(task: TaskInput, sha256: str, *, why: str = "") -> Message:
@@ -146,7 +152,7 @@ def refuse(task: TaskInput, sha256: str, *, why: str = "") -> Message:
     except OSError as error:  # the copy is for review; the refusal stands without
         where = f"not kept: {error}"
     reason = refusal_reason(sha256)
-    _ledger_reply(
+    anchor = _ledger_reply(
         state_dir,
         site,
         task.message,
@@ -166,7 +172,7 @@ def refuse(task: TaskInput, sha256: str, *, why: str = "") -> Message:
         sha256,
     )
     return Message(
-        Error(code=protocol.EGRESS_BLOCKED_CODE, reason=reason),
+        Error(code=protocol.EGRESS_BLOCKED_CODE, reason=anchor.anchor_reason(reason)),
         reply_to=task.message,
     )
 
@@ -199,15 +205,15 @@ def handle(task: TaskInput, app: App) -> Message:
 
 def failure_reply(task: TaskInput, reason: str) -> Message:
     """An error reply for a task this process could not answer; ledgered if it can."""
-    reply = Message(
-        Error(code=protocol.SITE_ERROR_CODE, reason=reason), reply_to=task.message
-    )
     try:
         site, state_dir = site_state(task.context)
-        _ledger_reply(state_dir, site, task.message, reason, decision=RELEASED)
+        anchor = _ledger_reply(state_dir, site, task.message, reason, decision=ERROR)
+        reason = anchor.anchor_reason(reason)
     except (SiteConfigError, OSError, ValueError) as error:
         LOGGER.error("the error reply could not be ledgered: %s", error)
-    return reply
+    return Message(
+        Error(code=protocol.SITE_ERROR_CODE, reason=reason), reply_to=task.message
+    )
 
 
 class Channel(Protocol):

@@ -68,16 +68,22 @@ SITE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def check_site_name(name: str) -> str:
     """``name`` when it is a valid site name, else a ValueError saying why.
 
+    The coordinator checks every name it will use (a registered name, or in
+    simulation the name a hello says) before it touches a path.
+
     Example:
         >>> check_site_name("hospital-a")
         'hospital-a'
-        >>> check_site_name("../runs")
+        >>> check_site_name("../runs")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: site name '../runs' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
+        ValueError: site name '../runs' is not 1-64 letters, digits, '.', '_' or '-' ...
     """
     if not SITE_NAME_PATTERN.fullmatch(name):
-        raise ValueError(f"site name {name!r} must match {SITE_NAME_PATTERN.pattern}")
+        raise ValueError(
+            f"site name {name!r} is not 1-64 letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -149,7 +155,7 @@ class HelloReply:
         """Parse a reply's ConfigRecord."""
         names = _list(fields, "class-names")
         return cls(
-            site=check_site_name(_str(fields, "site")),
+            site=_str(fields, "site"),
             modality=_str(fields, "modality"),
             labelled=_int(fields, "labelled"),
             unlabelled=_int(fields, "unlabelled"),

@@ -19,7 +19,6 @@ keeps the policy each site reported it applied, for the report's privacy section
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -48,7 +47,8 @@ LEDGER_FILE: Final = "ledger.jsonl"
 ADAPTED_START: Final = "adapted:main"  # the model consensus and semisup start from
 # Site names become file names (models/source-<name>.npz, report rows): one safe
 # component, as deploy/register-site.sh checks at registration.
-SITE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A site name becomes part of file names here: one pattern, the wire contract's.
+SITE_NAME_PATTERN: Final = protocol.SITE_NAME_PATTERN
 
 
 class PhaseError(RuntimeError):
@@ -87,12 +87,10 @@ def validate_site_name(name: str, node: int) -> str:
         >>> validate_site_name("hospital-a", 7)
         'hospital-a'
     """
-    if not SITE_NAME_PATTERN.fullmatch(name):
-        raise PhaseError(
-            f"node {node}: site name {name[:80]!r} is not 1-64 letters, digits, "
-            "'.', '_' or '-' starting with a letter or digit"
-        )
-    return name
+    try:
+        return protocol.check_site_name(name[:80])
+    except ValueError as error:
+        raise PhaseError(f"node {node}: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -155,7 +155,9 @@ def test_a_bundle_not_approved_is_refused_ledgered_and_kept_for_review(
     assert entry.decision == f"blocked: {BUNDLE_NOT_APPROVED}"
     assert entry.message_type == protocol.HELLO
     assert entry.sender == SITE
-    assert entry.egress == measure_error(reason)
+    unanchored, anchor = protocol.LedgerAnchor.split_reason(reason)
+    assert anchor == protocol.LedgerAnchor(0, entry.entry_hash)
+    assert entry.egress == measure_error(unanchored)
     assert verify_ledger(ledger.path).ok
     # ... and the bundle is kept for the site's review
     kept = refused_bundle_path(state_dir(context), digest)
@@ -327,14 +329,17 @@ def test_the_loop_answers_each_task_and_goes_on_after_a_failure(
         assert finished_context is context
     assert context.state["seen"]["count"] == 3  # type: ignore[index]
     assert all(channel.closed for channel in channels)
-    # The error reply left the site, so it is ledgered too.
+    # The error reply left the site, so it is ledgered too (as an error), and
+    # anchored like every reply.
     assert ledger_entries(context) == [
-        (protocol.HELLO, "released"),
+        (protocol.HELLO, "error"),
         (protocol.HELLO, "released"),
         (protocol.HELLO, "released"),
     ]
     first = Ledger(state_dir(context) / "ledger.jsonl").entries()[0]
-    assert first.egress == measure_error(reason_of(error_reply))
+    unanchored, anchor = protocol.LedgerAnchor.split_reason(reason_of(error_reply))
+    assert anchor == protocol.LedgerAnchor(0, first.entry_hash)
+    assert first.egress == measure_error(unanchored)
 
 
 def test_sigterm_during_a_task_answers_it_and_stops(
