@@ -32,7 +32,7 @@ from core.jobs import (
     score_candidates,
     train_source_model,
 )
-from core.limits import LimitError, label_term_allowed
+from core.limits import LimitError, label_term_allowed, whole_case_config
 from core.policy import PolicyError
 from core.privacy import (
     DpSettings,
@@ -394,8 +394,13 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
 @app.evaluate()
 @site_handler
 def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
-    """Score the requested predictors on the evaluation labels (aggregates only)."""
-    config, site = setup.config, setup.site
+    """Score the requested predictors on the evaluation labels (aggregates only).
+
+    Each evaluation case counts as a whole volume (every slice, up to the site's own
+    cap), whatever the run's ``data.max-slices-per-case`` says.
+    """
+    config = whole_case_config(setup.config, setup.policy.limits)
+    site = setup.site
     request = protocol.EvaluateRequest.from_fields(
         records.read_request(message.content)
     )

@@ -350,6 +350,29 @@ def cap_slices_per_case(config: RunConfig, limits: SiteLimits) -> RunConfig:
     )
 
 
+def whole_case_config(config: RunConfig, limits: SiteLimits) -> RunConfig:
+    """``config`` for a release about evaluation labels: every slice of each case.
+
+    The run's ``data.max-slices-per-case`` (a speed setting) does not choose which
+    slices of a case a Dice is computed over: the site evaluates each case as a
+    volume, up to its own ``limits.max-slices-per-case``. Otherwise a coordinator
+    could cut each evaluation case down to one slice and aim crafted predictors at
+    single pixels of it.
+
+    Example:
+        >>> from core.config import load_default_config
+        >>> config = load_default_config(**{"data.max-slices-per-case": 1})
+        >>> whole_case_config(config, default_limits()).data.max_slices_per_case
+        0
+    """
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(
+            config.data, max_slices_per_case=limits.max_slices_per_case
+        ),
+    )
+
+
 # --- what one request asks for ------------------------------------------------------
 
 
