@@ -152,7 +152,7 @@ def adapt_pair_private(
     device: torch.device,
     progress: Callable[[str], None] | None = None,
     seed: int | None = None,
-) -> tuple[TrainResult, PrivacySpend]:
+) -> tuple[TrainResult, PrivacySpend | None]:
     """Adapt the pair to the target with DP-SGD. Updates ``models`` in place.
 
     The mechanism is :class:`core.privacy.PrivateGradient` on one module holding both
@@ -188,7 +188,8 @@ def adapt_pair_private(
         seed: the mechanism's seed; None (a site) draws one from the OS.
 
     Returns:
-        The training's result (losses for the site's own log) and the spend.
+        The training's result (losses for the site's own log) and the spend; None
+        with ``adapt.epochs = 0`` (nothing is trained, nothing charged).
 
     Raises:
         PrivacyBudgetError: before any step, when the budget would be exceeded.
@@ -204,6 +205,11 @@ def adapt_pair_private(
         )
     pair = nn.ModuleList(models).to(device).train()
     check_dp_compatible(pair)  # before anything is recorded
+    if adapt.epochs == 0:
+        pair.eval()
+        return TrainResult(
+            num_examples=0, epoch_losses=(), seconds=0.0, device=str(device)
+        ), None
     sample_rate, steps = dp_sgd_schedule(
         num_samples, batch_size=adapt.batch_size, epochs=adapt.epochs
     )

@@ -369,7 +369,9 @@ def adapt_target(
             device=device,
             progress=progress,
         )
-        progress(f"[adapt] {describe_spend(privacy, budget_epsilon=dp.budget_epsilon)}")
+        if privacy is not None:
+            spent = describe_spend(privacy, budget_epsilon=dp.budget_epsilon)
+            progress(f"[adapt] {spent}")
         # A statistic of the site's images that the guarantee does not cover.
         foreground = math.nan
     return Adaptation(
