@@ -3,19 +3,34 @@
 Both networks start from their source weights and are trained together on the target's
 unlabelled images with a Dice loss between the (fixed, precomputed) ITM-corrected
 pseudo-label and ``W_main * softmax(F_main(x)) + W_aux * softmax(F_aux(x))``. Inference
-uses the same weighted pair. Never imports flwr.
+uses the same weighted pair. :func:`adapt_pair` is the ordinary training;
+:func:`adapt_pair_private` the same objective under DP-SGD (per-sample Dice, the
+mechanism of :class:`core.privacy.PrivateGradient` on a module holding both networks,
+charged to the site's accountant), for a site whose policy requires DP. Never imports
+flwr.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from monai.losses import DiceLoss
 from torch import nn
 
 from core.config import AdaptConfig, TrainConfig
-from core.training import TrainResult, run_training
+from core.privacy import (
+    DpSettings,
+    PrivacySpend,
+    PrivateGradient,
+    check_dp_compatible,
+    dp_sgd_schedule,
+    largest_case,
+    reserve_privacy,
+)
+from core.training import TrainResult, augment_batch, augment_intensity, run_training
 
 
 def weighted_pair_loss(
@@ -87,4 +102,173 @@ def adapt_pair(
         augment=train.augment,
         label="adapt",
         progress=progress,
+    )
+
+
+def per_sample_pair_loss(
+    models: Sequence[nn.Module],
+    weights: Sequence[float],
+    images: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`weighted_pair_loss` of each sample on its own, ``(B,)``.
+
+    The Dice loss of one sample's weighted softmax mix against its own pseudo-label,
+    averaged over the classes (``DiceLoss(batch=False)``), so sample ``i``'s loss
+    depends on sample ``i`` alone, as DP-SGD's per-sample clipping needs.
+
+    Example:
+        >>> class Fixed(nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.stack([torch.zeros_like(x[:, 0]), 20 * x[:, 0]], 1)
+        >>> images = torch.tensor([[[[1.0, -1.0]]], [[[1.0, 1.0]]]])
+        >>> labels = torch.tensor([[[1, 0]], [[1, 1]]])
+        >>> per_sample_pair_loss([Fixed()], [1.0], images, labels).shape
+        torch.Size([2])
+    """
+    mixture = sum(
+        weight * torch.softmax(model(images).float(), dim=1)
+        for model, weight in zip(models, weights, strict=True)
+    )
+    assert isinstance(mixture, torch.Tensor)
+    loss_function = DiceLoss(
+        to_onehot_y=True, softmax=False, batch=False, reduction="none"
+    )
+    loss: torch.Tensor = loss_function(mixture, pseudo_labels.unsqueeze(1))
+    return loss.flatten(1).mean(1)
+
+
+def adapt_pair_private(
+    models: Sequence[nn.Module],
+    weights: Sequence[float],
+    images: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    *,
+    case_of_slice: torch.Tensor,
+    adapt: AdaptConfig,
+    train: TrainConfig,
+    dp: DpSettings,
+    accountant_path: Path | None,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
+    seed: int | None = None,
+) -> tuple[TrainResult, PrivacySpend | None]:
+    """Adapt the pair to the target with DP-SGD. Updates ``models`` in place.
+
+    The mechanism is :class:`core.privacy.PrivateGradient` on one module holding both
+    networks (each sample's gradient is clipped over both together): q =
+    ``adapt.batch_size / N`` and ``adapt.epochs * ceil(N / adapt.batch_size)`` steps
+    (:func:`core.privacy.dp_sgd_schedule`), reserved in the site's accountant
+    (:func:`core.privacy.reserve_privacy`) before the first step, with the most
+    slices any case contributes as its units per case. Each step's per-sample loss
+    is :func:`per_sample_pair_loss` of the drawn slices against their pseudo-labels,
+    flipped (and intensity-augmented) alike with the mechanism's generator when
+    ``train.augment``; then one Adam step at ``adapt.learning_rate``.
+
+    Privacy claim: the protected record is a target training slice as adaptation
+    sees it (its image and its pseudo-label). A pseudo-label is computed from the
+    sent candidates on that slice, weighted by its case's transferability scores,
+    so the slices of one case are tied together: the patient-level figure (k = the
+    case's slices) is the one that covers a patient. Weights sent by the coordinator
+    are public. The loss values are not covered (the result's losses stay at the
+    site).
+
+    Args:
+        models: ``[F_main]`` or ``[F_main, F_aux]``; no BatchNorm.
+        weights: ``[W_main]`` or ``[W_main, W_aux]``.
+        images: ``(N, 1, H, W)`` target slices.
+        pseudo_labels: ``(N, H, W)`` hard pseudo-labels.
+        case_of_slice: ``(N,)`` the case each slice comes from.
+        adapt: epochs, batch size (the expected Poisson batch) and learning rate.
+        train: the augmentation switch.
+        dp: the site's DP settings.
+        accountant_path: the site's accountant file (None: nothing recorded).
+        device: where to train.
+        progress: called with one line per epoch.
+        seed: the mechanism's seed; None (a site) draws one from the OS.
+
+    Returns:
+        The training's result (losses for the site's own log) and the spend; None
+        with ``adapt.epochs = 0`` (nothing is trained, nothing charged).
+
+    Raises:
+        PrivacyBudgetError: before any step, when the budget would be exceeded.
+        ValueError: a model Opacus rejects or mismatched inputs (nothing recorded).
+    """
+    if len(models) != len(weights) or not 1 <= len(models) <= 2:
+        raise ValueError("adapt_pair_private takes one or two models with one weight")
+    report = progress or print
+    num_samples = int(images.shape[0])
+    if pseudo_labels.shape[0] != num_samples or case_of_slice.shape != (num_samples,):
+        raise ValueError(
+            f"images, pseudo-labels and case_of_slice must have {num_samples} rows"
+        )
+    pair = nn.ModuleList(models).to(device).train()
+    check_dp_compatible(pair)  # before anything is recorded
+    if adapt.epochs == 0:
+        pair.eval()
+        return TrainResult(
+            num_examples=0, epoch_losses=(), seconds=0.0, device=str(device)
+        ), None
+    sample_rate, steps = dp_sgd_schedule(
+        num_samples, batch_size=adapt.batch_size, epochs=adapt.epochs
+    )
+    reservation = reserve_privacy(
+        accountant_path,
+        sample_rate=sample_rate,
+        steps=steps,
+        units_per_case=largest_case(case_of_slice),
+        dp=dp,
+        seed=seed,
+    )
+    plan = reservation.plan
+    mechanism = PrivateGradient(pair, plan, num_samples=num_samples, device=device)
+    optimizer = torch.optim.Adam(
+        [p for p in pair.parameters() if p.requires_grad], lr=adapt.learning_rate
+    )
+
+    def per_sample_loss(
+        indices: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        batch = [images[indices], pseudo_labels[indices]]
+        if train.augment:
+            batch = augment_batch(batch, generator)
+            batch[0] = augment_intensity(batch[0], generator)
+        batch_images, batch_labels = (tensor.to(device) for tensor in batch)
+        return per_sample_pair_loss(models, weights, batch_images, batch_labels)
+
+    report(
+        f"[adapt] DP-SGD: {num_samples} samples, {plan.steps} steps, noise "
+        f"{plan.noise_multiplier:.3f}, clip {plan.max_grad_norm:g}, sample rate "
+        f"{plan.sample_rate:.4f}"
+    )
+    started = time.perf_counter()
+    epoch_losses: list[float] = []
+    seen = 0
+    try:
+        for epoch in range(adapt.epochs):
+            total, count = 0.0, 0
+            for _ in range(plan.steps // adapt.epochs):
+                optimizer.zero_grad(set_to_none=True)
+                losses = mechanism.step(per_sample_loss)
+                optimizer.step()
+                total += float(losses.sum())
+                count += int(losses.numel())
+            seen += count
+            epoch_losses.append(total / max(count, 1))
+            report(
+                f"[adapt] epoch {epoch + 1}/{adapt.epochs} loss "
+                f"{epoch_losses[-1]:.4f} ({time.perf_counter() - started:.1f} s)"
+            )
+    finally:
+        mechanism.close()
+    pair.eval()
+    return (
+        TrainResult(
+            num_examples=seen,
+            epoch_losses=tuple(epoch_losses),
+            seconds=time.perf_counter() - started,
+            device=str(device),
+        ),
+        reservation.spend,
     )

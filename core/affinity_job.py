@@ -5,10 +5,12 @@ Owns what a site runs for the two affinity actions of the pipeline:
 - ``query.profile``: :func:`release_profile` computes the site's task profile from its
   training cases (:func:`core.task_profile.build_site_profile`) and, when the applied
   policy requires DP, releases it through the Gaussian mechanism of
-  :mod:`core.profile_noise`. That release is recorded in the site's accountant, the
-  same RDP history DP-SGD uses: ``num_parts`` Gaussian mechanisms are
-  ``(noise, sample rate 1, num_parts steps)`` there, so the budget check and the
-  cumulative ε compose with every DP training of the site.
+  :mod:`core.profile_noise`. That release is recorded in the site's accountant
+  through :func:`core.privacy.reserve_privacy`, the same locked RDP history DP-SGD
+  uses: ``num_parts`` Gaussian mechanisms are ``(noise, sample rate 1, num_parts
+  steps)`` there with 1 unit per case (their sensitivities are already those of
+  replacing one case), so the budget check and the cumulative ε compose with every
+  DP training of the site.
 - ``train.finetune``: :func:`finetune_model` trains the given model further on the
   site's labelled cases with the fine-tuning recipe of :func:`finetune_config`
   (``affinity.finetune-epochs`` at ``affinity.finetune-learning-rate``), with DP-SGD
@@ -31,13 +33,10 @@ from core.config import RunConfig
 from core.jobs import SourceTraining, train_source_model
 from core.models import Arrays
 from core.privacy import (
-    AccountantState,
+    FULL_DATA_RATE,
     DpSettings,
     PrivacySpend,
-    account_steps,
-    plan_dp_sgd,
-    read_accountant_state,
-    write_accountant_state,
+    reserve_privacy,
 )
 from core.profile_noise import get_profile_sensitivity, noise_profile
 from core.task_profile import SiteProfile, build_site_profile, profile_settings
@@ -45,7 +44,7 @@ from core.task_profile import SiteProfile, build_site_profile, profile_settings
 Progress = Callable[[str], None]
 
 # Each part of a profile is one full-data Gaussian mechanism: sample rate 1.
-PROFILE_SAMPLE_RATE = 1.0
+PROFILE_SAMPLE_RATE = FULL_DATA_RATE
 
 
 def _quiet(_line: str) -> None:
@@ -77,9 +76,10 @@ def release_profile(
         dp: the applied policy's DP settings, or None for the exact profile. The
             noise is ``dp.noise_multiplier``, raised to what ``dp.target_epsilon``
             needs for this release when that is set (as for DP-SGD).
-        accountant_path: the site's accountant file, read for the budget check and
-            rewritten with the release. None starts from an empty history and
-            records nothing.
+        accountant_path: the site's accountant file: the release is planned,
+            checked against the budget and recorded there (under its lock) after the
+            exact profile is computed and before the noised one exists. None starts
+            from an empty history and records nothing.
         rng: the noise source; None (what a site runs with) seeds it from the
             operating system, as the run's seed is known to the coordinator.
         progress: called with one line.
@@ -97,28 +97,20 @@ def release_profile(
             f"({profile.num_labelled} labelled), exact"
         )
         return ReleasedProfile(profile=profile, privacy=None)
-    accountant = (
-        AccountantState(())
-        if accountant_path is None
-        else read_accountant_state(accountant_path)
+    reservation = reserve_privacy(
+        accountant_path,
+        sample_rate=PROFILE_SAMPLE_RATE,
+        steps=get_profile_sensitivity(profile).num_parts,
+        units_per_case=1,
+        dp=dp,
     )
-    parts = get_profile_sensitivity(profile).num_parts
-    plan = plan_dp_sgd(PROFILE_SAMPLE_RATE, parts, dp=dp, accountant=accountant)
+    plan, spend = reservation.plan, reservation.spend
     noised, _epsilon = noise_profile(
         profile,
         noise_multiplier=plan.noise_multiplier,
         delta=dp.delta,
         rng=rng or np.random.default_rng(secrets.randbits(128)),
     )
-    spend = account_steps(
-        accountant,
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=PROFILE_SAMPLE_RATE,
-        steps=parts,
-        delta=dp.delta,
-    )
-    if accountant_path is not None:
-        write_accountant_state(spend.accountant, accountant_path)
     progress(
         f"profile of {profile.num_images} training images ({profile.num_labelled} "
         f"labelled), noise {plan.noise_multiplier:.3f}: epsilon "

@@ -1,35 +1,43 @@
 """What a site computes on its own data, one function per federated action.
 
 ``train_source_model`` (``train.source``), ``score_candidates`` (``query.lftm``),
-``adapt_target`` (``train.adapt``) and ``evaluate_predictors`` (``evaluate``) take a
+``adapt_target`` (``train.adapt``) and ``release_evaluation`` (``evaluate``) take a
 site folder, the typed run config and weights as ``dict[str, numpy array]``, and return
 only what may leave the site: weights, per-case scores and aggregate metrics. The
 ClientApp handlers and the leave-one-site-out benchmark both call these functions, so
-the benchmark measures exactly what the federation runs. ``train.consensus`` has its
-own module, :mod:`core.consensus_job`. Never imports flwr.
+the benchmark measures exactly what the federation runs. Under a site policy that
+requires DP, the actions that train on the site's data or release statistics of its
+labels run DP mechanisms charged to the site's accountant
+(:func:`core.privacy.reserve_privacy`): DP-SGD for ``train.source`` and
+``train.adapt``, Gaussian noise on the mean Dice for ``evaluate``.
+``train.consensus`` has its own module, :mod:`core.consensus_job`. Never imports flwr.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from core.adaptation import adapt_pair
+from core.adaptation import adapt_pair, adapt_pair_private
 from core.config import Norm, RunConfig
 from core.data import SiteDataError, SiteIndex, SliceSet, build_slice_set, index_site
 from core.metrics import SegmentationScores, score_cases
 from core.models import Arrays, build_model, get_weights, set_weights
 from core.privacy import (
-    AccountantState,
+    FULL_DATA_RATE,
     DpSettings,
+    PrivacySpend,
     PrivateTrainResult,
-    read_accountant_state,
+    describe_spend,
+    reserve_privacy,
     train_private,
-    write_accountant_state,
 )
 from core.training import predict_mixture, select_device, train_supervised
 from core.transferability import (
@@ -81,15 +89,31 @@ class Transferability:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Adaptation:
-    """The adapted main/auxiliary weights and what adaptation did."""
+    """The adapted main/auxiliary weights and what adaptation did.
+
+    Attributes:
+        main_weights: the adapted main model.
+        aux_weights: the adapted auxiliary model, or None.
+        num_examples: target slices seen over all epochs (under DP: drawn).
+        pseudo_label_foreground: fraction of target pixels pseudo-labelled
+            foreground; nan (withheld) under DP, where it is a statistic of the
+            site's images outside the guarantee.
+        seconds: wall time.
+        privacy: the DP-SGD spend, or None without DP.
+    """
 
     main_weights: Arrays
     aux_weights: Arrays | None
     num_examples: int
-    pseudo_label_foreground: (
-        float  # fraction of target pixels pseudo-labelled foreground
-    )
+    pseudo_label_foreground: float
     seconds: float
+    privacy: PrivacySpend | None = None
+
+
+_DP_BATCH_NORM = (
+    "model.norm 'batch' keeps running statistics across samples, which DP-SGD "
+    "cannot account for; run with model.norm 'instance' or 'group' where DP applies"
+)
 
 
 def _target_slices(index: SiteIndex, config: RunConfig) -> SliceSet:
@@ -134,9 +158,10 @@ def train_source_model(
         config: the run config (model, data and training recipe).
         initial_weights: the coordinator's initial weights, or None for a seeded init.
         dp: DP-SGD settings (the applied policy's), or None for ordinary training.
-        accountant_path: the site's accountant file; read before a DP training (the
-            budget check counts what is already spent) and rewritten after it. None
-            starts from an empty history and records nothing.
+        accountant_path: the site's accountant file: the training is planned,
+            checked and recorded there before its first step
+            (:func:`core.privacy.train_private`). None starts from an empty
+            history and records nothing.
         progress: called with progress lines.
 
     Raises:
@@ -155,11 +180,7 @@ def train_source_model(
         # Opacus would swap BatchNorm for GroupNorm, and the weights would no longer
         # match the run's declared model, which the egress guard and the coordinator
         # hold every reply to.
-        raise ValueError(
-            "model.norm 'batch' keeps running statistics across samples, which DP-SGD "
-            "cannot account for; run with model.norm 'instance' or 'group' where DP "
-            "applies"
-        )
+        raise ValueError(_DP_BATCH_NORM)
     slices = build_slice_set(index.labelled, data=config.data, with_labels=True)
     assert slices.labels is not None
     model = build_model(config.model, data=config.data)
@@ -182,29 +203,20 @@ def train_source_model(
             progress=progress,
         )
     else:
-        accountant = (
-            read_accountant_state(accountant_path)
-            if accountant_path is not None
-            else AccountantState(())
-        )
         model, private = train_private(
             model,
             slices.images,
             slices.labels,
+            case_of_slice=slices.case_of_slice,
             train=config.train,
             dp=dp,
-            accountant=accountant,
+            accountant_path=accountant_path,
             device=device,
             label=label,
             progress=progress,
         )
-        if accountant_path is not None:
-            write_accountant_state(private.accountant, accountant_path)
-        progress(
-            f"[{label}] epsilon {private.epsilon_spent:.3f} spent, "
-            f"{private.epsilon_total:.3f} of {dp.budget_epsilon:g} in total "
-            f"(delta {dp.delta:g})"
-        )
+        spent = describe_spend(private.spend, budget_epsilon=dp.budget_epsilon)
+        progress(f"[{label}] {spent}")
         result = private.train
     return SourceTraining(
         weights=get_weights(model),
@@ -277,12 +289,37 @@ def adapt_target(
     aux: str | None,
     weight_main: float,
     weight_aux: float,
+    dp: DpSettings | None = None,
+    accountant_path: Path | None = None,
     progress: Progress = _quiet,
 ) -> Adaptation:
     """Adapt the main/aux pair on the target with ITM-corrected pseudo-labels.
 
     ITM is recomputed here from ``candidates`` (deterministic, two forward passes per
-    candidate), so the pseudo-labels never depend on what the site released.
+    candidate), so the pseudo-labels never depend on what the site released. With
+    ``dp`` the pair is adapted by DP-SGD (:func:`core.adaptation.adapt_pair_private`:
+    per-sample Dice against each slice's pseudo-label, the pair clipped together),
+    planned, checked and recorded in the site's accountant before its first step;
+    the fraction of pixels pseudo-labelled foreground is then withheld (nan).
+
+    Args:
+        site_dir: the target site folder (all training images, labels ignored).
+        candidates: the sent candidate models by name.
+        config: the run config (``adapt``, ``transfer``, ``train.augment``).
+        main: the main model's name among ``candidates``.
+        aux: the auxiliary model's name, or None.
+        weight_main: W_main.
+        weight_aux: W_aux.
+        dp: the applied policy's DP settings, or None for ordinary training.
+        accountant_path: the site's accountant file (None: nothing recorded).
+        progress: called with progress lines.
+
+    Raises:
+        ValueError: a selected source that is not a candidate, or DP asked for a
+            model with BatchNorm.
+        SiteDataError: the site has no training images, or its data is bad.
+        PrivacyBudgetError: the DP adaptation would exceed the site's budget;
+            nothing was trained and the accountant file is unchanged.
     """
     for name in (main, aux):
         if name is not None and name not in candidates:
@@ -290,6 +327,8 @@ def adapt_target(
                 f"selected source {name!r} is not among the candidates "
                 f"{sorted(candidates)}"
             )
+    if dp is not None and config.model.norm is Norm.BATCH:
+        raise ValueError(_DP_BATCH_NORM)
     started = time.perf_counter()
     slices = _target_slices(index_site(Path(site_dir)), config)
     transferability, probabilities = score_slices(slices, candidates, config, progress)
@@ -302,22 +341,46 @@ def adapt_target(
     names = [main] if aux is None else [main, aux]
     weights = [weight_main] if aux is None else [weight_main, weight_aux]
     models = [build_model_with(name, candidates[name], config) for name in names]
-    result = adapt_pair(
-        models,
-        weights,
-        slices.images,
-        pseudo_labels,
-        adapt=config.adapt,
-        train=config.train,
-        device=select_device(config.train.device),
-        progress=progress,
-    )
+    device = select_device(config.train.device)
+    privacy: PrivacySpend | None = None
+    if dp is None:
+        result = adapt_pair(
+            models,
+            weights,
+            slices.images,
+            pseudo_labels,
+            adapt=config.adapt,
+            train=config.train,
+            device=device,
+            progress=progress,
+        )
+        foreground = float((pseudo_labels > 0).float().mean())
+    else:
+        result, privacy = adapt_pair_private(
+            models,
+            weights,
+            slices.images,
+            pseudo_labels,
+            case_of_slice=slices.case_of_slice,
+            adapt=config.adapt,
+            train=config.train,
+            dp=dp,
+            accountant_path=accountant_path,
+            device=device,
+            progress=progress,
+        )
+        if privacy is not None:
+            spent = describe_spend(privacy, budget_epsilon=dp.budget_epsilon)
+            progress(f"[adapt] {spent}")
+        # A statistic of the site's images that the guarantee does not cover.
+        foreground = math.nan
     return Adaptation(
         main_weights=get_weights(models[0]),
         aux_weights=get_weights(models[1]) if len(models) > 1 else None,
         num_examples=result.num_examples,
-        pseudo_label_foreground=float((pseudo_labels > 0).float().mean()),
+        pseudo_label_foreground=foreground,
         seconds=time.perf_counter() - started,
+        privacy=privacy,
     )
 
 
@@ -380,3 +443,115 @@ def evaluate_predictors(
         )
         progress(f"[evaluate] {predictor}: Dice {results[predictor].dice:.3f}")
     return results
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluationRelease:
+    """What an ``evaluate`` reply may carry: aggregates over the cases, and the cost.
+
+    Attributes:
+        num_cases: evaluation cases behind every aggregate.
+        dice: per predictor, the mean Dice over the cases (noised under DP).
+        hd95_mm: per predictor, the mean HD95 in mm (nan: undefined, or withheld
+            under DP).
+        privacy: the Gaussian releases' spend, or None without DP.
+    """
+
+    num_cases: int
+    dice: dict[str, float]
+    hd95_mm: dict[str, float]
+    privacy: PrivacySpend | None = None
+
+
+def release_evaluation(
+    site_dir: Path,
+    models: Mapping[str, Arrays],
+    predictors: Mapping[str, Sequence[tuple[str, float]]],
+    config: RunConfig,
+    *,
+    dp: DpSettings | None = None,
+    accountant_path: Path | None = None,
+    with_hd95: bool = True,
+    rng: np.random.Generator | None = None,
+    progress: Progress = _quiet,
+) -> EvaluationRelease:
+    """The ``evaluate`` action: each predictor's mean scores, noised under DP.
+
+    Without ``dp`` the exact means of :func:`evaluate_predictors`. With ``dp`` each
+    predictor's mean Dice over the n evaluation cases is a Gaussian mechanism: every
+    case's Dice lies in [0, 1], so replacing one case moves the mean by at most 1/n
+    (the L2 sensitivity; n is public), and the release adds N(0, (sigma / n)^2) and
+    clips to [0, 1] (post-processing). HD95 is withheld (nan): it has no bounded
+    sensitivity. The P predictors are P such mechanisms, charged together
+    (:func:`core.privacy.reserve_privacy`: sample rate 1, P steps, 1 unit per case)
+    before any score is computed; sigma is the policy's noise, or what its target
+    epsilon needs for the P releases. The scores are computed first (a bad file or an
+    unknown model fails without a charge) and nothing leaves before the charge is
+    recorded. The privacy claim is patient-level (one case replaced) at the policy's
+    delta, cumulative with every release in the site's accountant. Per-case values
+    never leave this function.
+
+    Args:
+        site_dir: the site folder (``imagesTs``/``labelsTs``).
+        models: weights by model name.
+        predictors: predictor name -> ``[(model name, weight), ...]``.
+        config: the run config.
+        dp: the applied policy's DP settings, or None for exact means.
+        accountant_path: the site's accountant file (None: nothing recorded).
+        with_hd95: compute HD95 as well (ignored under DP).
+        rng: the noise source; None (a site) seeds it from the operating system.
+        progress: called with progress lines.
+
+    Raises:
+        SiteDataError: the site has no evaluation cases.
+        ValueError: no predictors, or one names an unknown model (nothing is
+            recorded).
+        PrivacyBudgetError: the releases would exceed the site's budget; nothing is
+            released and the accountant file is unchanged.
+    """
+    if dp is None:
+        scores = evaluate_predictors(
+            site_dir,
+            models,
+            predictors,
+            config,
+            with_hd95=with_hd95,
+            progress=progress,
+        )
+        return EvaluationRelease(
+            num_cases=len(next(iter(scores.values())).cases) if scores else 0,
+            dice={name: result.dice for name, result in scores.items()},
+            hd95_mm={name: result.hd95_mm for name, result in scores.items()},
+        )
+    if not predictors:
+        raise ValueError("no predictors to evaluate")
+    # Scored first (a bad file or an unknown model fails here, charging nothing);
+    # nothing leaves before the releases are recorded.
+    scores = evaluate_predictors(
+        site_dir, models, predictors, config, with_hd95=False, progress=_quiet
+    )
+    num_cases = len(next(iter(scores.values())).cases)
+    reservation = reserve_privacy(
+        accountant_path,
+        sample_rate=FULL_DATA_RATE,
+        steps=len(scores),
+        units_per_case=1,
+        dp=dp,
+    )
+    noise = rng or np.random.default_rng(secrets.randbits(128))
+    scale = reservation.plan.noise_multiplier / num_cases
+    dice = {
+        name: float(np.clip(result.dice + noise.normal(0.0, scale), 0.0, 1.0))
+        for name, result in scores.items()
+    }
+    spent = describe_spend(reservation.spend, budget_epsilon=dp.budget_epsilon)
+    progress(
+        f"[evaluate] {len(dice)} predictor(s) on {num_cases} cases, mean Dice noised "
+        f"(sd {scale:.4f}): {spent}"
+    )
+    return EvaluationRelease(
+        num_cases=num_cases,
+        dice=dice,
+        hd95_mm={name: math.nan for name in scores},
+        privacy=reservation.spend,
+    )

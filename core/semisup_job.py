@@ -1,19 +1,24 @@
 """The ``train.semisup`` job: one round of semi-supervised training at a site.
 
 A site holds a few labelled cases and many unlabelled ones. :func:`run_semisup_round`
-loads them (``semisup.labelled-fraction`` keeps only a seeded share of the labelled
-cases as labelled and sets the rest aside as unlabelled, to emulate a few-label site),
-loads the student it was sent and the teacher it kept from its previous round, runs
-:func:`core.semisupervised.train_semisupervised` for the round's steps and returns
-both networks' weights. The student may leave; the teacher stays at the site (the
-ClientApp keeps it in the node's state). Evaluation images are never trained on.
+loads them (a labelled fraction keeps only a seeded share of the labelled cases as
+labelled and sets the rest aside, to emulate a few-label site: the site's own setting,
+passed by the caller, ``semisup.labelled-fraction`` of the run config only when the
+caller passes none), loads the student it was sent and the teacher it kept from its
+previous round, runs :func:`core.semisupervised.train_semisupervised` for the round's
+steps and returns both networks' weights. Without DP the cases set aside join the
+unlabelled ones; under DP they are left out entirely (their labels must not reach the
+non-private consistency part through their images either). The student may leave; the
+teacher stays at the site (the ClientApp keeps it in the node's state). Evaluation
+images are never trained on.
 
 The same function serves the refinement at the target (one round) and the federated
 rounds (FedAvg of the student across sites, ``server/pipeline_semisup.py``); the
 semisup benchmark calls it too, so it measures what the federation runs. With DP
 settings (a site policy that requires DP-SGD) the round's supervised part is DP-SGD on
-the labelled slices, planned against the site's accountant file and recorded in it;
-the unlabelled images are not covered by the guarantee. Never imports flwr.
+the labelled slices, planned, checked and recorded in the site's accountant file
+(:func:`core.privacy.reserve_privacy`) before its first step; the unlabelled images
+are not covered by the guarantee. Never imports flwr.
 """
 
 from __future__ import annotations
@@ -36,13 +41,11 @@ from core.dual_task import (
 )
 from core.models import Arrays, get_weights, set_weights
 from core.privacy import (
-    AccountantState,
     DpSettings,
     PrivacySpend,
-    account_steps,
-    plan_dp_sgd,
-    read_accountant_state,
-    write_accountant_state,
+    describe_spend,
+    largest_case,
+    reserve_privacy,
 )
 from core.semisupervised import (
     SemisupResult,
@@ -90,23 +93,44 @@ class SemisupData:
 
     Attributes:
         labelled: slices of the cases kept labelled, with their labels.
-        unlabelled_images: ``(M, 1, S, S)`` slices of every other training case (the
-            site's unlabelled cases and the labelled ones set aside); M may be 0.
+        unlabelled_images: ``(M, 1, S, S)`` slices of the site's unlabelled cases,
+            and without DP of the labelled ones set aside too; M may be 0.
         num_labelled: labelled cases used.
-        num_unlabelled: unlabelled cases used.
+        num_unlabelled: unlabelled cases used (set-aside labelled ones included
+            without DP).
+        num_left_out: labelled cases set aside and not used at all (only under DP;
+            0 otherwise).
+        private: loaded for a DP round (set-aside cases left out).
     """
 
     labelled: SliceSet
     unlabelled_images: torch.Tensor
     num_labelled: int
     num_unlabelled: int
+    num_left_out: int = 0
+    private: bool = False
 
 
-def load_semisup_data(site_dir: Path, config: RunConfig) -> SemisupData:
-    """Read a site's training cases and split them per ``semisup.labelled-fraction``.
+def load_semisup_data(
+    site_dir: Path,
+    config: RunConfig,
+    *,
+    labelled_fraction: float | None = None,
+    private: bool = False,
+) -> SemisupData:
+    """Read a site's training cases and keep a seeded fraction of the labelled ones.
+
+    Args:
+        site_dir: the site folder.
+        config: the run config (``data``, ``train.seed``).
+        labelled_fraction: the share of labelled cases kept labelled, the site's
+            setting; None uses ``config.semisup.labelled_fraction``.
+        private: the round runs under DP: the labelled cases set aside are left out
+            instead of joining the unlabelled (non-private) part.
 
     Raises:
         SiteDataError: the site has no labelled training case, or a case is bad.
+        ValueError: a labelled fraction outside (0, 1].
     """
     index = index_site(Path(site_dir))
     if not index.labelled:
@@ -114,11 +138,14 @@ def load_semisup_data(site_dir: Path, config: RunConfig) -> SemisupData:
             f"{index.root}: no labelled training cases (labelsTr); train.semisup "
             "needs at least one"
         )
-    kept, aside = split_labelled_cases(
-        index.labelled, config.semisup.labelled_fraction, seed=config.train.seed
+    fraction = (
+        config.semisup.labelled_fraction
+        if labelled_fraction is None
+        else labelled_fraction
     )
+    kept, aside = split_labelled_cases(index.labelled, fraction, seed=config.train.seed)
     labelled = build_slice_set(kept, data=config.data, with_labels=True)
-    unlabelled_cases = (*aside, *index.unlabelled)
+    unlabelled_cases = (*(() if private else aside), *index.unlabelled)
     unlabelled_images = (
         build_slice_set(unlabelled_cases, data=config.data, with_labels=False).images
         if unlabelled_cases
@@ -129,6 +156,8 @@ def load_semisup_data(site_dir: Path, config: RunConfig) -> SemisupData:
         unlabelled_images=unlabelled_images,
         num_labelled=len(kept),
         num_unlabelled=len(unlabelled_cases),
+        num_left_out=len(aside) if private else 0,
+        private=private,
     )
 
 
@@ -193,7 +222,8 @@ class SemisupRound:
     """One site's round: the student that may leave and the teacher that stays.
 
     ``privacy`` is the round's DP-SGD cost and the site's accountant after it, or
-    None when the round ran without DP.
+    None when the round ran without DP. ``num_left_out`` counts the labelled cases
+    the labelled fraction set aside and the DP round did not use at all.
     """
 
     student: Arrays
@@ -202,6 +232,7 @@ class SemisupRound:
     num_unlabelled: int
     result: SemisupResult
     privacy: PrivacySpend | None = None
+    num_left_out: int = 0
 
 
 def run_semisup_round(
@@ -217,6 +248,7 @@ def run_semisup_round(
     data: SemisupData | None = None,
     dp: DpSettings | None = None,
     accountant_path: Path | None = None,
+    labelled_fraction: float | None = None,
     progress: Progress = _quiet,
 ) -> SemisupRound:
     """Train the sent student for one round on the site's cases.
@@ -226,9 +258,13 @@ def run_semisup_round(
     slices are Poisson-sampled at q = ``min(1, semisup.labelled-batch / N)`` (N
     labelled slices) for ``iterations`` steps, the noise is the policy's (or what its
     target epsilon needs for these steps), and the site's accountant must have room
-    for them before any step. The consistency terms use unlabelled images only. The
-    guarantee is sample-level for the labelled slices (image and label); unlabelled
-    images are not covered.
+    for them: they are reserved there (recorded under its lock) before any step,
+    with the most labelled slices any case contributes as the units per case. The
+    consistency terms use unlabelled images only, and the labelled cases the
+    labelled fraction sets aside are left out. The guarantee is slice-level (and,
+    through the units per case, patient-level) for the labelled slices, image and
+    label; unlabelled images are not covered. A round that fails after its
+    reservation keeps its charge.
 
     Args:
         site_dir: the site folder.
@@ -240,19 +276,23 @@ def run_semisup_round(
         total_steps: steps over all rounds (the ramps' length).
         iterations: steps of this round.
         variant: train a baseline instead of ``semisup.variant``.
-        data: the site's slices when the caller already loaded them.
+        data: the site's slices when the caller already loaded them (loaded with
+            ``private`` matching ``dp``; ``labelled_fraction`` is then unused).
         dp: DP-SGD settings (the applied policy's), or None for ordinary training.
-        accountant_path: the site's accountant file; read before a DP round (the
-            budget check counts what is already spent) and rewritten after it. None
-            starts from an empty history and records nothing.
+        accountant_path: the site's accountant file, where a DP round is recorded
+            before its first step. None starts from an empty history and records
+            nothing.
+        labelled_fraction: the share of the site's labelled cases kept labelled,
+            the site's own setting; None uses ``config.semisup.labelled_fraction``.
         progress: called with progress lines.
 
     Raises:
         SiteDataError: the site has no labelled training case.
         PrivacyBudgetError: the DP round would exceed the site's budget; nothing was
             trained and the accountant file is unchanged.
-        ValueError: weights that do not match the run's student architecture, or DP
-            asked for a model with BatchNorm (``model.norm='batch'``).
+        ValueError: weights that do not match the run's student architecture, DP
+            asked for a model with BatchNorm (``model.norm='batch'``), or a labelled
+            fraction outside (0, 1].
     """
     if dp is not None and config.model.norm is Norm.BATCH:
         raise ValueError(
@@ -260,7 +300,14 @@ def run_semisup_round(
             "cannot account for; run with model.norm 'instance' or 'group' where DP "
             "applies"
         )
-    data = data or load_semisup_data(site_dir, config)
+    if dp is not None and data is not None and not data.private:
+        raise ValueError(
+            "a DP round needs its data loaded with private=True: the labelled cases "
+            "set aside must not join the unlabelled (non-private) part"
+        )
+    data = data or load_semisup_data(
+        site_dir, config, labelled_fraction=labelled_fraction, private=dp is not None
+    )
     student = build_student(config)
     set_weights(student, student_weights)
     teacher = build_student(config)
@@ -268,20 +315,26 @@ def run_semisup_round(
     assert data.labelled.labels is not None
     settings = semisup_settings(config, iterations=iterations, variant=variant)
     plan = None
-    accountant = AccountantState(())
+    privacy = None
     if dp is not None:
-        if accountant_path is not None:
-            accountant = read_accountant_state(accountant_path)
-        plan = plan_dp_sgd(
-            min(1.0, settings.labelled_batch / len(data.labelled)),
-            iterations,
+        reservation = reserve_privacy(
+            accountant_path,
+            sample_rate=min(1.0, settings.labelled_batch / len(data.labelled)),
+            steps=iterations,
+            units_per_case=largest_case(data.labelled.case_of_slice),
             dp=dp,
-            accountant=accountant,
         )
+        plan, privacy = reservation.plan, reservation.spend
+    left_out = (
+        f", {data.num_left_out} labelled case(s) left out under DP"
+        if data.num_left_out
+        else ""
+    )
     progress(
         f"semisup: {data.num_labelled} labelled case(s) ({len(data.labelled)} slices), "
-        f"{data.num_unlabelled} unlabelled ({data.unlabelled_images.shape[0]} slices),"
-        f" steps {start_step}..{start_step + iterations - 1} of {total_steps}"
+        f"{data.num_unlabelled} unlabelled ({data.unlabelled_images.shape[0]} slices)"
+        f"{left_out}, steps {start_step}..{start_step + iterations - 1} of "
+        f"{total_steps}"
     )
     result = train_semisupervised(
         student,
@@ -297,22 +350,9 @@ def run_semisup_round(
         progress=progress,
         private=plan,
     )
-    privacy = None
-    if plan is not None and dp is not None:
-        privacy = account_steps(
-            accountant,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            delta=plan.delta,
-        )
-        if accountant_path is not None:
-            write_accountant_state(privacy.accountant, accountant_path)
-        progress(
-            f"semisup: epsilon {privacy.epsilon_spent:.3f} spent on the labelled "
-            f"slices, {privacy.epsilon_total:.3f} of {dp.budget_epsilon:g} in total "
-            f"(delta {dp.delta:g})"
-        )
+    if privacy is not None and dp is not None:
+        spent = describe_spend(privacy, budget_epsilon=dp.budget_epsilon)
+        progress(f"semisup: on the labelled slices, {spent}")
     return SemisupRound(
         student=get_weights(student),
         teacher=get_weights(teacher),
@@ -320,4 +360,5 @@ def run_semisup_round(
         num_unlabelled=data.num_unlabelled,
         result=result,
         privacy=privacy,
+        num_left_out=data.num_left_out,
     )

@@ -3,8 +3,11 @@
 It trains a source model without DP and with DP-SGD at several target epsilons on a
 dedicated synthetic federation with more cases per site, audits each model for
 membership inference (``core.audit``) on the source's own training cases versus its
-held-out cases, and measures each model's Dice on the default target. This module owns
-that federation, the run, its JSON document, the README table between the
+held-out cases, and measures each model's Dice on the default target. DP-SGD is the
+site's own (:func:`core.jobs.train_source_model` under DP: the plan recorded before
+training and run exactly), and each DP model states its slice-level and its
+patient-level epsilon (the latter from the slices each case contributes). This module
+owns that federation, the run, its JSON document, the README table between the
 ``<!-- benchmark:privacy -->`` markers and the subcommand's own options; the command
 line is ``simulations.benchmark``.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -183,6 +187,10 @@ def run_privacy(
             model: dict[str, object] = {
                 "epsilon": epsilon,
                 "epsilon_spent": None if private is None else private.epsilon_spent,
+                "units_per_case": None if private is None else private.units_per_case,
+                "patient_epsilon_spent": (
+                    None if private is None else private.patient_epsilon_spent
+                ),
                 "noise_multiplier": None
                 if private is None
                 else private.noise_multiplier,
@@ -207,6 +215,7 @@ def run_privacy(
                     {
                         "epsilon": epsilon,
                         "epsilon_spent": model["epsilon_spent"],
+                        "patient_epsilon_spent": model["patient_epsilon_spent"],
                         "dice": dice,
                         "mia_auc": result.auc,
                         "mia_auc_ci": list(result.ci),
@@ -247,8 +256,21 @@ def run_privacy(
     }
 
 
+def _format_epsilon(value: object) -> str:
+    """An epsilon for the table: two decimals, scientific once it is large."""
+    if value is None:
+        return "-"
+    assert isinstance(value, int | float)
+    if math.isinf(value):
+        return "∞"
+    return f"{value:.2f}" if value < 1000 else f"{value:.1e}"
+
+
 def format_privacy_table(document: Mapping[str, object]) -> str:
-    """Markdown table of a privacy benchmark document: one row per model."""
+    """Markdown table of a privacy benchmark document: one row per model.
+
+    The patient-level column is ``-`` for documents measured before it was kept.
+    """
     settings = document["settings"]
     runs = document["runs"]
     assert isinstance(settings, Mapping)
@@ -262,20 +284,26 @@ def format_privacy_table(document: Mapping[str, object]) -> str:
             f"{run['mia_auc']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
         )
     lines = [
-        f"| model | ε target | ε spent (δ = {settings['delta']:g}) | "
-        f"Dice on {settings['target']} | "
+        f"| model | ε target | ε spent per slice (δ = {settings['delta']:g}) | "
+        f"ε per patient | Dice on {settings['target']} | "
         + " | ".join(f"{attack} AUC [95% CI]" for attack in attacks)
         + " |",
-        "|---|---|---|---|" + "---|" * len(attacks),
+        "|---|---|---|---|---|" + "---|" * len(attacks),
     ]
     for epsilon, row in rows.items():
         run = row["run"]
         assert isinstance(run, Mapping)
         spent = run.get("epsilon_spent")
+        patient = (
+            "∞"
+            if epsilon is None
+            else _format_epsilon(run.get("patient_epsilon_spent"))
+        )
         lines.append(
             f"| {'no DP' if epsilon is None else 'DP-SGD'} | "
             f"{'-' if epsilon is None else f'{epsilon:g}'} | "
-            f"{'∞' if spent is None else f'{spent:.2f}'} | {run['dice']:.3f} | "
+            f"{'∞' if spent is None else _format_epsilon(spent)} | {patient} | "
+            f"{run['dice']:.3f} | "
             + " | ".join(str(row.get(attack, "-")) for attack in attacks)
             + " |"
         )
@@ -283,7 +311,8 @@ def format_privacy_table(document: Mapping[str, object]) -> str:
     lines.append(
         f"Source {settings['source']} ({settings['members']} training cases = "
         f"members, {settings['nonmembers']} held-out cases = non-members, "
-        f"{settings['slices_per_case']:g} slices each), {settings['epochs']} epochs; "
+        f"{settings['slices_per_case']:g} slices each: the patient-level ε is RDP "
+        f"group privacy over a case's slices), {settings['epochs']} epochs; "
         f"calibrated-loss uses {settings['references']} reference models; "
         f"{settings['bootstrap_resamples']} bootstrap resamples. Measured on "
         f"{document['machine']} in {document['seconds']:.0f} s."

@@ -1,13 +1,28 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from monai.losses import DiceLoss
 from torch import nn
 
-from core.adaptation import adapt_pair, weighted_pair_loss
+from core.adaptation import (
+    adapt_pair,
+    adapt_pair_private,
+    per_sample_pair_loss,
+    weighted_pair_loss,
+)
 from core.config import RunConfig, load_default_config
 from core.models import build_model, get_weights
+from core.privacy import (
+    AccountantState,
+    DpSettings,
+    PrivacyBudgetError,
+    read_accountant_state,
+    write_accountant_state,
+)
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -241,3 +256,168 @@ def test_adapt_pair_rejects_wrong_model_or_weight_count(
             train=config.train,
             device=CPU,
         )
+
+
+# --- adapt_pair_private (DP-SGD) ----------------------------------------------------
+
+DP = DpSettings(
+    noise_multiplier=1.0,
+    target_epsilon=None,
+    delta=1e-5,
+    max_grad_norm=1.0,
+    budget_epsilon=1000.0,
+)
+# Eight slices from three cases (3, 3, 2): k = 3.
+CASE_OF_SLICE = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+
+
+def test_per_sample_pair_loss_is_each_samples_own_dice() -> None:
+    # Prepare
+    images, labels = square_data(3)
+    labels[1] = 0  # a sample whose pseudo-label differs
+    models = [FixedModel(1.0), FixedModel(-1.0)]
+
+    # Execute
+    per_sample = per_sample_pair_loss(models, [0.7, 0.3], images, labels)
+    alone = per_sample_pair_loss(models, [0.7, 0.3], images[1:2], labels[1:2])
+
+    # Assert: the mean is DiceLoss(batch=False) of the batch; entry 1 its own
+    mixture = 0.7 * torch.softmax(models[0](images), 1) + 0.3 * torch.softmax(
+        models[1](images), 1
+    )
+    reference = DiceLoss(to_onehot_y=True, softmax=False, batch=False)(
+        mixture, labels.unsqueeze(1)
+    )
+    assert per_sample.shape == (3,)
+    assert float(per_sample.mean()) == pytest.approx(float(reference), rel=1e-6)
+    assert float(alone[0]) == pytest.approx(float(per_sample[1]), rel=1e-6)
+
+
+def test_adapt_pair_private_trains_both_models_and_records_its_plan(
+    tmp_path: Path,
+) -> None:
+    # Prepare: 8 slices at batch 4: q = 1/2, ceil(8/4) = 2 steps per epoch
+    config = tiny_config(**{"adapt.epochs": 2, "train.augment": True})
+    models = [tiny_unet(config, seed=1), tiny_unet(config, seed=2)]
+    before = [get_weights(model) for model in models]
+    images, labels = square_data(8)
+    accountant = tmp_path / "accountant.json"
+
+    # Execute
+    result, spend = adapt_pair_private(
+        models,
+        [0.6, 0.4],
+        images,
+        labels,
+        case_of_slice=CASE_OF_SLICE,
+        adapt=config.adapt,
+        train=config.train,
+        dp=DP,
+        accountant_path=accountant,
+        device=CPU,
+        progress=lambda _line: None,
+        seed=0,
+    )
+
+    # Assert
+    assert spend is not None
+    saved = read_accountant_state(accountant)
+    assert saved.history == ((1.0, 0.5, 4),)
+    assert saved.units_per_case == (3,)
+    assert spend.accountant == saved
+    assert spend.epsilon_spent == saved.epsilon(1e-5)
+    assert spend.patient_epsilon_spent > spend.epsilon_spent
+    assert len(result.epoch_losses) == 2
+    for model, initial in zip(models, before, strict=True):
+        after = get_weights(model)
+        assert any(not np.array_equal(after[name], initial[name]) for name in after)
+        assert not model.training
+
+
+def test_adapt_pair_private_over_budget_trains_and_records_nothing(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    config = tiny_config()
+    model = tiny_unet(config, seed=1)
+    before = get_weights(model)
+    images, labels = square_data(8)
+    accountant = tmp_path / "accountant.json"
+    write_accountant_state(AccountantState(((1.0, 0.5, 40),), (1,)), accountant)
+    written = accountant.read_bytes()
+    tight = DpSettings(
+        noise_multiplier=1.0,
+        target_epsilon=None,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        budget_epsilon=read_accountant_state(accountant).epsilon(1e-5) + 1e-3,
+    )
+
+    # Execute / Assert
+    with pytest.raises(PrivacyBudgetError, match="refused before training"):
+        adapt_pair_private(
+            [model],
+            [1.0],
+            images,
+            labels,
+            case_of_slice=CASE_OF_SLICE,
+            adapt=config.adapt,
+            train=config.train,
+            dp=tight,
+            accountant_path=accountant,
+            device=CPU,
+        )
+    after = get_weights(model)
+    assert all(np.array_equal(after[name], before[name]) for name in after)
+    assert accountant.read_bytes() == written
+
+
+def test_adapt_pair_private_refuses_batch_norm_before_recording(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    config = tiny_config(**{"model.norm": "batch"})
+    images, labels = square_data(8)
+    accountant = tmp_path / "accountant.json"
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="model is not DP-compatible"):
+        adapt_pair_private(
+            [tiny_unet(config, seed=1)],
+            [1.0],
+            images,
+            labels,
+            case_of_slice=CASE_OF_SLICE,
+            adapt=config.adapt,
+            train=config.train,
+            dp=DP,
+            accountant_path=accountant,
+            device=CPU,
+        )
+    assert not accountant.exists()
+
+
+def test_adapt_pair_private_with_zero_epochs_charges_nothing(tmp_path: Path) -> None:
+    # Prepare
+    config = tiny_config(**{"adapt.epochs": 0})
+    images, labels = square_data(4)
+    accountant = tmp_path / "accountant.json"
+
+    # Execute
+    result, spend = adapt_pair_private(
+        [tiny_unet(config, seed=1)],
+        [1.0],
+        images,
+        labels,
+        case_of_slice=torch.arange(4),
+        adapt=config.adapt,
+        train=config.train,
+        dp=DP,
+        accountant_path=accountant,
+        device=CPU,
+    )
+
+    # Assert
+    assert spend is None
+    assert result.num_examples == 0
+    assert not accountant.exists()

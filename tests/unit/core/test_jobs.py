@@ -16,14 +16,18 @@ from core.jobs import (
     adapt_target,
     build_initial_weights,
     evaluate_predictors,
+    release_evaluation,
     score_candidates,
     train_source_model,
 )
 from core.models import Arrays, build_model, get_manifest
 from core.privacy import (
+    AccountantState,
     DpSettings,
     PrivacyBudgetError,
+    dp_sgd_schedule,
     read_accountant_state,
+    write_accountant_state,
 )
 from core.synthetic import EVALUATION_CASES_PER_SITE, write_federation
 
@@ -185,6 +189,19 @@ def test_train_source_model_with_dp_records_epsilon_in_the_accountant(
     # Assert
     assert first.privacy is not None
     assert second.privacy is not None
+    rate, steps = dp_sgd_schedule(
+        NUM_TRAIN * SLICES,
+        batch_size=config.train.batch_size,
+        epochs=config.train.epochs,
+    )
+    assert read_accountant_state(accountant).history == ((1.0, rate, steps),) * 2
+    # Each case contributes SLICES slices: the patient-level figures say so.
+    assert read_accountant_state(accountant).units_per_case == (SLICES, SLICES)
+    assert first.privacy.units_per_case == SLICES
+    assert first.privacy.patient_epsilon_spent > first.privacy.epsilon_spent
+    assert second.privacy.patient_epsilon_total == pytest.approx(
+        read_accountant_state(accountant).patient_epsilon(1e-5)
+    )
     assert first.privacy.epsilon_spent > 0.0
     assert first.privacy.epsilon_total == pytest.approx(first.privacy.epsilon_spent)
     assert second.privacy.epsilon_total > first.privacy.epsilon_total
@@ -369,7 +386,214 @@ def test_adapt_target_rejects_a_source_that_is_not_a_candidate(
         )
 
 
+def test_adapt_target_with_dp_charges_the_accountant_and_withholds_statistics(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare
+    accountant = tmp_path / "state" / "accountant.json"
+    lines: list[str] = []
+
+    # Execute
+    adaptation = adapt_target(
+        federation / "A",
+        candidates,
+        config,
+        main="C",
+        aux="B",
+        weight_main=0.6,
+        weight_aux=0.4,
+        dp=DP,
+        accountant_path=accountant,
+        progress=lines.append,
+    )
+
+    # Assert
+    slices = NUM_TRAIN * SLICES
+    rate, steps = dp_sgd_schedule(
+        slices, batch_size=config.adapt.batch_size, epochs=config.adapt.epochs
+    )
+    saved = read_accountant_state(accountant)
+    assert saved.history == ((1.0, rate, steps),)
+    assert saved.units_per_case == (SLICES,)
+    assert adaptation.privacy is not None
+    assert adaptation.privacy.accountant == saved
+    assert adaptation.privacy.epsilon_total == saved.epsilon(1e-5)
+    assert math.isnan(adaptation.pseudo_label_foreground)
+    assert adaptation.aux_weights is not None
+    assert adaptation.main_weights.keys() == candidates["C"].keys()
+    assert any("per patient (3 slice(s) per case)" in line for line in lines)
+
+
+def test_adapt_target_without_dp_spends_nothing(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Execute
+    adaptation = adapt_target(
+        federation / "A",
+        candidates,
+        config,
+        main="B",
+        aux=None,
+        weight_main=1.0,
+        weight_aux=0.0,
+    )
+
+    # Assert
+    assert adaptation.privacy is None
+
+
+def test_adapt_target_refuses_dp_with_batch_norm(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare
+    batch_norm = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, norm=Norm.BATCH)
+    )
+    accountant = tmp_path / "accountant.json"
+
+    # Execute / Assert
+    with pytest.raises(
+        ValueError, match=r"model\.norm 'batch' keeps running statistics"
+    ):
+        adapt_target(
+            federation / "A",
+            candidates,
+            batch_norm,
+            main="B",
+            aux=None,
+            weight_main=1.0,
+            weight_aux=0.0,
+            dp=DP,
+            accountant_path=accountant,
+        )
+    assert not accountant.exists()
+
+
+def test_adapt_target_over_budget_is_refused_and_records_nothing(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare
+    accountant = tmp_path / "accountant.json"
+    write_accountant_state(AccountantState(((1.0, 0.5, 100),), (1,)), accountant)
+    written = accountant.read_bytes()
+    tight = dataclasses.replace(
+        DP, budget_epsilon=read_accountant_state(accountant).epsilon(1e-5) + 1e-3
+    )
+
+    # Execute / Assert
+    with pytest.raises(PrivacyBudgetError, match="refused before training"):
+        adapt_target(
+            federation / "A",
+            candidates,
+            config,
+            main="B",
+            aux=None,
+            weight_main=1.0,
+            weight_aux=0.0,
+            dp=tight,
+            accountant_path=accountant,
+        )
+    assert accountant.read_bytes() == written
+
+
 # --- evaluate ------------------------------------------------------------------------
+
+PREDICTORS = {"B": [("B", 1.0)], "uniform": [("B", 0.5), ("C", 0.5)]}
+
+
+def test_release_evaluation_without_dp_is_the_exact_means(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Execute
+    released = release_evaluation(
+        federation / "A", candidates, PREDICTORS, config, with_hd95=False
+    )
+    exact = evaluate_predictors(
+        federation / "A", candidates, PREDICTORS, config, with_hd95=False
+    )
+
+    # Assert
+    assert released.privacy is None
+    assert released.num_cases == EVALUATION_CASES_PER_SITE
+    assert released.dice == {name: scores.dice for name, scores in exact.items()}
+    assert all(math.isnan(value) for value in released.hd95_mm.values())
+
+
+def test_release_evaluation_with_dp_noises_the_mean_dice_at_sensitivity_1_over_n(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare: sigma 0.5 over n cases: noise sd 0.5 / n on each mean Dice
+    accountant = tmp_path / "accountant.json"
+    dp = dataclasses.replace(DP, noise_multiplier=0.5)
+    exact = evaluate_predictors(
+        federation / "A", candidates, PREDICTORS, config, with_hd95=False
+    )
+    draws = np.random.default_rng(7).normal(
+        0.0, 0.5 / EVALUATION_CASES_PER_SITE, size=len(PREDICTORS)
+    )
+
+    # Execute
+    released = release_evaluation(
+        federation / "A",
+        candidates,
+        PREDICTORS,
+        config,
+        dp=dp,
+        accountant_path=accountant,
+        rng=np.random.default_rng(7),
+    )
+
+    # Assert: each mean Dice plus its own draw, clipped to [0, 1]; HD95 withheld
+    assert released.dice == pytest.approx(
+        {
+            name: float(np.clip(exact[name].dice + draw, 0.0, 1.0))
+            for name, draw in zip(PREDICTORS, draws, strict=True)
+        }
+    )
+    assert all(math.isnan(value) for value in released.hd95_mm.values())
+    assert released.num_cases == EVALUATION_CASES_PER_SITE
+    # Two Gaussian mechanisms at sample rate 1, one unit per case
+    saved = read_accountant_state(accountant)
+    assert saved.history == ((0.5, 1.0, 2),)
+    assert saved.units_per_case == (1,)
+    assert released.privacy is not None
+    assert released.privacy.epsilon_spent == saved.epsilon(1e-5)
+    assert released.privacy.patient_epsilon_spent == released.privacy.epsilon_spent
+
+
+def test_release_evaluation_with_dp_refuses_before_anything_is_recorded(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare
+    accountant = tmp_path / "accountant.json"
+    write_accountant_state(AccountantState(((1.0, 1.0, 1),), (1,)), accountant)
+    written = accountant.read_bytes()
+    tight = dataclasses.replace(DP, budget_epsilon=5.0)  # 4.73 spent, 1 more: 6.8
+
+    # Execute / Assert: an unknown model, then a release over budget
+    with pytest.raises(ValueError, match=r"predictor 'p' names unknown models"):
+        release_evaluation(
+            federation / "A",
+            candidates,
+            {"p": [("Z", 1.0)]},
+            config,
+            dp=DP,
+            accountant_path=accountant,
+        )
+    with pytest.raises(PrivacyBudgetError, match="budget is epsilon 5 at delta"):
+        release_evaluation(
+            federation / "A",
+            candidates,
+            {"B": [("B", 1.0)]},
+            config,
+            dp=tight,
+            accountant_path=accountant,
+        )
+    with pytest.raises(ValueError, match="no predictors to evaluate"):
+        release_evaluation(
+            federation / "A", candidates, {}, config, dp=DP, accountant_path=accountant
+        )
+    assert accountant.read_bytes() == written
 
 
 def test_evaluate_predictors_scores_every_predictor(

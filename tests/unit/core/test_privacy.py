@@ -1,28 +1,43 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from monai.losses import DiceCELoss
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from torch import nn
 
 from core.config import TrainConfig, load_default_config
 from core.models import build_model, get_weights
 from core.policy import default_policy, resolve_policy
 from core.privacy import (
+    RDP_ORDERS,
     AccountantState,
     DpSettings,
     DpSgdPlan,
     PrivacyBudgetError,
     PrivateGradient,
+    PrivateTrainResult,
     account_steps,
+    accountant_lock_path,
     dp_settings_for,
+    dp_sgd_schedule,
+    largest_case,
+    locked_accountant,
     make_dp_compatible,
+    per_sample_dice_ce,
     plan_dp_sgd,
-    plan_private_training,
     read_accountant_state,
+    reserve_privacy,
     train_private,
     write_accountant_state,
 )
@@ -53,6 +68,33 @@ def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
     images[:, :, 4:12, 4:12] = 2.0
     labels[:, 4:12, 4:12] = 1
     return images, labels
+
+
+# Four cases of four slices each: a DP-SGD entry of this data has k = 4.
+CASES = torch.arange(4).repeat_interleave(4)
+
+
+def train_tiny(
+    accountant_path: Path | None,
+    dp: DpSettings,
+    *,
+    train: TrainConfig = TRAIN,
+    seed: int | None = 0,
+) -> tuple[nn.Module, PrivateTrainResult]:
+    images, labels = tiny_data()
+    return train_private(
+        build_model(CONFIG.model, data=CONFIG.data),
+        images,
+        labels,
+        case_of_slice=CASES,
+        train=train,
+        dp=dp,
+        accountant_path=accountant_path,
+        device=torch.device("cpu"),
+        label="t",
+        progress=lambda _: None,
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize(
@@ -132,12 +174,15 @@ def test_dp_settings_validation_names_the_value(
         dp_settings(**overrides)
 
 
-def test_training_over_budget_is_refused_before_any_step() -> None:
+def test_training_over_budget_is_refused_before_any_step(tmp_path: Path) -> None:
     # Prepare
     images, labels = tiny_data()
     model = build_model(CONFIG.model, data=CONFIG.data)
     before = get_weights(model)
-    spent = AccountantState(((1.0, 0.25, 400),))
+    spent = AccountantState(((1.0, 0.25, 400),), (1,))
+    path = tmp_path / "accountant.json"
+    write_accountant_state(spent, path)
+    written = path.read_bytes()
     dp = dp_settings(budget_epsilon=spent.epsilon(1e-5) + 0.01)
 
     # Execute / Assert
@@ -146,44 +191,32 @@ def test_training_over_budget_is_refused_before_any_step() -> None:
             model,
             images,
             labels,
+            case_of_slice=CASES,
             train=TRAIN,
             dp=dp,
-            accountant=spent,
+            accountant_path=path,
             device=torch.device("cpu"),
             label="t",
             progress=lambda _: None,
         )
     after = get_weights(model)
     assert all((before[name] == after[name]).all() for name in before)
+    assert path.read_bytes() == written
 
 
 def test_epsilon_grows_across_two_trainings_and_matches_the_accountant(
     tmp_path: Path,
 ) -> None:
     # Prepare
-    images, labels = tiny_data()
     path = tmp_path / "accountant.json"
-    results = []
 
-    # Execute: two runs, the accountant persisted in between
-    for _ in range(2):
-        model = build_model(CONFIG.model, data=CONFIG.data)
-        _, result = train_private(
-            model,
-            images,
-            labels,
-            train=TRAIN,
-            dp=dp_settings(),
-            accountant=read_accountant_state(path),
-            device=torch.device("cpu"),
-            label="t",
-            progress=lambda _: None,
-        )
-        write_accountant_state(result.accountant, path)
-        results.append(result)
+    # Execute: two trainings on the same accountant file
+    results = [train_tiny(path, dp_settings())[1] for _ in range(2)]
 
     # Assert
     first, second = results
+    assert isinstance(first, PrivateTrainResult)
+    assert isinstance(second, PrivateTrainResult)
     assert 0 < first.epsilon_total < second.epsilon_total
     assert first.epsilon_spent == pytest.approx(first.epsilon_total)
     assert second.epsilon_total == pytest.approx(
@@ -191,19 +224,23 @@ def test_epsilon_grows_across_two_trainings_and_matches_the_accountant(
     )
     assert len(read_accountant_state(path).history) == 2
     assert first.sample_rate == pytest.approx(4 / 16)
+    assert second.accountant == read_accountant_state(path)
 
 
 def test_target_epsilon_derives_the_noise() -> None:
+    # Prepare
+    rate, steps = dp_sgd_schedule(120, batch_size=16, epochs=30)
+
     # Execute
-    noise, rate, steps = plan_private_training(
-        120,
-        train=dataclasses.replace(TRAIN, batch_size=16, epochs=30),
+    plan = plan_dp_sgd(
+        rate,
+        steps,
         dp=dp_settings(noise_multiplier=None, target_epsilon=3.0),
         accountant=AccountantState(()),
     )
 
     # Assert
-    epsilon = AccountantState(((noise, rate, steps),)).epsilon(1e-5)
+    epsilon = AccountantState(((plan.noise_multiplier, rate, steps),)).epsilon(1e-5)
     assert epsilon <= 3.0
     assert epsilon == pytest.approx(3.0, rel=0.05)
 
@@ -226,23 +263,23 @@ def test_noise_and_target_epsilon_both_bind() -> None:
     # Prepare: a site's fixed noise and a run's target epsilon, both in force
     accountant = AccountantState(())
     target_only = dp_settings(noise_multiplier=None, target_epsilon=3.0)
-    noise_for_target, _, _ = plan_private_training(
-        64, train=TRAIN, dp=target_only, accountant=accountant
-    )
+    noise_for_target = plan_dp_sgd(
+        4 / 64, 32, dp=target_only, accountant=accountant
+    ).noise_multiplier
 
     # Execute
-    low, _, _ = plan_private_training(
-        64,
-        train=TRAIN,
+    low = plan_dp_sgd(
+        4 / 64,
+        32,
         dp=dp_settings(noise_multiplier=noise_for_target / 2, target_epsilon=3.0),
         accountant=accountant,
-    )
-    high, _, _ = plan_private_training(
-        64,
-        train=TRAIN,
+    ).noise_multiplier
+    high = plan_dp_sgd(
+        4 / 64,
+        32,
         dp=dp_settings(noise_multiplier=noise_for_target * 2, target_epsilon=3.0),
         accountant=accountant,
-    )
+    ).noise_multiplier
 
     # Assert: the larger noise of the two applies
     assert low == pytest.approx(noise_for_target)
@@ -312,26 +349,37 @@ def two_scalars() -> nn.ModuleDict:
     return model
 
 
-def test_plan_private_training_is_plan_dp_sgd_at_the_batch_rate() -> None:
-    # Prepare
-    dp = dp_settings(noise_multiplier=None, target_epsilon=3.0)
-    accountant = AccountantState(())
+@pytest.mark.parametrize(
+    ("samples", "batch", "epochs", "expected"),
+    [
+        (64, 4, 2, (4 / 64, 32)),
+        # 320 slices at 16: 20 steps per epoch either way.
+        (320, 16, 30, (16 / 320, 600)),
+        # 120 at 16: ceil gives 8 steps per epoch where round(1 / q) gave 7.
+        (120, 16, 30, (16 / 120, 240)),
+        # fewer samples than a batch: every step sees every sample.
+        (10, 16, 3, (1.0, 3)),
+    ],
+)
+def test_dp_sgd_schedule_is_rate_b_over_n_and_ceil_steps_per_epoch(
+    samples: int, batch: int, epochs: int, expected: tuple[float, int]
+) -> None:
+    assert dp_sgd_schedule(samples, batch_size=batch, epochs=epochs) == expected
 
-    # Execute
-    noise, rate, steps = plan_private_training(
-        64, train=TRAIN, dp=dp, accountant=accountant
-    )
-    plan = plan_dp_sgd(4 / 64, 2 * 16, dp=dp, accountant=accountant)
 
-    # Assert
-    assert (rate, steps) == (4 / 64, 2 * 16)
-    assert plan == DpSgdPlan(
-        noise_multiplier=noise,
-        sample_rate=rate,
-        steps=steps,
-        max_grad_norm=1.0,
-        delta=1e-5,
-    )
+@pytest.mark.parametrize(
+    ("samples", "batch", "epochs", "message"),
+    [
+        (0, 4, 1, "DP training needs at least one sample"),
+        (8, 0, 1, "batch size and epochs >= 1, got 0 and 1"),
+        (8, 4, 0, "batch size and epochs >= 1, got 4 and 0"),
+    ],
+)
+def test_dp_sgd_schedule_refuses_empty_schedules(
+    samples: int, batch: int, epochs: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        dp_sgd_schedule(samples, batch_size=batch, epochs=epochs)
 
 
 def test_plan_dp_sgd_refuses_a_training_over_budget() -> None:
@@ -389,11 +437,21 @@ def test_account_steps_extends_the_history_and_totals_it() -> None:
 
     # Execute
     spend = account_steps(
-        before, noise_multiplier=2.0, sample_rate=0.5, steps=10, delta=1e-5
+        before,
+        noise_multiplier=2.0,
+        sample_rate=0.5,
+        steps=10,
+        units_per_case=3,
+        delta=1e-5,
     )
 
     # Assert
     assert spend.accountant.history == ((1.0, 0.25, 40), (2.0, 0.5, 10))
+    assert spend.accountant.units_per_case == (None, 3)
+    assert spend.patient_epsilon_total is None  # the first entry's k is unknown
+    assert spend.patient_epsilon_spent == pytest.approx(
+        AccountantState(((2.0, 0.5, 10),), (3,)).patient_epsilon(1e-5)
+    )
     assert spend.epsilon_spent == pytest.approx(
         AccountantState(((2.0, 0.5, 10),)).epsilon(1e-5)
     )
@@ -592,9 +650,10 @@ def test_dp_noise_does_not_follow_the_run_seed() -> None:
             model,
             images,
             labels,
+            case_of_slice=torch.arange(8),
             train=train,
             dp=dp,
-            accountant=AccountantState(()),
+            accountant_path=None,
             device=torch.device("cpu"),
             label="test",
             progress=lambda _line: None,
@@ -605,3 +664,371 @@ def test_dp_noise_does_not_follow_the_run_seed() -> None:
     assert any(
         not torch.equal(trained[0][name], trained[1][name]) for name in trained[0]
     )
+
+
+# ------------------------------------------------ the plan is exactly what runs
+
+
+def test_the_recorded_entry_is_the_approved_plan_and_every_step_ran(
+    tmp_path: Path,
+) -> None:
+    # Prepare: 16 slices at batch 3: q = 3/16 and ceil(16/3) = 6 steps per epoch
+    path = tmp_path / "accountant.json"
+    train = dataclasses.replace(TRAIN, batch_size=3, epochs=2, augment=True)
+    dp = dp_settings(noise_multiplier=None, target_epsilon=2.0, budget_epsilon=2.0)
+    approved = plan_dp_sgd(3 / 16, 12, dp=dp, accountant=AccountantState(()))
+
+    # Execute
+    _model, result = train_tiny(path, dp, train=train)
+
+    # Assert
+    assert isinstance(result, PrivateTrainResult)
+    saved = read_accountant_state(path)
+    assert saved.history == ((approved.noise_multiplier, 3 / 16, 12),)
+    assert saved.units_per_case == (4,)
+    assert (result.sample_rate, result.steps) == (3 / 16, 12)
+    assert result.epsilon_spent == saved.epsilon(1e-5)
+    assert result.epsilon_spent == pytest.approx(
+        AccountantState(
+            ((approved.noise_multiplier, approved.sample_rate, approved.steps),)
+        ).epsilon(1e-5)
+    )
+    assert result.epsilon_total <= 2.0
+    assert len(result.train.epoch_losses) == 2
+
+
+def test_a_training_cannot_take_more_steps_than_its_plan_records() -> None:
+    # Prepare: the mechanism of a recorded one-step plan
+    model = two_scalars()
+    reservation = reserve_privacy(
+        None, sample_rate=1.0, steps=1, units_per_case=1, dp=dp_settings(), seed=0
+    )
+    mechanism = PrivateGradient(model, reservation.plan, num_samples=1, device=CPU)
+
+    def loss(indices: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        return model["a"](torch.ones(len(indices), 1)).flatten()
+
+    mechanism.step(loss)
+
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match="accounted for 1 steps; a further step"):
+        mechanism.step(loss)
+    assert reservation.spend.accountant.history == ((1.0, 1.0, 1),)
+
+
+def test_per_sample_dice_ce_averages_to_monai_dice_ce() -> None:
+    # Prepare
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 8, 8)
+    labels = torch.randint(0, 2, (3, 8, 8))
+
+    # Execute
+    per_sample = per_sample_dice_ce(logits, labels)
+    alone = per_sample_dice_ce(logits[1:2], labels[1:2])
+
+    # Assert: the batch mean is MONAI's value, and each entry is its sample's own
+    reference = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+    assert per_sample.shape == (3,)
+    assert float(per_sample.mean()) == pytest.approx(
+        float(reference(logits, labels.unsqueeze(1))), rel=1e-6
+    )
+    assert float(alone[0]) == pytest.approx(float(per_sample[1]), rel=1e-6)
+
+
+def test_largest_case_counts_the_slices_of_the_biggest_case() -> None:
+    assert largest_case(CASES) == 4
+    assert largest_case(torch.tensor([2, 0, 2, 1, 2])) == 3
+    with pytest.raises(ValueError, match="no slices"):
+        largest_case(torch.zeros(0, dtype=torch.int64))
+
+
+# ---------------------------------------------------------- patient-level epsilon
+
+
+def test_rdp_orders_are_opacus_default_orders() -> None:
+    assert list(RDP_ORDERS) == RDPAccountant.DEFAULT_ALPHAS
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        ((1.0, 0.25, 100),),
+        ((1.07, 0.05, 600), (2.0, 1.0, 3), (0.8, 0.1, 50)),
+    ],
+)
+def test_patient_epsilon_with_one_slice_per_case_is_exactly_slice_level(
+    history: tuple[tuple[float, float, int], ...],
+) -> None:
+    # Prepare
+    state = AccountantState(history, (1,) * len(history))
+
+    # Execute / Assert: the same float, not merely close
+    assert state.patient_epsilon(1e-5) == state.epsilon(1e-5)
+
+
+def test_patient_epsilon_grows_with_the_slices_a_case_contributes() -> None:
+    # Execute
+    values = [
+        AccountantState(((1.0, 0.1, 100),), (k,)).patient_epsilon(1e-5)
+        for k in (1, 2, 3, 5)
+    ]
+
+    # Assert
+    assert all(value is not None for value in values)
+    assert values == sorted(values)
+    assert len(set(values)) == len(values)
+
+
+def test_patient_epsilon_of_a_gaussian_release_matches_a_hand_computation() -> None:
+    # Prepare: sigma 2, two full-data releases, a case touches 3 records: the
+    # summed query moves by at most 3 sensitivities, so RDP(a) = 2 * 9 a / (2 * 4)
+    orders = np.array(RDP_ORDERS)
+    rdp = 2 * 9 * orders / (2 * 2.0**2)
+    by_hand = np.min(
+        rdp
+        - (math.log(1e-5) + np.log(orders)) / (orders - 1)
+        + np.log((orders - 1) / orders)
+    )
+
+    # Execute
+    patient = AccountantState(((2.0, 1.0, 2),), (3,)).patient_epsilon(1e-5)
+
+    # Assert
+    assert patient == pytest.approx(float(by_hand), rel=1e-12)
+
+
+def test_patient_epsilon_of_a_subsampled_step_uses_mironov_group_privacy() -> None:
+    # Prepare: k = 2 (c = 1): RDP at order b is 3 * RDP_single(2 b), for b >= 2 only;
+    # k = 3 and k = 4 share c = 2: 9 * RDP_single(4 b)
+    orders = [order for order in RDP_ORDERS if order >= 2]
+    expected = {}
+    for k, c in ((2, 1), (3, 2), (4, 2)):
+        single = compute_rdp(
+            q=0.1, noise_multiplier=1.5, steps=40, orders=[2**c * b for b in orders]
+        )
+        expected[k], _ = get_privacy_spent(
+            orders=orders, rdp=3**c * np.asarray(single), delta=1e-5
+        )
+
+    # Execute
+    patient = {
+        k: AccountantState(((1.5, 0.1, 40),), (k,)).patient_epsilon(1e-5)
+        for k in expected
+    }
+
+    # Assert
+    assert patient == pytest.approx(expected, rel=1e-9)
+    assert patient[3] == patient[4]
+
+
+def test_patient_epsilon_is_not_stated_for_entries_without_units() -> None:
+    # Prepare: an accountant file written before units per case were kept
+    state = AccountantState(((1.0, 0.25, 40),)).extended(1.0, 1.0, 3, 1)
+
+    # Execute / Assert
+    assert state.units_per_case == (None, 1)
+    assert state.patient_epsilon(1e-5) is None
+    assert state.epsilon(1e-5) > 0
+
+
+# ------------------------------------------------------------ the accountant file
+
+
+def test_accountant_file_keeps_units_per_case_and_reads_old_entries(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    state = AccountantState(((1.0, 0.25, 40), (2.0, 1.0, 3)), (10, 1))
+    path = tmp_path / "accountant.json"
+    old = tmp_path / "old.json"
+    old.write_text('{"mechanism": "rdp", "history": [[1.0, 0.25, 40]]}')
+
+    # Execute
+    write_accountant_state(state, path)
+
+    # Assert
+    assert json.loads(path.read_text())["history"] == [
+        [1.0, 0.25, 40, 10],
+        [2.0, 1.0, 3, 1],
+    ]
+    assert read_accountant_state(path) == state
+    assert read_accountant_state(old) == AccountantState(((1.0, 0.25, 40),), (None,))
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"mechanism": "rdp", "history": [[1.0, 0.25, 4', "Expecting"),
+        ("", "Expecting value"),
+        ('{"mechanism": "rdp"}', "no history list"),
+        ('{"history": [[1.0, 0.25, 40, 0]]}', "units per case must be"),
+        ('{"history": [[1.0, 1.5, 40]]}', r"rate in \(0, 1\]"),
+        ('{"history": [[1.0, 0.5, 2.5]]}', "steps must be an integer"),
+        ('{"history": [[NaN, 0.5, 2]]}', "noise must be > 0"),
+    ],
+    ids=["torn", "empty", "no-history", "zero-units", "rate", "steps", "nan"],
+)
+def test_an_invalid_accountant_file_is_refused_naming_it(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    # Prepare
+    path = tmp_path / "accountant.json"
+    path.write_text(text)
+
+    # Execute / Assert: neither read nor spent on top of
+    with pytest.raises(
+        ValueError, match=rf"accountant\.json: not a valid accountant file.*{problem}"
+    ):
+        read_accountant_state(path)
+    with pytest.raises(ValueError, match=r"accountant\.json: not a valid accountant"):
+        reserve_privacy(
+            path, sample_rate=1.0, steps=1, units_per_case=1, dp=dp_settings()
+        )
+    assert path.read_text() == text
+
+
+def test_a_reservation_is_recorded_before_it_returns(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "state" / "accountant.json"
+
+    # Execute
+    reservation = reserve_privacy(
+        path, sample_rate=0.5, steps=7, units_per_case=2, dp=dp_settings()
+    )
+
+    # Assert
+    assert read_accountant_state(path) == reservation.spend.accountant
+    assert read_accountant_state(path).history == ((1.0, 0.5, 7),)
+    assert reservation.plan.steps == 7
+    assert reservation.spend.units_per_case == 2
+    assert accountant_lock_path(path).exists()
+
+
+# ------------------------------------------------ the accountant cannot be raced
+
+# One Gaussian release at sigma 1 each; the budget fits exactly two of them.
+RELEASE = {"sample_rate": 1.0, "steps": 1, "units_per_case": 1}
+TWO_RELEASES = AccountantState(((1.0, 1.0, 2),)).epsilon(1e-5)
+THREE_RELEASES = AccountantState(((1.0, 1.0, 3),)).epsilon(1e-5)
+BUDGET_FOR_TWO = (TWO_RELEASES + THREE_RELEASES) / 2
+
+
+def test_concurrent_reservations_in_threads_never_exceed_the_budget(
+    tmp_path: Path,
+) -> None:
+    # Prepare: four threads released at once
+    path = tmp_path / "accountant.json"
+    dp = dp_settings(budget_epsilon=BUDGET_FOR_TWO)
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def contend() -> None:
+        barrier.wait()
+        try:
+            reserve_privacy(path, dp=dp, **RELEASE)  # type: ignore[arg-type]
+            outcomes.append("approved")
+        except PrivacyBudgetError as error:
+            outcomes.append(str(error))
+
+    # Execute
+    threads = [threading.Thread(target=contend) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Assert
+    saved = read_accountant_state(path)
+    assert outcomes.count("approved") == 2
+    refused = [outcome for outcome in outcomes if outcome != "approved"]
+    assert len(refused) == 2
+    assert all("refused before training" in outcome for outcome in refused)
+    assert all(f"{TWO_RELEASES:.3f} is spent" in outcome for outcome in refused)
+    assert len(saved.history) == 2
+    assert saved.epsilon(1e-5) <= BUDGET_FOR_TWO
+
+
+CONTENDER = """
+import sys
+from pathlib import Path
+from core.privacy import DpSettings, PrivacyBudgetError, reserve_privacy
+dp = DpSettings(noise_multiplier=1.0, target_epsilon=None, delta=1e-5,
+                max_grad_norm=1.0, budget_epsilon=float(sys.argv[2]))
+print("ready", flush=True)
+try:
+    reserve_privacy(Path(sys.argv[1]), sample_rate=1.0, steps=1, units_per_case=1,
+                    dp=dp)
+    print("approved", flush=True)
+except PrivacyBudgetError as error:
+    print(error, flush=True)
+"""
+
+
+def test_concurrent_reservations_in_processes_never_exceed_the_budget(
+    tmp_path: Path,
+) -> None:
+    # Prepare: one release is spent; the budget fits one more. The test holds the
+    # accountant's lock while two processes start and reach it, then lets both
+    # contend at once.
+    path = tmp_path / "accountant.json"
+    write_accountant_state(AccountantState(((1.0, 1.0, 1),), (1,)), path)
+    root = Path(__file__).resolve().parents[3]
+    with locked_accountant(path):
+        contenders = [
+            subprocess.Popen(
+                [sys.executable, "-c", CONTENDER, str(path), repr(BUDGET_FOR_TWO)],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=root,
+            )
+            for _ in range(2)
+        ]
+        for process in contenders:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready"
+        # nobody got past the lock
+        assert len(read_accountant_state(path).history) == 1
+
+    # Execute
+    outputs = [process.communicate()[0].strip() for process in contenders]
+
+    # Assert
+    assert all(process.returncode == 0 for process in contenders)
+    assert sorted(outputs)[0] == "approved"
+    assert "refused before training" in sorted(outputs)[1]
+    assert f"{TWO_RELEASES:.3f} is spent" in sorted(outputs)[1]
+    saved = read_accountant_state(path)
+    assert len(saved.history) == 2
+    assert saved.epsilon(1e-5) <= BUDGET_FOR_TWO
+
+
+def test_two_concurrent_trainings_never_exceed_the_budget(tmp_path: Path) -> None:
+    # Prepare: a budget that fits one tiny training but not two
+    path = tmp_path / "accountant.json"
+    one = AccountantState(((1.0, 4 / 16, 8),)).epsilon(1e-5)
+    two = AccountantState(((1.0, 4 / 16, 16),)).epsilon(1e-5)
+    dp = dp_settings(budget_epsilon=(one + two) / 2)
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def train() -> None:
+        barrier.wait()
+        try:
+            train_tiny(path, dp)
+            outcomes.append("trained")
+        except PrivacyBudgetError as error:
+            outcomes.append(str(error))
+
+    # Execute
+    threads = [threading.Thread(target=train) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Assert
+    assert sorted(outcomes)[-1] == "trained"
+    assert "refused before training" in sorted(outcomes)[0]
+    saved = read_accountant_state(path)
+    assert saved.history == ((1.0, 4 / 16, 8),)
+    assert saved.epsilon(1e-5) <= dp.budget_epsilon

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
+from core.affinity_job import release_profile
 from core.config import load_default_config
+from core.privacy import (
+    AccountantState,
+    DpSettings,
+    PrivacyBudgetError,
+    read_accountant_state,
+    write_accountant_state,
+)
 from core.profile_noise import (
     RDP_ORDERS,
     compute_gaussian_epsilon,
@@ -120,3 +129,68 @@ def test_noise_profile_refuses_a_noised_profile(profiles):
         noise_profile(
             noised, noise_multiplier=1.0, delta=1e-5, rng=np.random.default_rng(0)
         )
+
+
+DP = DpSettings(
+    noise_multiplier=2.0,
+    target_epsilon=None,
+    delta=1e-5,
+    max_grad_norm=1.0,
+    budget_epsilon=100.0,
+)
+
+
+def test_a_profile_release_is_reserved_in_the_accountant_as_one_case_units(
+    federation: Path, tmp_path: Path
+) -> None:
+    # Prepare: an earlier entry without units per case (an old accountant file)
+    accountant = tmp_path / "accountant.json"
+    write_accountant_state(AccountantState(((1.0, 0.5, 10),)), accountant)
+
+    # Execute
+    released = release_profile(
+        federation / "A",
+        load_default_config(),
+        dp=DP,
+        accountant_path=accountant,
+        rng=np.random.default_rng(0),
+    )
+
+    # Assert: three Gaussian mechanisms at rate 1, each already case-level
+    saved = read_accountant_state(accountant)
+    assert saved.history == ((1.0, 0.5, 10), (2.0, 1.0, 3))
+    assert saved.units_per_case == (None, 1)
+    spend = released.privacy
+    assert spend is not None
+    assert spend.patient_epsilon_spent == spend.epsilon_spent
+    assert spend.epsilon_spent == pytest.approx(
+        compute_gaussian_epsilon(2.0, delta=1e-5, num_mechanisms=3), rel=1e-12
+    )
+    assert spend.patient_epsilon_total is None  # the old entry states no units
+    assert released.profile.noise is not None
+
+
+def test_a_profile_release_over_budget_records_nothing(
+    federation: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    accountant = tmp_path / "accountant.json"
+    write_accountant_state(AccountantState(((2.0, 1.0, 3),), (1,)), accountant)
+    written = accountant.read_bytes()
+    tight = DpSettings(
+        noise_multiplier=2.0,
+        target_epsilon=None,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        budget_epsilon=read_accountant_state(accountant).epsilon(1e-5) + 1e-3,
+    )
+
+    # Execute / Assert
+    with pytest.raises(PrivacyBudgetError, match="budget is epsilon"):
+        release_profile(
+            federation / "A",
+            load_default_config(),
+            dp=tight,
+            accountant_path=accountant,
+        )
+    assert accountant.read_bytes() == written
