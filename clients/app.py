@@ -10,10 +10,13 @@ and the problem; the node keeps serving. Every handler runs inside the egress gu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -28,7 +31,7 @@ from core.data import SiteDataError, index_site
 from core.jobs import (
     SourceTraining,
     adapt_target,
-    evaluate_predictors,
+    release_evaluation,
     score_candidates,
     train_source_model,
 )
@@ -97,20 +100,32 @@ def _progress(setup: SiteSetup) -> Callable[[str], None]:
 
 def _privacy_figures(
     private: PrivateTrainResult | PrivacySpend | None,
-) -> dict[str, float]:
-    """A training reply's ``epsilon_*``, ``delta`` and ``noise_multiplier`` fields."""
+) -> dict[str, Any]:
+    """A DP release's reply fields (``core.protocol.DP_METRICS``); zeros without DP.
+
+    Epsilon per slice (the accountant's unit) and per patient (group privacy over
+    the slices one case contributed; nan when an older accountant entry does not say
+    how many).
+    """
     if private is None:
         return {
             "epsilon_spent": 0.0,
             "epsilon_total": 0.0,
             "delta": 0.0,
             "noise_multiplier": 0.0,
+            "patient_epsilon_spent": 0.0,
+            "patient_epsilon_total": 0.0,
+            "slices_per_case": 0,
         }
+    patient_total = private.patient_epsilon_total
     return {
         "epsilon_spent": private.epsilon_spent,
         "epsilon_total": private.epsilon_total,
         "delta": private.delta,
         "noise_multiplier": private.noise_multiplier,
+        "patient_epsilon_spent": private.patient_epsilon_spent,
+        "patient_epsilon_total": math.nan if patient_total is None else patient_total,
+        "slices_per_case": private.units_per_case,
     }
 
 
@@ -229,11 +244,9 @@ def profile(message: Message, _context: Context, setup: SiteSetup) -> Message:
             f"profile: label term left out ({released.profile.num_labelled} labelled "
             f"cases, limits.min-cases is {setup.policy.limits.min_cases})"
         )
-    reply = protocol.ProfileReply.from_profile_values(
-        values,
-        epsilon_total=(
-            0.0 if released.privacy is None else released.privacy.epsilon_total
-        ),
+    reply = dataclasses.replace(
+        protocol.ProfileReply.from_profile_values(values),
+        **_privacy_figures(released.privacy),
     )
     return records.build_reply(message, metrics=reply.to_fields())
 
@@ -270,7 +283,11 @@ def lftm(message: Message, _context: Context, setup: SiteSetup) -> Message:
 @app.train("adapt")
 @site_handler
 def adapt(message: Message, _context: Context, setup: SiteSetup) -> Message:
-    """Adapt the main/aux pair on this (target) site; reply the adapted weights."""
+    """Adapt the main/aux pair on this (target) site; reply the adapted weights.
+
+    Adaptation trains on every image of the site, labelled cases' included: where
+    the applied policy requires DP it runs DP-SGD, charged to the site's accountant.
+    """
     config, site = setup.config, setup.site
     request = protocol.AdaptRequest.from_fields(records.read_request(message.content))
     candidates = records.read_named_models(message.content)
@@ -282,6 +299,8 @@ def adapt(message: Message, _context: Context, setup: SiteSetup) -> Message:
         aux=request.aux or None,
         weight_main=request.weight_main,
         weight_aux=request.weight_aux,
+        dp=_dp_settings(setup),
+        accountant_path=setup.accountant_path,
         progress=_progress(setup),
     )
     models = {"main": result.main_weights}
@@ -291,6 +310,7 @@ def adapt(message: Message, _context: Context, setup: SiteSetup) -> Message:
         num_examples=result.num_examples,
         pseudo_label_foreground=result.pseudo_label_foreground,
         seconds=result.seconds,
+        **_privacy_figures(result.privacy),
     )
     return records.build_reply(message, metrics=reply.to_fields(), models=models)
 
@@ -369,6 +389,9 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
         start_step=request.start_step,
         total_steps=request.total_steps,
         iterations=request.iterations,
+        # The site's own share (its policy's semisup.labelled-fraction), never the
+        # run's: under DP the cases it sets aside are left out, not made unlabelled.
+        labelled_fraction=setup.policy.semisup_labelled_fraction,
         dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
         progress=_progress(setup),
@@ -397,7 +420,9 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
     """Score the requested predictors on the evaluation labels (aggregates only).
 
     Each evaluation case counts as a whole volume (every slice, up to the site's own
-    cap), whatever the run's ``data.max-slices-per-case`` says.
+    cap), whatever the run's ``data.max-slices-per-case`` says. Where the applied
+    policy requires DP, each mean Dice is released with Gaussian noise (HD95
+    withheld), charged to the site's accountant.
     """
     config = whole_case_config(setup.config, setup.policy.limits)
     site = setup.site
@@ -405,12 +430,19 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
         records.read_request(message.content)
     )
     models = records.read_named_models(message.content)
-    scores = evaluate_predictors(
-        site.directory, models, request.predictors, config, progress=_progress(setup)
+    released = release_evaluation(
+        site.directory,
+        models,
+        request.predictors,
+        config,
+        dp=_dp_settings(setup),
+        accountant_path=setup.accountant_path,
+        progress=_progress(setup),
     )
     reply = protocol.EvaluateReply(
-        num_cases=len(next(iter(scores.values())).cases) if scores else 0,
-        dice={name: result.dice for name, result in scores.items()},
-        hd95_mm={name: result.hd95_mm for name, result in scores.items()},
+        num_cases=released.num_cases,
+        dice=released.dice,
+        hd95_mm=released.hd95_mm,
+        **_privacy_figures(released.privacy),
     )
     return records.build_reply(message, metrics=reply.to_fields())

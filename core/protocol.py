@@ -14,7 +14,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 Scalar: TypeAlias = bool | int | float | str
 FieldValue: TypeAlias = Scalar | list[int] | list[float] | list[str]
@@ -128,6 +128,65 @@ def _list(fields: Mapping[str, object], key: str) -> list[object]:
     return value
 
 
+# The DP figures a reply carries when the site released it under DP (0 without DP):
+# epsilon of this release and the site's cumulative epsilon, per slice (the unit
+# DP-SGD protects; the accountant's) and per patient (group privacy over the slices a
+# case contributes, ``dp.slices-per-case``; nan when the site can't state it), at
+# ``dp.delta``, and the noise multiplier. Every reply type that can be a DP release
+# carries the same fields.
+DP_METRICS: Final = (
+    "dp.epsilon-spent",
+    "dp.epsilon-total",
+    "dp.delta",
+    "dp.noise-multiplier",
+    "dp.patient-epsilon-spent",
+    "dp.patient-epsilon-total",
+    "dp.slices-per-case",
+)
+_DP_ATTRIBUTES: Final = (
+    "epsilon_spent",
+    "epsilon_total",
+    "delta",
+    "noise_multiplier",
+    "patient_epsilon_spent",
+    "patient_epsilon_total",
+    "slices_per_case",
+)
+# Fields a site of an earlier release did not send; they default to 0 when absent.
+_DP_OPTIONAL: Final = frozenset(
+    {"dp.patient-epsilon-spent", "dp.patient-epsilon-total", "dp.slices-per-case"}
+)
+
+
+def dp_to_fields(reply: object) -> Fields:
+    """The DP figures of a reply (its ``epsilon_spent`` ... attributes), flattened."""
+    return {
+        key: getattr(reply, attribute)
+        for key, attribute in zip(DP_METRICS, _DP_ATTRIBUTES, strict=True)
+    }
+
+
+def dp_from_fields(
+    fields: Mapping[str, object], *, optional: bool = False
+) -> dict[str, Any]:
+    """The DP figures of a reply's metrics, as keyword arguments of its dataclass.
+
+    Args:
+        fields: the reply's metrics.
+        optional: every DP field may be absent (reply types that carried none in
+            earlier releases); else only the patient-level ones may.
+    """
+    parsed: dict[str, Any] = {}
+    for key, attribute in zip(DP_METRICS, _DP_ATTRIBUTES, strict=True):
+        if key not in fields and (optional or key in _DP_OPTIONAL):
+            parsed[attribute] = 0
+        elif attribute == "slices_per_case":
+            parsed[attribute] = _int(fields, key)
+        else:
+            parsed[attribute] = _float(fields, key)
+    return parsed
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class HelloReply:
     """What a site says about itself: counts only, never case names."""
@@ -181,6 +240,9 @@ class TrainReply:
     epsilon_total: float = 0.0
     delta: float = 0.0
     noise_multiplier: float = 0.0
+    patient_epsilon_spent: float = 0.0
+    patient_epsilon_total: float = 0.0
+    slices_per_case: int = 0
 
     @property
     def private(self) -> bool:
@@ -194,10 +256,7 @@ class TrainReply:
             "num-cases": self.num_cases,
             "loss": self.loss,
             "seconds": self.seconds,
-            "dp.epsilon-spent": self.epsilon_spent,
-            "dp.epsilon-total": self.epsilon_total,
-            "dp.delta": self.delta,
-            "dp.noise-multiplier": self.noise_multiplier,
+            **dp_to_fields(self),
         }
 
     @classmethod
@@ -208,10 +267,7 @@ class TrainReply:
             num_cases=_int(fields, "num-cases"),
             loss=_float(fields, "loss"),
             seconds=_float(fields, "seconds"),
-            epsilon_spent=_float(fields, "dp.epsilon-spent"),
-            epsilon_total=_float(fields, "dp.epsilon-total"),
-            delta=_float(fields, "dp.delta"),
-            noise_multiplier=_float(fields, "dp.noise-multiplier"),
+            **dp_from_fields(fields),
         )
 
 
@@ -353,10 +409,21 @@ class AdaptReply:
     """How adaptation went; adapted ``model.main``/``model.aux`` travel beside it."""
 
     num_examples: int  # target slices seen over all epochs
-    pseudo_label_foreground: (
-        float  # fraction of target pixels pseudo-labelled foreground
-    )
+    # fraction of target pixels pseudo-labelled foreground (nan: withheld under DP)
+    pseudo_label_foreground: float
     seconds: float
+    epsilon_spent: float = 0.0
+    epsilon_total: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    patient_epsilon_spent: float = 0.0
+    patient_epsilon_total: float = 0.0
+    slices_per_case: int = 0
+
+    @property
+    def private(self) -> bool:
+        """Whether the site released this under DP."""
+        return self.noise_multiplier > 0
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
@@ -364,6 +431,7 @@ class AdaptReply:
             "num-examples": self.num_examples,
             "pseudo-label-foreground": self.pseudo_label_foreground,
             "seconds": self.seconds,
+            **dp_to_fields(self),
         }
 
     @classmethod
@@ -373,6 +441,7 @@ class AdaptReply:
             num_examples=_int(fields, "num-examples"),
             pseudo_label_foreground=_float(fields, "pseudo-label-foreground"),
             seconds=_float(fields, "seconds"),
+            **dp_from_fields(fields, optional=True),
         )
 
 
@@ -575,6 +644,9 @@ class SemisupReply:
     epsilon_total: float = 0.0
     delta: float = 0.0
     noise_multiplier: float = 0.0
+    patient_epsilon_spent: float = 0.0
+    patient_epsilon_total: float = 0.0
+    slices_per_case: int = 0
 
     @property
     def private(self) -> bool:
@@ -592,10 +664,7 @@ class SemisupReply:
             "cross-task-loss": self.cross_task_loss,
             "certain-fraction": self.certain_fraction,
             "seconds": self.seconds,
-            "dp.epsilon-spent": self.epsilon_spent,
-            "dp.epsilon-total": self.epsilon_total,
-            "dp.delta": self.delta,
-            "dp.noise-multiplier": self.noise_multiplier,
+            **dp_to_fields(self),
         }
 
     @classmethod
@@ -610,10 +679,7 @@ class SemisupReply:
             cross_task_loss=_float(fields, "cross-task-loss"),
             certain_fraction=_float(fields, "certain-fraction"),
             seconds=_float(fields, "seconds"),
-            epsilon_spent=_float(fields, "dp.epsilon-spent"),
-            epsilon_total=_float(fields, "dp.epsilon-total"),
-            delta=_float(fields, "dp.delta"),
-            noise_multiplier=_float(fields, "dp.noise-multiplier"),
+            **dp_from_fields(fields),
         )
 
 
@@ -640,6 +706,9 @@ class ProfileReply:
     epsilon_total: float = 0.0
     delta: float = 0.0
     noise_multiplier: float = 0.0
+    patient_epsilon_spent: float = 0.0
+    patient_epsilon_total: float = 0.0
+    slices_per_case: int = 0
 
     def __post_init__(self) -> None:
         has_map = self.mean_label_map is not None
@@ -717,10 +786,7 @@ class ProfileReply:
             "label-grid": self.label_grid,
             "num-images": self.num_images,
             "num-labelled": self.num_labelled,
-            "dp.epsilon-spent": self.epsilon_spent,
-            "dp.epsilon-total": self.epsilon_total,
-            "dp.delta": self.delta,
-            "dp.noise-multiplier": self.noise_multiplier,
+            **dp_to_fields(self),
         }
         if self.mean_label_map is not None and self.foreground_quantiles is not None:
             fields["mean-label-map"] = list(self.mean_label_map)
@@ -745,10 +811,7 @@ class ProfileReply:
             ),
             num_images=_int(fields, "num-images"),
             num_labelled=_int(fields, "num-labelled"),
-            epsilon_spent=_float(fields, "dp.epsilon-spent"),
-            epsilon_total=_float(fields, "dp.epsilon-total"),
-            delta=_float(fields, "dp.delta"),
-            noise_multiplier=_float(fields, "dp.noise-multiplier"),
+            **dp_from_fields(fields),
         )
 
 
@@ -791,10 +854,22 @@ class EvaluateReply:
     num_cases: int
     dice: dict[str, float]
     hd95_mm: dict[str, float]
+    epsilon_spent: float = 0.0
+    epsilon_total: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    patient_epsilon_spent: float = 0.0
+    patient_epsilon_total: float = 0.0
+    slices_per_case: int = 0
+
+    @property
+    def private(self) -> bool:
+        """Whether the site released this under DP."""
+        return self.noise_multiplier > 0
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
-        fields: Fields = {"num-cases": self.num_cases}
+        fields: Fields = {"num-cases": self.num_cases, **dp_to_fields(self)}
         fields.update({f"dice.{name}": value for name, value in self.dice.items()})
         fields.update({f"hd95.{name}": value for name, value in self.hd95_mm.items()})
         return fields
@@ -808,7 +883,12 @@ class EvaluateReply:
         hd95 = {
             key[5:]: _float(fields, key) for key in fields if key.startswith("hd95.")
         }
-        return cls(num_cases=_int(fields, "num-cases"), dice=dice, hd95_mm=hd95)
+        return cls(
+            num_cases=_int(fields, "num-cases"),
+            dice=dice,
+            hd95_mm=hd95,
+            **dp_from_fields(fields, optional=True),
+        )
 
 
 # Every reply's settings may also carry the policy applied at the site, under this
@@ -941,23 +1021,14 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
         )
     ),
     TRAIN_SOURCE: ReplySchema(
-        metrics=(
-            "num-examples",
-            "num-cases",
-            "loss",
-            "seconds",
-            "dp.epsilon-spent",
-            "dp.epsilon-total",
-            "dp.delta",
-            "dp.noise-multiplier",
-        ),
+        metrics=("num-examples", "num-cases", "loss", "seconds", *DP_METRICS),
         weights=True,
     ),
     LFTM: ReplySchema(
         settings=("metric", "sources", "release"), metrics=("itm.*", "dtm.*")
     ),
     ADAPT: ReplySchema(
-        metrics=("num-examples", "pseudo-label-foreground", "seconds"),
+        metrics=("num-examples", "pseudo-label-foreground", "seconds", *DP_METRICS),
         models=("main", "aux"),
     ),
     CONSENSUS: ReplySchema(
@@ -985,10 +1056,7 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
             "cross-task-loss",
             "certain-fraction",
             "seconds",
-            "dp.epsilon-spent",
-            "dp.epsilon-total",
-            "dp.delta",
-            "dp.noise-multiplier",
+            *DP_METRICS,
         ),
         weights=True,
     ),
@@ -1001,13 +1069,10 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
             "foreground-quantiles",
             "num-images",
             "num-labelled",
-            "dp.epsilon-spent",
-            "dp.epsilon-total",
-            "dp.delta",
-            "dp.noise-multiplier",
+            *DP_METRICS,
         )
     ),
-    EVALUATE: ReplySchema(metrics=("num-cases", "dice.*", "hd95.*")),
+    EVALUATE: ReplySchema(metrics=("num-cases", "dice.*", "hd95.*", *DP_METRICS)),
 }
 # A fine-tuning step of a transfer path replies as a source training does.
 REPLY_SCHEMAS[FINETUNE] = REPLY_SCHEMAS[TRAIN_SOURCE]

@@ -352,7 +352,8 @@ def adaptation(
         coordinator.store.save_model(f"adapted-{name}", weights)
     outcome = protocol.AdaptReply.from_fields(records.read_metrics(reply.content))
     coordinator.store.save_phase(
-        "adaptation", {**outcome.to_fields(), "models": sorted(adapted)}
+        "adaptation",
+        {**outcome.to_fields(), "site": target.name, "models": sorted(adapted)},
     )
     coordinator.log(
         f"adaptation: {outcome.num_examples} examples, "
@@ -494,6 +495,13 @@ def evaluation(
         "num_cases": scores.num_cases,
         "dice": scores.dice,
         "hd95_mm": scores.hd95_mm,
+        # Under the target's DP the Dice are noised and HD95 withheld; the figures
+        # say what the release cost.
+        **{
+            key: value
+            for key, value in scores.to_fields().items()
+            if key in protocol.DP_METRICS
+        },
     }
     coordinator.store.save_phase("evaluation", result)
     coordinator.log(

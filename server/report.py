@@ -43,12 +43,17 @@ def _dp_replies(
     source_training: Mapping[str, Any],
     semisup: Mapping[str, Any] | None,
     affinity: Mapping[str, Any] | None = None,
+    adaptation: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, Mapping[str, Any]]]:
     """``(site, reply figures)`` of every DP reply of the run, in order."""
     replies = list(source_training.get("training", {}).items())
     if affinity is not None:
         replies.extend(affinity.get("profiles", {}).items())
         replies.extend((step["site"], step) for step in affinity.get("steps", []))
+    for result in (adaptation, evaluation):
+        if result is not None and "site" in result:
+            replies.append((result["site"], result))
     if semisup is not None:
         target = semisup.get("target")
         if target is not None and "missing" not in target:
@@ -64,12 +69,17 @@ def build_privacy_section(
     source_training: Mapping[str, Any],
     semisup: Mapping[str, Any] | None = None,
     affinity: Mapping[str, Any] | None = None,
+    adaptation: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per site: what reached the coordinator per action, the policy, epsilon spent.
 
     Epsilon sums what every DP release of the run spent at the site (source
-    training, the task profile and fine-tuning steps, semi-supervised rounds);
-    ``total`` is the site's cumulative epsilon after its last reply.
+    training, the task profile and fine-tuning steps, adaptation, semi-supervised
+    rounds, the evaluation's Dice); ``total`` is the site's cumulative epsilon after
+    its last reply. Both per slice (the unit DP-SGD protects, what the site's budget
+    caps) and per patient (group privacy over the slices one case contributes:
+    ``patient_total`` is nan when the site could not state it).
 
     Args:
         entries: the coordinator's ledger of this run.
@@ -77,6 +87,8 @@ def build_privacy_section(
         source_training: the source-training phase result (its ``dp.*`` figures).
         semisup: the semisup phase result (its replies' ``dp.*`` figures), if any.
         affinity: the affinity phase result (profile and fine-tuning figures).
+        adaptation: the adaptation phase result (its ``dp.*`` figures), if any.
+        evaluation: the evaluation phase result (its ``dp.*`` figures), if any.
 
     Returns:
         ``{site: {"released": {action: {...}}, "policy": {...}, "epsilon": {...}}}``.
@@ -107,17 +119,35 @@ def build_privacy_section(
         action["metric_values"] += sum(entry.egress.metrics.values())
     for name, policy in applied_policies.items():
         sites.setdefault(name, {"released": {}})["policy"] = dict(policy)
-    for name, reply in _dp_replies(source_training, semisup, affinity):
+    for name, reply in _dp_replies(
+        source_training, semisup, affinity, adaptation, evaluation
+    ):
         site = sites.setdefault(name, {"released": {}})
         epsilon = site.setdefault(
             "epsilon",
-            {"spent": 0.0, "total": 0.0, "delta": 0.0, "noise_multiplier": 0.0},
+            {
+                "spent": 0.0,
+                "total": 0.0,
+                "delta": 0.0,
+                "noise_multiplier": 0.0,
+                "patient_spent": 0.0,
+                "patient_total": 0.0,
+                "slices_per_case": 0,
+            },
         )
         epsilon["spent"] += reply.get("dp.epsilon-spent", 0.0)
+        epsilon["patient_spent"] += reply.get("dp.patient-epsilon-spent", 0.0)
         if reply.get("dp.noise-multiplier", 0.0):
             epsilon["total"] = reply.get("dp.epsilon-total", 0.0)
             epsilon["delta"] = reply.get("dp.delta", 0.0)
             epsilon["noise_multiplier"] = reply.get("dp.noise-multiplier", 0.0)
+            patient_total = reply.get("dp.patient-epsilon-total")
+            epsilon["patient_total"] = (
+                math.nan if patient_total is None else patient_total
+            )
+            epsilon["slices_per_case"] = max(
+                epsilon["slices_per_case"], int(reply.get("dp.slices-per-case", 0))
+            )
     return dict(sorted(sites.items()))
 
 
@@ -418,7 +448,11 @@ def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
         "",
         "What reached the coordinator from each site (its ledger: "
         "`ledger.jsonl` in this folder; each site keeps its own), the policy the "
-        "site applied and the DP-SGD epsilon it spent in this run.",
+        "site applied and the DP epsilon it spent in this run. Epsilon is per "
+        "slice, the unit DP-SGD protects and the site's budget caps; per patient "
+        "(a case contributes many slices) it follows by group privacy and is "
+        "much larger unless the site caps slices per case "
+        "(`limits.max-slices-per-case = 1` makes the two equal).",
         "",
         "| site | action | replies | errors | undelivered | bytes | arrays | "
         "metric values |",
@@ -434,8 +468,8 @@ def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
     lines += [
         "",
         "| site | LFTM release | weights may leave | DP required | ε budget | "
-        "ε spent (run) | ε total (site) |",
-        "|---|---|---|---|---|---|---|",
+        "ε spent (run) | ε total (site) | per patient: spent (run), total (site) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for site, section in privacy.items():
         policy = section.get("policy", {})
@@ -449,8 +483,24 @@ def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
             else "-"
         )
         total = f"{epsilon['total']:.3f}" if epsilon.get("noise_multiplier") else "-"
-        lines.append(f"| {site} | {' | '.join(cells)} | {spent} | {total} |")
+        patient = (
+            f"{_epsilon_text(epsilon.get('patient_spent'))}, "
+            f"{_epsilon_text(epsilon.get('patient_total'))} "
+            f"({epsilon.get('slices_per_case', 0)} slices per case)"
+            if epsilon.get("noise_multiplier")
+            else "-"
+        )
+        lines.append(
+            f"| {site} | {' | '.join(cells)} | {spent} | {total} | {patient} |"
+        )
     return lines
+
+
+def _epsilon_text(value: float | None) -> str:
+    """An epsilon for the report: 3 decimals, or n/a when not stated or infinite."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3g}" if value >= 1000 else f"{value:.3f}"
 
 
 def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:

@@ -389,6 +389,8 @@ class PipelineRunner:
                 source_training,
                 store.load_phase("semisup"),
                 store.load_phase("affinity"),
+                store.load_phase("adaptation"),
+                store.load_phase("evaluation"),
             ),
             attempts=attempts,
             coordinator={

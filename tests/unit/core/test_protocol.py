@@ -12,6 +12,7 @@ from core.protocol import (
     ADAPT,
     CONSENSUS,
     CONSENSUS_METHODS,
+    DP_METRICS,
     EVALUATE,
     HELLO,
     LFTM,
@@ -497,9 +498,33 @@ def test_evaluate_reply_fields_and_nan_hd95() -> None:
     parsed = EvaluateReply.from_fields(fields)
 
     # Assert
-    assert set(fields) == {"num-cases", "dice.pair.main", "hd95.pair.main"}
+    assert set(fields) == {"num-cases", "dice.pair.main", "hd95.pair.main"} | set(
+        DP_METRICS
+    )
     assert parsed.dice == {"pair.main": 0.5}
     assert math.isnan(parsed.hd95_mm["pair.main"])
+    assert not parsed.private
+
+
+def test_replies_from_an_earlier_release_parse_without_the_new_dp_fields() -> None:
+    # Prepare: a site of an earlier release sent no patient-level figures, and no
+    # DP figures at all on evaluate and adapt
+    train = {
+        key: value
+        for key, value in TRAIN_REPLY.to_fields().items()
+        if not key.startswith(("dp.patient", "dp.slices"))
+    }
+    evaluate = {"num-cases": 2, "dice.a": 0.5, "hd95.a": 1.0}
+
+    # Execute
+    parsed_train = TrainReply.from_fields(train)
+    parsed_evaluate = EvaluateReply.from_fields(evaluate)
+
+    # Assert
+    assert parsed_train.patient_epsilon_total == 0
+    assert parsed_train.slices_per_case == 0
+    assert parsed_evaluate.epsilon_spent == 0
+    assert parsed_evaluate.dice == {"a": 0.5}
 
 
 @pytest.mark.parametrize(

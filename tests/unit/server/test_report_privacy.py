@@ -20,13 +20,25 @@ APPLIED = resolve_policy(
     run_max_reply_mb=None,
 ).to_fields()
 
-# What B's source-training reply said about DP.
+# What B's source-training reply said about DP (per slice and per patient).
 B_TRAINING = {
     "dp.epsilon-spent": 0.8,
     "dp.epsilon-total": 2.4,
     "dp.delta": 1e-5,
     "dp.noise-multiplier": 1.5,
+    "dp.patient-epsilon-spent": 40.0,
+    "dp.patient-epsilon-total": 120.0,
+    "dp.slices-per-case": 10,
 }
+
+
+def epsilon_of(section: dict[str, object], site: str) -> dict[str, object]:
+    """A site's per-slice epsilon figures (the per-patient ones are tested apart)."""
+    figures = section[site]["epsilon"]  # type: ignore[index]
+    return {
+        key: figures[key]  # type: ignore[index]
+        for key in ("spent", "total", "delta", "noise_multiplier")
+    }
 
 
 def weights_egress(nbytes: int) -> Egress:
@@ -97,6 +109,9 @@ def test_privacy_section_counts_what_each_site_released(tmp_path: Path) -> None:
         "total": 2.4,
         "delta": 1e-5,
         "noise_multiplier": 1.5,
+        "patient_spent": 40.0,
+        "patient_total": 120.0,
+        "slices_per_case": 10,
     }
     assert "policy" not in section["C"]
 
@@ -125,7 +140,7 @@ def test_privacy_section_adds_the_semisup_rounds_epsilon(tmp_path: Path) -> None
     section = build_privacy_section(ledger.entries(), {}, training, semisup)
 
     # Assert: spent sums the run's trainings; total is the site's latest figure
-    assert section["B"]["epsilon"] == {
+    assert epsilon_of(section, "B") == {
         "spent": pytest.approx(0.8 + 0.5 + 0.5),
         "total": 3.3,
         "delta": 1e-5,
@@ -161,7 +176,7 @@ def test_privacy_section_adds_the_profile_and_fine_tuning_epsilon(
     section = build_privacy_section(ledger.entries(), {}, training, None, affinity)
 
     # Assert: in run order, the fine-tuning step's total is B's latest
-    assert section["B"]["epsilon"] == {
+    assert epsilon_of(section, "B") == {
         "spent": pytest.approx(0.8 + 5.0 + 0.7),
         "total": 7.1,
         "delta": 1e-5,
@@ -203,6 +218,10 @@ def test_report_markdown_shows_the_privacy_tables(tmp_path: Path) -> None:
     assert "## Privacy" in markdown
     assert "| B | train.source | 2 | 0 | 0 | 820 | 2 | 2 |" in markdown
     assert "| C | train.source | 1 | 1 |" in markdown
-    assert "| B | domain | True | True | 10.0 | 0.800 (δ 1e-05) | 2.400 |" in markdown
-    assert "| C | n/a | n/a | n/a | n/a | no DP | - |" in markdown
+    assert (
+        "| B | domain | True | True | 10.0 | 0.800 (δ 1e-05) | 2.400 | "
+        "40.000, 120.000 (10 slices per case) |"
+    ) in markdown
+    assert "| C | n/a | n/a | n/a | n/a | no DP | - | - |" in markdown
+    assert "per patient" in markdown
     assert report["transferability"]["release"] is None
