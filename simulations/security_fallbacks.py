@@ -78,7 +78,9 @@ def stop_when_action_refused(plan: AttackPlan, reason: str) -> AttackPlan | None
 def stop_when_too_few_cases(plan: AttackPlan, reason: str) -> AttackPlan | None:
     """A minimum of cases behind an aggregate: the coordinator cannot lower it."""
     text = reason.lower()
-    if "cases" not in text or not ("minimum" in text or "at least" in text):
+    if "min-cases" not in text and (
+        "cases" not in text or not ("minimum" in text or "at least" in text)
+    ):
         return None
     return dataclasses.replace(plan, stopped=f"too few cases: {reason}")
 
