@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -32,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from core.storage import write_atomically
+from core.storage import hold_exclusive_lock, write_atomically
 
 APPROVALS_FILE: Final = "approved-bundles.json"
 REFUSED_BUNDLES_DIR: Final = "bundles"
@@ -195,14 +194,8 @@ def is_approved(path: Path, sha256: str) -> bool:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock for a read-modify-write of the approvals file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(f".{path.name}.lock")
-    with lock.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with hold_exclusive_lock(path.with_name(f".{path.name}.lock")):
+        yield
 
 
 def _write(path: Path, approvals: tuple[Approval, ...]) -> None:

@@ -42,11 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import math
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -61,7 +59,7 @@ from torch.nn import functional
 
 from core.config import TrainConfig
 from core.policy import AppliedPolicy
-from core.storage import write_atomically
+from core.storage import hold_exclusive_lock, write_atomically
 from core.training import TrainResult, augment_batch, augment_intensity
 
 ACCOUNTANT_FILE: Final = "accountant.json"
@@ -386,17 +384,8 @@ def locked_accountant(path: Path) -> Iterator[None]:
     its own ``open()``, so threads of one process exclude each other too), from
     reading the history to writing the extended one.
     """
-    lock = accountant_lock_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-    finally:
-        os.close(descriptor)
+    with hold_exclusive_lock(accountant_lock_path(path)):
+        yield
 
 
 def check_dp_compatible(model: nn.Module) -> None:
