@@ -369,7 +369,11 @@ class _Spending:
 
 
 def _room(plan: AttackPlan, spending: _Spending, cost: int) -> tuple[int, str]:
-    """Cells the next request may ask about; or 0 and why (a new run, a stop)."""
+    """Cells the next request may ask about; or 0 and why.
+
+    ``run``: this run's cap is used (a new run id); ``budget``: the query budget is
+    spent; ``cap``: a run's cap is below what one cell costs (both stop the attack).
+    """
     room = plan.predictors_per_request
     if plan.budget:
         left = plan.budget - spending.total
@@ -377,6 +381,8 @@ def _room(plan: AttackPlan, spending: _Spending, cost: int) -> tuple[int, str]:
             return 0, "budget"
         room = min(room, left // cost)
     if plan.units_per_run:
+        if plan.units_per_run < cost:  # not even a fresh run pays for one cell
+            return 0, "cap"
         left_in_run = plan.units_per_run - spending.run
         if left_in_run < cost:
             return 0, "run"
@@ -475,6 +481,13 @@ def measure_cells(
                 plan,
                 stopped=f"query budget spent: {spending.total} of the "
                 f"{plan.budget} units the site answers",
+            )
+            break
+        if bound == "cap":
+            plan = dataclasses.replace(
+                plan,
+                stopped=f"a cell costs {cost} units, the site answers "
+                f"{plan.units_per_run} a run",
             )
             break
         batch = _next_batch(plan, pending, room)

@@ -41,6 +41,7 @@ from simulations.security_attacks import (
     SiteChannel,
     ask_consensus,
     crafted_models,
+    measure_cells,
 )
 from simulations.security_benchmark import (
     ATTACKS,
@@ -343,6 +344,27 @@ def test_a_refusing_site_is_recorded_and_the_other_stages_kept(
     assert evaluate["ledger"] == {"released": 1, "blocked": 1}
     assert "| after-no-evaluate | evaluate |" in format_security_table(refused)
     assert "1 (action refused)" in format_security_table(refused)
+
+
+def test_a_run_cap_below_one_cells_cost_stops_the_attack(
+    document: dict[str, object], folder: Path, tmp_path: Path
+) -> None:
+    # Prepare: a site answering one label source a run (a cell needs two)
+    del document  # crafted the models this plan reuses
+    site = ensure_security_federation(folder / "data", seed=0, extra_unlabelled=1)
+    policy = write_policy(tmp_path, {"limits.max-label-sources-per-run": 1})
+    channel = SiteChannel(site_dir=site / "A", state_dir=tmp_path, policy=policy)
+    plan = AttackPlan(run_config=_tiny_run_config(), predictors_per_request=1)
+
+    # Execute
+    measured = measure_cells(
+        channel, plan, ask_consensus, kind=LABEL_SOURCES, progress=print
+    )
+
+    # Assert: no new run ids without end, no request beyond hello
+    assert measured.plan.stopped == "a cell costs 2 units, the site answers 1 a run"
+    assert (measured.requests, measured.runs, measured.queries) == (1, 1, 0)
+    assert measured.limits["max-label-sources-per-run"] == 1
 
 
 def test_a_dp_site_stops_the_attack_at_its_budget(
