@@ -18,6 +18,7 @@ that paints one class everywhere, whatever the image.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Mapping
@@ -41,11 +42,13 @@ from core.policy import Rule
 from core.privacy import ACCOUNTANT_FILE, AccountantState, read_accountant_state
 from core.training import predict_probabilities
 from tests.unit.clients.messages import MESSAGE_ID, build_candidates
+from tests.unit.server.fake_grid import FakeGrid
 
 COORDINATOR_NODE: Final = 1
 SITE_NODE: Final = 7
 BLOCKED: Final = "blocked by egress policy: "
 LEDGER: Final = "ledger.jsonl"
+_GRID_RUN_IDS: Final = itertools.count(5001)  # one Flower run id per grid
 
 
 def attack_message(
@@ -315,3 +318,37 @@ def rewrite_with_recomputed_chain(path: Path, index: int, **changes: object) -> 
         line["entry_hash"] = compute_entry_hash(line)
         previous = line["entry_hash"]
     path.write_text("".join(write_canonical_json(line) + "\n" for line in lines))
+
+
+# --------------------------------------------------------------- the coordinator side
+
+
+def grid_of_sites(
+    federation: Path,
+    run_config: Mapping[str, ConfigValue],
+    nodes: Mapping[int, str],
+    state_root: Path,
+    *,
+    names: Mapping[int, str] | None = None,
+) -> FakeGrid:
+    """A grid whose nodes serve ``nodes`` (node id -> site folder) with their own state.
+
+    Each node keeps its ledger in ``state_root/node-<id>`` (never in the shared
+    federation); ``names`` are the names the nodes' keys were registered under (a
+    deployment's grid reports them; a simulation's has none).
+    """
+    run_id = next(_GRID_RUN_IDS)
+    contexts = {
+        node: Context(
+            run_id=run_id,
+            node_id=node,
+            node_config={
+                "site-dir": str(federation / site),
+                "state-dir": str(state_root / f"node-{node}"),
+            },
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        for node, site in nodes.items()
+    }
+    return FakeGrid(contexts, names=names)
