@@ -182,8 +182,6 @@ def _anchored_entry(site: SiteUnderAttack, reply: Message) -> LedgerEntry:
     assert anchor.entry_hash == entry.entry_hash
     assert entry.message_type == reply.metadata.message_type
     assert entry.sender == site.name
-    # What left is exactly the reason the coordinator reads (digest and size).
-    assert entry.egress == measure_error(reason)
     return entry
 
 
@@ -193,8 +191,19 @@ def assert_refused(
     rule: Rule,
     *fragments: str,
     message_id: str = MESSAGE_ID,
+    blocked_reply: bool = False,
 ) -> LedgerEntry:
     """The guard refused the request under ``rule``, naming every fragment.
+
+    Args:
+        site: the site that answered.
+        reply: its reply.
+        rule: the rule the reason must name.
+        *fragments: text the reason must hold.
+        message_id: the request's id.
+        blocked_reply: the handler ran and its reply was stopped on the way out (the
+            ledger then records what would have left); otherwise the request was
+            refused before any work and what left is the reason alone.
 
     Returns:
         The refusal's ledger entry (decision ``blocked: <rule>``).
@@ -211,6 +220,12 @@ def assert_refused(
     entry = _anchored_entry(site, reply)
     assert entry.decision == f"blocked: {rule.value}"
     assert not entry.released
+    if blocked_reply:
+        assert entry.egress is not None
+        assert entry.egress != measure_error(reason)
+    else:
+        # What left is exactly the reason the coordinator reads (digest and size).
+        assert entry.egress == measure_error(reason)
     return entry
 
 
@@ -226,6 +241,7 @@ def assert_site_error(
         assert fragment in reason, reason[:500]
     entry = _anchored_entry(site, reply)
     assert entry.decision == "error"
+    assert entry.egress == measure_error(reason)
     return entry
 
 
