@@ -5,19 +5,22 @@
 the coordinator shapes with crafted models. A thousand single-pixel predictors mixed
 from two crafted models (with negative weights, or cut to one slice per case) rebuild
 an evaluation label map pixel for pixel. Under the default policy the site refuses
-each of those requests before any work, counts what it answers per run and in total,
-scores every evaluation case whole, and rounds what leaves to 3 decimals.
+each of those requests before any work, counts what it answers per run and in total
+(requests sent at once included), scores every evaluation case whole, and rounds
+what leaves to 3 decimals.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 import pytest
+from flwr.app import Message
 
 from core import protocol
 from core.config import RunConfig
@@ -175,6 +178,44 @@ def test_predictors_past_the_per_run_cap_are_refused_and_a_new_run_counts_afresh
     assert_released(site, next_run)
     assert len(metrics_of(next_run)) > 17
     assert site.query_book() == {"1": {"predictors": 48}, "2": {"predictors": 17}}
+
+
+def test_requests_sent_at_once_cannot_share_out_the_per_run_cap_twice(
+    open_site: OpenSite, models: dict[str, Arrays]
+) -> None:
+    # Prepare: two requests of 48 predictors (96 > 64) reach the app together
+    site = open_site("A")
+    carried = {"bg": models["bg"]}
+    start = threading.Barrier(2)
+    replies: dict[str, Message] = {}
+
+    def ask(message_id: str) -> None:
+        content = evaluate_content(carried, background_predictors(48, message_id))
+        start.wait()
+        replies[message_id] = site.send(
+            protocol.EVALUATE, content, message_id=message_id
+        )
+
+    # Execute
+    threads = [threading.Thread(target=ask, args=(f"m{n}",)) for n in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Assert: one answered, the other refused naming the cap; 48 charged
+    answered = [mid for mid, reply in replies.items() if not reply.has_error()]
+    refused = [mid for mid, reply in replies.items() if reply.has_error()]
+    assert len(answered) == len(refused) == 1
+    assert_released(site, replies[answered[0]])
+    assert_refused(
+        site,
+        replies[refused[0]],
+        Rule.LIMIT_EXCEEDED,
+        "this run already had 48 predictors answered and asks for 48 more",
+        message_id=refused[0],
+    )
+    assert site.query_book() == {"1": {"predictors": 48}}
 
 
 def test_the_cumulative_query_budget_refuses_once_spent_across_runs_and_kinds(
