@@ -5,7 +5,9 @@ training and six evaluation cases each, 64 x 64 x 10 volumes) and never written 
 every site under attack keeps its state (ledger, accountant, query book) in a folder
 of the test's own, and a site whose data a test changes is a copy. Images are
 resized to 16 x 16 (``data.image-size``), the smallest the run config allows, so the
-whole folder stays within its time budget on two CPU cores.
+whole folder stays within its time budget on two CPU cores. ``federation`` and
+``run_config`` override the module-scoped fixtures of ``tests/conftest.py`` here (one
+federation per session; 16 px instead of 32).
 """
 
 from __future__ import annotations
