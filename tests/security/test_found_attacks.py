@@ -7,8 +7,9 @@
   a label map, a layer of another shape) are refused by the handler: nothing is
   computed with them, and nothing leaves.
 - The run config cannot point a deployed site at another folder.
-- ``train.consensus`` scores its consensus labels on the evaluation cases cut to
-  the run's ``data.max-slices-per-case``: written as a strict xfail (a hole).
+- ``train.consensus`` scores its consensus labels on whole evaluation cases, as
+  ``evaluate`` does, whatever the run's ``data.max-slices-per-case`` (this suite
+  found it scoring the slices the coordinator chose; closed).
 """
 
 from __future__ import annotations
@@ -190,14 +191,6 @@ def consensus_on(
     return float(metrics_of(reply)["label-dice.majority"])  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HOLE: train.consensus computes its label-dice.* figures (Dice against the "
-    "evaluation labels) on the evaluation cases cut to the run's "
-    "data.max-slices-per-case, not on whole cases as evaluate does "
-    "(core.limits.whole_case_config), so a coordinator can aim label sources at "
-    "single pixels of one chosen slice per case",
-)
 def test_consensus_scores_evaluation_cases_whole_whatever_the_run_asks(
     open_site: OpenSite, models: dict[str, Arrays]
 ) -> None:
