@@ -608,9 +608,11 @@ def charge_queries(
         spent = sum(sum(kinds.values()) for kinds in book.values())
         wanted = sum(asked.values())
         if limits.query_budget and spent + wanted > limits.query_budget:
+            # How much other runs used stays at the site (the site's log has it):
+            # a coordinator learns only that this request does not fit.
             raise LimitError(
-                f"the site's query budget is spent: {spent} of limits.query-budget "
-                f"{limits.query_budget} units used, this request asks for {wanted}"
+                f"the site's query budget (limits.query-budget {limits.query_budget} "
+                f"units over all runs) has no room for this request's {wanted}"
             )
         for kind, count in asked.items():
             run[kind] = run.get(kind, 0) + count

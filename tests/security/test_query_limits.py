@@ -245,8 +245,8 @@ def test_the_cumulative_query_budget_refuses_once_spent_across_runs_and_kinds(
         site,
         replies[1],
         Rule.LIMIT_EXCEEDED,
-        "the site's query budget is spent: 6 of limits.query-budget 10 units used, "
-        "this request asks for 5",
+        "the site's query budget (limits.query-budget 10 units over all runs) has no "
+        "room for this request's 5",
         message_id="m2",
     )
     assert_released(site, replies[2])
@@ -254,14 +254,14 @@ def test_the_cumulative_query_budget_refuses_once_spent_across_runs_and_kinds(
         site,
         replies[3],
         Rule.LIMIT_EXCEEDED,
-        "10 of limits.query-budget 10 units used, this request asks for 1",
+        "(limits.query-budget 10 units over all runs) has no room for this request's 1",
         message_id="m4",
     )
     assert_refused(
         site,
         candidates,
         Rule.LIMIT_EXCEEDED,
-        "10 of limits.query-budget 10 units used, this request asks for 1",
+        "(limits.query-budget 10 units over all runs) has no room for this request's 1",
         message_id="m5",
     )
     assert len(handler_calls) == 2
