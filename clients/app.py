@@ -228,6 +228,7 @@ def profile(message: Message, _context: Context, setup: SiteSetup) -> Message:
         setup.config,
         dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
+        pool_cases=setup.policy.limits.min_cases,
         progress=_progress(setup),
     )
     values = released.profile.to_dict()
@@ -323,7 +324,10 @@ def consensus(message: Message, _context: Context, setup: SiteSetup) -> Message:
     The consensus labels are written to the site's state folder
     (``consensus/run-<run id>/<method>/<case>.nii.gz``) and never sent.
     """
-    config, site = setup.config, setup.site
+    # Whole cases, as evaluate: the reply's label-dice.* are Dice against the
+    # evaluation labels, which a coordinator must not aim at one chosen slice.
+    config = whole_case_config(setup.config, setup.policy.limits)
+    site = setup.site
     request = protocol.ConsensusRequest.from_fields(
         records.read_request(message.content)
     )

@@ -62,6 +62,7 @@ from core.limits import (
     CANDIDATES,
     LABEL_SOURCES,
     PREDICTORS,
+    PROFILES,
     CaseCounts,
     LimitError,
     charge_queries,
@@ -422,6 +423,8 @@ def _query_units(message: Message) -> dict[str, int]:
                 protocol.model_name(key) is not None for key in content.array_records
             )
         }
+    if message_type == protocol.PROFILE:
+        return {PROFILES: 1}
     return {}
 
 

@@ -12,7 +12,6 @@ flwr.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,13 +23,11 @@ from core.config import AdaptConfig, TrainConfig
 from core.privacy import (
     DpSettings,
     PrivacySpend,
-    PrivateGradient,
+    PrivateSchedule,
     check_dp_compatible,
-    dp_sgd_schedule,
-    largest_case,
-    reserve_privacy,
+    run_private_training,
 )
-from core.training import TrainResult, augment_batch, augment_intensity, run_training
+from core.training import TrainResult, run_training
 
 
 def weighted_pair_loss(
@@ -197,7 +194,6 @@ def adapt_pair_private(
     """
     if len(models) != len(weights) or not 1 <= len(models) <= 2:
         raise ValueError("adapt_pair_private takes one or two models with one weight")
-    report = progress or print
     num_samples = int(images.shape[0])
     if pseudo_labels.shape[0] != num_samples or case_of_slice.shape != (num_samples,):
         raise ValueError(
@@ -210,65 +206,26 @@ def adapt_pair_private(
         return TrainResult(
             num_examples=0, epoch_losses=(), seconds=0.0, device=str(device)
         ), None
-    sample_rate, steps = dp_sgd_schedule(
-        num_samples, batch_size=adapt.batch_size, epochs=adapt.epochs
-    )
-    reservation = reserve_privacy(
-        accountant_path,
-        sample_rate=sample_rate,
-        steps=steps,
-        units_per_case=largest_case(case_of_slice),
+    result, spend = run_private_training(
+        pair,
+        images,
+        pseudo_labels,
+        case_of_slice=case_of_slice,
+        per_sample_loss=lambda batch, targets: per_sample_pair_loss(
+            models, weights, batch, targets
+        ),
+        schedule=PrivateSchedule(
+            epochs=adapt.epochs,
+            batch_size=adapt.batch_size,
+            learning_rate=adapt.learning_rate,
+            augment=train.augment,
+        ),
         dp=dp,
+        accountant_path=accountant_path,
+        device=device,
+        label="adapt",
+        progress=progress,
         seed=seed,
     )
-    plan = reservation.plan
-    mechanism = PrivateGradient(pair, plan, num_samples=num_samples, device=device)
-    optimizer = torch.optim.Adam(
-        [p for p in pair.parameters() if p.requires_grad], lr=adapt.learning_rate
-    )
-
-    def per_sample_loss(
-        indices: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        batch = [images[indices], pseudo_labels[indices]]
-        if train.augment:
-            batch = augment_batch(batch, generator)
-            batch[0] = augment_intensity(batch[0], generator)
-        batch_images, batch_labels = (tensor.to(device) for tensor in batch)
-        return per_sample_pair_loss(models, weights, batch_images, batch_labels)
-
-    report(
-        f"[adapt] DP-SGD: {num_samples} samples, {plan.steps} steps, noise "
-        f"{plan.noise_multiplier:.3f}, clip {plan.max_grad_norm:g}, sample rate "
-        f"{plan.sample_rate:.4f}"
-    )
-    started = time.perf_counter()
-    epoch_losses: list[float] = []
-    seen = 0
-    try:
-        for epoch in range(adapt.epochs):
-            total, count = 0.0, 0
-            for _ in range(plan.steps // adapt.epochs):
-                optimizer.zero_grad(set_to_none=True)
-                losses = mechanism.step(per_sample_loss)
-                optimizer.step()
-                total += float(losses.sum())
-                count += int(losses.numel())
-            seen += count
-            epoch_losses.append(total / max(count, 1))
-            report(
-                f"[adapt] epoch {epoch + 1}/{adapt.epochs} loss "
-                f"{epoch_losses[-1]:.4f} ({time.perf_counter() - started:.1f} s)"
-            )
-    finally:
-        mechanism.close()
     pair.eval()
-    return (
-        TrainResult(
-            num_examples=seen,
-            epoch_losses=tuple(epoch_losses),
-            seconds=time.perf_counter() - started,
-            device=str(device),
-        ),
-        reservation.spend,
-    )
+    return result, spend

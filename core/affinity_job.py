@@ -66,6 +66,7 @@ def release_profile(
     dp: DpSettings | None = None,
     accountant_path: Path | None = None,
     rng: np.random.Generator | None = None,
+    pool_cases: int = 1,
     progress: Progress = _quiet,
 ) -> ReleasedProfile:
     """The site's task profile, noised when ``dp`` is given.
@@ -82,6 +83,9 @@ def release_profile(
             from an empty history and records nothing.
         rng: the noise source; None (what a site runs with) seeds it from the
             operating system, as the run's seed is known to the coordinator.
+        pool_cases: without ``dp``, the exact profile's foreground-fraction
+            quantiles stand on means of at least this many cases (the site's
+            ``limits.min-cases``; see :func:`core.task_profile.build_site_profile`).
         progress: called with one line.
 
     Raises:
@@ -90,7 +94,11 @@ def release_profile(
         PrivacyBudgetError: the release would bring the site's cumulative ε above its
             budget; nothing is released and the accountant file is unchanged.
     """
-    profile = build_site_profile(Path(site_dir), profile_settings(config.affinity))
+    profile = build_site_profile(
+        Path(site_dir),
+        profile_settings(config.affinity),
+        pool_cases=1 if dp is not None else pool_cases,
+    )
     if dp is None:
         progress(
             f"profile of {profile.num_images} training images "

@@ -7,7 +7,8 @@ coordinator parametrises, and an unlimited number of such values, at full precis
 rebuilds a label map. So a site caps, in the ``[limits]`` table of its ``policy.toml``
 (:class:`SiteLimits`):
 
-- the number of models, predictors and label sources of one request, and per run;
+- the number of models, predictors and label sources of one request, and per run
+  (and of task profiles per run: each is another view of the same cases);
 - the mixtures a predictor may be (non-negative weights summing to 1 over a few
   models: the rule of :func:`check_request`, not a setting);
 - a cumulative query budget over every run, persisted beside the privacy accountant
@@ -41,7 +42,8 @@ WEIGHT_SUM_TOLERANCE: Final = 1e-6
 PREDICTORS: Final = "predictors"  # evaluate: one Dice (and HD95) per predictor
 CANDIDATES: Final = "candidates"  # query.lftm: one score per candidate model
 LABEL_SOURCES: Final = "label-sources"  # train.consensus: figures per label source
-QUERY_KINDS: Final = (PREDICTORS, CANDIDATES, LABEL_SOURCES)
+PROFILES: Final = "profiles"  # query.profile: one task profile
+QUERY_KINDS: Final = (PREDICTORS, CANDIDATES, LABEL_SOURCES, PROFILES)
 
 
 class LimitError(ValueError):
@@ -64,6 +66,7 @@ class SiteLimits:
     max_candidates_per_run: int
     max_predictors_per_run: int
     max_label_sources_per_run: int
+    max_profiles_per_run: int
     query_budget: int  # query units over every run (0 = none)
     min_cases: int
     metric_decimals: int
@@ -129,6 +132,7 @@ def default_limits() -> SiteLimits:
         max_candidates_per_run=64,
         max_predictors_per_run=64,
         max_label_sources_per_run=32,
+        max_profiles_per_run=2,
         query_budget=5000,
         min_cases=2,
         metric_decimals=3,
@@ -539,6 +543,7 @@ _RUN_CAPS: Final = {
     PREDICTORS: "max_predictors_per_run",
     CANDIDATES: "max_candidates_per_run",
     LABEL_SOURCES: "max_label_sources_per_run",
+    PROFILES: "max_profiles_per_run",
 }
 
 
@@ -603,9 +608,11 @@ def charge_queries(
         spent = sum(sum(kinds.values()) for kinds in book.values())
         wanted = sum(asked.values())
         if limits.query_budget and spent + wanted > limits.query_budget:
+            # How much other runs used stays at the site (the site's log has it):
+            # a coordinator learns only that this request does not fit.
             raise LimitError(
-                f"the site's query budget is spent: {spent} of limits.query-budget "
-                f"{limits.query_budget} units used, this request asks for {wanted}"
+                f"the site's query budget (limits.query-budget {limits.query_budget} "
+                f"units over all runs) has no room for this request's {wanted}"
             )
         for kind, count in asked.items():
             run[kind] = run.get(kind, 0) + count

@@ -1061,16 +1061,99 @@ def train_private(
         ValueError: a model Opacus rejects, or tensors that do not line up (before
             anything is recorded).
     """
-    report = progress or print
     num_samples = int(images.shape[0])
     if labels.shape[0] != num_samples or case_of_slice.shape != (num_samples,):
         raise ValueError(
             f"images, labels and case_of_slice must have {num_samples} rows each"
         )
-    sample_rate, steps = dp_sgd_schedule(
-        num_samples, batch_size=train.batch_size, epochs=train.epochs
-    )
     model = make_dp_compatible(model).to(device).train()
+    result, spend = run_private_training(
+        model,
+        images,
+        labels,
+        case_of_slice=case_of_slice,
+        per_sample_loss=lambda batch, targets: per_sample_dice_ce(
+            model(batch).float(), targets
+        ),
+        schedule=PrivateSchedule(
+            epochs=train.epochs,
+            batch_size=train.batch_size,
+            learning_rate=train.learning_rate,
+            augment=train.augment,
+        ),
+        dp=dp,
+        accountant_path=accountant_path,
+        device=device,
+        label=label,
+        progress=progress,
+        seed=seed,
+    )
+    model.eval()
+    return model, PrivateTrainResult(train=result, spend=spend)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PrivateSchedule:
+    """How long and how a DP-SGD training runs (the Poisson batch is expected)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float  # Adam
+    augment: bool  # flips and intensity, drawn from the mechanism's generator
+
+
+def run_private_training(
+    module: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    case_of_slice: torch.Tensor,
+    per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: PrivateSchedule,
+    dp: DpSettings,
+    accountant_path: Path | None,
+    device: torch.device,
+    label: str,
+    progress: Callable[[str], None] | None = None,
+    seed: int | None = None,
+) -> tuple[TrainResult, PrivacySpend]:
+    """DP-SGD of ``module`` on ``(images, targets)``: reserve, then run that plan.
+
+    The one loop every DP-SGD training of a site runs (source training, fine-tuning,
+    adaptation): q = ``batch_size / N`` and ``epochs * ceil(N / batch_size)`` steps
+    (:func:`dp_sgd_schedule`), reserved in the site's accountant before the first
+    step (:func:`reserve_privacy`: the budget check and the recorded spend under one
+    lock), with the most slices any case contributes as its units per case; then
+    exactly those steps of :class:`PrivateGradient` and Adam. Updates ``module`` in
+    place and leaves it in train mode.
+
+    Args:
+        module: already DP-compatible, on ``device``, in train mode.
+        images: ``(N, 1, H, W)`` inputs.
+        targets: ``(N, H, W)`` integer class maps (labels or pseudo-labels).
+        case_of_slice: ``(N,)`` the case each slice comes from.
+        per_sample_loss: ``(batch images, batch targets) -> (n,)`` losses on
+            ``device``, each depending on its own sample only.
+        schedule: epochs, expected batch size, learning rate, augmentation.
+        dp: noise or target epsilon, delta, clipping norm and the site's budget.
+        accountant_path: the site's accountant (None: nothing recorded).
+        device: where to train.
+        label: names the run in progress lines.
+        progress: called with one line per epoch.
+        seed: the mechanism's seed; None (a site) draws one from the OS.
+
+    Returns:
+        The training's result (its losses stay at the site) and the spend.
+
+    Raises:
+        PrivacyBudgetError: before any step, when the budget would be exceeded.
+        RuntimeError: the steps run differ from the steps recorded.
+    """
+    report = progress or print
+    num_samples = int(images.shape[0])
+    sample_rate, steps = dp_sgd_schedule(
+        num_samples, batch_size=schedule.batch_size, epochs=schedule.epochs
+    )
     reservation = reserve_privacy(
         accountant_path,
         sample_rate=sample_rate,
@@ -1080,24 +1163,22 @@ def train_private(
         seed=seed,
     )
     plan = reservation.plan
-    mechanism = PrivateGradient(model, plan, num_samples=num_samples, device=device)
+    mechanism = PrivateGradient(module, plan, num_samples=num_samples, device=device)
     optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=train.learning_rate
+        [p for p in module.parameters() if p.requires_grad], lr=schedule.learning_rate
     )
 
-    def per_sample_loss(
-        indices: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        batch = [images[indices], labels[indices]]
-        if train.augment:
+    def drawn_loss(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch = [images[indices], targets[indices]]
+        if schedule.augment:
             batch = augment_batch(batch, generator)
             batch[0] = augment_intensity(batch[0], generator)
-        batch_images, batch_labels = (tensor.to(device) for tensor in batch)
-        return per_sample_dice_ce(model(batch_images).float(), batch_labels)
+        batch_images, batch_targets = (tensor.to(device) for tensor in batch)
+        return per_sample_loss(batch_images, batch_targets)
 
     report(
         f"[{label}] DP-SGD: {num_samples} samples, {plan.steps} steps "
-        f"({train.epochs} epochs of {plan.steps // train.epochs}), noise "
+        f"({schedule.epochs} epochs of {plan.steps // schedule.epochs}), noise "
         f"{plan.noise_multiplier:.3f}, clip {plan.max_grad_norm:g}, sample rate "
         f"{plan.sample_rate:.4f}"
     )
@@ -1105,18 +1186,18 @@ def train_private(
     epoch_losses: list[float] = []
     seen = 0
     try:
-        for epoch in range(train.epochs):
+        for epoch in range(schedule.epochs):
             total, count = 0.0, 0
-            for _ in range(plan.steps // train.epochs):
+            for _ in range(plan.steps // schedule.epochs):
                 optimizer.zero_grad(set_to_none=True)
-                losses = mechanism.step(per_sample_loss)
+                losses = mechanism.step(drawn_loss)
                 optimizer.step()
                 total += float(losses.sum())
                 count += int(losses.numel())
             seen += count
             epoch_losses.append(total / max(count, 1))
             report(
-                f"[{label}] epoch {epoch + 1}/{train.epochs} loss "
+                f"[{label}] epoch {epoch + 1}/{schedule.epochs} loss "
                 f"{epoch_losses[-1]:.4f} ({time.perf_counter() - started:.1f} s)"
             )
     finally:
@@ -1125,13 +1206,12 @@ def train_private(
         raise RuntimeError(
             f"DP-SGD ran {mechanism.steps_taken} of {plan.steps} recorded steps"
         )
-    model.eval()
-    return model, PrivateTrainResult(
-        train=TrainResult(
+    return (
+        TrainResult(
             num_examples=seen,
             epoch_losses=tuple(epoch_losses),
             seconds=time.perf_counter() - started,
             device=str(device),
         ),
-        spend=reservation.spend,
+        reservation.spend,
     )

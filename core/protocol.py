@@ -188,6 +188,32 @@ def dp_from_fields(
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DpFigures:
+    """The DP figures of a reply that may be a DP release (all 0 without DP).
+
+    Epsilon of this release and the site's cumulative epsilon after it, per slice (the
+    unit DP-SGD protects; what the site's budget caps) and per patient (group privacy
+    over ``slices_per_case`` slices of one case; nan when the site can't state it),
+    all at ``delta``; and the noise multiplier. Reply types that can be DP releases
+    derive from it, so the fields are declared and serialised once
+    (:func:`dp_to_fields`, :func:`dp_from_fields`).
+    """
+
+    epsilon_spent: float = 0.0
+    epsilon_total: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    patient_epsilon_spent: float = 0.0
+    patient_epsilon_total: float = 0.0
+    slices_per_case: int = 0
+
+    @property
+    def private(self) -> bool:
+        """Whether the site released this under DP (with Gaussian noise)."""
+        return self.noise_multiplier > 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class HelloReply:
     """What a site says about itself: counts only, never case names."""
 
@@ -224,7 +250,7 @@ class HelloReply:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class TrainReply:
+class TrainReply(DpFigures):
     """How a training action went; the weights travel beside it.
 
     With DP-SGD, ``epsilon_spent`` is this training's ε and ``epsilon_total`` the
@@ -236,18 +262,6 @@ class TrainReply:
     num_cases: int
     loss: float
     seconds: float
-    epsilon_spent: float = 0.0
-    epsilon_total: float = 0.0
-    delta: float = 0.0
-    noise_multiplier: float = 0.0
-    patient_epsilon_spent: float = 0.0
-    patient_epsilon_total: float = 0.0
-    slices_per_case: int = 0
-
-    @property
-    def private(self) -> bool:
-        """Whether the weights were trained with DP-SGD."""
-        return self.noise_multiplier > 0
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
@@ -405,25 +419,13 @@ class AdaptRequest:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class AdaptReply:
+class AdaptReply(DpFigures):
     """How adaptation went; adapted ``model.main``/``model.aux`` travel beside it."""
 
     num_examples: int  # target slices seen over all epochs
     # fraction of target pixels pseudo-labelled foreground (nan: withheld under DP)
     pseudo_label_foreground: float
     seconds: float
-    epsilon_spent: float = 0.0
-    epsilon_total: float = 0.0
-    delta: float = 0.0
-    noise_multiplier: float = 0.0
-    patient_epsilon_spent: float = 0.0
-    patient_epsilon_total: float = 0.0
-    slices_per_case: int = 0
-
-    @property
-    def private(self) -> bool:
-        """Whether the site released this under DP."""
-        return self.noise_multiplier > 0
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
@@ -620,7 +622,7 @@ class SemisupRequest:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class SemisupReply:
+class SemisupReply(DpFigures):
     """How a site's round went; the updated student travels beside it as ``weights``.
 
     ``num_examples`` (samples seen, labelled and unlabelled) is the FedAvg weight.
@@ -640,18 +642,6 @@ class SemisupReply:
     cross_task_loss: float
     certain_fraction: float  # share of pixels under the uncertainty threshold
     seconds: float
-    epsilon_spent: float = 0.0
-    epsilon_total: float = 0.0
-    delta: float = 0.0
-    noise_multiplier: float = 0.0
-    patient_epsilon_spent: float = 0.0
-    patient_epsilon_total: float = 0.0
-    slices_per_case: int = 0
-
-    @property
-    def private(self) -> bool:
-        """Whether the student was trained with DP-SGD."""
-        return self.noise_multiplier > 0
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""
@@ -684,7 +674,7 @@ class SemisupReply:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ProfileReply:
+class ProfileReply(DpFigures):
     """A site's SeqTran task profile (``core.task_profile.SiteProfile``) on the wire.
 
     The image term's quantile function and, for a site with labelled training cases,
@@ -702,13 +692,6 @@ class ProfileReply:
     foreground_quantiles: tuple[float, ...] | None
     num_images: int
     num_labelled: int
-    epsilon_spent: float = 0.0
-    epsilon_total: float = 0.0
-    delta: float = 0.0
-    noise_multiplier: float = 0.0
-    patient_epsilon_spent: float = 0.0
-    patient_epsilon_total: float = 0.0
-    slices_per_case: int = 0
 
     def __post_init__(self) -> None:
         has_map = self.mean_label_map is not None
@@ -722,11 +705,6 @@ class ProfileReply:
                 f"payload field 'label-grid' is {self.label_grid}, which must be > 0 "
                 "exactly when a label term is sent"
             )
-
-    @property
-    def private(self) -> bool:
-        """Whether the profile was released with Gaussian noise."""
-        return self.noise_multiplier > 0
 
     def profile_values(
         self, site: str
@@ -848,24 +826,12 @@ class EvaluateRequest:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class EvaluateReply:
+class EvaluateReply(DpFigures):
     """Aggregate metrics per predictor: mean Dice and HD95 (mm) over the cases."""
 
     num_cases: int
     dice: dict[str, float]
     hd95_mm: dict[str, float]
-    epsilon_spent: float = 0.0
-    epsilon_total: float = 0.0
-    delta: float = 0.0
-    noise_multiplier: float = 0.0
-    patient_epsilon_spent: float = 0.0
-    patient_epsilon_total: float = 0.0
-    slices_per_case: int = 0
-
-    @property
-    def private(self) -> bool:
-        """Whether the site released this under DP."""
-        return self.noise_multiplier > 0
 
     def to_fields(self) -> Fields:
         """Flatten for a MetricRecord."""

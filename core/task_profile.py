@@ -22,6 +22,7 @@ from profiles is :mod:`core.affinity`. Pure numpy/scipy; reads sites through
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -387,7 +388,33 @@ def build_foreground_map(label: npt.NDArray[np.integer], *, grid: int) -> FloatA
     return np.clip(occupancy, 0.0, 1.0)
 
 
-def build_site_profile(site_dir: Path, settings: ProfileSettings) -> SiteProfile:
+def pool_values(values: list[float], group: int) -> list[float]:
+    """``values`` sorted and pooled into means of at least ``group`` values each.
+
+    With fewer than ``group`` values or ``group <= 1`` the values come back as they
+    are (sorted). A quantile of a few values is one of those values; pooled, every
+    value released stands on at least ``group`` of them.
+
+    Example:
+        >>> pool_values([0.4, 0.1, 0.3, 0.2, 0.9], 2)
+        [0.15000000000000002, 0.5333333333333333]
+        >>> pool_values([0.2, 0.1], 1)
+        [0.1, 0.2]
+    """
+    ordered = sorted(values)
+    if group <= 1 or len(ordered) < group:
+        return ordered
+    groups = len(ordered) // group
+    bounds = [k * group for k in range(groups)] + [len(ordered)]
+    return [
+        float(np.mean(ordered[start:stop]))
+        for start, stop in itertools.pairwise(bounds)
+    ]
+
+
+def build_site_profile(
+    site_dir: Path, settings: ProfileSettings, *, pool_cases: int = 1
+) -> SiteProfile:
     """Compute a site's exact (un-noised) task profile from its training cases.
 
     Args:
@@ -395,6 +422,12 @@ def build_site_profile(site_dir: Path, settings: ProfileSettings) -> SiteProfile
             training image (``imagesTr``, labelled or not); the label term the
             labelled training cases. Evaluation cases (``imagesTs``) are never read.
         settings: what to compute.
+        pool_cases: the foreground-fraction quantiles are taken of the fractions
+            pooled into means of at least this many cases (:func:`pool_values`), so
+            that no released quantile is one case's fraction; 1 (the method as
+            published) pools nothing. A site releasing its profile without DP pools
+            by its ``limits.min-cases``; under DP the noise protects the cases and
+            the quantiles are not pooled (the noise's sensitivity assumes so).
 
     Returns:
         The profile; a site without labelled training cases gets no label term.
@@ -422,7 +455,9 @@ def build_site_profile(site_dir: Path, settings: ProfileSettings) -> SiteProfile
         quantile_clip=settings.quantile_clip,
         mean_label_map=np.mean(label_maps, axis=0) if label_maps else None,
         foreground_quantiles=(
-            midpoint_quantiles(fractions, settings.num_foreground_quantiles)
+            midpoint_quantiles(
+                pool_values(fractions, pool_cases), settings.num_foreground_quantiles
+            )
             if fractions
             else None
         ),

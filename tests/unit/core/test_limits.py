@@ -323,8 +323,8 @@ def test_query_book_charges_per_run_and_in_total(tmp_path: Path) -> None:
         "limits.max-predictors-per-run allows 10 per run"
     )
     assert str(total.value) == (
-        "the site's query budget is spent: 25 of limits.query-budget 25 units used, "
-        "this request asks for 1"
+        "the site's query budget (limits.query-budget 25 units over all runs) has no "
+        "room for this request's 1"
     )
     assert read_query_book(book) == {
         "1": {PREDICTORS: 6},
