@@ -11,7 +11,8 @@ with the queries, requests and runs it used:
 - ``evaluate`` (class 2a): single-pixel predictors on the evaluation cases, decoded
   per case where the site scores one slice per case, else as whole volumes
   (:mod:`simulations.security_volume`);
-- ``consensus`` (class 2b): the same cells as ``train.consensus`` label sources;
+- ``consensus`` (class 2b): the same cells as ``train.consensus`` label sources,
+  decoded as ``evaluate``'s are (one slice per case, or whole volumes);
 - ``lftm`` (class 2b): crafted cell models as ``query.lftm`` candidates;
 - ``profile`` (class 3): one ``query.profile`` with a fine ``affinity.label-grid``;
   ``profile-two-labelled``: the same at a site with two labelled cases.
@@ -115,7 +116,7 @@ DEFINITIONS: Final = {
     "seconds": "wall time of the attack, offline crafting of its models included",
     "offline": "crafting the attacker's pattern models (done before any request)",
     "target_map": "the site's label maps exactly as the channel scores them: whole "
-    "volumes for evaluate (after), the run's slices for consensus and LFTM, each "
+    "volumes for evaluate and consensus (after), the run's slices for LFTM, each "
     "labelled case's volume for a profile",
     "middle_slice": "for whole-volume targets: the best reconstruction's share on "
     "the middle slice alone (the slice the before stage's targets were)",
@@ -272,6 +273,64 @@ def _report(
     )
 
 
+def _scored_entry(
+    name: str,
+    measured: CellMeasurements,
+    maps_of: MapsOf,
+    settings: SecuritySettings,
+    state: Path,
+) -> dict[str, object]:
+    """A cell attack's entry, scored as the site scores the cases it released.
+
+    Where the site scores one slice per case (the before stage), the values decode
+    into each case's map; where it scores whole volumes (``evaluate`` and
+    ``train.consensus`` at a site with the default limits), into the mean
+    projection, placed along the slice axis by every strategy of
+    :mod:`simulations.security_volume`.
+    """
+    truth = maps_of(settings.site)
+    prior, prior_site = _prior(settings.site, maps_of)
+    ledger = {"ledger": ledger_decisions(state)}
+    if truth[0].shape[0] == 1:
+        return (
+            _cell_entry(
+                name,
+                measured,
+                single_slices(truth),
+                target="the middle slice of each evaluation case, as the site "
+                "scores it",
+                prior=None if prior is None else single_slices(prior),
+                prior_site=prior_site,
+            )
+            | {"training_cases": _describe_site(settings.site)}
+            | ledger
+        )
+    if prior is None:
+        raise ValueError(f"{settings.site.parent}: the attacker needs another site")
+    decimals = measured.limits.get("metric-decimals")
+    scored = score_volume_attack(measured, truth, prior, decimals=decimals)
+    recovered = float(scored.score["recovered_share"])  # type: ignore[arg-type]
+    majority = float(scored.score["majority_share"])  # type: ignore[arg-type]
+    _report(name, recovered, majority, measured)
+    code = measured.plan.code()
+    return {
+        "target_map": "every slice of each evaluation case, as the site scores it "
+        "(whole volumes)",
+        "site": {
+            "cases": measured.num_cases,
+            "slices_per_case": int(truth[0].shape[0]),
+            "image_size": code.size,
+            "model_channels": list(measured.plan.config.model.channels),
+        },
+        "training_cases": _describe_site(settings.site),
+        **scored.score,
+        **baselines(truth, prior, prior_site),
+        **_cell_costs(measured),
+        **scored.details,
+        **ledger,
+    }
+
+
 # -------------------------------------------------------------------- the attacks
 
 
@@ -333,49 +392,8 @@ def run_evaluate_attack(settings: SecuritySettings, state: Path) -> dict[str, ob
         kind=PREDICTORS,
         progress=print_progress,
     )
-    final = measured.plan.run_config
-    maps_of = evaluate_maps_of(final, settings.policy)
-    truth = maps_of(settings.site)
-    prior, prior_site = _prior(settings.site, maps_of)
-    ledger = {"ledger": ledger_decisions(state)}
-    if truth[0].shape[0] == 1:
-        return (
-            _cell_entry(
-                "evaluate",
-                measured,
-                single_slices(truth),
-                target="the middle slice of each evaluation case, as the site "
-                "scores it",
-                prior=None if prior is None else single_slices(prior),
-                prior_site=prior_site,
-            )
-            | {"training_cases": _describe_site(settings.site)}
-            | ledger
-        )
-    if prior is None:
-        raise ValueError(f"{settings.site.parent}: the attacker needs another site")
-    decimals = measured.limits.get("metric-decimals")
-    scored = score_volume_attack(measured, truth, prior, decimals=decimals)
-    recovered = float(scored.score["recovered_share"])  # type: ignore[arg-type]
-    majority = float(scored.score["majority_share"])  # type: ignore[arg-type]
-    _report("evaluate", recovered, majority, measured)
-    code = measured.plan.code()
-    return {
-        "target_map": "every slice of each evaluation case, as the site scores it "
-        "(whole volumes)",
-        "site": {
-            "cases": measured.num_cases,
-            "slices_per_case": int(truth[0].shape[0]),
-            "image_size": code.size,
-            "model_channels": list(measured.plan.config.model.channels),
-        },
-        "training_cases": _describe_site(settings.site),
-        **scored.score,
-        **baselines(truth, prior, prior_site),
-        **_cell_costs(measured),
-        **scored.details,
-        **ledger,
-    }
+    maps_of = evaluate_maps_of(measured.plan.run_config, settings.policy)
+    return _scored_entry("evaluate", measured, maps_of, settings, state)
 
 
 def run_consensus_attack(settings: SecuritySettings, state: Path) -> dict[str, object]:
@@ -390,20 +408,7 @@ def run_consensus_attack(settings: SecuritySettings, state: Path) -> dict[str, o
         progress=print_progress,
     )
     maps_of = consensus_maps_of(measured.plan.run_config, settings.policy)
-    truth = single_slices(maps_of(settings.site))
-    prior, prior_site = _prior(settings.site, maps_of)
-    return _cell_entry(
-        "consensus",
-        measured,
-        truth,
-        target="the middle slice of each evaluation case, as the site scores it "
-        "(the run's data.max-slices-per-case)",
-        prior=None if prior is None else single_slices(prior),
-        prior_site=prior_site,
-    ) | {
-        "training_cases": _describe_site(settings.site),
-        "ledger": ledger_decisions(state),
-    }
+    return _scored_entry("consensus", measured, maps_of, settings, state)
 
 
 def run_lftm_attack(settings: SecuritySettings, state: Path) -> dict[str, object]:

@@ -111,24 +111,17 @@ Fallback = Callable[[AttackPlan, str], AttackPlan | None]
 
 
 def stop_when_budget_spent(plan: AttackPlan, reason: str) -> AttackPlan | None:
-    """A cumulative budget binds: ask for what is left, or stop when nothing is.
+    """A cumulative budget binds: ask for less, down to one query, then stop.
 
-    The query budget's refusal says what is used of how much ("... 4990 of
-    limits.query-budget 5000 units used ..."): a smaller request may still fit. A
-    privacy budget's ("the site's budget is epsilon 10 ...") says no remainder: fewer
-    predictors per request (each one Gaussian release) may still fit, down to one.
+    Neither refusal says what is left: the query budget's ("the site's query budget
+    (limits.query-budget 5000 units over all runs) has no room for this request's
+    48") does not tell one run what other runs used, and a privacy budget's ("the
+    site's budget is epsilon 10 ...") has no remainder in queries. Halving the
+    request finds what still fits in a few tries.
     """
-    text = reason.lower()
-    if "budget" not in text:
+    if "budget" not in reason.lower():
         return None
-    used = re.search(r"(\d+) of limits\.query-budget (\d+) units used", reason)
-    if used is not None:
-        left = int(used.group(2)) - int(used.group(1))
-        if left >= 1 and plan.predictors_per_request > 1:
-            return dataclasses.replace(
-                plan, predictors_per_request=min(plan.predictors_per_request - 1, left)
-            )
-    elif plan.predictors_per_request > 1:
+    if plan.predictors_per_request > 1:
         return dataclasses.replace(
             plan, predictors_per_request=plan.predictors_per_request // 2
         )

@@ -2,9 +2,10 @@
 
 The attacker never sees any of this. For each attack class the benchmark builds the
 site's label maps exactly as the site's channel scores them (the slices of each case
-the site uses for that release: every slice for ``evaluate``, which scores whole
-volumes; the run's slices for ``train.consensus``; each labelled case's volume for a
-profile), and scores what came back against three guesses without any query:
+the site uses for that release: every slice of each evaluation case for ``evaluate``
+and ``train.consensus``, which score whole volumes; the run's slices of each labelled
+case for LFTM; each labelled case's volume for a profile), and scores what came back
+against three guesses without any query:
 
 - the majority class (background) everywhere;
 - another site's pixelwise-majority map (labels a coordinator might hold);
@@ -77,17 +78,12 @@ def evaluate_maps_of(
 def consensus_maps_of(
     run_config: Mapping[str, ConfigValue], policy: Path | None
 ) -> MapsOf:
-    """Each evaluation case as ``train.consensus`` scores it: the run's slices."""
-    config = load_run_config(run_config)
+    """Each evaluation case as ``train.consensus`` scores it: whole volumes.
 
-    def maps(site: Path) -> list[BoolMap]:
-        return _volumes(
-            site,
-            cap_slices_per_case(config, site_limits(site, config, policy)),
-            "evaluation",
-        )
-
-    return maps
+    A site's consensus label-dice are Dice against its evaluation labels, scored as
+    ``evaluate`` scores them.
+    """
+    return evaluate_maps_of(run_config, policy)
 
 
 def training_maps_of(

@@ -288,24 +288,33 @@ def test_lftm_scores_carry_nothing_of_the_site(document: dict[str, object]) -> N
     assert lftm["recovered_share"] == lftm["majority_share"]
 
 
-def test_consensus_scores_the_runs_slices_not_whole_volumes(
+def test_consensus_scores_whole_evaluation_volumes(
     document: dict[str, object], folder: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the tiny run crafted these models already (reused here)
+    # Prepare: the tiny run crafted these models already (reused here); the run asks
+    # for one slice per case, which the site's consensus scoring ignores
     del document
     site = ensure_security_federation(folder / "data", seed=0, extra_unlabelled=1)
     plan = AttackPlan(run_config=_tiny_run_config())
     models = crafted_models(plan, []).models
     channel = SiteChannel(site_dir=site / "A", state_dir=tmp_path)
-    maps = [m[0] for m in consensus_maps_of(_tiny_run_config(), None)(site / "A")]
+    volumes = consensus_maps_of(_tiny_run_config(), None)(site / "A")
     centre = 8 * 16 + 8  # the organ's middle
 
     # Execute
     found, _, error = ask_consensus(channel, plan, models, [centre])
 
-    # Assert: the middle slice's Dice (data.max-slices-per-case=1), rounded
+    # Assert: the pixel's whole-volume Dice (painted on every slice), rounded
     assert error is None
-    expected = np.mean([2.0 * m.flat[centre] / (1 + m.sum()) for m in maps])
+    assert all(volume.shape[0] > 1 for volume in volumes)
+    expected = np.mean(
+        [
+            2.0
+            * volume[:, centre // 16, centre % 16].sum()
+            / (volume.shape[0] + volume.sum())
+            for volume in volumes
+        ]
+    )
     assert found[centre] == round(float(expected), 3)
 
 
@@ -460,7 +469,7 @@ def test_a_per_run_cap_starts_a_new_run_unless_the_run_just_began(
     assert weaker.predictors_per_request == 32
 
 
-def test_the_query_budget_is_spent_to_its_last_unit(
+def test_a_spent_query_budget_halves_the_request_then_stops(
     plan: AttackPlan, tmp_path: Path
 ) -> None:
     book = tmp_path / "queries.json"
@@ -473,10 +482,11 @@ def test_the_query_budget_is_spent_to_its_last_unit(
             book, run_id="78", units={PREDICTORS: 48}, limits=default_limits()
         )
     reason = str(refused.value)
-    assert "4992 of limits.query-budget 5000 units used" in reason
+    assert "limits.query-budget 5000" in reason
+    assert "4992" not in reason  # what other runs used stays at the site
     weaker, name = adapt_to_refusal(plan, _refusal(reason), first_of_run=False)
     assert name == stop_when_budget_spent.__name__
-    assert weaker.predictors_per_request == 8
+    assert weaker.predictors_per_request == 32
     single = AttackPlan(run_config=plan.run_config, predictors_per_request=1)
     stopped, name = adapt_to_refusal(single, _refusal(reason), first_of_run=False)
     assert name == ""
