@@ -20,7 +20,9 @@ in its own module, which runs it, formats its README table and names its README 
   :mod:`simulations.affinity_transfer`;
 - ``security``: :mod:`simulations.security_benchmark` (what an adversarial
   coordinator reconstructs of a site's label maps through ``evaluate``,
-  ``train.consensus``, ``query.lftm`` and ``query.profile``; before and after).
+  ``train.consensus``, ``query.lftm`` and ``query.profile``; before the defences,
+  after them under the default policy, with DP, and under candidate settings;
+  its table goes to ``docs/security-benchmark.md``).
 
 The machine line, JSON documents and README table blocks are
 :mod:`simulations.benchmark_output`.
@@ -208,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     security = commands.add_parser(
         "security",
         help="label maps an adversarial coordinator reconstructs through evaluate, "
-        "consensus, LFTM and profile replies (--stage before|after, --policy FILE)",
+        "consensus, LFTM and profile replies (--stage before|after|after-<name>, "
+        "--policy FILE)",
     )
     _add_common_options(security, "benchmarks/security.json")
     add_security_options(security)

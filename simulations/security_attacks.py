@@ -16,11 +16,15 @@ as they do at a hospital. The attacks:
 - ``profile`` (class 3): one ``query.profile`` whose run config asks for a label grid
   as fine as the case.
 
-A site may refuse. An error reply is recorded with its reason, never raised; the
-attack then moves to the strongest thing still allowed, through the small, explicit
-functions of :mod:`simulations.security_fallbacks` (each reads the reason and returns
-a weaker plan, or None when it does not apply), and stops when none applies or a
-budget is spent.
+A defended site states its limits in every reply (``query.hello``'s included); the
+cell attacks read them first and plan within them
+(:func:`simulations.security_fallbacks.plan_within_limits`): a new run id whenever a
+per-run cap binds, cells coarse enough for the query budget, a stop when it is spent.
+A site may refuse all the same. An error reply is recorded with its reason, never
+raised; the attack then moves to the strongest thing still allowed, through the
+small, explicit functions of :mod:`simulations.security_fallbacks` (each reads the
+reason and returns a weaker plan, or None when it does not apply), and stops when
+none applies or a budget is spent.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -42,9 +46,13 @@ from core import protocol
 from core.config import ConfigValue
 from core.models import Arrays
 from simulations.security_fallbacks import (
+    GUARD_REFUSAL,
     AttackPlan,
     adapt_to_refusal,
+    advertised_limits,
     coarser_cells_when_values_vanish,
+    plan_within_limits,
+    units_per_cell,
 )
 from simulations.security_patterns import (
     PixelCode,
@@ -57,6 +65,7 @@ from simulations.security_patterns import (
 COORDINATOR_NODE: Final = 1
 SITE_NODE: Final = 7
 ALL_FOREGROUND: Final = "all"  # the one predictor that paints the whole image
+WHOLE: Final = -1  # the whole-image predictor among the cells a request asks about
 MAX_REFUSALS: Final = 64  # a site that refuses this often has won; stop asking
 
 
@@ -151,16 +160,36 @@ def request_content(
     return content
 
 
-def count_evaluation_cases(
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SiteHello:
+    """What ``query.hello`` told the attacker: the evaluation cases and the limits.
+
+    Attributes:
+        evaluation: evaluation cases the site averages over (0 when refused).
+        limits: the ``limits.*`` caps its applied policy states (empty when it
+            says none).
+        error: the refusal's reason, or None.
+    """
+
+    evaluation: int
+    limits: dict[str, int]
+    error: str | None
+
+
+def say_hello(
     channel: SiteChannel, run_config: Mapping[str, ConfigValue], run_id: int
-) -> tuple[int, str | None]:
-    """``query.hello``'s evaluation-case count (0 and the reason when refused)."""
+) -> SiteHello:
+    """Ask ``query.hello``: the case counts and the limits every reply states."""
     reply = channel.send(
         protocol.HELLO, RecordDict(), run_id=run_id, run_config=run_config
     )
     if reply.error is not None:
-        return 0, reply.error
-    return int(protocol.HelloReply.from_fields(reply.settings).evaluation), None
+        return SiteHello(evaluation=0, limits={}, error=reply.error)
+    return SiteHello(
+        evaluation=int(protocol.HelloReply.from_fields(reply.settings).evaluation),
+        limits=advertised_limits(reply.settings),
+        error=None,
+    )
 
 
 # ------------------------------------------------------------------- cell attacks
@@ -177,6 +206,9 @@ class CellMeasurements:
         num_cases: the evaluation cases the site averages over (``query.hello``).
         queries: predictors (or label-source sets) the site scored.
         requests: messages sent, refused ones included.
+        runs: run ids the attack used (a new one whenever a per-run cap bound).
+        units: query units the site charged, as the attacker counts them.
+        limits: the ``limits.*`` caps the site advertised (empty: none).
         refusals: one entry per error reply: request number, reason, fallback taken.
         adaptations: weaker plans taken without a refusal (values rounded away).
         crafting: what crafting the pattern models cost (offline).
@@ -189,6 +221,9 @@ class CellMeasurements:
     num_cases: int
     queries: int
     requests: int
+    runs: int
+    units: int
+    limits: dict[str, int]
     refusals: tuple[dict[str, object], ...]
     adaptations: tuple[dict[str, object], ...]
     crafting: dict[str, object]
@@ -273,23 +308,29 @@ def _check_regions(
     return frozenset(unusable), min(margins, default=0.0)
 
 
-def _batches(plan: AttackPlan, cells: Sequence[int]) -> Iterator[list[int]]:
-    """Cells grouped into requests within the plan's predictor and model caps."""
+def _next_batch(plan: AttackPlan, cells: Sequence[int], room: int) -> list[int]:
+    """The first cells of ``cells`` one request may ask about.
+
+    At most ``room`` cells, and no more models than the plan's cap (the whole-image
+    predictor, :data:`WHOLE`, needs its own model).
+    """
     code = plan.code()
     batch: list[int] = []
     models: set[str] = set()
     for cell in cells:
-        needed = {name for name, _ in code.members(cell)}
+        needed = (
+            {ALL_FOREGROUND}
+            if cell == WHOLE
+            else {name for name, _ in code.members(cell)}
+        )
         over_models = (
             plan.models_per_request and len(models | needed) > plan.models_per_request
         )
-        if batch and (len(batch) >= plan.predictors_per_request or over_models):
-            yield batch
-            batch, models = [], set()
+        if batch and (len(batch) >= room or over_models):
+            break
         batch.append(cell)
         models |= needed
-    if batch:
-        yield batch
+    return batch
 
 
 def _tile_order(code: PixelCode, tile: int) -> list[int]:
@@ -310,38 +351,93 @@ Ask = Callable[
 ]
 
 
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _Spending:
+    """The attacker's own count of what the site charged it."""
+
+    run: int = 0  # query units charged in the current run
+    total: int = 0  # query units charged at the site
+    runs: int = 1  # run ids used
+
+    def charge(self, units: int) -> None:
+        self.run += units
+        self.total += units
+
+    def new_run(self) -> None:
+        self.run = 0
+        self.runs += 1
+
+
+def _room(plan: AttackPlan, spending: _Spending, cost: int) -> tuple[int, str]:
+    """Cells the next request may ask about; or 0 and why.
+
+    ``run``: this run's cap is used (a new run id); ``budget``: the query budget is
+    spent; ``cap``: a run's cap is below what one cell costs (both stop the attack).
+    """
+    room = plan.predictors_per_request
+    if plan.budget:
+        left = plan.budget - spending.total
+        if left < cost:
+            return 0, "budget"
+        room = min(room, left // cost)
+    if plan.units_per_run:
+        if plan.units_per_run < cost:  # not even a fresh run pays for one cell
+            return 0, "cap"
+        left_in_run = plan.units_per_run - spending.run
+        if left_in_run < cost:
+            return 0, "run"
+        room = min(room, left_in_run // cost)
+    return room, ""
+
+
 def measure_cells(
     channel: SiteChannel,
     plan: AttackPlan,
     ask: Ask,
     *,
+    kind: str,
     progress: Callable[[str], None],
 ) -> CellMeasurements:
-    """Ask about every cell of the plan's code, adapting the plan to refusals.
+    """Ask about every cell of the plan's code, within the site's limits.
 
-    ``ask(channel, plan, models, cells)`` sends one request and returns the cells'
-    values, the whole-image value (nan if not asked) and the error (None if none).
-    A refusal that changes the code (other cells, other models) starts the cells
-    over; values measured under the old code are dropped.
+    ``query.hello`` first: its applied policy states the site's limits, and the plan
+    is fitted to them (:func:`plan_within_limits`): when the run's cap is reached the
+    attack moves to a new run id, and it stops when the query budget is spent. A
+    refusal all the same goes through the fallbacks; one that changes the code (other
+    cells, other models) starts the cells over, dropping values measured under the
+    old code.
+
+    Args:
+        channel: the site.
+        plan: the attacker's wish, before the site's limits.
+        ask: ``ask(channel, plan, models, cells)`` sends one request and returns the
+            cells' values, the whole-image value (nan if not asked) and the error
+            (None if none); :data:`WHOLE` among the cells asks for the whole image.
+        kind: what a cell is charged as (``core.limits.PREDICTORS``, ``CANDIDATES``
+            or ``LABEL_SOURCES``).
+        progress: called with progress lines.
     """
     started = time.perf_counter()
     costs: list[dict[str, object]] = []
     refusals: list[dict[str, object]] = []
     adaptations: list[dict[str, object]] = []
-    num_cases, error = count_evaluation_cases(channel, plan.run_config, plan.run_id)
+    hello = say_hello(channel, plan.run_config, plan.run_id)
     requests, queries = 1, 0
     values: dict[int, float] = {}
     whole = math.nan
-    if error is not None:
+    if hello.error is not None:
         refusals.append(
             {
                 "request": requests,
                 "message_type": protocol.HELLO,
-                "reason": error,
+                "reason": hello.error,
                 "fallback": "",
             }
         )
-        plan = dataclasses.replace(plan, stopped=f"refused: {error}")
+        plan = dataclasses.replace(plan, stopped=f"refused: {hello.error}")
+    else:
+        plan = plan_within_limits(plan, hello.limits, kind=kind)
+    spending = _Spending()
     run_requests = 0
     crafted: CraftedSet | None = None
     crafted_for: AttackPlan | None = None
@@ -354,12 +450,13 @@ def measure_cells(
             crafted, crafted_for = crafted_models(plan, costs), plan
         assert crafted is not None
         tile = max(1, (plan.models_per_request or 2 * code.cells_per_side) // 2)
-        pending = [
+        pending = [WHOLE] if plan.whole_image and math.isnan(whole) else []
+        pending += [
             cell
             for cell in _tile_order(code, tile)
             if cell not in values and cell not in crafted.unusable
         ]
-        if not pending:
+        if pending == [WHOLE] or not pending:
             coarser = coarser_cells_when_values_vanish(plan, values, whole)
             if coarser is None:
                 break
@@ -372,24 +469,50 @@ def measure_cells(
             )
             plan, values = coarser, {}
             continue
-        batch = next(_batches(plan, pending))
+        cost = units_per_cell(plan, kind)
+        room, bound = _room(plan, spending, cost)
+        if bound == "run":
+            plan = dataclasses.replace(plan, run_id=plan.run_id + 1)
+            spending.new_run()
+            run_requests = 0
+            continue
+        if bound == "budget":
+            plan = dataclasses.replace(
+                plan,
+                stopped=f"query budget spent: {spending.total} of the "
+                f"{plan.budget} units the site answers",
+            )
+            break
+        if bound == "cap":
+            plan = dataclasses.replace(
+                plan,
+                stopped=f"a cell costs {cost} units, the site answers "
+                f"{plan.units_per_run} a run",
+            )
+            break
+        batch = _next_batch(plan, pending, room)
         requests += 1
         run_requests += 1
         found, whole_value, error = ask(channel, plan, crafted.models, batch)
         if error is None:
+            spending.charge(len(batch) * cost)
             values.update(found)
             queries += len(found) + (0 if math.isnan(whole_value) else 1)
             whole = whole_value if math.isnan(whole) else whole
             if len(values) % 256 < len(found):
                 progress(f"  {len(values)}/{code.num_cells} cells measured")
             continue
+        if not error.startswith(GUARD_REFUSAL):
+            # Refused by the handler, after the site charged the request.
+            spending.charge(len(batch) * cost)
         weaker, fallback = adapt_to_refusal(plan, error, first_of_run=run_requests == 1)
         refusals.append({"request": requests, "reason": error, "fallback": fallback})
         progress(f"  refused ({error[:160]}); fallback: {fallback or 'stop'}")
         if weaker.run_id != plan.run_id:
+            spending.new_run()
             run_requests = 0
         if weaker.code() != code or weaker.run_config != plan.run_config:
-            values = {}
+            values, whole = {}, math.nan
         plan = weaker
         if len(refusals) >= MAX_REFUSALS:
             plan = dataclasses.replace(plan, stopped=f"{MAX_REFUSALS} refusals")
@@ -397,9 +520,12 @@ def measure_cells(
         plan=plan,
         values=values,
         all_foreground=whole,
-        num_cases=num_cases,
+        num_cases=hello.evaluation,
         queries=queries,
         requests=requests,
+        runs=spending.runs,
+        units=spending.total,
+        limits=hello.limits,
         refusals=tuple(refusals),
         adaptations=tuple(adaptations),
         crafting=_total_cost(costs),
@@ -442,10 +568,10 @@ def ask_evaluate(
     models: Mapping[str, Arrays],
     cells: Sequence[int],
 ) -> tuple[dict[int, float], float, str | None]:
-    """One ``evaluate`` request: a predictor per cell, plus the whole image once."""
+    """One ``evaluate`` request: a predictor per cell (:data:`WHOLE`: whole image)."""
     code = plan.code()
-    predictors = {f"c{cell}": code.members(cell) for cell in cells}
-    if cells and cells[0] == _tile_order(code, 1)[0]:
+    predictors = {f"c{cell}": code.members(cell) for cell in cells if cell != WHOLE}
+    if WHOLE in cells:
         predictors[ALL_FOREGROUND] = [(ALL_FOREGROUND, 1.0)]
     used = {name for members in predictors.values() for name, _ in members}
     content = request_content(
@@ -458,7 +584,9 @@ def ask_evaluate(
     if reply.error is not None:
         return {}, math.nan, reply.error
     dice = protocol.EvaluateReply.from_fields(reply.metrics).dice
-    found = {cell: dice[f"c{cell}"] for cell in cells if f"c{cell}" in dice}
+    found = {
+        cell: dice[f"c{cell}"] for cell in cells if cell != WHOLE and f"c{cell}" in dice
+    }
     return found, dice.get(ALL_FOREGROUND, math.nan), None
 
 

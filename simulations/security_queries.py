@@ -6,9 +6,11 @@
   :func:`simulations.security_attacks.measure_cells` as the attack's ``ask``, so it
   meets refusals with the same fallbacks as ``evaluate``.
 - ``query.profile`` (class 3): one request whose run config sets
-  ``affinity.label-grid`` as fine as the case; the reply's mean foreground map is
-  resampled back to the case's grid and thresholded at one half. A refusal halves the
-  grid (:func:`coarser_label_grid`) until the site answers or a budget stops it.
+  ``affinity.label-grid`` as fine as the case, or as fine as the site's advertised
+  ``limits.max-label-grid`` allows (``query.hello`` first); the reply's mean
+  foreground map is resampled back to the case's grid and thresholded at one half. A
+  refusal takes the grid to the cap it quotes, or halves it
+  (:func:`coarser_label_grid`), until the site answers or a final refusal stops it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from scipy import ndimage
 from core import protocol
 from core.config import ConfigValue
 from core.models import Arrays
-from simulations.security_attacks import SiteChannel, request_content
+from simulations.security_attacks import SiteChannel, request_content, say_hello
 from simulations.security_fallbacks import (
     AttackPlan,
-    stop_when_budget_spent,
+    allowed_by,
+    stop_when_action_refused,
     stop_when_too_few_cases,
 )
 
@@ -65,9 +68,12 @@ class ProfileMeasurement:
 
     Attributes:
         grid: the label grid the site finally answered for (0 if none).
-        mean_label_map: the released ``grid^3`` map (None if refused or no labels).
+        mean_label_map: the released ``grid^3`` map (None if refused, or when the
+            site left the label term out).
         num_labelled: labelled cases behind the map, as the site reported.
         epsilon: the ε the site reports for the release (0 for an exact map).
+        noise_multiplier: the Gaussian noise the release carries, over its
+            sensitivity (0 for an exact map).
         requests: messages sent, refused ones included.
         refusals: request number, reason and fallback of each error reply.
         seconds: wall time.
@@ -77,17 +83,31 @@ class ProfileMeasurement:
     mean_label_map: npt.NDArray[np.float64] | None
     num_labelled: int
     epsilon: float
+    noise_multiplier: float
     requests: int
     refusals: tuple[dict[str, object], ...]
     seconds: float
 
 
 def coarser_label_grid(grid: int, reason: str) -> int:
-    """The next grid after a refusal: half, or 0 when the reason is final."""
+    """The next grid after a refusal: the quoted cap, half, or 0 when final.
+
+    Example:
+        >>> coarser_label_grid(64, "limit-exceeded (affinity.label-grid is 64, "
+        ...                    "limits.max-label-grid allows 32)")
+        32
+        >>> coarser_label_grid(64, "the site's budget is epsilon 10 ...")
+        0
+    """
     plan = AttackPlan(run_config={})
-    for stop in (stop_when_budget_spent, stop_when_too_few_cases):
+    if "budget" in reason.lower():
+        return 0
+    for stop in (stop_when_action_refused, stop_when_too_few_cases):
         if stop(plan, reason) is not None:
             return 0
+    cap = allowed_by(reason, "max-label-grid")
+    if cap is not None and SMALLEST_GRID <= cap < grid:
+        return cap
     return grid // 2 if grid // 2 >= SMALLEST_GRID else 0
 
 
@@ -99,10 +119,19 @@ def measure_profile(
     progress: Callable[[str], None],
     run_id: int = 1,
 ) -> ProfileMeasurement:
-    """Ask for the task profile at ``grid``, coarser after each refusal."""
+    """Ask for the task profile at ``grid``, coarser after each refusal.
+
+    ``query.hello`` first: the grid asked for is held to the site's advertised
+    ``limits.max-label-grid``.
+    """
     started = time.perf_counter()
     refusals: list[dict[str, object]] = []
-    requests = 0
+    hello = say_hello(channel, run_config, run_id)
+    requests = 1
+    if hello.error is not None:
+        refusals.append({"request": requests, "reason": hello.error, "fallback": ""})
+        grid = 0
+    grid = min(grid, hello.limits.get("max-label-grid", grid))
     while grid:
         requests += 1
         flat = {**run_config, "affinity.label-grid": grid}
@@ -123,6 +152,7 @@ def measure_profile(
                 mean_label_map=label_map,
                 num_labelled=released.num_labelled,
                 epsilon=released.epsilon_spent,
+                noise_multiplier=released.noise_multiplier,
                 requests=requests,
                 refusals=tuple(refusals),
                 seconds=time.perf_counter() - started,
@@ -142,6 +172,7 @@ def measure_profile(
         mean_label_map=None,
         num_labelled=0,
         epsilon=0.0,
+        noise_multiplier=0.0,
         requests=requests,
         refusals=tuple(refusals),
         seconds=time.perf_counter() - started,
