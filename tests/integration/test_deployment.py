@@ -40,7 +40,7 @@ from deploy.loopback import (
 )
 from simulations.simulate import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.pipeline]
 
 SITES = ("A", "B", "C")
 RUN_TIMEOUT_S = 900.0

@@ -292,6 +292,7 @@ def test_resume_of_an_unknown_run_is_a_clear_error(
 # ----------------------------------------------------------------- last-phase, report
 
 
+@pytest.mark.pipeline
 def test_last_phase_stops_early_and_still_reports(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
@@ -326,6 +327,7 @@ def test_last_phase_stops_early_and_still_reports(
     assert not (tmp_path / "1" / "dice.png").exists()
 
 
+@pytest.mark.pipeline
 def test_a_failed_phase_writes_the_report_with_the_reason(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
@@ -402,6 +404,7 @@ def test_a_run_stopped_for_too_few_sites_names_them_and_how_to_resume(
     assert (tmp_path / "5" / "phases" / "source-training.json").exists() is False
 
 
+@pytest.mark.pipeline
 def test_a_source_that_fails_is_left_out_and_reported(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
