@@ -8,9 +8,9 @@ DeepSTAPLE (METHODS.md section 2), and the benchmark reports each consensus' Dic
 against the clean labels, how well DeepSTAPLE's data parameters and STAPLE's
 sensitivities rank the labels by true Dice, and the Dice on the sites' evaluation cases
 of a fresh model trained on each consensus. It calls the ``core`` functions directly,
-without Flower. This module owns that run and the README table of the whole
-``consensus`` document (controlled and pipeline rows); the command line is
-``simulations.benchmark``.
+without Flower. This module owns that run and the table of the whole ``consensus``
+document (controlled and pipeline rows; ``docs/consensus-benchmark.md``); the command
+line is ``simulations.benchmark``.
 """
 
 from __future__ import annotations

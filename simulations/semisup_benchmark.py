@@ -14,8 +14,9 @@ Dice on each site's evaluation labels. Every site step is
 the students are averaged by Flower's own FedAvg aggregation
 (:func:`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` weighted by
 ``num-examples``), as ``server/pipeline_semisup.py`` averages the sites' replies.
-This module owns the run, its JSON document and the README table between the
-``<!-- benchmark:semisup -->`` markers; the command line is ``simulations.benchmark``.
+This module owns the run, its JSON document and the table between the
+``<!-- benchmark:semisup -->`` markers of ``docs/semisup-benchmark.md``; the command
+line is ``simulations.benchmark``.
 
 ``--seeds`` repeats everything at several ``train.seed`` values (which cases stay
 labelled, the initial weights, the batches, noise and dropout) and reports the mean,
