@@ -78,7 +78,8 @@ AFFINITY_RUN_CONFIG: Final[dict[str, ConfigValue]] = {
     "train.epochs": 30,  # a path's first site, from the seeded start
 }
 # Labelled training cases per landmark and intermediate, and the target's default
-# (--target-cases; METHODS 4 (d) suggests reporting several few-shot counts).
+# (--target-cases; the paper leaves the target's label count open, so
+# docs/affinity-benchmark.md reports several few-shot counts).
 CHAIN_CASES: Final = (8, 8, 2)
 EXTRA_TARGETS: Final = ("I-dark-large", "I-bright-small")
 COLUMNS: Final = (
