@@ -21,9 +21,10 @@ TEXT_SUFFIXES = frozenset(
     {".py", ".md", ".toml", ".sh", ".template", ".service", ".txt", ".cfg", ".yml"}
 )
 # Spelled in pieces so that this file does not cite them itself.
-OUTSIDE_DOCUMENTS = tuple(
-    f"{name}.md" for name in ("METHODS", "DESIGN", "STYLE", "DEPLOY")
-) + ("../" + "shared",)
+OUTSIDE_DOCUMENTS = (
+    *(f"{name}.md" for name in ("METHODS", "DESIGN", "STYLE", "DEPLOY")),
+    "../" + "shared",
+)
 CITED_PAGE = re.compile(r"docs/([a-z0-9-]+\.md)(?:#([\w-]+))?")
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 
@@ -110,11 +111,32 @@ def test_every_relative_link_resolves(page: Path) -> None:
             continue
         file_part, _, anchor = target.partition("#")
         linked = (page.parent / file_part).resolve() if file_part else page
-        if not linked.exists():
+        if not linked.exists() or (
+            anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked)
+        ):
             broken.append(target)
-        elif anchor and linked.suffix == ".md":
-            if anchor not in heading_anchors(linked):
-                broken.append(target)
 
     # Assert
     assert broken == []
+
+
+REPOSITORY_PATH = re.compile(
+    r"`((?:core|clients|server|simulations|deploy|tests|benchmarks|docs)/[\w/.\-]+)`"
+)
+
+
+@pytest.mark.parametrize(
+    "page",
+    [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))],
+    ids=lambda page: page.name,
+)
+def test_every_repository_path_a_page_names_exists(page: Path) -> None:
+    # Execute: `core/...`, `deploy/...` and the like, as the pages spell them
+    missing = [
+        name
+        for name in REPOSITORY_PATH.findall(page.read_text())
+        if not (REPO / name).exists()
+    ]
+
+    # Assert
+    assert missing == []
