@@ -461,7 +461,8 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_results(
     assert len(serverapps) == 1
     os.kill(serverapps[0], signal.SIGKILL)
     # The operator stops the dead run; Flower itself would mark it failed only once
-    # the ServerApp's heartbeat expired, about a minute later (DEPLOY.md G6). Do not
+    # the ServerApp's heartbeat expired, about a minute later (see
+    # docs/deployment.md#flower-139-behaviours-the-scripts-rely-on). Do not
     # resume before it has finished: with both runs open, the SuperLink's SQLite state
     # was locked, its ServerApp launcher died on the error and no later run started.
     deployment.stop_run(killed)
