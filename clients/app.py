@@ -1,4 +1,4 @@
-"""The SiteBridge ClientApp: one small handler per action (DESIGN.md section 4).
+"""The SiteBridge ClientApp: one small handler per action (docs/architecture.md).
 
 Each handler gets its site's setup (run config, site folder, applied policy, state
 folder), calls one ``core.jobs`` function and encodes only what the contract lets

@@ -30,7 +30,7 @@ the stricter wins) and then:
    records, so a rewritten or truncated site ledger is caught (``core.ledger_match``).
 
 The node keeps serving after every refusal. Everything in here is the site's: in a
-deployment the site runs the SiteBridge it installed (see ``deploy/README.md``), so
+deployment the site runs the SiteBridge it installed (see ``docs/deployment.md``), so
 the coordinator cannot switch the guard off, and a new action gets it by being
 registered on the same ``ClientApp``.
 """

@@ -1,4 +1,4 @@
-"""TGMA target optimisation of the main/auxiliary pair (METHODS.md sections 0 and 1).
+"""TGMA target optimisation of the main/auxiliary pair (docs/methods.md#tgma).
 
 Both networks start from their source weights and are trained together on the target's
 unlabelled images with a Dice loss between the (fixed, precomputed) ITM-corrected

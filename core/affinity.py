@@ -1,11 +1,11 @@
 """SeqTran task affinity: what the coordinator computes from site task profiles.
 
-Owns the affinity terms of METHODS.md section 0 (SeqTran, federated) and section 4 (b)
-1-3, computed from :class:`~core.task_profile.SiteProfile` values (built by
-:mod:`core.task_profile`, optionally noised by :mod:`core.profile_noise`):
+Owns the affinity terms of docs/methods.md#affinity, computed from
+:class:`~core.task_profile.SiteProfile` values (built by :mod:`core.task_profile`,
+optionally noised by :mod:`core.profile_noise`):
 
 - ``H`` = exact 1-D Wasserstein-1 distance between quantile functions; ``R`` = global
-  single-window SSIM (K1 = K2 = 0.3, L = 1); both min-max normalised (METHODS 4 (d));
+  single-window SSIM (K1 = K2 = 0.3, L = 1); both min-max normalised;
   ``d = a * H_norm + b * (1 - R_norm)``. Path search is in :mod:`core.transfer_paths`.
 
 Pure numpy; never reads site data and never imports flwr or opacus.
@@ -58,7 +58,7 @@ def global_ssim(
     k2: float = 0.3,
     data_range: float = 1.0,
 ) -> float:
-    """Return the single-window SSIM of two whole arrays (METHODS 4 (b) 2).
+    """Return the single-window SSIM of two whole arrays (docs/methods.md#affinity).
 
     ``(2 mu_a mu_b + C1)(2 cov + C2) / ((mu_a^2 + mu_b^2 + C1)(var_a + var_b + C2))``
     with ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``, ``L = data_range``. Variances and the
@@ -228,7 +228,7 @@ def _min_max_off_diagonal(values: FloatArray) -> FloatArray | None:
 def normalise(
     image_distances: SiteMatrix, label_similarities: SiteMatrix
 ) -> tuple[SiteMatrix, SiteMatrix]:
-    """Min-max ``H`` and ``R`` over all off-diagonal pairs (METHODS 4 (d)).
+    """Min-max ``H`` and ``R`` over all off-diagonal pairs (docs/methods.md#affinity).
 
     ``H_norm = sqrt(minmax(H))`` (the reference's "Sqrt Normalized WD");
     ``R_norm = minmax(R)``. The diagonal is set to a site's affinity with itself

@@ -1,4 +1,4 @@
-"""The site side of SeqTran (METHODS.md section 4): the released profile, a fine-tune.
+"""The site side of SeqTran (docs/methods.md#seqtran): released profile, fine-tune.
 
 Owns what a site runs for the two affinity actions of the pipeline:
 

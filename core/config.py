@@ -247,7 +247,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TransferConfig:
-    """LFTM and source selection (METHODS.md section 0, TGMA)."""
+    """LFTM and source selection (docs/methods.md#tgma)."""
 
     metric: TransferMetric
     attention: Attention
@@ -294,7 +294,7 @@ class AdaptConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ConsensusConfig:
-    """Label consensus at the target (METHODS.md sections 0 and 2, DeepSTAPLE).
+    """Label consensus at the target (docs/methods.md#deepstaple).
 
     ``epochs``..``risk_regularisation`` drive DeepSTAPLE's own network and data
     parameters; ``refine_*`` train the target model on each consensus.
@@ -331,7 +331,7 @@ class ConsensusConfig:
 
 
 class SemisupVariant(StrEnum):
-    """What the semi-supervised rounds optimise (METHODS.md section 3; baselines).
+    """What the semi-supervised rounds optimise (docs/methods.md#ug-mcl; baselines).
 
     ``SUPERVISED``: the labelled part only, ``0.5 * (CE + Dice(softmax))``; no teacher.
     ``MEAN_TEACHER``: plus unmasked intra-task consistency; no SDF terms.
@@ -365,7 +365,7 @@ class SemisupConfig:
     labelled_fraction: float
     labelled_batch: int
     unlabelled_batch: int
-    learning_rate: float  # SGD, momentum 0.9, weight decay 1e-4 (METHODS.md 3(c))
+    learning_rate: float  # SGD, momentum 0.9, weight decay 1e-4 (docs/methods.md)
     ema_decay: float
     passes: int  # teacher passes for the uncertainty
     consistency: float  # weight of both consistency terms after the ramp
@@ -426,7 +426,7 @@ class SemisupConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AffinityConfig:
-    """Task profiles, affinities and transfer paths (METHODS.md sections 0 and 4).
+    """Task profiles, affinities and transfer paths (docs/methods.md#seqtran).
 
     ``enabled`` runs the pipeline's ``affinity`` phase (profiles, path, sequential
     fine-tuning; its model joins the TGMA candidates). ``image_size``..
@@ -438,10 +438,10 @@ class AffinityConfig:
     may start: ``case-fraction``, a source with at least ``start_case_fraction`` of the
     best-labelled source's cases, or ``communities``, the landmark of one of
     ``communities`` Girvan-Newman communities with an intermediate of the same
-    community (the paper's exact 2-hop search, METHODS.md 4 (b) 6-7);
+    community (the paper's exact 2-hop search, docs/methods.md#path-search);
     ``one_factor_edges`` drops every transfer step between sites whose modality and
-    labels both differ (METHODS.md 4 (d)); each fine-tuning step along the path trains
-    ``finetune_epochs`` epochs at ``finetune_learning_rate``.
+    labels both differ (docs/methods.md#path-search); each fine-tuning step along the
+    path trains ``finetune_epochs`` epochs at ``finetune_learning_rate``.
     """
 
     enabled: bool

@@ -1,10 +1,10 @@
 """Label consensus baselines: majority vote, STAPLE and multi-label STAPLE.
 
 Owns the fixed (not learned) fusion of A noisy labels of one image into one label
-(METHODS.md section 2 (b) formula 7, the baselines of DeepSTAPLE) and the validation of
-label stacks shared with :mod:`core.deepstaple`, which owns the learned fusion. Label
-stacks are numpy arrays of shape ``(A, *spatial)`` with 2-D or 3-D spatial dimensions.
-Every function is pure.
+(docs/methods.md#baselines-and-what-leaves, the baselines of DeepSTAPLE) and the
+validation of label stacks shared with :mod:`core.deepstaple`, which owns the learned
+fusion. Label stacks are numpy arrays of shape ``(A, *spatial)`` with 2-D or 3-D spatial
+dimensions. Every function is pure.
 
 Depends on numpy and SimpleITK (its STAPLE filters only, no file I/O, which stays in
 :mod:`core.io`); never imports torch or flwr.

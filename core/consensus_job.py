@@ -1,6 +1,6 @@
 """The ``train.consensus`` job: label consensus at the target site.
 
-METHODS.md section 0 (DeepSTAPLE paragraph) and section 2. At the target, every image
+docs/methods.md#deepstaple. At the target, every image
 gets one noisy label per candidate model (its prediction) and one per atlas in the
 site's ``atlases/`` folder (registered onto it with SimpleITK, ``core.registration``).
 The noisy labels are fused four ways:
@@ -11,7 +11,8 @@ The noisy labels are fused four ways:
 - ``staple``: STAPLE over each case's labels as 3-D stacks (one sensitivity per
   label source and case);
 - ``deepstaple``: DeepSTAPLE data parameters learned per (2-D slice, label source),
-  as METHODS.md 2(d) fixes for 2-D networks, then softmax-weighted voting per slice.
+  as docs/methods.md#data-parameters fixes for 2-D networks, then softmax-weighted
+  voting per slice.
 
 Images are the target's training images and, when it has them, its evaluation images:
 their evaluation labels are read only to score each consensus and the data

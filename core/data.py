@@ -1,10 +1,10 @@
 """Site data: index a site folder, validate it, and cut its volumes into 2-D slices.
 
-Owns the nnU-Net/MSD site layout of DESIGN.md section 3 (``imagesTr``/``labelsTr``,
-``imagesTs``/``labelsTs``, optional ``dataset.json``), the checks that turn bad input
-into a :class:`SiteDataError` naming the file and the problem, and the
-:class:`SliceSet` of network inputs. Reads images only through :mod:`core.io`; never
-imports SimpleITK, flwr, clients or server.
+Owns the nnU-Net/MSD site layout of docs/architecture.md#site-folders
+(``imagesTr``/``labelsTr``, ``imagesTs``/``labelsTs``, optional ``dataset.json``), the
+checks that turn bad input into a :class:`SiteDataError` naming the file and the
+problem, and the :class:`SliceSet` of network inputs. Reads images only through
+:mod:`core.io`; never imports SimpleITK, flwr, clients or server.
 """
 
 from __future__ import annotations
@@ -273,8 +273,9 @@ def index_site(site_dir: Path) -> SiteIndex:
     """Find the cases of a site folder without reading any pixel data.
 
     Args:
-        site_dir: a folder in the layout of DESIGN.md section 3. Only channel
-            ``_0000`` images are used; DICOM series are folders of ``.dcm`` files.
+        site_dir: a folder in the layout of docs/architecture.md#site-folders. Only
+            channel ``_0000`` images are used; DICOM series are folders of ``.dcm``
+            files.
 
     Returns:
         The cases sorted by case id. ``imagesTs`` cases without a label are skipped.

@@ -1,10 +1,10 @@
 """DeepSTAPLE: data parameters learned on noisy labels, and softmax-weighted voting.
 
-Owns the learned label consensus of METHODS.md section 2 (section 0, DeepSTAPLE
-paragraph): one data parameter per noisy label instance is learned while a
-segmentation network trains on the noisy labels (section 2 (b) formulas 1-5,
-out-of-line two-step update by default), and the labels of one image are fused by
-softmax(data parameter) voting (formula 6). The baselines it is compared with
+Owns the learned label consensus of docs/methods.md#deepstaple, whose numbering the
+formulas below follow: one data parameter per noisy label instance is learned while a
+segmentation network trains on the noisy labels (formulas 1-5, out-of-line two-step
+update by default), and the labels of one image are fused by softmax(data parameter)
+voting (formula 6). The baselines it is compared with
 (majority vote, STAPLE) live in :mod:`core.consensus`, whose label-stack validation
 this module reuses.
 
@@ -56,7 +56,7 @@ class DeepStapleResult:
 
 
 class DataParameters(nn.Module):
-    """One learnable scalar per noisy label instance (METHODS.md 2 (b) 1).
+    """One learnable scalar per noisy label instance (docs/methods.md#data-parameters).
 
     Stored as a sparse ``(count, 1)`` embedding initialised to 0.0, so only the rows of
     a batch receive (sparse) gradients; optimise it with ``torch.optim.SparseAdam``.

@@ -1,8 +1,8 @@
 """UG-MCL's dual-task network: a MONAI U-Net with a signed-distance head.
 
-Owns :class:`DualTaskUNet` (METHODS.md 3(b)1 and section 0: two separate heads on
-one U-Net, the shared-head variant as an option, dropout for Monte-Carlo passes) and
-the conversion between its weights and an ordinary segmentation model's. The
+Owns :class:`DualTaskUNet` (docs/methods.md#network-and-signed-distances: two separate
+heads on one U-Net, the shared-head variant as an option, dropout for Monte-Carlo
+passes) and the conversion between its weights and an ordinary segmentation model's. The
 segmentation part is exactly :func:`core.models.build_model`'s network, so a student's
 segmentation weights are evaluated, stored and sent like any other model's. Pure
 PyTorch/MONAI; never imports flwr.
@@ -131,7 +131,7 @@ def build_dual_task_model(
         data: gives the number of classes C.
         spatial_dims: 2 or 3.
         shared_head: see :class:`DualTaskUNet`.
-        dropout: the MC dropout probability (METHODS.md 3(b)1 uses 0.3).
+        dropout: the MC dropout probability (0.3 by default, as the paper).
     """
     network = build_model(model, data=data, spatial_dims=spatial_dims)
     return DualTaskUNet(network, shared_head=shared_head, dropout=dropout)

@@ -1,4 +1,4 @@
-"""The tamper-evident egress ledger: append, verify, summarise (DESIGN.md section 6).
+"""The tamper-evident egress ledger: append, verify, summarise (docs/privacy.md).
 
 Owns the on-disk format of a site's (or the coordinator's) ``ledger.jsonl``: one JSON
 object per line, each holding the SHA-256 of the previous line's entry, so an edited,

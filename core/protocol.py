@@ -1,4 +1,4 @@
-"""The wire contract: action names, record keys, typed payloads (DESIGN.md section 4).
+"""The wire contract: action names, record keys, typed payloads (docs/architecture.md).
 
 Both apps import this module; neither spells a message type or record key anywhere
 else. Payloads are frozen dataclasses that flatten to and from plain scalar mappings

@@ -1,14 +1,13 @@
 """Atlas registration: transfer labelled atlases' labels onto a target site's images.
 
-Runs where the target images are (DESIGN.md section 5): a target site may hold
-labelled atlases in ``<site>/atlases/imagesTr`` + ``<site>/atlases/labelsTr`` (the
-nnU-Net naming of :mod:`core.data`), and each target image then gets one noisy label
-per atlas, the DeepSTAPLE input of METHODS.md section 0 and 2(a). Each atlas image is
-registered onto the target image in physical space (spacing, origin and direction of
-the :class:`~core.io.Volume` respected): an affine stage, then a B-spline stage, both
-driven by Mattes mutual information so that different contrasts still align. The
-atlas label is then resampled onto the target grid with nearest-neighbour
-interpolation.
+Runs where the target images are (docs/architecture.md#the-phases): a target site may
+hold labelled atlases in ``<site>/atlases/imagesTr`` + ``<site>/atlases/labelsTr`` (the
+nnU-Net naming of :mod:`core.data`), and each target image then gets one noisy label per
+atlas, the DeepSTAPLE input of docs/methods.md#deepstaple. Each atlas image is
+registered onto the target image in physical space (spacing, origin and direction of the
+:class:`~core.io.Volume` respected): an affine stage, then a B-spline stage, both driven
+by Mattes mutual information so that different contrasts still align. The atlas label is
+then resampled onto the target grid with nearest-neighbour interpolation.
 
 Uses SimpleITK's registration framework (it owns the transforms this module returns);
 reads and writes files only through :mod:`core.io` and :mod:`core.data`; never imports

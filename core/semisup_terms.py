@@ -1,6 +1,6 @@
 """UG-MCL's formulas: signed distances, schedules, mean teacher and losses.
 
-Owns METHODS.md 3(b)2-10 term by term: the signed-distance ground truth, the sigmoid
+Owns docs/methods.md#losses term by term: the signed-distance ground truth, the sigmoid
 ramp and the uncertainty-threshold and consistency-weight schedules, the EMA teacher
 update, clipped input noise, predictive entropy over noisy dropout passes, the
 supervised loss (CE + Dice + Dice on the distance map's soft mask; per sample for
@@ -32,7 +32,7 @@ MASK_EPSILON: Final = 1e-16  # keeps an all-uncertain batch at loss 0, not nan
 
 
 def compute_sdf(mask: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
-    """Return the normalised signed distance map of one binary mask (METHODS 3(b)2).
+    """Return the normalised signed distance map of one binary mask (docs/methods.md).
 
     ``d_out / max d_out - d_in / max d_in``, where ``d_in`` is each foreground
     voxel's Euclidean distance to the nearest background voxel and ``d_out`` each
@@ -110,8 +110,8 @@ def uncertainty_threshold(step: int, max_steps: int, num_classes: int = 2) -> fl
     """Return ``(0.75 + 0.25 * sigmoid_rampup(step, max_steps)) * ln(num_classes)``.
 
     ``ln C`` is the largest possible entropy, ``ln 2`` for the binary task of
-    METHODS 3(b)7. At step 0 the ramp is ``exp(-5)``, not 0, so the threshold starts
-    just above ``0.75 ln C``.
+    docs/methods.md#losses. At step 0 the ramp is ``exp(-5)``, not 0, so the
+    threshold starts just above ``0.75 ln C``.
 
     Example:
         >>> round(uncertainty_threshold(100, 100), 6) == round(math.log(2), 6)
@@ -121,9 +121,9 @@ def uncertainty_threshold(step: int, max_steps: int, num_classes: int = 2) -> fl
 
 
 def consistency_weight(step: int, *, weight: float, rampup: int) -> float:
-    """Return ``weight * sigmoid_rampup(step, rampup)``, the lambda(t) of 3(b)10.
+    """Return ``weight * sigmoid_rampup(step, rampup)``, lambda(t) of docs/methods.md.
 
-    METHODS' ``0.1 * r(floor(t / 150), 200)`` is ``weight=0.1, rampup=30000`` without
+    The paper's ``0.1 * r(floor(t / 150), 200)`` is ``weight=0.1, rampup=30000`` without
     the quantisation to blocks of 150 steps, which only makes the ramp a staircase.
 
     Example:
@@ -186,7 +186,7 @@ def clipped_noise(
 ) -> torch.Tensor:
     """Return Gaussian noise ``N(0, std^2)`` clipped to ``[-clip, clip]``.
 
-    The teacher's input is ``images + clipped_noise(images)`` (METHODS 3(b)5).
+    The teacher's input is ``images + clipped_noise(images)`` (docs/methods.md#losses).
 
     Args:
         images: gives shape, dtype and device of the noise.
@@ -227,7 +227,7 @@ def teacher_predictions(
     passes: int = 8,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the teacher's consistency target and its uncertainty (METHODS 3(b)6).
+    """Return the teacher's consistency target and its uncertainty (docs/methods.md).
 
     The teacher runs in train mode (dropout active; its previous mode is restored),
     each pass on the images plus fresh :func:`clipped_noise`. The target comes from a
@@ -293,7 +293,7 @@ def supervised_loss(
     dual_task: bool = True,
     sdf_target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Return the loss on labelled samples and its terms (METHODS 3(b)3-4).
+    """Return the loss on labelled samples and its terms (docs/methods.md#losses).
 
     Dual task: ``0.5 * (CE + Dice_fg(softmax) + Dice_fg(sigmoid(-k sdf)))`` plus
     ``sdf_weight * MSE(sdf, SDF(labels))`` when ``sdf_weight`` > 0. Otherwise
@@ -410,7 +410,7 @@ def intra_consistency(
     teacher_probabilities: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Return ``0.5 * sum(mask * (s - t)^2) / (C * sum(mask) + 1e-16)`` (METHODS 3(b)8).
+    """Return ``0.5 * sum(mask * (s - t)^2) / (C * sum(mask) + 1e-16)`` (L_intra).
 
     With C = 2 this is the reference code's constant; voxels where ``mask`` is 0
     contribute nothing.
@@ -445,7 +445,7 @@ def cross_consistency(
     k: float = 1500.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return the mean of ``(sigmoid(-k sdf) - softmax(logits))^2`` (METHODS 3(b)9).
+    """Return the mean of ``(sigmoid(-k sdf) - softmax(logits))^2`` (L_cross).
 
     Over every voxel, channel and sample; with ``mask`` ``(B, 1, *spatial)``, over the
     voxels where it is 1 (0 when there are none).

@@ -1,6 +1,6 @@
 """UG-MCL training: uncertainty-guided mutual consistency, semi-supervised.
 
-Owns the training loop of METHODS.md section 3 (and the UG-MCL bullet of section 0):
+Owns the training loop of docs/methods.md#ug-mcl:
 :class:`SemisupSettings`, :class:`SemisupResult` and :func:`train_semisupervised`,
 whose variants (``core.config.SemisupVariant``) are the supervised baseline, a plain
 mean teacher and the full method. The network is :mod:`core.dual_task`, the formulas
@@ -53,7 +53,7 @@ def _check_at_least(name: str, value: float, bound: float) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SemisupSettings:
-    """One call of :func:`train_semisupervised` (METHODS.md 3(b), 3(c)).
+    """One call of :func:`train_semisupervised` (docs/methods.md#losses).
 
     Attributes:
         variant: what is optimised (a plain string is converted).
@@ -69,12 +69,12 @@ class SemisupSettings:
         k: sharpness of the SDF-to-mask sigmoid (UGMCL).
         sdf_weight: weight of the SDF regression term (UGMCL; 0 = none).
         masked_cross: mask the cross-task term with the uncertainty too (UGMCL).
-        max_grad_norm: the whole update's gradient is clipped to this L2 norm
-            before each step (0 = no clipping). Not in METHODS.md: with k = 1500
-            the cross-task term's gradient reaches the distance head multiplied by
+        max_grad_norm: the whole update's gradient is clipped to this L2 norm before
+            each step (0 = no clipping). Not in the paper (docs/methods.md): with k =
+            1500 the cross-task term's gradient reaches the distance head multiplied by
             up to k/4, and unclipped SGD steps saturate the head's tanh for good
-            (measured: every pixel at +1, and a federated UG-MCL student at Dice
-            0.30 against 0.60 with clipping at 1.0).
+            (measured: every pixel at +1, and a federated UG-MCL student at Dice 0.30
+            against 0.60 with clipping at 1.0).
         seed: seeds sampling, noise and dropout (mixed with the start step).
         amp: float16 autocast and gradient scaling, on CUDA only.
         augment: random flips, the same for student and teacher inputs.
@@ -260,7 +260,7 @@ def _weighted_consistency(
     """Return (ramped weight x (intra + cross), intra, cross, certain fraction).
 
     The uncertainty threshold and the consistency weight both follow the global
-    step over ``total_steps`` (METHODS.md 3(b)7 and 10).
+    step over ``total_steps`` (docs/methods.md#losses).
     """
     intra, cross, certain = _consistency_terms(
         student_logits,
@@ -435,7 +435,7 @@ def train_semisupervised(
     Each step draws ``labelled_batch`` labelled and ``unlabelled_batch`` unlabelled
     samples (a fresh seeded permutation per epoch of each set), flips them alike when
     ``settings.augment``, and minimises ``L_sup + lambda(t) (L_intra + L_cross)``
-    (METHODS.md 3(b)10) over SGD; the consistency terms cover the whole batch,
+    (docs/methods.md#losses) over SGD; the consistency terms cover the whole batch,
     labelled samples included. Without unlabelled images (M = 0) the consistency is
     taken over the labelled samples alone. After each optimiser step the teacher
     follows by :func:`ema_update` at the global step.

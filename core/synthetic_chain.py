@@ -1,11 +1,11 @@
 """Deterministic synthetic federation whose sites form chains of domains (SeqTran).
 
-The built-in federation (:mod:`core.synthetic`) puts sites on one continuum, where
-every property drifts together: a site between two others resembles each a little,
-but nothing separates *what* differs. SeqTran's sequential transfer (METHODS.md
-section 4) gains where one transfer step changes one factor of the task and a direct
-step changes two. So here two factors vary independently, each on three ordered
-levels, and the sites fill the 3 x 3 grid:
+The built-in federation (:mod:`core.synthetic`) puts sites on one continuum, where every
+property drifts together: a site between two others resembles each a little, but nothing
+separates *what* differs. SeqTran's sequential transfer (docs/methods.md#seqtran) gains
+where one transfer step changes one factor of the task and a direct step changes two. So
+here two factors vary independently, each on three ordered levels, and the sites fill
+the 3 x 3 grid:
 
 - **Appearance** (the image factor, SeqTran's modality): ``bright`` (the organ well
   above the tissue, clean), ``faint`` (half the contrast, more bias, noise and blur)

@@ -1,7 +1,7 @@
 """Site task profiles for SeqTran affinity: what a site computes and publishes.
 
 Owns the profile settings, the :class:`SiteProfile` wire contract and how a site builds
-its exact profile from its training cases (METHODS.md section 0 and section 4 (b) 1-3,
+its exact profile from its training cases (docs/methods.md#task-profiles,
 from profiles instead of raw image pairs, which cannot leave a site):
 
 - Image term. Each training image is z-scored, resized to ``S^3`` with anti-aliasing,
@@ -418,8 +418,8 @@ def build_site_profile(
     """Compute a site's exact (un-noised) task profile from its training cases.
 
     Args:
-        site_dir: a site folder (DESIGN.md section 3). The image term uses every
-            training image (``imagesTr``, labelled or not); the label term the
+        site_dir: a site folder (docs/architecture.md#site-folders). The image term uses
+            every training image (``imagesTr``, labelled or not); the label term the
             labelled training cases. Evaluation cases (``imagesTs``) are never read.
         settings: what to compute.
         pool_cases: the foreground-fraction quantiles are taken of the fractions

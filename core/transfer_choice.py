@@ -146,8 +146,8 @@ def choose_path(
       :func:`core.transfer_paths.start_sites`.
     - ``communities``: the sources split into ``affinity.communities`` Girvan-Newman
       communities, each with its landmark; the cheapest ``landmark -> intermediate ->
-      target`` path with the intermediate in the landmark's community (METHODS.md 4
-      (b) 7; the config guarantees the hop bounds allow 2).
+      target`` path with the intermediate in the landmark's community (
+      docs/methods.md#path-search; the config guarantees the hop bounds allow 2).
 
     Raises:
         ValueError: ``affinity.communities`` above the number of sources, no

@@ -1,6 +1,6 @@
 """The SeqTran source graph: which transfer steps exist, communities and landmarks.
 
-Owns METHODS.md 4 (b) 5-6 and 4 (d): the optional one-factor edge rule (a transfer
+Owns docs/methods.md#path-search: the optional one-factor edge rule (a transfer
 step may change a site's modality or its labels, not both), the Girvan-Newman
 communities of the sources and each community's landmark. Nodes are sites, every pair
 is an edge weighted by the distance ``d`` of :func:`core.affinity.distance_matrix`
@@ -250,9 +250,9 @@ def choose_landmark(
     """The community's landmark: the site ``v`` minimising its weighted distances.
 
     ``score(v) = sum over the other sites u of the community of d(v, u) / (n_v + n_u)``
-    with ``n`` the labelled case count (METHODS.md 4 (b) 6: the paper's institution
-    case count). ``d(v, u)`` is taken from ``v``, the direction a landmark's model
-    travels; an edge in ``removed`` does not count, as the paper sums over the
+    with ``n`` the labelled case count (docs/methods.md#path-search: the paper's
+    institution case count). ``d(v, u)`` is taken from ``v``, the direction a landmark's
+    model travels; an edge in ``removed`` does not count, as the paper sums over the
     node's edges. Ties go to the first name; a single site is its own landmark.
 
     Example:

@@ -1,4 +1,4 @@
-"""SeqTran transfer-path search over a site distance matrix (METHODS.md 4 (b) 7).
+"""SeqTran transfer-path search over a site distance matrix (docs/methods.md).
 
 Owns the paper's landmark -> intermediate -> target choice and its generalisation to
 the cheapest simple path of at most K hops, and the case-fraction start sites. Distances
@@ -95,7 +95,8 @@ def paper_path(
     """Return the paper's best ``landmark -> intermediate -> target`` path.
 
     Minimises ``cost(k, i, t) = d(k, t) + d(k, i) + d(i, t)`` over landmarks ``k`` and
-    intermediates ``i != k`` (METHODS 4 (b) 7); ``path_length = d(k, i) + d(i, t)``.
+    intermediates ``i != k`` (docs/methods.md#path-search);
+    ``path_length = d(k, i) + d(i, t)``.
     Ties as in :func:`cheapest_path` (with a symmetric ``d``, ``k, i`` and ``i, k``
     always tie on cost; the lower path length wins). A pair whose edge ``k - i`` or
     ``i - t`` is in ``removed`` is skipped.

@@ -1,6 +1,6 @@
 """TGMA transferability: LFTM, ITM, DTM, source selection and pseudo-label correction.
 
-Implements METHODS.md section 0 (TGMA decisions) and section 1 (b):
+Implements docs/methods.md#tgma:
 
 - ``LFTM(x, F) = Dice(argmax F(x), argmax F(x_masked))``; ``x_masked`` keeps the region
   the model attends to and sets the rest to 0 (the image mean after z-scoring). The

@@ -1,4 +1,5 @@
 """Deployment tooling: the bash scripts beside this file and the loopback harness.
 
-Nothing in ``core``, ``clients`` or ``server`` imports this package (STYLE.md 2.3).
+Nothing in ``core``, ``clients`` or ``server`` imports this package
+(docs/architecture.md#layers).
 """

@@ -4,7 +4,7 @@
 # Every script accepts `-d DIR` / `--deploy-dir DIR` (else $SITEBRIDGE_DEPLOY_DIR, else
 # the current directory) and resolves every path below that deployment dir to an
 # absolute path, because Flower passes some paths verbatim to the processes it spawns
-# (DEPLOY.md G2). Layout of a deployment dir:
+# (docs/deployment.md#flower-139-behaviours-the-scripts-rely-on). Layout of a deployment dir:
 #
 #   certs/ca.crt  certs/ca.key  certs/superlink.crt  certs/superlink.key
 #   keys/<SITE>   keys/<SITE>.pub      a site's SuperNode key pair (site side)
@@ -63,7 +63,8 @@ use_sitebridge_venv() {
     fi
 }
 
-# No update checks or telemetry (air-gapped sites, G12); never `uv sync` at run time (G9).
+# No update checks or telemetry (air-gapped sites); never `uv sync` at run time
+# (docs/deployment.md#operating-notes).
 export_flower_safety_env() {
     export FLWR_DISABLE_UPDATE_CHECK=1
     export FLWR_TELEMETRY_ENABLED=0

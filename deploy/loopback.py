@@ -82,7 +82,8 @@ REFUSED_MAX_RETRIES: Final = 2
 REFUSED_MAX_WAIT_S: Final = 30
 CLI_TIMEOUT_S: Final = 120.0
 # What `flwr` prints when the SuperLink failed one Control API call internally, e.g.
-# "database is locked" in its log (SQLite state, DEPLOY.md G8) on a loaded host.
+# "database is locked" in its log (SQLite state,
+# docs/deployment.md#flower-139-behaviours-the-scripts-rely-on) on a loaded host.
 TRANSIENT_CONTROL_ERROR: Final = "Internal server error."
 
 T = TypeVar("T")
@@ -690,7 +691,8 @@ class LoopbackDeployment:
         """``flwr stop <run-id>``: the SuperLink marks the run ``finished:stopped``.
 
         For a run whose ServerApp died, this ends it at once instead of when the
-        ServerApp's heartbeat expires (about a minute, DEPLOY.md G6).
+        ServerApp's heartbeat expires (about a minute; see
+        docs/deployment.md#flower-139-behaviours-the-scripts-rely-on).
         """
         self._flwr("stop", str(run_id), CONNECTION)
         _log(f"stopped run {run_id}")

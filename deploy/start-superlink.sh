@@ -9,7 +9,7 @@
 #
 # Needs DIR/certs/{ca.crt,superlink.crt,superlink.key} (make-ca.sh). Writes
 # DIR/state/superlink.pid, DIR/state/superlink.db (registrations, runs, in-flight
-# messages; grows to the largest round, see README), DIR/logs/superlink.log, and runs
+# messages; grows to the largest round, see docs/deployment.md), DIR/logs/superlink.log, and runs
 # ServerApps with DIR as their working directory.
 #
 # Environment:
@@ -17,7 +17,7 @@
 #                       on a real coordinator the interface the sites reach, e.g.
 #                       10.0.0.5:9092 or 0.0.0.0:9092. The ONLY port to open inbound.
 #   CONTROL_HOST        Control API host (flwr CLI, HTTPS), default 127.0.0.1. Keep it
-#                       on loopback: it has no account authentication (README).
+#                       on loopback: it has no account authentication (docs/deployment.md).
 #   CONTROL_PORT        Control API port, default 9093
 #   SUPERLINK_DATABASE  default DIR/state/superlink.db
 #   SUPERLINK_FLWR_HOME the SuperLink's FLWR_HOME, default DIR/state/superlink-home

@@ -1,4 +1,4 @@
-"""The coordinator's phases (DESIGN.md section 5), in order.
+"""The coordinator's phases (docs/architecture.md#the-phases), in order.
 
 discover -> source training -> affinity (SeqTran) -> transferability -> adaptation ->
 consensus -> semisup -> evaluation.

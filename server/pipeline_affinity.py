@@ -1,4 +1,4 @@
-"""The affinity phase (SeqTran, METHODS.md section 4): profiles, path, fine-tuning.
+"""The affinity phase (SeqTran, docs/methods.md#seqtran): profiles, path, fine-tuning.
 
 Every site publishes its task profile (``query.profile``); the coordinator builds the
 distance matrix over the sources and the target, chooses the transfer path
@@ -161,11 +161,11 @@ def affinity(
     Every site publishes its task profile (``query.profile``; noised where its
     policy requires DP). The coordinator computes ``d = a*H + b*(1 - R)`` over the
     sources with a model and the target and picks the path by
-    :func:`core.transfer_choice.choose_path` (METHODS.md 4 (b) 5-7: the cheapest of
-    ``affinity.min-hops``..``affinity.max-hops`` edges, or with ``affinity.landmarks
-    = "communities"`` a landmark -> intermediate -> target path within a community;
-    the communities and the edges the one-factor rule removed are recorded under
-    ``graph``; settings the federation cannot meet stop the phase, not the run).
+    :func:`core.transfer_choice.choose_path` (docs/methods.md#path-search: the cheapest
+    of ``affinity.min-hops``..``affinity.max-hops`` edges, or with ``affinity.landmarks
+    = "communities"`` a landmark -> intermediate -> target path within a community; the
+    communities and the edges the one-factor rule removed are recorded under ``graph``;
+    settings the federation cannot meet stop the phase, not the run).
     The path's first site's source
     model is fine-tuned (``train.finetune``) at each later site in turn and, when the
     target holds labelled cases, last at the target. The result joins the TGMA

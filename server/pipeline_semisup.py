@@ -1,4 +1,4 @@
-"""The semisup phase (UG-MCL, METHODS.md section 3): at the target and federated.
+"""The semisup phase (UG-MCL, docs/methods.md#ug-mcl): at the target and federated.
 
 The target refines the adapted model on its few labelled and many unlabelled cases;
 the federated rounds average the student with Flower's FedAvg strategy across the

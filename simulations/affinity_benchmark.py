@@ -16,8 +16,8 @@ too. ``--calibrate`` fits ``a`` and ``b`` on the one-step
 Dice (:mod:`simulations.affinity_calibration`), writes them into pyproject.toml and
 chooses the paths with them. Training and scoring are
 :mod:`simulations.affinity_transfer`; this module owns the run, its JSON document and
-the README table between the ``<!-- benchmark:affinity -->`` markers; the command line
-is ``simulations.benchmark``.
+the table between the ``<!-- benchmark:affinity -->`` markers of
+``docs/affinity-benchmark.md``; the command line is ``simulations.benchmark``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ AFFINITY_RUN_CONFIG: Final[dict[str, ConfigValue]] = {
     "train.epochs": 30,  # a path's first site, from the seeded start
 }
 # Labelled training cases per landmark and intermediate, and the target's default
-# (--target-cases; METHODS 4 (d) suggests reporting several few-shot counts).
+# (--target-cases; the paper leaves the target's label count open, so
+# docs/affinity-benchmark.md reports several few-shot counts).
 CHAIN_CASES: Final = (8, 8, 2)
 EXTRA_TARGETS: Final = ("I-dark-large", "I-bright-small")
 COLUMNS: Final = (
@@ -106,7 +107,7 @@ SEED_RESAMPLES: Final = 2000  # bootstrap draws of the seeds for the Spearman in
 # Dice's standard error by sqrt(10 / 3).
 DEFAULT_SEEDS: Final = tuple(range(10))
 MISSING: Final = "—"
-RANDOM_PATHS_SHOWN: Final = 3  # per target in the README; the JSON has every seed's
+RANDOM_PATHS_SHOWN: Final = 3  # per target in the docs table; the JSON has every seed's
 
 
 def build_affinity_config(overrides: Mapping[str, ConfigValue]) -> RunConfig:
@@ -159,9 +160,9 @@ def run_affinity(
         progress: called with one line per training step.
 
     Returns:
-        The JSON-able document (see the README): ``targets``, ``mean``,
-        ``targets_met``, ``weights``, ``calibration`` (None without ``calibrate``),
-        the recipe and the flat run config.
+        The JSON-able document (see ``docs/affinity-benchmark.md``): ``targets``,
+        ``mean``, ``targets_met``, ``weights``, ``calibration`` (None without
+        ``calibrate``), the recipe and the flat run config.
 
     Raises:
         ValueError: a target is not a site of the federation, or is listed twice;

@@ -2,7 +2,8 @@
 
 This module owns the command line only: the parser, the options the subcommands
 share, ``--set`` overrides, ``--table-from`` and the dispatch. Each subcommand lives
-in its own module, which runs it, formats its README table and names its README block:
+in its own module, which runs it, formats its table and names its table block; the
+block lives in the benchmark's docs page, ``docs/<subcommand>-benchmark.md``:
 
 - ``tgma``: :mod:`simulations.tgma_benchmark` (leave-one-site-out TGMA);
 - ``privacy``: :mod:`simulations.privacy_benchmark` (membership inference with and
@@ -24,7 +25,7 @@ in its own module, which runs it, formats its README table and names its README 
   after them under the default policy, with DP, and under candidate settings;
   its table goes to ``docs/security-benchmark.md``).
 
-The machine line, JSON documents and README table blocks are
+The machine line, JSON documents and the pages' table blocks are
 :mod:`simulations.benchmark_output`.
 """
 
@@ -47,9 +48,10 @@ from simulations.affinity_benchmark import (
 )
 from simulations.benchmark_output import (
     add_output_options,
+    benchmark_page,
     read_document,
     write_document,
-    write_readme_table,
+    write_page_table,
 )
 from simulations.consensus_benchmark import CONSENSUS_MARKER, format_consensus_table
 from simulations.consensus_pipeline import add_consensus_options, run_consensus_command
@@ -84,7 +86,7 @@ from simulations.tgma_benchmark import TGMA_MARKER, format_tgma_table, run_tgma_
 class Subcommand:
     """What :func:`main` needs of a subcommand besides its options."""
 
-    marker: str  # the README block: <!-- marker --> ... <!-- /marker -->
+    marker: str  # the page's block: <!-- marker --> ... <!-- /marker -->
     format_table: Callable[[Mapping[str, object]], str]
     run: Callable[[argparse.Namespace, Mapping[str, ConfigValue]], dict[str, object]]
 
@@ -149,8 +151,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, ConfigValue]:
     return overrides
 
 
-def _add_common_options(command: argparse.ArgumentParser, out: str) -> None:
-    add_output_options(command, out)
+def _add_common_options(command: argparse.ArgumentParser, name: str) -> None:
+    """The options every subcommand but ``scale`` shares; ``name`` names its files."""
+    add_output_options(command, f"benchmarks/{name}.json", benchmark_page(name))
     command.add_argument(
         "--federation-dir",
         type=Path,
@@ -174,11 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     tgma = commands.add_parser("tgma", help="leave-one-site-out TGMA benchmark")
-    _add_common_options(tgma, "benchmarks/tgma.json")
+    _add_common_options(tgma, "tgma")
     privacy = commands.add_parser(
         "privacy", help="membership-inference AUC and Dice without DP and with DP-SGD"
     )
-    _add_common_options(privacy, "benchmarks/privacy.json")
+    _add_common_options(privacy, "privacy")
     add_privacy_options(privacy)
     scale = commands.add_parser(
         "scale",
@@ -191,21 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="label consensus: majority vote, STAPLE and DeepSTAPLE on controlled "
         "noisy labels and on source-model predictions",
     )
-    _add_common_options(consensus, "benchmarks/consensus.json")
+    _add_common_options(consensus, "consensus")
     add_consensus_options(consensus)
     semisup = commands.add_parser(
         "semisup",
         help="semi-supervised segmentation at 10%% and 20%% labelled cases: "
         "supervised, mean teacher, UG-MCL and fully supervised, central and federated",
     )
-    _add_common_options(semisup, "benchmarks/semisup.json")
+    _add_common_options(semisup, "semisup")
     add_semisup_options(semisup)
     affinity = commands.add_parser(
         "affinity",
         help="SeqTran transfer paths against direct transfer on the chain federation; "
         "--calibrate fits the affinity weights a and b",
     )
-    _add_common_options(affinity, "benchmarks/affinity.json")
+    _add_common_options(affinity, "affinity")
     add_affinity_options(affinity)
     security = commands.add_parser(
         "security",
@@ -213,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "consensus, LFTM and profile replies (--stage before|after|after-<name>, "
         "--policy FILE)",
     )
-    _add_common_options(security, "benchmarks/security.json")
+    _add_common_options(security, "security")
     add_security_options(security)
     return parser
 
@@ -226,15 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_from is not None:
         table = subcommand.format_table(read_document(args.table_from))
         print(table)
-        if args.readme.is_file():  # --readme "" is Path("."): print only
-            write_readme_table(args.readme, subcommand.marker, table)
+        if args.page.is_file():  # --page "" is Path("."): print only
+            write_page_table(args.page, subcommand.marker, table)
         return 0
     document = subcommand.run(args, overrides)
     write_document(args.out, document)
     table = subcommand.format_table(document)
     print(table)
-    if args.readme.is_file():  # --readme "" is Path("."), a folder: skip
-        write_readme_table(args.readme, subcommand.marker, table)
+    if args.page.is_file():  # --page "" is Path("."), a folder: skip
+        write_page_table(args.page, subcommand.marker, table)
     return 1 if list_failed_site_counts(document) else 0
 
 

@@ -1,9 +1,10 @@
-"""What every benchmark leaves behind: progress lines, the JSON document, README tables.
+"""What every benchmark leaves behind: progress lines, JSON document, docs table.
 
 Shared by the subcommands of ``python -m simulations.benchmark``: the one-line machine
 description recorded in each document, progress printing, reading and writing the JSON
-document, rewriting a README table block between ``<!-- NAME -->`` and
-``<!-- /NAME -->`` markers, and the ``--seeds`` option (several ``train.seed`` values
+document, rewriting the table block of the benchmark's docs page
+(``docs/<name>-benchmark.md``) between ``<!-- NAME -->`` and ``<!-- /NAME -->``
+markers, and the ``--seeds`` option (several ``train.seed`` values
 for the benchmarks whose one run is too noisy to rank methods). It knows
 nothing about any one benchmark.
 """
@@ -53,38 +54,56 @@ def write_document(path: Path, document: Mapping[str, object]) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def write_readme_table(readme: Path, marker: str, table: str) -> None:
+def benchmark_page(name: str) -> str:
+    """The docs page of benchmark ``name``, which holds its table block.
+
+    Example:
+        >>> benchmark_page("tgma")
+        'docs/tgma-benchmark.md'
+    """
+    return f"docs/{name}-benchmark.md"
+
+
+def write_page_table(page: Path, marker: str, table: str) -> None:
     """Replace the text between ``<!-- marker -->`` and ``<!-- /marker -->``.
 
     Raises:
-        ValueError: ``readme`` has no such block.
+        ValueError: ``page`` has no such block.
     """
-    text = readme.read_text()
+    text = page.read_text()
     pattern = re.compile(
         rf"(<!-- {re.escape(marker)} -->\n).*?(<!-- /{re.escape(marker)} -->)",
         re.DOTALL,
     )
     if not pattern.search(text):
-        raise ValueError(f"{readme}: no <!-- {marker} --> ... <!-- /{marker} --> block")
-    readme.write_text(
+        raise ValueError(f"{page}: no <!-- {marker} --> ... <!-- /{marker} --> block")
+    page.write_text(
         pattern.sub(lambda match: f"{match.group(1)}{table}\n{match.group(2)}", text)
     )
 
 
-def add_output_options(command: argparse.ArgumentParser, out: str) -> None:
-    """``--out``, ``--readme`` and ``--table-from``: what every benchmark writes."""
+def add_output_options(command: argparse.ArgumentParser, out: str, page: str) -> None:
+    """``--out``, ``--page`` and ``--table-from``: what every benchmark writes.
+
+    Args:
+        command: the subcommand's parser.
+        out: the default JSON document, e.g. ``benchmarks/tgma.json``.
+        page: the default docs page holding the table block, e.g.
+            ``docs/tgma-benchmark.md`` (never the README: it links the pages).
+    """
     command.add_argument("--out", type=Path, default=Path(out))
     command.add_argument(
-        "--readme",
+        "--page",
         type=Path,
-        default=Path("README.md"),
-        help="README whose table block is regenerated ('' to skip)",
+        default=Path(page),
+        help=f"docs page whose table block is regenerated (default {page}; '' to "
+        "only print the table)",
     )
     command.add_argument(
         "--table-from",
         type=Path,
         default=None,
-        help="only regenerate the README table from an existing benchmark JSON",
+        help="only regenerate the page's table from an existing benchmark JSON",
     )
 
 

@@ -4,13 +4,13 @@ The clean labels of some sites' training slices are damaged in controlled ways
 (:func:`core.noisy_labels.build_noisy_label_set`: erosion, dilation, shifts, elastic
 warps at several levels and one empty or swapped label per image), so every noisy
 label's true Dice is known. Each image's labels are fused by majority vote, STAPLE and
-DeepSTAPLE (METHODS.md section 2), and the benchmark reports each consensus' Dice
+DeepSTAPLE (docs/methods.md#deepstaple), and the benchmark reports each consensus' Dice
 against the clean labels, how well DeepSTAPLE's data parameters and STAPLE's
 sensitivities rank the labels by true Dice, and the Dice on the sites' evaluation cases
 of a fresh model trained on each consensus. It calls the ``core`` functions directly,
-without Flower. This module owns that run and the README table of the whole
-``consensus`` document (controlled and pipeline rows); the command line is
-``simulations.benchmark``.
+without Flower. This module owns that run and the table of the whole ``consensus``
+document (controlled and pipeline rows; ``docs/consensus-benchmark.md``); the command
+line is ``simulations.benchmark``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from simulations.benchmark_output import print_progress
 CONSENSUS_MARKER: Final = "benchmark:consensus"
 # The controlled run's scale: about 3-4 minutes on 2 CPU cores. Build its config with
 # build_controlled_config; DeepSTAPLE's learning rates and switches stay at the
-# pyproject defaults (METHODS.md 2 (c)).
+# pyproject defaults (docs/methods.md#out-of-line-update).
 CONTROLLED_RUN_CONFIG: Final[dict[str, ConfigValue]] = {
     "data.image-size": 32,
     "data.max-slices-per-case": 0,

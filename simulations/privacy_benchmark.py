@@ -7,9 +7,9 @@ held-out cases, and measures each model's Dice on the default target. DP-SGD is 
 site's own (:func:`core.jobs.train_source_model` under DP: the plan recorded before
 training and run exactly), and each DP model states its slice-level and its
 patient-level epsilon (the latter from the slices each case contributes). This module
-owns that federation, the run, its JSON document, the README table between the
-``<!-- benchmark:privacy -->`` markers and the subcommand's own options; the command
-line is ``simulations.benchmark``.
+owns that federation, the run, its JSON document, the table between the
+``<!-- benchmark:privacy -->`` markers of ``docs/privacy-benchmark.md`` and the
+subcommand's own options; the command line is ``simulations.benchmark``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ real Flower simulation (``flwr run .``, ``last-phase=transferability``) on tiny
 synthetic federations of 4, 8, 16 and 32 sites, and reports each phase's wall time,
 the messages it exchanged and the coordinator's peak memory, as recorded in each run's
 ``report.json`` and ledger. This module owns running those simulations and the
-subcommand's options; the document and its README table are
+subcommand's options; the document and its table (``docs/scale-benchmark.md``) are
 ``simulations.scale_summary``, the command line ``simulations.benchmark``.
 """
 
@@ -28,6 +28,7 @@ from core.ledger import Ledger
 from core.synthetic import EVALUATION_CASES_PER_SITE, write_federation
 from simulations.benchmark_output import (
     add_output_options,
+    benchmark_page,
     describe_machine,
     print_progress,
 )
@@ -212,7 +213,7 @@ def run_scale(
 
 def add_scale_options(command: argparse.ArgumentParser) -> None:
     """Add every option of the ``scale`` subcommand."""
-    add_output_options(command, "benchmarks/scale.json")
+    add_output_options(command, "benchmarks/scale.json", benchmark_page("scale"))
     command.add_argument(
         "--sites",
         type=_site_counts_argument,

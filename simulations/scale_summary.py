@@ -2,9 +2,9 @@
 
 Pure functions over what a ``flwr run`` of the scale benchmark leaves behind (its
 ``report.json`` and the coordinator's ledger): one entry per run, the medians over a
-site count's repeats, the least-squares cost per added site, and the README table
-between the ``<!-- benchmark:scale -->`` markers. Running the simulations is
-``simulations.scale_benchmark``; nothing here starts Flower.
+site count's repeats, the least-squares cost per added site, and the table between
+the ``<!-- benchmark:scale -->`` markers of ``docs/scale-benchmark.md``. Running the
+simulations is ``simulations.scale_benchmark``; nothing here starts Flower.
 """
 
 from __future__ import annotations

@@ -624,7 +624,6 @@ def is_stage(key: str) -> bool:
 
 def add_security_options(command: argparse.ArgumentParser) -> None:
     """The ``security`` subcommand's own options."""
-    command.set_defaults(readme=Path("docs/security-benchmark.md"))
     command.add_argument(
         "--policy",
         type=Path,

@@ -3,7 +3,7 @@
 At each labelled fraction (10% and 20% of a site's labelled cases; the rest of its
 training cases count as unlabelled), it trains four students from the same seeded
 start: the supervised baseline on the labelled part alone, a plain mean teacher,
-UG-MCL (METHODS.md section 3), and the fully supervised upper bound (every labelled
+UG-MCL (docs/methods.md#ug-mcl), and the fully supervised upper bound (every labelled
 case labelled; the same for every fraction, so it is trained once per setting). Each is
 trained in two settings: *central*, one site for ``semisup.iterations`` steps, scored
 on that site's evaluation labels; and *federated*, every site (``semisup.sites``) for
@@ -14,8 +14,9 @@ Dice on each site's evaluation labels. Every site step is
 the students are averaged by Flower's own FedAvg aggregation
 (:func:`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` weighted by
 ``num-examples``), as ``server/pipeline_semisup.py`` averages the sites' replies.
-This module owns the run, its JSON document and the README table between the
-``<!-- benchmark:semisup -->`` markers; the command line is ``simulations.benchmark``.
+This module owns the run, its JSON document and the table between the
+``<!-- benchmark:semisup -->`` markers of ``docs/semisup-benchmark.md``; the command
+line is ``simulations.benchmark``.
 
 ``--seeds`` repeats everything at several ``train.seed`` values (which cases stay
 labelled, the initial weights, the batches, noise and dropout) and reports the mean,
@@ -88,7 +89,7 @@ SEMISUP_MARKER: Final = "benchmark:semisup"
 # passes per step are most of it). Build its config with build_semisup_config.
 # semisup.learning-rate 0.05: SGD at the pyproject's 0.01 leaves the fully supervised
 # model visibly short of convergence in 300 steps from scratch; 0.05 is the same for
-# every variant. semisup.sdf-weight 0.3 (DTC's SDF regression, METHODS.md 3(b)4):
+# every variant. semisup.sdf-weight 0.3 (DTC's SDF regression; docs/methods.md):
 # with separate heads and k = 1500, the Dice on sigmoid(-k SDF) alone gives the
 # distance head almost no gradient, so without it the cross-task term pulls the
 # segmentation towards an untrained mask (it is the pyproject default now, as is

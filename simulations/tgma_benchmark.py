@@ -7,8 +7,8 @@ entropy score in place of LFTM, and a target-supervised oracle (the target's own
 trained on its labels), plus the Spearman correlation between each score's DTM and the
 sources' true Dice on the target. It calls the same ``core.jobs`` functions the
 ClientApp calls, without Flower in between. This module owns the run, its JSON
-document and the README table between the ``<!-- benchmark:tgma -->`` markers; the
-command line is ``simulations.benchmark``.
+document and the table between the ``<!-- benchmark:tgma -->`` markers of
+``docs/tgma-benchmark.md``; the command line is ``simulations.benchmark``.
 """
 
 from __future__ import annotations

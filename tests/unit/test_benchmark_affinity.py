@@ -106,7 +106,7 @@ def document(
 ) -> dict[str, object]:
     """The document, README and pyproject of one tiny ``--calibrate`` run."""
     folder = tmp_path_factory.mktemp("affinity")
-    readme = folder / "README.md"
+    readme = folder / "page.md"
     readme.write_text(
         f"# x\n\n<!-- {AFFINITY_MARKER} -->\nold\n<!-- /{AFFINITY_MARKER} -->\n"
     )
@@ -118,7 +118,7 @@ def document(
             str(federation),
             "--out",
             str(folder / "affinity.json"),
-            "--readme",
+            "--page",
             str(readme),
             "--calibrate",
             "--pyproject",
@@ -388,7 +388,7 @@ def test_target_cases_sets_the_generated_targets_labels(
             "0",
             "--out",
             str(out),
-            "--readme",
+            "--page",
             "",
         ]
     )

@@ -351,24 +351,48 @@ def test_format_scale_table_shows_a_failed_run() -> None:
     assert "| 16 | failed: flwr run exited with 1 |" in table
 
 
-def test_table_from_with_an_empty_readme_only_prints(
+def test_table_from_with_an_empty_page_only_prints(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Prepare: a README in the working folder that --readme "" must leave alone.
+    # Prepare: the default page in the working folder, which --page "" must leave.
+    out = tmp_path / "scale.json"
+    out.write_text(json.dumps(scale_document(4, 8)))
+    monkeypatch.chdir(tmp_path)
+    block = f"<!-- {SCALE_MARKER} -->\nold\n<!-- /{SCALE_MARKER} -->\n"
+    page = tmp_path / "docs" / "scale-benchmark.md"
+    page.parent.mkdir()
+    page.write_text(block)
+
+    # Execute
+    exit_code = main(["scale", "--table-from", str(out), "--page", ""])
+
+    # Assert
+    assert exit_code == 0
+    assert "| 8 | 7 |" in capsys.readouterr().out
+    assert page.read_text() == block
+
+
+def test_table_from_writes_the_benchmarks_docs_page_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a README and the scale page, both with a scale block
     out = tmp_path / "scale.json"
     out.write_text(json.dumps(scale_document(4, 8)))
     monkeypatch.chdir(tmp_path)
     block = f"<!-- {SCALE_MARKER} -->\nold\n<!-- /{SCALE_MARKER} -->\n"
     (tmp_path / "README.md").write_text(block)
+    page = tmp_path / "docs" / "scale-benchmark.md"
+    page.parent.mkdir()
+    page.write_text(block)
 
     # Execute
-    exit_code = main(["scale", "--table-from", str(out), "--readme", ""])
+    exit_code = main(["scale", "--table-from", str(out)])
 
-    # Assert
+    # Assert: the page got the table; the README is never written
     assert exit_code == 0
-    assert "| 8 | 7 |" in capsys.readouterr().out
+    assert "| 8 | 7 |" in page.read_text()
     assert (tmp_path / "README.md").read_text() == block
 
 
@@ -376,17 +400,17 @@ def test_table_from_rewrites_only_the_scale_block(tmp_path: Path) -> None:
     # Prepare
     out = tmp_path / "scale.json"
     out.write_text(json.dumps(scale_document(4, 8)))
-    readme = tmp_path / "README.md"
-    readme.write_text(
+    page = tmp_path / "page.md"
+    page.write_text(
         "intro\n<!-- benchmark:tgma -->\nkeep\n<!-- /benchmark:tgma -->\n"
         f"<!-- {SCALE_MARKER} -->\nold\n<!-- /{SCALE_MARKER} -->\nafter\n"
     )
 
     # Execute
-    exit_code = main(["scale", "--table-from", str(out), "--readme", str(readme)])
+    exit_code = main(["scale", "--table-from", str(out), "--page", str(page)])
 
     # Assert
-    text = readme.read_text()
+    text = page.read_text()
     assert exit_code == 0
     assert "old" not in text
     assert "keep" in text

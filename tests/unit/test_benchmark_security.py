@@ -104,7 +104,7 @@ def _run(tmp: Path, *extra: str, out: Path | None = None) -> dict[str, object]:
                     str(tmp / "data"),
                     "--out",
                     str(out),
-                    "--readme",
+                    "--page",
                     "",
                     "--image-size=16",
                     "--consensus-image-size=16",
@@ -200,14 +200,14 @@ def test_document_holds_each_attack_with_its_figures(
         # Planned within the limits the site states: nothing refused.
         assert entry["refusals"] == []
         assert entry["ledger"] == {"released": entry["requests"]}
-    # The README block is regenerated from the document, never typed.
+    # The page's block is regenerated from the document, never typed.
     page = tmp_path / "page.md"
     page.write_text(
         "x\n<!-- benchmark:security -->\nold\n<!-- /benchmark:security -->\n"
     )
     out = tmp_path / "copy.json"
     out.write_text(json.dumps(document))
-    assert main(["security", f"--table-from={out}", f"--readme={page}"]) == 0
+    assert main(["security", f"--table-from={out}", f"--page={page}"]) == 0
     text = page.read_text()
     assert "old" not in text
     assert "| after | evaluate |" in text

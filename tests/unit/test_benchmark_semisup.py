@@ -45,7 +45,7 @@ VARIANT_KEYS = ["supervised", "mean_teacher", "ugmcl", "full"]
 
 
 def _tiny_args(federation: Path, tmp_path: Path) -> list[str]:
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "page.md"
     readme.write_text(
         f"# x\n\n<!-- {SEMISUP_MARKER} -->\nold\n<!-- /{SEMISUP_MARKER} -->\n"
     )
@@ -56,7 +56,7 @@ def _tiny_args(federation: Path, tmp_path: Path) -> list[str]:
         str(federation),
         "--out",
         str(tmp_path / "semisup.json"),
-        "--readme",
+        "--page",
         str(readme),
         "--threads=1",  # tiny tensors; no oversubscription when tests run in parallel
         "--seeds=0,1",
@@ -76,7 +76,7 @@ def document(
     finally:
         torch.set_num_threads(threads)
     result: dict[str, object] = json.loads((folder / "semisup.json").read_text())
-    result["_readme"] = (folder / "README.md").read_text()
+    result["_readme"] = (folder / "page.md").read_text()
     return result
 
 
@@ -446,7 +446,7 @@ def test_merge_joins_runs_at_different_seeds_as_one_run_would(
     together = read_document(
         _write_central_run(federation, tmp_path / "both.json", (0, 1))
     )
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "page.md"
     readme.write_text(f"<!-- {SEMISUP_MARKER} -->\nold\n<!-- /{SEMISUP_MARKER} -->\n")
 
     # Execute
@@ -458,7 +458,7 @@ def test_merge_joins_runs_at_different_seeds_as_one_run_would(
             str(second),
             "--out",
             str(tmp_path / "m.json"),
-            "--readme",
+            "--page",
             str(readme),
         ]
     )

@@ -1,6 +1,8 @@
-"""Import boundaries of STYLE.md 2.3, checked by parsing every module with ``ast``.
+"""Import boundaries, checked by parsing every module with ``ast``.
 
-Also flags the import-time side effects of STYLE.md 2.1 principle 6 that a parser can
+The rules are docs/architecture.md#layers.
+
+It also flags the import-time side effects that page rules out and a parser can
 see: environment reads outside function bodies and ``warnings.filterwarnings`` calls.
 """
 
@@ -18,10 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("core", "clients", "server")
 PRIVACY_MODULE = "core/privacy.py"  # the only opacus importer (may not exist yet)
-# The SimpleITK importers (STYLE.md's module map): image files, STAPLE, registration.
+# The SimpleITK importers (docs/architecture.md#layers): image files, STAPLE,
+# registration.
 SIMPLEITK_MODULES = ("core/io.py", "core/consensus.py", "core/registration.py")
 
-# Package -> top-level modules it must never import (STYLE.md 2.3).
+# Package -> top-level modules it must never import (docs/architecture.md#layers).
 FORBIDDEN: dict[str, frozenset[str]] = {
     "core": frozenset({"flwr", "grpc", "clients", "server", "simulations"}),
     "clients": frozenset(

@@ -2,7 +2,7 @@
 
 Shared by the ClientApp tests: no Flower daemon runs; each test builds the
 ``Message`` with explicit metadata and a ``Context`` whose ``node_config`` points at
-one site folder (DEPLOY.md section 1), then checks the reply.
+one site folder (as a deployed SuperNode's --node-config does), then checks the reply.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 No Flower daemon runs: each test builds the ``Message`` with explicit metadata (as a
 SuperNode would deliver it) and a ``Context`` whose ``node_config`` points at one site
-of a tiny synthetic federation (DEPLOY.md section 1), with the helpers of
+of a tiny synthetic federation (as a deployed SuperNode's does), with the helpers of
 ``tests/unit/clients/messages.py``. Bad input through the whole ClientApp, guard
 included, is ``test_bad_input.py``.
 """

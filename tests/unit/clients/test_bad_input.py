@@ -1,7 +1,7 @@
 """Bad input at a site, class by class, through the site's real ClientApp.
 
-Issue 4 item 5 and DESIGN.md section 3: an unreadable or truncated image, an
-image/label geometry mismatch, labels outside the declared classes, NaN/inf
+Issue 4 item 5 and docs/architecture.md#site-folders: an unreadable or truncated
+image, an image/label geometry mismatch, labels outside the declared classes, NaN/inf
 intensities, an empty or missing site folder, a malformed policy file and a model
 whose parameters do not match the manifest each get an error reply (code
 ``SITE_ERROR_CODE``) whose reason names the file (or parameter) and the problem.
