@@ -1,7 +1,10 @@
 # SiteBridge: the two commands of the README quick start.
 #   make demo  - set up .venv, generate the synthetic federation, run the whole TGMA
 #                pipeline as a local Flower simulation (`flwr run .`), print the result
-#   make test  - set up .venv if needed, run the test suite
+#   make test  - set up .venv if needed, run the test suite (what CI runs)
+#   make test-quick - the suite without the tests that run a whole pipeline (marker
+#                `pipeline`): the loop while changing one module; `make test` before
+#                pushing
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +12,7 @@ STAMP := $(VENV)/.sitebridge-installed
 SITES ?= 6
 RUN_CONFIG ?=
 
-.PHONY: demo test venv benchmark lint clean
+.PHONY: demo test test-quick venv benchmark lint clean
 
 venv: $(STAMP)
 
@@ -33,6 +36,9 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+test-quick: venv
+	$(BIN)/python -m pytest -m "not slow and not gpu and not pipeline"
 
 benchmark: venv
 	$(BIN)/python -m simulations.benchmark tgma --out benchmarks/tgma.json

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.config import ConfigValue, read_default_run_config
 from core.synthetic import write_federation
@@ -27,11 +30,39 @@ TINY_RUN_CONFIG: dict[str, ConfigValue] = {
 }
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three synthetic sites (A, B, C) with two labelled training cases each."""
-    folder = tmp_path_factory.mktemp("federation") / "federation"
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread for the tests' tiny tensors, here and in the processes started.
+
+    At 16-32 px with 4-8 channels an operation is far smaller than what a second
+    intra-op thread pays to synchronise; on a busy 2-core machine the two threads wait
+    on each other and a training step takes many times longer than on one thread.
+    ``OMP_NUM_THREADS`` is what torch reads in the Flower processes the integration
+    tests start (they inherit this environment); a value the caller set wins.
+    """
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def pristine_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sites of :func:`federation`, generated once per session; never written to."""
+    folder = tmp_path_factory.mktemp("pristine") / "federation"
     write_federation(folder, seed=0, num_sites=3, num_train_cases=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def federation(
+    pristine_federation: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Three synthetic sites (A, B, C) with two labelled training cases each.
+
+    A fresh copy per module: the sites' state (ledger, accountant) is written into
+    their folders, so no module sees another's. Copying is milliseconds; generating
+    the volumes again for every module was seconds each.
+    """
+    folder = tmp_path_factory.mktemp("federation") / "federation"
+    shutil.copytree(pristine_federation, folder)
     return folder
 
 

@@ -40,11 +40,12 @@ from deploy.loopback import (
 )
 from simulations.simulate import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.pipeline]
 
 SITES = ("A", "B", "C")
 RUN_TIMEOUT_S = 900.0
 REFUSAL_TIMEOUT_S = 180.0
+RESUME_LAST_PHASE = {"last-phase": "adaptation"}
 # The target releases LFTM per case (through a policy file named by --node-config).
 TARGET_POLICY = (
     (Path(__file__).resolve().parents[2] / "deploy" / "policy.template.toml")
@@ -447,9 +448,11 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_results(
     baseline_run: tuple[int, str, Path],
     loopback_root: Path,
 ) -> None:
-    # Prepare: a run whose ServerApp process is killed once source training is saved
+    # Prepare: a run whose ServerApp process is killed once source training is saved.
+    # It stops after adaptation: the baseline is the deployment's one full pipeline,
+    # and what a resume does in each later phase is tests/unit/server/test_runner.py's.
     runs = loopback_root / "runs-resume"
-    killed = deployment.submit_run(tiny_run_config(runs))
+    killed = deployment.submit_run(tiny_run_config(runs, **RESUME_LAST_PHASE))
     run_dir = runs / str(killed)
     wait_until(
         lambda: (run_dir / "phases" / "source-training.json").is_file(),
@@ -472,14 +475,22 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_results(
 
     # Execute: a new run resumes the killed one (run ids exceed TOML's int64: quoted)
     resumed = deployment.submit_run(
-        tiny_run_config(runs, **{"resume-run": str(killed)})
+        tiny_run_config(runs, **RESUME_LAST_PHASE, **{"resume-run": str(killed)})
     )
     status = deployment.wait_for_run(resumed, timeout_s=RUN_TIMEOUT_S)
 
     # Assert: finished phases reloaded, the rest run, results as if never killed
     assert status == "finished:completed", deployment.run_log(resumed)[-4000:]
     assert not (runs / str(resumed)).exists()  # it finished the killed run's folder
-    assert phase_results(run_dir) == phase_results(baseline_run[2])
+    resumed_phases = phase_results(run_dir)
+    assert set(resumed_phases) == {
+        "discover",
+        "source-training",
+        "transferability",
+        "adaptation",
+    }
+    baseline = phase_results(baseline_run[2])
+    assert resumed_phases == {phase: baseline[phase] for phase in resumed_phases}
     report = json.loads((run_dir / "report.json").read_text())
     (attempt,) = report["attempts"]  # the killed attempt never got to write its own
     assert attempt["flower_run_id"] == resumed

@@ -13,7 +13,7 @@ from core.ledger import Ledger
 from core.synthetic import write_federation
 from simulations.simulate import format_run_config, run_simulation
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.pipeline]
 
 TEMPLATE = (
     Path(__file__).resolve().parents[2] / "deploy" / "policy.template.toml"

@@ -29,18 +29,10 @@ from core.privacy import (
     read_accountant_state,
     write_accountant_state,
 )
-from core.synthetic import EVALUATION_CASES_PER_SITE, write_federation
+from core.synthetic import EVALUATION_CASES_PER_SITE
 
-NUM_TRAIN = 2
+NUM_TRAIN = 2  # labelled training cases per site of the shared federation (conftest)
 SLICES = 3
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny three-site federation (A is the target), generated once."""
-    folder = tmp_path_factory.mktemp("jobs") / "federation"
-    write_federation(folder, seed=0, num_sites=3, num_train_cases=NUM_TRAIN)
-    return folder
 
 
 @pytest.fixture(scope="module")

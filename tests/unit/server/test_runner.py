@@ -8,6 +8,7 @@ the ServerApp process dying mid-run looks like from the run folder.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ PHASE_FILES = (
 )
 # Fields of a phase result that legitimately differ between two runs.
 RUN_SPECIFIC = {"node_id", "seconds"}
+RESUME_7: dict[str, ConfigValue] = {"resume-run": "7"}
 
 
 def start_run(
@@ -102,38 +104,78 @@ def uninterrupted(
 # --------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize(
-    "killed_at",
-    [
-        protocol.FINETUNE,
-        protocol.LFTM,
-        protocol.ADAPT,
-        protocol.CONSENSUS,
-        protocol.EVALUATE,
-    ],
+# The message types of a kill, in the order a run sends them: fine-tuning in affinity,
+# LFTM in transferability, adapt, consensus, and the first evaluate (round 0 of the
+# federated semisup rounds, after the target's own refinement).
+KILL_POINTS = (
+    protocol.FINETUNE,
+    protocol.LFTM,
+    protocol.ADAPT,
+    protocol.CONSENSUS,
+    protocol.EVALUATE,
 )
-def test_resume_after_a_kill_matches_the_uninterrupted_run(
+# A message type only this phase sends: once the phase is persisted, a resumed
+# attempt must not send it again.
+PHASE_MESSAGES = {
+    "source-training": protocol.TRAIN_SOURCE,
+    "affinity": protocol.PROFILE,
+    "transferability": protocol.LFTM,
+    "adaptation": protocol.ADAPT,
+    "consensus": protocol.CONSENSUS,
+}
+
+
+def finished_phases(run_dir: Path) -> set[str]:
+    return {path.stem for path in (run_dir / "phases").glob("*.json")}
+
+
+def test_resume_after_a_kill_at_every_phase_matches_the_uninterrupted_run(
     federation: Path,
     run_config: dict[str, ConfigValue],
     tmp_path: Path,
     uninterrupted: Path,
-    killed_at: str,
 ) -> None:
-    # Prepare: the ServerApp dies when it is about to send `killed_at`
-    killed = build_grid(federation, run_config, kill_at=killed_at)
+    # Prepare: run 7 dies when it is about to send the first kill point's message
     with pytest.raises(ServerAppKilled):
-        start_run(killed, run_config, tmp_path, 7).run()
-    finished = sorted(p.stem for p in (tmp_path / "7" / "phases").glob("*.json"))
+        start_run(
+            build_grid(federation, run_config, kill_at=KILL_POINTS[0]),
+            run_config,
+            tmp_path,
+            7,
+        ).run()
+    finished = finished_phases(tmp_path / "7")
     assert "source-training" in finished
     assert "evaluation" not in finished
-    grid = build_grid(federation, run_config)
 
-    # Execute: a new Flower run (id 8) resumes run 7
-    report = start_run(grid, run_config, tmp_path, 8, **{"resume-run": "7"}).run()
+    # Execute: each new Flower run resumes run 7 and dies at the next kill point,
+    # one phase further on; the last one (no kill) finishes it. One pass through
+    # the phases covers a kill in each of them.
+    flower_run_ids = range(8, 8 + len(KILL_POINTS))
+    for flower_run_id, kill_at in zip(
+        flower_run_ids, (*KILL_POINTS[1:], None), strict=True
+    ):
+        done_before = finished_phases(tmp_path / "7")
+        grid = build_grid(federation, run_config, kill_at=kill_at)
+        runner = start_run(grid, run_config, tmp_path, flower_run_id, **RESUME_7)
+        if kill_at is None:
+            report = runner.run()
+        else:
+            with pytest.raises(ServerAppKilled):
+                runner.run()
 
-    # Assert: nothing finished is redone, and the results are the uninterrupted ones
-    assert not grid.sent_of_type(protocol.TRAIN_SOURCE)
-    assert len(grid.sent_of_type(protocol.HELLO)) == 3  # nodes re-mapped
+        # Assert (each attempt): nothing finished is redone, the nodes are re-mapped
+        redone = {
+            phase
+            for phase, message_type in PHASE_MESSAGES.items()
+            if phase in done_before and grid.sent_of_type(message_type)
+        }
+        assert redone == set(), (kill_at, redone)
+        assert not grid.sent_of_type(protocol.TRAIN_SOURCE)
+        assert len(grid.sent_of_type(protocol.HELLO)) == 3
+        assert finished_phases(tmp_path / "7") >= done_before
+        assert not (tmp_path / str(flower_run_id)).exists()  # run 7 keeps its folder
+
+    # Assert: the results are the uninterrupted ones
     assert phase_results(tmp_path / "7") == phase_results(uninterrupted)
     for model in (uninterrupted / "models").glob("*.npz"):
         with (
@@ -143,9 +185,9 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(
             assert sorted(expected.files) == sorted(got.files)
             for name in expected.files:
                 np.testing.assert_array_equal(got[name], expected[name])
-    assert not (tmp_path / "8").exists()  # the resumed run keeps its own folder
     attempts = json.loads((tmp_path / "7" / ATTEMPTS_FILE).read_text())["attempts"]
-    assert [a["flower_run_id"] for a in attempts] == [8]  # the killed one never wrote
+    # The killed attempts never wrote; the one that finished did.
+    assert [a["flower_run_id"] for a in attempts] == [flower_run_ids[-1]]
     assert "source-training" in attempts[0]["reloaded"]
     assert report["error"] is None
     assert report["evaluation"] is not None
@@ -156,9 +198,10 @@ def test_resume_of_a_finished_run_only_says_hello(
     federation: Path,
     run_config: dict[str, ConfigValue],
     tmp_path: Path,
+    uninterrupted: Path,
 ) -> None:
-    # Prepare
-    start_run(build_grid(federation, run_config), run_config, tmp_path, 1).run()
+    # Prepare: a copy of the finished run's folder (run 1), as it was left
+    shutil.copytree(uninterrupted, tmp_path / "1")
     grid = build_grid(federation, run_config)
 
     # Execute
@@ -249,6 +292,7 @@ def test_resume_of_an_unknown_run_is_a_clear_error(
 # ----------------------------------------------------------------- last-phase, report
 
 
+@pytest.mark.pipeline
 def test_last_phase_stops_early_and_still_reports(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
@@ -283,6 +327,7 @@ def test_last_phase_stops_early_and_still_reports(
     assert not (tmp_path / "1" / "dice.png").exists()
 
 
+@pytest.mark.pipeline
 def test_a_failed_phase_writes_the_report_with_the_reason(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
@@ -359,6 +404,7 @@ def test_a_run_stopped_for_too_few_sites_names_them_and_how_to_resume(
     assert (tmp_path / "5" / "phases" / "source-training.json").exists() is False
 
 
+@pytest.mark.pipeline
 def test_a_source_that_fails_is_left_out_and_reported(
     federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
 ) -> None:
