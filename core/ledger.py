@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, Final, TypeAlias
 
 from core.coerce import FieldReader, is_number
+from core.protocol import applied_policy_key
 
 JsonObject: TypeAlias = dict[str, object]
 
@@ -645,7 +646,7 @@ def _group(
 
 
 # Where a site's entries record the budget (core.policy.AppliedPolicy.to_fields()).
-_BUDGET_KEY: Final = "policy.dp.budget-epsilon"
+_BUDGET_KEY: Final = applied_policy_key("dp.budget-epsilon")
 
 
 def _recorded_budget(entries: Sequence[LedgerEntry]) -> float | None:

@@ -33,6 +33,7 @@ from typing import Final
 
 from core.coerce import as_float, as_int
 from core.config import RunConfig
+from core.protocol import DP_KEY_PREFIX
 from core.storage import hold_exclusive_lock, write_atomically
 
 QUERIES_FILE: Final = "queries.json"
@@ -621,7 +622,7 @@ def charge_queries(
 
 # Metric fields left at full precision: the DP accounting (public mechanism settings)
 # and wall times, which describe the run, not the data.
-_EXACT_PREFIXES: Final = ("dp.",)
+_EXACT_PREFIXES: Final = (DP_KEY_PREFIX,)
 _EXACT_FIELDS: Final = frozenset({"seconds"})
 
 MetricValue = int | float | list[int] | list[float]

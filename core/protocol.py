@@ -295,6 +295,17 @@ class WireRecord:
         return cls(**record_values(cls, fields))
 
 
+# The DP figures' wire keys (:class:`DpFigures`).
+DP_KEY_PREFIX: Final = "dp."  # every DP figure's key starts with it
+DP_EPSILON_SPENT: Final = "dp.epsilon-spent"
+DP_EPSILON_TOTAL: Final = "dp.epsilon-total"
+DP_DELTA: Final = "dp.delta"
+DP_NOISE_MULTIPLIER: Final = "dp.noise-multiplier"
+DP_PATIENT_EPSILON_SPENT: Final = "dp.patient-epsilon-spent"
+DP_PATIENT_EPSILON_TOTAL: Final = "dp.patient-epsilon-total"
+DP_SLICES_PER_CASE: Final = "dp.slices-per-case"
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DpFigures(WireRecord):
     """The DP figures of a reply that may be a DP release (all 0 without DP).
@@ -309,23 +320,23 @@ class DpFigures(WireRecord):
     """
 
     epsilon_spent: float = dataclasses.field(
-        default=0.0, metadata=wire("dp.epsilon-spent")
+        default=0.0, metadata=wire(DP_EPSILON_SPENT)
     )
     epsilon_total: float = dataclasses.field(
-        default=0.0, metadata=wire("dp.epsilon-total")
+        default=0.0, metadata=wire(DP_EPSILON_TOTAL)
     )
-    delta: float = dataclasses.field(default=0.0, metadata=wire("dp.delta"))
+    delta: float = dataclasses.field(default=0.0, metadata=wire(DP_DELTA))
     noise_multiplier: float = dataclasses.field(
-        default=0.0, metadata=wire("dp.noise-multiplier")
+        default=0.0, metadata=wire(DP_NOISE_MULTIPLIER)
     )
     patient_epsilon_spent: float = dataclasses.field(
-        default=0.0, metadata=wire("dp.patient-epsilon-spent", may_be_absent=True)
+        default=0.0, metadata=wire(DP_PATIENT_EPSILON_SPENT, may_be_absent=True)
     )
     patient_epsilon_total: float = dataclasses.field(
-        default=0.0, metadata=wire("dp.patient-epsilon-total", may_be_absent=True)
+        default=0.0, metadata=wire(DP_PATIENT_EPSILON_TOTAL, may_be_absent=True)
     )
     slices_per_case: int = dataclasses.field(
-        default=0, metadata=wire("dp.slices-per-case", may_be_absent=True)
+        default=0, metadata=wire(DP_SLICES_PER_CASE, may_be_absent=True)
     )
 
     @property
@@ -782,6 +793,17 @@ class EvaluateReply(DpFigures):
 # prefix (``core.policy.AppliedPolicy.to_fields``), so the coordinator sees what bound.
 APPLIED_POLICY_PREFIX: Final = "policy."
 
+
+def applied_policy_key(policy_key: str) -> str:
+    """The reply settings key of a ``policy.toml`` key the site applied.
+
+    Example:
+        >>> applied_policy_key("dp.budget-epsilon")
+        'policy.dp.budget-epsilon'
+    """
+    return f"{APPLIED_POLICY_PREFIX}{policy_key}"
+
+
 # Every reply also carries its anchor: the index and hash of the site's own ledger
 # entry for it. The settings below hold it (an error reply, which has only a reason,
 # carries it at the end of the reason). Neither side digests the anchor: it is added
@@ -914,3 +936,6 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
 }
 # A fine-tuning step of a transfer path replies as a source training does.
 REPLY_SCHEMAS[FINETUNE] = REPLY_SCHEMAS[TRAIN_SOURCE]
+
+# The metric FedAvg weighs a training reply by: its samples seen.
+FEDAVG_WEIGHT_KEY: Final = field_key(SemisupReply, "num_examples")

@@ -56,6 +56,7 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from core import protocol
 from core.config import (
     ConfigValue,
     RunConfig,
@@ -280,12 +281,14 @@ def average_students(students: Sequence[tuple[Arrays, int]]) -> Arrays:
         RecordDict(
             {
                 "student": to_array_record(student),
-                "metrics": MetricRecord({"num-examples": num_examples}),
+                "metrics": MetricRecord({protocol.FEDAVG_WEIGHT_KEY: num_examples}),
             }
         )
         for student, num_examples in students
     ]
-    return from_array_record(aggregate_arrayrecords(records, "num-examples"))
+    return from_array_record(
+        aggregate_arrayrecords(records, protocol.FEDAVG_WEIGHT_KEY)
+    )
 
 
 def train_federated(

@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+from core import protocol
 from core.protocol import (
     REPLY_SCHEMAS,
     AdaptReply,
@@ -453,3 +454,9 @@ def test_anchor_parses_back() -> None:
 
 def test_reply_schemas_are_pinned() -> None:
     assert REPLY_SCHEMAS == PINNED_SCHEMAS
+
+
+def test_dp_keys_share_their_prefix_and_fedavg_weighs_by_samples() -> None:
+    assert all(key.startswith(protocol.DP_KEY_PREFIX) for key in protocol.DP_METRICS)
+    for record in (TrainReply, AdaptReply, SemisupReply):
+        assert protocol.FEDAVG_WEIGHT_KEY in protocol.record_keys(record)
