@@ -2,7 +2,8 @@
 
 Slices predicted by the 2-D network are stacked back into their case's volume, and each
 metric is computed per 3-D case and then averaged over cases, as is usual for this
-field. Never imports flwr.
+field. Also the one Spearman rank correlation every method and benchmark uses. Never
+imports flwr.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
+from scipy.stats import spearmanr
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,3 +131,53 @@ def score_cases(
             )
         )
     return SegmentationScores(cases=tuple(scores))
+
+
+def spearman(
+    scores: Sequence[float],
+    truth: Sequence[float],
+    *,
+    undefined: float = math.nan,
+    min_pairs: int = 2,
+) -> float:
+    """Spearman's rank correlation of ``scores`` with ``truth``.
+
+    Ties take their average rank (scipy's ``spearmanr``). Pairs with a NaN or an
+    infinity on either side are left out: an undefined or unbounded score or truth
+    says nothing about the ranking.
+    The correlation is undefined when fewer than ``min_pairs`` pairs remain or either
+    side is constant (a constant has no ranking, so rho is 0/0); the function then
+    returns ``undefined``. Callers choose it by what they do with the value: NaN
+    where an undefined correlation is reported as such (the consensus figures), 0.0
+    where values are averaged over targets and "no ranking information" should
+    count as no correlation (the TGMA and SeqTran benchmarks).
+
+    Args:
+        scores: one score per item.
+        truth: the true figure per item (same length).
+        undefined: the value returned when the correlation is undefined.
+        min_pairs: the fewest defined pairs to correlate.
+
+    Example:
+        >>> spearman([0.1, 0.2, 0.3], [1.0, 3.0, 2.0])
+        0.5
+        >>> spearman([0.1, 0.1, 0.1], [1.0, 3.0, 2.0])
+        nan
+        >>> spearman([0.1, 0.1, 0.1], [1.0, 3.0, 2.0], undefined=0.0)
+        0.0
+        >>> spearman([0.1, math.nan, 0.3, 0.2], [1.0, 9.0, 3.0, 2.0])
+        1.0
+    """
+    pairs = [
+        (score, true)
+        for score, true in zip(scores, truth, strict=True)
+        if math.isfinite(score) and math.isfinite(true)
+    ]
+    if (
+        len(pairs) < min_pairs
+        or len({score for score, _ in pairs}) < 2
+        or len({true for _, true in pairs}) < 2
+    ):
+        return undefined
+    value = float(spearmanr(*zip(*pairs, strict=True)).statistic)
+    return undefined if math.isnan(value) else value

@@ -25,13 +25,12 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 import torch
-from scipy.stats import spearmanr
 
 from core.config import ConfigValue, RunConfig, load_default_config
 from core.consensus import majority_vote, staple
 from core.data import SliceSet, build_slice_set, index_site, list_site_dirs
 from core.deepstaple import train_deepstaple, weighted_vote
-from core.metrics import score_cases
+from core.metrics import score_cases, spearman
 from core.models import build_model
 from core.noisy_labels import NoisyLabel, build_noisy_label_set, dice
 from core.training import predict_probabilities, select_device, train_supervised
@@ -114,18 +113,6 @@ def build_controlled_images(
         clean=np.concatenate(clean),
         sites=tuple(Path(path).name for path in site_dirs),
     )
-
-
-def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
-    """Spearman's rho over the finite pairs; nan with fewer than 2 distinct values."""
-    pairs = [
-        (score, true)
-        for score, true in zip(scores, truth, strict=True)
-        if math.isfinite(score)
-    ]
-    if len({score for score, _ in pairs}) < 2 or len({t for _, t in pairs}) < 2:
-        return math.nan
-    return float(spearmanr(*zip(*pairs, strict=True)).statistic)
 
 
 def build_evaluation_slices(

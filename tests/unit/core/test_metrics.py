@@ -11,6 +11,7 @@ from core.metrics import (
     dice_score,
     hd95_mm,
     score_cases,
+    spearman,
 )
 
 
@@ -231,3 +232,60 @@ def test_segmentation_scores_means(
     # Assert
     assert scores.dice == pytest.approx(dice)
     assert scores.hd95_mm == pytest.approx(hd95, nan_ok=True)
+
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize(
+    ("scores", "truth", "expected"),
+    [
+        ([1, 2, NAN, 3, 4], [1, 2, 100, 3, 4], 1.0),
+        ([1, 2, 3, 4], [4, 3, NAN, 1], -1.0),
+        ([1, 2, 3, INF], [1, 2, 3, 0], 1.0),
+        ([1, 3, 2], [1, 2, 3], 0.5),
+        ([1, 2], [1, 2], NAN),
+        ([1, 2, NAN], [1, 2, 3], NAN),
+        ([1, 1, 1, 1], [1, 2, 3, 4], NAN),
+        ([1, 2, 3], [5, 5, 5], NAN),
+        ([1, 2, 3, 4], [NAN, NAN, NAN, NAN], NAN),
+    ],
+    ids=[
+        "nan-score-ignored",
+        "nan-truth-ignored",
+        "inf-ignored",
+        "partial-order",
+        "two-pairs",
+        "two-defined-pairs",
+        "constant-scores",
+        "constant-truth",
+        "nothing-defined",
+    ],
+)
+def test_spearman_over_finite_pairs_with_three_at_least(
+    scores: list[float], truth: list[float], expected: float
+) -> None:
+    # Prepare
+    pairs = (list(map(float, scores)), list(map(float, truth)))
+
+    # Execute
+    result = spearman(*pairs, min_pairs=3)  # as the consensus reply's figures
+
+    # Assert
+    if math.isnan(expected):
+        assert math.isnan(result)
+    else:
+        assert result == pytest.approx(expected)
+
+
+def test_spearman_ranks_ties_by_their_average_and_two_pairs_suffice_by_default() -> (
+    None
+):
+    # Average ranks: [1, 2.5, 2.5] against [1, 2, 3] -> rho = 0.866...
+    assert spearman([1.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(0.8660254)
+    assert spearman([1.0, 2.0], [2.0, 1.0]) == pytest.approx(-1.0)
+
+
+def test_spearman_undefined_value_is_the_callers() -> None:
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], undefined=0.0) == 0.0
+    assert math.isnan(spearman([1.0], [1.0]))
