@@ -13,8 +13,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_hausdorff_distance
 from monai.networks.utils import one_hot
 from scipy.stats import spearmanr
 
@@ -46,22 +47,77 @@ class SegmentationScores:
         return float(np.mean(defined)) if defined else float("nan")
 
 
+def dice_coefficient(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    *,
+    smooth: float = 0.0,
+    empty: float = 1.0,
+) -> torch.Tensor:
+    """Dice of each sample: ``(2 sum(x y) + smooth) / (sum(x^2) + sum(y^2) + smooth)``.
+
+    The one Dice every caller uses: on binary masks (where ``x^2 = x``, so the
+    denominator is the two masks' sizes) it is the overlap metric; on probabilities
+    against a one-hot target it is the soft Dice of the segmentation losses, which
+    pass ``smooth`` (a small constant that keeps the ratio and its gradient defined
+    when both are empty). Without smoothing, a sample where both are empty (0/0)
+    gets ``empty``: 1.0 by default (two empty masks agree), MONAI's convention.
+
+    Args:
+        first: ``(B, ...)`` masks or probabilities.
+        second: ``(B, ...)`` masks or targets, same shape (cast to ``first``'s dtype).
+        smooth: added to the numerator and the denominator.
+        empty: the value where both are empty and ``smooth`` is 0.
+
+    Returns:
+        ``(B,)`` Dice values, in ``first``'s dtype (differentiable).
+
+    Example:
+        >>> a = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+        >>> dice_coefficient(a, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+        tensor([0.6667, 1.0000])
+    """
+    first = first.flatten(1)
+    second = second.to(first.dtype).flatten(1)
+    overlap = (first * second).sum(dim=1)
+    total = (first * first).sum(dim=1) + (second * second).sum(dim=1)
+    if smooth:
+        return (2.0 * overlap + smooth) / (total + smooth)
+    value = 2.0 * overlap / total.clamp_min(torch.finfo(first.dtype).tiny)
+    return torch.where(total > 0, value, torch.full_like(value, empty))
+
+
+def mask_dice(first: npt.NDArray[np.bool_], second: npt.NDArray[np.bool_]) -> float:
+    """Dice of two binary masks of the same shape; 1.0 when both are empty.
+
+    Example:
+        >>> mask_dice(np.array([1, 1, 0], bool), np.array([1, 0, 0], bool))
+        0.6666666666666666
+    """
+    # float64 sums of 0/1 are exact, so the ratio is the exactly rounded one.
+    pair = [
+        torch.from_numpy(np.asarray(mask, bool)).reshape(1, -1)
+        for mask in (first, second)
+    ]
+    return float(dice_coefficient(pair[0].double(), pair[1])[0])
+
+
 def dice_score(
     prediction: torch.Tensor, reference: torch.Tensor, *, num_classes: int
 ) -> float:
     """Mean foreground Dice between two integer label maps of the same shape.
 
-    Both empty gives 1.0; one empty gives 0.0 (MONAI's ``ignore_empty=False``).
+    :func:`dice_coefficient` of each foreground class's masks, averaged over the
+    classes; both empty gives 1.0, one empty 0.0 (MONAI's ``ignore_empty=False``).
 
     Example:
         >>> a = torch.tensor([[0, 1], [1, 1]])
         >>> round(dice_score(a, torch.tensor([[0, 1], [0, 1]]), num_classes=2), 3)
         0.8
     """
-    pred = one_hot(prediction[None, None].long(), num_classes=num_classes, dim=1)
-    ref = one_hot(reference[None, None].long(), num_classes=num_classes, dim=1)
-    values = compute_dice(pred, ref, include_background=False, ignore_empty=False)
-    return float(torch.nan_to_num(values, nan=0.0).mean())
+    pred = one_hot(prediction[None].long(), num_classes=num_classes, dim=0)
+    ref = one_hot(reference[None].long(), num_classes=num_classes, dim=0)
+    return float(dice_coefficient(pred[1:], ref[1:]).mean())
 
 
 def hd95_mm(

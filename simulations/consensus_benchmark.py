@@ -30,9 +30,9 @@ from core.config import ConfigValue, RunConfig, load_default_config
 from core.consensus import majority_vote, staple
 from core.data import SliceSet, build_slice_set, index_site, list_site_dirs
 from core.deepstaple import train_deepstaple, weighted_vote
-from core.metrics import score_cases, spearman
+from core.metrics import mask_dice, score_cases, spearman
 from core.models import build_model
-from core.noisy_labels import NoisyLabel, build_noisy_label_set, dice
+from core.noisy_labels import NoisyLabel, build_noisy_label_set
 from core.training import predict_probabilities, select_device, train_supervised
 from simulations.benchmark_output import print_progress
 
@@ -293,7 +293,9 @@ def run_controlled(
 
     def mean_dice(masks: Sequence[Mask]) -> float:
         return float(
-            np.mean([dice(m, c) for m, c in zip(masks, controlled.clean, strict=True)])
+            np.mean(
+                [mask_dice(m, c) for m, c in zip(masks, controlled.clean, strict=True)]
+            )
         )
 
     sensitivities = [value for result in staples for value in result.sensitivity]

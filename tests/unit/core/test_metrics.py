@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from core.metrics import (
     CaseScores,
     SegmentationScores,
+    dice_coefficient,
     dice_score,
     hd95_mm,
+    mask_dice,
     score_cases,
     spearman,
 )
@@ -289,3 +292,31 @@ def test_spearman_ranks_ties_by_their_average_and_two_pairs_suffice_by_default()
 def test_spearman_undefined_value_is_the_callers() -> None:
     assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], undefined=0.0) == 0.0
     assert math.isnan(spearman([1.0], [1.0]))
+
+
+def test_dice_coefficient_empty_convention_and_smoothing() -> None:
+    # Prepare
+    empty = torch.zeros(1, 4)
+    half = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+
+    # Execute / Assert: both empty agree (1.0 by default, or the caller's value)
+    assert dice_coefficient(empty, empty).tolist() == [1.0]
+    assert dice_coefficient(empty, empty, empty=0.0).tolist() == [0.0]
+    assert dice_coefficient(half, empty).tolist() == [0.0]
+    # smoothing keeps 0/0 defined: (0 + s) / (0 + s) = 1
+    assert dice_coefficient(empty, empty, smooth=1e-5).tolist() == [1.0]
+
+
+def test_mask_dice_equals_dice_score_on_binary_maps() -> None:
+    # Prepare
+    rng = torch.Generator().manual_seed(0)
+    first = torch.rand(3, 8, 8, generator=rng) < 0.4
+    second = torch.rand(3, 8, 8, generator=rng) < 0.4
+
+    # Execute
+    masks = mask_dice(first.numpy(), second.numpy())
+    labels = dice_score(first.long(), second.long(), num_classes=2)
+
+    # Assert
+    assert masks == pytest.approx(labels, abs=1e-7)
+    assert mask_dice(np.zeros(4, bool), np.zeros(4, bool)) == 1.0
