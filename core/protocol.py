@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from types import UnionType
 from typing import Any, ClassVar, Final, Self, TypeAlias, Union
 
-from core.coerce import FieldReader
+from core.coerce import FieldReader, is_integer
 
 Scalar: TypeAlias = bool | int | float | str
 FieldValue: TypeAlias = Scalar | list[int] | list[float] | list[str]
@@ -853,8 +853,7 @@ class LedgerAnchor:
             settings.get(LEDGER_HASH_FIELD),
         )
         if (
-            isinstance(index, int)
-            and not isinstance(index, bool)
+            is_integer(index)
             and isinstance(entry_hash, str)
             and re.fullmatch(r"[0-9a-f]{64}", entry_hash)
         ):

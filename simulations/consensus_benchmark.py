@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from core.coerce import is_number
 from core.config import ConfigValue, RunConfig, load_default_config
 from core.consensus import majority_vote, staple
 from core.data import SliceSet, build_slice_set, index_site, list_site_dirs
@@ -367,7 +368,7 @@ def run_controlled(
 def _cell(section: Mapping[str, object] | None, key: str, digits: int) -> str:
     """Format ``section[key]`` with ``digits`` decimals; a dash when absent or nan."""
     value = None if section is None else section.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return MISSING
     return f"{value:.{digits}f}" if math.isfinite(value) else MISSING
 

@@ -57,6 +57,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from core import protocol
+from core.coerce import is_number
 from core.config import (
     ConfigValue,
     RunConfig,
@@ -724,13 +725,13 @@ def merge_semisup_documents(
 
 
 def _cell(value: object, digits: int = 3) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return MISSING
     return f"{value:.{digits}f}" if math.isfinite(value) else MISSING
 
 
 def _percent(value: object) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return MISSING
     return f"{value:.0%}" if math.isfinite(value) else MISSING
 
