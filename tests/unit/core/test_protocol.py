@@ -544,9 +544,7 @@ def test_bool_is_rejected_where_a_number_is_expected(
     fields = _with(payload.to_fields(), field, True)
 
     # Execute / Assert
-    with pytest.raises(
-        ValueError, match=rf"payload field '{field}' must be a number"
-    ):
+    with pytest.raises(ValueError, match=rf"payload field '{field}' must be a number"):
         type(payload).from_fields(fields)
 
 
