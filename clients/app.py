@@ -304,9 +304,9 @@ def adapt(message: Message, _context: Context, setup: SiteSetup) -> Message:
         accountant_path=setup.accountant_path,
         progress=_progress(setup),
     )
-    models = {"main": result.main_weights}
+    models = {protocol.ADAPT_MAIN_MODEL: result.main_weights}
     if result.aux_weights is not None:
-        models["aux"] = result.aux_weights
+        models[protocol.ADAPT_AUX_MODEL] = result.aux_weights
     reply = protocol.AdaptReply(
         num_examples=result.num_examples,
         pseudo_label_foreground=result.pseudo_label_foreground,

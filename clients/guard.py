@@ -125,8 +125,8 @@ def _error_reply(message: Message, code: int, reason: str) -> Message:
 def _epsilon(reply: Message) -> tuple[float, float]:
     """(spent, cumulative) epsilon a training reply reports; zeros otherwise."""
     metrics = reply.content.metric_records.get(protocol.METRICS_KEY, MetricRecord())
-    spent = metrics.get("dp.epsilon-spent", 0.0)
-    total = metrics.get("dp.epsilon-total", 0.0)
+    spent = metrics.get(protocol.DP_EPSILON_SPENT, 0.0)
+    total = metrics.get(protocol.DP_EPSILON_TOTAL, 0.0)
     return float(spent), float(total)  # type: ignore[arg-type]
 
 

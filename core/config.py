@@ -14,10 +14,12 @@ import math
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
+
+from core.coerce import as_bool, as_float, as_int, as_str
 
 ConfigValue = bool | int | float | str
 
@@ -626,6 +628,15 @@ def _flat_key(group_name: str, field_name: str) -> str:
     return f"{_kebab(group_name)}.{_kebab(field_name)}"
 
 
+# The typed check of each scalar annotation (errors name the key).
+_COERCE: Final[dict[object, Callable[[object, str], object]]] = {
+    bool: as_bool,
+    int: as_int,
+    float: as_float,
+    str: as_str,
+}
+
+
 def _parse_value(key: str, raw: ConfigValue, annotation: Any) -> object:
     """Convert one flat value to the field's declared type, naming ``key`` on error."""
     origin = typing.get_origin(annotation)
@@ -645,22 +656,9 @@ def _parse_value(key: str, raw: ConfigValue, annotation: Any) -> object:
             return annotation(str(raw))
         except ValueError:
             raise ValueError(f"{key} must be one of {allowed}, got {raw!r}") from None
-    if annotation is bool:
-        if isinstance(raw, bool):
-            return raw
-        raise ValueError(f"{key} must be true or false, got {raw!r}")
-    if annotation is int:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ValueError(f"{key} must be an integer, got {raw!r}")
-        return raw
-    if annotation is float:
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise ValueError(f"{key} must be a number, got {raw!r}")
-        return float(raw)
-    if annotation is str:
-        if not isinstance(raw, str):
-            raise ValueError(f"{key} must be a string, got {raw!r}")
-        return raw
+    coerce = _COERCE.get(annotation)
+    if coerce is not None:
+        return coerce(raw, key)
     raise TypeError(
         f"unsupported config type {annotation!r} for {key}"
     )  # pragma: no cover

@@ -31,11 +31,11 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from scipy.stats import spearmanr
 
 from core.config import RunConfig
 from core.consensus import majority_vote, multi_label_staple, staple
@@ -51,7 +51,7 @@ from core.data import (
 from core.deepstaple import train_deepstaple, weighted_vote
 from core.io import read_volume, write_volume
 from core.jobs import build_model_with, score_slices
-from core.metrics import dice_score
+from core.metrics import dice_score, spearman
 from core.models import Arrays, build_model, get_weights
 from core.protocol import ATLAS_SOURCE_PREFIX, CONSENSUS_METHODS
 from core.registration import (
@@ -64,6 +64,10 @@ from core.training import select_device, train_supervised
 from core.transferability import build_pseudo_labels
 
 Progress = Callable[[str], None]
+
+# The consensus reply's Spearman figures need 3 evaluation images with a defined
+# score (nan below: two points always correlate perfectly).
+_SPEARMAN_MIN_PAIRS: Final = 3
 
 
 def _quiet(_line: str) -> None:
@@ -293,22 +297,6 @@ def _fuse_deepstaple(
     return torch.from_numpy(fused)
 
 
-def _spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
-    """Spearman's rho over the defined pairs; nan with fewer than 3 or a constant."""
-    pairs = [
-        (s, t)
-        for s, t in zip(scores, truth, strict=True)
-        if math.isfinite(s) and math.isfinite(t)
-    ]
-    if (
-        len(pairs) < 3
-        or len({s for s, _ in pairs}) < 2
-        or len({t for _, t in pairs}) < 2
-    ):
-        return math.nan
-    return float(spearmanr([s for s, _ in pairs], [t for _, t in pairs]).statistic)
-
-
 def _mean_over(values: npt.NDArray[np.floating]) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else math.nan
@@ -493,8 +481,8 @@ def _score_on_evaluation_labels(
             sensitivities.append(float(sensitivity[a, case]))
     return (
         label_dice,
-        _spearman(dps, true_dice),
-        _spearman(sensitivities, true_dice),
+        spearman(dps, true_dice, min_pairs=_SPEARMAN_MIN_PAIRS),
+        spearman(sensitivities, true_dice, min_pairs=_SPEARMAN_MIN_PAIRS),
     )
 
 

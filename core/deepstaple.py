@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +27,7 @@ from torch import nn
 
 from core.consensus import check_label_stack
 from core.training import seed_everything
+from core.training_loop import MixedPrecision, TrainingClock
 
 LOGGER = logging.getLogger(__name__)
 CLASS_WEIGHT_EXPONENT: float = 0.35
@@ -242,12 +242,11 @@ def step_network(
     *,
     optimizer: torch.optim.Optimizer,
     class_weight: torch.Tensor,
-    scaler: torch.amp.GradScaler,
+    precision: MixedPrecision,
 ) -> float:
     """Out-of-line step 1: class-weighted CE vs the noisy labels; network only.
 
-    The data parameters take no part. Autocast (float16) is on when ``scaler`` is.
-    Updates ``model`` in place.
+    The data parameters take no part. Updates ``model`` in place.
 
     Args:
         model: the segmentation network.
@@ -255,22 +254,18 @@ def step_network(
         noisy_labels: ``(B, *spatial)`` integer class maps on the same device.
         optimizer: the network's optimiser.
         class_weight: ``(C,)`` weights from :func:`class_weights`.
-        scaler: gradient scaler (disabled off CUDA).
+        precision: the network's autocast and gradient scaler (off on the CPU).
 
     Returns:
         The batch loss.
     """
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(
-        device_type=images.device.type, dtype=torch.float16, enabled=scaler.is_enabled()
-    ):
+    with precision.autocast():
         logits = model(images)
     loss = functional.cross_entropy(
         logits.float(), noisy_labels.long(), weight=class_weight
     )
-    scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-    scaler.step(optimizer)
-    scaler.update()
+    precision.backward_and_step(loss, optimizer)
     return float(loss.detach())
 
 
@@ -283,7 +278,7 @@ def step_data_parameters(
     foreground_counts: torch.Tensor,
     *,
     optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
+    precision: MixedPrecision,
     fixed_weighting: bool = True,
     risk_regularisation: bool = True,
 ) -> float:
@@ -301,7 +296,8 @@ def step_data_parameters(
         indices: ``(B,)`` label-instance indices into ``data_parameters``.
         foreground_counts: ``(B,)`` foreground voxel counts of the noisy labels.
         optimizer: the data parameters' ``SparseAdam``.
-        scaler: gradient scaler (disabled off CUDA).
+        precision: the data parameters' autocast and gradient scaler (off on the
+            CPU).
         fixed_weighting: see :func:`data_parameter_loss`.
         risk_regularisation: see :func:`data_parameter_loss`.
 
@@ -313,11 +309,7 @@ def step_data_parameters(
         parameter.requires_grad_(False)
     try:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(
-            device_type=images.device.type,
-            dtype=torch.float16,
-            enabled=scaler.is_enabled(),
-        ):
+        with precision.autocast():
             logits = model(images)
         loss = data_parameter_loss(
             logits,
@@ -327,9 +319,7 @@ def step_data_parameters(
             fixed_weighting=fixed_weighting,
             risk_regularisation=risk_regularisation,
         )
-        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-        scaler.step(optimizer)
-        scaler.update()
+        precision.backward_and_step(loss, optimizer)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
@@ -413,7 +403,6 @@ def train_deepstaple(
             f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}"
         )
     class_weight = class_weights(noisy_labels, num_classes).to(device)
-    report = progress or LOGGER.info
     generator = seed_everything(seed)
     count = int(images.shape[0])
     foreground_counts = (noisy_labels != 0).flatten(1).sum(dim=1)
@@ -426,11 +415,11 @@ def train_deepstaple(
         betas=(0.9, 0.999),
         eps=1e-8,
     )
-    use_amp = amp and device.type == "cuda"
-    network_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    dp_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # Each parameter set keeps its own loss scale.
+    network_precision = MixedPrecision(device, amp=amp)
+    dp_precision = MixedPrecision(device, amp=amp)
     epoch_losses: list[float] = []
-    started = time.perf_counter()
+    clock = TrainingClock("deepstaple", progress or LOGGER.info)
     for epoch in range(epochs):
         order = torch.randperm(count, generator=generator)
         total = 0.0
@@ -447,7 +436,7 @@ def train_deepstaple(
                     batch_labels,
                     optimizer=network_optimizer,
                     class_weight=class_weight,
-                    scaler=network_scaler,
+                    precision=network_precision,
                 )
                 step_data_parameters(
                     model,
@@ -457,7 +446,7 @@ def train_deepstaple(
                     batch_index,
                     batch_counts,
                     optimizer=dp_optimizer,
-                    scaler=dp_scaler,
+                    precision=dp_precision,
                     fixed_weighting=fixed_weighting,
                     risk_regularisation=risk_regularisation,
                 )
@@ -467,17 +456,18 @@ def train_deepstaple(
                     data_parameters,
                     (batch_images, batch_labels, batch_index, batch_counts),
                     optimizers=(network_optimizer, dp_optimizer),
-                    scaler=network_scaler,
+                    precision=network_precision,
                     fixed_weighting=fixed_weighting,
                     risk_regularisation=risk_regularisation,
                 )
             total += loss * len(index)
         epoch_losses.append(total / count)
         raw = data_parameters.embedding.weight.detach().squeeze(-1)
-        report(
-            f"[deepstaple] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f} "
-            f"data parameters {float(raw.min()):.3f}..{float(raw.max()):.3f} "
-            f"({time.perf_counter() - started:.1f} s)"
+        clock.epoch(
+            epoch,
+            epochs,
+            epoch_losses[-1],
+            f"data parameters {float(raw.min()):.3f}..{float(raw.max()):.3f}",
         )
     model.eval()
     values = data_parameters.embedding.weight.detach().squeeze(-1).float().cpu()
@@ -485,7 +475,7 @@ def train_deepstaple(
         model=model,
         data_parameters=values.numpy().astype(np.float32),
         epoch_losses=tuple(epoch_losses),
-        seconds=time.perf_counter() - started,
+        seconds=clock.seconds,
     )
 
 
@@ -495,7 +485,7 @@ def _step_in_line(
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
-    scaler: torch.amp.GradScaler,
+    precision: MixedPrecision,
     fixed_weighting: bool,
     risk_regularisation: bool,
 ) -> float:
@@ -503,11 +493,7 @@ def _step_in_line(
     images, noisy_labels, indices, foreground_counts = batch
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(
-        device_type=images.device.type,
-        dtype=torch.float16,
-        enabled=scaler.is_enabled(),
-    ):
+    with precision.autocast():
         logits = model(images)
     loss = data_parameter_loss(
         logits,
@@ -518,8 +504,5 @@ def _step_in_line(
         risk_regularisation=risk_regularisation,
     )
     # One loss scale covers both parameter sets, so one scaler steps both optimisers.
-    scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
+    precision.backward_and_step(loss, *optimizers)
     return float(loss.detach())

@@ -37,6 +37,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Final, TypeAlias
 
+from core.coerce import FieldReader, is_number
+from core.protocol import applied_policy_key
+
 JsonObject: TypeAlias = dict[str, object]
 
 GENESIS_HASH: Final = "0" * 64
@@ -81,47 +84,14 @@ def compute_entry_hash(fields: Mapping[str, object]) -> str:
     return hashlib.sha256(write_canonical_json(content).encode()).hexdigest()
 
 
-def _get(data: Mapping[str, object], key: str) -> object:
-    if key not in data:
-        raise ValueError(f"field {key!r} is missing")
-    return data[key]
-
-
-def _wrong_type(key: str, value: object) -> ValueError:
-    return ValueError(f"field {key!r} has the wrong type ({type(value).__name__})")
-
-
-def _get_str(data: Mapping[str, object], key: str) -> str:
-    value = _get(data, key)
-    if not isinstance(value, str):
-        raise _wrong_type(key, value)
-    return value
-
-
-def _get_int(data: Mapping[str, object], key: str) -> int:
-    value = _get(data, key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _wrong_type(key, value)
-    return value
-
-
-def _get_float(data: Mapping[str, object], key: str) -> float:
-    value = _get(data, key)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise _wrong_type(key, value)
-    return float(value)
-
-
-def _get_dict(data: Mapping[str, object], key: str) -> dict[str, object]:
-    value = _get(data, key)
-    if not isinstance(value, dict):
-        raise _wrong_type(key, value)
-    return {str(name): item for name, item in value.items()}
+def _fields(data: Mapping[str, object]) -> FieldReader:
+    """Typed getters over a JSON object; errors say ``field '<key>'``."""
+    return FieldReader(data, "field")
 
 
 def _get_counts(data: Mapping[str, object], key: str) -> dict[str, int]:
-    counts = _get_dict(data, key)
-    return {name: _get_int(counts, name) for name in counts}
+    counts = _fields(_fields(data).get_dict(key))
+    return {name: counts.get_int(name) for name in counts.data}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,17 +117,17 @@ class ArrayRelease:
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> ArrayRelease:
         """Inverse of :meth:`to_json`. Raises ValueError naming a bad field."""
-        shape = _get(data, "shape")
+        shape = _fields(data).get("shape")
         if not isinstance(shape, list) or not all(
             isinstance(size, int) for size in shape
         ):
             raise ValueError("field 'shape' must be a list of integers")
         return cls(
-            record=_get_str(data, "record"),
-            name=_get_str(data, "name"),
+            record=_fields(data).get_str("record"),
+            name=_fields(data).get_str("name"),
             shape=tuple(shape),
-            dtype=_get_str(data, "dtype"),
-            nbytes=_get_int(data, "nbytes"),
+            dtype=_fields(data).get_str("dtype"),
+            nbytes=_fields(data).get_int("nbytes"),
         )
 
 
@@ -192,7 +162,7 @@ class Egress:
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Egress:
         """Inverse of :meth:`to_json`. Raises ValueError naming a bad field."""
-        arrays = _get(data, "arrays")
+        arrays = _fields(data).get("arrays")
         if not isinstance(arrays, list) or not all(
             isinstance(array, dict) for array in arrays
         ):
@@ -201,8 +171,8 @@ class Egress:
             arrays=tuple(ArrayRelease.from_json(array) for array in arrays),
             metrics=_get_counts(data, "metrics"),
             configs=_get_counts(data, "configs"),
-            total_bytes=_get_int(data, "total_bytes"),
-            digest=_get_str(data, "digest"),
+            total_bytes=_fields(data).get_int("total_bytes"),
+            digest=_fields(data).get_str("digest"),
         )
 
 
@@ -278,23 +248,23 @@ class LedgerEntry:
         if unknown:
             raise ValueError(f"unexpected field(s) {', '.join(map(repr, unknown))}")
         entry = cls(
-            index=_get_int(data, "index"),
-            time=_get_str(data, "time"),
-            run_id=_get_str(data, "run_id"),
-            message_type=_get_str(data, "message_type"),
-            sender=_get_str(data, "sender"),
-            direction=_get_str(data, "direction"),
+            index=_fields(data).get_int("index"),
+            time=_fields(data).get_str("time"),
+            run_id=_fields(data).get_str("run_id"),
+            message_type=_fields(data).get_str("message_type"),
+            sender=_fields(data).get_str("sender"),
+            direction=_fields(data).get_str("direction"),
             egress=(
                 None
-                if _get(data, "egress") is None
-                else Egress.from_json(_get_dict(data, "egress"))
+                if _fields(data).get("egress") is None
+                else Egress.from_json(_fields(data).get_dict("egress"))
             ),
-            decision=_get_str(data, "decision"),
-            policy=_get_dict(data, "policy"),
-            epsilon_spent=_get_float(data, "epsilon_spent"),
-            epsilon_total=_get_float(data, "epsilon_total"),
-            previous_hash=_get_str(data, "previous_hash"),
-            entry_hash=_get_str(data, "entry_hash"),
+            decision=_fields(data).get_str("decision"),
+            policy=_fields(data).get_dict("policy"),
+            epsilon_spent=_fields(data).get_float("epsilon_spent"),
+            epsilon_total=_fields(data).get_float("epsilon_total"),
+            previous_hash=_fields(data).get_str("previous_hash"),
+            entry_hash=_fields(data).get_str("entry_hash"),
             anchor=_get_anchor(data),
         )
         _check_values(entry.direction, entry.decision)
@@ -304,8 +274,11 @@ class LedgerEntry:
 def _get_anchor(data: Mapping[str, object]) -> dict[str, object] | None:
     if data.get("anchor") is None:
         return None
-    anchor = _get_dict(data, "anchor")
-    return {"index": _get_int(anchor, "index"), "hash": _get_str(anchor, "hash")}
+    anchor = _fields(data).get_dict("anchor")
+    return {
+        "index": _fields(anchor).get_int("index"),
+        "hash": _fields(anchor).get_str("hash"),
+    }
 
 
 def _check_values(direction: str, decision: str) -> None:
@@ -673,7 +646,7 @@ def _group(
 
 
 # Where a site's entries record the budget (core.policy.AppliedPolicy.to_fields()).
-_BUDGET_KEY: Final = "policy.dp.budget-epsilon"
+_BUDGET_KEY: Final = applied_policy_key("dp.budget-epsilon")
 
 
 def _recorded_budget(entries: Sequence[LedgerEntry]) -> float | None:
@@ -685,7 +658,7 @@ def _recorded_budget(entries: Sequence[LedgerEntry]) -> float | None:
     """
     for entry in reversed(entries):
         value = entry.policy.get(_BUDGET_KEY)
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if is_number(value):
             return float(value)
     return None
 

@@ -31,7 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
+from core.coerce import as_float, as_int
 from core.config import RunConfig
+from core.protocol import DP_KEY_PREFIX
 from core.storage import hold_exclusive_lock, write_atomically
 
 QUERIES_FILE: Final = "queries.json"
@@ -171,14 +173,8 @@ def parse_limits(table: Mapping[str, object]) -> SiteLimits:
             valid = ", ".join(limit_key(field)[len("limits.") :] for field in known)
             raise ValueError(f"unknown key limits.{name}; valid keys: {valid}")
         default = getattr(defaults, field_name)
-        if isinstance(default, float):
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
-                raise ValueError(f"limits.{name} must be a number, got {raw!r}")
-            values[field_name] = float(raw)
-        else:
-            if isinstance(raw, bool) or not isinstance(raw, int):
-                raise ValueError(f"limits.{name} must be an integer, got {raw!r}")
-            values[field_name] = raw
+        coerce = as_float if isinstance(default, float) else as_int
+        values[field_name] = coerce(raw, f"limits.{name}")
     return dataclasses.replace(defaults, **values)  # type: ignore[arg-type]
 
 
@@ -626,7 +622,7 @@ def charge_queries(
 
 # Metric fields left at full precision: the DP accounting (public mechanism settings)
 # and wall times, which describe the run, not the data.
-_EXACT_PREFIXES: Final = ("dp.",)
+_EXACT_PREFIXES: Final = (DP_KEY_PREFIX,)
 _EXACT_FIELDS: Final = frozenset({"seconds"})
 
 MetricValue = int | float | list[int] | list[float]

@@ -2,7 +2,8 @@
 
 Slices predicted by the 2-D network are stacked back into their case's volume, and each
 metric is computed per 3-D case and then averaged over cases, as is usual for this
-field. Never imports flwr.
+field. Also the one Spearman rank correlation every method and benchmark uses. Never
+imports flwr.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_hausdorff_distance
 from monai.networks.utils import one_hot
+from scipy.stats import spearmanr
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,22 +47,77 @@ class SegmentationScores:
         return float(np.mean(defined)) if defined else float("nan")
 
 
+def dice_coefficient(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    *,
+    smooth: float = 0.0,
+    empty: float = 1.0,
+) -> torch.Tensor:
+    """Dice of each sample: ``(2 sum(x y) + smooth) / (sum(x^2) + sum(y^2) + smooth)``.
+
+    The one Dice every caller uses: on binary masks (where ``x^2 = x``, so the
+    denominator is the two masks' sizes) it is the overlap metric; on probabilities
+    against a one-hot target it is the soft Dice of the segmentation losses, which
+    pass ``smooth`` (a small constant that keeps the ratio and its gradient defined
+    when both are empty). Without smoothing, a sample where both are empty (0/0)
+    gets ``empty``: 1.0 by default (two empty masks agree), MONAI's convention.
+
+    Args:
+        first: ``(B, ...)`` masks or probabilities.
+        second: ``(B, ...)`` masks or targets, same shape (cast to ``first``'s dtype).
+        smooth: added to the numerator and the denominator.
+        empty: the value where both are empty and ``smooth`` is 0.
+
+    Returns:
+        ``(B,)`` Dice values, in ``first``'s dtype (differentiable).
+
+    Example:
+        >>> a = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+        >>> dice_coefficient(a, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+        tensor([0.6667, 1.0000])
+    """
+    first = first.flatten(1)
+    second = second.to(first.dtype).flatten(1)
+    overlap = (first * second).sum(dim=1)
+    total = (first * first).sum(dim=1) + (second * second).sum(dim=1)
+    if smooth:
+        return (2.0 * overlap + smooth) / (total + smooth)
+    value = 2.0 * overlap / total.clamp_min(torch.finfo(first.dtype).tiny)
+    return torch.where(total > 0, value, torch.full_like(value, empty))
+
+
+def mask_dice(first: npt.NDArray[np.bool_], second: npt.NDArray[np.bool_]) -> float:
+    """Dice of two binary masks of the same shape; 1.0 when both are empty.
+
+    Example:
+        >>> mask_dice(np.array([1, 1, 0], bool), np.array([1, 0, 0], bool))
+        0.6666666666666666
+    """
+    # float64 sums of 0/1 are exact, so the ratio is the exactly rounded one.
+    pair = [
+        torch.from_numpy(np.asarray(mask, bool)).reshape(1, -1)
+        for mask in (first, second)
+    ]
+    return float(dice_coefficient(pair[0].double(), pair[1])[0])
+
+
 def dice_score(
     prediction: torch.Tensor, reference: torch.Tensor, *, num_classes: int
 ) -> float:
     """Mean foreground Dice between two integer label maps of the same shape.
 
-    Both empty gives 1.0; one empty gives 0.0 (MONAI's ``ignore_empty=False``).
+    :func:`dice_coefficient` of each foreground class's masks, averaged over the
+    classes; both empty gives 1.0, one empty 0.0 (MONAI's ``ignore_empty=False``).
 
     Example:
         >>> a = torch.tensor([[0, 1], [1, 1]])
         >>> round(dice_score(a, torch.tensor([[0, 1], [0, 1]]), num_classes=2), 3)
         0.8
     """
-    pred = one_hot(prediction[None, None].long(), num_classes=num_classes, dim=1)
-    ref = one_hot(reference[None, None].long(), num_classes=num_classes, dim=1)
-    values = compute_dice(pred, ref, include_background=False, ignore_empty=False)
-    return float(torch.nan_to_num(values, nan=0.0).mean())
+    pred = one_hot(prediction[None].long(), num_classes=num_classes, dim=0)
+    ref = one_hot(reference[None].long(), num_classes=num_classes, dim=0)
+    return float(dice_coefficient(pred[1:], ref[1:]).mean())
 
 
 def hd95_mm(
@@ -129,3 +187,53 @@ def score_cases(
             )
         )
     return SegmentationScores(cases=tuple(scores))
+
+
+def spearman(
+    scores: Sequence[float],
+    truth: Sequence[float],
+    *,
+    undefined: float = math.nan,
+    min_pairs: int = 2,
+) -> float:
+    """Spearman's rank correlation of ``scores`` with ``truth``.
+
+    Ties take their average rank (scipy's ``spearmanr``). Pairs with a NaN or an
+    infinity on either side are left out: an undefined or unbounded score or truth
+    says nothing about the ranking.
+    The correlation is undefined when fewer than ``min_pairs`` pairs remain or either
+    side is constant (a constant has no ranking, so rho is 0/0); the function then
+    returns ``undefined``. Callers choose it by what they do with the value: NaN
+    where an undefined correlation is reported as such (the consensus figures), 0.0
+    where values are averaged over targets and "no ranking information" should
+    count as no correlation (the TGMA and SeqTran benchmarks).
+
+    Args:
+        scores: one score per item.
+        truth: the true figure per item (same length).
+        undefined: the value returned when the correlation is undefined.
+        min_pairs: the fewest defined pairs to correlate.
+
+    Example:
+        >>> spearman([0.1, 0.2, 0.3], [1.0, 3.0, 2.0])
+        0.5
+        >>> spearman([0.1, 0.1, 0.1], [1.0, 3.0, 2.0])
+        nan
+        >>> spearman([0.1, 0.1, 0.1], [1.0, 3.0, 2.0], undefined=0.0)
+        0.0
+        >>> spearman([0.1, math.nan, 0.3, 0.2], [1.0, 9.0, 3.0, 2.0])
+        1.0
+    """
+    pairs = [
+        (score, true)
+        for score, true in zip(scores, truth, strict=True)
+        if math.isfinite(score) and math.isfinite(true)
+    ]
+    if (
+        len(pairs) < min_pairs
+        or len({score for score, _ in pairs}) < 2
+        or len({true for _, true in pairs}) < 2
+    ):
+        return undefined
+    value = float(spearmanr(*zip(*pairs, strict=True)).statistic)
+    return undefined if math.isnan(value) else value

@@ -21,6 +21,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from core.metrics import mask_dice
+
 Mask = npt.NDArray[np.bool_]
 
 MAX_MORPHOLOGY_PX: Final = 4  # erosion/dilation radius at level 1
@@ -38,19 +40,6 @@ class Corruption(StrEnum):
     ELASTIC = "elastic"
     EMPTY = "empty"
     SWAP = "swap"
-
-
-def dice(first: Mask, second: Mask) -> float:
-    """Dice of two binary masks; 1.0 when both are empty.
-
-    Example:
-        >>> dice(np.array([1, 1, 0], bool), np.array([1, 0, 0], bool))
-        0.6666666666666666
-    """
-    total = int(first.sum()) + int(second.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(first, second).sum()) / total
 
 
 def _check_level(level: float) -> None:
@@ -177,7 +166,7 @@ def build_noisy_label_set(
             other = np.asarray(labels[(index + 1) % len(labels)], dtype=bool)
             mask = corrupt_label(clean_mask, corruption, level, rng, swap_with=other)
             noisy.append(
-                NoisyLabel(index, corruption, level, mask, dice(mask, clean_mask))
+                NoisyLabel(index, corruption, level, mask, mask_dice(mask, clean_mask))
             )
         order = rng.permutation(len(noisy))
         result.append([noisy[i] for i in order])

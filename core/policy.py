@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, TypeVar
 
+from core.coerce import as_bool, as_float, as_int
 from core.limits import SiteLimits, default_limits, parse_limits, to_limit_fields
 from core.protocol import (
     ADAPT,
@@ -274,24 +275,7 @@ def _release(key: str, raw: object) -> LftmRelease:
     return LftmRelease(raw)
 
 
-def _bool(key: str, raw: object) -> bool:
-    if not isinstance(raw, bool):
-        raise PolicyError(f"{key} must be true or false, got {raw!r}")
-    return raw
-
-
-def _int(key: str, raw: object) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise PolicyError(f"{key} must be an integer, got {raw!r}")
-    return raw
-
-
-def _float(key: str, raw: object) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise PolicyError(f"{key} must be a number, got {raw!r}")
-    return float(raw)
-
-
+_Value = TypeVar("_Value")
 _Policy = TypeVar("_Policy", "SitePolicy", "AppliedPolicy")
 
 
@@ -307,6 +291,13 @@ def _limits(flat: Mapping[str, object]) -> SiteLimits:
         raise PolicyError(str(error)) from None
 
 
+def _typed(
+    coerce: Callable[..., _Value], flat: Mapping[str, object], key: str
+) -> _Value:
+    """``flat[key]`` through ``coerce``; a KeyError when missing, as ``_build`` says."""
+    return coerce(flat[key], key, error=PolicyError)
+
+
 def _build(kind: type[_Policy], flat: Mapping[str, object]) -> _Policy:
     """Build either policy from dotted ``policy.toml`` keys (KeyError when missing)."""
     noise = flat.get("dp.noise-multiplier")
@@ -315,22 +306,22 @@ def _build(kind: type[_Policy], flat: Mapping[str, object]) -> _Policy:
     return kind(
         answers=_actions("actions.answer", flat["actions.answer"]),
         lftm_release=_release("release.lftm", flat["release.lftm"]),
-        weights_may_leave=_bool(
-            "release.weights-may-leave", flat["release.weights-may-leave"]
-        ),
-        max_reply_mb=_float("release.max-reply-mb", flat["release.max-reply-mb"]),
-        max_config_value_bytes=_int(
-            "release.max-config-value-bytes", flat["release.max-config-value-bytes"]
-        ),
-        dp_required=_bool("dp.required", flat["dp.required"]),
+        weights_may_leave=_typed(as_bool, flat, "release.weights-may-leave"),
+        max_reply_mb=_typed(as_float, flat, "release.max-reply-mb"),
+        max_config_value_bytes=_typed(as_int, flat, "release.max-config-value-bytes"),
+        dp_required=_typed(as_bool, flat, "dp.required"),
         noise_multiplier=None
         if noise is None
-        else _float("dp.noise-multiplier", noise),
-        target_epsilon=None if target is None else _float("dp.target-epsilon", target),
-        delta=_float("dp.delta", flat["dp.delta"]),
-        epsilon_budget=_float("dp.budget-epsilon", flat["dp.budget-epsilon"]),
+        else as_float(noise, "dp.noise-multiplier", error=PolicyError),
+        target_epsilon=None
+        if target is None
+        else as_float(target, "dp.target-epsilon", error=PolicyError),
+        delta=_typed(as_float, flat, "dp.delta"),
+        epsilon_budget=_typed(as_float, flat, "dp.budget-epsilon"),
         limits=_limits(flat),
-        semisup_labelled_fraction=_float("semisup.labelled-fraction", fraction),
+        semisup_labelled_fraction=as_float(
+            fraction, "semisup.labelled-fraction", error=PolicyError
+        ),
     )
 
 

@@ -46,7 +46,6 @@ import functools
 import json
 import math
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
@@ -57,10 +56,12 @@ from monai.losses import DiceLoss
 from torch import nn
 from torch.nn import functional
 
+from core.coerce import is_integer, is_number
 from core.config import TrainConfig
 from core.policy import AppliedPolicy
 from core.storage import hold_exclusive_lock, write_atomically
 from core.training import TrainResult, augment_batch, augment_intensity
+from core.training_loop import TrainingClock
 
 ACCOUNTANT_FILE: Final = "accountant.json"
 # The accountant file itself is replaced by an atomic rename (a new inode each time),
@@ -301,17 +302,12 @@ def _parse_entry(entry: object) -> tuple[tuple[float, float, int], int | None]:
         raise ValueError(f"entry {entry!r} is not [noise, rate, steps(, units)]")
     noise, rate, steps, *rest = entry
     units = rest[0] if rest else None
-    numbers_ok = all(
-        isinstance(value, int | float) and not isinstance(value, bool)
-        for value in (noise, rate)
-    )
+    numbers_ok = is_number(noise) and is_number(rate)
     if not (numbers_ok and math.isfinite(noise) and noise > 0 and 0 < rate <= 1):
         raise ValueError(f"entry {entry!r}: noise must be > 0 and rate in (0, 1]")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise ValueError(f"entry {entry!r}: steps must be an integer >= 1")
-    if units is not None and (
-        isinstance(units, bool) or not isinstance(units, int) or units < 1
-    ):
+    if units is not None and (not is_integer(units) or units < 1):
         raise ValueError(f"entry {entry!r}: units per case must be an integer >= 1")
     return (float(noise), float(rate), steps), units
 
@@ -1176,13 +1172,13 @@ def run_private_training(
         batch_images, batch_targets = (tensor.to(device) for tensor in batch)
         return per_sample_loss(batch_images, batch_targets)
 
-    report(
-        f"[{label}] DP-SGD: {num_samples} samples, {plan.steps} steps "
+    clock = TrainingClock(label, report)
+    clock.line(
+        f"DP-SGD: {num_samples} samples, {plan.steps} steps "
         f"({schedule.epochs} epochs of {plan.steps // schedule.epochs}), noise "
         f"{plan.noise_multiplier:.3f}, clip {plan.max_grad_norm:g}, sample rate "
         f"{plan.sample_rate:.4f}"
     )
-    started = time.perf_counter()
     epoch_losses: list[float] = []
     seen = 0
     try:
@@ -1196,10 +1192,7 @@ def run_private_training(
                 count += int(losses.numel())
             seen += count
             epoch_losses.append(total / max(count, 1))
-            report(
-                f"[{label}] epoch {epoch + 1}/{schedule.epochs} loss "
-                f"{epoch_losses[-1]:.4f} ({time.perf_counter() - started:.1f} s)"
-            )
+            clock.epoch(epoch, schedule.epochs, epoch_losses[-1])
     finally:
         mechanism.close()
     if mechanism.steps_taken != plan.steps:  # the schedule divides by construction
@@ -1210,7 +1203,7 @@ def run_private_training(
         TrainResult(
             num_examples=seen,
             epoch_losses=tuple(epoch_losses),
-            seconds=time.perf_counter() - started,
+            seconds=clock.seconds,
             device=str(device),
         ),
         reservation.spend,

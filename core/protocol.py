@@ -13,8 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import typing
 from collections.abc import Mapping
-from typing import Any, Final, TypeAlias
+from types import UnionType
+from typing import Any, ClassVar, Final, Self, TypeAlias, Union
+
+from core.coerce import FieldReader, is_integer
 
 Scalar: TypeAlias = bool | int | float | str
 FieldValue: TypeAlias = Scalar | list[int] | list[float] | list[str]
@@ -87,125 +91,253 @@ def check_site_name(name: str) -> str:
     return name
 
 
-def _require(
-    fields: Mapping[str, object], key: str, kind: type | tuple[type, ...]
-) -> object:
-    if key not in fields:
-        raise ValueError(f"payload field {key!r} is missing")
-    value = fields[key]
-    numeric = kind is int or (isinstance(kind, tuple) and int in kind)
-    if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
-        raise ValueError(f"payload field {key!r} has the wrong type: {value!r}")
-    return value
+def _payload(fields: Mapping[str, object]) -> FieldReader:
+    """Typed getters over a payload's fields; errors say ``payload field '<key>'``."""
+    return FieldReader(fields, "payload field")
 
 
-def _str(fields: Mapping[str, object], key: str) -> str:
-    return str(_require(fields, key, str))
+# ---------------------------------------------------------------------------------
+# The generic codec. A record's field travels under its name in kebab case
+# (``num_examples`` -> ``num-examples``) unless its metadata names another key
+# (:func:`wire`); its annotation says how: int, float, str and bool as they are;
+# ``tuple[str, ...]`` and ``tuple[float, ...]`` as lists; ``X | None`` only when not
+# None; ``dict[str, float]`` as one key per entry, ``<key>.<name>`` (a per-name
+# table: the names are sources, methods or predictors). Keys go in one order: the
+# fixed keys (the record's own fields, then the fields it inherits, each in
+# declaration order), then the keys that vary (optional fields, per-name tables).
+# Records with dynamic key layouts (:class:`LftmReply`, :class:`EvaluateRequest`,
+# :class:`LedgerAnchor`) write their own methods.
+# ---------------------------------------------------------------------------------
+
+_WIRE_KEY: Final = "wire-key"
+_MAY_BE_ABSENT: Final = "wire-may-be-absent"
 
 
-def _int(fields: Mapping[str, object], key: str) -> int:
-    value = _require(fields, key, int)
-    assert isinstance(value, int)
-    return value
+def wire(key: str | None = None, *, may_be_absent: bool = False) -> dict[str, object]:
+    """A record field's metadata: its wire key and whether a payload may omit it.
 
+    ``key`` None keeps the rule's key; an omitted field parses as its default.
 
-def _float(fields: Mapping[str, object], key: str) -> float:
-    value = _require(fields, key, (int, float))
-    assert isinstance(value, int | float)
-    return float(value)
-
-
-def _float_list(fields: Mapping[str, object], key: str) -> list[float]:
-    values = _list(fields, key)
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"payload field {key!r} must hold numbers only")
-    return [float(v) for v in values]  # type: ignore[arg-type]
-
-
-def _list(fields: Mapping[str, object], key: str) -> list[object]:
-    value = _require(fields, key, list)
-    assert isinstance(value, list)
-    return value
-
-
-# The DP figures a reply carries when the site released it under DP (0 without DP):
-# epsilon of this release and the site's cumulative epsilon, per slice (the unit
-# DP-SGD protects; the accountant's) and per patient (group privacy over the slices a
-# case contributes, ``dp.slices-per-case``; nan when the site can't state it), at
-# ``dp.delta``, and the noise multiplier. Every reply type that can be a DP release
-# carries the same fields.
-DP_METRICS: Final = (
-    "dp.epsilon-spent",
-    "dp.epsilon-total",
-    "dp.delta",
-    "dp.noise-multiplier",
-    "dp.patient-epsilon-spent",
-    "dp.patient-epsilon-total",
-    "dp.slices-per-case",
-)
-_DP_ATTRIBUTES: Final = (
-    "epsilon_spent",
-    "epsilon_total",
-    "delta",
-    "noise_multiplier",
-    "patient_epsilon_spent",
-    "patient_epsilon_total",
-    "slices_per_case",
-)
-# Fields a site of an earlier release did not send; they default to 0 when absent.
-_DP_OPTIONAL: Final = frozenset(
-    {"dp.patient-epsilon-spent", "dp.patient-epsilon-total", "dp.slices-per-case"}
-)
-
-
-def dp_to_fields(reply: object) -> Fields:
-    """The DP figures of a reply (its ``epsilon_spent`` ... attributes), flattened."""
-    return {
-        key: getattr(reply, attribute)
-        for key, attribute in zip(DP_METRICS, _DP_ATTRIBUTES, strict=True)
-    }
-
-
-def dp_from_fields(
-    fields: Mapping[str, object], *, optional: bool = False
-) -> dict[str, Any]:
-    """The DP figures of a reply's metrics, as keyword arguments of its dataclass.
-
-    Args:
-        fields: the reply's metrics.
-        optional: every DP field may be absent (reply types that carried none in
-            earlier releases); else only the patient-level ones may.
+    Example:
+        >>> field = dataclasses.field(default=0.0, metadata=wire("dp.delta"))
     """
-    parsed: dict[str, Any] = {}
-    for key, attribute in zip(DP_METRICS, _DP_ATTRIBUTES, strict=True):
-        if key not in fields and (optional or key in _DP_OPTIONAL):
-            parsed[attribute] = 0
-        elif attribute == "slices_per_case":
-            parsed[attribute] = _int(fields, key)
+    metadata: dict[str, object] = {_MAY_BE_ABSENT: may_be_absent}
+    if key is not None:
+        metadata[_WIRE_KEY] = key
+    return metadata
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _WireField:
+    name: str  # the attribute
+    key: str  # the wire key (a per-name table's prefix without the dot)
+    kind: str  # "scalar", "str-tuple", "float-tuple" or "table"
+    scalar: type | None  # int, float, str or bool for a scalar
+    nullable: bool  # ``X | None``: sent only when not None
+    may_be_absent: bool  # parses as the field's default when absent
+    default: object
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _wire_field(
+    field: dataclasses.Field[Any], hint: Any, absent_ok: frozenset[str]
+) -> _WireField:
+    args = typing.get_args(hint)
+    nullable = type(None) in args and typing.get_origin(hint) in (Union, UnionType)
+    if nullable:
+        (hint,) = [arg for arg in args if arg is not type(None)]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (int, float, str, bool):
+        kind, scalar = "scalar", hint
+    elif origin is tuple and args in ((str, ...), (float, ...)):
+        kind, scalar = ("str-tuple" if args[0] is str else "float-tuple"), None
+    elif origin is dict and args == (str, float):
+        kind, scalar = "table", None
+    else:
+        raise TypeError(f"record field {field.name!r} has no wire form: {hint!r}")
+    return _WireField(
+        name=field.name,
+        key=str(field.metadata.get(_WIRE_KEY, _kebab(field.name))),
+        kind=kind,
+        scalar=scalar,
+        nullable=nullable,
+        may_be_absent=bool(field.metadata.get(_MAY_BE_ABSENT))
+        or field.name in absent_ok,
+        default=field.default,
+    )
+
+
+_DECLARED: Final[dict[type, tuple[_WireField, ...]]] = {}
+
+
+def _declared(cls: type) -> tuple[_WireField, ...]:
+    """The record's fields: its own first, then each base class's, as declared."""
+    if cls in _DECLARED:
+        return _DECLARED[cls]
+    hints = typing.get_type_hints(cls)
+    absent_ok = frozenset(getattr(cls, "absent_ok", ()))
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    names = dict.fromkeys(
+        name
+        for klass in cls.__mro__
+        for name in vars(klass).get("__annotations__", {})
+        if name in fields
+    )
+    declared = tuple(
+        _wire_field(fields[name], hints[name], absent_ok) for name in names
+    )
+    _DECLARED[cls] = declared
+    return declared
+
+
+def _layout(cls: type) -> tuple[_WireField, ...]:
+    """The record's fields in wire order: fixed keys first, then varying ones."""
+    declared = _declared(cls)
+    fixed = [
+        field for field in declared if field.kind != "table" and not field.nullable
+    ]
+    return (*fixed, *(field for field in declared if field not in fixed))
+
+
+def record_keys(cls: type) -> tuple[str, ...]:
+    """A record type's wire keys, in declaration order (own fields, then inherited).
+
+    A per-name table's key reads ``<key>.*``.
+
+    Example:
+        >>> record_keys(AdaptRequest)
+        ('main', 'aux', 'weight-main', 'weight-aux')
+    """
+    return tuple(
+        f"{field.key}.*" if field.kind == "table" else field.key
+        for field in _declared(cls)
+    )
+
+
+def field_key(cls: type, name: str) -> str:
+    """The wire key of a record type's field ``name``.
+
+    Example:
+        >>> field_key(TrainReply, "epsilon_spent")
+        'dp.epsilon-spent'
+    """
+    for field in _layout(cls):
+        if field.name == name:
+            return field.key
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def record_to_fields(record: WireRecord) -> Fields:
+    """A record's fields, flattened by the codec's rules."""
+    fields: Fields = {}
+    for field in _layout(record.__class__):
+        value = getattr(record, field.name)
+        if field.kind == "table":
+            fields.update({f"{field.key}.{name}": v for name, v in value.items()})
+        elif field.nullable and value is None:
+            continue
+        elif field.kind != "scalar":
+            fields[field.key] = list(value)
         else:
-            parsed[attribute] = _float(fields, key)
-    return parsed
+            fields[field.key] = value
+    return fields
+
+
+def record_values(cls: type, fields: Mapping[str, object]) -> dict[str, Any]:
+    """Parse a payload into a record type's keyword arguments, checking each type."""
+    reader = _payload(fields)
+    values: dict[str, Any] = {}
+    for field in _layout(cls):
+        if field.kind == "table":
+            prefix = f"{field.key}."
+            values[field.name] = {
+                key[len(prefix) :]: reader.get_float(key)
+                for key in fields
+                if key.startswith(prefix)
+            }
+        elif field.key not in fields and (field.nullable or field.may_be_absent):
+            values[field.name] = None if field.nullable else field.default
+        elif field.kind == "str-tuple":
+            values[field.name] = tuple(reader.get_str_list(field.key))
+        elif field.kind == "float-tuple":
+            values[field.name] = tuple(reader.get_float_list(field.key))
+        elif field.scalar is int:
+            values[field.name] = reader.get_int(field.key)
+        elif field.scalar is float:
+            values[field.name] = reader.get_float(field.key)
+        elif field.scalar is bool:
+            values[field.name] = reader.get_bool(field.key)
+        else:
+            values[field.name] = reader.get_str(field.key)
+    return values
+
+
+class WireRecord:
+    """Mixin of the records the generic codec (de)serialises.
+
+    A subclass names in ``absent_ok`` the fields a payload may leave out (fields
+    an earlier release did not send); they parse as their defaults.
+    """
+
+    __slots__ = ()
+    absent_ok: ClassVar[frozenset[str]] = frozenset()
+
+    def to_fields(self) -> Fields:
+        """Flatten for a ConfigRecord (requests, hello) or a MetricRecord (replies)."""
+        return record_to_fields(self)
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> Self:
+        """Parse a message's ConfigRecord or MetricRecord."""
+        return cls(**record_values(cls, fields))
+
+
+# The DP figures' wire keys (:class:`DpFigures`).
+DP_KEY_PREFIX: Final = "dp."  # every DP figure's key starts with it
+DP_EPSILON_SPENT: Final = "dp.epsilon-spent"
+DP_EPSILON_TOTAL: Final = "dp.epsilon-total"
+DP_DELTA: Final = "dp.delta"
+DP_NOISE_MULTIPLIER: Final = "dp.noise-multiplier"
+DP_PATIENT_EPSILON_SPENT: Final = "dp.patient-epsilon-spent"
+DP_PATIENT_EPSILON_TOTAL: Final = "dp.patient-epsilon-total"
+DP_SLICES_PER_CASE: Final = "dp.slices-per-case"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class DpFigures:
+class DpFigures(WireRecord):
     """The DP figures of a reply that may be a DP release (all 0 without DP).
 
     Epsilon of this release and the site's cumulative epsilon after it, per slice (the
     unit DP-SGD protects; what the site's budget caps) and per patient (group privacy
     over ``slices_per_case`` slices of one case; nan when the site can't state it),
     all at ``delta``; and the noise multiplier. Reply types that can be DP releases
-    derive from it, so the fields are declared and serialised once
-    (:func:`dp_to_fields`, :func:`dp_from_fields`).
+    derive from it, so the fields are declared and serialised once, under
+    :data:`DP_METRICS`. The patient-level fields were not sent by sites of an earlier
+    release; they parse as 0 when absent.
     """
 
-    epsilon_spent: float = 0.0
-    epsilon_total: float = 0.0
-    delta: float = 0.0
-    noise_multiplier: float = 0.0
-    patient_epsilon_spent: float = 0.0
-    patient_epsilon_total: float = 0.0
-    slices_per_case: int = 0
+    epsilon_spent: float = dataclasses.field(
+        default=0.0, metadata=wire(DP_EPSILON_SPENT)
+    )
+    epsilon_total: float = dataclasses.field(
+        default=0.0, metadata=wire(DP_EPSILON_TOTAL)
+    )
+    delta: float = dataclasses.field(default=0.0, metadata=wire(DP_DELTA))
+    noise_multiplier: float = dataclasses.field(
+        default=0.0, metadata=wire(DP_NOISE_MULTIPLIER)
+    )
+    patient_epsilon_spent: float = dataclasses.field(
+        default=0.0, metadata=wire(DP_PATIENT_EPSILON_SPENT, may_be_absent=True)
+    )
+    patient_epsilon_total: float = dataclasses.field(
+        default=0.0, metadata=wire(DP_PATIENT_EPSILON_TOTAL, may_be_absent=True)
+    )
+    slices_per_case: int = dataclasses.field(
+        default=0, metadata=wire(DP_SLICES_PER_CASE, may_be_absent=True)
+    )
 
     @property
     def private(self) -> bool:
@@ -213,8 +345,16 @@ class DpFigures:
         return self.noise_multiplier > 0
 
 
+# The DP figures' wire keys, in order: every reply type that can be a DP release
+# carries them.
+DP_METRICS: Final = record_keys(DpFigures)
+# Every DP figure's attribute: reply types that carried none in an earlier release
+# name these in ``absent_ok``.
+_DP_FIELDS: Final = frozenset(field.name for field in dataclasses.fields(DpFigures))
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class HelloReply:
+class HelloReply(WireRecord):
     """What a site says about itself: counts only, never case names."""
 
     site: str
@@ -223,30 +363,6 @@ class HelloReply:
     unlabelled: int
     evaluation: int
     class_names: tuple[str, ...]
-
-    def to_fields(self) -> Fields:
-        """Flatten for a ConfigRecord."""
-        return {
-            "site": self.site,
-            "modality": self.modality,
-            "labelled": self.labelled,
-            "unlabelled": self.unlabelled,
-            "evaluation": self.evaluation,
-            "class-names": list(self.class_names),
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> HelloReply:
-        """Parse a reply's ConfigRecord."""
-        names = _list(fields, "class-names")
-        return cls(
-            site=_str(fields, "site"),
-            modality=_str(fields, "modality"),
-            labelled=_int(fields, "labelled"),
-            unlabelled=_int(fields, "unlabelled"),
-            evaluation=_int(fields, "evaluation"),
-            class_names=tuple(str(name) for name in names),
-        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,31 +379,17 @@ class TrainReply(DpFigures):
     loss: float
     seconds: float
 
-    def to_fields(self) -> Fields:
-        """Flatten for a MetricRecord."""
-        return {
-            "num-examples": self.num_examples,
-            "num-cases": self.num_cases,
-            "loss": self.loss,
-            "seconds": self.seconds,
-            **dp_to_fields(self),
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> TrainReply:
-        """Parse a reply's MetricRecord."""
-        return cls(
-            num_examples=_int(fields, "num-examples"),
-            num_cases=_int(fields, "num-cases"),
-            loss=_float(fields, "loss"),
-            seconds=_float(fields, "seconds"),
-            **dp_from_fields(fields),
-        )
-
 
 # What of the target's LFTM a reply carries (the site policy's ``release.lftm``).
 INSTANCE_RELEASE: Final = "instance"  # ITM: one score per target case and source
 DOMAIN_RELEASE: Final = "domain"  # DTM only: one mean per source
+ITM_PREFIX: Final = "itm."  # metrics key of a source's ITM column: "itm.<source>"
+DTM_PREFIX: Final = "dtm."  # metrics key of a source's DTM mean: "dtm.<source>"
+# The settings of an LFTM reply: the metric, the sources (column order), the release.
+_LFTM_METRIC: Final = "metric"
+_LFTM_SOURCES: Final = "sources"
+_LFTM_RELEASE: Final = "release"
+LFTM_SETTINGS: Final = (_LFTM_METRIC, _LFTM_SOURCES, _LFTM_RELEASE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -345,17 +447,18 @@ class LftmReply:
     def to_fields(self) -> tuple[Fields, Fields]:
         """Flatten to (ConfigRecord fields, MetricRecord fields)."""
         settings: Fields = {
-            "metric": self.metric,
-            "sources": list(self.sources),
-            "release": self.release,
+            _LFTM_METRIC: self.metric,
+            _LFTM_SOURCES: list(self.sources),
+            _LFTM_RELEASE: self.release,
         }
         metrics: Fields
         if self.itm_columns is not None:
             metrics = {
-                f"itm.{name}": list(self.itm_columns[name]) for name in self.sources
+                f"{ITM_PREFIX}{name}": list(self.itm_columns[name])
+                for name in self.sources
             }
         else:
-            metrics = {f"dtm.{name}": self.dtm[name] for name in self.sources}
+            metrics = {f"{DTM_PREFIX}{name}": self.dtm[name] for name in self.sources}
         return settings, metrics
 
     @classmethod
@@ -363,11 +466,12 @@ class LftmReply:
         cls, settings: Mapping[str, object], metrics: Mapping[str, object]
     ) -> LftmReply:
         """Parse a reply's ConfigRecord and MetricRecord."""
-        sources = tuple(str(name) for name in _list(settings, "sources"))
-        release = _str(settings, "release")
-        metric = _str(settings, "metric")
+        config, numbers = _payload(settings), _payload(metrics)
+        sources = tuple(str(name) for name in config.get_list(_LFTM_SOURCES))
+        release = config.get_str(_LFTM_RELEASE)
+        metric = config.get_str(_LFTM_METRIC)
         if release == DOMAIN_RELEASE:
-            dtm = {name: _float(metrics, f"dtm.{name}") for name in sources}
+            dtm = {name: numbers.get_float(f"{DTM_PREFIX}{name}") for name in sources}
             return cls(
                 metric=metric,
                 sources=sources,
@@ -375,7 +479,9 @@ class LftmReply:
                 itm_columns=None,
                 dtm=dtm,
             )
-        columns = {name: _float_list(metrics, f"itm.{name}") for name in sources}
+        columns = {
+            name: numbers.get_float_list(f"{ITM_PREFIX}{name}") for name in sources
+        }
         lengths = {len(column) for column in columns.values()}
         if len(lengths) > 1:
             raise ValueError(f"ITM columns differ in length: {sorted(lengths)}")
@@ -389,8 +495,14 @@ class LftmReply:
         return tuple(tuple(row) for row in zip(*columns, strict=True))
 
 
+# The adapted models an adapt reply carries, as ``model.<name>``.
+ADAPT_MAIN_MODEL: Final = "main"
+ADAPT_AUX_MODEL: Final = "aux"  # only when the pair has an auxiliary source
+ADAPT_MODELS: Final = (ADAPT_MAIN_MODEL, ADAPT_AUX_MODEL)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class AdaptRequest:
+class AdaptRequest(WireRecord):
     """Which candidates form the pair and with which fixed weights."""
 
     main: str
@@ -398,53 +510,18 @@ class AdaptRequest:
     weight_main: float
     weight_aux: float
 
-    def to_fields(self) -> Fields:
-        """Flatten for a ConfigRecord."""
-        return {
-            "main": self.main,
-            "aux": self.aux,
-            "weight-main": self.weight_main,
-            "weight-aux": self.weight_aux,
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> AdaptRequest:
-        """Parse a request's ConfigRecord."""
-        return cls(
-            main=_str(fields, "main"),
-            aux=_str(fields, "aux"),
-            weight_main=_float(fields, "weight-main"),
-            weight_aux=_float(fields, "weight-aux"),
-        )
-
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AdaptReply(DpFigures):
     """How adaptation went; adapted ``model.main``/``model.aux`` travel beside it."""
 
+    # Sites of an earlier release sent no DP figures with this reply.
+    absent_ok: ClassVar[frozenset[str]] = _DP_FIELDS
+
     num_examples: int  # target slices seen over all epochs
     # fraction of target pixels pseudo-labelled foreground (nan: withheld under DP)
     pseudo_label_foreground: float
     seconds: float
-
-    def to_fields(self) -> Fields:
-        """Flatten for a MetricRecord."""
-        return {
-            "num-examples": self.num_examples,
-            "pseudo-label-foreground": self.pseudo_label_foreground,
-            "seconds": self.seconds,
-            **dp_to_fields(self),
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> AdaptReply:
-        """Parse a reply's MetricRecord."""
-        return cls(
-            num_examples=_int(fields, "num-examples"),
-            pseudo_label_foreground=_float(fields, "pseudo-label-foreground"),
-            seconds=_float(fields, "seconds"),
-            **dp_from_fields(fields, optional=True),
-        )
 
 
 # What a consensus is built from and what a model is trained on, in the reply's
@@ -457,7 +534,7 @@ ATLAS_SOURCE_PREFIX: Final = "atlas-"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ConsensusRequest:
+class ConsensusRequest(WireRecord):
     """Which sent models label the target's images, and which one is refined.
 
     ``label_sources`` name the candidate models whose predictions become noisy labels
@@ -472,32 +549,9 @@ class ConsensusRequest:
         if not self.label_sources:
             raise ValueError("payload field 'label-sources' names no model")
 
-    def to_fields(self) -> Fields:
-        """Flatten for a ConfigRecord."""
-        return {"label-sources": list(self.label_sources), "start": self.start}
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> ConsensusRequest:
-        """Parse a request's ConfigRecord."""
-        sources = _list(fields, "label-sources")
-        if not all(isinstance(name, str) for name in sources):
-            raise ValueError("payload field 'label-sources' must hold names only")
-        return cls(
-            label_sources=tuple(str(name) for name in sources),
-            start=_str(fields, "start"),
-        )
-
-
-def _prefixed(fields: Mapping[str, object], prefix: str) -> dict[str, float]:
-    return {
-        key[len(prefix) :]: _float(fields, key)
-        for key in fields
-        if key.startswith(prefix)
-    }
-
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ConsensusReply:
+class ConsensusReply(WireRecord):
     """Aggregate quality figures of a consensus run; the labels stay at the site.
 
     Per noisy-label source (a candidate model's name, or ``atlas-<k>`` for the k-th
@@ -514,47 +568,12 @@ class ConsensusReply:
     num_labels: int  # noisy label instances (2-D slices x label sources)
     num_atlases: int
     seconds: float
-    data_parameter: dict[str, float]
-    staple_sensitivity: dict[str, float]
-    agreement: dict[str, float]
-    label_dice: dict[str, float]
     spearman_dp: float
     spearman_staple: float
-
-    def to_fields(self) -> Fields:
-        """Flatten for a MetricRecord."""
-        fields: Fields = {
-            "num-images": self.num_images,
-            "num-labels": self.num_labels,
-            "num-atlases": self.num_atlases,
-            "seconds": self.seconds,
-            "spearman-dp": self.spearman_dp,
-            "spearman-staple": self.spearman_staple,
-        }
-        for prefix, values in (
-            ("data-parameter.", self.data_parameter),
-            ("staple-sensitivity.", self.staple_sensitivity),
-            ("agreement.", self.agreement),
-            ("label-dice.", self.label_dice),
-        ):
-            fields.update({f"{prefix}{name}": value for name, value in values.items()})
-        return fields
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> ConsensusReply:
-        """Parse a reply's MetricRecord."""
-        return cls(
-            num_images=_int(fields, "num-images"),
-            num_labels=_int(fields, "num-labels"),
-            num_atlases=_int(fields, "num-atlases"),
-            seconds=_float(fields, "seconds"),
-            data_parameter=_prefixed(fields, "data-parameter."),
-            staple_sensitivity=_prefixed(fields, "staple-sensitivity."),
-            agreement=_prefixed(fields, "agreement."),
-            label_dice=_prefixed(fields, "label-dice."),
-            spearman_dp=_float(fields, "spearman-dp"),
-            spearman_staple=_float(fields, "spearman-staple"),
-        )
+    data_parameter: dict[str, float]  # "data-parameter.<source>"
+    staple_sensitivity: dict[str, float]  # "staple-sensitivity.<source>"
+    agreement: dict[str, float]  # "agreement.<source>"
+    label_dice: dict[str, float]  # "label-dice.<method>"
 
 
 # Which schedule a train.semisup message belongs to: the refinement at the target, or
@@ -563,7 +582,7 @@ SEMISUP_SCOPES: Final = ("target", "federated")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class SemisupRequest:
+class SemisupRequest(WireRecord):
     """One round of semi-supervised training; the student travels as ``weights``.
 
     Rounds are numbered from 1; a site runs ``iterations`` steps, numbered globally as
@@ -601,25 +620,6 @@ class SemisupRequest:
         """Steps over all rounds (the length of the ramps)."""
         return self.rounds * self.iterations
 
-    def to_fields(self) -> Fields:
-        """Flatten for a ConfigRecord."""
-        return {
-            "scope": self.scope,
-            "round": self.round,
-            "rounds": self.rounds,
-            "iterations": self.iterations,
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> SemisupRequest:
-        """Parse a request's ConfigRecord."""
-        return cls(
-            scope=_str(fields, "scope"),
-            round=_int(fields, "round"),
-            rounds=_int(fields, "rounds"),
-            iterations=_int(fields, "iterations"),
-        )
-
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SemisupReply(DpFigures):
@@ -643,34 +643,9 @@ class SemisupReply(DpFigures):
     certain_fraction: float  # share of pixels under the uncertainty threshold
     seconds: float
 
-    def to_fields(self) -> Fields:
-        """Flatten for a MetricRecord."""
-        return {
-            "num-examples": self.num_examples,
-            "num-labelled": self.num_labelled,
-            "num-unlabelled": self.num_unlabelled,
-            "supervised-loss": self.supervised_loss,
-            "consistency-loss": self.consistency_loss,
-            "cross-task-loss": self.cross_task_loss,
-            "certain-fraction": self.certain_fraction,
-            "seconds": self.seconds,
-            **dp_to_fields(self),
-        }
 
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> SemisupReply:
-        """Parse a reply's MetricRecord."""
-        return cls(
-            num_examples=_int(fields, "num-examples"),
-            num_labelled=_int(fields, "num-labelled"),
-            num_unlabelled=_int(fields, "num-unlabelled"),
-            supervised_loss=_float(fields, "supervised-loss"),
-            consistency_loss=_float(fields, "consistency-loss"),
-            cross_task_loss=_float(fields, "cross-task-loss"),
-            certain_fraction=_float(fields, "certain-fraction"),
-            seconds=_float(fields, "seconds"),
-            **dp_from_fields(fields),
-        )
+# The label term of a profile: both fields or neither.
+_LABEL_TERM: Final = ("mean_label_map", "foreground_quantiles")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -740,57 +715,32 @@ class ProfileReply(DpFigures):
         Raises:
             ValueError: a value has the wrong type.
         """
-        fields: dict[str, object] = {
-            "image-quantiles": values["image_quantiles"],
-            "quantile-clip": values["quantile_clip"],
-            "label-grid": values["label_grid"] or 0,
-            "num-images": values["num_images"],
-            "num-labelled": values["num_labelled"],
-            "dp.epsilon-spent": values["epsilon"] or 0.0,
-            "dp.epsilon-total": epsilon_total,
-            "dp.delta": values["delta"] or 0.0,
-            "dp.noise-multiplier": values["noise_multiplier"] or 0.0,
+        attributes: dict[str, object] = {
+            "image_quantiles": values["image_quantiles"],
+            "quantile_clip": values["quantile_clip"],
+            "label_grid": values["label_grid"] or 0,
+            "num_images": values["num_images"],
+            "num_labelled": values["num_labelled"],
+            "epsilon_spent": values["epsilon"] or 0.0,
+            "epsilon_total": epsilon_total,
+            "delta": values["delta"] or 0.0,
+            "noise_multiplier": values["noise_multiplier"] or 0.0,
         }
-        for key in ("mean_label_map", "foreground_quantiles"):
-            if values[key] is not None:
-                fields[key.replace("_", "-")] = values[key]
-        return cls.from_fields(fields)
-
-    def to_fields(self) -> Fields:
-        """Flatten for a MetricRecord (the label term only when there is one)."""
-        fields: Fields = {
-            "image-quantiles": list(self.image_quantiles),
-            "quantile-clip": self.quantile_clip,
-            "label-grid": self.label_grid,
-            "num-images": self.num_images,
-            "num-labelled": self.num_labelled,
-            **dp_to_fields(self),
-        }
-        if self.mean_label_map is not None and self.foreground_quantiles is not None:
-            fields["mean-label-map"] = list(self.mean_label_map)
-            fields["foreground-quantiles"] = list(self.foreground_quantiles)
-        return fields
+        for name in _LABEL_TERM:
+            if values[name] is not None:
+                attributes[name] = values[name]
+        return cls.from_fields(
+            {field_key(cls, name): value for name, value in attributes.items()}
+        )
 
     @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> ProfileReply:
-        """Parse a reply's MetricRecord."""
-        with_labels = "mean-label-map" in fields or "foreground-quantiles" in fields
-        return cls(
-            image_quantiles=tuple(_float_list(fields, "image-quantiles")),
-            quantile_clip=_float(fields, "quantile-clip"),
-            label_grid=_int(fields, "label-grid"),
-            mean_label_map=(
-                tuple(_float_list(fields, "mean-label-map")) if with_labels else None
-            ),
-            foreground_quantiles=(
-                tuple(_float_list(fields, "foreground-quantiles"))
-                if with_labels
-                else None
-            ),
-            num_images=_int(fields, "num-images"),
-            num_labelled=_int(fields, "num-labelled"),
-            **dp_from_fields(fields),
-        )
+    def from_fields(cls, fields: Mapping[str, object]) -> Self:
+        """Parse a reply's MetricRecord: the label term's two fields, or neither."""
+        keys = [field_key(cls, name) for name in _LABEL_TERM]
+        if any(key in fields for key in keys):
+            for key in keys:
+                _payload(fields).get(key)  # "... is missing" names the absent one
+        return cls(**record_values(cls, fields))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -807,7 +757,7 @@ class EvaluateRequest:
     def from_fields(cls, fields: Mapping[str, object]) -> EvaluateRequest:
         """Parse a request's ConfigRecord."""
         try:
-            table = json.loads(_str(fields, "predictors"))
+            table = json.loads(_payload(fields).get_str("predictors"))
             predictors = {
                 str(name): [(str(model), float(weight)) for model, weight in members]
                 for name, members in table.items()
@@ -829,37 +779,30 @@ class EvaluateRequest:
 class EvaluateReply(DpFigures):
     """Aggregate metrics per predictor: mean Dice and HD95 (mm) over the cases."""
 
+    # Sites of an earlier release sent no DP figures with this reply.
+    absent_ok: ClassVar[frozenset[str]] = _DP_FIELDS
+
     num_cases: int
-    dice: dict[str, float]
-    hd95_mm: dict[str, float]
-
-    def to_fields(self) -> Fields:
-        """Flatten for a MetricRecord."""
-        fields: Fields = {"num-cases": self.num_cases, **dp_to_fields(self)}
-        fields.update({f"dice.{name}": value for name, value in self.dice.items()})
-        fields.update({f"hd95.{name}": value for name, value in self.hd95_mm.items()})
-        return fields
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> EvaluateReply:
-        """Parse a reply's MetricRecord."""
-        dice = {
-            key[5:]: _float(fields, key) for key in fields if key.startswith("dice.")
-        }
-        hd95 = {
-            key[5:]: _float(fields, key) for key in fields if key.startswith("hd95.")
-        }
-        return cls(
-            num_cases=_int(fields, "num-cases"),
-            dice=dice,
-            hd95_mm=hd95,
-            **dp_from_fields(fields, optional=True),
-        )
+    dice: dict[str, float]  # "dice.<predictor>"
+    hd95_mm: dict[str, float] = dataclasses.field(
+        metadata=wire("hd95")
+    )  # "hd95.<predictor>"
 
 
 # Every reply's settings may also carry the policy applied at the site, under this
 # prefix (``core.policy.AppliedPolicy.to_fields``), so the coordinator sees what bound.
 APPLIED_POLICY_PREFIX: Final = "policy."
+
+
+def applied_policy_key(policy_key: str) -> str:
+    """The reply settings key of a ``policy.toml`` key the site applied.
+
+    Example:
+        >>> applied_policy_key("dp.budget-epsilon")
+        'policy.dp.budget-epsilon'
+    """
+    return f"{APPLIED_POLICY_PREFIX}{policy_key}"
+
 
 # Every reply also carries its anchor: the index and hash of the site's own ledger
 # entry for it. The settings below hold it (an error reply, which has only a reason,
@@ -910,8 +853,7 @@ class LedgerAnchor:
             settings.get(LEDGER_HASH_FIELD),
         )
         if (
-            isinstance(index, int)
-            and not isinstance(index, bool)
+            is_integer(index)
             and isinstance(entry_hash, str)
             and re.fullmatch(r"[0-9a-f]{64}", entry_hash)
         ):
@@ -975,70 +917,24 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     )
 
 
+# Each schema lists its record type's wire keys (``record_keys``): a key is spelled
+# once, where the record declares its field.
 REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
-    HELLO: ReplySchema(
-        settings=(
-            "site",
-            "modality",
-            "labelled",
-            "unlabelled",
-            "evaluation",
-            "class-names",
-        )
-    ),
-    TRAIN_SOURCE: ReplySchema(
-        metrics=("num-examples", "num-cases", "loss", "seconds", *DP_METRICS),
-        weights=True,
-    ),
+    HELLO: ReplySchema(settings=record_keys(HelloReply)),
+    TRAIN_SOURCE: ReplySchema(metrics=record_keys(TrainReply), weights=True),
     LFTM: ReplySchema(
-        settings=("metric", "sources", "release"), metrics=("itm.*", "dtm.*")
+        settings=LFTM_SETTINGS, metrics=(f"{ITM_PREFIX}*", f"{DTM_PREFIX}*")
     ),
-    ADAPT: ReplySchema(
-        metrics=("num-examples", "pseudo-label-foreground", "seconds", *DP_METRICS),
-        models=("main", "aux"),
-    ),
+    ADAPT: ReplySchema(metrics=record_keys(AdaptReply), models=ADAPT_MODELS),
     CONSENSUS: ReplySchema(
-        metrics=(
-            "num-images",
-            "num-labels",
-            "num-atlases",
-            "seconds",
-            "spearman-dp",
-            "spearman-staple",
-            "data-parameter.*",
-            "staple-sensitivity.*",
-            "agreement.*",
-            "label-dice.*",
-        ),
-        models=CONSENSUS_METHODS,
+        metrics=record_keys(ConsensusReply), models=CONSENSUS_METHODS
     ),
-    SEMISUP: ReplySchema(
-        metrics=(
-            "num-examples",
-            "num-labelled",
-            "num-unlabelled",
-            "supervised-loss",
-            "consistency-loss",
-            "cross-task-loss",
-            "certain-fraction",
-            "seconds",
-            *DP_METRICS,
-        ),
-        weights=True,
-    ),
-    PROFILE: ReplySchema(
-        metrics=(
-            "image-quantiles",
-            "quantile-clip",
-            "label-grid",
-            "mean-label-map",
-            "foreground-quantiles",
-            "num-images",
-            "num-labelled",
-            *DP_METRICS,
-        )
-    ),
-    EVALUATE: ReplySchema(metrics=("num-cases", "dice.*", "hd95.*", *DP_METRICS)),
+    SEMISUP: ReplySchema(metrics=record_keys(SemisupReply), weights=True),
+    PROFILE: ReplySchema(metrics=record_keys(ProfileReply)),
+    EVALUATE: ReplySchema(metrics=record_keys(EvaluateReply)),
 }
 # A fine-tuning step of a transfer path replies as a source training does.
 REPLY_SCHEMAS[FINETUNE] = REPLY_SCHEMAS[TRAIN_SOURCE]
+
+# The metric FedAvg weighs a training reply by: its samples seen.
+FEDAVG_WEIGHT_KEY: Final = field_key(SemisupReply, "num_examples")

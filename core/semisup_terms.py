@@ -25,6 +25,8 @@ from scipy.ndimage import (
 )
 from torch import nn
 
+from core.metrics import dice_coefficient
+
 ENTROPY_EPSILON: Final = 1e-6  # inside the log, as the reference code
 MASK_EPSILON: Final = 1e-16  # keeps an all-uncertain batch at loss 0, not nan
 
@@ -337,11 +339,7 @@ def _per_sample_dice(
     probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
     """:func:`dice_loss` of each sample on its own: ``(B, ...)`` twice -> ``(B,)``."""
-    probabilities = probabilities.flatten(1)
-    target = target.to(probabilities.dtype).flatten(1)
-    overlap = (probabilities * target).sum(dim=1)
-    total = (probabilities * probabilities).sum(dim=1) + (target * target).sum(dim=1)
-    return 1.0 - (2.0 * overlap + eps) / (total + eps)
+    return 1.0 - dice_coefficient(probabilities, target, smooth=eps)
 
 
 def _per_sample_foreground_dice(

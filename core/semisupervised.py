@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -39,6 +38,7 @@ from core.semisup_terms import (
     uncertainty_threshold,
 )
 from core.training import augment_batch, seed_everything
+from core.training_loop import MixedPrecision, TrainingClock, device_description
 
 LOGGER = logging.getLogger(__name__)
 
@@ -289,11 +289,11 @@ def _step_loss(
     step: int,
     total_steps: int,
     noise: torch.Generator,
-    use_amp: bool,
+    precision: MixedPrecision,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the step's loss and its detached (supervised, intra, cross, certain)."""
     labels, *sdf_target = targets
-    with torch.autocast(images.device.type, dtype=torch.float16, enabled=use_amp):
+    with precision.autocast():
         logits, sdf = student(images)
         logits, sdf = logits.float(), sdf.float()
         supervised, _ = supervised_loss(
@@ -519,7 +519,6 @@ def train_semisupervised(
         # Computed once: flips commute with the distance transform.
         labelled += (compute_sdf_batch(labels, student.num_classes),)
 
-    report = progress or LOGGER.info
     generator = seed_everything(settings.seed + start_step)
     noise = torch.Generator(device=device).manual_seed(settings.seed + start_step)
     labelled_order = _sample_indices(
@@ -544,24 +543,23 @@ def train_semisupervised(
             student, private, num_samples=len(labelled_images), device=device
         )
     )
-    use_amp = settings.amp and device.type == "cuda" and mechanism is None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # DP-SGD computes per-sample gradients in float32: no mixed precision under it.
+    precision = MixedPrecision(device, amp=settings.amp and mechanism is None)
     interval = max(1, settings.iterations // 10)
     sums = torch.zeros(4, dtype=torch.float64)
     counts = torch.zeros(4, dtype=torch.float64)
-    started = time.perf_counter()
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    clock = TrainingClock(label, progress or LOGGER.info)
     dp_line = (
         ""
         if private is None
         else f", DP-SGD on the labelled part (noise {private.noise_multiplier:.3f}, "
         f"clip {private.max_grad_norm:g}, sample rate {private.sample_rate:.3f})"
     )
-    report(
-        f"[{label}] {variant.value}: {len(labelled_images)} labelled + "
+    clock.line(
+        f"{variant.value}: {len(labelled_images)} labelled + "
         f"{len(unlabelled) if unlabelled is not None else 0} unlabelled samples, "
-        f"steps {start_step + 1}-{last_step} of {total} on {device}{threads}"
-        f"{', AMP' if use_amp else ''}{dp_line}"
+        f"steps {start_step + 1}-{last_step} of {total} on "
+        f"{device_description(device, amp=precision.enabled)}{dp_line}"
     )
     try:
         for offset in range(settings.iterations):
@@ -586,13 +584,12 @@ def train_semisupervised(
                     step=step,
                     total_steps=total,
                     noise=noise,
-                    use_amp=use_amp,
+                    precision=precision,
                 )
-                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-                scaler.unscale_(optimizer)
+                precision.backward(loss)
+                precision.unscale(optimizer)
                 _clip_gradients(student, settings.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+                precision.step(optimizer)
                 counts += 1
             else:
                 terms, drawn = _private_step(
@@ -621,10 +618,10 @@ def train_semisupervised(
             sums += terms.cpu()
             if (offset + 1) % interval == 0 or offset + 1 == settings.iterations:
                 means = (sums / counts.clamp(min=1)).tolist()
-                report(
-                    f"[{label}] step {step + 1}/{total} sup {means[0]:.4f} "
+                clock.timed(
+                    f"step {step + 1}/{total} sup {means[0]:.4f} "
                     f"intra {means[1]:.4f} cross {means[2]:.4f} "
-                    f"certain {means[3]:.2f} ({time.perf_counter() - started:.1f} s)"
+                    f"certain {means[3]:.2f}"
                 )
     finally:
         if mechanism is not None:
@@ -644,6 +641,6 @@ def train_semisupervised(
         consistency_loss=means[1],
         cross_task_loss=means[2],
         certain_fraction=means[3],
-        seconds=time.perf_counter() - started,
+        seconds=clock.seconds,
         device=str(device),
     )

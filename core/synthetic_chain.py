@@ -46,6 +46,7 @@ from typing import Final
 
 import numpy as np
 
+from core.coerce import is_integer
 from core.synthetic import (
     EVALUATION_CASES_PER_SITE,
     SiteStyle,
@@ -302,7 +303,7 @@ def read_chain_levels(site_dir: Path) -> tuple[int, int] | None:
     levels = []
     for key, count in zip(keys, counts, strict=True):
         value = metadata.get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             raise ValueError(
                 f"{path}: {key} must be an integer level, got {value!r} (a chain "
                 f"site records both {keys[0]} and {keys[1]})"

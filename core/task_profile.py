@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from core.coerce import as_float
 from core.config import AffinityConfig
 from core.data import index_site, normalise_intensity, read_case
 
@@ -291,10 +292,7 @@ def _optional_vector(values: Mapping[str, ProfileValue], key: str) -> FloatArray
 
 
 def _number(values: Mapping[str, ProfileValue], key: str) -> float:
-    value = values[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"profile: {key} must be a number, got {value!r}")
-    return float(value)
+    return as_float(values[key], f"profile: {key}")
 
 
 def midpoint_quantiles(values: npt.ArrayLike, count: int) -> FloatArray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from core.config import TrainConfig
+from core.training_loop import MixedPrecision, TrainingClock, device_description
 
 LOGGER = logging.getLogger(__name__)
 
@@ -133,7 +133,6 @@ def run_training(
     Returns:
         The run's :class:`TrainResult`. Updates ``modules`` in place.
     """
-    report = progress or LOGGER.info
     generator = seed_everything(seed)
     for module in modules:
         module.to(device).train()
@@ -141,15 +140,13 @@ def run_training(
         p for module in modules for p in module.parameters() if p.requires_grad
     ]
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
-    use_amp = amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = MixedPrecision(device, amp=amp)
     num_samples = int(tensors[0].shape[0])
     epoch_losses: list[float] = []
-    started = time.perf_counter()
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    report(
-        f"[{label}] {num_samples} samples x {epochs} epochs on {device}{threads}"
-        f"{', AMP' if use_amp else ''}"
+    clock = TrainingClock(label, progress or LOGGER.info)
+    clock.line(
+        f"{num_samples} samples x {epochs} epochs on "
+        + device_description(device, amp=precision.enabled)
     )
     for epoch in range(epochs):
         order = torch.randperm(num_samples, generator=generator)
@@ -162,27 +159,20 @@ def run_training(
                 batch[0] = augment_intensity(batch[0], generator)
             batch = [tensor.to(device, non_blocking=True) for tensor in batch]
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(
-                device_type=device.type, dtype=torch.float16, enabled=use_amp
-            ):
+            with precision.autocast():
                 loss = step_loss(batch)
-            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-            scaler.step(optimizer)
-            scaler.update()
+            precision.backward_and_step(loss, optimizer)
             # One host sync per batch is the price of an honest epoch loss.
             total += float(loss.detach()) * len(index)
             count += len(index)
         epoch_losses.append(total / max(count, 1))
-        report(
-            f"[{label}] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f} "
-            f"({time.perf_counter() - started:.1f} s)"
-        )
+        clock.epoch(epoch, epochs, epoch_losses[-1])
     for module in modules:
         module.eval()
     return TrainResult(
         num_examples=epochs * num_samples,
         epoch_losses=tuple(epoch_losses),
-        seconds=time.perf_counter() - started,
+        seconds=clock.seconds,
         device=str(device),
     )
 

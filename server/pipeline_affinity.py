@@ -24,6 +24,10 @@ from server.coordinator import Coordinator, PhaseError, SiteInfo, names_by_site
 SEQTRAN_CANDIDATE: Final = "seqtran"  # the path's model among the TGMA candidates
 
 
+def _profile_key(name: str) -> str:
+    return protocol.field_key(protocol.ProfileReply, name)
+
+
 def _matrix(matrix: SiteMatrix) -> list[list[float]]:
     return [[float(value) for value in row] for row in matrix.values]
 
@@ -49,13 +53,13 @@ def _collect_profiles(
             failed[node] = f"malformed reply: {error}"
             continue
         releases[name] = {
-            "num-images": released.num_images,
-            "num-labelled": released.num_labelled,
+            _profile_key("num_images"): released.num_images,
+            _profile_key("num_labelled"): released.num_labelled,
             "label-term": released.mean_label_map is not None,
-            "dp.epsilon-spent": released.epsilon_spent,
-            "dp.epsilon-total": released.epsilon_total,
-            "dp.delta": released.delta,
-            "dp.noise-multiplier": released.noise_multiplier,
+            protocol.DP_EPSILON_SPENT: released.epsilon_spent,
+            protocol.DP_EPSILON_TOTAL: released.epsilon_total,
+            protocol.DP_DELTA: released.delta,
+            protocol.DP_NOISE_MULTIPLIER: released.noise_multiplier,
         }
     return profiles, releases, failed
 

@@ -115,7 +115,7 @@ def semisup_federated(
     coordinator.log(
         f"semisup: {rounds} federated round(s) of {iterations} steps at {names}"
     )
-    strategy = FedAvg(weighted_by_key="num-examples")
+    strategy = FedAvg(weighted_by_key=protocol.FEDAVG_WEIGHT_KEY)
     student: Arrays | None = None
     dice, missing = _evaluate_rounds_model(coordinator, participants, start)
     history: list[dict[str, Any]] = [

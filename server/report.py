@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from core import protocol
 from core.ledger import INGRESS, LedgerEntry
 from server.report_affinity import PLOT_FILE as AFFINITY_PLOT
 from server.report_affinity import affinity_lines, plot_affinity
@@ -31,11 +32,14 @@ from server.report_semisup import plot_semisup, semisup_lines
 from server.store import RunStore
 
 # The applied-policy fields the report shows (the rest stay in report.json).
-_POLICY_COLUMNS = (
-    "policy.release.lftm",
-    "policy.release.weights-may-leave",
-    "policy.dp.required",
-    "policy.dp.budget-epsilon",
+_POLICY_COLUMNS = tuple(
+    protocol.applied_policy_key(key)
+    for key in (
+        "release.lftm",
+        "release.weights-may-leave",
+        "dp.required",
+        "dp.budget-epsilon",
+    )
 )
 
 
@@ -135,18 +139,19 @@ def build_privacy_section(
                 "slices_per_case": 0,
             },
         )
-        epsilon["spent"] += reply.get("dp.epsilon-spent", 0.0)
-        epsilon["patient_spent"] += reply.get("dp.patient-epsilon-spent", 0.0)
-        if reply.get("dp.noise-multiplier", 0.0):
-            epsilon["total"] = reply.get("dp.epsilon-total", 0.0)
-            epsilon["delta"] = reply.get("dp.delta", 0.0)
-            epsilon["noise_multiplier"] = reply.get("dp.noise-multiplier", 0.0)
-            patient_total = reply.get("dp.patient-epsilon-total")
+        epsilon["spent"] += reply.get(protocol.DP_EPSILON_SPENT, 0.0)
+        epsilon["patient_spent"] += reply.get(protocol.DP_PATIENT_EPSILON_SPENT, 0.0)
+        if reply.get(protocol.DP_NOISE_MULTIPLIER, 0.0):
+            epsilon["total"] = reply.get(protocol.DP_EPSILON_TOTAL, 0.0)
+            epsilon["delta"] = reply.get(protocol.DP_DELTA, 0.0)
+            epsilon["noise_multiplier"] = reply.get(protocol.DP_NOISE_MULTIPLIER, 0.0)
+            patient_total = reply.get(protocol.DP_PATIENT_EPSILON_TOTAL)
             epsilon["patient_total"] = (
                 math.nan if patient_total is None else patient_total
             )
             epsilon["slices_per_case"] = max(
-                epsilon["slices_per_case"], int(reply.get("dp.slices-per-case", 0))
+                epsilon["slices_per_case"],
+                int(reply.get(protocol.DP_SLICES_PER_CASE, 0)),
             )
     return dict(sorted(sites.items()))
 

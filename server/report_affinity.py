@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from core import protocol
+
 PLOT_FILE: Final = "affinity_path.png"
+# Wire keys of the published profiles' figures and the fine-tuning steps' replies.
+_NUM_IMAGES: Final = protocol.field_key(protocol.ProfileReply, "num_images")
+_NUM_LABELLED: Final = protocol.field_key(protocol.ProfileReply, "num_labelled")
+_NUM_EXAMPLES: Final = protocol.field_key(protocol.TrainReply, "num_examples")
+_LOSS: Final = protocol.field_key(protocol.TrainReply, "loss")
+_SECONDS: Final = protocol.field_key(protocol.TrainReply, "seconds")
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -36,12 +44,13 @@ def affinity_lines(
         ]
         for site, release in profiles.items():
             epsilon = (
-                f"{release['dp.epsilon-spent']:.3f} (δ {release['dp.delta']:g})"
-                if release.get("dp.noise-multiplier")
+                f"{release[protocol.DP_EPSILON_SPENT]:.3f} "
+                f"(δ {release[protocol.DP_DELTA]:g})"
+                if release.get(protocol.DP_NOISE_MULTIPLIER)
                 else "exact"
             )
             lines.append(
-                f"| {site} | {release['num-images']} | {release['num-labelled']} | "
+                f"| {site} | {release[_NUM_IMAGES]} | {release[_NUM_LABELLED]} | "
                 f"{'yes' if release['label-term'] else 'no'} | {epsilon} |"
             )
     if affinity.get("distance") is not None:
@@ -73,8 +82,8 @@ def affinity_lines(
     lines += _graph_lines(affinity.get("graph") or {})
     for step in affinity.get("steps", []):
         lines.append(
-            f"- fine-tuned at {step['site']}: {step['num-examples']} examples, "
-            f"loss {step['loss']:.4f}, {step['seconds']:.1f} s"
+            f"- fine-tuned at {step['site']}: {step[_NUM_EXAMPLES]} examples, "
+            f"loss {step[_LOSS]:.4f}, {step[_SECONDS]:.1f} s"
         )
     if affinity.get("stopped"):
         lines += ["", f"No transferred model: {affinity['stopped']}."]

@@ -11,7 +11,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from core import protocol
+
 PLOT_FILE: Final = "semisup_dice.png"
+# Wire keys of the target's semisup reply.
+_REPLY_KEY: Final = {
+    name: protocol.field_key(protocol.SemisupReply, name)
+    for name in (
+        "num_labelled",
+        "num_unlabelled",
+        "num_examples",
+        "seconds",
+        "certain_fraction",
+    )
+}
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -52,11 +65,13 @@ def semisup_lines(
     if target is not None and "missing" in target:
         lines += ["", f"At the target {target['site']}: failed: {target['missing']}"]
     elif target is not None:
+        key = _REPLY_KEY
         lines += [
             "",
-            f"At the target {target['site']}: {target['num-labelled']} labelled and "
-            f"{target['num-unlabelled']} unlabelled cases, {target['num-examples']} "
-            f"samples in {target['seconds']:.1f} s; {target['certain-fraction']:.2f} "
+            f"At the target {target['site']}: {target[key['num_labelled']]} labelled "
+            f"and {target[key['num_unlabelled']]} unlabelled cases, "
+            f"{target[key['num_examples']]} samples in "
+            f"{target[key['seconds']]:.1f} s; {target[key['certain_fraction']]:.2f} "
             "of the pixels were under the uncertainty threshold. Dice on its "
             f"evaluation labels: {_number(model_dice.get('semisup:target'))}.",
         ]

@@ -34,6 +34,7 @@ from typing import Final
 import numpy as np
 import torch
 
+from core.coerce import is_number
 from core.config import ConfigValue, RunConfig, load_default_config, to_flat
 from core.data import list_site_dirs
 from core.synthetic_chain import ensure_chain_federation
@@ -370,7 +371,7 @@ def _percent(value: object) -> str:
 
 
 def _cell(value: object, digits: int = 3) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return MISSING
     return f"{value:.{digits}f}" if math.isfinite(value) else MISSING
 

@@ -25,15 +25,15 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 import torch
-from scipy.stats import spearmanr
 
+from core.coerce import is_number
 from core.config import ConfigValue, RunConfig, load_default_config
 from core.consensus import majority_vote, staple
 from core.data import SliceSet, build_slice_set, index_site, list_site_dirs
 from core.deepstaple import train_deepstaple, weighted_vote
-from core.metrics import score_cases
+from core.metrics import mask_dice, score_cases, spearman
 from core.models import build_model
-from core.noisy_labels import NoisyLabel, build_noisy_label_set, dice
+from core.noisy_labels import NoisyLabel, build_noisy_label_set
 from core.training import predict_probabilities, select_device, train_supervised
 from simulations.benchmark_output import print_progress
 
@@ -114,18 +114,6 @@ def build_controlled_images(
         clean=np.concatenate(clean),
         sites=tuple(Path(path).name for path in site_dirs),
     )
-
-
-def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
-    """Spearman's rho over the finite pairs; nan with fewer than 2 distinct values."""
-    pairs = [
-        (score, true)
-        for score, true in zip(scores, truth, strict=True)
-        if math.isfinite(score)
-    ]
-    if len({score for score, _ in pairs}) < 2 or len({t for _, t in pairs}) < 2:
-        return math.nan
-    return float(spearmanr(*zip(*pairs, strict=True)).statistic)
 
 
 def build_evaluation_slices(
@@ -306,7 +294,9 @@ def run_controlled(
 
     def mean_dice(masks: Sequence[Mask]) -> float:
         return float(
-            np.mean([dice(m, c) for m, c in zip(masks, controlled.clean, strict=True)])
+            np.mean(
+                [mask_dice(m, c) for m, c in zip(masks, controlled.clean, strict=True)]
+            )
         )
 
     sensitivities = [value for result in staples for value in result.sensitivity]
@@ -378,7 +368,7 @@ def run_controlled(
 def _cell(section: Mapping[str, object] | None, key: str, digits: int) -> str:
     """Format ``section[key]`` with ``digits`` decimals; a dash when absent or nan."""
     value = None if section is None else section.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return MISSING
     return f"{value:.{digits}f}" if math.isfinite(value) else MISSING
 

@@ -30,6 +30,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
 
+from core.metrics import mask_dice
+
 BoolMap = npt.NDArray[np.bool_]
 # A returned Dice is a float32 per case averaged in float64: 1e-7 separates sums.
 VALUE_TOLERANCE = 1e-7
@@ -260,11 +262,6 @@ class MapScore:
         }
 
 
-def _dice(guess: BoolMap, true: BoolMap) -> float:
-    total = int(guess.sum()) + int(true.sum())
-    return 1.0 if total == 0 else 2.0 * int((guess & true).sum()) / total
-
-
 def score_maps(reconstructed: Sequence[BoolMap], truth: Sequence[BoolMap]) -> MapScore:
     """Match reconstructed maps to true maps (best total agreement) and score them.
 
@@ -289,7 +286,7 @@ def score_maps(reconstructed: Sequence[BoolMap], truth: Sequence[BoolMap]) -> Ma
     return MapScore(
         recovered_share=float(np.mean(per_case)),
         majority_share=max(foreground, 1.0 - foreground),
-        dice=float(np.mean([_dice(pool[c], truth[r]) for r, c in pairs])),
+        dice=float(np.mean([mask_dice(pool[c], truth[r]) for r, c in pairs])),
         pixels=int(stacked.size),
         per_case=per_case,
     )

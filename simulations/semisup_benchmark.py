@@ -57,6 +57,8 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from core import protocol
+from core.coerce import is_number
 from core.config import (
     ConfigValue,
     RunConfig,
@@ -281,12 +283,14 @@ def average_students(students: Sequence[tuple[Arrays, int]]) -> Arrays:
         RecordDict(
             {
                 "student": to_array_record(student),
-                "metrics": MetricRecord({"num-examples": num_examples}),
+                "metrics": MetricRecord({protocol.FEDAVG_WEIGHT_KEY: num_examples}),
             }
         )
         for student, num_examples in students
     ]
-    return from_array_record(aggregate_arrayrecords(records, "num-examples"))
+    return from_array_record(
+        aggregate_arrayrecords(records, protocol.FEDAVG_WEIGHT_KEY)
+    )
 
 
 def train_federated(
@@ -722,13 +726,13 @@ def merge_semisup_documents(
 
 
 def _cell(value: object, digits: int = 3) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return MISSING
     return f"{value:.{digits}f}" if math.isfinite(value) else MISSING
 
 
 def _percent(value: object) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         return MISSING
     return f"{value:.0%}" if math.isfinite(value) else MISSING
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Final
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
+from core import metrics
 from core.config import ConfigValue, RunConfig, TransferMetric, load_default_config
 from core.data import list_site_dirs
 from core.jobs import (
@@ -54,11 +53,12 @@ class AdaptationResult:
 
 
 def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
-    """Spearman's rho; 0 when either side is constant (no ranking information)."""
-    if len(set(scores)) < 2 or len(set(truth)) < 2:
-        return 0.0
-    value = float(spearmanr(scores, truth).statistic)
-    return 0.0 if math.isnan(value) else value
+    """Spearman's rho (``core.metrics.spearman``); 0 when undefined.
+
+    A constant side has no ranking information, and the benchmark averages rho over
+    targets, so an undefined rho counts as no correlation rather than NaN.
+    """
+    return metrics.spearman(scores, truth, undefined=0.0)
 
 
 def _evaluate_adaptation(

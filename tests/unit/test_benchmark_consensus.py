@@ -13,13 +13,13 @@ import pytest
 
 from core.config import ConfigValue
 from core.io import read_volume, write_volume
+from core.metrics import spearman
 from simulations.consensus_benchmark import (
     CONTROLLED_RUN_CONFIG,
     TRAINED_KEYS,
     build_controlled_config,
     format_consensus_table,
     run_controlled,
-    spearman,
 )
 
 # Seconds on 2 CPU cores: 2 cases x 3 slices per site, a 2-level U-Net at 32 px.

@@ -293,8 +293,8 @@ def test_profile_reply_round_trips(federation: Path, config: RunConfig) -> None:
     [
         ({"foreground-quantiles": None}, "'foreground-quantiles' is missing"),
         ({"label-grid": 0}, "must be > 0 exactly when a label term is sent"),
-        ({"image-quantiles": ["a"]}, "'image-quantiles' must hold numbers only"),
-        ({"num-images": 2.5}, "'num-images' has the wrong type"),
+        ({"image-quantiles": ["a"]}, "'image-quantiles' must be a list of numbers"),
+        ({"num-images": 2.5}, "'num-images' must be an integer"),
         ({"dp.delta": None}, "'dp.delta' is missing"),
     ],
 )

@@ -23,7 +23,6 @@ from core.config import ConfigValue, RunConfig, load_run_config
 from core.consensus_job import (
     ConsensusOutcome,
     _fuse_weighted,
-    _spearman,
     run_consensus,
 )
 from core.data import (
@@ -509,47 +508,3 @@ def test_fuse_weighted_binary_is_decided_by_softmax_of_raw_parameters(
     # Assert
     assert result.dtype == np.int64
     assert result.tolist() == expected
-
-
-NAN, INF = math.nan, math.inf
-
-
-@pytest.mark.parametrize(
-    ("scores", "truth", "expected"),
-    [
-        ([1, 2, NAN, 3, 4], [1, 2, 100, 3, 4], 1.0),
-        ([1, 2, 3, 4], [4, 3, NAN, 1], -1.0),
-        ([1, 2, 3, INF], [1, 2, 3, 0], 1.0),
-        ([1, 3, 2], [1, 2, 3], 0.5),
-        ([1, 2], [1, 2], NAN),
-        ([1, 2, NAN], [1, 2, 3], NAN),
-        ([1, 1, 1, 1], [1, 2, 3, 4], NAN),
-        ([1, 2, 3], [5, 5, 5], NAN),
-        ([1, 2, 3, 4], [NAN, NAN, NAN, NAN], NAN),
-    ],
-    ids=[
-        "nan-score-ignored",
-        "nan-truth-ignored",
-        "inf-ignored",
-        "partial-order",
-        "two-pairs",
-        "two-defined-pairs",
-        "constant-scores",
-        "constant-truth",
-        "nothing-defined",
-    ],
-)
-def test_spearman_over_defined_pairs_only(
-    scores: list[float], truth: list[float], expected: float
-) -> None:
-    # Prepare
-    pairs = (list(map(float, scores)), list(map(float, truth)))
-
-    # Execute
-    result = _spearman(*pairs)
-
-    # Assert
-    if math.isnan(expected):
-        assert math.isnan(result)
-    else:
-        assert result == pytest.approx(expected)

@@ -24,6 +24,7 @@ from core.deepstaple import (
     weighted_vote,
 )
 from core.models import build_model
+from core.training_loop import MixedPrecision
 
 CPU = torch.device("cpu")
 TINY_OVERRIDES: dict[str, bool | int | float | str] = {
@@ -258,7 +259,7 @@ def test_out_of_line_steps_touch_only_their_own_parameters() -> None:
     images, labels = good_and_empty_labels()
     model = tiny_model().train()
     table = DataParameters(images.shape[0])
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    precision = MixedPrecision(torch.device("cpu"), amp=False)
     network_optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     dp_optimizer = torch.optim.SparseAdam(list(table.parameters()), lr=0.1)
     index = torch.tensor([0, 2, 5])
@@ -272,7 +273,7 @@ def test_out_of_line_steps_touch_only_their_own_parameters() -> None:
         labels[index],
         optimizer=network_optimizer,
         class_weight=class_weights(labels, 2),
-        scaler=scaler,
+        precision=precision,
     )
     weights_after_1 = {k: v.clone() for k, v in model.state_dict().items()}
     dp_after_1 = table.embedding.weight.detach().clone()
@@ -286,7 +287,7 @@ def test_out_of_line_steps_touch_only_their_own_parameters() -> None:
         index,
         (labels[index] != 0).flatten(1).sum(dim=1),
         optimizer=dp_optimizer,
-        scaler=scaler,
+        precision=precision,
     )
     dp_after_2 = table.embedding.weight.detach().clone()
 

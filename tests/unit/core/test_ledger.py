@@ -182,9 +182,9 @@ def test_egress_round_trips_through_json() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"total_bytes": None}, "field 'total_bytes' has the wrong type (NoneType)"),
-        ({"digest": 5}, "field 'digest' has the wrong type (int)"),
-        ({"metrics": {"loss": "1"}}, "field 'loss' has the wrong type (str)"),
+        ({"total_bytes": None}, "field 'total_bytes' must be an integer, got None"),
+        ({"digest": 5}, "field 'digest' must be a string, got 5"),
+        ({"metrics": {"loss": "1"}}, "field 'loss' must be an integer, got '1'"),
         ({"arrays": [1]}, "field 'arrays' must be a list of objects"),
     ],
 )
@@ -279,7 +279,7 @@ def test_egress_from_json_names_a_missing_field() -> None:
         pytest.param(
             lambda lines: [lines[0], rehash(lines[1], sender=None), *lines[2:]],
             1,
-            "malformed: field 'sender' has the wrong type",
+            "malformed: field 'sender' must be a string",
             id="wrong-type",
         ),
         pytest.param(

@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from core.metrics import (
     CaseScores,
     SegmentationScores,
+    dice_coefficient,
     dice_score,
     hd95_mm,
+    mask_dice,
     score_cases,
+    spearman,
 )
 
 
@@ -231,3 +235,88 @@ def test_segmentation_scores_means(
     # Assert
     assert scores.dice == pytest.approx(dice)
     assert scores.hd95_mm == pytest.approx(hd95, nan_ok=True)
+
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize(
+    ("scores", "truth", "expected"),
+    [
+        ([1, 2, NAN, 3, 4], [1, 2, 100, 3, 4], 1.0),
+        ([1, 2, 3, 4], [4, 3, NAN, 1], -1.0),
+        ([1, 2, 3, INF], [1, 2, 3, 0], 1.0),
+        ([1, 3, 2], [1, 2, 3], 0.5),
+        ([1, 2], [1, 2], NAN),
+        ([1, 2, NAN], [1, 2, 3], NAN),
+        ([1, 1, 1, 1], [1, 2, 3, 4], NAN),
+        ([1, 2, 3], [5, 5, 5], NAN),
+        ([1, 2, 3, 4], [NAN, NAN, NAN, NAN], NAN),
+    ],
+    ids=[
+        "nan-score-ignored",
+        "nan-truth-ignored",
+        "inf-ignored",
+        "partial-order",
+        "two-pairs",
+        "two-defined-pairs",
+        "constant-scores",
+        "constant-truth",
+        "nothing-defined",
+    ],
+)
+def test_spearman_over_finite_pairs_with_three_at_least(
+    scores: list[float], truth: list[float], expected: float
+) -> None:
+    # Prepare
+    pairs = (list(map(float, scores)), list(map(float, truth)))
+
+    # Execute
+    result = spearman(*pairs, min_pairs=3)  # as the consensus reply's figures
+
+    # Assert
+    if math.isnan(expected):
+        assert math.isnan(result)
+    else:
+        assert result == pytest.approx(expected)
+
+
+def test_spearman_ranks_ties_by_their_average_and_two_pairs_suffice_by_default() -> (
+    None
+):
+    # Average ranks: [1, 2.5, 2.5] against [1, 2, 3] -> rho = 0.866...
+    assert spearman([1.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(0.8660254)
+    assert spearman([1.0, 2.0], [2.0, 1.0]) == pytest.approx(-1.0)
+
+
+def test_spearman_undefined_value_is_the_callers() -> None:
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], undefined=0.0) == 0.0
+    assert math.isnan(spearman([1.0], [1.0]))
+
+
+def test_dice_coefficient_empty_convention_and_smoothing() -> None:
+    # Prepare
+    empty = torch.zeros(1, 4)
+    half = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+
+    # Execute / Assert: both empty agree (1.0 by default, or the caller's value)
+    assert dice_coefficient(empty, empty).tolist() == [1.0]
+    assert dice_coefficient(empty, empty, empty=0.0).tolist() == [0.0]
+    assert dice_coefficient(half, empty).tolist() == [0.0]
+    # smoothing keeps 0/0 defined: (0 + s) / (0 + s) = 1
+    assert dice_coefficient(empty, empty, smooth=1e-5).tolist() == [1.0]
+
+
+def test_mask_dice_equals_dice_score_on_binary_maps() -> None:
+    # Prepare
+    rng = torch.Generator().manual_seed(0)
+    first = torch.rand(3, 8, 8, generator=rng) < 0.4
+    second = torch.rand(3, 8, 8, generator=rng) < 0.4
+
+    # Execute
+    masks = mask_dice(first.numpy(), second.numpy())
+    labels = dice_score(first.long(), second.long(), num_classes=2)
+
+    # Assert
+    assert masks == pytest.approx(labels, abs=1e-7)
+    assert mask_dice(np.zeros(4, bool), np.zeros(4, bool)) == 1.0

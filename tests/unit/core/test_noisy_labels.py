@@ -6,12 +6,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from core.metrics import mask_dice
 from core.noisy_labels import (
     DEFAULT_RECIPE,
     Corruption,
     build_noisy_label_set,
     corrupt_label,
-    dice,
 )
 
 
@@ -49,8 +49,8 @@ def test_stronger_levels_lower_the_dice(rng: np.random.Generator) -> None:
 
     # Execute / Assert
     for corruption in (Corruption.ERODE, Corruption.SHIFT, Corruption.ELASTIC):
-        mild = dice(corrupt_label(clean, corruption, 0.2, rng), clean)
-        severe = dice(corrupt_label(clean, corruption, 1.0, rng), clean)
+        mild = mask_dice(corrupt_label(clean, corruption, 0.2, rng), clean)
+        severe = mask_dice(corrupt_label(clean, corruption, 1.0, rng), clean)
         assert severe < mild < 1.0, corruption
 
 
@@ -65,7 +65,7 @@ def test_shift_moves_the_label_without_changing_its_size(
 
     # Assert: 4 px at level 0.5 on a 32-px image; the disc stays inside
     assert shifted.sum() == pytest.approx(clean.sum(), rel=0.1)
-    assert dice(shifted, clean) < 0.9
+    assert mask_dice(shifted, clean) < 0.9
 
 
 def test_empty_and_swap(rng: np.random.Generator) -> None:
@@ -90,7 +90,7 @@ def test_elastic_works_in_3d(rng: np.random.Generator) -> None:
 
     # Assert
     assert warped.shape == clean.shape
-    assert 0.3 < dice(warped, clean) < 1.0
+    assert 0.3 < mask_dice(warped, clean) < 1.0
 
 
 def test_noisy_label_set_records_true_dice_and_shuffles(
@@ -107,7 +107,7 @@ def test_noisy_label_set_records_true_dice_and_shuffles(
     for index, labels in enumerate(noisy):
         for label in labels:
             assert label.image == index
-            assert label.true_dice == pytest.approx(dice(label.mask, clean[index]))
+            assert label.true_dice == pytest.approx(mask_dice(label.mask, clean[index]))
     kinds = {label.corruption for labels in noisy for label in labels}
     assert {Corruption.EMPTY, Corruption.SWAP} <= kinds
     positions = [

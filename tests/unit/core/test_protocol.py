@@ -262,14 +262,14 @@ def test_lftm_reply_rejects_columns_of_unequal_length() -> None:
             {"metric": "lftm", "sources": "B", **INSTANCE},
             {},
             "sources",
-            "has the wrong type",
+            "must be ",
         ),
-        ({"metric": 1, "sources": [], **INSTANCE}, {}, "metric", "has the wrong type"),
+        ({"metric": 1, "sources": [], **INSTANCE}, {}, "metric", "must be "),
         (
             {"metric": "lftm", "sources": ["B"], **INSTANCE},
             {"itm.B": 0.5},
             "itm.B",
-            "has the wrong type",
+            "must be ",
         ),
     ],
 )
@@ -320,19 +320,19 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             HelloReply.from_fields,
             _with(HELLO_REPLY.to_fields(), "labelled", "12"),
             "labelled",
-            "has the wrong type",
+            "must be ",
         ),
         (
             HelloReply.from_fields,
             _with(HELLO_REPLY.to_fields(), "evaluation", True),
             "evaluation",
-            "has the wrong type",
+            "must be ",
         ),
         (
             HelloReply.from_fields,
             _with(HELLO_REPLY.to_fields(), "class-names", "background,organ"),
             "class-names",
-            "has the wrong type",
+            "must be ",
         ),
         (
             TrainReply.from_fields,
@@ -344,13 +344,13 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             TrainReply.from_fields,
             _with(TRAIN_REPLY.to_fields(), "num-examples", 360.0),
             "num-examples",
-            "has the wrong type",
+            "must be ",
         ),
         (
             TrainReply.from_fields,
             _with(TRAIN_REPLY.to_fields(), "loss", "0.25"),
             "loss",
-            "has the wrong type",
+            "must be ",
         ),
         (
             SemisupReply.from_fields,
@@ -368,13 +368,13 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             AdaptRequest.from_fields,
             _with(ADAPT_REQUEST.to_fields(), "main", None),
             "main",
-            "has the wrong type",
+            "must be ",
         ),
         (
             AdaptRequest.from_fields,
             _with(ADAPT_REQUEST.to_fields(), "weight-main", "0.6"),
             "weight-main",
-            "has the wrong type",
+            "must be ",
         ),
         (
             AdaptReply.from_fields,
@@ -386,7 +386,7 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             AdaptReply.from_fields,
             _with(ADAPT_REPLY.to_fields(), "seconds", [9.0]),
             "seconds",
-            "has the wrong type",
+            "must be ",
         ),
         (
             ConsensusRequest.from_fields,
@@ -398,13 +398,13 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             ConsensusRequest.from_fields,
             _with(CONSENSUS_REQUEST.to_fields(), "label-sources", "B"),
             "label-sources",
-            "has the wrong type",
+            "must be ",
         ),
         (
             ConsensusRequest.from_fields,
             _with(CONSENSUS_REQUEST.to_fields(), "label-sources", [1, 2]),
             "label-sources",
-            "must hold names only",
+            "must be a list of names",
         ),
         (
             ConsensusRequest.from_fields,
@@ -422,14 +422,14 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             ConsensusReply.from_fields,
             _with(CONSENSUS_REPLY.to_fields(), "data-parameter.B", "0.4"),
             "data-parameter.B",
-            "has the wrong type",
+            "must be ",
         ),
         (EvaluateRequest.from_fields, {}, "predictors", "is missing"),
         (
             EvaluateRequest.from_fields,
             {"predictors": {"tgma": [["main", 1.0]]}},
             "predictors",
-            "has the wrong type",
+            "must be ",
         ),
         (
             EvaluateReply.from_fields,
@@ -441,13 +441,13 @@ def _with(fields: Mapping[str, object], key: str, value: object) -> dict[str, ob
             EvaluateReply.from_fields,
             _with(EVALUATE_REPLY.to_fields(), "dice.tgma", "0.8"),
             "dice.tgma",
-            "has the wrong type",
+            "must be ",
         ),
         (
             EvaluateReply.from_fields,
             _with(EVALUATE_REPLY.to_fields(), "hd95.extra", None),
             "hd95.extra",
-            "has the wrong type",
+            "must be ",
         ),
     ],
 )
@@ -544,9 +544,7 @@ def test_bool_is_rejected_where_a_number_is_expected(
     fields = _with(payload.to_fields(), field, True)
 
     # Execute / Assert
-    with pytest.raises(
-        ValueError, match=rf"payload field '{field}' has the wrong type"
-    ):
+    with pytest.raises(ValueError, match=rf"payload field '{field}' must be a number"):
         type(payload).from_fields(fields)
 
 
