@@ -35,7 +35,7 @@ demo: venv
 	$(BIN)/sitebridge report runs
 
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20
 
 test-quick: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu and not pipeline"
