@@ -1,11 +1,11 @@
 """The SiteBridge ClientApp: one small handler per action (docs/architecture.md).
 
 Each handler gets its site's setup (run config, site folder, applied policy, state
-folder), calls one ``core.jobs`` function and encodes only what the contract lets
-leave: weights, per-case scores without case names (or only their means, per policy),
-and aggregate metrics. A failure becomes an error reply whose reason names the file
-and the problem; the node keeps serving. Every handler runs inside the egress guard
-(``clients/guard.py``), registered once for the whole app.
+folder), calls one site job (a ``job`` module of core) and encodes only what the
+contract lets leave: weights, per-case scores without case names (or only their means,
+per policy), and aggregate metrics. A failure becomes an error reply whose reason names
+the file and the problem; the node keeps serving. Every handler runs inside the egress
+guard (``clients/guard.py``), registered once for the whole app.
 """
 
 from __future__ import annotations
@@ -25,25 +25,21 @@ from clients import records
 from clients.guard import egress_guard
 from clients.site import SiteSetup, resolve_setup
 from core import protocol
-from core.affinity_job import finetune_model, release_profile
-from core.consensus_job import run_consensus
-from core.data import SiteDataError, index_site
-from core.jobs import (
-    SourceTraining,
-    adapt_target,
-    release_evaluation,
-    score_candidates,
-    train_source_model,
-)
-from core.limits import LimitError, label_term_allowed, whole_case_config
-from core.policy import PolicyError
-from core.privacy import (
+from core.affinity.job import finetune_model, release_profile
+from core.consensus.job import run_consensus
+from core.data.dataset import SiteDataError, index_site
+from core.privacy.dp import (
     DpSettings,
     PrivacySpend,
     PrivateTrainResult,
     dp_settings_for,
 )
-from core.semisup_job import run_semisup_round
+from core.privacy.limits import LimitError, label_term_allowed, whole_case_config
+from core.privacy.policy import PolicyError
+from core.semisup.job import run_semisup_round
+from core.training.evaluation import release_evaluation
+from core.training.job import SourceTraining, train_source_model
+from core.transfer.job import adapt_target, score_candidates
 
 LOGGER = logging.getLogger("sitebridge.site")
 

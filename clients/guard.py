@@ -6,10 +6,10 @@ the stricter wins) and then:
 1. refuses, before the handler runs, an action the policy does not answer, an action
    whose reply is trained weights when the policy keeps weights home, an action with
    no DP form at a site that requires DP, and a request beyond the site's query
-   limits (``core.limits``: sizes, models, predictors and label sources per request,
-   the fewest cases behind a release); then charges the request's query units to the
-   site's query book (per run and cumulative), refusing it when they don't fit. No
-   work is wasted on a reply that could never leave;
+   limits (``core.privacy.limits``: sizes, models, predictors and label sources per
+   request, the fewest cases behind a release); then charges the request's query units
+   to the site's query book (per run and cumulative), refusing it when they don't fit.
+   No work is wasted on a reply that could never leave;
 2. runs the handler; any exception the handler let through becomes an error reply;
    an error's reason is redacted (cases by index, no file name, no absolute path;
    the site's log keeps the original) and blocked when longer than
@@ -17,8 +17,8 @@ the stricter wins) and then:
 3. rounds the reply's data-derived metrics to ``limits.metric-decimals`` and adds
    the applied policy to its settings (``policy.*``), so the coordinator sees what
    bound;
-4. measures the reply (``core.egress``) and checks it against the policy and the
-   model manifest declared for the run (``core.policy.check_reply``): only the
+4. measures the reply (``core.privacy.egress``) and checks it against the policy and the
+   model manifest declared for the run (``core.privacy.policy.check_reply``): only the
    action's declared records and fields, model parameters of the declared names and
    shapes, and values within the size limits may leave;
 5. appends one hash-chained entry to the site's ledger for every reply, refusals and
@@ -27,7 +27,8 @@ the stricter wins) and then:
 6. replaces a blocked reply by an error reply naming the broken rules, and anchors
    every reply in the ledger: the reply carries its entry's index and hash
    (``ledger.*`` settings, or the end of an error's reason), which the coordinator
-   records, so a rewritten or truncated site ledger is caught (``core.ledger_match``).
+   records, so a rewritten or truncated site ledger is caught
+   (``core.privacy.ledger_match``).
 
 The node keeps serving after every refusal. Everything in here is the site's: in a
 deployment the site runs the SiteBridge it installed (see ``docs/deployment.md``), so
@@ -54,11 +55,12 @@ from clients.site import (
 )
 from core import protocol
 from core.config import DataConfig, ModelConfig
-from core.data import SiteDataError, index_site
-from core.dual_task import build_dual_task_model
-from core.egress import ERROR_FIELD, measure_content, measure_error
-from core.ledger import BLOCKED_PREFIX, EGRESS, ERROR, RELEASED, Egress, Ledger
-from core.limits import (
+from core.consensus.registration import index_atlases
+from core.data.dataset import SiteDataError, index_site
+from core.data.site import redact_site_text
+from core.privacy.egress import ERROR_FIELD, measure_content, measure_error
+from core.privacy.ledger import BLOCKED_PREFIX, EGRESS, ERROR, RELEASED, Egress, Ledger
+from core.privacy.limits import (
     CANDIDATES,
     LABEL_SOURCES,
     PREDICTORS,
@@ -71,16 +73,15 @@ from core.limits import (
     check_run_sizes,
     round_metric_fields,
 )
-from core.models import Manifest, build_model, get_manifest
-from core.policy import (
+from core.privacy.policy import (
     PolicyError,
     Rule,
     Violation,
     check_reply,
     describe_violations,
 )
-from core.registration import index_atlases
-from core.site import redact_site_text
+from core.semisup.dual_task import build_dual_task_model
+from core.training.networks import Manifest, build_model, get_manifest
 
 LOGGER = logging.getLogger("sitebridge.guard")
 LEDGER_FILE = "ledger.jsonl"

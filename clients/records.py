@@ -13,7 +13,7 @@ import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from core import protocol
-from core.models import Arrays
+from core.training.networks import Arrays
 
 
 def to_array_record(weights: Mapping[str, npt.NDArray[np.generic]]) -> ArrayRecord:

@@ -54,15 +54,15 @@ from clients.runtime_api import (
 )
 from clients.site import DEFAULT_STATE_DIR, LEDGER_FILE, SITE_DIR_KEY, STATE_DIR_KEY
 from core import protocol
-from core.approvals import (
+from core.privacy.approvals import (
     APPROVALS_FILE,
     ApprovalError,
     bundle_sha256,
     is_approved,
     keep_refused_bundle,
 )
-from core.egress import measure_error
-from core.ledger import BLOCKED_PREFIX, EGRESS, ERROR, Ledger
+from core.privacy.egress import measure_error
+from core.privacy.ledger import BLOCKED_PREFIX, EGRESS, ERROR, Ledger
 
 LOGGER = logging.getLogger("sitebridge.serve")
 

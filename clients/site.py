@@ -6,7 +6,7 @@ Simulation: Flower 1.39 gives only ``partition-id``/``num-partitions``, so parti
 
 The site's policy is ``node_config["policy"]`` when set, else ``<site-dir>/policy.toml``
 when present, else the safe defaults of ``deploy/policy.template.toml``; it is merged
-with the run's privacy settings (the stricter wins) by ``core.site``, the same code
+with the run's privacy settings (the stricter wins) by ``core.data.site``, the same code
 ``sitebridge site check`` runs offline. Settings the site owns override the run's
 here, once, so every handler sees them: the cap on slices per case and the
 semi-supervised labelled fraction. The site's state (ledger, privacy accountant, query
@@ -23,13 +23,13 @@ from typing import Final
 from flwr.app import Context
 
 from core.config import RunConfig, load_run_config
-from core.data import SiteDataError, list_site_dirs
-from core.ledger import Ledger
-from core.limits import QUERIES_FILE, cap_slices_per_case
-from core.policy import AppliedPolicy
-from core.privacy import ACCOUNTANT_FILE
-from core.site import DEFAULT_POLICY_SOURCE, read_applied_policy
-from core.synthetic import resolve_federation_dir
+from core.data.dataset import SiteDataError, list_site_dirs
+from core.data.site import DEFAULT_POLICY_SOURCE, read_applied_policy
+from core.data.synthetic import resolve_federation_dir
+from core.privacy.dp import ACCOUNTANT_FILE
+from core.privacy.ledger import Ledger
+from core.privacy.limits import QUERIES_FILE, cap_slices_per_case
+from core.privacy.policy import AppliedPolicy
 
 SITE_DIR_KEY: Final = "site-dir"
 PARTITION_KEY: Final = "partition-id"

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from core.audit import MiaResult
-    from core.ledger import LedgerEntry
+    from core.privacy.audit import MiaResult
+    from core.privacy.ledger import LedgerEntry
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from core.synthetic import write_federation
+    from core.data.synthetic import write_federation
 
     names = write_federation(
         args.out,
@@ -37,7 +37,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _builtin(args: argparse.Namespace) -> int:
     from core.config import load_default_config
-    from core.synthetic import ensure_builtin_federation
+    from core.data.synthetic import ensure_builtin_federation
 
     federation = load_default_config().federation
     folder = ensure_builtin_federation(
@@ -53,7 +53,7 @@ def _builtin(args: argparse.Namespace) -> int:
 
 def _site_check(args: argparse.Namespace) -> int:
     from core.config import load_default_config
-    from core.site import check_site
+    from core.data.site import check_site
 
     try:
         overrides = parse_run_config(args.run_config)
@@ -74,14 +74,14 @@ def _site_check(args: argparse.Namespace) -> int:
 
 def _approvals_file(args: argparse.Namespace) -> Path:
     """The approvals file of the state dir named by --state-dir or --site-dir."""
-    from core.approvals import APPROVALS_FILE
+    from core.privacy.approvals import APPROVALS_FILE
 
     state_dir = args.state_dir or args.site_dir / ".sitebridge"
     return Path(state_dir).expanduser() / APPROVALS_FILE
 
 
 def _site_approve(args: argparse.Namespace) -> int:
-    from core.approvals import (
+    from core.privacy.approvals import (
         ApprovalError,
         BundleSummary,
         approve,
@@ -176,7 +176,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from core.ledger import Ledger, verify_ledger
+    from core.privacy.ledger import Ledger, verify_ledger
 
     ledgers = [args.ledger, *args.against]
     missing = [path for path in ledgers if not path.is_file()]
@@ -202,7 +202,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def _match_against_coordinator(
     site_entries: list[LedgerEntry], coordinator: list[LedgerEntry], *, site: str | None
 ) -> int:
-    from core.ledger_match import coordinator_sites, match_ledgers
+    from core.privacy.ledger_match import coordinator_sites, match_ledgers
 
     known = coordinator_sites(coordinator)
     if site is None:
@@ -231,7 +231,7 @@ def _match_against_coordinator(
 
 
 def _audit_report(args: argparse.Namespace) -> int:
-    from core.ledger import (
+    from core.privacy.ledger import (
         Ledger,
         format_summary_html,
         format_summary_text,
@@ -322,8 +322,8 @@ def _format_mia_table(results: Sequence[MiaResult]) -> str:
 def _audit_mia(args: argparse.Namespace) -> int:
     import json
 
-    from core.audit import MiaAttack, audit_site, read_audit_weights
     from core.config import load_default_config
+    from core.privacy.audit import MiaAttack, audit_site, read_audit_weights
 
     try:
         config = load_default_config(**parse_run_config(args.run_config))

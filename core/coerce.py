@@ -1,11 +1,11 @@
 """Typed values out of untyped mappings: one set of checks for every reader.
 
-Wire payloads (``core.protocol``), policy files (``core.policy``), run configs
-(``core.config``), site limits (``core.limits``) and ledger lines (``core.ledger``)
-all arrive as plain mappings of TOML/JSON/Flower scalars. Each typed getter here is
-the one check for its type; every error names the value (the key, prefixed by its
-source: ``payload field 'loss'``, ``field 'digest'``, ``dp.delta``) and says what it
-must be and what it was:
+Wire payloads (``core.protocol``), policy files (``core.privacy.policy``), run configs
+(``core.config``), site limits (``core.privacy.limits``) and ledger lines
+(``core.privacy.ledger``) all arrive as plain mappings of TOML/JSON/Flower scalars. Each
+typed getter here is the one check for its type; every error names the value (the key,
+prefixed by its source: ``payload field 'loss'``, ``field 'digest'``, ``dp.delta``) and
+says what it must be and what it was:
 
     ``<name> is missing`` | ``<name> must be <rule>, got <value>``
 

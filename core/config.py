@@ -554,7 +554,7 @@ class PrivacyConfig:
     """What the run asks for privacy; each site's policy may ask for more.
 
     A value of 0 means "not set by the run": the site policy's value applies alone.
-    Where both set a value, the stricter wins at the site (``core.policy``).
+    Where both set a value, the stricter wins at the site (``core.privacy.policy``).
     """
 
     dp: bool  # train on labelled site data with DP-SGD

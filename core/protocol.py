@@ -650,7 +650,7 @@ _LABEL_TERM: Final = ("mean_label_map", "foreground_quantiles")
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ProfileReply(DpFigures):
-    """A site's SeqTran task profile (``core.task_profile.SiteProfile``) on the wire.
+    """A site's SeqTran task profile on the wire (core.affinity.profile).
 
     The image term's quantile function and, for a site with labelled training cases,
     the label term's mean foreground map (flattened, ``label_grid^3`` values) and
@@ -790,7 +790,8 @@ class EvaluateReply(DpFigures):
 
 
 # Every reply's settings may also carry the policy applied at the site, under this
-# prefix (``core.policy.AppliedPolicy.to_fields``), so the coordinator sees what bound.
+# prefix (``core.privacy.policy.AppliedPolicy.to_fields``), so the coordinator sees what
+# bound.
 APPLIED_POLICY_PREFIX: Final = "policy."
 
 
@@ -823,7 +824,7 @@ class LedgerAnchor:
 
     The coordinator keeps the anchor of every reply in its own ledger, so a site's
     ledger that was rewritten (its hashes recomputed) or cut short no longer matches
-    what its replies said (``core.ledger_match``).
+    what its replies said (``core.privacy.ledger_match``).
 
     Example:
         >>> anchor = LedgerAnchor(3, "ab" * 32)

@@ -5,7 +5,7 @@ weights, images) are replaced, so a failure part-way (a full disk, an interrupte
 process) never leaves a half-written file behind, and :func:`hold_exclusive_lock`, the
 one way a read-check-write of such a file (a budget check and its recorded spend) is
 kept from racing another process. The ledger, which is appended to rather than
-replaced, keeps the same promise in ``core.ledger``. Stdlib only.
+replaced, keeps the same promise in ``core.privacy.ledger``. Stdlib only.
 """
 
 from __future__ import annotations

@@ -309,7 +309,7 @@ class LoopbackDeployment:
         """The SHA-256 of the bundle ``flwr run <app_dir>`` submits (same build)."""
         from flwr.cli.build import build_fab_from_disk
 
-        from core.approvals import bundle_sha256
+        from core.privacy.approvals import bundle_sha256
 
         return bundle_sha256(build_fab_from_disk(app_dir.resolve()))
 

@@ -16,8 +16,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from core.config import RunConfig, load_run_config
-from core.data import list_site_dirs, read_federation_target
-from core.synthetic import ensure_builtin_federation, resolve_federation_dir
+from core.data.dataset import list_site_dirs, read_federation_target
+from core.data.synthetic import ensure_builtin_federation, resolve_federation_dir
 from server.coordinator import Coordinator
 from server.runner import PipelineRunner, open_run_store
 

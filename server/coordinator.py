@@ -3,15 +3,15 @@
 Owns :class:`Coordinator` (one message per node, replies matched by message id,
 timeouts reported per node), what the coordinator knows of a site
 (:class:`SiteInfo`), the phase failure (:class:`PhaseError`) and the model names
-that several phases share. The phases themselves live in ``server/pipeline.py``,
-``server/pipeline_affinity.py`` and ``server/pipeline_semisup.py``.
+that several phases share. The phases themselves live in ``server/phases/``, one
+module each.
 
 The coordinator keeps its own hash-chained ledger (``runs/<run-id>/ledger.jsonl``):
 one ``egress`` entry per request it sends (``sent``), one ``ingress`` entry per reply it
 receives (``received``, or ``error`` for an error reply), digested exactly as the site
-digests it (``core.egress``), with the reply's anchor (the index and hash of the site's
-own ledger entry for it), and one ``undelivered`` entry per node that sent nothing
-before the timeout. So an auditor can match each site's ledger against it
+digests it (``core.privacy.egress``), with the reply's anchor (the index and hash of the
+site's own ledger entry for it), and one ``undelivered`` entry per node that sent
+nothing before the timeout. So an auditor can match each site's ledger against it
 (``sitebridge audit verify SITE_LEDGER --against runs/<id>/ledger.jsonl``). It also
 keeps the policy each site reported it applied, for the report's privacy section.
 """
@@ -27,8 +27,8 @@ from flwr.serverapp import Grid
 
 from core import protocol
 from core.config import RunConfig
-from core.egress import measure_content, measure_error
-from core.ledger import (
+from core.privacy.egress import measure_content, measure_error
+from core.privacy.ledger import (
     EGRESS,
     ERROR,
     INGRESS,

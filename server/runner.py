@@ -1,6 +1,6 @@
 """Runs the coordinator's phases in order, one persisted result at a time; resumes.
 
-Owns the run's life cycle around the phases of ``server/pipeline*.py``:
+Owns the run's life cycle around the phases of ``server/phases/``:
 
 - the run folder: a new run gets ``runs/<run-id>/`` with its resolved config; a run
   started with ``resume-run=<run-id>`` continues in that run's folder after checking
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from core.config import PIPELINE_PHASES, ConfigValue, RunConfig, to_flat
-from core.models import Arrays
-from server import pipeline, pipeline_affinity, pipeline_semisup
+from core.training.networks import Arrays
+from server import phases
 from server.coordinator import Coordinator, PhaseError, SiteInfo
 from server.report import build_privacy_section, build_report, write_report
 from server.store import RunStore
@@ -210,9 +210,9 @@ class PipelineRunner:
             raise PhaseError(str(error), phase=error.phase, missing=error.missing)
         return report
 
-    def _run_phases(self, phases: tuple[str, ...]) -> None:
+    def _run_phases(self, wanted: tuple[str, ...]) -> None:
         coordinator, store = self.coordinator, self.store
-        nodes = pipeline.wait_for_nodes(
+        nodes = phases.discovery.wait_for_nodes(
             coordinator.grid,
             expected=self.expected_nodes,
             wait_s=self.config.federation.wait_nodes_s,
@@ -221,38 +221,38 @@ class PipelineRunner:
         saved_discover = self._reloaded("discover")
         if saved_discover is None:
             with self._timed("discover"):
-                sites, target = pipeline.discover(
+                sites, target = phases.discovery.discover(
                     coordinator, nodes=nodes, default_target=self.default_target
                 )
         else:
             with self._timed("rediscover"):
-                sites = pipeline.rediscover(
+                sites = phases.discovery.rediscover(
                     coordinator, nodes=nodes, saved=saved_discover
                 )
             target = str(saved_discover["target"])
         target_site = next(site for site in sites.values() if site.name == target)
-        if "source-training" not in phases:
+        if "source-training" not in wanted:
             return
 
         models = self._source_models(sites, target)
-        if "affinity" not in phases:
+        if "affinity" not in wanted:
             return
 
         models = {**models, **self._affinity_model(sites, target_site, models)}
-        if "transferability" not in phases:
+        if "transferability" not in wanted:
             return
 
         selection = self._reloaded("transferability")
         if selection is None:
             with self._timed("transferability"):
-                selection = pipeline.transferability(coordinator, target_site, models)
-        if "adaptation" not in phases:
+                selection = phases.transferability.run(coordinator, target_site, models)
+        if "adaptation" not in wanted:
             return
 
         saved_adaptation = self._reloaded("adaptation")
         if saved_adaptation is None:
             with self._timed("adaptation"):
-                adapted = pipeline.adaptation(
+                adapted = phases.adaptation.run(
                     coordinator, target_site, models, selection
                 )
         else:
@@ -260,20 +260,20 @@ class PipelineRunner:
                 name: store.load_model(f"adapted-{name}")
                 for name in saved_adaptation.get("models", ["main"])
             }
-        if "consensus" not in phases:
+        if "consensus" not in wanted:
             return
 
         consensus_models = self._consensus_models(target_site, models, adapted)
-        if "semisup" not in phases:
+        if "semisup" not in wanted:
             return
 
         semisup_models = self._semisup_models(sites, target_site, adapted)
-        if "evaluation" not in phases:
+        if "evaluation" not in wanted:
             return
 
         if self._reloaded("evaluation") is None:
             with self._timed("evaluation"):
-                pipeline.evaluation(
+                phases.evaluation.run(
                     coordinator,
                     target_site,
                     models,
@@ -297,7 +297,7 @@ class PipelineRunner:
         saved = self._reloaded("affinity")
         if saved is None:
             with self._timed("affinity"):
-                saved, _ = pipeline_affinity.affinity(
+                saved, _ = phases.affinity.run(
                     self.coordinator, sites, target_site, models
                 )
         model = saved.get("model")
@@ -320,7 +320,7 @@ class PipelineRunner:
                 for method in saved["models"]
             }
         with self._timed("consensus"):
-            return pipeline.consensus(self.coordinator, target_site, models, adapted)
+            return phases.consensus.run(self.coordinator, target_site, models, adapted)
 
     def _semisup_models(
         self,
@@ -337,9 +337,7 @@ class PipelineRunner:
                 for scope in saved["models"]
             }
         with self._timed("semisup"):
-            return pipeline_semisup.semisup(
-                self.coordinator, sites, target_site, adapted
-            )
+            return phases.semisup.run(self.coordinator, sites, target_site, adapted)
 
     def _source_models(
         self, sites: Mapping[int, SiteInfo], target: str
@@ -356,7 +354,7 @@ class PipelineRunner:
             if site.name != target and site.hello.labelled > 0
         }
         with self._timed("source-training"):
-            return pipeline.train_sources(self.coordinator, sources)
+            return phases.source_training.run(self.coordinator, sources)
 
     def _write_report(self, error: PhaseError | None) -> dict[str, Any]:
         store = self.store

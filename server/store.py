@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from core.models import Arrays, load_weights, save_weights
+from core.training.networks import Arrays, load_weights, save_weights
 
 
 def to_strict_json(value: Any) -> Any:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.config import ConfigValue, read_default_run_config
-from core.synthetic import write_federation
+from core.data.synthetic import write_federation
 
 # Small enough that a whole pipeline runs in seconds on 2 CPU cores.
 TINY_RUN_CONFIG: dict[str, ConfigValue] = {

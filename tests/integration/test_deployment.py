@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 from clients.serve import BUNDLE_NOT_APPROVED
-from core.approvals import refused_bundle_path
 from core.cli import main as sitebridge
-from core.ledger import Ledger
-from core.synthetic import write_federation
+from core.data.synthetic import write_federation
+from core.privacy.approvals import refused_bundle_path
+from core.privacy.ledger import Ledger
 from deploy.loopback import (
     REPO_ROOT,
     LoopbackDeployment,

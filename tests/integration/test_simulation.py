@@ -9,8 +9,8 @@ import pytest
 
 from core import protocol
 from core.cli import main as sitebridge
-from core.ledger import Ledger
-from core.synthetic import write_federation
+from core.data.synthetic import write_federation
+from core.privacy.ledger import Ledger
 from simulations.simulate import format_run_config, run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.pipeline]

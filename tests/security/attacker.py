@@ -33,14 +33,19 @@ from flwr.clientapp import ClientApp
 from clients.app import app as site_app
 from core import protocol
 from core.config import ConfigValue, RunConfig
-from core.egress import measure_error
-from core.jobs import build_initial_weights
-from core.ledger import Ledger, LedgerEntry, compute_entry_hash, write_canonical_json
-from core.limits import read_query_book
-from core.models import Arrays, build_model, set_weights
-from core.policy import Rule
-from core.privacy import ACCOUNTANT_FILE, AccountantState, read_accountant_state
-from core.training import predict_probabilities
+from core.privacy.dp import ACCOUNTANT_FILE, AccountantState, read_accountant_state
+from core.privacy.egress import measure_error
+from core.privacy.ledger import (
+    Ledger,
+    LedgerEntry,
+    compute_entry_hash,
+    write_canonical_json,
+)
+from core.privacy.limits import read_query_book
+from core.privacy.policy import Rule
+from core.training.job import build_initial_weights
+from core.training.networks import Arrays, build_model, set_weights
+from core.training.trainer import predict_probabilities
 from tests.unit.clients.messages import MESSAGE_ID, build_candidates
 from tests.unit.server.fake_grid import FakeGrid
 

@@ -22,9 +22,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import clients.app
 from core.config import ConfigValue, RunConfig, load_run_config, read_default_run_config
-from core.jobs import build_initial_weights
-from core.models import Arrays
-from core.synthetic import write_federation
+from core.data.synthetic import write_federation
+from core.training.job import build_initial_weights
+from core.training.networks import Arrays
 from tests.conftest import TINY_RUN_CONFIG
 from tests.security.attacker import SiteUnderAttack, constant_model
 from tests.unit.clients.messages import write_policy

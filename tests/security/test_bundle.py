@@ -24,8 +24,13 @@ from clients.app import app as site_app
 from clients.runtime_api import TaskInput
 from clients.serve import BUNDLE_NOT_APPROVED, handle
 from core import protocol
-from core.approvals import APPROVALS_FILE, approve, bundle_sha256, refused_bundle_path
-from core.ledger import verify_ledger
+from core.privacy.approvals import (
+    APPROVALS_FILE,
+    approve,
+    bundle_sha256,
+    refused_bundle_path,
+)
+from core.privacy.ledger import verify_ledger
 from tests.security.attacker import (
     SiteUnderAttack,
     attack_message,

@@ -22,8 +22,8 @@ from flwr.app import Context, Message
 from clients.app import app as site_app
 from core import protocol
 from core.config import ConfigValue, load_run_config
-from core.models import Arrays
-from server import pipeline
+from core.training.networks import Arrays
+from server import phases
 from server.coordinator import Coordinator, PhaseError
 from server.store import RunStore
 from tests.security.attacker import grid_of_sites
@@ -88,7 +88,7 @@ def test_a_site_claiming_a_path_as_its_name_is_left_out_naming_the_node(
     coordinator = coordinator_of(grid, run_config, tmp_path / "runs" / "1", log)
 
     # Execute
-    sites, target = pipeline.discover(
+    sites, target = phases.discovery.discover(
         coordinator, nodes=sorted(NODES), default_target="A"
     )
 
@@ -113,7 +113,9 @@ def test_a_node_registered_under_a_path_is_left_out_naming_the_node(
     coordinator = coordinator_of(grid, run_config, tmp_path / "runs" / "1")
 
     # Execute
-    sites, _ = pipeline.discover(coordinator, nodes=sorted(NODES), default_target="A")
+    sites, _ = phases.discovery.discover(
+        coordinator, nodes=sorted(NODES), default_target="A"
+    )
 
     # Assert
     assert 13 not in sites
@@ -168,7 +170,7 @@ def test_two_nodes_registered_under_one_name_are_refused_naming_the_node_ids(
         match=r"several nodes are the same site \('B': nodes 12, 13\); each site is "
         r"one registered key",
     ):
-        pipeline.discover(coordinator, nodes=sorted(NODES), default_target="A")
+        phases.discovery.discover(coordinator, nodes=sorted(NODES), default_target="A")
     assert coordinator.store.load_phase("discover") is None
 
 
@@ -182,7 +184,7 @@ def test_two_folders_named_like_the_target_are_refused_in_a_simulation(
 
     # Execute / Assert
     with pytest.raises(PhaseError, match=r"\('A': nodes 11, 15\)"):
-        pipeline.discover(coordinator, nodes=sorted(nodes), default_target="A")
+        phases.discovery.discover(coordinator, nodes=sorted(nodes), default_target="A")
 
 
 def test_more_nodes_than_expected_are_refused_naming_them(
@@ -201,7 +203,7 @@ def test_more_nodes_than_expected_are_refused_naming_them(
         match=r"^discover: 4 nodes are connected, 3 expected .*: nodes 11 \('A'\), "
         r"12 \('B'\), 13 \('C'\), 15 \('D'\)\. Unregister the nodes",
     ):
-        pipeline.wait_for_nodes(
+        phases.discovery.wait_for_nodes(
             grid,  # type: ignore[arg-type]
             expected=3,
             wait_s=0.0,
@@ -220,7 +222,7 @@ def test_a_node_whose_folder_is_named_like_the_target_takes_part_as_its_key(
     coordinator = coordinator_of(grid, run_config, tmp_path / "runs" / "1", log)
 
     # Execute
-    sites, target = pipeline.discover(
+    sites, target = phases.discovery.discover(
         coordinator, nodes=sorted(nodes), default_target="A"
     )
 

@@ -23,15 +23,15 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from clients import records
 from core import protocol
+from core.affinity.profile import build_site_profile, profile_settings
 from core.config import ConfigValue, RunConfig, load_run_config
-from core.data import build_slice_set, index_site
-from core.jobs import evaluate_predictors
-from core.limits import default_limits, whole_case_config
-from core.models import Arrays
-from core.policy import Rule
-from core.privacy import AccountantState
-from core.semisup_job import initial_student_weights
-from core.task_profile import build_site_profile, profile_settings
+from core.data.dataset import build_slice_set, index_site
+from core.privacy.dp import AccountantState
+from core.privacy.limits import default_limits, whole_case_config
+from core.privacy.policy import Rule
+from core.semisup.job import initial_student_weights
+from core.training.evaluation import evaluate_predictors
+from core.training.networks import Arrays
 from tests.security.attacker import (
     assert_refused,
     assert_released,

@@ -24,8 +24,8 @@ from flwr.clientapp import ClientApp
 
 from clients.guard import egress_guard
 from core import protocol
-from core.models import Arrays
-from core.policy import Rule
+from core.privacy.policy import Rule
+from core.training.networks import Arrays
 from tests.security.attacker import (
     assert_refused,
     assert_released,

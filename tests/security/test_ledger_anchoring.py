@@ -22,9 +22,9 @@ from flwr.app import RecordDict
 
 from core import cli, protocol
 from core.config import ConfigValue, load_run_config
-from core.ledger import Ledger, verify_ledger
-from core.models import Arrays
-from server import pipeline, records
+from core.privacy.ledger import Ledger, verify_ledger
+from core.training.networks import Arrays
+from server import phases, records
 from server.coordinator import Coordinator
 from server.store import RunStore
 from tests.security.attacker import (
@@ -68,7 +68,7 @@ def exchange(
         return evaluate_content({"fg": models["fg"]}, predictors)
 
     # Discover: every site says hello; the coordinator learns who node 11 is.
-    sites, target = pipeline.discover(
+    sites, target = phases.discovery.discover(
         coordinator, nodes=sorted(nodes), default_target="A"
     )
     assert (sites[NODE].name, target) == ("A", "A")

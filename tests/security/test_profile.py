@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the library's own spelling
 
 from core import protocol
-from core.policy import Rule
+from core.privacy.policy import Rule
 from tests.security.attacker import assert_refused, assert_released, metrics_of
 from tests.security.conftest import OpenSite
 

@@ -24,10 +24,10 @@ from flwr.app import Message
 
 from core import protocol
 from core.config import RunConfig
-from core.jobs import evaluate_predictors
-from core.limits import default_limits, whole_case_config
-from core.models import Arrays
-from core.policy import Rule
+from core.privacy.limits import default_limits, whole_case_config
+from core.privacy.policy import Rule
+from core.training.evaluation import evaluate_predictors
+from core.training.networks import Arrays
 from tests.security.attacker import (
     assert_refused,
     assert_released,

@@ -16,7 +16,7 @@ from flwr.app import RecordDict
 
 from core import protocol
 from core.config import ConfigValue
-from core.policy import Rule
+from core.privacy.policy import Rule
 from tests.security.attacker import (
     assert_refused,
     assert_released,

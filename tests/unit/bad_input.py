@@ -18,7 +18,7 @@ from typing import Final
 
 import numpy as np
 
-from core.io import Volume, read_volume, write_dicom_series, write_volume
+from core.data.io import Volume, read_volume, write_dicom_series, write_volume
 
 SITE: Final = "B"
 TRAIN_IMAGE: Final = "imagesTr/b_000_0000.nii.gz"

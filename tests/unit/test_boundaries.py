@@ -19,10 +19,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("core", "clients", "server")
-PRIVACY_MODULE = "core/privacy.py"  # the only opacus importer (may not exist yet)
+PRIVACY_MODULE = "core/privacy/dp.py"  # the only opacus importer (may not exist yet)
 # The SimpleITK importers (docs/architecture.md#layers): image files, STAPLE,
 # registration.
-SIMPLEITK_MODULES = ("core/io.py", "core/consensus.py", "core/registration.py")
+SIMPLEITK_MODULES = (
+    "core/data/io.py",
+    "core/consensus/staple.py",
+    "core/consensus/registration.py",
+)
 
 # Package -> top-level modules it must never import (docs/architecture.md#layers).
 FORBIDDEN: dict[str, frozenset[str]] = {
@@ -244,11 +248,16 @@ VIOLATING_CASES = [
     ("import grpc.aio\n", "core/x.py", "core must not import grpc.aio"),
     ("from clients import records\n", "core/x.py", "core must not import clients"),
     ("from server.store import RunStore\n", "core/x.py", "must not import server"),
-    ("import opacus\n", "core/training.py", "only core/privacy.py may import opacus"),
+    (
+        "import opacus\n",
+        "core/training/trainer.py",
+        "only core/privacy/dp.py may import opacus",
+    ),
     (
         "import SimpleITK as sitk\n",
-        "core/data.py",
-        "only core/io.py, core/consensus.py, core/registration.py may import",
+        "core/data/dataset.py",
+        "only core/data/io.py, core/consensus/staple.py, "
+        "core/consensus/registration.py may import",
     ),
     ("import torch\n", "clients/app.py", "clients must not import torch"),
     ("from monai.networks import nets\n", "clients/x.py", "must not import monai"),
@@ -315,18 +324,18 @@ def test_checker_reports_violation(source: str, path: str, expected: str) -> Non
 
 
 ALLOWED_CASES = [
-    ("import torch\nimport monai\nimport numpy\n", "core/training.py"),
-    ("import SimpleITK as sitk\n", "core/io.py"),
-    ("import SimpleITK as sitk\n", "core/consensus.py"),
-    ("import SimpleITK as sitk\n", "core/registration.py"),
-    ("import opacus\n", "core/privacy.py"),
+    ("import torch\nimport monai\nimport numpy\n", "core/training/trainer.py"),
+    ("import SimpleITK as sitk\n", "core/data/io.py"),
+    ("import SimpleITK as sitk\n", "core/consensus/staple.py"),
+    ("import SimpleITK as sitk\n", "core/consensus/registration.py"),
+    ("import opacus\n", "core/privacy/dp.py"),
     ("import numpy as np\nfrom flwr.app import Message\n", "clients/app.py"),
     (
-        "from core import protocol\nfrom core.jobs import train_source_model\n",
+        "from core import protocol\nfrom core.transfer.job import train_source_model\n",
         "clients/x.py",
     ),
     (
-        "from flwr.serverapp import Grid\nfrom core.models import Arrays\n",
+        "from flwr.serverapp import Grid\nfrom core.training.networks import Arrays\n",
         "server/x.py",
     ),
     ("from . import records\n", "clients/app.py"),
@@ -366,7 +375,7 @@ def test_the_client_app_starts_without_opacus() -> None:
     # Prepare: in deployment every message starts a new ClientApp process, so what
     # the module imports is paid per message; Opacus (with torch.distributed.tensor
     # and sympy) is needed only by DP training and is imported there
-    # (core/privacy.py, _OPACUS_LAZY).
+    # (core/privacy/dp.py, _OPACUS_LAZY).
     probe = (
         "import sys, clients.app; "
         "print(sorted(name for name in ('opacus', 'sympy') if name in sys.modules))"
@@ -385,3 +394,166 @@ def test_the_client_app_starts_without_opacus() -> None:
     # Assert
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------- package tree
+
+SOURCE_ROOTS = (*PACKAGES, "simulations")
+# Each method package's docstring names its method (docs/methods.md).
+METHOD_PACKAGES = {
+    "core/transfer": "TGMA",
+    "core/consensus": "DeepSTAPLE",
+    "core/semisup": "UG-MCL",
+    "core/affinity": "SeqTran",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Imports run when the module is imported: not in functions or TYPE_CHECKING."""
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+        elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Repository module -> the repository modules it imports at import time."""
+    paths = [
+        path
+        for root in SOURCE_ROOTS
+        for path in (ROOT / root).rglob("*.py")
+        if ".venv" not in path.parts
+    ]
+    modules = {_module_name(path): path for path in paths}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        targets: set[str] = set()
+        for node in _runtime_imports(tree):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif node.module and not node.level:
+                targets.add(node.module)
+                # ``from package import module`` imports the submodule too
+                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[name] = {target for target in targets if target in modules} - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_has_no_cycles() -> None:
+    # Prepare / Execute: a package's __init__ that imports its modules is an edge
+    # from the package to each; a module importing a sibling through the package
+    # is an edge back, which is the cycle this test exists for.
+    graph = _import_graph()
+
+    # Assert
+    assert len(graph) > 50
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_reports_a_cycle() -> None:
+    # Prepare
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+
+    # Execute / Assert
+    assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_every_package_says_what_it_owns() -> None:
+    # Prepare
+    folders = sorted(
+        {
+            path.parent
+            for root in SOURCE_ROOTS
+            for path in (ROOT / root).rglob("*.py")
+            if ".venv" not in path.parts
+        }
+    )
+
+    # Execute
+    missing = []
+    for folder in folders:
+        init = folder / "__init__.py"
+        docstring = (
+            ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+            if init.is_file()
+            else None
+        )
+        if not docstring:
+            missing.append(folder.relative_to(ROOT).as_posix())
+
+    # Assert
+    assert len(folders) >= 12
+    assert missing == [], "packages without an __init__ docstring"
+
+
+@pytest.mark.parametrize(("package", "method"), sorted(METHOD_PACKAGES.items()))
+def test_each_method_package_names_its_method(package: str, method: str) -> None:
+    # Prepare / Execute
+    init = ROOT / package / "__init__.py"
+    docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+
+    # Assert
+    assert docstring.split("\n", 1)[0].find(method) >= 0, docstring
+
+
+def test_the_unit_tests_mirror_the_source_tree() -> None:
+    # Prepare: tests/unit/<package path>/ tests <package path>/
+    unit = ROOT / "tests" / "unit"
+    folders = sorted(
+        path.parent.relative_to(unit)
+        for path in unit.rglob("test_*.py")
+        if path.parent != unit
+    )
+
+    # Execute
+    orphans = sorted({f.as_posix() for f in folders if not (ROOT / f).is_dir()})
+
+    # Assert
+    assert folders
+    assert orphans == [], "test folders with no source package of that path"

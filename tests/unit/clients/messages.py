@@ -18,8 +18,8 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from clients import records
 from core import protocol
 from core.config import ConfigValue
-from core.models import Arrays
-from core.policy import ACTIONS
+from core.privacy.policy import ACTIONS
+from core.training.networks import Arrays
 
 MESSAGE_ID: Final = "m1"
 

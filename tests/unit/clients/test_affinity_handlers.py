@@ -23,13 +23,13 @@ from clients.app import app as site_app
 from clients.guard import _max_metric_values
 from clients.site import resolve_setup
 from core import protocol
-from core.affinity_job import finetune_config, finetune_model, release_profile
+from core.affinity.job import finetune_config, finetune_model, release_profile
+from core.affinity.profile import SiteProfile, build_site_profile, profile_settings
+from core.affinity.profile_noise import compute_gaussian_epsilon
 from core.config import ConfigValue, RunConfig, load_run_config
-from core.jobs import build_initial_weights
-from core.ledger import Ledger
-from core.privacy import ACCOUNTANT_FILE, DpSettings, read_accountant_state
-from core.profile_noise import compute_gaussian_epsilon
-from core.task_profile import SiteProfile, build_site_profile, profile_settings
+from core.privacy.dp import ACCOUNTANT_FILE, DpSettings, read_accountant_state
+from core.privacy.ledger import Ledger
+from core.training.job import build_initial_weights
 from tests.unit.clients.messages import (
     DP_POLICY,
     assert_site_error,

@@ -22,8 +22,8 @@ from clients.app import adapt, evaluate, hello, lftm, train_source
 from clients.site import resolve_site
 from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
-from core.data import SiteDataError, build_slice_set, index_site
-from core.models import Arrays, build_model, get_manifest
+from core.data.dataset import SiteDataError, build_slice_set, index_site
+from core.training.networks import Arrays, build_model, get_manifest
 from tests.unit.clients.messages import (
     MESSAGE_ID,
     assert_site_error,

@@ -37,17 +37,17 @@ from clients import records
 from clients.app import app as site_app
 from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
-from core.egress import measure_error
-from core.jobs import build_initial_weights
-from core.ledger import Ledger, verify_ledger
-from core.models import Arrays
-from core.privacy import (
+from core.data.site import redact_site_text
+from core.privacy.dp import (
     ACCOUNTANT_FILE,
     AccountantState,
     read_accountant_state,
     write_accountant_state,
 )
-from core.site import redact_site_text
+from core.privacy.egress import measure_error
+from core.privacy.ledger import Ledger, verify_ledger
+from core.training.job import build_initial_weights
+from core.training.networks import Arrays
 from tests.unit.bad_input import BAD_SITES, SITE, BadSite, copy_site
 from tests.unit.clients.messages import (
     DP_POLICY,

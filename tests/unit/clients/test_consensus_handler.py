@@ -29,14 +29,15 @@ from flwr.clientapp import ClientApp
 from clients import records
 from clients.app import app as site_app
 from clients.guard import declared_manifest, egress_guard
-from core import consensus_job, protocol
+from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
-from core.data import index_site
-from core.jobs import build_initial_weights, train_source_model
-from core.ledger import Ledger, verify_ledger
-from core.models import Arrays, Manifest
-from core.policy import Rule
-from core.registration import RegistrationSettings
+from core.consensus import job as consensus_job
+from core.consensus.registration import RegistrationSettings
+from core.data.dataset import index_site
+from core.privacy.ledger import Ledger, verify_ledger
+from core.privacy.policy import Rule
+from core.training.job import build_initial_weights, train_source_model
+from core.training.networks import Arrays, Manifest
 from tests.unit.clients.messages import (
     MESSAGE_ID,
     assert_site_error,

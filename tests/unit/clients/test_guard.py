@@ -35,16 +35,16 @@ from clients.app import app as site_app
 from clients.guard import declared_manifest, egress_guard
 from core import cli, protocol
 from core.config import ConfigValue, RunConfig, load_run_config
-from core.egress import measure_content, measure_error
-from core.ledger import Egress, Ledger, LedgerError, verify_ledger
-from core.models import Manifest
-from core.policy import ACTIONS, AppliedPolicy, Rule
-from core.privacy import (
+from core.privacy.dp import (
     ACCOUNTANT_FILE,
     AccountantState,
     read_accountant_state,
     write_accountant_state,
 )
+from core.privacy.egress import measure_content, measure_error
+from core.privacy.ledger import Egress, Ledger, LedgerError, verify_ledger
+from core.privacy.policy import ACTIONS, AppliedPolicy, Rule
+from core.training.networks import Manifest
 from tests.unit.clients.messages import (
     DP_POLICY,
     MESSAGE_ID,

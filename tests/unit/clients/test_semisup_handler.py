@@ -24,11 +24,11 @@ from clients.app import app as site_app
 from clients.guard import declared_student_manifest
 from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
-from core.data import index_site
-from core.ledger import Ledger, verify_ledger
-from core.models import Arrays
-from core.privacy import ACCOUNTANT_FILE, read_accountant_state
-from core.semisup_job import initial_student_weights, load_semisup_data
+from core.data.dataset import index_site
+from core.privacy.dp import ACCOUNTANT_FILE, read_accountant_state
+from core.privacy.ledger import Ledger, verify_ledger
+from core.semisup.job import initial_student_weights, load_semisup_data
+from core.training.networks import Arrays
 from tests.unit.clients.messages import (
     DP_POLICY,
     assert_site_error,

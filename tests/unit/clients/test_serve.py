@@ -51,15 +51,15 @@ from clients.app import app as site_app
 from clients.runtime_api import TaskAbandonedError, TaskChannel, TaskInput
 from clients.serve import BUNDLE_NOT_APPROVED, Server, handle
 from core import protocol
-from core.approvals import (
+from core.config import ConfigValue
+from core.privacy.approvals import (
     APPROVALS_FILE,
     approve,
     bundle_sha256,
     refused_bundle_path,
 )
-from core.config import ConfigValue
-from core.egress import measure_error
-from core.ledger import Ledger, verify_ledger
+from core.privacy.egress import measure_error
+from core.privacy.ledger import Ledger, verify_ledger
 from tests.unit.clients.messages import (
     MESSAGE_ID,
     build_message,

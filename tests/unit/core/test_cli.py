@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from core.cli import find_report, main
-from core.data import index_site
+from core.data.dataset import index_site
 from tests.unit.bad_input import (
     BAD_SITES,
     SITE,
@@ -38,7 +38,7 @@ def test_builtin_generates_once_and_reuses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: a small built-in federation keeps the test fast.
-    monkeypatch.setattr("core.synthetic.EVALUATION_CASES_PER_SITE", 1)
+    monkeypatch.setattr("core.data.synthetic.EVALUATION_CASES_PER_SITE", 1)
 
     # Execute
     first = main(["builtin", "--cache-dir", str(tmp_path)])
@@ -208,7 +208,7 @@ def test_report_without_runs_is_a_clear_error(
 
 
 def write_audit_ledger(path: Path) -> None:
-    from core.ledger import Egress, Ledger
+    from core.privacy.ledger import Egress, Ledger
 
     ledger = Ledger(path)
     for index, (run_id, message_type, decision, total_bytes) in enumerate(

@@ -17,7 +17,7 @@ import pytest
 
 from core import protocol
 from core.config import ConfigValue, load_run_config
-from core.ledger import verify_ledger
+from core.privacy.ledger import verify_ledger
 from server.app import prepare_federation
 from server.coordinator import Coordinator, PhaseError
 from server.runner import (

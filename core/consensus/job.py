@@ -1,0 +1,523 @@
+"""The ``train.consensus`` job: label consensus at the target site.
+
+docs/methods.md#deepstaple. At the target, every image
+gets one noisy label per candidate model (its prediction) and one per atlas in the
+site's ``atlases/`` folder (registered onto it with SimpleITK,
+``core.consensus.registration``). The noisy labels are fused four ways:
+
+- ``itm``: TGMA's pseudo-labels, the ITM-weighted mixture of the candidates' softmax
+  maps (what adaptation trains on; atlases do not take part);
+- ``majority``: voxelwise majority vote;
+- ``staple``: STAPLE over each case's labels as 3-D stacks (one sensitivity per
+  label source and case);
+- ``deepstaple``: DeepSTAPLE data parameters learned per (2-D slice, label source),
+  as docs/methods.md#data-parameters fixes for 2-D networks, then softmax-weighted
+  voting per slice.
+
+Images are the target's training images and, when it has them, its evaluation images:
+their evaluation labels are read only to score each consensus and the data
+parameters, never to train. DeepSTAPLE trains on the slices where some noisy label
+has foreground (a slice where every label is empty has an empty consensus whatever the
+weights). The consensus labels of the training images are written at the site as
+NIfTI on each image's grid; the start model is then trained on the training images
+with each consensus. Only aggregate figures and the trained weights are returned.
+Never imports flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from core.config import RunConfig
+from core.consensus.deepstaple import train_deepstaple, weighted_vote
+from core.consensus.registration import (
+    RegistrationSettings,
+    index_atlases,
+    read_atlas,
+    transfer_atlas_labels,
+)
+from core.consensus.staple import majority_vote, multi_label_staple, staple
+from core.data.dataset import (
+    CaseRecord,
+    SiteDataError,
+    SliceSet,
+    build_slice_set,
+    index_site,
+    label_slices,
+    label_volume_from_slices,
+)
+from core.data.io import read_volume, write_volume
+from core.metrics import dice_score, spearman
+from core.protocol import ATLAS_SOURCE_PREFIX, CONSENSUS_METHODS
+from core.training.job import build_model_with
+from core.training.networks import Arrays, build_model, get_weights
+from core.training.trainer import select_device, train_supervised
+from core.transfer.job import score_slices
+from core.transfer.transferability import build_pseudo_labels
+
+Progress = Callable[[str], None]
+
+# The consensus reply's Spearman figures need 3 evaluation images with a defined
+# score (nan below: two points always correlate perfectly).
+_SPEARMAN_MIN_PAIRS: Final = 3
+
+
+def _quiet(_line: str) -> None:
+    """Progress sink that drops lines."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class NoisyLabelSet:
+    """The noisy labels of the target's slices, one stack row per label source.
+
+    Attributes:
+        slices: the target's images (training cases first, then evaluation cases).
+        num_training_cases: how many of ``slices.case_ids`` are training cases.
+        sources: label source names: candidates, then ``atlas-1``..``atlas-K``.
+        labels: ``(A, N, S, S)`` int64 classes, row a from ``sources[a]``.
+        itm_labels: ``(N, S, S)`` TGMA pseudo-labels.
+    """
+
+    slices: SliceSet
+    num_training_cases: int
+    sources: tuple[str, ...]
+    labels: torch.Tensor
+    itm_labels: torch.Tensor
+
+    @property
+    def training_rows(self) -> torch.Tensor:
+        """Boolean ``(N,)``: the slice belongs to a training image."""
+        return self.slices.case_of_slice < self.num_training_cases
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsensusOutcome:
+    """What the consensus job computed; only aggregates and weights may leave.
+
+    Attributes:
+        models: consensus method -> the start model trained on that consensus.
+        fused: consensus method -> ``(N, S, S)`` labels (stay at the site).
+        data_parameters: ``(A, N)`` raw data parameters (nan on slices DeepSTAPLE
+            did not train on); stays at the site.
+        labels_dir: where the consensus labels were written (at the site).
+        reply fields: see :class:`core.protocol.ConsensusReply`.
+    """
+
+    models: dict[str, Arrays]
+    fused: dict[str, torch.Tensor]
+    data_parameters: npt.NDArray[np.float32]
+    labels_dir: Path | None
+    num_images: int
+    num_labels: int
+    num_atlases: int
+    seconds: float
+    data_parameter: dict[str, float]
+    staple_sensitivity: dict[str, float]
+    agreement: dict[str, float]
+    label_dice: dict[str, float]
+    spearman_dp: float
+    spearman_staple: float
+
+
+def _atlas_labels(
+    cases: Sequence[CaseRecord],
+    atlas_cases: Sequence[CaseRecord],
+    config: RunConfig,
+    progress: Progress,
+) -> list[torch.Tensor]:
+    """Per atlas, its label registered onto every case and cut into slices."""
+    num_classes = config.data.num_classes
+    atlases = [read_atlas(case, num_classes=num_classes) for case in atlas_cases]
+    per_atlas: list[list[torch.Tensor]] = [[] for _ in atlases]
+    settings = RegistrationSettings()
+    for number, case in enumerate(cases, start=1):
+        target = read_volume(case.image_path)
+        transferred = transfer_atlas_labels(
+            target, atlases, settings=settings, target_name=str(case.image_path)
+        )
+        for row, atlas_label in zip(per_atlas, transferred, strict=True):
+            row.append(label_slices(atlas_label.label, data=config.data))
+        progress(
+            f"[consensus] registered {len(atlases)} atlas(es) onto image "
+            f"{number}/{len(cases)}"
+        )
+    return [torch.cat(rows) for rows in per_atlas]
+
+
+def build_noisy_label_set(
+    site_dir: Path,
+    candidates: Mapping[str, Arrays],
+    config: RunConfig,
+    *,
+    with_atlases: bool,
+    progress: Progress = _quiet,
+) -> NoisyLabelSet:
+    """Label the target's images with every candidate (and atlas, if asked).
+
+    Raises:
+        SiteDataError: the site has no images, or an atlas is unreadable.
+        RegistrationError: an atlas could not be registered onto an image.
+        ValueError: no candidates, a candidate named like an atlas
+            (``atlas-<k>``), or a candidate's weights do not fit the model.
+    """
+    if not candidates:
+        raise ValueError("no candidate models to label the target's images with")
+    reserved = sorted(
+        name for name in candidates if name.startswith(ATLAS_SOURCE_PREFIX)
+    )
+    if reserved:
+        # Such a model would be counted, and reported, as one of the site's atlases.
+        raise ValueError(
+            f"label sources {reserved} use the prefix {ATLAS_SOURCE_PREFIX!r}, "
+            "which names the site's atlases"
+        )
+    index = index_site(Path(site_dir))
+    training = index.labelled + index.unlabelled
+    if not training:
+        raise SiteDataError(
+            f"{index.root}: no training images (imagesTr) to build consensus labels on"
+        )
+    cases = training + index.evaluation
+    slices = build_slice_set(cases, data=config.data, with_labels=False)
+    transferability, probabilities = score_slices(slices, candidates, config, progress)
+    itm_labels = build_pseudo_labels(
+        probabilities,
+        torch.tensor(transferability.itm),
+        case_of_slice=slices.case_of_slice,
+    ).argmax(1)
+    rows = [probability.argmax(1) for probability in probabilities]
+    sources = list(transferability.sources)
+    atlas_cases = index_atlases(Path(site_dir)) if with_atlases else ()
+    if atlas_cases:
+        rows += _atlas_labels(cases, atlas_cases, config, progress)
+        sources += [f"{ATLAS_SOURCE_PREFIX}{k}" for k in range(1, len(atlas_cases) + 1)]
+    return NoisyLabelSet(
+        slices=slices,
+        num_training_cases=len(training),
+        sources=tuple(sources),
+        labels=torch.stack(rows),
+        itm_labels=itm_labels,
+    )
+
+
+def _fuse_majority(labels: npt.NDArray[np.int64], num_classes: int) -> torch.Tensor:
+    if num_classes == 2:
+        return torch.from_numpy(majority_vote(labels > 0).astype(np.int64))
+    counts = np.stack([(labels == c).sum(0) for c in range(num_classes)])
+    # Ties go to the lowest class (background first), as majority_vote's do.
+    return torch.from_numpy(counts.argmax(0).astype(np.int64))
+
+
+def _fuse_weighted(
+    labels: npt.NDArray[np.int64], raw: npt.NDArray[np.float32], num_classes: int
+) -> npt.NDArray[np.int64]:
+    """Formula 6 on one slice; multi-class: argmax of the softmax-weighted votes."""
+    if num_classes == 2:
+        return weighted_vote(labels > 0, raw).astype(np.int64)
+    weights = np.exp(raw - raw.max())
+    weights /= weights.sum()
+    votes = np.stack(
+        [np.tensordot(weights, labels == c, axes=1) for c in range(num_classes)]
+    )
+    result: npt.NDArray[np.int64] = votes.argmax(0).astype(np.int64)
+    return result
+
+
+def _staple_per_case(
+    noisy: NoisyLabelSet, num_classes: int
+) -> tuple[torch.Tensor, npt.NDArray[np.float64]]:
+    """STAPLE over each case's 3-D stacks; sensitivities ``(A, cases)`` (nan: none)."""
+    labels = noisy.labels.numpy()
+    fused = np.zeros(labels.shape[1:], dtype=np.int64)
+    sensitivity = np.full((labels.shape[0], len(noisy.slices.case_ids)), math.nan)
+    for case in range(len(noisy.slices.case_ids)):
+        rows = (noisy.slices.case_of_slice == case).numpy()
+        stack = labels[:, rows]
+        if num_classes == 2:
+            result = staple(stack > 0)
+            fused[rows] = result.consensus.astype(np.int64)
+            sensitivity[:, case] = result.sensitivity
+        else:
+            fused[rows] = multi_label_staple(stack)
+    return torch.from_numpy(fused), sensitivity
+
+
+def _learn_data_parameters(
+    noisy: NoisyLabelSet, config: RunConfig, progress: Progress
+) -> npt.NDArray[np.float32]:
+    """DeepSTAPLE on the informative slices; ``(A, N)`` raw data parameters."""
+    settings = config.consensus
+    sources, count = noisy.labels.shape[:2]
+    informative = (noisy.labels != 0).flatten(2).any(2).any(0)  # (N,)
+    rows = torch.nonzero(informative).flatten()
+    result = np.full((sources, count), math.nan, dtype=np.float32)
+    if len(rows) == 0:
+        progress("[consensus] every noisy label is empty; nothing for DeepSTAPLE")
+        return result
+    images = noisy.slices.images[rows].repeat(sources, 1, 1, 1)
+    labels = noisy.labels[:, rows].reshape(sources * len(rows), *noisy.labels.shape[2:])
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, data=config.data)
+    trained = train_deepstaple(
+        images,
+        labels,
+        model=model,
+        num_classes=config.data.num_classes,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        dp_learning_rate=settings.dp_learning_rate,
+        out_of_line=settings.out_of_line,
+        fixed_weighting=settings.fixed_weighting,
+        risk_regularisation=settings.risk_regularisation,
+        device=select_device(config.train.device),
+        seed=config.train.seed,
+        amp=config.train.amp,
+        progress=progress,
+    )
+    result[:, rows.numpy()] = trained.data_parameters.reshape(sources, len(rows))
+    return result
+
+
+def _fuse_deepstaple(
+    noisy: NoisyLabelSet, raw: npt.NDArray[np.float32], num_classes: int
+) -> torch.Tensor:
+    labels = noisy.labels.numpy()
+    fused = np.zeros(labels.shape[1:], dtype=np.int64)
+    for row in np.flatnonzero(~np.isnan(raw[0])):
+        fused[row] = _fuse_weighted(labels[:, row], raw[:, row], num_classes)
+    return torch.from_numpy(fused)
+
+
+def _mean_over(values: npt.NDArray[np.floating]) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def write_consensus_labels(
+    cases: Sequence[CaseRecord],
+    slices: SliceSet,
+    fused: Mapping[str, torch.Tensor],
+    config: RunConfig,
+    out_dir: Path,
+) -> None:
+    """Write each method's labels of ``cases`` as ``out_dir/<method>/<case>.nii.gz``.
+
+    Labels are put back on each image's own grid (size, spacing, origin, direction),
+    so they can train any other tool at the site (e.g. nnU-Net).
+    """
+    for number, case in enumerate(cases):
+        rows = slices.case_of_slice == number
+        image = read_volume(case.image_path)
+        for method, labels in fused.items():
+            volume = label_volume_from_slices(
+                labels[rows], image.array.shape, data=config.data
+            )
+            write_volume(
+                dataclasses.replace(image, array=volume.astype(np.uint8)),
+                out_dir / method / f"{case.case_id}.nii.gz",
+            )
+
+
+def run_consensus(
+    site_dir: Path,
+    candidates: Mapping[str, Arrays],
+    config: RunConfig,
+    *,
+    label_sources: Sequence[str],
+    start: str,
+    labels_dir: Path | None,
+    progress: Progress = _quiet,
+) -> ConsensusOutcome:
+    """Build the noisy label set, fuse it four ways, train ``start`` on each fusion.
+
+    Args:
+        site_dir: the target site folder.
+        candidates: weights by model name (the label sources and the start model).
+        config: the run config (``consensus`` settings).
+        label_sources: the candidates whose predictions are noisy labels.
+        start: the candidate trained further on each consensus.
+        labels_dir: where to write the training images' consensus labels; None
+            writes nothing.
+        progress: called with progress lines.
+
+    Raises:
+        ValueError: a named model was not sent, or weights do not fit.
+        SiteDataError: the site's images (or atlases) are missing or bad.
+        RegistrationError: an atlas could not be registered.
+    """
+    missing = sorted({start, *label_sources} - set(candidates))
+    if missing:
+        raise ValueError(
+            f"models {missing} are named in the request but were not sent "
+            f"(sent: {sorted(candidates)})"
+        )
+    started = time.perf_counter()
+    num_classes = config.data.num_classes
+    noisy = build_noisy_label_set(
+        site_dir,
+        {name: candidates[name] for name in label_sources},
+        config,
+        with_atlases=config.consensus.atlases,
+        progress=progress,
+    )
+    labels_np = noisy.labels.numpy()
+    progress(
+        f"[consensus] {len(noisy.sources)} noisy labels per image "
+        f"({', '.join(noisy.sources)}) on {len(noisy.slices)} slices"
+    )
+    raw = _learn_data_parameters(noisy, config, progress)
+    staple_labels, sensitivity = _staple_per_case(noisy, num_classes)
+    fused = {
+        "itm": noisy.itm_labels,
+        "majority": _fuse_majority(labels_np, num_classes),
+        "staple": staple_labels,
+        "deepstaple": _fuse_deepstaple(noisy, raw, num_classes),
+    }
+    assert tuple(fused) == CONSENSUS_METHODS
+
+    index = index_site(Path(site_dir))
+    training_cases = index.labelled + index.unlabelled
+    training_rows = noisy.training_rows
+    if labels_dir is not None:
+        write_consensus_labels(
+            training_cases,
+            noisy.slices.subset_cases(range(len(training_cases))),
+            {method: labels[training_rows] for method, labels in fused.items()},
+            config,
+            labels_dir,
+        )
+        progress(f"[consensus] consensus labels written to {labels_dir}")
+
+    # Per source: mean data parameter and STAPLE sensitivity, agreement with DeepSTAPLE.
+    informative = ~np.isnan(raw[0])
+    data_parameter = {
+        name: _mean_over(raw[a, informative]) for a, name in enumerate(noisy.sources)
+    }
+    staple_sensitivity = {
+        name: _mean_over(sensitivity[a]) for a, name in enumerate(noisy.sources)
+    }
+    agreement = {
+        name: dice_score(noisy.labels[a], fused["deepstaple"], num_classes=num_classes)
+        for a, name in enumerate(noisy.sources)
+    }
+
+    label_dice, spearman_dp, spearman_staple = _score_on_evaluation_labels(
+        index.evaluation, noisy, fused, raw, sensitivity, config
+    )
+    methods = CONSENSUS_METHODS if config.consensus.baselines else ("deepstaple",)
+    models = _train_on_each(noisy, fused, methods, candidates[start], config, progress)
+    return ConsensusOutcome(
+        models=models,
+        fused=fused,
+        data_parameters=raw,
+        labels_dir=labels_dir,
+        num_images=len(noisy.slices.case_ids),
+        num_labels=int(informative.sum()) * len(noisy.sources),
+        num_atlases=sum(s.startswith(ATLAS_SOURCE_PREFIX) for s in noisy.sources),
+        seconds=time.perf_counter() - started,
+        data_parameter=data_parameter,
+        staple_sensitivity=staple_sensitivity,
+        agreement=agreement,
+        label_dice=label_dice,
+        spearman_dp=spearman_dp,
+        spearman_staple=spearman_staple,
+    )
+
+
+def _score_on_evaluation_labels(
+    evaluation: Sequence[CaseRecord],
+    noisy: NoisyLabelSet,
+    fused: Mapping[str, torch.Tensor],
+    raw: npt.NDArray[np.float32],
+    sensitivity: npt.NDArray[np.float64],
+    config: RunConfig,
+) -> tuple[dict[str, float], float, float]:
+    """Consensus Dice per method and the quality Spearmans, on the evaluation images.
+
+    The evaluation labels are read here only, to score; nothing trains on them.
+    Returns empty Dice and nan correlations when the site has no evaluation labels.
+    """
+    if not evaluation:
+        return {}, math.nan, math.nan
+    num_classes = config.data.num_classes
+    truth = build_slice_set(evaluation, data=config.data, with_labels=True).labels
+    assert truth is not None
+    case_of_slice = noisy.slices.case_of_slice.numpy()
+    # The evaluation cases follow the training cases, in the same order and slices.
+    offset = int((case_of_slice < noisy.num_training_cases).sum())
+    evaluation_cases = range(noisy.num_training_cases, len(noisy.slices.case_ids))
+    rows_of = {case: np.flatnonzero(case_of_slice == case) for case in evaluation_cases}
+    label_dice = {
+        method: float(
+            np.mean(
+                [
+                    dice_score(
+                        labels[rows], truth[rows - offset], num_classes=num_classes
+                    )
+                    for rows in rows_of.values()
+                ]
+            )
+        )
+        for method, labels in fused.items()
+    }
+    dps, sensitivities, true_dice = [], [], []
+    for case, rows in rows_of.items():
+        for a in range(len(noisy.sources)):
+            true_dice.append(
+                dice_score(
+                    noisy.labels[a][rows], truth[rows - offset], num_classes=num_classes
+                )
+            )
+            dps.append(_mean_over(raw[a, rows]))
+            sensitivities.append(float(sensitivity[a, case]))
+    return (
+        label_dice,
+        spearman(dps, true_dice, min_pairs=_SPEARMAN_MIN_PAIRS),
+        spearman(sensitivities, true_dice, min_pairs=_SPEARMAN_MIN_PAIRS),
+    )
+
+
+def _train_on_each(
+    noisy: NoisyLabelSet,
+    fused: Mapping[str, torch.Tensor],
+    methods: Sequence[str],
+    start_weights: Arrays,
+    config: RunConfig,
+    progress: Progress,
+) -> dict[str, Arrays]:
+    """Train the start model on the training images with each method's labels."""
+    rows = noisy.training_rows
+    images = noisy.slices.images[rows]
+    recipe = dataclasses.replace(
+        config.train,
+        epochs=config.consensus.refine_epochs,
+        learning_rate=config.consensus.refine_learning_rate,
+    )
+    device = select_device(config.train.device)
+    models = {}
+    for method in methods:
+        model = build_model_with("start", start_weights, config)
+        result = train_supervised(
+            model,
+            images,
+            fused[method][rows],
+            train=recipe,
+            device=device,
+            label=f"consensus {method}",
+            progress=progress,
+        )
+        models[method] = get_weights(model)
+        progress(
+            f"[consensus] trained on {method} labels: loss {result.final_loss:.4f}"
+        )
+    return models

@@ -1,0 +1,448 @@
+"""Deterministic synthetic multi-site federation, written in the site layout.
+
+Each case is a small 3-D volume of textured soft tissue holding an organ-like target
+blob with an irregular boundary, and distractors (round vessels, a tube). Sites lie on
+a continuum ``shift`` in [0, 1]: along it the organ's contrast weakens and, past the
+middle, inverts (the organ turns darker than the tissue around it, as between T1 and T2
+weighting), and bias field, noise, blur, in-plane resolution and the organ's size and
+position all drift. Sites close on the continuum transfer well;
+far ones transfer badly, which is the negative transfer TGMA must avoid.
+
+Randomness is explicit (TorchIO's lesson): every case's parameters are drawn from one
+``numpy.random.Generator`` seeded from ``(seed, site, case)``, then applied. The same
+seed always writes the same files. Writes through :mod:`core.data.io`; never imports flwr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from core.config import FederationConfig
+from core.data.io import Volume, write_volume
+
+FloatArray = npt.NDArray[np.float32]
+
+# Bump when the generator's output changes, so cached federations are regenerated.
+GENERATOR_VERSION: Final = 4
+DEFAULT_TARGET_INDEX: Final = 0
+EVALUATION_CASES_PER_SITE: Final = 6
+SHAPE_ZYX: Final = (10, 64, 64)
+SPACING_MM: Final = (1.5, 1.5, 3.0)
+INTENSITY_SCALE: Final = 1000.0
+
+# Tissue intensities. The field of view is all soft tissue (like a cropped pelvic MR),
+# with the organ and two distractors set by their contrast against it. A site's
+# weighting scales the organ's contrast, and past INVERSION_SHIFT every contrast changes
+# sign (as between T1 and T2 weighting): the organ turns from brighter to darker than
+# the tissue around it, and so do the distractors.
+TISSUE_LEVEL: Final = 0.45
+ORGAN_CONTRAST: Final = 0.40
+ORGAN_CONTRAST_DRIFT: Final = 0.15  # contrast lost from one end of a half to the other
+VESSEL_CONTRAST: Final = 0.32  # small round blobs as bright (or dark) as the organ
+TUBE_CONTRAST: Final = 0.20  # an elongated structure
+INVERSION_SHIFT: Final = 0.5
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SiteStyle:
+    """How one site acquires images: a point on the domain-shift continuum."""
+
+    name: str
+    shift: float  # 0 = the default target's domain, 1 = the farthest domain
+    organ_contrast: float  # organ minus body intensity (negative = inverted)
+    inverted: bool
+    bias_amplitude: float
+    noise_sd: float
+    blur_sigma_px: float
+    resolution_factor: float  # >1 = coarser in-plane acquisition, upsampled back
+    organ_scale: float
+    organ_offset_px: tuple[float, float]  # (row, col) shift of the organ centre
+
+    @classmethod
+    def on_continuum(cls, name: str, shift: float) -> SiteStyle:
+        """Place a site at ``shift`` along the continuum (every property drifts)."""
+        return cls(
+            name=name,
+            shift=shift,
+            organ_contrast=(ORGAN_CONTRAST - ORGAN_CONTRAST_DRIFT * shift)
+            * (-1.0 if shift > INVERSION_SHIFT else 1.0),
+            inverted=shift > INVERSION_SHIFT,
+            bias_amplitude=0.05 + 0.2 * shift,
+            noise_sd=0.02 + 0.04 * shift,
+            blur_sigma_px=0.3 + 0.6 * shift,
+            resolution_factor=1.0 + 0.5 * shift,
+            organ_scale=1.0 - 0.25 * shift,
+            organ_offset_px=(4.0 * shift, -5.0 * shift),
+        )
+
+    def contrast_sign(self) -> float:
+        """+1 for the organ brighter than the body, -1 for inverted sites."""
+        return -1.0 if self.inverted else 1.0
+
+
+def default_site_names(num_sites: int) -> tuple[str, ...]:
+    """Return the site names ``A``, ``B``, ... ``Z``, ``AA``, ``AB``, ... (as columns).
+
+    Past 26 sites the names go on as spreadsheet columns do, so every name stays a
+    plain folder name (the characters after ``Z`` are punctuation).
+
+    Example:
+        >>> default_site_names(3)
+        ('A', 'B', 'C')
+        >>> default_site_names(28)[-3:]
+        ('Z', 'AA', 'AB')
+    """
+    names: list[str] = []
+    for index in range(num_sites):
+        name, number = "", index + 1
+        while number:
+            number, letter = divmod(number - 1, 26)
+            name = chr(ord("A") + letter) + name
+        names.append(name)
+    return tuple(names)
+
+
+def build_site_styles(num_sites: int) -> tuple[SiteStyle, ...]:
+    """Spread ``num_sites`` sites evenly over the continuum, site ``A`` at 0."""
+    names = default_site_names(num_sites)
+    return tuple(
+        SiteStyle.on_continuum(name, index / (num_sites - 1))
+        for index, name in enumerate(names)
+    )
+
+
+def _smooth_field(
+    rng: np.random.Generator, shape: tuple[int, ...], sigma: float
+) -> FloatArray:
+    """Zero-mean, unit-std smooth random field (Gaussian-filtered white noise)."""
+    field: FloatArray = ndimage.gaussian_filter(
+        rng.standard_normal(shape), sigma=sigma
+    ).astype(np.float32)
+    field -= field.mean()
+    field /= field.std() + 1e-8
+    return field
+
+
+def _blob(
+    grid: tuple[FloatArray, FloatArray, FloatArray],
+    *,
+    centre: tuple[float, ...],
+    radii: tuple[float, ...],
+    harmonics: npt.NDArray[np.float64],
+    phases: npt.NDArray[np.float64],
+) -> npt.NDArray[np.bool_]:
+    """An ellipsoid whose in-plane radius is modulated by a few angular harmonics."""
+    z, y, x = grid
+    dz, dy, dx = (
+        (z - centre[0]) / radii[0],
+        (y - centre[1]) / radii[1],
+        (x - centre[2]) / radii[2],
+    )
+    angle = np.arctan2(dy, dx)
+    modulation = 1.0 + sum(
+        amplitude * np.cos((order + 2) * angle + phase)
+        for order, (amplitude, phase) in enumerate(zip(harmonics, phases, strict=True))
+    )
+    inside: npt.NDArray[np.bool_] = (dz**2 + (dy**2 + dx**2) / modulation**2) <= 1.0
+    return inside
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyntheticCase:
+    """One generated case: image and label in ``(Z, Y, X)`` order."""
+
+    image: FloatArray
+    label: npt.NDArray[np.uint8]
+
+
+def generate_case(style: SiteStyle, rng: np.random.Generator) -> SyntheticCase:
+    """Draw one case's anatomy and render it in ``style``'s acquisition."""
+    depth, height, width = SHAPE_ZYX
+    grid = tuple(
+        axis.astype(np.float32)
+        for axis in np.meshgrid(
+            np.arange(depth), np.arange(height), np.arange(width), indexing="ij"
+        )
+    )
+    grid3 = (grid[0], grid[1], grid[2])
+    mid_row, mid_col = height / 2, width / 2
+
+    # Anatomy (random parameters first, then applied).
+    organ_centre = (
+        depth / 2 + rng.uniform(-0.7, 0.7),
+        mid_row + 3 + style.organ_offset_px[0] + rng.uniform(-3, 3),
+        mid_col - 2 + style.organ_offset_px[1] + rng.uniform(-3, 3),
+    )
+    organ_radius = style.organ_scale * rng.uniform(8.5, 11.0)
+    organ = _blob(
+        grid3,
+        centre=organ_centre,
+        radii=(
+            rng.uniform(3.2, 4.2),
+            organ_radius * rng.uniform(0.8, 1.0),
+            organ_radius * rng.uniform(1.0, 1.25),
+        ),
+        harmonics=rng.uniform(0, 0.15, 3),
+        phases=rng.uniform(0, 6.3, 3),
+    )
+    vessels = np.zeros(SHAPE_ZYX, dtype=bool)
+    for row, col in ((mid_row - 16, mid_col + 14), (mid_row + 17, mid_col + 16)):
+        radius = rng.uniform(3.5, 5.0)
+        vessels |= _blob(
+            grid3,
+            centre=(depth / 2, row + rng.uniform(-3, 3), col + rng.uniform(-3, 3)),
+            radii=(depth * 4.0, radius, radius * rng.uniform(0.9, 1.1)),
+            harmonics=np.zeros(1),
+            phases=np.zeros(1),
+        )
+    tube = _blob(
+        grid3,
+        centre=(
+            depth / 2,
+            mid_row + rng.uniform(-4, 4),
+            mid_col - 22 + rng.uniform(-2, 2),
+        ),
+        radii=(depth * 4.0, rng.uniform(10, 14), rng.uniform(2.5, 3.5)),
+        harmonics=np.zeros(1),
+        phases=np.zeros(1),
+    )
+    vessels &= ~organ
+    tube &= ~organ & ~vessels
+
+    # Rendering in the site's weighting, with tissue texture at two scales.
+    sign = style.contrast_sign()
+    image = (TISSUE_LEVEL + 0.06 * _smooth_field(rng, SHAPE_ZYX, sigma=5.0)).astype(
+        np.float32
+    )
+    texture = _smooth_field(rng, SHAPE_ZYX, sigma=1.5)
+    image += 0.04 * texture
+    for mask, contrast, texture_strength in (
+        (vessels, sign * VESSEL_CONTRAST, 0.03),
+        (tube, sign * TUBE_CONTRAST, 0.03),
+        (organ, style.organ_contrast, 0.07),
+    ):
+        image[mask] = TISSUE_LEVEL + contrast + texture_strength * texture[mask]
+
+    # Acquisition: resolution, blur, bias field, noise.
+    if style.resolution_factor > 1.0:
+        low = ndimage.zoom(
+            image,
+            (1, 1 / style.resolution_factor, 1 / style.resolution_factor),
+            order=1,
+        )
+        image = ndimage.zoom(
+            low, (1, height / low.shape[1], width / low.shape[2]), order=1
+        ).astype(np.float32)
+    image = ndimage.gaussian_filter(
+        image, sigma=(0, style.blur_sigma_px, style.blur_sigma_px)
+    )
+    bias = np.exp(style.bias_amplitude * _smooth_field(rng, SHAPE_ZYX, sigma=16.0))
+    image = image * bias + style.noise_sd * rng.standard_normal(SHAPE_ZYX)
+    return SyntheticCase(
+        image=(INTENSITY_SCALE * image).astype(np.float32), label=organ.astype(np.uint8)
+    )
+
+
+def _case_rng(seed: int, site_index: int, case_index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, site_index, case_index])
+
+
+def write_case(
+    case: SyntheticCase, site_dir: Path, *, case_id: str, training: bool
+) -> None:
+    """Write one case's image and label NIfTI into the site layout.
+
+    Args:
+        case: the generated case.
+        site_dir: the site folder; sub-folders are created as needed.
+        case_id: the file stem (``<case_id>_0000.nii.gz`` and ``<case_id>.nii.gz``).
+        training: ``imagesTr``/``labelsTr`` when true, else ``imagesTs``/``labelsTs``.
+    """
+    split = "Tr" if training else "Ts"
+    for array, folder, file_name in (
+        (case.image, f"images{split}", f"{case_id}_0000.nii.gz"),
+        (case.label, f"labels{split}", f"{case_id}.nii.gz"),
+    ):
+        write_volume(
+            Volume(
+                array=array,
+                spacing_mm=SPACING_MM,
+                origin_mm=(0.0, 0.0, 0.0),
+                direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
+            ),
+            site_dir / folder / file_name,
+        )
+
+
+def write_site(
+    style: SiteStyle,
+    site_dir: Path,
+    *,
+    site_index: int,
+    seed: int,
+    num_train_cases: int,
+) -> None:
+    """Write one site: ``imagesTr``/``labelsTr`` and ``imagesTs``/``labelsTs`` NIfTI."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    total = num_train_cases + EVALUATION_CASES_PER_SITE
+    for case_index in range(total):
+        write_case(
+            generate_case(style, _case_rng(seed, site_index, case_index)),
+            site_dir,
+            case_id=f"{style.name.lower()}_{case_index:03d}",
+            training=case_index < num_train_cases,
+        )
+    dataset = {
+        "name": f"synthetic site {style.name}",
+        "modality": "synthetic-MR",
+        "labels": {"0": "background", "1": "organ"},
+        "shift": style.shift,
+    }
+    (site_dir / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+
+
+def resolve_federation_dir(federation: FederationConfig) -> Path:
+    """The federation folder a run uses: ``federation.dir``, else the built-in one.
+
+    ``federation.cache-dir`` empty means ``~/.cache/sitebridge``. Does not generate
+    anything (see :func:`ensure_builtin_federation`).
+    """
+    if federation.dir:
+        return Path(federation.dir).expanduser()
+    cache = (
+        Path(federation.cache_dir).expanduser()
+        if federation.cache_dir
+        else Path.home() / ".cache" / "sitebridge"
+    )
+    return get_builtin_federation_dir(
+        cache,
+        seed=federation.synthetic_seed,
+        num_sites=federation.synthetic_sites,
+        num_train_cases=federation.synthetic_cases,
+    )
+
+
+def get_builtin_federation_dir(
+    cache_dir: Path, *, seed: int, num_sites: int, num_train_cases: int
+) -> Path:
+    """Where the built-in federation for these parameters lives inside ``cache_dir``."""
+    return Path(cache_dir) / (
+        f"synthetic-v{GENERATOR_VERSION}-seed{seed}-"
+        f"sites{num_sites}-cases{num_train_cases}"
+    )
+
+
+def ensure_builtin_federation(
+    cache_dir: Path,
+    *,
+    seed: int,
+    num_sites: int,
+    num_train_cases: int,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Return the cached built-in federation, generating it on first use."""
+    folder = get_builtin_federation_dir(
+        cache_dir, seed=seed, num_sites=num_sites, num_train_cases=num_train_cases
+    )
+    return generate_once(
+        folder,
+        lambda: write_federation(
+            folder,
+            seed=seed,
+            num_sites=num_sites,
+            num_train_cases=num_train_cases,
+            progress=progress,
+        ),
+        description="built-in synthetic federation",
+        progress=progress,
+    )
+
+
+def generate_once(
+    folder: Path,
+    write: Callable[[], object],
+    *,
+    description: str,
+    progress: Callable[[str], None] | None,
+) -> Path:
+    """Run ``write`` unless ``folder`` exists (a cached federation); return it."""
+    if not folder.exists():
+        if progress is not None:
+            progress(f"generating the {description} in {folder}")
+        # Another process may finish it first; its result is the same.
+        with contextlib.suppress(FileExistsError):
+            write()
+    return folder
+
+
+def write_federation(
+    out_dir: Path,
+    *,
+    seed: int,
+    num_sites: int,
+    num_train_cases: int,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[str, ...]:
+    """Write a whole federation (one folder per site plus ``federation.toml``).
+
+    The folder is assembled under a temporary name and renamed at the end, so a
+    reader never sees a half-written federation.
+
+    Args:
+        out_dir: folder to create; must not exist yet.
+        seed: the same seed always gives the same files.
+        num_sites: number of sites (>= 3), spread evenly over the continuum.
+        num_train_cases: labelled training cases per site (6 evaluation cases are
+            added per site).
+        progress: called with one line per site written.
+
+    Returns:
+        The site names, the default target first.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists; choose a new folder")
+    if num_sites < 3:
+        raise ValueError(f"num_sites must be >= 3, got {num_sites}")
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    styles = build_site_styles(num_sites)
+    for site_index, style in enumerate(styles):
+        write_site(
+            style,
+            staging / style.name,
+            site_index=site_index,
+            seed=seed,
+            num_train_cases=num_train_cases,
+        )
+        if progress is not None:
+            progress(
+                f"site {style.name}: shift {style.shift:.2f}, "
+                f"{num_train_cases} training + {EVALUATION_CASES_PER_SITE} "
+                "evaluation cases"
+            )
+    target = styles[DEFAULT_TARGET_INDEX].name
+    (staging / "federation.toml").write_text(
+        "# Synthetic SiteBridge federation (core/data/synthetic.py).\n"
+        f'target = "{target}"\nseed = {seed}\n'
+    )
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FileExistsError(
+            f"{out_dir}: already exists; choose a new folder"
+        ) from None
+    return tuple(style.name for style in styles)

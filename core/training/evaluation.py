@@ -1,0 +1,214 @@
+"""The ``evaluate`` job: predictors scored on the site's labelled evaluation cases.
+
+``evaluate_predictors`` scores each predictor (a model, or a weighted mixture of
+models) per case; ``release_evaluation`` turns those scores into what an ``evaluate``
+reply may carry: aggregates over the cases, with Gaussian noise on the mean Dice and
+HD95 withheld where the site's policy requires DP. Never imports flwr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from core.config import RunConfig
+from core.data.dataset import (
+    SiteDataError,
+    build_slice_set,
+    index_site,
+)
+from core.metrics import SegmentationScores, score_cases
+from core.privacy.dp import (
+    FULL_DATA_RATE,
+    DpSettings,
+    PrivacySpend,
+    describe_spend,
+    reserve_privacy,
+)
+from core.training.job import build_model_with
+from core.training.networks import Arrays
+from core.training.trainer import predict_mixture, select_device
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_line: str) -> None:
+    """Progress sink that drops lines."""
+
+
+def evaluate_predictors(
+    site_dir: Path,
+    models: Mapping[str, Arrays],
+    predictors: Mapping[str, Sequence[tuple[str, float]]],
+    config: RunConfig,
+    *,
+    with_hd95: bool = True,
+    progress: Progress = _quiet,
+) -> dict[str, SegmentationScores]:
+    """Score predictors on the site's evaluation labels (``labelsTs``), per case.
+
+    Args:
+        site_dir: the site folder.
+        models: weights by model name.
+        predictors: predictor name -> ``[(model name, weight), ...]``; a predictor's
+            output is the weighted sum of its models' softmax maps (one model with
+            weight 1 is the model alone).
+        config: the run config.
+        with_hd95: compute HD95 as well as Dice.
+        progress: called with one line per predictor.
+
+    Raises:
+        SiteDataError: the site has no evaluation cases.
+        ValueError: a predictor names an unknown model.
+    """
+    index = index_site(Path(site_dir))
+    if not index.evaluation:
+        raise SiteDataError(
+            f"{index.root}: no evaluation cases (imagesTs with labelsTs)"
+        )
+    slices = build_slice_set(index.evaluation, data=config.data, with_labels=True)
+    assert slices.labels is not None
+    device = select_device(config.train.device)
+    built = {
+        name: build_model_with(name, weights, config)
+        for name, weights in models.items()
+    }
+    results = {}
+    for predictor, members in predictors.items():
+        unknown = [name for name, _ in members if name not in built]
+        if unknown or not members:
+            raise ValueError(f"predictor {predictor!r} names unknown models {unknown}")
+        mixture = predict_mixture(
+            [built[name] for name, _ in members],
+            [weight for _, weight in members],
+            slices.images,
+            device=device,
+        )
+        results[predictor] = score_cases(
+            mixture.argmax(1),
+            slices.labels,
+            case_of_slice=slices.case_of_slice,
+            case_ids=slices.case_ids,
+            spacing_mm=slices.spacing_mm,
+            num_classes=config.data.num_classes,
+            with_hd95=with_hd95,
+        )
+        progress(f"[evaluate] {predictor}: Dice {results[predictor].dice:.3f}")
+    return results
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluationRelease:
+    """What an ``evaluate`` reply may carry: aggregates over the cases, and the cost.
+
+    Attributes:
+        num_cases: evaluation cases behind every aggregate.
+        dice: per predictor, the mean Dice over the cases (noised under DP).
+        hd95_mm: per predictor, the mean HD95 in mm (nan: undefined, or withheld
+            under DP).
+        privacy: the Gaussian releases' spend, or None without DP.
+    """
+
+    num_cases: int
+    dice: dict[str, float]
+    hd95_mm: dict[str, float]
+    privacy: PrivacySpend | None = None
+
+
+def release_evaluation(
+    site_dir: Path,
+    models: Mapping[str, Arrays],
+    predictors: Mapping[str, Sequence[tuple[str, float]]],
+    config: RunConfig,
+    *,
+    dp: DpSettings | None = None,
+    accountant_path: Path | None = None,
+    with_hd95: bool = True,
+    rng: np.random.Generator | None = None,
+    progress: Progress = _quiet,
+) -> EvaluationRelease:
+    """The ``evaluate`` action: each predictor's mean scores, noised under DP.
+
+    Without ``dp`` the exact means of :func:`evaluate_predictors`. With ``dp`` each
+    predictor's mean Dice over the n evaluation cases is a Gaussian mechanism: every
+    case's Dice lies in [0, 1], so replacing one case moves the mean by at most 1/n
+    (the L2 sensitivity; n is public), and the release adds N(0, (sigma / n)^2) and
+    clips to [0, 1] (post-processing). HD95 is withheld (nan): it has no bounded
+    sensitivity. The P predictors are P such mechanisms, charged together
+    (:func:`core.privacy.dp.reserve_privacy`: sample rate 1, P steps, 1 unit per case)
+    before any score is computed; sigma is the policy's noise, or what its target
+    epsilon needs for the P releases. The scores are computed first (a bad file or an
+    unknown model fails without a charge) and nothing leaves before the charge is
+    recorded. The privacy claim is patient-level (one case replaced) at the policy's
+    delta, cumulative with every release in the site's accountant. Per-case values
+    never leave this function.
+
+    Args:
+        site_dir: the site folder (``imagesTs``/``labelsTs``).
+        models: weights by model name.
+        predictors: predictor name -> ``[(model name, weight), ...]``.
+        config: the run config.
+        dp: the applied policy's DP settings, or None for exact means.
+        accountant_path: the site's accountant file (None: nothing recorded).
+        with_hd95: compute HD95 as well (ignored under DP).
+        rng: the noise source; None (a site) seeds it from the operating system.
+        progress: called with progress lines.
+
+    Raises:
+        SiteDataError: the site has no evaluation cases.
+        ValueError: no predictors, or one names an unknown model (nothing is
+            recorded).
+        PrivacyBudgetError: the releases would exceed the site's budget; nothing is
+            released and the accountant file is unchanged.
+    """
+    if dp is None:
+        scores = evaluate_predictors(
+            site_dir,
+            models,
+            predictors,
+            config,
+            with_hd95=with_hd95,
+            progress=progress,
+        )
+        return EvaluationRelease(
+            num_cases=len(next(iter(scores.values())).cases) if scores else 0,
+            dice={name: result.dice for name, result in scores.items()},
+            hd95_mm={name: result.hd95_mm for name, result in scores.items()},
+        )
+    if not predictors:
+        raise ValueError("no predictors to evaluate")
+    # Scored first (a bad file or an unknown model fails here, charging nothing);
+    # nothing leaves before the releases are recorded.
+    scores = evaluate_predictors(
+        site_dir, models, predictors, config, with_hd95=False, progress=_quiet
+    )
+    num_cases = len(next(iter(scores.values())).cases)
+    reservation = reserve_privacy(
+        accountant_path,
+        sample_rate=FULL_DATA_RATE,
+        steps=len(scores),
+        units_per_case=1,
+        dp=dp,
+    )
+    noise = rng or np.random.default_rng(secrets.randbits(128))
+    scale = reservation.plan.noise_multiplier / num_cases
+    dice = {
+        name: float(np.clip(result.dice + noise.normal(0.0, scale), 0.0, 1.0))
+        for name, result in scores.items()
+    }
+    spent = describe_spend(reservation.spend, budget_epsilon=dp.budget_epsilon)
+    progress(
+        f"[evaluate] {len(dice)} predictor(s) on {num_cases} cases, mean Dice noised "
+        f"(sd {scale:.4f}): {spent}"
+    )
+    return EvaluationRelease(
+        num_cases=num_cases,
+        dice=dice,
+        hd95_mm={name: math.nan for name in scores},
+        privacy=reservation.spend,
+    )

@@ -1,0 +1,58 @@
+"""The adaptation phase (TGMA, docs/methods.md#tgma): the target adapts the pair.
+
+The target adapts the chosen main/auxiliary pair on its unlabelled images and sends
+back the adapted weights, saved as ``adapted-<name>`` in the run store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from core import protocol
+from core.training.networks import Arrays
+from server import records
+from server.coordinator import (
+    Coordinator,
+    PhaseError,
+    SiteInfo,
+    ask_target,
+)
+
+
+def run(
+    coordinator: Coordinator,
+    target: SiteInfo,
+    models: Mapping[str, Arrays],
+    selection: Mapping[str, Any],
+) -> dict[str, Arrays]:
+    """Phase 5: the target adapts the main/aux pair on its own images."""
+    request = protocol.AdaptRequest(
+        main=selection["main"],
+        aux=selection["aux"] or "",
+        weight_main=selection["weights"]["main"],
+        weight_aux=selection["weights"]["aux"],
+    )
+    reply = ask_target(
+        coordinator,
+        target,
+        records.build_request(settings=request.to_fields(), models=models),
+        protocol.ADAPT,
+        "adaptation",
+    )
+    adapted = records.read_named_models(reply.content)
+    if "main" not in adapted:
+        raise PhaseError(f"adaptation: target {target.name} returned no adapted model")
+    for name, weights in adapted.items():
+        coordinator.store.save_model(f"adapted-{name}", weights)
+    outcome = protocol.AdaptReply.from_fields(records.read_metrics(reply.content))
+    coordinator.store.save_phase(
+        "adaptation",
+        {**outcome.to_fields(), "site": target.name, "models": sorted(adapted)},
+    )
+    coordinator.log(
+        f"adaptation: {outcome.num_examples} examples, "
+        f"{outcome.pseudo_label_foreground:.3f} pseudo-foreground, "
+        f"{outcome.seconds:.1f} s at the target"
+    )
+    return adapted

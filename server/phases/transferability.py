@@ -1,0 +1,61 @@
+"""The transferability phase (TGMA, docs/methods.md#tgma): LFTM scores, main and aux.
+
+The target scores every candidate on its own unlabelled images (ITM, per case, names
+withheld); the coordinator chooses the main and auxiliary sources by DTM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from core import protocol
+from core.training.networks import Arrays
+from core.transfer.job import Transferability
+from core.transfer.transferability import select_sources
+from server import records
+from server.coordinator import (
+    Coordinator,
+    SiteInfo,
+    ask_target,
+)
+
+
+def run(
+    coordinator: Coordinator, target: SiteInfo, models: Mapping[str, Arrays]
+) -> dict[str, Any]:
+    """Phase 4: the target scores every source model (ITM); choose main/aux by DTM."""
+    reply = ask_target(
+        coordinator,
+        target,
+        records.build_request(models=models),
+        protocol.LFTM,
+        "transferability",
+    )
+    lftm = protocol.LftmReply.from_fields(
+        records.read_settings(reply.content), records.read_metrics(reply.content)
+    )
+    itm = lftm.itm_rows()
+    dtm = (
+        lftm.dtm
+        if itm is None
+        else Transferability(metric=lftm.metric, sources=lftm.sources, itm=itm).dtm
+    )
+    selection = select_sources(dtm)
+    result = {
+        "metric": lftm.metric,
+        "release": lftm.release,
+        "sources": list(lftm.sources),
+        "itm": itm,
+        "dtm": dtm,
+        "main": selection.main,
+        "aux": selection.aux,
+        "weights": {"main": selection.weight_main, "aux": selection.weight_aux},
+    }
+    coordinator.store.save_phase("transferability", result)
+    coordinator.log(
+        "DTM "
+        + ", ".join(f"{n} {v:.3f}" for n, v in dtm.items())
+        + f" -> main {selection.main}, aux {selection.aux}"
+    )
+    return result

@@ -1,0 +1,33 @@
+"""The run report: ``report.json``, ``report.md`` and PNG plots in the run folder.
+
+``report.json`` holds ``sites`` (name, role — target, source, failed (a source that
+did not deliver a model) or idle — and cases), ``affinity`` (SeqTran: the profiles'
+figures, the distance matrix, the chosen transfer path and its fine-tuning steps,
+pictured in ``affinity_path.png``), ``transferability`` (``dtm`` per
+source, ``main``, ``aux``, ``weights``), ``evaluation.dice`` with one entry per source
+model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main`` and HD95),
+``consensus`` (per label source: mean data parameter, STAPLE sensitivity, agreement
+with the DeepSTAPLE consensus; per method: consensus Dice on the target's evaluation
+labels; Spearman correlations of label quality), ``semisup`` (the target's UG-MCL
+refinement and the federated rounds: Dice per site after each round, plotted in
+``semisup_dice.png``), the per-phase timings, who was
+missing, ``privacy`` (per site: what it released per
+action, the policy it applied and the epsilon it spent, from the coordinator's ledger
+and the sites' replies) and the resolved config.
+"""
+
+from server.report.document import (
+    build_report,
+    format_markdown,
+    plot_report,
+    write_report,
+)
+from server.report.privacy import build_privacy_section
+
+__all__ = [
+    "build_privacy_section",
+    "build_report",
+    "format_markdown",
+    "plot_report",
+    "write_report",
+]

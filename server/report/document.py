@@ -1,0 +1,317 @@
+"""The run report as a whole: ``report.json``, ``report.md`` and the plots.
+
+``build_report`` gathers the phases' saved results into one document,
+``format_markdown`` writes it as ``report.md`` (each method's section comes from
+its own module in this package), ``plot_report`` draws the PNGs and
+``write_report`` saves all of them in the run folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.report.affinity import PLOT_FILE as AFFINITY_PLOT
+from server.report.affinity import affinity_lines, plot_affinity
+from server.report.consensus import consensus_lines
+from server.report.privacy import privacy_lines
+from server.report.semisup import PLOT_FILE as SEMISUP_PLOT
+from server.report.semisup import plot_semisup, semisup_lines
+from server.report.text import number
+from server.store import RunStore
+
+
+def build_report(
+    *,
+    run_id: int,
+    config: Mapping[str, Any],
+    discover: Mapping[str, Any] | None,
+    source_training: Mapping[str, Any] | None,
+    transferability: Mapping[str, Any] | None,
+    adaptation: Mapping[str, Any] | None,
+    evaluation: Mapping[str, Any] | None,
+    phase_seconds: Mapping[str, float],
+    consensus: Mapping[str, Any] | None = None,
+    semisup: Mapping[str, Any] | None = None,
+    affinity: Mapping[str, Any] | None = None,
+    privacy: Mapping[str, Any] | None = None,
+    attempts: Sequence[Mapping[str, Any]] = (),
+    coordinator: Mapping[str, Any] | None = None,
+    error: str | None = None,
+    failure: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the report document from the phases' persisted results.
+
+    A phase that has not finished (the run stopped at ``last-phase``, or failed) is
+    passed as None and appears as null; ``error`` says why a run stopped, and
+    ``failure`` (``phase``, ``missing``: site -> reason, ``resume``: the command that
+    finishes the run) what the failed phase knew of the sites it missed, so a run that
+    stopped still names its failed sites.
+    """
+    discover = discover or {"target": None, "sites": [], "missing": {}}
+    source_training = source_training or {}
+    target = discover["target"]
+    trained = set(source_training.get("training", {}))
+    failure = dict(failure or {})
+    failed = set(source_training.get("missing", {})) | set(failure.get("missing", {}))
+    sites = []
+    for site in discover["sites"]:
+        role = (
+            "target"
+            if site["name"] == target
+            else "source"
+            if site["name"] in trained
+            else "failed"
+            if site["name"] in failed
+            else "idle"
+        )
+        sites.append(
+            {
+                "name": site["name"],
+                "role": role,
+                "modality": site["modality"],
+                "cases": {
+                    "labelled": site["labelled"],
+                    "unlabelled": site["unlabelled"],
+                    "evaluation": site["evaluation"],
+                },
+            }
+        )
+    missing = {
+        phase: result.get("missing", {})
+        for phase, result in (
+            ("discover", discover),
+            ("source-training", source_training),
+        )
+    }
+    if failure.get("missing"):
+        phase = str(failure.get("phase") or "the failed phase")
+        missing[phase] = {**missing.get(phase, {}), **failure["missing"]}
+    return {
+        "run_id": run_id,
+        "target": target,
+        "error": error,
+        "resume": failure.get("resume"),
+        "sites": sites,
+        "source_training": source_training.get("training", {}),
+        "transferability": None
+        if transferability is None
+        else {
+            key: transferability.get(key)
+            for key in ("metric", "release", "dtm", "main", "aux", "weights", "itm")
+        },
+        "affinity": None if affinity is None else dict(affinity),
+        "adaptation": None if adaptation is None else dict(adaptation),
+        "consensus": None if consensus is None else dict(consensus),
+        "semisup": None if semisup is None else dict(semisup),
+        "evaluation": None if evaluation is None else dict(evaluation),
+        "phase_seconds": dict(phase_seconds),
+        "missing": missing,
+        "privacy": dict(privacy or {}),
+        "attempts": [dict(attempt) for attempt in attempts],
+        "coordinator": dict(coordinator or {}),
+        "config": dict(config),
+    }
+
+
+def format_markdown(report: Mapping[str, Any]) -> str:
+    """Human-readable summary of a report document (complete or not)."""
+    transfer = report["transferability"]
+    evaluation = report["evaluation"]
+    lines = [f"# SiteBridge run {report['run_id']}", ""]
+    if report.get("error"):
+        lines += [f"**The run stopped:** {report['error']}", ""]
+    if transfer is not None:
+        aux = (
+            f" and aux **{transfer['aux']}** (W {transfer['weights']['aux']:.3f})"
+            if transfer["aux"]
+            else " (no aux)"
+        )
+        lines += [
+            f"Target site **{report['target']}**; TGMA chose main "
+            f"**{transfer['main']}** (W {transfer['weights']['main']:.3f}){aux} by "
+            f"{transfer['metric'].upper()}.",
+            "",
+        ]
+    elif report["target"]:
+        lines += [f"Target site **{report['target']}**.", ""]
+    lines += [
+        "## Sites",
+        "",
+        "| site | role | labelled | unlabelled | evaluation |",
+        "|---|---|---|---|---|",
+    ]
+    for site in report["sites"]:
+        cases = site["cases"]
+        lines.append(
+            f"| {site['name']} | {site['role']} | {cases['labelled']} | "
+            f"{cases['unlabelled']} | {cases['evaluation']} |"
+        )
+    if report.get("affinity") is not None:
+        lines += affinity_lines(report["affinity"], evaluation)
+    if transfer is not None:
+        lines += [
+            "",
+            f"## Transferability ({transfer['metric'].upper()} DTM on the target)",
+            "",
+            "| source | DTM | chosen |",
+            "|---|---|---|",
+        ]
+        for name, value in sorted(transfer["dtm"].items(), key=lambda item: -item[1]):
+            chosen = (
+                "main"
+                if name == transfer["main"]
+                else "aux"
+                if name == transfer["aux"]
+                else ""
+            )
+            lines.append(f"| {name} | {value:.3f} | {chosen} |")
+    if report.get("consensus") is not None:
+        lines += consensus_lines(report["consensus"], evaluation)
+    if report.get("semisup") is not None:
+        lines += semisup_lines(report["semisup"], evaluation)
+    if evaluation is not None:
+        lines += [
+            "",
+            f"## Evaluation on {report['target']}'s labelsTs "
+            f"({evaluation['num_cases']} cases)",
+            "",
+            "| predictor | Dice | HD95 (mm) |",
+            "|---|---|---|",
+        ]
+        for name, value in evaluation["dice"].items():
+            lines.append(
+                f"| {name} | {value:.3f} | "
+                f"{number(evaluation['hd95_mm'].get(name, float('nan')), 2)} |"
+            )
+    lines += ["", "## Phases", "", "| phase | seconds |", "|---|---|"]
+    lines += [
+        f"| {name} | {seconds:.1f} |"
+        for name, seconds in report["phase_seconds"].items()
+    ]
+    peak = report.get("coordinator", {}).get("peak_rss_mb")
+    if peak is not None:
+        lines += ["", f"Coordinator peak memory (RSS): {peak:.0f} MiB."]
+    attempts = report.get("attempts", [])
+    if len(attempts) > 1:
+        lines += ["", "## Attempts", ""]
+        lines += [
+            f"- Flower run {attempt['flower_run_id']}: ran "
+            f"{', '.join(attempt['ran']) or 'nothing'}; reloaded "
+            f"{', '.join(attempt['reloaded']) or 'nothing'}; {attempt['outcome']}"
+            for attempt in attempts
+        ]
+    lines += privacy_lines(report.get("privacy", {}))
+    missing = {phase: who for phase, who in report["missing"].items() if who}
+    if missing:
+        lines += ["", "## Missing sites", ""]
+        lines += [
+            f"- {phase}: {site}: {reason}"
+            for phase, who in missing.items()
+            for site, reason in who.items()
+        ]
+    if report.get("resume"):
+        lines += [
+            "",
+            "## Resume",
+            "",
+            "The run stopped before its last phase. Restart the missing site(s), then "
+            "finish the run in this folder (finished phases are reloaded):",
+            "",
+            f"    {report['resume']}",
+        ]
+    plots = [
+        text
+        for text, present in (
+            ("`dtm.png` (transferability)", transfer is not None),
+            ("`dice.png` (evaluation)", evaluation is not None),
+            (
+                f"`{AFFINITY_PLOT}` (affinity matrix and transfer path)",
+                (report.get("affinity") or {}).get("distance") is not None,
+            ),
+            (
+                f"`{SEMISUP_PLOT}` (semi-supervised rounds)",
+                bool((report.get("semisup") or {}).get("federated")),
+            ),
+        )
+        if present
+    ]
+    if plots:
+        lines += ["", f"Plots: {', '.join(plots)}."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``dtm.png``, ``dice.png``, the affinity and semisup plots (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    if report.get("affinity") is not None:
+        affinity_plot = plot_affinity(report["affinity"], out_dir)
+        if affinity_plot is not None:
+            paths.append(affinity_plot)
+    if report.get("semisup") is not None:
+        semisup_plot = plot_semisup(report["semisup"], out_dir)
+        if semisup_plot is not None:
+            paths.append(semisup_plot)
+    transfer = report["transferability"]
+    if transfer is None:
+        return paths
+    names = sorted(transfer["dtm"])
+    figure, axis = plt.subplots(figsize=(max(4, 0.8 * len(names) + 2), 3))
+    colours = [
+        "tab:red"
+        if n == transfer["main"]
+        else "tab:orange"
+        if n == transfer["aux"]
+        else "tab:gray"
+        for n in names
+    ]
+    axis.bar(names, [transfer["dtm"][n] for n in names], color=colours)
+    axis.set_ylabel(f"DTM ({transfer['metric'].upper()})")
+    axis.set_ylim(0, 1)
+    axis.set_title(f"Transferability of each source on target {report['target']}")
+    figure.tight_layout()
+    paths.append(out_dir / "dtm.png")
+    figure.savefig(paths[-1], dpi=100)
+    plt.close(figure)
+    if report["evaluation"] is None:
+        return paths
+    dice = report["evaluation"]["dice"]
+    figure, axis = plt.subplots(figsize=(max(5, 0.8 * len(dice) + 2), 3))
+    axis.bar(
+        list(dice),
+        list(dice.values()),
+        color=[
+            "tab:blue"
+            if n.startswith("tgma")
+            else "tab:green"
+            if n.startswith("consensus")
+            else "tab:purple"
+            if n.startswith("semisup")
+            else "tab:gray"
+            for n in dice
+        ],
+    )
+    axis.set_ylabel("Dice on target")
+    axis.set_ylim(0, 1)
+    axis.tick_params(axis="x", rotation=30)
+    figure.tight_layout()
+    paths.append(out_dir / "dice.png")
+    figure.savefig(paths[-1], dpi=100)
+    plt.close(figure)
+    return paths
+
+
+def write_report(store: RunStore, report: Mapping[str, Any]) -> str:
+    """Write report.json, report.md and the plots; return the markdown."""
+    store.write_json("report.json", report)
+    markdown = format_markdown(report)
+    store.write_text("report.md", markdown)
+    plot_report(report, store.run_dir)
+    return markdown

@@ -1,0 +1,207 @@
+"""The pipeline part of the ``consensus`` benchmark: consensus from source predictions.
+
+For each target site in turn (the others are its sources), it runs what the federation
+runs -- TGMA transferability and adaptation, then the ``train.consensus`` job with the
+sources' predictions as noisy labels -- and reports, on the target's evaluation labels:
+the consensus Dice of TGMA's ITM pseudo-labels, majority vote, STAPLE and DeepSTAPLE,
+the Dice of the adapted model trained on each, and the Spearman correlation of the
+learned data parameters (and of STAPLE's sensitivities) with each noisy label's true
+Dice. It calls the same ``core`` functions as the ClientApp, without Flower in between.
+The controlled part and the table live in :mod:`simulations.benchmark.consensus`;
+this module also holds the subcommand's options and the run of both parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from core.config import ConfigValue, RunConfig, load_default_config
+from core.consensus.job import run_consensus
+from core.data.dataset import list_site_dirs
+from core.data.synthetic import ensure_builtin_federation
+from core.protocol import CONSENSUS_METHODS
+from core.training.evaluation import evaluate_predictors
+from core.training.job import build_initial_weights, train_source_model
+from core.training.networks import Arrays
+from core.transfer.job import adapt_target, score_candidates
+from core.transfer.transferability import select_sources
+from simulations.benchmark.consensus import build_controlled_config, run_controlled
+from simulations.benchmark.output import describe_machine, print_progress
+
+ADAPTED_MAIN: Final = "adapted:main"
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [value for value in values if not math.isnan(value)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _run_target(
+    target_dir: Path, sources: Mapping[str, Arrays], config: RunConfig
+) -> dict[str, object]:
+    """TGMA then consensus at one target; scores on its evaluation labels."""
+    transferability = score_candidates(target_dir, sources, config)
+    selection = select_sources(transferability.dtm)
+    adapted = adapt_target(
+        target_dir,
+        sources,
+        config,
+        main=selection.main,
+        aux=selection.aux,
+        weight_main=selection.weight_main,
+        weight_aux=selection.weight_aux,
+    )
+    outcome = run_consensus(
+        target_dir,
+        {**sources, ADAPTED_MAIN: adapted.main_weights},
+        config,
+        label_sources=sorted(sources),
+        start=ADAPTED_MAIN,
+        labels_dir=None,
+        progress=print_progress,
+    )
+    models = {f"consensus:{m}": weights for m, weights in outcome.models.items()}
+    models.update({f"source:{name}": weights for name, weights in sources.items()})
+    models[ADAPTED_MAIN] = adapted.main_weights
+    predictors = {name: [(name, 1.0)] for name in models}
+    scores = evaluate_predictors(
+        target_dir, models, predictors, config, with_hd95=False
+    )
+    return {
+        **{method: outcome.label_dice[method] for method in CONSENSUS_METHODS},
+        "spearman_dp": outcome.spearman_dp,
+        "spearman_staple": outcome.spearman_staple,
+        "trained": {
+            method: scores[f"consensus:{method}"].dice for method in outcome.models
+        },
+        "tgma_main": scores[ADAPTED_MAIN].dice,
+        "source_only": {name: scores[f"source:{name}"].dice for name in sources},
+        "dtm": transferability.dtm,
+        "data_parameter": outcome.data_parameter,
+        "staple_sensitivity": outcome.staple_sensitivity,
+        "consensus_seconds": outcome.seconds,
+    }
+
+
+def run_consensus_pipeline(
+    config: RunConfig,
+    *,
+    federation_dir: Path,
+    targets: Sequence[str] = (),
+) -> dict[str, object]:
+    """Leave-one-site-out consensus from source predictions; the ``pipeline`` part.
+
+    Args:
+        config: the run config (``consensus`` settings included).
+        federation_dir: a folder of site folders.
+        targets: the sites to use as target in turn; empty = every site.
+
+    Raises:
+        ValueError: a named target is not a site of the federation.
+    """
+    started = time.perf_counter()
+    site_dirs = {path.name: path for path in list_site_dirs(federation_dir)}
+    unknown = sorted(set(targets) - set(site_dirs))
+    if unknown:
+        raise ValueError(
+            f"targets {unknown} are not sites of {federation_dir} "
+            f"(sites: {sorted(site_dirs)})"
+        )
+    # Every method is compared, so the baselines are always trained here.
+    config = dataclasses.replace(
+        config, consensus=dataclasses.replace(config.consensus, baselines=True)
+    )
+    chosen = list(targets) or sorted(site_dirs)
+    initial = build_initial_weights(config)
+    models: dict[str, Arrays] = {}
+    for name, path in site_dirs.items():
+        if chosen == [name]:
+            continue  # a site that is only ever the target needs no source model
+        result = train_source_model(path, config, initial_weights=initial)
+        models[name] = result.weights
+        print_progress(
+            f"trained {name}: loss {result.final_loss:.3f} ({result.seconds:.1f} s)"
+        )
+    rows: dict[str, dict[str, object]] = {}
+    for target in chosen:
+        sources = {name: weights for name, weights in models.items() if name != target}
+        rows[target] = _run_target(site_dirs[target], sources, config)
+        row = rows[target]
+        print_progress(
+            f"target {target}: consensus Dice "
+            + ", ".join(f"{m} {row[m]:.3f}" for m in CONSENSUS_METHODS)
+            + f"; Spearman DP {row['spearman_dp']:.2f}"
+        )
+    summary: dict[str, object] = {
+        key: _mean([float(row[key]) for row in rows.values()])  # type: ignore[arg-type]
+        for key in (*CONSENSUS_METHODS, "spearman_dp", "spearman_staple", "tgma_main")
+    }
+    summary["trained"] = {
+        method: _mean(
+            [row["trained"][method] for row in rows.values()]  # type: ignore[index]
+        )
+        for method in CONSENSUS_METHODS
+    }
+    summary["targets"] = rows
+    summary["epochs"] = {
+        "source": config.train.epochs,
+        "adapt": config.adapt.epochs,
+        "deepstaple": config.consensus.epochs,
+        "refine": config.consensus.refine_epochs,
+    }
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def add_consensus_options(command: argparse.ArgumentParser) -> None:
+    """The ``consensus`` subcommand's own options."""
+    command.add_argument(
+        "--targets",
+        default="",
+        help="comma-separated target sites of the pipeline part; default: every site",
+    )
+    command.add_argument(
+        "--skip-pipeline",
+        action="store_true",
+        help="run only the controlled part",
+    )
+
+
+def run_consensus_command(
+    args: argparse.Namespace, overrides: Mapping[str, ConfigValue]
+) -> dict[str, object]:
+    """Run both parts of the ``consensus`` benchmark; return the JSON document."""
+    started = time.perf_counter()
+    config = load_default_config(**overrides)
+    federation = args.federation_dir or ensure_builtin_federation(
+        args.cache_dir,
+        seed=config.federation.synthetic_seed,
+        num_sites=config.federation.synthetic_sites,
+        num_train_cases=config.federation.synthetic_cases,
+        progress=print_progress,
+    )
+    print_progress("== controlled noisy labels")
+    controlled = run_controlled(
+        build_controlled_config(overrides), federation_dir=federation
+    )
+    document: dict[str, object] = {
+        "machine": describe_machine(),
+        "federation": str(federation),
+        "controlled": controlled,
+    }
+    if not args.skip_pipeline:
+        print_progress("== consensus from source-model predictions (pipeline)")
+        targets = [name for name in args.targets.split(",") if name]
+        document["pipeline"] = run_consensus_pipeline(
+            config, federation_dir=federation, targets=targets
+        )
+    document["seconds"] = time.perf_counter() - started
+    return document

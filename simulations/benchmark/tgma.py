@@ -1,0 +1,232 @@
+"""The ``tgma`` benchmark: leave-one-site-out TGMA against its baselines.
+
+Leave-one-site-out over the synthetic federation: every site is the target in turn and
+the others are its sources. Per target it reports the Dice of each source alone, the
+uniform average of all sources, the TGMA pipeline with LFTM, the same pipeline with the
+entropy score in place of LFTM, and a target-supervised oracle (the target's own model
+trained on its labels), plus the Spearman correlation between each score's DTM and the
+sources' true Dice on the target. It calls the same site jobs the ClientApp calls
+(``core.training.job``, ``core.transfer.job``, ``core.training.evaluation``), without
+Flower in between. This module owns the run, its JSON document and the table between the
+``<!-- benchmark:tgma -->`` markers of ``docs/tgma-benchmark.md``; the command line is
+``simulations.benchmark``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import torch
+
+from core import metrics
+from core.config import ConfigValue, RunConfig, TransferMetric, load_default_config
+from core.data.dataset import list_site_dirs
+from core.data.synthetic import ensure_builtin_federation
+from core.training.evaluation import evaluate_predictors
+from core.training.job import build_initial_weights, train_source_model
+from core.training.networks import Arrays
+from core.transfer.job import adapt_target, score_candidates
+from core.transfer.transferability import select_sources
+from simulations.benchmark.output import describe_machine, print_progress
+
+TGMA_MARKER: Final = "benchmark:tgma"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptationResult:
+    """One target's TGMA run with one transferability score."""
+
+    dtm: dict[str, float]  # per source, as the score ranked them
+    main: str
+    aux: str | None
+    dice: float  # the adapted main + aux pair, weighted
+    dice_main_only: float
+
+
+def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
+    """Spearman's rho (``core.metrics.spearman``); 0 when undefined.
+
+    A constant side has no ranking information, and the benchmark averages rho over
+    targets, so an undefined rho counts as no correlation rather than NaN.
+    """
+    return metrics.spearman(scores, truth, undefined=0.0)
+
+
+def _evaluate_adaptation(
+    site_dir: Path,
+    sources: Mapping[str, Arrays],
+    config: RunConfig,
+    metric: TransferMetric,
+) -> AdaptationResult:
+    """Run selection + adaptation with ``metric`` and evaluate the adapted pair."""
+    metric_config = dataclasses.replace(
+        config, transfer=dataclasses.replace(config.transfer, metric=metric)
+    )
+    transferability = score_candidates(site_dir, sources, metric_config)
+    selection = select_sources(transferability.dtm)
+    adaptation = adapt_target(
+        site_dir,
+        sources,
+        metric_config,
+        main=selection.main,
+        aux=selection.aux,
+        weight_main=selection.weight_main,
+        weight_aux=selection.weight_aux,
+    )
+    models: dict[str, Arrays] = {"main": adaptation.main_weights}
+    pair = [("main", selection.weight_main)]
+    if adaptation.aux_weights is not None:
+        models["aux"] = adaptation.aux_weights
+        pair.append(("aux", selection.weight_aux))
+    scores = evaluate_predictors(
+        site_dir,
+        models,
+        {"pair": pair, "main": [("main", 1.0)]},
+        metric_config,
+        with_hd95=False,
+    )
+    return AdaptationResult(
+        dtm=transferability.dtm,
+        main=selection.main,
+        aux=selection.aux,
+        dice=scores["pair"].dice,
+        dice_main_only=scores["main"].dice,
+    )
+
+
+def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
+    """Leave-one-site-out TGMA benchmark; returns the JSON document."""
+    started = time.perf_counter()
+    site_dirs = {path.name: path for path in list_site_dirs(federation_dir)}
+    initial = build_initial_weights(config)
+    models: dict[str, Arrays] = {}
+    for name, path in site_dirs.items():
+        result = train_source_model(path, config, initial_weights=initial)
+        models[name] = result.weights
+        print_progress(
+            f"trained {name}: loss {result.final_loss:.3f} ({result.seconds:.1f} s)"
+        )
+    targets: dict[str, dict[str, object]] = {}
+    for target, path in site_dirs.items():
+        sources = {name: weights for name, weights in models.items() if name != target}
+        predictors = {name: [(name, 1.0)] for name in sources}
+        predictors["uniform"] = [(name, 1.0 / len(sources)) for name in sources]
+        baseline = evaluate_predictors(
+            path,
+            models,
+            {**predictors, "oracle": [(target, 1.0)]},
+            config,
+            with_hd95=False,
+        )
+        source_only = {name: baseline[name].dice for name in sources}
+        lftm = _evaluate_adaptation(path, sources, config, TransferMetric.LFTM)
+        entropy = _evaluate_adaptation(path, sources, config, TransferMetric.ENTROPY)
+        truth = [source_only[name] for name in sorted(sources)]
+        targets[target] = {
+            "source_only": source_only,
+            "uniform": baseline["uniform"].dice,
+            "entropy": entropy.dice,
+            "tgma": lftm.dice,
+            "tgma_main_only": lftm.dice_main_only,
+            "oracle": baseline["oracle"].dice,
+            "best_source": max(source_only.values()),
+            "spearman_lftm": spearman([lftm.dtm[n] for n in sorted(sources)], truth),
+            "spearman_entropy": spearman(
+                [entropy.dtm[n] for n in sorted(sources)], truth
+            ),
+            "dtm_lftm": lftm.dtm,
+            "dtm_entropy": entropy.dtm,
+            "selected_lftm": [lftm.main, lftm.aux],
+            "selected_entropy": [entropy.main, entropy.aux],
+        }
+        row = targets[target]
+        print_progress(
+            f"target {target}: tgma {row['tgma']:.3f} entropy {row['entropy']:.3f} "
+            f"uniform {row['uniform']:.3f} best source {row['best_source']:.3f} "
+            f"oracle {row['oracle']:.3f}"
+        )
+    mean_keys = (
+        "uniform",
+        "entropy",
+        "tgma",
+        "tgma_main_only",
+        "oracle",
+        "best_source",
+        "spearman_lftm",
+        "spearman_entropy",
+    )
+    mean: dict[str, float] = {
+        key: float(np.mean([row[key] for row in targets.values()])) for key in mean_keys
+    }
+    mean["source_only"] = float(
+        np.mean(
+            [
+                np.mean(list(row["source_only"].values()))  # type: ignore[attr-defined]
+                for row in targets.values()
+            ]
+        )
+    )
+    gap = mean["oracle"] - mean["source_only"]
+    mean["gap_closed"] = (mean["tgma"] - mean["source_only"]) / gap if gap > 0 else 0.0
+    return {
+        "machine": describe_machine(),
+        "seconds": time.perf_counter() - started,
+        "federation": str(federation_dir),
+        "targets": targets,
+        "mean": mean,
+    }
+
+
+def format_tgma_table(document: Mapping[str, object]) -> str:
+    """Markdown summary table of a TGMA benchmark document."""
+    mean = document["mean"]
+    assert isinstance(mean, Mapping)
+    targets = document["targets"]
+    assert isinstance(targets, Mapping)
+    lines = [
+        "| target | mean single source | best single source | uniform | entropy | "
+        "TGMA | TGMA main only | oracle | Spearman LFTM | Spearman entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in [*targets.items(), ("**mean**", mean)]:
+        single = row["source_only"]
+        single_value = (
+            float(np.mean(list(single.values())))
+            if isinstance(single, Mapping)
+            else float(single)
+        )
+        lines.append(
+            f"| {name} | {single_value:.3f} | {row['best_source']:.3f} | "
+            f"{row['uniform']:.3f} | {row['entropy']:.3f} | {row['tgma']:.3f} | "
+            f"{row['tgma_main_only']:.3f} | {row['oracle']:.3f} | "
+            f"{row['spearman_lftm']:.2f} | {row['spearman_entropy']:.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"TGMA closes {100 * mean['gap_closed']:.0f}% of the gap between the mean "
+        f"single source and the oracle. Measured on {document['machine']} in "
+        f"{document['seconds']:.0f} s."
+    )
+    return "\n".join(lines)
+
+
+def run_tgma_command(
+    args: argparse.Namespace, overrides: Mapping[str, ConfigValue]
+) -> dict[str, object]:
+    """Run the ``tgma`` subcommand from its parsed arguments; return the document."""
+    config = load_default_config(**overrides)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    federation = args.federation_dir or ensure_builtin_federation(
+        args.cache_dir,
+        seed=config.federation.synthetic_seed,
+        num_sites=config.federation.synthetic_sites,
+        num_train_cases=config.federation.synthetic_cases,
+        progress=print_progress,
+    )
+    return run_tgma(config, federation_dir=federation)
