@@ -34,7 +34,17 @@ from core.training.networks import Arrays
 from server import phases
 from server.coordinator import Coordinator, PhaseError, SiteInfo
 from server.report import build_privacy_section, build_report, write_report
-from server.store import RunStore
+from server.results import (
+    AdaptationResult,
+    AffinityResult,
+    ConsensusResult,
+    DiscoverResult,
+    EvaluationResult,
+    SemisupResult,
+    SourceTrainingResult,
+    TransferabilityResult,
+)
+from server.store import ResultT, RunStore
 
 CONFIG_FILE: Final = "config.json"
 TIMINGS_FILE: Final = "timings.json"
@@ -180,11 +190,11 @@ class PipelineRunner:
         self.attempt.ran.append(phase)
         self.store.write_json(TIMINGS_FILE, {"seconds": self.seconds})
 
-    def _reloaded(self, phase: str) -> dict[str, Any] | None:
-        result = self.store.load_phase(phase)
+    def _reloaded(self, kind: type[ResultT]) -> ResultT | None:
+        result = self.store.load_result(kind)
         if result is not None:
-            self.attempt.reloaded.append(phase)
-            self.log(f"{phase}: finished in an earlier attempt, reloaded")
+            self.attempt.reloaded.append(kind.PHASE)
+            self.log(f"{kind.PHASE}: finished in an earlier attempt, reloaded")
         return result
 
     def run(self) -> dict[str, Any]:
@@ -218,7 +228,7 @@ class PipelineRunner:
             wait_s=self.config.federation.wait_nodes_s,
             log=self.log,
         )
-        saved_discover = self._reloaded("discover")
+        saved_discover = self._reloaded(DiscoverResult)
         if saved_discover is None:
             with self._timed("discover"):
                 sites, target = phases.discovery.discover(
@@ -229,7 +239,7 @@ class PipelineRunner:
                 sites = phases.discovery.rediscover(
                     coordinator, nodes=nodes, saved=saved_discover
                 )
-            target = str(saved_discover["target"])
+            target = saved_discover.target
         target_site = next(site for site in sites.values() if site.name == target)
         if "source-training" not in wanted:
             return
@@ -242,14 +252,14 @@ class PipelineRunner:
         if "transferability" not in wanted:
             return
 
-        selection = self._reloaded("transferability")
+        selection = self._reloaded(TransferabilityResult)
         if selection is None:
             with self._timed("transferability"):
                 selection = phases.transferability.run(coordinator, target_site, models)
         if "adaptation" not in wanted:
             return
 
-        saved_adaptation = self._reloaded("adaptation")
+        saved_adaptation = self._reloaded(AdaptationResult)
         if saved_adaptation is None:
             with self._timed("adaptation"):
                 adapted = phases.adaptation.run(
@@ -258,7 +268,7 @@ class PipelineRunner:
         else:
             adapted = {
                 name: store.load_model(f"adapted-{name}")
-                for name in saved_adaptation.get("models", ["main"])
+                for name in saved_adaptation.models
             }
         if "consensus" not in wanted:
             return
@@ -271,7 +281,7 @@ class PipelineRunner:
         if "evaluation" not in wanted:
             return
 
-        if self._reloaded("evaluation") is None:
+        if self._reloaded(EvaluationResult) is None:
             with self._timed("evaluation"):
                 phases.evaluation.run(
                     coordinator,
@@ -294,13 +304,13 @@ class PipelineRunner:
         """The SeqTran candidate by name (empty when off or none came of it)."""
         if not self.config.affinity.enabled:
             return {}
-        saved = self._reloaded("affinity")
+        saved = self._reloaded(AffinityResult)
         if saved is None:
             with self._timed("affinity"):
                 saved, _ = phases.affinity.run(
                     self.coordinator, sites, target_site, models
                 )
-        model = saved.get("model")
+        model = saved.model
         if not model:
             return {}
         return {model: self.store.load_model(f"affinity-{model}")}
@@ -313,11 +323,11 @@ class PipelineRunner:
     ) -> dict[str, Arrays]:
         if not self.config.consensus.enabled:
             return {}
-        saved = self._reloaded("consensus")
+        saved = self._reloaded(ConsensusResult)
         if saved is not None:
             return {
                 method: self.store.load_model(f"consensus-{method}")
-                for method in saved["models"]
+                for method in saved.models
             }
         with self._timed("consensus"):
             return phases.consensus.run(self.coordinator, target_site, models, adapted)
@@ -330,11 +340,11 @@ class PipelineRunner:
     ) -> dict[str, Arrays]:
         if not self.config.semisup.enabled:
             return {}
-        saved = self._reloaded("semisup")
+        saved = self._reloaded(SemisupResult)
         if saved is not None:
             return {
                 scope: self.store.load_model(f"semisup-{scope}")
-                for scope in saved["models"]
+                for scope in saved.models
             }
         with self._timed("semisup"):
             return phases.semisup.run(self.coordinator, sites, target_site, adapted)
@@ -342,11 +352,10 @@ class PipelineRunner:
     def _source_models(
         self, sites: Mapping[int, SiteInfo], target: str
     ) -> dict[str, Arrays]:
-        saved = self._reloaded("source-training")
+        saved = self._reloaded(SourceTrainingResult)
         if saved is not None:
             return {
-                name: self.store.load_model(f"source-{name}")
-                for name in saved["training"]
+                name: self.store.load_model(f"source-{name}") for name in saved.training
             }
         sources = {
             node: site
@@ -366,29 +375,18 @@ class PipelineRunner:
         )
         attempts.append(dataclasses.asdict(self.attempt))
         store.write_json(ATTEMPTS_FILE, {"attempts": attempts})
-        source_training = store.load_phase("source-training") or {}
+        results = store.load_results()
         report = build_report(
             run_id=int(store.run_dir.name)
             if store.run_dir.name.isdigit()
             else self.attempt.flower_run_id,
             config=to_flat(self.config),
-            discover=store.load_phase("discover"),
-            source_training=source_training,
-            affinity=store.load_phase("affinity"),
-            transferability=store.load_phase("transferability"),
-            adaptation=store.load_phase("adaptation"),
-            consensus=store.load_phase("consensus"),
-            semisup=store.load_phase("semisup"),
-            evaluation=store.load_phase("evaluation"),
+            results=results,
             phase_seconds=self.seconds,
             privacy=build_privacy_section(
                 self.coordinator.ledger.entries(),
                 self.coordinator.applied_policies,
-                source_training,
-                store.load_phase("semisup"),
-                store.load_phase("affinity"),
-                store.load_phase("adaptation"),
-                store.load_phase("evaluation"),
+                results,
             ),
             attempts=attempts,
             coordinator={

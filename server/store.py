@@ -13,9 +13,23 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from core.training.networks import Arrays, load_weights, save_weights
+from server.results import (
+    AdaptationResult,
+    AffinityResult,
+    ConsensusResult,
+    DiscoverResult,
+    EvaluationResult,
+    PhaseResult,
+    RunResults,
+    SemisupResult,
+    SourceTrainingResult,
+    TransferabilityResult,
+)
+
+ResultT = TypeVar("ResultT", bound=PhaseResult)
 
 
 def to_strict_json(value: Any) -> Any:
@@ -79,12 +93,38 @@ class RunStore:
         temporary.replace(path)
         return path
 
-    def save_phase(self, name: str, result: Mapping[str, Any]) -> Path:
+    def save_result(self, result: PhaseResult) -> Path:
         """Persist a finished phase's result (before the next phase starts)."""
-        return self.write_json(f"phases/{name}.json", result)
+        return self.write_json(f"phases/{result.PHASE}.json", result.to_document())
+
+    def load_result(self, kind: type[ResultT]) -> ResultT | None:
+        """A finished phase's typed result, or None when the phase has not finished.
+
+        Raises:
+            ResultError: the file does not fit the record (naming file and key).
+        """
+        document = self.load_phase(kind.PHASE)
+        if document is None:
+            return None
+        return kind.from_document(
+            document, where=str(self.run_dir / "phases" / f"{kind.PHASE}.json")
+        )
+
+    def load_results(self) -> RunResults:
+        """Every finished phase's typed result (None where a phase has not finished)."""
+        return RunResults(
+            discover=self.load_result(DiscoverResult),
+            source_training=self.load_result(SourceTrainingResult),
+            affinity=self.load_result(AffinityResult),
+            transferability=self.load_result(TransferabilityResult),
+            adaptation=self.load_result(AdaptationResult),
+            consensus=self.load_result(ConsensusResult),
+            semisup=self.load_result(SemisupResult),
+            evaluation=self.load_result(EvaluationResult),
+        )
 
     def load_phase(self, name: str) -> dict[str, Any] | None:
-        """A finished phase's result, or None when the phase has not finished."""
+        """A finished phase's result as its JSON document (None: not finished)."""
         path = self.run_dir / "phases" / f"{name}.json"
         if not path.exists():
             return None

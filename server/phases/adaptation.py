@@ -7,7 +7,6 @@ back the adapted weights, saved as ``adapted-<name>`` in the run store.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from core import protocol
 from core.training.networks import Arrays
@@ -18,20 +17,21 @@ from server.coordinator import (
     SiteInfo,
     ask_target,
 )
+from server.results import AdaptationResult, TransferabilityResult
 
 
 def run(
     coordinator: Coordinator,
     target: SiteInfo,
     models: Mapping[str, Arrays],
-    selection: Mapping[str, Any],
+    selection: TransferabilityResult,
 ) -> dict[str, Arrays]:
     """Phase 5: the target adapts the main/aux pair on its own images."""
     request = protocol.AdaptRequest(
-        main=selection["main"],
-        aux=selection["aux"] or "",
-        weight_main=selection["weights"]["main"],
-        weight_aux=selection["weights"]["aux"],
+        main=selection.main,
+        aux=selection.aux or "",
+        weight_main=selection.weights.main,
+        weight_aux=selection.weights.aux,
     )
     reply = ask_target(
         coordinator,
@@ -46,9 +46,10 @@ def run(
     for name, weights in adapted.items():
         coordinator.store.save_model(f"adapted-{name}", weights)
     outcome = protocol.AdaptReply.from_fields(records.read_metrics(reply.content))
-    coordinator.store.save_phase(
-        "adaptation",
-        {**outcome.to_fields(), "site": target.name, "models": sorted(adapted)},
+    coordinator.store.save_result(
+        AdaptationResult(
+            site=target.name, models=tuple(sorted(adapted)), reply=outcome.to_fields()
+        )
     )
     coordinator.log(
         f"adaptation: {outcome.num_examples} examples, "

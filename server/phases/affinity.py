@@ -25,6 +25,7 @@ from core.config import RunConfig
 from core.training.networks import Arrays
 from server import records
 from server.coordinator import Coordinator, PhaseError, SiteInfo, names_by_site
+from server.results import PROFILE_LABEL_TERM, AffinityResult, TransferPathRecord
 
 SEQTRAN_CANDIDATE: Final = "seqtran"  # the path's model among the TGMA candidates
 
@@ -60,7 +61,7 @@ def _collect_profiles(
         releases[name] = {
             _profile_key("num_images"): released.num_images,
             _profile_key("num_labelled"): released.num_labelled,
-            "label-term": released.mean_label_map is not None,
+            PROFILE_LABEL_TERM: released.mean_label_map is not None,
             protocol.DP_EPSILON_SPENT: released.epsilon_spent,
             protocol.DP_EPSILON_TOTAL: released.epsilon_total,
             protocol.DP_DELTA: released.delta,
@@ -164,7 +165,7 @@ def run(
     sites: Mapping[int, SiteInfo],
     target: SiteInfo,
     models: Mapping[str, Arrays],
-) -> tuple[dict[str, Any], Arrays | None]:
+) -> tuple[AffinityResult, Arrays | None]:
     """Phase 3: SeqTran. Profiles, the cheapest transfer path, sequential fine-tuning.
 
     Every site publishes its task profile (``query.profile``; noised where its
@@ -191,19 +192,12 @@ def run(
             "affinity.enabled = false"
         )
     profiles, releases, failed = _collect_profiles(coordinator, sites)
-    result: dict[str, Any] = {
-        "target": target.name,
-        "profiles": releases,
-        "missing": names_by_site(sites, failed),
-        "path": None,
-        "steps": [],
-        "model": None,
-        "stopped": None,
-    }
     sources = [name for name in models if name in profiles]
     choice: PathChoice | None = None
+    matrices: dict[str, Any] = {}
+    stopped: str | None = None
     if target.name not in profiles or not sources:
-        result["stopped"] = (
+        stopped = (
             f"no profile from the target {target.name}"
             if target.name not in profiles
             else "no source with both a model and a profile"
@@ -223,16 +217,15 @@ def run(
             # Settings this federation cannot meet (affinity.communities above the
             # sources that answered, the one-factor rule leaving no path) cost the
             # optional candidate, not the run.
-            result["stopped"] = f"no transfer path: {error}"
-        else:
-            result.update(matrices)
+            stopped = f"no transfer path: {error}"
+    path_record: TransferPathRecord | None = None
+    steps_done: list[dict[str, Any]] = []
+    transferred: Arrays | None = None
     if choice is not None:
         path = choice.path
-        result["path"] = {
-            "nodes": list(path.nodes),
-            "cost": path.cost,
-            "path_length": path.path_length,
-        }
+        path_record = TransferPathRecord(
+            nodes=tuple(path.nodes), cost=path.cost, path_length=path.path_length
+        )
         by_name = {site.name: site for site in sites.values()}
         steps = [by_name[name] for name in path.nodes[1:-1]]
         if target.hello.labelled > 0:
@@ -242,22 +235,31 @@ def run(
             f"fine-tuning at {[site.name for site in steps] or 'no site'}"
         )
         if not steps:
-            result["stopped"] = (
+            stopped = (
                 f"the path is direct from {path.nodes[0]} and the target has no "
                 "labelled case: the source model itself is already a candidate"
             )
         else:
-            transferred, result["steps"], result["stopped"] = _finetune_along(
+            transferred, steps_done, stopped = _finetune_along(
                 coordinator, steps, models[path.nodes[0]]
             )
             if transferred is not None:
                 coordinator.store.save_model(
                     f"affinity-{SEQTRAN_CANDIDATE}", transferred
                 )
-                result["model"] = SEQTRAN_CANDIDATE
-    if result["stopped"]:
-        coordinator.log(f"affinity: no transferred model ({result['stopped']})")
-    coordinator.store.save_phase("affinity", result)
-    if result["model"] is None:
+    if stopped:
+        coordinator.log(f"affinity: no transferred model ({stopped})")
+    result = AffinityResult(
+        target=target.name,
+        profiles=releases,
+        missing=names_by_site(sites, failed),
+        path=path_record,
+        steps=tuple(steps_done),
+        model=None if transferred is None else SEQTRAN_CANDIDATE,
+        stopped=stopped,
+        matrices=matrices,
+    )
+    coordinator.store.save_result(result)
+    if transferred is None:
         return result, None
     return result, coordinator.store.load_model(f"affinity-{SEQTRAN_CANDIDATE}")

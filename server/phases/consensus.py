@@ -20,6 +20,7 @@ from server.coordinator import (
     SiteInfo,
     ask_target,
 )
+from server.results import ConsensusResult
 
 
 def run(
@@ -54,7 +55,7 @@ def run(
         # The target's policy refuses consensus (e.g. it requires DP, which
         # DeepSTAPLE has no form of): an optional phase, so the run goes on.
         reason = error.missing.get(target.name, str(error))
-        coordinator.store.save_phase("consensus", {"skipped": reason, "models": []})
+        coordinator.store.save_result(ConsensusResult(models=(), skipped=reason))
         coordinator.log(f"consensus: skipped, the target refused it: {reason}")
         return {}
     trained = records.read_named_models(reply.content)
@@ -65,13 +66,12 @@ def run(
     outcome = protocol.ConsensusReply.from_fields(records.read_metrics(reply.content))
     for method, weights in trained.items():
         coordinator.store.save_model(f"consensus-{method}", weights)
-    coordinator.store.save_phase(
-        "consensus",
-        {
-            **dataclasses.asdict(outcome),
-            "sources": sorted(outcome.data_parameter),
-            "models": sorted(trained),
-        },
+    coordinator.store.save_result(
+        ConsensusResult(
+            models=tuple(sorted(trained)),
+            sources=tuple(sorted(outcome.data_parameter)),
+            outcome=dataclasses.asdict(outcome),
+        )
     )
     coordinator.log(
         f"consensus: {outcome.num_labels} noisy labels on {outcome.num_images} "

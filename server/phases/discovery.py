@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from flwr.serverapp import Grid
 
@@ -24,6 +23,7 @@ from server.coordinator import (
     SiteInfo,
     validate_site_name,
 )
+from server.results import DiscoveredSite, DiscoverResult
 
 
 def registered_names(grid: Grid) -> dict[int, str]:
@@ -177,23 +177,24 @@ def discover(
             f"discover: target site {target!r} is not among the sites that "
             f"answered {names}; set federation.target-site"
         )
-    coordinator.store.save_phase(
-        "discover",
-        {
-            "sites": [
-                {"name": site.name, "node_id": node, **site.hello.to_fields()}
+    coordinator.store.save_result(
+        DiscoverResult(
+            sites=tuple(
+                DiscoveredSite(
+                    name=site.name, node_id=node, hello=site.hello.to_fields()
+                )
                 for node, site in sorted(sites.items(), key=lambda item: item[1].name)
-            ],
-            "target": target,
-            "missing": {str(node): reason for node, reason in failed.items()},
-        },
+            ),
+            target=target,
+            missing={str(node): reason for node, reason in failed.items()},
+        )
     )
     coordinator.log(f"discover: sites {names}, target {target}")
     return sites, target
 
 
 def rediscover(
-    coordinator: Coordinator, *, nodes: list[int], saved: Mapping[str, Any]
+    coordinator: Coordinator, *, nodes: list[int], saved: DiscoverResult
 ) -> dict[int, SiteInfo]:
     """Map the sites of a resumed run onto this run's nodes (hello, not persisted).
 
@@ -207,12 +208,12 @@ def rediscover(
     """
     sites, failed = _say_hello(coordinator, nodes)
     names = sorted(site.name for site in sites.values())
-    if saved["target"] not in names:
+    if saved.target not in names:
         raise PhaseError(
-            f"resume: target site {saved['target']!r} is not among the sites that "
+            f"resume: target site {saved.target!r} is not among the sites that "
             f"answered {names}; failures: {failed}"
         )
-    known = {site["name"] for site in saved["sites"]}
+    known = {site.name for site in saved.sites}
     coordinator.log(
         f"resume: sites {names} answered; the run's sites were {sorted(known)}"
     )

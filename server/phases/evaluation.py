@@ -8,7 +8,6 @@ HD95 per predictor, never per-case figures.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from core import protocol
 from core.training.networks import Arrays
@@ -18,11 +17,12 @@ from server.coordinator import (
     SiteInfo,
     ask_target,
 )
+from server.results import EvaluationResult, TransferabilityResult
 
 
 def build_predictors(
     sources: list[str],
-    selection: Mapping[str, Any],
+    selection: TransferabilityResult,
     *,
     adapted: bool,
     later_models: Sequence[str] = (),
@@ -35,7 +35,10 @@ def build_predictors(
     ``semisup:<scope>``.
 
     Example:
-        >>> sel = {"main": "B", "aux": "C", "weights": {"main": 0.6, "aux": 0.4}}
+        >>> from server.results import PairWeights
+        >>> sel = TransferabilityResult(metric="lftm", release="instance",
+        ...     sources=("B", "C"), itm=None, dtm={"B": 0.8, "C": 0.7}, main="B",
+        ...     aux="C", weights=PairWeights(main=0.6, aux=0.4))
         >>> sorted(build_predictors(["B", "C"], sel, adapted=True,
         ...                         later_models=["consensus:deepstaple"]))
         ['consensus:deepstaple', 'source:B', 'source:C', 'tgma', 'tgma-main', 'uniform']
@@ -45,9 +48,9 @@ def build_predictors(
     }
     predictors["uniform"] = [(f"source:{name}", 1.0 / len(sources)) for name in sources]
     if adapted:
-        pair = [("adapted:main", float(selection["weights"]["main"]))]
-        if selection["aux"]:
-            pair.append(("adapted:aux", float(selection["weights"]["aux"])))
+        pair = [("adapted:main", selection.weights.main)]
+        if selection.aux:
+            pair.append(("adapted:aux", selection.weights.aux))
         predictors["tgma"] = pair
         predictors["tgma-main"] = [("adapted:main", 1.0)]
     for name in later_models:
@@ -60,9 +63,9 @@ def run(
     target: SiteInfo,
     models: Mapping[str, Arrays],
     adapted: Mapping[str, Arrays],
-    selection: Mapping[str, Any],
+    selection: TransferabilityResult,
     later_models: Mapping[str, Arrays] | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Phase 8: the target scores every predictor on its evaluation labels.
 
     ``later_models`` are the consensus and semisup phases' models under their
@@ -87,20 +90,20 @@ def run(
         "evaluation",
     )
     scores = protocol.EvaluateReply.from_fields(records.read_metrics(reply.content))
-    result = {
-        "site": target.name,
-        "num_cases": scores.num_cases,
-        "dice": scores.dice,
-        "hd95_mm": scores.hd95_mm,
+    result = EvaluationResult(
+        site=target.name,
+        num_cases=scores.num_cases,
+        dice=dict(scores.dice),
+        hd95_mm=dict(scores.hd95_mm),
         # Under the target's DP the Dice are noised and HD95 withheld; the figures
         # say what the release cost.
-        **{
+        privacy={
             key: value
             for key, value in scores.to_fields().items()
             if key in protocol.DP_METRICS
         },
-    }
-    coordinator.store.save_phase("evaluation", result)
+    )
+    coordinator.store.save_result(result)
     coordinator.log(
         "evaluation: "
         + ", ".join(f"{name} {value:.3f}" for name, value in scores.dice.items())

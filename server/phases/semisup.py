@@ -9,7 +9,7 @@ at each site with evaluation labels. Only weights and aggregate figures arrive h
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Final
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
@@ -25,6 +25,12 @@ from server.coordinator import (
     PhaseError,
     SiteInfo,
     names_by_site,
+)
+from server.results import (
+    FederatedSemisup,
+    SemisupResult,
+    SemisupRound,
+    TargetSemisup,
 )
 
 SEMISUP_PREDICTOR: Final = "semisup"  # the model scored after every federated round
@@ -97,7 +103,7 @@ def _evaluate_rounds_model(
 
 def semisup_federated(
     coordinator: Coordinator, sites: Mapping[int, SiteInfo], start: Arrays
-) -> tuple[Arrays | None, dict[str, Any]]:
+) -> tuple[Arrays | None, FederatedSemisup]:
     """FedAvg rounds of the UG-MCL student across the participating sites.
 
     Each round: every participant trains the student for
@@ -118,10 +124,8 @@ def semisup_federated(
     strategy = FedAvg(weighted_by_key=protocol.FEDAVG_WEIGHT_KEY)
     student: Arrays | None = None
     dice, missing = _evaluate_rounds_model(coordinator, participants, start)
-    history: list[dict[str, Any]] = [
-        {"round": 0, "dice": dice, "missing": missing, "train": {}}
-    ]
-    result: dict[str, Any] = {"sites": names, "rounds": history, "stopped": None}
+    history = [SemisupRound(round=0, dice=dice, missing=missing, train={})]
+    stopped: str | None = None
     required = max(1, min(config.federation.min_sites, len(participants)))
     for round_number in range(1, rounds + 1):
         sent = start if student is None else student
@@ -136,11 +140,11 @@ def semisup_federated(
         )
         if len(replies.ok) < required:
             failures = names_by_site(participants, replies.failed)
-            result["stopped"] = (
+            stopped = (
                 f"round {round_number}: {len(replies.ok)} site(s) replied, "
                 f"{required} needed; failures: {failures}"
             )
-            coordinator.log(f"semisup rounds stopped: {result['stopped']}")
+            coordinator.log(f"semisup rounds stopped: {stopped}")
             break
         # Replies arrive in any order; float sums depend on it, so average in site
         # order (a resumed run then reproduces the rounds bit for bit).
@@ -155,30 +159,32 @@ def semisup_federated(
         dice, missing = _evaluate_rounds_model(coordinator, participants, student)
         missing.update(names_by_site(participants, replies.failed))
         history.append(
-            {
-                "round": round_number,
-                "dice": dice,
-                "missing": missing,
-                "train": {
+            SemisupRound(
+                round=round_number,
+                dice=dice,
+                missing=missing,
+                train={
                     participants[node].name: _read_semisup_reply(reply).to_fields()
                     for node, reply in replies.ok.items()
                 },
-            }
+            )
         )
         coordinator.log(
             f"semisup round {round_number}/{rounds}: Dice "
             + ", ".join(f"{name} {value:.3f}" for name, value in dice.items())
         )
-    return student, result
+    return student, FederatedSemisup(
+        sites=tuple(names), rounds=tuple(history), stopped=stopped
+    )
 
 
 def semisup_target(
     coordinator: Coordinator, target: SiteInfo, start: Arrays
-) -> tuple[Arrays | None, dict[str, Any]]:
+) -> tuple[Arrays | None, TargetSemisup]:
     """The target refines the student on its few labelled and unlabelled cases.
 
-    Returns the refined student and the target's reply figures, or None and
-    ``{"missing": reason}`` when the target refused or failed.
+    Returns the refined student and the target's reply figures, or None and the
+    reason (``missing``) when the target refused or failed.
     """
     iterations = coordinator.config.semisup.iterations
     replies = coordinator.ask(
@@ -189,16 +195,15 @@ def semisup_target(
     if reply is None:
         reason = replies.failed.get(target.node_id, "no reply")
         coordinator.log(f"semisup at target {target.name} failed: {reason}")
-        return None, {"site": target.name, "missing": reason}
+        return None, TargetSemisup(site=target.name, missing=reason)
     outcome = _read_semisup_reply(reply)
     coordinator.log(
         f"semisup at target {target.name}: {outcome.num_labelled} labelled and "
         f"{outcome.num_unlabelled} unlabelled cases, {outcome.seconds:.1f} s"
     )
-    return records.read_weights(reply.content), {
-        "site": target.name,
-        **outcome.to_fields(),
-    }
+    return records.read_weights(reply.content), TargetSemisup(
+        site=target.name, reply=outcome.to_fields()
+    )
 
 
 def run(
@@ -219,25 +224,16 @@ def run(
     config = coordinator.config
     start = initial_student_weights(config, adapted.get("main"))
     students: dict[str, Arrays | None] = {}
-    result: dict[str, Any] = {
-        "variant": config.semisup.variant.value,
-        "labelled_fraction": config.semisup.labelled_fraction,
-        "start": ADAPTED_START if "main" in adapted else "initial",
-        "target": None,
-        "federated": None,
-    }
+    at_target: TargetSemisup | None = None
+    federated: FederatedSemisup | None = None
     if not config.semisup.target:
         coordinator.log("semisup at the target: off (semisup.target = false)")
     elif target.hello.labelled == 0:
         coordinator.log(f"semisup at the target: {target.name} has no labelled case")
     else:
-        students["target"], result["target"] = semisup_target(
-            coordinator, target, start
-        )
+        students["target"], at_target = semisup_target(coordinator, target, start)
     if config.semisup.rounds > 0:
-        students["federated"], result["federated"] = semisup_federated(
-            coordinator, sites, start
-        )
+        students["federated"], federated = semisup_federated(coordinator, sites, start)
     models = {
         scope: segmentation_weights(student)
         for scope, student in students.items()
@@ -245,6 +241,14 @@ def run(
     }
     for scope, weights in models.items():
         coordinator.store.save_model(f"semisup-{scope}", weights)
-    result["models"] = sorted(models)
-    coordinator.store.save_phase("semisup", result)
+    coordinator.store.save_result(
+        SemisupResult(
+            variant=config.semisup.variant.value,
+            labelled_fraction=config.semisup.labelled_fraction,
+            start=ADAPTED_START if "main" in adapted else "initial",
+            target=at_target,
+            federated=federated,
+            models=tuple(sorted(models)),
+        )
+    )
     return models

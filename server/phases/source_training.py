@@ -17,6 +17,7 @@ from server.coordinator import (
     SiteInfo,
     names_by_site,
 )
+from server.results import SourceTrainingResult
 
 
 def run(coordinator: Coordinator, sources: Mapping[int, SiteInfo]) -> dict[str, Arrays]:
@@ -62,7 +63,7 @@ def run(coordinator: Coordinator, sources: Mapping[int, SiteInfo]) -> dict[str, 
             missing=names_by_site(sources, failed),
         )
     missing = names_by_site(sources, failed)
-    coordinator.store.save_phase(
-        "source-training", {"training": training, "missing": missing}
+    coordinator.store.save_result(
+        SourceTrainingResult(training=training, missing=missing)
     )
     return models

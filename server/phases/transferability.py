@@ -7,7 +7,6 @@ withheld); the coordinator chooses the main and auxiliary sources by DTM.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from core import protocol
 from core.training.networks import Arrays
@@ -19,11 +18,12 @@ from server.coordinator import (
     SiteInfo,
     ask_target,
 )
+from server.results import PairWeights, TransferabilityResult
 
 
 def run(
     coordinator: Coordinator, target: SiteInfo, models: Mapping[str, Arrays]
-) -> dict[str, Any]:
+) -> TransferabilityResult:
     """Phase 4: the target scores every source model (ITM); choose main/aux by DTM."""
     reply = ask_target(
         coordinator,
@@ -42,17 +42,17 @@ def run(
         else Transferability(metric=lftm.metric, sources=lftm.sources, itm=itm).dtm
     )
     selection = select_sources(dtm)
-    result = {
-        "metric": lftm.metric,
-        "release": lftm.release,
-        "sources": list(lftm.sources),
-        "itm": itm,
-        "dtm": dtm,
-        "main": selection.main,
-        "aux": selection.aux,
-        "weights": {"main": selection.weight_main, "aux": selection.weight_aux},
-    }
-    coordinator.store.save_phase("transferability", result)
+    result = TransferabilityResult(
+        metric=lftm.metric,
+        release=lftm.release,
+        sources=tuple(lftm.sources),
+        itm=None if itm is None else tuple(tuple(row) for row in itm),
+        dtm=dict(dtm),
+        main=selection.main,
+        aux=selection.aux,
+        weights=PairWeights(main=selection.weight_main, aux=selection.weight_aux),
+    )
+    coordinator.store.save_result(result)
     coordinator.log(
         "DTM "
         + ", ".join(f"{n} {v:.3f}" for n, v in dtm.items())

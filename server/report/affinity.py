@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from core import protocol
 from server.report.text import number
+from server.results import PROFILE_LABEL_TERM
 
 PLOT_FILE: Final = "affinity_path.png"
 # Wire keys of the published profiles' figures and the fine-tuning steps' replies.
@@ -48,7 +49,7 @@ def affinity_lines(
             )
             lines.append(
                 f"| {site} | {release[_NUM_IMAGES]} | {release[_NUM_LABELLED]} | "
-                f"{'yes' if release['label-term'] else 'no'} | {epsilon} |"
+                f"{'yes' if release[PROFILE_LABEL_TERM] else 'no'} | {epsilon} |"
             )
     if affinity.get("distance") is not None:
         sites = affinity["sites"]

@@ -19,6 +19,7 @@ from server.report.privacy import privacy_lines
 from server.report.semisup import PLOT_FILE as SEMISUP_PLOT
 from server.report.semisup import plot_semisup, semisup_lines
 from server.report.text import number
+from server.results import PhaseResult, RunResults
 from server.store import RunStore
 
 
@@ -26,15 +27,8 @@ def build_report(
     *,
     run_id: int,
     config: Mapping[str, Any],
-    discover: Mapping[str, Any] | None,
-    source_training: Mapping[str, Any] | None,
-    transferability: Mapping[str, Any] | None,
-    adaptation: Mapping[str, Any] | None,
-    evaluation: Mapping[str, Any] | None,
+    results: RunResults,
     phase_seconds: Mapping[str, float],
-    consensus: Mapping[str, Any] | None = None,
-    semisup: Mapping[str, Any] | None = None,
-    affinity: Mapping[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
     attempts: Sequence[Mapping[str, Any]] = (),
     coordinator: Mapping[str, Any] | None = None,
@@ -44,68 +38,71 @@ def build_report(
     """Assemble the report document from the phases' persisted results.
 
     A phase that has not finished (the run stopped at ``last-phase``, or failed) is
-    passed as None and appears as null; ``error`` says why a run stopped, and
+    None in ``results`` and appears as null; ``error`` says why a run stopped, and
     ``failure`` (``phase``, ``missing``: site -> reason, ``resume``: the command that
     finishes the run) what the failed phase knew of the sites it missed, so a run that
     stopped still names its failed sites.
     """
-    discover = discover or {"target": None, "sites": [], "missing": {}}
-    source_training = source_training or {}
-    target = discover["target"]
-    trained = set(source_training.get("training", {}))
+    discover, training = results.discover, results.source_training
+    target = None if discover is None else discover.target
+    trained = set() if training is None else set(training.training)
     failure = dict(failure or {})
-    failed = set(source_training.get("missing", {})) | set(failure.get("missing", {}))
+    failed = (set() if training is None else set(training.missing)) | set(
+        failure.get("missing", {})
+    )
     sites = []
-    for site in discover["sites"]:
+    for site in () if discover is None else discover.sites:
+        hello = site.reply
         role = (
             "target"
-            if site["name"] == target
+            if site.name == target
             else "source"
-            if site["name"] in trained
+            if site.name in trained
             else "failed"
-            if site["name"] in failed
+            if site.name in failed
             else "idle"
         )
         sites.append(
             {
-                "name": site["name"],
+                "name": site.name,
                 "role": role,
-                "modality": site["modality"],
+                "modality": hello.modality,
                 "cases": {
-                    "labelled": site["labelled"],
-                    "unlabelled": site["unlabelled"],
-                    "evaluation": site["evaluation"],
+                    "labelled": hello.labelled,
+                    "unlabelled": hello.unlabelled,
+                    "evaluation": hello.evaluation,
                 },
             }
         )
     missing = {
-        phase: result.get("missing", {})
-        for phase, result in (
-            ("discover", discover),
-            ("source-training", source_training),
-        )
+        "discover": {} if discover is None else dict(discover.missing),
+        "source-training": {} if training is None else dict(training.missing),
     }
     if failure.get("missing"):
         phase = str(failure.get("phase") or "the failed phase")
         missing[phase] = {**missing.get(phase, {}), **failure["missing"]}
+    transferability = results.transferability
     return {
         "run_id": run_id,
         "target": target,
         "error": error,
         "resume": failure.get("resume"),
         "sites": sites,
-        "source_training": source_training.get("training", {}),
+        "source_training": {}
+        if training is None
+        else training.to_document()["training"],
         "transferability": None
         if transferability is None
         else {
-            key: transferability.get(key)
-            for key in ("metric", "release", "dtm", "main", "aux", "weights", "itm")
+            key: value
+            for key, value in transferability.to_document().items()
+            if key in ("metric", "release", "dtm", "main", "aux", "weights", "itm")
         },
-        "affinity": None if affinity is None else dict(affinity),
-        "adaptation": None if adaptation is None else dict(adaptation),
-        "consensus": None if consensus is None else dict(consensus),
-        "semisup": None if semisup is None else dict(semisup),
-        "evaluation": None if evaluation is None else dict(evaluation),
+        "affinity": _document(results.affinity),
+        "adaptation": _document(results.adaptation),
+        "consensus": _document(results.consensus),
+        "semisup": _document(results.semisup),
+        "evaluation": _document(results.evaluation),
         "phase_seconds": dict(phase_seconds),
         "missing": missing,
         "privacy": dict(privacy or {}),
@@ -113,6 +110,11 @@ def build_report(
         "coordinator": dict(coordinator or {}),
         "config": dict(config),
     }
+
+
+def _document(result: PhaseResult | None) -> dict[str, Any] | None:
+    """A phase's result in the report: its persisted form, or None."""
+    return None if result is None else result.to_document()
 
 
 def format_markdown(report: Mapping[str, Any]) -> str:

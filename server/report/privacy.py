@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from core import protocol
+from core.privacy.egress import ERROR_FIELD
 from core.privacy.ledger import INGRESS, LedgerEntry
+from server.results import RunResults
 
 # The applied-policy fields the report shows (the rest stay in report.json).
 POLICY_COLUMNS = tuple(
@@ -25,38 +27,32 @@ POLICY_COLUMNS = tuple(
 )
 
 
-def _dp_replies(
-    source_training: Mapping[str, Any],
-    semisup: Mapping[str, Any] | None,
-    affinity: Mapping[str, Any] | None = None,
-    adaptation: Mapping[str, Any] | None = None,
-    evaluation: Mapping[str, Any] | None = None,
-) -> list[tuple[str, Mapping[str, Any]]]:
+def _dp_replies(results: RunResults) -> list[tuple[str, Mapping[str, Any]]]:
     """``(site, reply figures)`` of every DP reply of the run, in order."""
-    replies = list(source_training.get("training", {}).items())
-    if affinity is not None:
-        replies.extend(affinity.get("profiles", {}).items())
-        replies.extend((step["site"], step) for step in affinity.get("steps", []))
-    for result in (adaptation, evaluation):
-        if result is not None and "site" in result:
-            replies.append((result["site"], result))
+    replies: list[tuple[str, Mapping[str, Any]]] = []
+    if results.source_training is not None:
+        replies.extend(results.source_training.training.items())
+    if results.affinity is not None:
+        replies.extend(results.affinity.profiles.items())
+        replies.extend((step["site"], step) for step in results.affinity.steps)
+    if results.adaptation is not None:
+        replies.append((results.adaptation.site, results.adaptation.reply))
+    if results.evaluation is not None:
+        replies.append((results.evaluation.site, results.evaluation.privacy))
+    semisup = results.semisup
     if semisup is not None:
-        target = semisup.get("target")
-        if target is not None and "missing" not in target:
-            replies.append((target["site"], target))
-        for entry in (semisup.get("federated") or {}).get("rounds", []):
-            replies.extend(entry["train"].items())
+        if semisup.target is not None and semisup.target.missing is None:
+            replies.append((semisup.target.site, semisup.target.reply))
+        if semisup.federated is not None:
+            for entry in semisup.federated.rounds:
+                replies.extend(entry.train.items())
     return replies
 
 
 def build_privacy_section(
     entries: Sequence[LedgerEntry],
     applied_policies: Mapping[str, Mapping[str, Any]],
-    source_training: Mapping[str, Any],
-    semisup: Mapping[str, Any] | None = None,
-    affinity: Mapping[str, Any] | None = None,
-    adaptation: Mapping[str, Any] | None = None,
-    evaluation: Mapping[str, Any] | None = None,
+    results: RunResults,
 ) -> dict[str, Any]:
     """Per site: what reached the coordinator per action, the policy, epsilon spent.
 
@@ -68,13 +64,9 @@ def build_privacy_section(
     ``patient_total`` is nan when the site could not state it).
 
     Args:
-        entries: the coordinator's ledger of this run.
-        applied_policies: site -> the ``policy.*`` fields its replies carried.
-        source_training: the source-training phase result (its ``dp.*`` figures).
-        semisup: the semisup phase result (its replies' ``dp.*`` figures), if any.
-        affinity: the affinity phase result (profile and fine-tuning figures).
-        adaptation: the adaptation phase result (its ``dp.*`` figures), if any.
-        evaluation: the evaluation phase result (its ``dp.*`` figures), if any.
+        entries: the coordinator's ledger entries.
+        applied_policies: each site's applied policy, from its hello reply.
+        results: the run's phase results (their DP reply figures).
 
     Returns:
         ``{site: {"released": {action: {...}}, "policy": {...}, "epsilon": {...}}}``.
@@ -99,15 +91,13 @@ def build_privacy_section(
             action["undelivered"] += 1
             continue
         action["replies"] += 1
-        action["errors"] += int("error.reason" in entry.egress.configs)
+        action["errors"] += int(ERROR_FIELD in entry.egress.configs)
         action["bytes"] += entry.egress.total_bytes
         action["arrays"] += len(entry.egress.arrays)
         action["metric_values"] += sum(entry.egress.metrics.values())
     for name, policy in applied_policies.items():
         sites.setdefault(name, {"released": {}})["policy"] = dict(policy)
-    for name, reply in _dp_replies(
-        source_training, semisup, affinity, adaptation, evaluation
-    ):
+    for name, reply in _dp_replies(results):
         site = sites.setdefault(name, {"released": {}})
         epsilon = site.setdefault(
             "epsilon",

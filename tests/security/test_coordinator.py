@@ -11,10 +11,11 @@ ClientApp through a grid that delivers each message to it (no Flower daemon).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 import pytest
 from flwr.app import Context, Message
@@ -25,6 +26,7 @@ from core.config import ConfigValue, load_run_config
 from core.training.networks import Arrays
 from server import phases
 from server.coordinator import Coordinator, PhaseError
+from server.results import PhaseResult
 from server.store import RunStore
 from tests.security.attacker import grid_of_sites
 from tests.unit.server import fake_grid
@@ -126,12 +128,19 @@ def test_a_node_registered_under_a_path_is_left_out_naming_the_node(
     assert escaped(tmp_path) == []
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EscapingResult(PhaseResult):
+    """A phase result whose name climbs out of the run folder."""
+
+    PHASE: ClassVar[str] = "../../escape"
+
+
 @pytest.mark.parametrize(
     "write",
     [
         lambda store, _w, _o: store.write_json("../escape.json", {"x": 1}),
         lambda store, _w, _o: store.write_text("phases/../../escape.txt", "x"),
-        lambda store, _w, _o: store.save_phase("../../escape", {"x": 1}),
+        lambda store, _w, _o: store.save_result(EscapingResult()),
         lambda store, weights, _o: store.save_model("../../escape", weights),
         lambda store, _w, outside: store.write_text(str(outside), "x"),
     ],

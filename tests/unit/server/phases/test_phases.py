@@ -41,7 +41,15 @@ from server.coordinator import (
     validate_site_name,
 )
 from server.report import build_report, format_markdown, write_report
-from server.store import RunStore
+from server.results import (
+    AffinityResult,
+    ConsensusResult,
+    EvaluationResult,
+    PairWeights,
+    RunResults,
+    TransferabilityResult,
+)
+from server.store import RunStore, to_strict_json
 from tests.unit.clients.messages import write_policy
 from tests.unit.server.fake_grid import NODES, FakeGrid, build_grid
 
@@ -59,13 +67,13 @@ class PipelineRun:
     sites: dict[int, SiteInfo]
     target: str
     source_models: dict[str, Arrays]
-    affinity: dict[str, Any]
+    affinity: AffinityResult
     models: dict[str, Arrays]  # the source models and the SeqTran candidate
-    selection: dict[str, Any]
+    selection: TransferabilityResult
     adapted: dict[str, Arrays]
     consensus: dict[str, Arrays]
     semisup: dict[str, Arrays]
-    evaluation: dict[str, Any]
+    evaluation: EvaluationResult
     log: list[str]
     coordinator: Coordinator
 
@@ -596,20 +604,21 @@ def test_affinity_profiles_every_site_and_fine_tunes_along_the_path(
 
     # Assert: every site published; the path starts at a source and ends at A
     assert sorted(m.metadata.dst_node_id for m in profiled) == [11, 12, 13]
-    assert set(result["profiles"]) == {"A", "B", "C"}
-    assert result["sites"] == ["B", "C", "A"]
-    assert result["label_term"] is True  # every site holds labelled cases
-    distance = np.array(result["distance"])
+    assert set(result.profiles) == {"A", "B", "C"}
+    assert result.matrices["sites"] == ["B", "C", "A"]
+    assert result.matrices["label_term"] is True  # every site holds labelled cases
+    distance = np.array(result.matrices["distance"])
     assert distance.shape == (3, 3)
     assert np.all(np.diag(distance) == 0.0)
     assert np.all(distance >= 0.0)
-    path = result["path"]["nodes"]
+    assert result.path is not None
+    path = list(result.path.nodes)
     assert path[0] in ("B", "C")
     assert path[-1] == "A"
     assert len(path) <= 3
     # Fine-tuned at each later site of the path, then at the labelled target.
     expected_steps = [*path[1:-1], "A"]
-    assert [step["site"] for step in result["steps"]] == expected_steps
+    assert [step["site"] for step in result.steps] == expected_steps
     assert [m.metadata.dst_node_id for m in finetuned] == [
         nodes[name] for name in expected_steps
     ]
@@ -619,13 +628,15 @@ def test_affinity_profiles_every_site_and_fine_tunes_along_the_path(
     transferred = full_run.models[phases.affinity.SEQTRAN_CANDIDATE]
     assert manifest_of(transferred) == manifest_of(start)
     assert any(not np.array_equal(transferred[k], start[k]) for k in start)
-    assert result["model"] == phases.affinity.SEQTRAN_CANDIDATE
-    assert result["stopped"] is None
-    assert result["graph"]["landmarks"] == "case-fraction"
-    assert result["graph"]["communities"] == []
-    assert result["graph"]["one_factor_removed"] == []
-    assert path[0] in result["graph"]["starts"]
-    assert saved == json.loads(json.dumps(result))
+    assert result.model == phases.affinity.SEQTRAN_CANDIDATE
+    assert result.stopped is None
+    graph = result.matrices["graph"]
+    assert graph["landmarks"] == "case-fraction"
+    assert graph["communities"] == []
+    assert graph["one_factor_removed"] == []
+    assert path[0] in graph["starts"]
+    assert saved == json.loads(json.dumps(to_strict_json(result.to_document())))
+    assert full_run.store.load_result(AffinityResult) == result
 
 
 def test_affinity_refused_finetune_leaves_the_run_going_without_a_model(
@@ -650,10 +661,11 @@ def test_affinity_refused_finetune_leaves_the_run_going_without_a_model(
 
     # Assert
     assert transferred is None
-    assert result["model"] is None
-    assert result["path"] is not None
-    assert result["stopped"].startswith("step 1 at ")
-    assert "'train.finetune' is not in actions.answer" in result["stopped"]
+    assert result.model is None
+    assert result.path is not None
+    assert result.stopped is not None
+    assert result.stopped.startswith("step 1 at ")
+    assert "'train.finetune' is not in actions.answer" in result.stopped
     assert coordinator.store.load_phase("affinity") is not None
 
 
@@ -672,8 +684,8 @@ def test_affinity_without_the_targets_profile_records_why(
 
     # Assert
     assert transferred is None
-    assert result["stopped"] == "no profile from the target A"
-    assert result["missing"] == {
+    assert result.stopped == "no profile from the target A"
+    assert result.missing == {
         "A": f"no reply within {config.federation.reply_timeout_s:g} s"
     }
     assert grid.sent_of_type(protocol.FINETUNE) == []
@@ -732,14 +744,15 @@ def test_affinity_with_communities_records_them_and_the_removed_steps(
     result, transferred = phases.affinity.run(coordinator, sites, sites[11], models)
 
     # Assert
-    assert result["stopped"] == stopped
+    assert result.stopped == stopped
     if path is None:
-        assert result["path"] is None
+        assert result.path is None
         assert transferred is None
-        assert "graph" not in result
+        assert "graph" not in result.matrices
         return
-    assert result["path"]["nodes"] == path
-    assert result["graph"] == {
+    assert result.path is not None
+    assert list(result.path.nodes) == path
+    assert result.matrices["graph"] == {
         "landmarks": "communities",
         "starts": ["B"],
         "communities": [{"members": ["B", "C"], "landmark": "B"}],
@@ -805,25 +818,27 @@ def test_transferability_chooses_main_and_aux_by_dtm(full_run: PipelineRun) -> N
     index = index_site(Path(str(full_run.config.federation.dir)) / "A")
 
     # Execute
-    ranked = sorted(selection["dtm"], key=lambda name: (-selection["dtm"][name], name))
+    ranked = sorted(selection.dtm, key=lambda name: (-selection.dtm[name], name))
 
     # Assert
-    assert selection["metric"] == "lftm"
+    assert selection.metric == "lftm"
     # The SeqTran candidate is scored beside the source models.
-    assert selection["sources"] == ["B", "C", phases.affinity.SEQTRAN_CANDIDATE]
-    assert set(selection["dtm"]) == {"B", "C", phases.affinity.SEQTRAN_CANDIDATE}
-    assert all(0.0 <= value <= 1.0 for value in selection["dtm"].values())
-    assert (selection["main"], selection["aux"]) == (ranked[0], ranked[1])
-    weights = selection["weights"]
-    assert weights["main"] + weights["aux"] == pytest.approx(1.0)
-    assert weights["main"] >= weights["aux"] >= 0.0
+    assert selection.sources == ("B", "C", phases.affinity.SEQTRAN_CANDIDATE)
+    assert set(selection.dtm) == {"B", "C", phases.affinity.SEQTRAN_CANDIDATE}
+    assert all(0.0 <= value <= 1.0 for value in selection.dtm.values())
+    assert (selection.main, selection.aux) == (ranked[0], ranked[1])
+    weights = selection.weights
+    assert weights.main + weights.aux == pytest.approx(1.0)
+    assert weights.main >= weights.aux >= 0.0
     # The default site policy releases only the per-source means (domain level).
-    assert selection["release"] == "domain"
-    assert selection["itm"] is None
+    assert selection.release == "domain"
+    assert selection.itm is None
     assert index.num_cases > 0
     assert saved is not None
-    assert saved["dtm"] == pytest.approx(selection["dtm"])
-    assert (saved["main"], saved["aux"]) == (selection["main"], selection["aux"])
+    assert saved["dtm"] == pytest.approx(selection.dtm)
+    assert (saved["main"], saved["aux"]) == (selection.main, selection.aux)
+    # What the runner reloads on resume is what the phase returned.
+    assert full_run.store.load_result(TransferabilityResult) == selection
 
 
 def test_transferability_sends_only_source_models_to_the_target(
@@ -890,7 +905,7 @@ def test_target_that_never_replies_times_out(
 
 def test_adaptation_returns_and_persists_adapted_models(full_run: PipelineRun) -> None:
     # Prepare
-    expected_names = {"main", "aux"} if full_run.selection["aux"] else {"main"}
+    expected_names = {"main", "aux"} if full_run.selection.aux else {"main"}
     saved = full_run.store.load_phase("adaptation")
     (message,) = full_run.grid.sent_of_type(protocol.ADAPT)
 
@@ -900,8 +915,8 @@ def test_adaptation_returns_and_persists_adapted_models(full_run: PipelineRun) -
     )
 
     # Assert
-    assert request.main == full_run.selection["main"]
-    assert request.aux == (full_run.selection["aux"] or "")
+    assert request.main == full_run.selection.main
+    assert request.aux == (full_run.selection.aux or "")
     assert request.weight_main + request.weight_aux == pytest.approx(1.0)
     assert set(full_run.adapted) == expected_names
     for name, weights in full_run.adapted.items():
@@ -989,13 +1004,8 @@ def test_consensus_refused_by_a_dp_target_is_skipped_and_the_run_goes_on(
     report = build_report(
         run_id=1,
         config={},
-        discover=None,
-        source_training=None,
-        transferability=None,
-        adaptation=None,
-        evaluation=None,
+        results=RunResults(consensus=coordinator.store.load_result(ConsensusResult)),
         phase_seconds={},
-        consensus=saved,
     )
     assert (
         "Skipped: the target refused it (error 101: blocked by egress policy: "
@@ -1162,10 +1172,10 @@ def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -
         *CONSENSUS_MODELS,
         *SEMISUP_MODELS,
     }
-    assert full_run.evaluation["site"] == "A"
-    assert full_run.evaluation["num_cases"] == 6
-    assert set(full_run.evaluation["dice"]) == expected
-    assert all(0.0 <= v <= 1.0 for v in full_run.evaluation["dice"].values())
+    assert full_run.evaluation.site == "A"
+    assert full_run.evaluation.num_cases == 6
+    assert set(full_run.evaluation.dice) == expected
+    assert all(0.0 <= v <= 1.0 for v in full_run.evaluation.dice.values())
     assert saved is not None
     assert set(saved["dice"]) == expected
 
@@ -1189,10 +1199,24 @@ def test_phases_log_one_line_each(full_run: PipelineRun) -> None:
         assert fragment in text
 
 
+def selection_of(main: str, aux: str | None, weight: float) -> TransferabilityResult:
+    """A transferability result choosing ``main`` (weight) and ``aux`` (the rest)."""
+    return TransferabilityResult(
+        metric="lftm",
+        release="domain",
+        sources=(main,) if aux is None else (main, aux),
+        itm=None,
+        dtm={},
+        main=main,
+        aux=aux,
+        weights=PairWeights(main=weight, aux=round(1.0 - weight, 10)),
+    )
+
+
 BUILD_PREDICTOR_CASES = [
     (
         ["B", "C"],
-        {"main": "B", "aux": "C", "weights": {"main": 0.6, "aux": 0.4}},
+        selection_of("B", "C", 0.6),
         True,
         {
             "source:B": [("source:B", 1.0)],
@@ -1204,7 +1228,7 @@ BUILD_PREDICTOR_CASES = [
     ),
     (
         ["B"],
-        {"main": "B", "aux": None, "weights": {"main": 1.0, "aux": 0.0}},
+        selection_of("B", None, 1.0),
         True,
         {
             "source:B": [("source:B", 1.0)],
@@ -1215,7 +1239,7 @@ BUILD_PREDICTOR_CASES = [
     ),
     (
         ["B", "C", "D", "E"],
-        {"main": "C", "aux": "B", "weights": {"main": 0.7, "aux": 0.3}},
+        selection_of("C", "B", 0.7),
         False,
         {
             "source:B": [("source:B", 1.0)],
@@ -1235,7 +1259,7 @@ BUILD_PREDICTOR_CASES = [
 )
 def test_build_predictors(
     sources: list[str],
-    selection: dict[str, Any],
+    selection: TransferabilityResult,
     adapted: bool,
     expected: dict[str, list[tuple[str, float]]],
 ) -> None:
@@ -1254,14 +1278,17 @@ def test_build_predictors(
 @pytest.fixture(scope="module")
 def written_report(full_run: PipelineRun) -> tuple[dict[str, Any], str]:
     store = full_run.store
+    results = store.load_results()
     report = build_report(
         run_id=1,
         config={"train.epochs": 1},
-        discover=store.load_phase("discover") or {},
-        source_training=store.load_phase("source-training") or {},
-        transferability=full_run.selection,
-        adaptation=store.load_phase("adaptation") or {},
-        evaluation=full_run.evaluation,
+        results=RunResults(
+            discover=results.discover,
+            source_training=results.source_training,
+            transferability=full_run.selection,
+            adaptation=results.adaptation,
+            evaluation=full_run.evaluation,
+        ),
         phase_seconds={"discover": 0.1, "source-training": 1.0},
     )
     markdown = write_report(store, report)
@@ -1288,7 +1315,7 @@ def test_report_json_holds_sites_transferability_and_dice(
     transfer = document["transferability"]
     assert {"dtm", "main", "aux", "weights"} <= set(transfer)
     assert set(transfer["dtm"]) == {"B", "C", phases.affinity.SEQTRAN_CANDIDATE}
-    assert transfer["main"] == full_run.selection["main"]
+    assert transfer["main"] == full_run.selection.main
     assert transfer["weights"]["main"] + transfer["weights"]["aux"] == pytest.approx(1)
     dice = document["evaluation"]["dice"]
     assert {"source:B", "source:C", "uniform", "tgma"} <= set(dice)
@@ -1310,7 +1337,7 @@ def test_report_writes_markdown_and_plots(
     assert formatted == markdown
     assert (full_run.store.run_dir / "report.md").read_text() == markdown
     assert "Target site **A**" in markdown
-    assert f"main **{full_run.selection['main']}**" in markdown
+    assert f"main **{full_run.selection.main}**" in markdown
     for name in ("source:B", "source:C", "uniform", "tgma"):
         assert f"| {name} |" in markdown
     for plot in ("dtm.png", "dice.png"):
@@ -1321,18 +1348,17 @@ def test_report_writes_markdown_and_plots(
 def test_report_lists_missing_sites(full_run: PipelineRun) -> None:
     # Prepare
     store = full_run.store
-    source_training = dict(store.load_phase("source-training") or {})
-    source_training["missing"] = {"D": "no reply within 3600 s"}
+    results = store.load_results()
+    assert results.source_training is not None
+    source_training = dataclasses.replace(
+        results.source_training, missing={"D": "no reply within 3600 s"}
+    )
 
     # Execute
     report = build_report(
         run_id=2,
         config={},
-        discover=store.load_phase("discover") or {},
-        source_training=source_training,
-        transferability=full_run.selection,
-        adaptation=store.load_phase("adaptation") or {},
-        evaluation=full_run.evaluation,
+        results=dataclasses.replace(results, source_training=source_training),
         phase_seconds={},
     )
     markdown = format_markdown(report)
@@ -1352,18 +1378,16 @@ def test_report_json_is_valid_json_when_hd95_is_undefined(
 ) -> None:
     # Prepare
     store = RunStore(tmp_path / "run")
-    evaluation = {
-        **full_run.evaluation,
-        "hd95_mm": {name: float("nan") for name in full_run.evaluation["dice"]},
-    }
+    evaluation = dataclasses.replace(
+        full_run.evaluation,
+        hd95_mm={name: float("nan") for name in full_run.evaluation.dice},
+    )
     report = build_report(
         run_id=3,
         config={},
-        discover=full_run.store.load_phase("discover") or {},
-        source_training=full_run.store.load_phase("source-training") or {},
-        transferability=full_run.selection,
-        adaptation=full_run.store.load_phase("adaptation") or {},
-        evaluation=evaluation,
+        results=dataclasses.replace(
+            full_run.store.load_results(), evaluation=evaluation
+        ),
         phase_seconds={},
     )
 
@@ -1390,7 +1414,7 @@ def test_coordinator_ledger_records_each_request_and_reply(
     # Prepare
     path = full_run.store.run_dir / "ledger.jsonl"
     sent = full_run.grid.sent
-    finetuned = [step["site"] for step in full_run.affinity["steps"]]
+    finetuned = [step["site"] for step in full_run.affinity.steps]
     expected_sequence = []
     for message_type, count in (
         (protocol.HELLO, 3),

@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from server.report import build_report, format_markdown
+from server.results import (
+    ConsensusResult,
+    DiscoverResult,
+    EvaluationResult,
+    RunResults,
+)
 
 CONSENSUS: dict[str, Any] = {
     "num_images": 18,
@@ -32,12 +38,13 @@ def report_with(consensus: dict[str, Any] | None) -> dict[str, Any]:
     return build_report(
         run_id=1,
         config={},
-        discover={"target": "A", "sites": [], "missing": {}},
-        source_training={},
-        transferability=None,
-        adaptation=None,
-        consensus=consensus,
-        evaluation=EVALUATION,
+        results=RunResults(
+            discover=DiscoverResult(target="A", sites=(), missing={}),
+            consensus=None
+            if consensus is None
+            else ConsensusResult.from_document(consensus),
+            evaluation=EvaluationResult.from_document(EVALUATION),
+        ),
         phase_seconds={},
     )
 

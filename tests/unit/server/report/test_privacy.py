@@ -4,6 +4,7 @@ applied and the epsilon spent."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,19 @@ from core.privacy.egress import measure_error
 from core.privacy.ledger import EGRESS, INGRESS, RELEASED, ArrayRelease, Egress, Ledger
 from core.privacy.policy import default_policy, resolve_policy
 from server.report import build_privacy_section, build_report, format_markdown
+from server.results import (
+    AffinityResult,
+    DiscoverResult,
+    EvaluationResult,
+    FederatedSemisup,
+    PairWeights,
+    RunResults,
+    SemisupResult,
+    SemisupRound,
+    SourceTrainingResult,
+    TargetSemisup,
+    TransferabilityResult,
+)
 
 APPLIED = resolve_policy(
     default_policy(),
@@ -81,13 +95,18 @@ def write_coordinator_ledger(path: Path) -> Ledger:
     return ledger
 
 
+def trained(replies: dict[str, dict[str, Any]]) -> SourceTrainingResult:
+    """A source-training result holding these sources' reply figures."""
+    return SourceTrainingResult(training=replies, missing={})
+
+
 def test_privacy_section_counts_what_each_site_released(tmp_path: Path) -> None:
     # Prepare
     ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")
-    training = {"training": {"B": B_TRAINING}}
+    results = RunResults(source_training=trained({"B": B_TRAINING}))
 
     # Execute
-    section = build_privacy_section(ledger.entries(), {"B": APPLIED}, training)
+    section = build_privacy_section(ledger.entries(), {"B": APPLIED}, results)
 
     # Assert: the coordinator's own requests are not a site's release
     assert list(section) == ["B", "C"]
@@ -119,25 +138,35 @@ def test_privacy_section_counts_what_each_site_released(tmp_path: Path) -> None:
 def test_privacy_section_adds_the_semisup_rounds_epsilon(tmp_path: Path) -> None:
     # Prepare: B trained its source model, then took part in two DP rounds
     ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")
-    training = {"training": {"B": B_TRAINING}}
     round_reply = {
         "dp.epsilon-spent": 0.5,
         "dp.delta": 1e-5,
         "dp.noise-multiplier": 1.5,
     }
-    semisup = {
-        "target": {"site": "A", "missing": "error 101: refused"},
-        "federated": {
-            "rounds": [
-                {"round": 0, "train": {}},
-                {"round": 1, "train": {"B": {**round_reply, "dp.epsilon-total": 2.9}}},
-                {"round": 2, "train": {"B": {**round_reply, "dp.epsilon-total": 3.3}}},
-            ]
-        },
-    }
+    rounds = [
+        {},
+        {"B": {**round_reply, "dp.epsilon-total": 2.9}},
+        {"B": {**round_reply, "dp.epsilon-total": 3.3}},
+    ]
+    semisup = SemisupResult(
+        variant="ugmcl",
+        labelled_fraction=0.2,
+        start="initial",
+        target=TargetSemisup(site="A", missing="error 101: refused"),
+        federated=FederatedSemisup(
+            sites=("B",),
+            rounds=tuple(
+                SemisupRound(round=number, dice={}, missing={}, train=train)
+                for number, train in enumerate(rounds)
+            ),
+            stopped=None,
+        ),
+        models=(),
+    )
+    results = RunResults(source_training=trained({"B": B_TRAINING}), semisup=semisup)
 
     # Execute
-    section = build_privacy_section(ledger.entries(), {}, training, semisup)
+    section = build_privacy_section(ledger.entries(), {}, results)
 
     # Assert: spent sums the run's trainings; total is the site's latest figure
     assert epsilon_of(section, "B") == {
@@ -155,10 +184,11 @@ def test_privacy_section_adds_the_profile_and_fine_tuning_epsilon(
     # Prepare: B trained its source model, released a noised profile, then
     # fine-tuned the path's model under DP
     ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")
-    training = {"training": {"B": B_TRAINING}}
     dp = {"dp.delta": 1e-5, "dp.noise-multiplier": 1.5}
-    affinity = {
-        "profiles": {
+    affinity = AffinityResult(
+        target="A",
+        missing={},
+        profiles={
             "B": {**dp, "dp.epsilon-spent": 5.0, "dp.epsilon-total": 6.0},
             "A": {
                 "dp.epsilon-spent": 0.0,
@@ -167,13 +197,12 @@ def test_privacy_section_adds_the_profile_and_fine_tuning_epsilon(
                 "dp.noise-multiplier": 0.0,
             },
         },
-        "steps": [
-            {"site": "B", **dp, "dp.epsilon-spent": 0.7, "dp.epsilon-total": 7.1}
-        ],
-    }
+        steps=({"site": "B", **dp, "dp.epsilon-spent": 0.7, "dp.epsilon-total": 7.1},),
+    )
+    results = RunResults(source_training=trained({"B": B_TRAINING}), affinity=affinity)
 
     # Execute
-    section = build_privacy_section(ledger.entries(), {}, training, None, affinity)
+    section = build_privacy_section(ledger.entries(), {}, results)
 
     # Assert: in run order, the fine-tuning step's total is B's latest
     assert epsilon_of(section, "B") == {
@@ -188,27 +217,24 @@ def test_privacy_section_adds_the_profile_and_fine_tuning_epsilon(
 def test_report_markdown_shows_the_privacy_tables(tmp_path: Path) -> None:
     # Prepare
     ledger = write_coordinator_ledger(tmp_path / "ledger.jsonl")
-    training = {"training": {"B": B_TRAINING, "C": {"dp.noise-multiplier": 0.0}}}
-    privacy = build_privacy_section(ledger.entries(), {"B": APPLIED}, training)
+    results = RunResults(
+        discover=DiscoverResult(target="A", sites=(), missing={}),
+        source_training=trained({"B": B_TRAINING, "C": {"dp.noise-multiplier": 0.0}}),
+        transferability=TransferabilityResult(
+            metric="lftm",
+            release="domain",
+            sources=("B",),
+            itm=None,
+            dtm={"B": 0.5},
+            main="B",
+            aux=None,
+            weights=PairWeights(main=1.0, aux=0.0),
+        ),
+        evaluation=EvaluationResult(site="A", num_cases=0, dice={}, hd95_mm={}),
+    )
+    privacy = build_privacy_section(ledger.entries(), {"B": APPLIED}, results)
     report = build_report(
-        run_id=1,
-        config={},
-        discover={
-            "target": "A",
-            "sites": [],
-        },
-        source_training=training,
-        transferability={
-            "metric": "lftm",
-            "dtm": {"B": 0.5},
-            "main": "B",
-            "aux": None,
-            "weights": {"main": 1.0, "aux": 0.0},
-        },
-        adaptation={},
-        evaluation={"num_cases": 0, "dice": {}, "hd95_mm": {}},
-        phase_seconds={},
-        privacy=privacy,
+        run_id=1, config={}, results=results, phase_seconds={}, privacy=privacy
     )
 
     # Execute
@@ -224,4 +250,4 @@ def test_report_markdown_shows_the_privacy_tables(tmp_path: Path) -> None:
     ) in markdown
     assert "| C | n/a | n/a | n/a | n/a | no DP | - | - |" in markdown
     assert "per patient" in markdown
-    assert report["transferability"]["release"] is None
+    assert report["transferability"]["release"] == "domain"

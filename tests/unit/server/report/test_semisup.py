@@ -10,6 +10,7 @@ import pytest
 
 from server.report import build_report, format_markdown, plot_report
 from server.report.semisup import PLOT_FILE, round_means, semisup_lines
+from server.results import EvaluationResult, RunResults, SemisupResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -94,13 +95,11 @@ def test_report_carries_semisup_and_plots_dice_per_round(tmp_path: Path) -> None
     report = build_report(
         run_id=1,
         config={},
-        discover=None,
-        source_training=None,
-        transferability=None,
-        adaptation=None,
-        evaluation=EVALUATION,
+        results=RunResults(
+            evaluation=EvaluationResult.from_document(EVALUATION),
+            semisup=SemisupResult.from_document(SEMISUP),
+        ),
         phase_seconds={},
-        semisup=SEMISUP,
     )
 
     # Execute
@@ -123,13 +122,8 @@ def test_no_plot_without_federated_rounds(tmp_path: Path) -> None:
     report = build_report(
         run_id=1,
         config={},
-        discover=None,
-        source_training=None,
-        transferability=None,
-        adaptation=None,
-        evaluation=None,
+        results=RunResults(semisup=SemisupResult.from_document(semisup)),
         phase_seconds={},
-        semisup=semisup,
     )
     plot_report(report, tmp_path)
 

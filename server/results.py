@@ -1,0 +1,366 @@
+"""The phases' results as typed records: what each phase persists and the report reads.
+
+Each phase returns (and saves in the run store, ``phases/<phase>.json``) one frozen
+record below; the runner reloads it on resume and the report reads it by attribute.
+The JSON form is written and read once, generically, over the records' fields
+(:meth:`Record.to_document`, :meth:`Record.from_document`): nested records become
+objects, tuples lists, and a field marked :data:`FLATTEN` (a mapping whose keys are
+dynamic, such as a site's reply figures keyed by their wire keys) is spread over the
+record's own object and collects, when read, every key no other field claims. A
+document that does not fit its record is refused with the file and the key named.
+
+Reply figures that came over the wire stay mappings of wire fields (their keys are
+spelled in :mod:`core.protocol`, and :mod:`core.protocol`'s reply records read them);
+everything the coordinator itself decided is a typed field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final, TypeVar
+
+from core import protocol
+
+# In an affinity result's profile figures: whether the profile carried the label term
+# (its other keys are the profile reply's wire keys).
+PROFILE_LABEL_TERM: Final = "label-term"
+# Field metadata: the field's mapping is spread over the record's own JSON object.
+FLATTEN: Final = {"flatten": True}
+# Field metadata: the field is left out of the JSON object while it holds its default.
+OMIT_DEFAULT: Final = {"omit_default": True}
+
+RecordT = TypeVar("RecordT", bound="Record")
+
+
+class ResultError(ValueError):
+    """A persisted phase result does not fit its record (names the file and key)."""
+
+
+class Record:
+    """Mixin of the dataclasses the generic JSON codec (de)serialises."""
+
+    __slots__ = ()
+
+    def to_document(self) -> dict[str, Any]:
+        """The record as a JSON-ready mapping (NaN stays NaN: the store nulls it)."""
+        document: dict[str, Any] = {}
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            if field.metadata.get("omit_default") and value == field.default:
+                continue
+            if field.metadata.get("flatten"):
+                document.update({key: _encode(item) for key, item in value.items()})
+            else:
+                document[field.name] = _encode(value)
+        return document
+
+    @classmethod
+    def from_document(
+        cls: type[RecordT], document: Mapping[str, Any], *, where: str = ""
+    ) -> RecordT:
+        """The record read back from :meth:`to_document`'s form.
+
+        Raises:
+            ResultError: a field is missing or of the wrong type (naming ``where``
+                and the key).
+        """
+        return _decode_record(cls, document, where or cls.__name__)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_document()
+    if isinstance(value, Mapping):
+        return {key: _encode(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encode(item) for item in value]
+    return value
+
+
+def _decode_record(
+    cls: type[RecordT], document: Mapping[str, Any], where: str
+) -> RecordT:
+    if not isinstance(document, Mapping):
+        raise ResultError(f"{where}: expected an object, got {document!r}")
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    claimed = {field.name for field in fields if not field.metadata.get("flatten")}
+    values: dict[str, Any] = {}
+    for field in fields:
+        if field.metadata.get("flatten"):
+            values[field.name] = {
+                key: value for key, value in document.items() if key not in claimed
+            }
+        elif field.name in document:
+            values[field.name] = _decode(
+                hints[field.name], document[field.name], f"{where}: {field.name}"
+            )
+        elif (
+            field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING
+        ):
+            raise ResultError(f"{where}: missing key {field.name!r}")
+    return cls(**values)
+
+
+def _decode(kind: Any, value: Any, where: str) -> Any:
+    """``value`` read as ``kind`` (a type hint), or ResultError naming ``where``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _decode(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ResultError(f"{where}: expected a list, got {value!r}")
+        return tuple(
+            _decode(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)
+        )
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ResultError(f"{where}: expected an object, got {value!r}")
+        return {
+            str(key): _decode(args[1], item, f"{where}.{key}")
+            for key, item in value.items()
+        }
+    if isinstance(kind, type) and issubclass(kind, Record):
+        return _decode_record(kind, value, where)
+    if kind is float:
+        if value is None:  # a non-finite figure, nulled when it was written
+            return math.nan
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{where}: no JSON form for {kind!r}")
+    raise ResultError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PhaseResult(Record):
+    """A finished phase's result; ``PHASE`` is its name in the run store."""
+
+    PHASE: ClassVar[str] = ""
+
+
+# --------------------------------------------------------------------- discover
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoveredSite(Record):
+    """A site that said hello: its name, its node and its hello reply's fields."""
+
+    name: str
+    node_id: int
+    hello: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+
+    @property
+    def reply(self) -> protocol.HelloReply:
+        """The hello reply (counts, modality, class names) as its wire record."""
+        return protocol.HelloReply.from_fields(self.hello)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoverResult(PhaseResult):
+    """Who answered, under which names, which is the target, who did not answer."""
+
+    PHASE: ClassVar[str] = "discover"
+    sites: tuple[DiscoveredSite, ...]
+    target: str
+    missing: dict[str, str]  # node id -> why it did not say hello
+
+
+# -------------------------------------------------------------- source training
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SourceTrainingResult(PhaseResult):
+    """Each source's training reply figures (protocol.TrainReply's wire fields)."""
+
+    PHASE: ClassVar[str] = "source-training"
+    training: dict[str, dict[str, Any]]
+    missing: dict[str, str]  # source -> why no model arrived
+
+
+# --------------------------------------------------------------------- affinity
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TransferPathRecord(Record):
+    """The chosen SeqTran path: its sites in order and what it costs."""
+
+    nodes: tuple[str, ...]
+    cost: float
+    path_length: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AffinityResult(PhaseResult):
+    """SeqTran: the profiles' figures, the matrices, the path and its fine-tuning.
+
+    ``matrices`` holds what :func:`server.phases.affinity.choose_affinity_path`
+    computed (affinity and distance matrices, the source graph), spread over the
+    record's object; ``steps`` each fine-tuning step's reply figures and site.
+    """
+
+    PHASE: ClassVar[str] = "affinity"
+    target: str
+    profiles: dict[str, dict[str, Any]]
+    missing: dict[str, str]
+    path: TransferPathRecord | None = None
+    steps: tuple[dict[str, Any], ...] = ()
+    model: str | None = None
+    stopped: str | None = None
+    matrices: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+
+
+# -------------------------------------------------------------- transferability
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PairWeights(Record):
+    """TGMA's weights of the main and auxiliary models."""
+
+    main: float
+    aux: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TransferabilityResult(PhaseResult):
+    """The target's LFTM scores and the main/auxiliary choice by DTM.
+
+    ``itm`` is None when the target released the DTM only (``release.lftm``).
+    """
+
+    PHASE: ClassVar[str] = "transferability"
+    metric: str
+    release: str
+    sources: tuple[str, ...]
+    itm: tuple[tuple[float, ...], ...] | None
+    dtm: dict[str, float]
+    main: str
+    aux: str | None
+    weights: PairWeights
+
+
+# ------------------------------------------------------------------- adaptation
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptationResult(PhaseResult):
+    """The adapted models' names and the target's adaptation reply figures."""
+
+    PHASE: ClassVar[str] = "adaptation"
+    site: str
+    models: tuple[str, ...]
+    reply: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+
+
+# -------------------------------------------------------------------- consensus
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsensusResult(PhaseResult):
+    """The consensus models' names and the target's figures, or why it was skipped.
+
+    ``outcome`` holds the consensus reply's figures (data parameters, STAPLE
+    sensitivities, label Dice, Spearman correlations), spread over the object.
+    """
+
+    PHASE: ClassVar[str] = "consensus"
+    models: tuple[str, ...]
+    skipped: str | None = dataclasses.field(default=None, metadata=OMIT_DEFAULT)
+    sources: tuple[str, ...] = dataclasses.field(default=(), metadata=OMIT_DEFAULT)
+    outcome: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+
+
+# ---------------------------------------------------------------------- semisup
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SemisupRound(Record):
+    """One federated round: the averaged student's Dice per site, who missed it."""
+
+    round: int
+    dice: dict[str, float]
+    missing: dict[str, str]
+    train: dict[str, dict[str, Any]]  # site -> its semisup reply figures
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class FederatedSemisup(Record):
+    """The federated rounds: participants, rounds (round 0 scores the start)."""
+
+    sites: tuple[str, ...]
+    rounds: tuple[SemisupRound, ...]
+    stopped: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TargetSemisup(Record):
+    """The target's refinement: its reply figures, or why it is missing."""
+
+    site: str
+    missing: str | None = dataclasses.field(default=None, metadata=OMIT_DEFAULT)
+    reply: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SemisupResult(PhaseResult):
+    """UG-MCL at the target and as federated rounds; the models by scope."""
+
+    PHASE: ClassVar[str] = "semisup"
+    variant: str
+    labelled_fraction: float
+    start: str
+    target: TargetSemisup | None
+    federated: FederatedSemisup | None
+    models: tuple[str, ...]
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluationResult(PhaseResult):
+    """Mean Dice and HD95 per predictor on the target's evaluation cases.
+
+    Under the target's DP the Dice are noised and HD95 withheld (nan); ``privacy``
+    holds the release's DP figures (:data:`core.protocol.DP_METRICS`).
+    """
+
+    PHASE: ClassVar[str] = "evaluation"
+    site: str
+    num_cases: int
+    dice: dict[str, float]
+    hd95_mm: dict[str, float]
+    privacy: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RunResults:
+    """Every phase's result of one run; None for a phase that has not finished."""
+
+    discover: DiscoverResult | None = None
+    source_training: SourceTrainingResult | None = None
+    affinity: AffinityResult | None = None
+    transferability: TransferabilityResult | None = None
+    adaptation: AdaptationResult | None = None
+    consensus: ConsensusResult | None = None
+    semisup: SemisupResult | None = None
+    evaluation: EvaluationResult | None = None

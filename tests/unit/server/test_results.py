@@ -1,0 +1,208 @@
+"""The phases' typed results: their JSON form, read back, and refused when wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from core import protocol
+from server.results import (
+    AdaptationResult,
+    AffinityResult,
+    ConsensusResult,
+    DiscoveredSite,
+    DiscoverResult,
+    EvaluationResult,
+    FederatedSemisup,
+    PairWeights,
+    PhaseResult,
+    ResultError,
+    RunResults,
+    SemisupResult,
+    SemisupRound,
+    SourceTrainingResult,
+    TargetSemisup,
+    TransferabilityResult,
+    TransferPathRecord,
+)
+from server.store import RunStore
+
+HELLO = protocol.HelloReply(
+    site="A",
+    modality="MR",
+    labelled=2,
+    unlabelled=3,
+    evaluation=4,
+    class_names=("organ",),
+).to_fields()
+RESULTS: list[PhaseResult] = [
+    DiscoverResult(
+        sites=(DiscoveredSite(name="A", node_id=11, hello=HELLO),),
+        target="A",
+        missing={"13": "no reply within 3600 s"},
+    ),
+    SourceTrainingResult(
+        training={"B": {"num-examples": 8, "loss": 0.5}}, missing={"D": "refused"}
+    ),
+    AffinityResult(
+        target="A",
+        profiles={"B": {"dp.epsilon-spent": 0.0}},
+        missing={},
+        path=TransferPathRecord(nodes=("B", "C", "A"), cost=0.7, path_length=0.4),
+        steps=({"site": "C", "loss": 0.2},),
+        model="seqtran",
+        matrices={"sites": ["B", "C", "A"], "label_term": True},
+    ),
+    TransferabilityResult(
+        metric="lftm",
+        release="instance",
+        sources=("B", "C"),
+        itm=((0.5, 0.25), (0.75, 0.5)),
+        dtm={"B": 0.625, "C": 0.375},
+        main="B",
+        aux="C",
+        weights=PairWeights(main=0.625, aux=0.375),
+    ),
+    AdaptationResult(site="A", models=("aux", "main"), reply={"num-examples": 12}),
+    ConsensusResult(
+        models=("deepstaple", "staple"),
+        sources=("B", "C"),
+        outcome={"num_images": 6, "label_dice": {"staple": 0.8}},
+    ),
+    SemisupResult(
+        variant="ugmcl",
+        labelled_fraction=0.2,
+        start="initial",
+        target=TargetSemisup(site="A", reply={"num-labelled": 2}),
+        federated=FederatedSemisup(
+            sites=("A", "B"),
+            rounds=(SemisupRound(round=0, dice={"A": 0.5}, missing={}, train={}),),
+            stopped=None,
+        ),
+        models=("federated", "target"),
+    ),
+    EvaluationResult(
+        site="A",
+        num_cases=6,
+        dice={"tgma": 0.9},
+        hd95_mm={"tgma": 3.5},
+        privacy={"dp.epsilon-spent": 0.0},
+    ),
+]
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=lambda result: result.PHASE)
+def test_a_result_reads_back_from_its_json_form(result: PhaseResult) -> None:
+    # Prepare
+    document = json.loads(json.dumps(result.to_document()))
+
+    # Execute
+    read = type(result).from_document(document)
+
+    # Assert
+    assert read == result
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=lambda result: result.PHASE)
+def test_the_store_saves_and_reloads_each_phase_by_its_name(
+    result: PhaseResult, tmp_path: Path
+) -> None:
+    # Prepare
+    store = RunStore(tmp_path / "run")
+
+    # Execute
+    path = store.save_result(result)
+
+    # Assert
+    assert path == tmp_path / "run" / "phases" / f"{result.PHASE}.json"
+    assert store.load_result(type(result)) == result
+
+
+def test_flattened_figures_sit_beside_the_fields_and_come_back_apart() -> None:
+    # Prepare
+    site = DiscoveredSite(name="A", node_id=11, hello=HELLO)
+
+    # Execute
+    document = site.to_document()
+
+    # Assert: the hello reply's wire fields are spread over the site's object
+    assert document == {"name": "A", "node_id": 11, **HELLO}
+    assert DiscoveredSite.from_document(document).hello == HELLO
+    assert site.reply.labelled == 2
+
+
+def test_fields_at_their_default_can_be_left_out() -> None:
+    # Prepare
+    skipped = ConsensusResult(models=(), skipped="error 101: refused")
+
+    # Execute
+    document = skipped.to_document()
+
+    # Assert: a skipped consensus is written as before: no sources, no figures
+    assert document == {"models": [], "skipped": "error 101: refused"}
+    assert ConsensusResult.from_document(document) == skipped
+
+
+def test_a_nulled_figure_reads_back_as_nan(tmp_path: Path) -> None:
+    # Prepare: an undefined HD95 is stored as null (strict JSON)
+    store = RunStore(tmp_path / "run")
+    store.save_result(
+        EvaluationResult(
+            site="A", num_cases=1, dice={"x": 0.5}, hd95_mm={"x": math.nan}
+        )
+    )
+
+    # Execute
+    read = store.load_result(EvaluationResult)
+
+    # Assert
+    assert store.load_phase("evaluation") == {
+        "site": "A",
+        "num_cases": 1,
+        "dice": {"x": 0.5},
+        "hd95_mm": {"x": None},
+    }
+    assert read is not None
+    assert math.isnan(read.hd95_mm["x"])
+
+
+def test_an_unfinished_phase_loads_as_none(tmp_path: Path) -> None:
+    # Execute
+    results = RunStore(tmp_path / "run").load_results()
+
+    # Assert
+    assert results == RunResults()
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"metric": "lftm"}, "missing key 'release'"),
+        (
+            {**RESULTS[3].to_document(), "main": 3},
+            "transferability.json: main: expected str, got 3",
+        ),
+        (
+            {**RESULTS[3].to_document(), "sources": "B"},
+            "sources: expected a list, got 'B'",
+        ),
+        (
+            {**RESULTS[3].to_document(), "weights": {"main": "x", "aux": 0.0}},
+            "weights: main: expected float, got 'x'",
+        ),
+    ],
+)
+def test_a_result_file_that_does_not_fit_is_refused_naming_file_and_key(
+    document: dict[str, object], message: str, tmp_path: Path
+) -> None:
+    # Prepare
+    store = RunStore(tmp_path / "run")
+    store.write_json("phases/transferability.json", document)
+
+    # Execute / Assert
+    with pytest.raises(ResultError, match=r"transferability\.json") as raised:
+        store.load_result(TransferabilityResult)
+    assert message in str(raised.value)
