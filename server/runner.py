@@ -231,9 +231,10 @@ class PipelineRunner:
         saved_discover = self._reloaded(DiscoverResult)
         if saved_discover is None:
             with self._timed("discover"):
-                sites, target = phases.discovery.discover(
+                discovered, sites = phases.discovery.discover(
                     coordinator, nodes=nodes, default_target=self.default_target
                 )
+            target = discovered.target
         else:
             with self._timed("rediscover"):
                 sites = phases.discovery.rediscover(
@@ -262,7 +263,7 @@ class PipelineRunner:
         saved_adaptation = self._reloaded(AdaptationResult)
         if saved_adaptation is None:
             with self._timed("adaptation"):
-                adapted = phases.adaptation.run(
+                _, adapted = phases.adaptation.run(
                     coordinator, target_site, models, selection
                 )
         else:
@@ -330,7 +331,10 @@ class PipelineRunner:
                 for method in saved.models
             }
         with self._timed("consensus"):
-            return phases.consensus.run(self.coordinator, target_site, models, adapted)
+            _, trained = phases.consensus.run(
+                self.coordinator, target_site, models, adapted
+            )
+        return trained
 
     def _semisup_models(
         self,
@@ -347,7 +351,10 @@ class PipelineRunner:
                 for scope in saved.models
             }
         with self._timed("semisup"):
-            return phases.semisup.run(self.coordinator, sites, target_site, adapted)
+            _, students = phases.semisup.run(
+                self.coordinator, sites, target_site, adapted
+            )
+        return students
 
     def _source_models(
         self, sites: Mapping[int, SiteInfo], target: str
@@ -363,7 +370,8 @@ class PipelineRunner:
             if site.name != target and site.hello.labelled > 0
         }
         with self._timed("source-training"):
-            return phases.source_training.run(self.coordinator, sources)
+            _, trained = phases.source_training.run(self.coordinator, sources)
+        return trained
 
     def _write_report(self, error: PhaseError | None) -> dict[str, Any]:
         store = self.store

@@ -25,8 +25,8 @@ def run(
     target: SiteInfo,
     models: Mapping[str, Arrays],
     selection: TransferabilityResult,
-) -> dict[str, Arrays]:
-    """Phase 5: the target adapts the main/aux pair on its own images."""
+) -> tuple[AdaptationResult, dict[str, Arrays]]:
+    """Phase 5: the target adapts the main/aux pair on its images; result, models."""
     request = protocol.AdaptRequest(
         main=selection.main,
         aux=selection.aux or "",
@@ -46,14 +46,13 @@ def run(
     for name, weights in adapted.items():
         coordinator.store.save_model(f"adapted-{name}", weights)
     outcome = protocol.AdaptReply.from_fields(records.read_metrics(reply.content))
-    coordinator.store.save_result(
-        AdaptationResult(
-            site=target.name, models=tuple(sorted(adapted)), reply=outcome.to_fields()
-        )
+    result = AdaptationResult(
+        site=target.name, models=tuple(sorted(adapted)), reply=outcome.to_fields()
     )
+    coordinator.store.save_result(result)
     coordinator.log(
         f"adaptation: {outcome.num_examples} examples, "
         f"{outcome.pseudo_label_foreground:.3f} pseudo-foreground, "
         f"{outcome.seconds:.1f} s at the target"
     )
-    return adapted
+    return result, adapted

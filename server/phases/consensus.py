@@ -28,7 +28,7 @@ def run(
     target: SiteInfo,
     models: Mapping[str, Arrays],
     adapted: Mapping[str, Arrays],
-) -> dict[str, Arrays]:
+) -> tuple[ConsensusResult, dict[str, Arrays]]:
     """Phase 6: the target fuses the sources' predictions (and its atlases' labels).
 
     The target builds its noisy label set, learns DeepSTAPLE data parameters, keeps
@@ -55,9 +55,10 @@ def run(
         # The target's policy refuses consensus (e.g. it requires DP, which
         # DeepSTAPLE has no form of): an optional phase, so the run goes on.
         reason = error.missing.get(target.name, str(error))
-        coordinator.store.save_result(ConsensusResult(models=(), skipped=reason))
+        skipped = ConsensusResult(models=(), skipped=reason)
+        coordinator.store.save_result(skipped)
         coordinator.log(f"consensus: skipped, the target refused it: {reason}")
-        return {}
+        return skipped, {}
     trained = records.read_named_models(reply.content)
     if "deepstaple" not in trained:
         raise PhaseError(
@@ -66,17 +67,16 @@ def run(
     outcome = protocol.ConsensusReply.from_fields(records.read_metrics(reply.content))
     for method, weights in trained.items():
         coordinator.store.save_model(f"consensus-{method}", weights)
-    coordinator.store.save_result(
-        ConsensusResult(
-            models=tuple(sorted(trained)),
-            sources=tuple(sorted(outcome.data_parameter)),
-            outcome=dataclasses.asdict(outcome),
-        )
+    result = ConsensusResult(
+        models=tuple(sorted(trained)),
+        sources=tuple(sorted(outcome.data_parameter)),
+        outcome=dataclasses.asdict(outcome),
     )
+    coordinator.store.save_result(result)
     coordinator.log(
         f"consensus: {outcome.num_labels} noisy labels on {outcome.num_images} "
         "images; mean data parameter "
         + ", ".join(f"{n} {v:.3f}" for n, v in outcome.data_parameter.items())
         + f"; {outcome.seconds:.1f} s at the target"
     )
-    return trained
+    return result, trained

@@ -158,8 +158,8 @@ def _say_hello(
 
 def discover(
     coordinator: Coordinator, *, nodes: list[int], default_target: str | None
-) -> tuple[dict[int, SiteInfo], str]:
-    """Phase 1: ask every node who it is; choose the target site."""
+) -> tuple[DiscoverResult, dict[int, SiteInfo]]:
+    """Phase 1: ask every node who it is; choose the target. Result, live sites."""
     config = coordinator.config
     sites, failed = _say_hello(coordinator, nodes)
     if len(sites) < config.federation.min_sites:
@@ -177,20 +177,17 @@ def discover(
             f"discover: target site {target!r} is not among the sites that "
             f"answered {names}; set federation.target-site"
         )
-    coordinator.store.save_result(
-        DiscoverResult(
-            sites=tuple(
-                DiscoveredSite(
-                    name=site.name, node_id=node, hello=site.hello.to_fields()
-                )
-                for node, site in sorted(sites.items(), key=lambda item: item[1].name)
-            ),
-            target=target,
-            missing={str(node): reason for node, reason in failed.items()},
-        )
+    result = DiscoverResult(
+        sites=tuple(
+            DiscoveredSite(name=site.name, node_id=node, hello=site.hello.to_fields())
+            for node, site in sorted(sites.items(), key=lambda item: item[1].name)
+        ),
+        target=target,
+        missing={str(node): reason for node, reason in failed.items()},
     )
+    coordinator.store.save_result(result)
     coordinator.log(f"discover: sites {names}, target {target}")
-    return sites, target
+    return result, sites
 
 
 def rediscover(

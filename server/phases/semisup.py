@@ -211,7 +211,7 @@ def run(
     sites: Mapping[int, SiteInfo],
     target: SiteInfo,
     adapted: Mapping[str, Arrays],
-) -> dict[str, Arrays]:
+) -> tuple[SemisupResult, dict[str, Arrays]]:
     """Phase 7: UG-MCL at the target and as federated rounds; segmentation models.
 
     Both start from the adapted main model (a fresh student without adaptation).
@@ -219,7 +219,8 @@ def run(
     labelled cases; the federated rounds when ``semisup.rounds`` > 0. Nothing later
     depends on this phase, so a site that refuses or fails (e.g. a DP site whose
     epsilon budget is spent) is recorded and the run goes on. Returns the
-    resulting segmentation models by scope (``target``, ``federated``).
+    phase's result and the segmentation models by scope (``target``,
+    ``federated``).
     """
     config = coordinator.config
     start = initial_student_weights(config, adapted.get("main"))
@@ -241,14 +242,13 @@ def run(
     }
     for scope, weights in models.items():
         coordinator.store.save_model(f"semisup-{scope}", weights)
-    coordinator.store.save_result(
-        SemisupResult(
-            variant=config.semisup.variant.value,
-            labelled_fraction=config.semisup.labelled_fraction,
-            start=ADAPTED_START if "main" in adapted else "initial",
-            target=at_target,
-            federated=federated,
-            models=tuple(sorted(models)),
-        )
+    result = SemisupResult(
+        variant=config.semisup.variant.value,
+        labelled_fraction=config.semisup.labelled_fraction,
+        start=ADAPTED_START if "main" in adapted else "initial",
+        target=at_target,
+        federated=federated,
+        models=tuple(sorted(models)),
     )
-    return models
+    coordinator.store.save_result(result)
+    return result, models

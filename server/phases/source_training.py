@@ -20,8 +20,10 @@ from server.coordinator import (
 from server.results import SourceTrainingResult
 
 
-def run(coordinator: Coordinator, sources: Mapping[int, SiteInfo]) -> dict[str, Arrays]:
-    """Phase 2: every source trains a model on its own labels; keep the weights."""
+def run(
+    coordinator: Coordinator, sources: Mapping[int, SiteInfo]
+) -> tuple[SourceTrainingResult, dict[str, Arrays]]:
+    """Phase 2: every source trains a model on its own labels; result, weights."""
     config = coordinator.config
     initial = build_initial_weights(config)
     coordinator.log(f"source training at {sorted(s.name for s in sources.values())}")
@@ -63,7 +65,6 @@ def run(coordinator: Coordinator, sources: Mapping[int, SiteInfo]) -> dict[str, 
             missing=names_by_site(sources, failed),
         )
     missing = names_by_site(sources, failed)
-    coordinator.store.save_result(
-        SourceTrainingResult(training=training, missing=missing)
-    )
-    return models
+    result = SourceTrainingResult(training=training, missing=missing)
+    coordinator.store.save_result(result)
+    return result, models

@@ -90,9 +90,10 @@ def test_a_site_claiming_a_path_as_its_name_is_left_out_naming_the_node(
     coordinator = coordinator_of(grid, run_config, tmp_path / "runs" / "1", log)
 
     # Execute
-    sites, target = phases.discovery.discover(
+    discovered, sites = phases.discovery.discover(
         coordinator, nodes=sorted(NODES), default_target="A"
     )
+    target = discovered.target
 
     # Assert: left out with the reason, recorded; nothing written under its name
     assert sorted(site.name for site in sites.values()) == ["A", "B"]
@@ -115,7 +116,7 @@ def test_a_node_registered_under_a_path_is_left_out_naming_the_node(
     coordinator = coordinator_of(grid, run_config, tmp_path / "runs" / "1")
 
     # Execute
-    sites, _ = phases.discovery.discover(
+    _, sites = phases.discovery.discover(
         coordinator, nodes=sorted(NODES), default_target="A"
     )
 
@@ -231,9 +232,10 @@ def test_a_node_whose_folder_is_named_like_the_target_takes_part_as_its_key(
     coordinator = coordinator_of(grid, run_config, tmp_path / "runs" / "1", log)
 
     # Execute
-    sites, target = phases.discovery.discover(
+    discovered, sites = phases.discovery.discover(
         coordinator, nodes=sorted(nodes), default_target="A"
     )
+    target = discovered.target
 
     # Assert: the target is the node registered as A, the poser is D
     assert target == "A"

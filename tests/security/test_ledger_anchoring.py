@@ -68,9 +68,10 @@ def exchange(
         return evaluate_content({"fg": models["fg"]}, predictors)
 
     # Discover: every site says hello; the coordinator learns who node 11 is.
-    sites, target = phases.discovery.discover(
+    discovered, sites = phases.discovery.discover(
         coordinator, nodes=sorted(nodes), default_target="A"
     )
+    target = discovered.target
     assert (sites[NODE].name, target) == ("A", "A")
     asked = [
         (evaluate(1), protocol.EVALUATE, True),

@@ -126,21 +126,22 @@ def full_run(
     nodes = phases.discovery.wait_for_nodes(
         grid, expected=3, wait_s=1.0, log=log.append
     )
-    sites, target = phases.discovery.discover(
+    discovered, sites = phases.discovery.discover(
         coordinator, nodes=nodes, default_target="A"
     )
+    target = discovered.target
     target_site = next(site for site in sites.values() if site.name == target)
     sources = {node: site for node, site in sites.items() if site.name != target}
-    sources_models = phases.source_training.run(coordinator, sources)
+    _, sources_models = phases.source_training.run(coordinator, sources)
     affinity, transferred = phases.affinity.run(
         coordinator, sites, target_site, sources_models
     )
     assert transferred is not None
     models = {**sources_models, phases.affinity.SEQTRAN_CANDIDATE: transferred}
     selection = phases.transferability.run(coordinator, target_site, models)
-    adapted = phases.adaptation.run(coordinator, target_site, models, selection)
-    consensus = phases.consensus.run(coordinator, target_site, models, adapted)
-    semisup = phases.semisup.run(coordinator, sites, target_site, adapted)
+    _, adapted = phases.adaptation.run(coordinator, target_site, models, selection)
+    _, consensus = phases.consensus.run(coordinator, target_site, models, adapted)
+    _, semisup = phases.semisup.run(coordinator, sites, target_site, adapted)
     evaluation = phases.evaluation.run(
         coordinator,
         target_site,
@@ -212,9 +213,10 @@ def test_discover_picks_target_from_config_or_default(
     )
 
     # Execute
-    _, target = phases.discovery.discover(
+    discovered, _ = phases.discovery.discover(
         coordinator, nodes=sorted(NODES), default_target=default_target
     )
+    target = discovered.target
 
     # Assert
     assert target == expected
@@ -256,9 +258,10 @@ def test_discover_records_a_node_that_never_replies(
     coordinator = build_coordinator(grid, config, tmp_path)
 
     # Execute
-    sites, target = phases.discovery.discover(
+    discovered, sites = phases.discovery.discover(
         coordinator, nodes=sorted(NODES), default_target="A"
     )
+    target = discovered.target
 
     # Assert
     assert sorted(site.name for site in sites.values()) == ["A", "B"]
@@ -277,7 +280,7 @@ def test_discover_records_an_error_reply(
     coordinator = build_coordinator(grid, config, tmp_path)
 
     # Execute
-    sites, _ = phases.discovery.discover(
+    _, sites = phases.discovery.discover(
         coordinator, nodes=sorted(grid.get_node_ids()), default_target="A"
     )
 
@@ -334,9 +337,10 @@ def test_discover_names_each_node_by_its_registered_name(
     coordinator = build_coordinator(grid, config, tmp_path, log)
 
     # Execute
-    sites, target = phases.discovery.discover(
+    discovered, sites = phases.discovery.discover(
         coordinator, nodes=sorted(NODES), default_target=None
     )
+    target = discovered.target
 
     # Assert: the registered names win, each mismatch is logged, the ledger agrees
     assert {node: site.name for node, site in sites.items()} == REGISTERED
@@ -362,9 +366,10 @@ def test_a_node_whose_folder_is_named_like_another_site_does_not_become_it(
     coordinator = build_coordinator(grid, config, tmp_path, log)
 
     # Execute
-    sites, target = phases.discovery.discover(
+    discovered, sites = phases.discovery.discover(
         coordinator, nodes=sorted(grid.get_node_ids()), default_target=None
     )
+    target = discovered.target
 
     # Assert: it takes part as D (the run's operator then sees a fourth site)
     assert sites[POSER].name == "D"
@@ -424,7 +429,7 @@ def test_discover_leaves_out_a_node_without_a_safe_registered_name(
     coordinator = build_coordinator(grid, config, tmp_path)
 
     # Execute
-    sites, _ = phases.discovery.discover(
+    _, sites = phases.discovery.discover(
         coordinator, nodes=sorted(NODES), default_target="A"
     )
 
@@ -521,7 +526,7 @@ def test_train_sources_proceeds_without_a_failing_source(
     }
 
     # Execute
-    models = phases.source_training.run(coordinator, sources)
+    _, models = phases.source_training.run(coordinator, sources)
 
     # Assert
     assert sorted(models) == ["B", "C"]
@@ -650,7 +655,7 @@ def test_affinity_refused_finetune_leaves_the_run_going_without_a_model(
     config = load_run_config(run_config)
     grid = build_grid(sites_dir, run_config)
     coordinator = build_coordinator(grid, config, tmp_path / "1")
-    sites, _ = phases.discovery.discover(
+    _, sites = phases.discovery.discover(
         coordinator, nodes=grid.get_node_ids(), default_target="A"
     )
     target_site = next(site for site in sites.values() if site.name == "A")
@@ -988,12 +993,16 @@ def test_consensus_refused_by_a_dp_target_is_skipped_and_the_run_goes_on(
     target = site_info(11, "A")
 
     # Execute
-    trained = phases.consensus.run(
+    result, trained = phases.consensus.run(
         coordinator, target, {"B": full_run.models["B"]}, full_run.adapted
     )
 
     # Assert: nothing was trained, the phase says why, and the report shows it
     assert trained == {}
+    assert result.models == ()
+    assert result.skipped is not None
+    assert "no-dp-form" in result.skipped
+    assert coordinator.store.load_result(ConsensusResult) == result
     saved = coordinator.store.load_phase("consensus")
     assert saved is not None
     assert saved["models"] == []
@@ -1004,7 +1013,7 @@ def test_consensus_refused_by_a_dp_target_is_skipped_and_the_run_goes_on(
     report = build_report(
         run_id=1,
         config={},
-        results=RunResults(consensus=coordinator.store.load_result(ConsensusResult)),
+        results=RunResults(consensus=result),
         phase_seconds={},
     )
     assert (
@@ -1101,13 +1110,14 @@ def test_semisup_refused_everywhere_leaves_the_run_going(
     config = load_run_config(run_config)
     grid = build_grid(sites_dir, run_config)
     coordinator = build_coordinator(grid, config, tmp_path / "1")
-    sites, target = phases.discovery.discover(
+    discovered, sites = phases.discovery.discover(
         coordinator, nodes=grid.get_node_ids(), default_target="A"
     )
+    target = discovered.target
     target_site = next(site for site in sites.values() if site.name == target)
 
     # Execute
-    models = phases.semisup.run(coordinator, sites, target_site, {})
+    _, models = phases.semisup.run(coordinator, sites, target_site, {})
 
     # Assert: recorded, and nothing raised
     saved = coordinator.store.load_phase("semisup")
