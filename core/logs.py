@@ -212,11 +212,15 @@ def format_duration(seconds: float) -> str:
     """A duration as progress lines show it.
 
     Example:
-        >>> format_duration(14.66), format_duration(125), format_duration(3725)
-        ('14.7 s', '2 min 05 s', '1 h 02 min')
+        >>> format_duration(0.034), format_duration(14.66), format_duration(125)
+        ('0.03 s', '14.7 s', '2 min 05 s')
+        >>> format_duration(3725)
+        '1 h 02 min'
     """
+    if seconds < 0.995:
+        return f"{max(seconds, 0.0):.2f} s"
     if seconds < 59.95:
-        return f"{max(seconds, 0.0):.1f} s"
+        return f"{seconds:.1f} s"
     whole = round(seconds)
     if whole < 3600:
         return f"{whole // 60} min {whole % 60:02d} s"

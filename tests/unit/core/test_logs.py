@@ -232,7 +232,7 @@ def test_progress_figures_show_the_step_the_rate_and_the_eta(
 def test_durations_read_as_seconds_minutes_or_hours() -> None:
     # Execute / Assert
     assert [format_duration(s) for s in (0.04, 59.9, 60.0, 3599.4, 3600.0)] == [
-        "0.0 s",
+        "0.04 s",
         "59.9 s",
         "1 min 00 s",
         "59 min 59 s",
