@@ -41,6 +41,8 @@ from core.privacy.ledger import (
 from server import records
 from server.store import RunStore
 
+# The coordinator's progress output; the ServerApp's sends each line to the
+# sitebridge.coordinator logger at INFO (server/app.py).
 Log = Callable[[str], None]
 COORDINATOR: Final = "coordinator"  # the coordinator's name in ledgers
 LEDGER_FILE: Final = "ledger.jsonl"
