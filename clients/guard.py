@@ -161,6 +161,13 @@ def _record(
         epsilon_spent=epsilon[0],
         epsilon_total=epsilon[1],
     )
+    setup.site.logger("guard").debug(
+        "%s %s: %d bytes, ledger entry %d",
+        message.metadata.message_type,
+        decision,
+        0 if egress is None else egress.total_bytes,
+        entry.index,
+    )
     return protocol.LedgerAnchor(entry.index, entry.entry_hash)
 
 

@@ -82,3 +82,26 @@ def test_the_run_configs_log_level_quiets_the_coordinator(
     # Assert
     assert (tmp_path / "5" / "report.md").is_file()
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.usefixtures("fresh_logging")
+def test_debug_shows_each_reply_at_both_ends(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Execute
+    run_to_discover(federation, run_config, tmp_path, **{"output.log-level": "debug"})
+
+    # Assert: the coordinator's view of each hello, and each site's ledgered release
+    output = capsys.readouterr().out
+    for site in ("A", "B", "C"):
+        assert f" DEBUG sitebridge.coordinator: query.hello from {site}: replied" in (
+            output
+        )
+        assert re.search(
+            rf" DEBUG sitebridge\.site\.{site}\.guard: query\.hello released: "
+            r"\d+ bytes, ledger entry \d+\n",
+            output,
+        )
