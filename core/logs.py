@@ -4,13 +4,14 @@ Owns how every SiteBridge process reports progress and diagnostics (results a co
 prints for its user stay on stdout as program output):
 
 - **namespace**: every logger is ``sitebridge.<part>`` (:func:`get_logger`):
-  ``sitebridge.coordinator``, ``sitebridge.site.<site name>``, ``sitebridge.guard``,
-  ``sitebridge.serve``, ``sitebridge.train``, ``sitebridge.consensus``,
+  ``sitebridge.coordinator``, ``sitebridge.site.<site name>`` (its guard:
+  ``sitebridge.site.<site name>.guard``; ``sitebridge.guard`` before the site is
+  known), ``sitebridge.serve``, ``sitebridge.train``, ``sitebridge.consensus``,
   ``sitebridge.semisup``, ``sitebridge.data``, ``sitebridge.audit``,
   ``sitebridge.benchmark``, ``sitebridge.loopback``;
 - **format** (:data:`LOG_FORMAT`), the one ``sitebridge-serve`` always used::
 
-      2026-12-07 10:31:02,118 INFO sitebridge.site.B: [source:B] epoch 3/30 ...
+      2026-12-07 10:31:02,118 INFO sitebridge.site.B: [train B] epoch 3/30 ...
 
   A record of several lines (a report, a traceback) repeats the head on every line,
   so each line of a log file says when, how bad and who;
