@@ -5,17 +5,19 @@ folder), calls one site job (a ``job`` module of core) and encodes only what the
 contract lets leave: weights, per-case scores without case names (or only their means,
 per policy), and aggregate metrics. A failure becomes an error reply whose reason names
 the file and the problem; the node keeps serving. Every handler runs inside the egress
-guard (``clients/guard.py``), registered once for the whole app.
+guard (``clients/guard.py``), registered once for the whole app. The site's progress
+and failures go to its logger, ``sitebridge.site.<name>`` (``core/logs.py``); before
+each message the app configures SiteBridge's logging from the run config's
+``output.log-level``, unless its process did (``sitebridge-serve --log-level``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flwr.app import Context, Error, Message
@@ -26,8 +28,10 @@ from clients.guard import egress_guard
 from clients.site import SiteSetup, resolve_setup
 from core import protocol
 from core.affinity.job import finetune_model, release_profile
+from core.config import load_run_config
 from core.consensus.job import run_consensus
 from core.data.dataset import SiteDataError, index_site
+from core.logs import DEFAULT_LEVEL, configure_logging, get_logger
 from core.privacy.dp import (
     DpSettings,
     PrivacySpend,
@@ -41,11 +45,28 @@ from core.training.evaluation import release_evaluation
 from core.training.job import SourceTraining, train_source_model
 from core.transfer.job import adapt_target, score_candidates
 
-LOGGER = logging.getLogger("sitebridge.site")
+LOGGER = get_logger("site")  # before the site is known; then the site's own
 
 app = ClientApp(mods=[egress_guard])
 
 Handler = Callable[[Message, Context, SiteSetup], Message]
+
+
+@app.lifespan()
+def site_logging(context: Context) -> Iterator[None]:
+    """Before each message: send the site's lines through SiteBridge's logging.
+
+    The run config's ``output.log-level`` applies unless this process configured its
+    logging itself: in a deployment ``sitebridge-serve`` did, from the site's own
+    ``--log-level``, which a coordinator's run config does not override. A bad value
+    is left to the guard, whose refusal names the key.
+    """
+    try:
+        level = load_run_config(context.run_config).output.log_level
+    except ValueError:
+        level = DEFAULT_LEVEL
+    configure_logging(level, if_unconfigured=True)
+    yield
 
 
 def site_handler(handler: Handler) -> Callable[[Message, Context], Message]:
@@ -57,8 +78,10 @@ def site_handler(handler: Handler) -> Callable[[Message, Context], Message]:
 
     @functools.wraps(handler)
     def wrapped(message: Message, context: Context) -> Message:
+        setup: SiteSetup | None = None
         try:
-            return handler(message, context, resolve_setup(context))
+            setup = resolve_setup(context)
+            return handler(message, context, setup)
         except (
             SiteDataError,
             PolicyError,
@@ -67,7 +90,8 @@ def site_handler(handler: Handler) -> Callable[[Message, Context], Message]:
             RuntimeError,
         ) as error:
             reason = f"{type(error).__name__}: {error}"
-            LOGGER.error("%s failed: %s", message.metadata.message_type, reason)
+            logger = LOGGER if setup is None else setup.site.logger()
+            logger.error("%s failed: %s", message.metadata.message_type, reason)
             return Message(
                 Error(code=protocol.SITE_ERROR_CODE, reason=reason), reply_to=message
             )
@@ -79,12 +103,13 @@ def _progress(setup: SiteSetup) -> Callable[[str], None]:
     """The site's progress sink for one request; it also enforces the time cap.
 
     Every long loop reports progress through it (per epoch or per stretch of steps),
-    so a request past ``limits.max-request-seconds`` stops at its next report.
+    so a request past ``limits.max-request-seconds`` stops at its next report. Lines
+    go to the site's logger (INFO), which names the site.
     """
-    site, deadline = setup.site, setup.deadline
+    logger, deadline = setup.site.logger(), setup.deadline
 
     def emit(line: str) -> None:
-        print(f"[site {site.name}] {line}", flush=True)
+        logger.info("%s", line)
         if deadline is not None and time.monotonic() > deadline:
             raise LimitError(
                 "the request ran past limits.max-request-seconds "

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,6 +57,7 @@ from core.config import DataConfig, ModelConfig
 from core.consensus.registration import index_atlases
 from core.data.dataset import SiteDataError, index_site
 from core.data.site import redact_site_text
+from core.logs import get_logger
 from core.privacy.egress import ERROR_FIELD, measure_content, measure_error
 from core.privacy.ledger import BLOCKED_PREFIX, EGRESS, ERROR, RELEASED, Egress, Ledger
 from core.privacy.limits import (
@@ -83,7 +83,9 @@ from core.privacy.policy import (
 from core.semisup.dual_task import build_dual_task_model
 from core.training.networks import Manifest, build_model, get_manifest
 
-LOGGER = logging.getLogger("sitebridge.guard")
+# The guard's lines go to sitebridge.site.<name>.guard; this one only before the
+# site is known.
+LOGGER = get_logger("guard")
 LEDGER_FILE = "ledger.jsonl"
 # Actions that train on a site's labelled data or release statistics of it but have no
 # DP form here; a site that requires DP refuses them before any work.
@@ -158,6 +160,13 @@ def _record(
         policy=setup.policy.to_fields(),
         epsilon_spent=epsilon[0],
         epsilon_total=epsilon[1],
+    )
+    setup.site.logger("guard").debug(
+        "%s %s: %d bytes, ledger entry %d",
+        message.metadata.message_type,
+        decision,
+        0 if egress is None else egress.total_bytes,
+        entry.index,
     )
     return protocol.LedgerAnchor(entry.index, entry.entry_hash)
 
@@ -464,8 +473,9 @@ def _refuse_unresolved(message: Message, context: Context, error: Exception) -> 
     """
     message_type = message.metadata.message_type
     reason = f"{type(error).__name__}: {error}"
-    LOGGER.error("%s refused: %s", message_type, reason)
     located = locate_state_leniently(context)
+    logger = LOGGER if located is None else located[0].logger("guard")
+    logger.error("%s refused: %s", message_type, reason)
     if located is None:
         # No site, so no ledger to write to; the text still leaves no path.
         named = context.node_config.get(SITE_DIR_KEY)
@@ -508,7 +518,7 @@ def egress_guard(
         refusals = [] if charge is None else [charge]
     if refusals:
         reason = describe_violations(refusals)
-        LOGGER.error("%s refused: %s", message_type, reason)
+        setup.site.logger("guard").error("%s refused: %s", message_type, reason)
         return _error_reply_recorded(
             setup,
             message,
@@ -520,7 +530,7 @@ def egress_guard(
     try:
         reply = call_next(message, context)
     except Exception as error:  # the guard must answer for any failure
-        LOGGER.exception("%s handler raised", message_type)
+        setup.site.logger("guard").exception("%s handler raised", message_type)
         reply = _error_reply(
             message, protocol.SITE_ERROR_CODE, f"{type(error).__name__}: {error}"
         )
@@ -530,7 +540,9 @@ def egress_guard(
         violations = _check_error(setup, attempted)
         if violations:
             blocked = describe_violations(violations)
-            LOGGER.error("%s error reply blocked: %s", message_type, blocked)
+            setup.site.logger("guard").error(
+                "%s error reply blocked: %s", message_type, blocked
+            )
             # The entry records the text that was stopped, as for any blocked reply.
             anchor = _record(
                 setup,
@@ -557,7 +569,7 @@ def egress_guard(
     )
     if violations:
         reason = describe_violations(violations)
-        LOGGER.error("%s reply blocked: %s", message_type, reason)
+        setup.site.logger("guard").error("%s reply blocked: %s", message_type, reason)
         # What left is the refusal's reason, not the blocked content; the entry
         # records what would have left, so an auditor sees what was stopped.
         anchor = _record(

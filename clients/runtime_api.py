@@ -42,7 +42,6 @@ waiting for its content while a newer task is pending was abandoned: its pull gi
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -85,7 +84,9 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message
 
-LOGGER = logging.getLogger("sitebridge.serve")
+from core.logs import get_logger
+
+LOGGER = get_logger("serve")
 
 # Flower's sub-statuses of a finished task (flwr.common.constant.SubStatus).
 COMPLETED: Final = "completed"

@@ -28,13 +28,14 @@ names no path, the site's log has the details) and the loop goes on. SIGTERM or
 SIGINT stops the process: idle, at once; during a task, the task is interrupted,
 answered with an error saying the site stopped, and ended. The state dir is the
 same one the ClientApp uses: ``node_config["state-dir"]``, else
-``<site-dir>/.sitebridge``.
+``<site-dir>/.sitebridge``. Its lines and the ClientApp's go to stdout in SiteBridge's
+one format (``core/logs.py``) at the site's ``--log-level``, which no run config
+overrides.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -54,6 +55,7 @@ from clients.runtime_api import (
 )
 from clients.site import DEFAULT_STATE_DIR, LEDGER_FILE, SITE_DIR_KEY, STATE_DIR_KEY
 from core import protocol
+from core.logs import add_log_level_option, configure_logging, get_logger, log_level_of
 from core.privacy.approvals import (
     APPROVALS_FILE,
     ApprovalError,
@@ -64,7 +66,7 @@ from core.privacy.approvals import (
 from core.privacy.egress import measure_error
 from core.privacy.ledger import BLOCKED_PREFIX, EGRESS, ERROR, Ledger
 
-LOGGER = logging.getLogger("sitebridge.serve")
+LOGGER = get_logger("serve")
 
 BUNDLE_NOT_APPROVED: Final = "bundle-not-approved"  # the rule in the site's ledger
 APPROVE_COMMAND: Final = "sitebridge site approve --state-dir <state-dir> {sha256}"
@@ -380,17 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_POLL_S,
         help=f"seconds between looks for a task when idle (default {DEFAULT_POLL_S})",
     )
+    add_log_level_option(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sitebridge-serve`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # One line per HTTP request (two per second while idle) would bury the site's log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The site's own level: the ClientApp run here keeps it, whatever a run config
+    # says (clients.app.site_logging).
+    configure_logging(log_level_of(args))
     secret = None
     if args.superexec_auth_secret_file is not None:
         try:

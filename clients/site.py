@@ -11,11 +11,14 @@ with the run's privacy settings (the stricter wins) by ``core.data.site``, the s
 here, once, so every handler sees them: the cap on slices per case and the
 semi-supervised labelled fraction. The site's state (ledger, privacy accountant, query
 book) lives in ``node_config["state-dir"]``, default ``<site-dir>/.sitebridge/``.
+Every line the site logs goes through its own logger, ``sitebridge.site.<name>``, so
+each names the site.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Final
@@ -26,6 +29,7 @@ from core.config import RunConfig, load_run_config
 from core.data.dataset import SiteDataError, list_site_dirs
 from core.data.site import DEFAULT_POLICY_SOURCE, read_applied_policy
 from core.data.synthetic import resolve_federation_dir
+from core.logs import get_logger
 from core.privacy.dp import ACCOUNTANT_FILE
 from core.privacy.ledger import Ledger
 from core.privacy.limits import QUERIES_FILE, cap_slices_per_case
@@ -45,6 +49,15 @@ class SiteLocation:
 
     name: str
     directory: Path
+
+    def logger(self, part: str = "") -> logging.Logger:
+        """The site's logger, ``sitebridge.site.<name>`` (``.<part>`` when given).
+
+        Example:
+            >>> SiteLocation("B", Path("/data/B")).logger("guard").name
+            'sitebridge.site.B.guard'
+        """
+        return get_logger(".".join(filter(None, ("site", self.name, part))))
 
 
 def resolve_site(context: Context, config: RunConfig) -> SiteLocation:

@@ -4,7 +4,9 @@ Runs themselves are always ``flwr run .`` (see the README); these subcommands ma
 data, check a site folder offline, approve the app bundles a site serves, print a
 run's report, audit an egress ledger and audit a model for membership inference.
 Each body parses its arguments, calls one core function and returns an exit code.
-Heavy imports stay inside the subcommands.
+Heavy imports stay inside the subcommands. Results are the command's output, on
+stdout (errors on stderr); progress goes through SiteBridge's logging
+(``core/logs.py``) at ``--log-level``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
+
+from core.logs import add_log_level_option, configure_logging, get_logger, log_level_of
 
 if TYPE_CHECKING:
     from core.privacy.audit import MiaResult
@@ -29,7 +33,7 @@ def _synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_sites=args.sites,
         num_train_cases=args.cases,
-        progress=print,
+        progress=get_logger("data").info,
     )
     print(f"wrote {len(names)} sites to {args.out} (default target {names[0]})")
     return 0
@@ -45,7 +49,7 @@ def _builtin(args: argparse.Namespace) -> int:
         seed=federation.synthetic_seed,
         num_sites=federation.synthetic_sites,
         num_train_cases=federation.synthetic_cases,
-        progress=print,
+        progress=get_logger("data").info,
     )
     print(f"built-in federation: {folder}")
     return 0
@@ -337,7 +341,7 @@ def _audit_mia(args: argparse.Namespace) -> int:
             references=args.references,
             resamples=args.bootstrap,
             seed=args.seed,
-            progress=lambda line: print(line, flush=True),
+            progress=get_logger("audit").info,
         )
     except ValueError as error:  # SiteDataError is a ValueError
         print(f"error: {error}", file=sys.stderr)
@@ -513,12 +517,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mia.add_argument("--json", type=Path, help="also write the results here")
     mia.set_defaults(run=_audit_mia)
+    add_log_level_option(
+        parser,
+        synth,
+        builtin,
+        site,
+        check,
+        approve,
+        report,
+        audit,
+        verify,
+        summary,
+        mia,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sitebridge`` console script."""
     args = build_parser().parse_args(argv)
+    configure_logging(log_level_of(args))
     result: int = args.run(args)
     return result
 

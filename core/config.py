@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from core.coerce import as_bool, as_float, as_int, as_str
+from core.logs import LogLevel
 
 ConfigValue = bool | int | float | str
 
@@ -155,9 +156,10 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class OutputConfig:
-    """Where the coordinator writes runs."""
+    """Where the coordinator writes runs, and which progress lines the apps show."""
 
     runs_dir: str
+    log_level: LogLevel  # the ServerApp's and (in simulation) the ClientApp's
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

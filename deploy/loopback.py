@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -93,8 +94,14 @@ class DeploymentError(RuntimeError):
     """A script or ``flwr`` command failed, or a deadline passed."""
 
 
+# SiteBridge's namespace (core/logs.py), through the standard library: deploy/ imports
+# nothing of core. Whoever runs the harness configures logging (core.logs), as the
+# integration test does.
+LOGGER = logging.getLogger("sitebridge.loopback")
+
+
 def _log(line: str) -> None:
-    print(f"[loopback] {line}", flush=True)
+    LOGGER.info("%s", line)
 
 
 def wait_until(

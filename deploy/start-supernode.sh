@@ -54,6 +54,8 @@
 #                            node then survives a SuperLink restart)
 #   SITEBRIDGE_VENV          virtualenv holding flower-supernode and sitebridge-serve
 #                            (else PATH is used)
+#   SITEBRIDGE_LOG_LEVEL     the app process's --log-level: debug, info (default),
+#                            warning or error (the site's own; no run config changes it)
 set -euo pipefail
 # shellcheck source=deploy/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -101,6 +103,9 @@ app_command=(
     --runtime-api "$host:$port"
     --superexec-auth-secret-file "$secret_file"
 )
+if [[ -n "${SITEBRIDGE_LOG_LEVEL:-}" ]]; then
+    app_command+=(--log-level "$SITEBRIDGE_LOG_LEVEL")
+fi
 
 if [[ "$mode" == app ]]; then
     require_command sitebridge-serve "activate the SiteBridge virtualenv or set SITEBRIDGE_VENV"

@@ -6,6 +6,8 @@ transferability -> adaptation -> evaluation. ``last-phase`` stops early;
 ``resume-run=<run-id>`` finishes an interrupted run in its own folder, reloading the
 phases it had finished. With ``federation.dir`` empty the built-in synthetic
 federation is generated (cached) first, which is what a local simulation runs on.
+The coordinator's progress (``Coordinator.log``) goes to the ``sitebridge.coordinator``
+logger at INFO, shown at the run config's ``output.log-level`` (``core/logs.py``).
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from flwr.serverapp import Grid, ServerApp
 from core.config import RunConfig, load_run_config
 from core.data.dataset import list_site_dirs, read_federation_target
 from core.data.synthetic import ensure_builtin_federation, resolve_federation_dir
+from core.logs import configure_logging, get_logger
 from server.coordinator import Coordinator
 from server.runner import PipelineRunner, open_run_store
 
 app = ServerApp()
+LOGGER = get_logger("coordinator")
 
 
 def _log(line: str) -> None:
-    print(f"[coordinator] {line}", flush=True)
+    """The coordinator's progress line (its ``log``): INFO, one head per line."""
+    LOGGER.info("%s", line)
 
 
 def resolve_runs_dir(config: RunConfig) -> Path:
@@ -75,6 +80,7 @@ def prepare_federation(config: RunConfig) -> tuple[int, str | None]:
 def main(grid: Grid, context: Context) -> None:
     """Run the pipeline over the connected sites and write the report."""
     config = load_run_config(context.run_config)
+    configure_logging(config.output.log_level)
     store = open_run_store(
         config, run_id=context.run_id, runs_dir=resolve_runs_dir(config)
     )

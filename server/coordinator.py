@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 
 from core import protocol
 from core.config import RunConfig
+from core.logs import get_logger
 from core.privacy.egress import measure_content, measure_error
 from core.privacy.ledger import (
     EGRESS,
@@ -41,7 +42,10 @@ from core.privacy.ledger import (
 from server import records
 from server.store import RunStore
 
+# The coordinator's progress output; the ServerApp's sends each line to the
+# sitebridge.coordinator logger at INFO (server/app.py).
 Log = Callable[[str], None]
+LOGGER = get_logger("coordinator")  # its own DEBUG lines: each reply, or its absence
 COORDINATOR: Final = "coordinator"  # the coordinator's name in ledgers
 LEDGER_FILE: Final = "ledger.jsonl"
 ADAPTED_START: Final = "adapted:main"  # the model consensus and semisup start from
@@ -267,10 +271,19 @@ class Coordinator:
                     refused.add(node)
             else:
                 ok[node] = reply
+            LOGGER.debug(
+                "%s from %s: %s",
+                message_type,
+                self.site_name(node, reply),
+                failed.get(node, "replied"),
+            )
         for node, message in messages.items():
             if node not in ok and node not in failed:
                 failed[node] = (
                     f"no reply within {self.config.federation.reply_timeout_s:g} s"
+                )
+                LOGGER.debug(
+                    "%s from %s: %s", message_type, self.site_name(node), failed[node]
                 )
                 self._append(
                     message,

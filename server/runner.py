@@ -56,6 +56,7 @@ RESUME_MAY_CHANGE: Final = frozenset(
         "resume-run",
         "last-phase",
         "output.runs-dir",
+        "output.log-level",
         "federation.min-sites",
         "federation.expected-sites",
         "federation.wait-nodes-s",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from core.config import ConfigValue, read_default_run_config
 from core.data.synthetic import write_federation
+from core.logs import NAMESPACE
 
 # Small enough that a whole pipeline runs in seconds on 2 CPU cores.
 TINY_RUN_CONFIG: dict[str, ConfigValue] = {
@@ -41,6 +44,20 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def restore_sitebridge_logging() -> Iterator[None]:
+    """Each test leaves the ``sitebridge`` logger's handlers and level as it found them.
+
+    A command's ``--log-level warning`` or a ClientApp's configuration would otherwise
+    decide what every later test in the session sees.
+    """
+    logger = logging.getLogger(NAMESPACE)
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ neither SimpleITK nor flwr itself.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable
 
@@ -26,10 +25,11 @@ import torch.nn.functional as functional
 from torch import nn
 
 from core.consensus.staple import check_label_stack
+from core.logs import get_logger
 from core.training.loop import MixedPrecision, TrainingClock
 from core.training.trainer import seed_everything
 
-LOGGER = logging.getLogger(__name__)
+LOGGER = get_logger("consensus")
 CLASS_WEIGHT_EXPONENT: float = 0.35
 NETWORK_LEARNING_RATE: float = 0.01
 DATA_PARAMETER_LEARNING_RATE: float = 0.1
@@ -468,6 +468,7 @@ def train_deepstaple(
             epochs,
             epoch_losses[-1],
             f"data parameters {float(raw.min()):.3f}..{float(raw.max()):.3f}",
+            samples=count,
         )
     model.eval()
     values = data_parameters.embedding.weight.detach().squeeze(-1).float().cpu()

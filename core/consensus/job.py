@@ -56,6 +56,7 @@ from core.data.dataset import (
     label_volume_from_slices,
 )
 from core.data.io import read_volume, write_volume
+from core.logs import Countdown
 from core.metrics import dice_score, spearman
 from core.protocol import ATLAS_SOURCE_PREFIX, CONSENSUS_METHODS
 from core.training.job import build_model_with
@@ -139,7 +140,8 @@ def _atlas_labels(
     atlases = [read_atlas(case, num_classes=num_classes) for case in atlas_cases]
     per_atlas: list[list[torch.Tensor]] = [[] for _ in atlases]
     settings = RegistrationSettings()
-    for number, case in enumerate(cases, start=1):
+    countdown = Countdown(len(cases))
+    for case in cases:
         target = read_volume(case.image_path)
         transferred = transfer_atlas_labels(
             target, atlases, settings=settings, target_name=str(case.image_path)
@@ -148,7 +150,7 @@ def _atlas_labels(
             row.append(label_slices(atlas_label.label, data=config.data))
         progress(
             f"[consensus] registered {len(atlases)} atlas(es) onto image "
-            f"{number}/{len(cases)}"
+            f"{countdown.tick()}"
         )
     return [torch.cat(rows) for rows in per_atlas]
 

@@ -1045,7 +1045,8 @@ def train_private(
             nothing recorded).
         device: where to train.
         label: names the run in progress lines.
-        progress: called with one line per epoch.
+        progress: called with one line per epoch (defaults to the
+            ``sitebridge.train`` logger).
         seed: the mechanism's seed; None (a site) draws one from the OS.
 
     Returns:
@@ -1135,7 +1136,8 @@ def run_private_training(
         accountant_path: the site's accountant (None: nothing recorded).
         device: where to train.
         label: names the run in progress lines.
-        progress: called with one line per epoch.
+        progress: called with one line per epoch (defaults to the
+            ``sitebridge.train`` logger).
         seed: the mechanism's seed; None (a site) draws one from the OS.
 
     Returns:
@@ -1145,7 +1147,6 @@ def run_private_training(
         PrivacyBudgetError: before any step, when the budget would be exceeded.
         RuntimeError: the steps run differ from the steps recorded.
     """
-    report = progress or print
     num_samples = int(images.shape[0])
     sample_rate, steps = dp_sgd_schedule(
         num_samples, batch_size=schedule.batch_size, epochs=schedule.epochs
@@ -1172,7 +1173,7 @@ def run_private_training(
         batch_images, batch_targets = (tensor.to(device) for tensor in batch)
         return per_sample_loss(batch_images, batch_targets)
 
-    clock = TrainingClock(label, report)
+    clock = TrainingClock(label, progress)
     clock.line(
         f"DP-SGD: {num_samples} samples, {plan.steps} steps "
         f"({schedule.epochs} epochs of {plan.steps // schedule.epochs}), noise "
@@ -1192,7 +1193,7 @@ def run_private_training(
                 count += int(losses.numel())
             seen += count
             epoch_losses.append(total / max(count, 1))
-            clock.epoch(epoch, schedule.epochs, epoch_losses[-1])
+            clock.epoch(epoch, schedule.epochs, epoch_losses[-1], samples=count)
     finally:
         mechanism.close()
     if mechanism.steps_taken != plan.steps:  # the schedule divides by construction

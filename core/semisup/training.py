@@ -14,7 +14,6 @@ consistency part sees unlabelled images only. Pure PyTorch/MONAI; never imports 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable, Iterator
 from typing import Final
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from core.config import SemisupVariant
+from core.logs import get_logger
 from core.privacy.dp import DpSgdPlan, PrivateGradient
 from core.semisup.dual_task import DualTaskUNet
 from core.semisup.terms import (
@@ -40,7 +40,7 @@ from core.semisup.terms import (
 from core.training.loop import MixedPrecision, TrainingClock, device_description
 from core.training.trainer import augment_batch, seed_everything
 
-LOGGER = logging.getLogger(__name__)
+LOGGER = get_logger("semisup")
 
 SGD_MOMENTUM: Final = 0.9
 SGD_WEIGHT_DECAY: Final = 1e-4
@@ -549,6 +549,7 @@ def train_semisupervised(
     sums = torch.zeros(4, dtype=torch.float64)
     counts = torch.zeros(4, dtype=torch.float64)
     clock = TrainingClock(label, progress or LOGGER.info)
+    reported = 0  # steps already in a progress line
     dp_line = (
         ""
         if private is None
@@ -618,11 +619,16 @@ def train_semisupervised(
             sums += terms.cpu()
             if (offset + 1) % interval == 0 or offset + 1 == settings.iterations:
                 means = (sums / counts.clamp(min=1)).tolist()
-                clock.timed(
+                # The figures are this call's (this round's) steps: its rate and ETA.
+                clock.progress(
+                    offset + 1,
+                    settings.iterations,
                     f"step {step + 1}/{total} sup {means[0]:.4f} "
                     f"intra {means[1]:.4f} cross {means[2]:.4f} "
-                    f"certain {means[3]:.2f}"
+                    f"certain {means[3]:.2f}",
+                    count=offset + 1 - reported,
                 )
+                reported = offset + 1
     finally:
         if mechanism is not None:
             mechanism.close()

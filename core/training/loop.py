@@ -4,24 +4,31 @@ Source training and TGMA adaptation (``core.training.trainer``), DeepSTAPLE
 (``core.consensus.deepstaple``), UG-MCL's rounds (``core.semisup.training``) and DP-SGD
 (``core.privacy.dp``) each own their step; they share how a step runs under float16
 autocast with gradient scaling (CUDA only: on the CPU both are off and the step is
-plain float32), how the wall time is kept, and the progress line's format::
+plain float32), how the wall time is kept, and the progress line's format, the
+field's: nnU-Net's one line per epoch with its loss and time, with tqdm's rate and
+ETA (``core.logs.progress_note``)::
 
     [<label>] <N> samples x <E> epochs on cpu, 2 threads
-    [<label>] epoch <e>/<E> loss <loss> [<details> ](<seconds> s)
+    [<label>] epoch <e>/<E> loss <loss> [<details> ](<s>, <rate> samples/s, eta <t>)
+    [<label>] step <s>/<S> ... (<s>, <rate> steps/s, eta <t>)
 
-Pure PyTorch; never imports flwr.
+The first figure is the epoch's time (for steps: since the last line); the last epoch
+or step says ``total <t>`` instead of the ETA. Lines go to the loop's
+``progress`` callable (a site's, which adds the site's name and enforces its time
+cap), else to the ``sitebridge.train`` logger. Pure PyTorch; never imports flwr.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
-LOGGER = logging.getLogger("core.training.trainer")
+from core.logs import get_logger, progress_note
+
+LOGGER = get_logger("train")
 
 Report = Callable[[str], None]
 
@@ -91,20 +98,22 @@ class TrainingClock:
 
     Args:
         label: names the run in progress lines.
-        report: called with each line (defaults to the training logger).
+        report: called with each line (defaults to the ``sitebridge.train`` logger).
 
     Example:
         >>> lines = []
         >>> clock = TrainingClock("source:B", lines.append)
-        >>> clock.epoch(0, 2, 0.51234)
+        >>> clock.epoch(0, 2, 0.51234, samples=48)
         >>> lines[0].startswith("[source:B] epoch 1/2 loss 0.5123 (")
+        True
+        >>> " samples/s, eta " in lines[0]
         True
     """
 
     def __init__(self, label: str, report: Report | None = None) -> None:
         self.label = label
         self.report = report or LOGGER.info
-        self.started = time.perf_counter()
+        self.started = self._mark = time.perf_counter()
 
     @property
     def seconds(self) -> float:
@@ -115,11 +124,54 @@ class TrainingClock:
         """Report ``[label] text``."""
         self.report(f"[{self.label}] {text}")
 
-    def timed(self, text: str) -> None:
-        """Report ``[label] text (<seconds> s)``."""
-        self.line(f"{text} ({self.seconds:.1f} s)")
+    def progress(
+        self,
+        done: int,
+        total: int,
+        text: str,
+        *,
+        count: float | None = None,
+        unit: str = "steps",
+    ) -> None:
+        """Report ``[label] text (<s since the last line>, [rate, ]eta <t>)``.
 
-    def epoch(self, epoch: int, epochs: int, loss: float, details: str = "") -> None:
-        """Report the end of epoch ``epoch`` (from 0) of ``epochs`` with its loss."""
+        Args:
+            done: steps (or epochs) finished, from 1.
+            total: steps in all.
+            text: what the line says first (``step 40/200 sup 0.41``).
+            count: what was processed since the last line, for the rate.
+            unit: what ``count`` counts.
+        """
+        now = time.perf_counter()
+        note = progress_note(
+            done,
+            total,
+            elapsed_s=now - self.started,
+            step_s=now - self._mark,
+            count=count,
+            unit=unit,
+        )
+        self._mark = now
+        self.line(f"{text} ({note})")
+
+    def epoch(
+        self,
+        epoch: int,
+        epochs: int,
+        loss: float,
+        details: str = "",
+        *,
+        samples: float | None = None,
+    ) -> None:
+        """Report the end of epoch ``epoch`` (from 0) of ``epochs`` with its loss.
+
+        ``samples``, what the epoch trained on, gives the rate.
+        """
         suffix = f" {details}" if details else ""
-        self.timed(f"epoch {epoch + 1}/{epochs} loss {loss:.4f}{suffix}")
+        self.progress(
+            epoch + 1,
+            epochs,
+            f"epoch {epoch + 1}/{epochs} loss {loss:.4f}{suffix}",
+            count=samples,
+            unit="samples",
+        )

@@ -9,7 +9,6 @@ otherwise, with one progress line per epoch. Inference goes through
 from __future__ import annotations
 
 import dataclasses
-import logging
 import random
 from collections.abc import Callable, Sequence
 
@@ -19,9 +18,10 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from core.config import TrainConfig
+from core.logs import get_logger
 from core.training.loop import MixedPrecision, TrainingClock, device_description
 
-LOGGER = logging.getLogger(__name__)
+LOGGER = get_logger("train")
 
 StepLoss = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
@@ -166,7 +166,7 @@ def run_training(
             total += float(loss.detach()) * len(index)
             count += len(index)
         epoch_losses.append(total / max(count, 1))
-        clock.epoch(epoch, epochs, epoch_losses[-1])
+        clock.epoch(epoch, epochs, epoch_losses[-1], samples=count)
     for module in modules:
         module.eval()
     return TrainResult(

@@ -26,6 +26,7 @@ from core.data.dataset import (
     build_slice_set,
     index_site,
 )
+from core.logs import Countdown
 from core.privacy.dp import (
     DpSettings,
     PrivacySpend,
@@ -113,6 +114,7 @@ def score_slices(
     device = select_device(config.train.device)
     names = tuple(sorted(candidates))
     columns, probabilities = [], []
+    countdown = Countdown(len(names))
     for name in names:
         scores = score_candidate(
             build_model_with(name, candidates[name], config),
@@ -126,7 +128,8 @@ def score_slices(
         probabilities.append(scores.probabilities)
         progress(
             f"[{config.transfer.metric.value}] {name}: mean "
-            f"{float(scores.per_case.mean()):.3f} over {len(slices.case_ids)} cases"
+            f"{float(scores.per_case.mean()):.3f} over {len(slices.case_ids)} cases, "
+            f"candidate {countdown.tick()}"
         )
     itm = torch.stack(columns, dim=1)
     rows = tuple(tuple(float(value) for value in row) for row in itm.tolist())

@@ -61,8 +61,8 @@ from simulations.benchmark.affinity_transfer import (
 )
 from simulations.benchmark.output import (
     describe_machine,
+    log_progress,
     parse_seeds,
-    print_progress,
     with_seed,
 )
 from simulations.benchmark.tgma import spearman
@@ -143,7 +143,7 @@ def run_affinity(
     seeds: Sequence[int] = (0,),
     calibrate: bool = False,
     pyproject: Path | None = None,
-    progress: Progress = print_progress,
+    progress: Progress = log_progress,
 ) -> dict[str, object]:
     """Measure one-step transfer, optionally calibrate, then score every target's paths.
 
@@ -579,7 +579,7 @@ def run_affinity_command(
         num_train_cases=landmark,
         num_intermediate_cases=intermediate,
         num_target_cases=target,
-        progress=print_progress,
+        progress=log_progress,
     )
     document: dict[str, object] = {
         "machine": describe_machine(),

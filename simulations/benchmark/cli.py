@@ -1,9 +1,10 @@
 """Benchmarks: ``python -m simulations.benchmark <subcommand>``, one per benchmark.
 
 This module owns the command line only: the parser, the options the subcommands
-share, ``--set`` overrides, ``--table-from`` and the dispatch. Each subcommand lives
-in its own module, which runs it, formats its table and names its table block; the
-block lives in the benchmark's docs page, ``docs/<subcommand>-benchmark.md``:
+share, ``--set`` overrides, ``--table-from``, ``--log-level`` and the dispatch. Each
+subcommand lives in its own module, which runs it, formats its table and names its
+table block; the block lives in the benchmark's docs page,
+``docs/<subcommand>-benchmark.md``:
 
 - ``tgma``: :mod:`simulations.benchmark.tgma` (leave-one-site-out TGMA);
 - ``privacy``: :mod:`simulations.benchmark.privacy` (membership inference with and
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Final
 
 from core.config import ConfigValue
+from core.logs import add_log_level_option, configure_logging, log_level_of
 from simulations.benchmark.affinity import (
     AFFINITY_MARKER,
     add_affinity_options,
@@ -221,12 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(security, "security")
     add_security_options(security)
+    add_log_level_option(parser, *commands.choices.values())
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     args = build_parser().parse_args(argv)
+    configure_logging(log_level_of(args))
     subcommand = SUBCOMMANDS[args.command]
     overrides = parse_overrides(args.set)
     if args.table_from is not None:

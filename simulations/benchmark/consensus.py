@@ -35,7 +35,7 @@ from core.data.dataset import SliceSet, build_slice_set, index_site, list_site_d
 from core.metrics import mask_dice, score_cases, spearman
 from core.training.networks import build_model
 from core.training.trainer import predict_probabilities, select_device, train_supervised
-from simulations.benchmark.output import print_progress
+from simulations.benchmark.output import log_progress
 
 CONSENSUS_MARKER: Final = "benchmark:consensus"
 # The controlled run's scale: about 3-4 minutes on 2 CPU cores. Build its config with
@@ -198,7 +198,7 @@ def run_controlled(
     federation_dir: Path,
     seed: int = 0,
     sites: Sequence[str] | None = None,
-    progress: Callable[[str], None] = print_progress,
+    progress: Callable[[str], None] = log_progress,
 ) -> dict[str, object]:
     """Fuse controlled noisy labels three ways; score the fusions and their models.
 

@@ -27,6 +27,7 @@ from core.config import ConfigValue, RunConfig, load_default_config
 from core.consensus.job import run_consensus
 from core.data.dataset import list_site_dirs
 from core.data.synthetic import ensure_builtin_federation
+from core.logs import Countdown
 from core.protocol import CONSENSUS_METHODS
 from core.training.evaluation import evaluate_predictors
 from core.training.job import build_initial_weights, train_source_model
@@ -34,7 +35,7 @@ from core.training.networks import Arrays
 from core.transfer.job import adapt_target, score_candidates
 from core.transfer.transferability import select_sources
 from simulations.benchmark.consensus import build_controlled_config, run_controlled
-from simulations.benchmark.output import describe_machine, print_progress
+from simulations.benchmark.output import describe_machine, log_progress
 
 ADAPTED_MAIN: Final = "adapted:main"
 
@@ -66,7 +67,7 @@ def _run_target(
         label_sources=sorted(sources),
         start=ADAPTED_MAIN,
         labels_dir=None,
-        progress=print_progress,
+        progress=log_progress,
     )
     models = {f"consensus:{m}": weights for m, weights in outcome.models.items()}
     models.update({f"source:{name}": weights for name, weights in sources.items()})
@@ -122,23 +123,25 @@ def run_consensus_pipeline(
     chosen = list(targets) or sorted(site_dirs)
     initial = build_initial_weights(config)
     models: dict[str, Arrays] = {}
-    for name, path in site_dirs.items():
-        if chosen == [name]:
-            continue  # a site that is only ever the target needs no source model
-        result = train_source_model(path, config, initial_weights=initial)
+    # A site that is only ever the target needs no source model.
+    source_names = [name for name in site_dirs if chosen != [name]]
+    trained = Countdown(len(source_names))
+    for name in source_names:
+        result = train_source_model(site_dirs[name], config, initial_weights=initial)
         models[name] = result.weights
-        print_progress(
-            f"trained {name}: loss {result.final_loss:.3f} ({result.seconds:.1f} s)"
+        log_progress(
+            f"trained {name}: loss {result.final_loss:.3f}, source {trained.tick()}"
         )
     rows: dict[str, dict[str, object]] = {}
+    evaluated = Countdown(len(chosen))
     for target in chosen:
         sources = {name: weights for name, weights in models.items() if name != target}
         rows[target] = _run_target(site_dirs[target], sources, config)
         row = rows[target]
-        print_progress(
+        log_progress(
             f"target {target}: consensus Dice "
             + ", ".join(f"{m} {row[m]:.3f}" for m in CONSENSUS_METHODS)
-            + f"; Spearman DP {row['spearman_dp']:.2f}"
+            + f"; Spearman DP {row['spearman_dp']:.2f}, target {evaluated.tick()}"
         )
     summary: dict[str, object] = {
         key: _mean([float(row[key]) for row in rows.values()])  # type: ignore[arg-type]
@@ -186,9 +189,9 @@ def run_consensus_command(
         seed=config.federation.synthetic_seed,
         num_sites=config.federation.synthetic_sites,
         num_train_cases=config.federation.synthetic_cases,
-        progress=print_progress,
+        progress=log_progress,
     )
-    print_progress("== controlled noisy labels")
+    log_progress("== controlled noisy labels")
     controlled = run_controlled(
         build_controlled_config(overrides), federation_dir=federation
     )
@@ -198,7 +201,7 @@ def run_consensus_command(
         "controlled": controlled,
     }
     if not args.skip_pipeline:
-        print_progress("== consensus from source-model predictions (pipeline)")
+        log_progress("== consensus from source-model predictions (pipeline)")
         targets = [name for name in args.targets.split(",") if name]
         document["pipeline"] = run_consensus_pipeline(
             config, federation_dir=federation, targets=targets

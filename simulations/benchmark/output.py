@@ -1,7 +1,8 @@
 """What every benchmark leaves behind: progress lines, JSON document, docs table.
 
 Shared by the subcommands of ``python -m simulations.benchmark``: the one-line machine
-description recorded in each document, progress printing, reading and writing the JSON
+description recorded in each document, progress lines (the ``sitebridge.benchmark``
+logger, shown at ``--log-level``), reading and writing the JSON
 document, rewriting the table block of the benchmark's docs page
 (``docs/<name>-benchmark.md``) between ``<!-- NAME -->`` and ``<!-- /NAME -->``
 markers, and the ``--seeds`` option (several ``train.seed`` values
@@ -22,6 +23,9 @@ from pathlib import Path
 import torch
 
 from core.config import RunConfig
+from core.logs import get_logger
+
+LOGGER = get_logger("benchmark")
 
 
 def describe_machine() -> str:
@@ -37,9 +41,9 @@ def describe_machine() -> str:
     )
 
 
-def print_progress(line: str) -> None:
-    """Print one progress line now (benchmarks run for minutes; no buffering)."""
-    print(line, flush=True)
+def log_progress(line: str) -> None:
+    """Log one progress line (INFO on ``sitebridge.benchmark``; written at once)."""
+    LOGGER.info("%s", line)
 
 
 def read_document(path: Path) -> Mapping[str, object]:

@@ -34,6 +34,7 @@ from core.data.synthetic import (
     GENERATOR_VERSION,
     write_federation,
 )
+from core.logs import Countdown
 from core.privacy.audit import (
     MiaAttack,
     attack_membership,
@@ -43,7 +44,7 @@ from core.privacy.audit import (
 from core.privacy.dp import DpSettings
 from core.training.evaluation import evaluate_predictors
 from core.training.job import train_source_model
-from simulations.benchmark.output import describe_machine, print_progress
+from simulations.benchmark.output import describe_machine, log_progress
 
 PRIVACY_MARKER: Final = "benchmark:privacy"
 # Where the privacy benchmark looks for the TGMA benchmark's best source per target.
@@ -71,7 +72,7 @@ def ensure_privacy_federation(
     )
     if folder.exists():
         return folder
-    print_progress(f"generating the privacy benchmark federation in {folder}")
+    log_progress(f"generating the privacy benchmark federation in {folder}")
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     write_federation(
@@ -79,7 +80,7 @@ def ensure_privacy_federation(
         seed=seed,
         num_sites=num_sites,
         num_train_cases=members + nonmembers - EVALUATION_CASES_PER_SITE,
-        progress=print_progress,
+        progress=log_progress,
     )
     for site in list_site_dirs(staging):
         for case in index_site(site).labelled[members:]:
@@ -89,7 +90,7 @@ def ensure_privacy_federation(
                 (case.label_path, "labelsTs"),
             ):
                 path.rename(site / folder_name / path.name)
-    print_progress(f"every site: {members} training and {nonmembers} held-out cases")
+    log_progress(f"every site: {members} training and {nonmembers} held-out cases")
     # Another process may finish it first; its result is the same.
     try:
         staging.rename(folder)
@@ -139,15 +140,16 @@ def run_privacy(
         source, reason = choose_source(target, sites, tgma_json)
     else:
         reason = "chosen on the command line"
-    print_progress(f"source {source} ({reason}), target {target}")
+    log_progress(f"source {source} ({reason}), target {target}")
     source_dir, target_dir = federation_dir / source, federation_dir / target
     cases = build_audit_cases(source_dir, config)
     # The reference models never see the audited models, so one set serves them all.
     reference = train_reference_losses(
-        cases, config, references=references, seed=seed, progress=print_progress
+        cases, config, references=references, seed=seed, progress=log_progress
     )
     models: list[dict[str, object]] = []
     runs: list[dict[str, object]] = []
+    trained = Countdown(1 + len(epsilons))
     with tempfile.TemporaryDirectory(prefix="sitebridge-privacy-") as scratch:
         for epsilon in [None, *epsilons]:
             dp = (
@@ -168,7 +170,7 @@ def run_privacy(
                 config,
                 dp=dp,
                 accountant_path=Path(scratch) / f"accountant-{len(models)}.json",
-                progress=print_progress,
+                progress=log_progress,
             )
             dice = evaluate_predictors(
                 target_dir,
@@ -203,6 +205,7 @@ def run_privacy(
                 "train_seconds": training.seconds,
             }
             models.append(model)
+            log_progress(f"{name}: trained and evaluated, model {trained.tick()}")
             for result in attack_membership(
                 cases,
                 training.weights,
@@ -225,7 +228,7 @@ def run_privacy(
                         "n_nonmembers": result.n_nonmembers,
                     }
                 )
-                print_progress(
+                log_progress(
                     f"{name}: Dice on {target} {dice:.3f}, {result.attack} AUC "
                     f"{result.auc:.3f} [{result.ci[0]:.3f}, {result.ci[1]:.3f}]"
                 )

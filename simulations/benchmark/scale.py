@@ -25,12 +25,13 @@ from typing import Final
 
 from core.config import ConfigValue, load_default_config
 from core.data.synthetic import EVALUATION_CASES_PER_SITE, write_federation
+from core.logs import Countdown
 from core.privacy.ledger import Ledger
 from simulations.benchmark.output import (
     add_output_options,
     benchmark_page,
     describe_machine,
-    print_progress,
+    log_progress,
 )
 from simulations.benchmark.scale_summary import (
     build_scale_entry,
@@ -90,7 +91,7 @@ def _run_scale_once(
         "federation.dir": str(federation),
         "output.runs-dir": str(runs),
     }
-    print_progress(f"[scale] {count} sites: flwr run ({format_run_config(overrides)})")
+    log_progress(f"[scale] {count} sites: flwr run ({format_run_config(overrides)})")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     try:
@@ -108,7 +109,7 @@ def _run_scale_once(
     reports = sorted(runs.glob("*/report.json")) if runs.is_dir() else []
     if exit_code != 0 or len(reports) != 1:
         error = f"flwr run exited with {exit_code}; {len(reports)} reports in {runs}"
-        print_progress(f"[scale] {count} sites: FAILED ({error})")
+        log_progress(f"[scale] {count} sites: FAILED ({error})")
         return {"error": error, "flwr_run_seconds": wall, "load_average_1min": load}
     report = json.loads(reports[0].read_text())
     messages = count_phase_messages(
@@ -120,7 +121,7 @@ def _run_scale_once(
         f"{phase} {seconds:.1f} s"
         for phase, seconds in entry["seconds"].items()  # type: ignore[attr-defined]
     )
-    print_progress(
+    log_progress(
         f"[scale] {count} sites: {phases}; coordinator peak RSS "
         f"{entry['peak_rss_mb']:.0f} MiB; flwr run {wall:.0f} s; load "
         f"{load[0]:.1f} -> {load[1]:.1f}"
@@ -150,7 +151,7 @@ def run_scale(
     federations: dict[int, Path] = {}
     for count in site_counts:
         federations[count] = work_dir / f"sites-{count}" / "federation"
-        print_progress(
+        log_progress(
             f"[scale] {count} sites: writing the federation {federations[count]}"
         )
         write_federation(
@@ -160,9 +161,10 @@ def run_scale(
             num_train_cases=cases_per_site,
         )
     runs: dict[int, list[dict[str, object]]] = {count: [] for count in site_counts}
+    finished = Countdown(repeats * len(site_counts))
     for repeat in range(1, repeats + 1):
         for count in site_counts:
-            print_progress(f"[scale] repeat {repeat} of {repeats}")
+            log_progress(f"[scale] repeat {repeat} of {repeats}")
             runs[count].append(
                 _run_scale_once(
                     count,
@@ -172,6 +174,7 @@ def run_scale(
                     timeout_s=timeout_s,
                 )
             )
+            log_progress(f"[scale] run {finished.tick()}")
     sites = {str(count): summarise_repeats(runs[count]) for count in site_counts}
     cpus = os.cpu_count() or 1
     actors = max(1, cpus // 2)

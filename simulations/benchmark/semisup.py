@@ -68,6 +68,7 @@ from core.config import (
 )
 from core.data.dataset import list_site_dirs
 from core.data.synthetic import ensure_builtin_federation
+from core.logs import Countdown
 from core.semisup.dual_task import segmentation_weights
 from core.semisup.job import (
     SemisupData,
@@ -80,8 +81,8 @@ from core.training.networks import Arrays
 from server.records import from_array_record, to_array_record
 from simulations.benchmark.output import (
     describe_machine,
+    log_progress,
     parse_seeds,
-    print_progress,
     read_document,
     with_seed,
 )
@@ -236,7 +237,7 @@ def train_central(
     *,
     variant: SemisupVariant,
     data: SemisupData,
-    progress: Progress = print_progress,
+    progress: Progress = log_progress,
 ) -> dict[str, object]:
     """Train one student at one site for ``semisup.iterations`` steps; score it.
 
@@ -300,7 +301,7 @@ def train_federated(
     variant: SemisupVariant,
     data: Mapping[str, SemisupData],
     label: str,
-    progress: Progress = print_progress,
+    progress: Progress = log_progress,
 ) -> dict[str, object]:
     """FedAvg rounds of one student across the sites, each keeping its own teacher.
 
@@ -321,6 +322,7 @@ def train_federated(
     teachers: dict[str, Arrays] = {}
     history: list[float] = []
     dice: dict[str, float] = {}
+    countdown = Countdown(rounds)
     for round_number in range(1, rounds + 1):
         replies: list[tuple[Arrays, int]] = []
         for name, site_dir in site_dirs.items():
@@ -344,8 +346,8 @@ def train_federated(
         }
         history.append(float(np.mean(list(dice.values()))))
         progress(
-            f"[semisup] federated {label} round {round_number}/{rounds}: mean Dice "
-            f"{history[-1]:.3f} ({time.perf_counter() - started:.0f} s)"
+            f"[semisup] federated {label}: mean Dice {history[-1]:.3f}, round "
+            f"{countdown.tick()}"
         )
     return {
         "dice": history[-1] if history else math.nan,
@@ -528,7 +530,7 @@ def run_semisup(
     seeds: Sequence[int] = (0,),
     central_site: str | None = None,
     settings: Sequence[str] = SETTINGS,
-    progress: Progress = print_progress,
+    progress: Progress = log_progress,
 ) -> dict[str, object]:
     """Run every variant at every fraction, central and federated, at every seed.
 
@@ -922,7 +924,7 @@ def run_semisup_command(
         seed=config.federation.synthetic_seed,
         num_sites=config.federation.synthetic_sites,
         num_train_cases=config.federation.synthetic_cases,
-        progress=print_progress,
+        progress=log_progress,
     )
     document: dict[str, object] = {
         "machine": describe_machine(),

@@ -28,12 +28,13 @@ from core import metrics
 from core.config import ConfigValue, RunConfig, TransferMetric, load_default_config
 from core.data.dataset import list_site_dirs
 from core.data.synthetic import ensure_builtin_federation
+from core.logs import Countdown
 from core.training.evaluation import evaluate_predictors
 from core.training.job import build_initial_weights, train_source_model
 from core.training.networks import Arrays
 from core.transfer.job import adapt_target, score_candidates
 from core.transfer.transferability import select_sources
-from simulations.benchmark.output import describe_machine, print_progress
+from simulations.benchmark.output import describe_machine, log_progress
 
 TGMA_MARKER: Final = "benchmark:tgma"
 
@@ -106,13 +107,15 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
     site_dirs = {path.name: path for path in list_site_dirs(federation_dir)}
     initial = build_initial_weights(config)
     models: dict[str, Arrays] = {}
+    trained = Countdown(len(site_dirs))
     for name, path in site_dirs.items():
         result = train_source_model(path, config, initial_weights=initial)
         models[name] = result.weights
-        print_progress(
-            f"trained {name}: loss {result.final_loss:.3f} ({result.seconds:.1f} s)"
+        log_progress(
+            f"trained {name}: loss {result.final_loss:.3f}, source {trained.tick()}"
         )
     targets: dict[str, dict[str, object]] = {}
+    evaluated = Countdown(len(site_dirs))
     for target, path in site_dirs.items():
         sources = {name: weights for name, weights in models.items() if name != target}
         predictors = {name: [(name, 1.0)] for name in sources}
@@ -146,10 +149,10 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
             "selected_entropy": [entropy.main, entropy.aux],
         }
         row = targets[target]
-        print_progress(
+        log_progress(
             f"target {target}: tgma {row['tgma']:.3f} entropy {row['entropy']:.3f} "
             f"uniform {row['uniform']:.3f} best source {row['best_source']:.3f} "
-            f"oracle {row['oracle']:.3f}"
+            f"oracle {row['oracle']:.3f}, target {evaluated.tick()}"
         )
     mean_keys = (
         "uniform",
@@ -227,6 +230,6 @@ def run_tgma_command(
         seed=config.federation.synthetic_seed,
         num_sites=config.federation.synthetic_sites,
         num_train_cases=config.federation.synthetic_cases,
-        progress=print_progress,
+        progress=log_progress,
     )
     return run_tgma(config, federation_dir=federation)

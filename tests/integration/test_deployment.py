@@ -29,6 +29,7 @@ import pytest
 from clients.serve import BUNDLE_NOT_APPROVED
 from core.cli import main as sitebridge
 from core.data.synthetic import write_federation
+from core.logs import configure_logging
 from core.privacy.approvals import refused_bundle_path
 from core.privacy.ledger import Ledger
 from deploy.loopback import (
@@ -73,6 +74,7 @@ def deployment(
     loopback_root: Path, deployed_federation: Path
 ) -> Iterator[LoopbackDeployment]:
     """One SuperLink + three SuperNodes for the module, stopped at its end."""
+    configure_logging()  # the harness's lines, as it goes (-s)
     policy = loopback_root / "policies" / "A.toml"
     policy.parent.mkdir()
     policy.write_text(TARGET_POLICY)

@@ -58,9 +58,10 @@ from core.data.synthetic import (
     write_case,
     write_federation,
 )
+from core.logs import Countdown
 from core.privacy.ledger import Ledger
 from core.privacy.limits import CANDIDATES, LABEL_SOURCES, PREDICTORS
-from simulations.benchmark.output import describe_machine, print_progress
+from simulations.benchmark.output import describe_machine, log_progress
 from simulations.benchmark.security.attacks import (
     CellMeasurements,
     SiteChannel,
@@ -159,7 +160,7 @@ def ensure_security_federation(
     folder = Path(cache_dir) / f"security-v{GENERATOR_VERSION}-seed{seed}{suffix}"
     if folder.exists():
         return folder
-    print_progress(f"generating the security benchmark federation in {folder}")
+    log_progress(f"generating the security benchmark federation in {folder}")
     staging = folder.with_name(f".{folder.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -267,7 +268,7 @@ def _cell_entry(
 def _report(
     name: str, recovered: float, majority: float, measured: CellMeasurements
 ) -> None:
-    print_progress(
+    log_progress(
         f"{name}: recovered {recovered:.4f} against majority {majority:.4f} with "
         f"{measured.queries} queries in {measured.requests} requests, "
         f"{measured.runs} runs ({measured.seconds:.0f} s)"
@@ -391,7 +392,7 @@ def run_evaluate_attack(settings: SecuritySettings, state: Path) -> dict[str, ob
         plan,
         ask_evaluate,
         kind=PREDICTORS,
-        progress=print_progress,
+        progress=log_progress,
     )
     maps_of = evaluate_maps_of(measured.plan.run_config, settings.policy)
     return _scored_entry("evaluate", measured, maps_of, settings, state)
@@ -406,7 +407,7 @@ def run_consensus_attack(settings: SecuritySettings, state: Path) -> dict[str, o
         plan,
         ask_consensus,
         kind=LABEL_SOURCES,
-        progress=print_progress,
+        progress=log_progress,
     )
     maps_of = consensus_maps_of(measured.plan.run_config, settings.policy)
     return _scored_entry("consensus", measured, maps_of, settings, state)
@@ -433,7 +434,7 @@ def run_lftm_attack(settings: SecuritySettings, state: Path) -> dict[str, object
         plan,
         ask_lftm,
         kind=CANDIDATES,
-        progress=print_progress,
+        progress=log_progress,
     )
     comparison: dict[str, object] = {}
     other = other_site(settings.site)
@@ -443,7 +444,7 @@ def run_lftm_attack(settings: SecuritySettings, state: Path) -> dict[str, object
             dataclasses.replace(measured.plan, run_id=1, stopped=""),
             ask_lftm,
             kind=CANDIDATES,
-            progress=print_progress,
+            progress=log_progress,
         )
         comparison = {
             "other_site": other.name,
@@ -480,7 +481,7 @@ def _profile_entry(
         _channel(settings, site, state),
         settings.run_config,
         grid=settings.profile_grid,
-        progress=print_progress,
+        progress=log_progress,
     )
     truths = labelled_volumes(site)
     shape = truths[0].shape
@@ -488,7 +489,7 @@ def _profile_entry(
     score = score_maps([guess] * len(truths), truths)
     other = other_site(site)
     prior = None if other is None else labelled_volumes(other)
-    print_progress(
+    log_progress(
         f"profile: recovered {score.recovered_share:.4f} against majority "
         f"{score.majority_share:.4f} with {measured.requests} request(s) at grid "
         f"{measured.grid}"
@@ -560,10 +561,12 @@ def run_security(
     """Run ``attacks`` against the site; one stage's part of the document."""
     started = time.perf_counter()
     results = {}
+    countdown = Countdown(len(attacks))
     for name in attacks:
-        print_progress(f"== attack {name} on site {settings.site.name}")
+        log_progress(f"== attack {name} on site {settings.site.name}")
         with tempfile.TemporaryDirectory(prefix=f"security-{name}-") as state:
             results[name] = RUNNERS[name](settings, Path(state))
+        log_progress(f"== attack {name} done, attack {countdown.tick()}")
     policy = settings.policy
     return {
         "machine": describe_machine(),

@@ -9,6 +9,8 @@ included, is ``test_bad_input.py``.
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,11 +20,12 @@ import pytest
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from clients import records
-from clients.app import adapt, evaluate, hello, lftm, train_source
+from clients.app import adapt, app, evaluate, hello, lftm, train_source
 from clients.site import resolve_site
 from core import protocol
 from core.config import ConfigValue, RunConfig, load_run_config
 from core.data.dataset import SiteDataError, build_slice_set, index_site
+from core.logs import NAMESPACE
 from core.training.networks import Arrays, build_model, get_manifest
 from tests.unit.clients.messages import (
     MESSAGE_ID,
@@ -34,6 +37,7 @@ from tests.unit.clients.messages import (
 
 TARGET = "A"
 SOURCES = ("B", "C")
+HEAD = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "  # 2026-12-07 10:31:02,118
 
 Handler = Callable[[Message, Context], Message]
 
@@ -152,6 +156,68 @@ def test_train_source_replies_weights_matching_the_manifest(
     assert np.isfinite(result.loss)
     assert result.seconds >= 0
     assert set(reply.content.keys()) == {protocol.METRICS_KEY, protocol.WEIGHTS_KEY}
+
+
+# ------------------------------------------------------------------- progress lines
+
+
+@pytest.fixture
+def fresh_logging() -> None:
+    """A process whose SiteBridge logging nothing configured yet (a new Ray worker)."""
+    logger = logging.getLogger(NAMESPACE)
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+
+
+SITE_EPOCH_LINE = re.compile(
+    HEAD + r"INFO sitebridge\.site\.B: \[train B\] epoch 1/1 loss [\d.]+ "
+    r"\([\d.]+ s, [\d.]+ samples/s, total [\d.]+ s\)"
+)
+
+
+@pytest.mark.usefixtures("fresh_logging")
+def test_the_sites_progress_lines_name_the_site(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Prepare: a copy of B, so that the guard's ledger stays out of the module's
+    site = shutil.copytree(federation / "B", tmp_path / "B")
+
+    # Execute: the whole ClientApp, as a simulation's worker runs it
+    reply = app(
+        build_message(RecordDict(), protocol.TRAIN_SOURCE),
+        site_context(run_config, site),
+    )
+
+    # Assert: every line of the site is its logger's, at INFO, and says which site
+    assert not reply.has_error(), reply.error.reason
+    lines = capsys.readouterr().out.splitlines()
+    assert lines
+    assert all(re.match(HEAD + r"INFO sitebridge\.site\.B: \[", line) for line in lines)
+    assert any(SITE_EPOCH_LINE.fullmatch(line) for line in lines), lines
+
+
+@pytest.mark.usefixtures("fresh_logging")
+def test_the_run_configs_log_level_quiets_the_site(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Prepare
+    site = shutil.copytree(federation / "B", tmp_path / "B")
+    quiet = {**run_config, "output.log-level": "warning"}
+
+    # Execute
+    reply = app(
+        build_message(RecordDict(), protocol.TRAIN_SOURCE), site_context(quiet, site)
+    )
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    assert capsys.readouterr().out == ""
 
 
 # ------------------------------------------------------------------------ query.lftm

@@ -49,9 +49,10 @@ from flwr.supercore.run import Run
 
 from clients.app import app as site_app
 from clients.runtime_api import TaskAbandonedError, TaskChannel, TaskInput
-from clients.serve import BUNDLE_NOT_APPROVED, Server, handle
+from clients.serve import BUNDLE_NOT_APPROVED, Server, build_parser, handle
 from core import protocol
 from core.config import ConfigValue
+from core.logs import configure_logging, log_level_of
 from core.privacy.approvals import (
     APPROVALS_FILE,
     approve,
@@ -183,6 +184,35 @@ def test_a_broken_approvals_file_approves_nothing(
     assert ledger_entries(context) == [
         (protocol.HELLO, f"blocked: {BUNDLE_NOT_APPROVED}")
     ]
+
+
+def test_the_sites_log_level_wins_over_the_run_configs(
+    context: Context, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: sitebridge-serve --log-level warning; the run asks for debug
+    configure_logging(
+        log_level_of(build_parser().parse_args(["--log-level", "warning"]))
+    )
+    approve(
+        state_dir(context) / APPROVALS_FILE,
+        bundle_sha256(ROGUE_BUNDLE),
+        source="sha256",
+    )
+    loud = Context(
+        run_id=1,
+        node_id=7,
+        node_config=dict(context.node_config),
+        state=RecordDict(),
+        run_config={**context.run_config, "output.log-level": "debug"},
+    )
+
+    # Execute
+    reply = handle(hello_task(loud, ROGUE_BUNDLE), site_app)
+
+    # Assert: answered, and the INFO line of the decision is not shown
+    assert not reply.has_error()
+    assert logging.getLogger("sitebridge").level == logging.WARNING
+    assert capsys.readouterr().out == ""
 
 
 def test_the_bundle_a_site_builds_from_reviewed_files_hashes_as_flwr_run_sends_it(

@@ -53,6 +53,26 @@ def test_builtin_generates_once_and_reuses(
     assert "built-in federation:" in second_output
 
 
+def test_progress_is_logged_and_log_level_quiets_it_not_the_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    monkeypatch.setattr("core.data.synthetic.EVALUATION_CASES_PER_SITE", 1)
+    fed = str(tmp_path / "fed")
+
+    # Execute
+    quiet = main(["synth", fed, "--sites", "3", "--cases", "1", "--log-level", "error"])
+    quiet_output = capsys.readouterr().out
+    shown = main(["synth", fed + "2", "--sites", "3", "--cases", "1"])
+    shown_output = capsys.readouterr().out
+
+    # Assert: the result always; the progress lines only at info, as log lines
+    assert quiet == shown == 0
+    assert quiet_output.splitlines() == [f"wrote 3 sites to {fed} (default target A)"]
+    assert " INFO sitebridge.data: " in shown_output
+    assert shown_output.endswith(f"wrote 3 sites to {fed}2 (default target A)\n")
+
+
 def test_site_check_summarises_a_good_site(
     federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -184,6 +184,7 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("train.augment", "yes"),
         ("federation.dir", 5),
         ("output.runs-dir", False),
+        ("output.log-level", "loud"),
     ],
 )
 def test_validation_error_names_the_toml_key(key: str, value: ConfigValue) -> None:

@@ -273,6 +273,7 @@ def test_resume_may_change_how_the_run_is_steered(
             "resume-run": "1",
             "last-phase": "source-training",
             "federation.reply-timeout-s": 60.0,
+            "output.log-level": "debug",
         },
     )
     runner.run()

@@ -130,11 +130,18 @@ def atlas_site(federation: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
+def atlas_progress() -> list[str]:
+    """The progress lines of :func:`atlas_outcome`'s run."""
+    return []
+
+
+@pytest.fixture(scope="module")
 def atlas_outcome(
     atlas_site: Path,
     config: RunConfig,
     candidates: dict[str, Arrays],
     fast_registration: None,
+    atlas_progress: list[str],
 ) -> ConsensusOutcome:
     return run_consensus(
         atlas_site,
@@ -143,6 +150,7 @@ def atlas_outcome(
         label_sources=SOURCES,
         start="B",
         labels_dir=None,
+        progress=atlas_progress.append,
     )
 
 
@@ -283,6 +291,19 @@ def test_without_baselines_only_deepstaple_is_trained(
 
 
 # ------------------------------------------------------------------------ atlases
+
+
+def test_registration_counts_the_images_with_their_eta(
+    atlas_outcome: ConsensusOutcome, atlas_progress: list[str]
+) -> None:
+    # Assert: one line per target image, done/total with the image's time and ETA
+    registered = [line for line in atlas_progress if "atlas(es) onto image" in line]
+    assert len(registered) == atlas_outcome.num_images
+    assert registered[0].startswith(
+        "[consensus] registered 2 atlas(es) onto image 1/8 ("
+    )
+    assert re.search(r"image 1/8 \([\d.]+ s, eta [\d.]+ s\)$", registered[0])
+    assert re.search(r"image 8/8 \([\d.]+ s, total [\d.]+ s\)$", registered[-1])
 
 
 def test_atlases_add_one_noisy_label_each(

@@ -259,9 +259,17 @@ def test_score_candidates_gives_one_row_per_case_and_one_column_per_candidate(
     federation: Path, config: RunConfig, candidates: dict[str, Arrays]
 ) -> None:
     # Execute
-    transferability = score_candidates(federation / "A", candidates, config)
+    lines: list[str] = []
+    transferability = score_candidates(
+        federation / "A", candidates, config, progress=lines.append
+    )
 
-    # Assert
+    # Assert: one progress line per candidate, counting them with the ETA
+    assert [re.sub(r" \(.*\)$", "", line).split(", ")[-1] for line in lines] == [
+        "candidate 1/2",
+        "candidate 2/2",
+    ]
+    assert re.search(r"candidate 1/2 \([\d.]+ s, eta [\d.]+ s\)$", lines[0])
     assert transferability.metric == "lftm"
     assert transferability.sources == ("B", "C")  # sorted
     assert len(transferability.itm) == NUM_TRAIN

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import logging
+import re
+
+import pytest
 import torch
 
 from core.training.loop import MixedPrecision, TrainingClock, device_description
@@ -30,17 +34,44 @@ def test_clock_lines_keep_the_loops_format() -> None:
 
     # Execute
     clock.line("3 samples x 2 epochs on cpu")
-    clock.epoch(1, 2, 0.123456, "data parameters -0.100..0.200")
-    clock.timed("step 4/10 sup 0.5000")
+    clock.epoch(0, 2, 0.123456, "data parameters -0.100..0.200", samples=3)
+    clock.epoch(1, 2, 0.1, samples=3)
+    clock.progress(4, 10, "step 4/10 sup 0.5000", count=4)
+
+    # Assert: the epoch's time, its rate and the ETA (the last epoch: the total)
+    assert lines[0] == "[deepstaple] 3 samples x 2 epochs on cpu"
+    assert re.fullmatch(
+        r"\[deepstaple\] epoch 1/2 loss 0\.1235 data parameters -0\.100\.\.0\.200 "
+        r"\([\d.]+ s, [\d.]+ samples/s, eta [\d.]+ s\)",
+        lines[1],
+    )
+    assert re.fullmatch(
+        r"\[deepstaple\] epoch 2/2 loss 0\.1000 "
+        r"\([\d.]+ s, [\d.]+ samples/s, total [\d.]+ s\)",
+        lines[2],
+    )
+    assert re.fullmatch(
+        r"\[deepstaple\] step 4/10 sup 0\.5000 "
+        r"\([\d.]+ s, [\d.]+ steps/s, eta [\d.]+ s\)",
+        lines[3],
+    )
+    assert clock.seconds >= 0.0
+
+
+def test_the_default_sink_is_the_sitebridge_train_logger(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    clock = TrainingClock("source:B")
+
+    # Execute
+    with caplog.at_level(logging.INFO, logger="sitebridge.train"):
+        clock.line("12 samples x 2 epochs on cpu")
 
     # Assert
-    assert lines[0] == "[deepstaple] 3 samples x 2 epochs on cpu"
-    assert lines[1].startswith(
-        "[deepstaple] epoch 2/2 loss 0.1235 data parameters -0.100..0.200 ("
-    )
-    assert lines[1].endswith(" s)")
-    assert lines[2].startswith("[deepstaple] step 4/10 sup 0.5000 (")
-    assert clock.seconds >= 0.0
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("sitebridge.train", "[source:B] 12 samples x 2 epochs on cpu")
+    ]
 
 
 def test_device_description_names_threads_on_the_cpu_and_amp() -> None:
