@@ -33,6 +33,11 @@ def _log(line: str) -> None:
     LOGGER.info("%s", line)
 
 
+def _warn(line: str) -> None:
+    """A failure the run records (``Coordinator.warn``): WARNING."""
+    LOGGER.warning("%s", line)
+
+
 def resolve_runs_dir(config: RunConfig) -> Path:
     """``output.runs-dir``, or ``./runs`` of the working directory when empty."""
     return (
@@ -89,7 +94,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     _log(f"run {context.run_id}{resumed}: results in {store.run_dir}")
     expected, default_target = prepare_federation(config)
-    coordinator = Coordinator(grid=grid, config=config, store=store, log=_log)
+    coordinator = Coordinator(
+        grid=grid, config=config, store=store, log=_log, warn_log=_warn
+    )
     PipelineRunner(
         coordinator,
         flower_run_id=context.run_id,

@@ -138,10 +138,15 @@ class Coordinator:
     config: RunConfig
     store: RunStore
     log: Log
+    warn_log: Log | None = None  # failures the run records; None: into ``log``
     site_names: dict[int, str] = dataclasses.field(default_factory=dict)
     applied_policies: dict[str, dict[str, Any]] = dataclasses.field(
         default_factory=dict
     )
+
+    def warn(self, line: str) -> None:
+        """A failure the run records and goes on from (or stops on): ``warn_log``."""
+        (self.warn_log or self.log)(line)
 
     @property
     def ledger(self) -> Ledger:

@@ -214,7 +214,7 @@ class PipelineRunner:
             self.attempt.outcome = f"failed: {failure}"
         report = self._write_report(error)
         if error is not None:
-            self.log(
+            self.coordinator.warn(
                 f"the run stopped: {error}\nrestart the missing site(s), then resume "
                 f"it: {resume_command(self.store.run_dir.name)}"
             )

@@ -248,7 +248,7 @@ def run(
                     f"affinity-{SEQTRAN_CANDIDATE}", transferred
                 )
     if stopped:
-        coordinator.log(f"affinity: no transferred model ({stopped})")
+        coordinator.warn(f"affinity: no transferred model ({stopped})")
     result = AffinityResult(
         target=target.name,
         profiles=releases,

@@ -57,7 +57,7 @@ def run(
         reason = error.missing.get(target.name, str(error))
         skipped = ConsensusResult(models=(), skipped=reason)
         coordinator.store.save_result(skipped)
-        coordinator.log(f"consensus: skipped, the target refused it: {reason}")
+        coordinator.warn(f"consensus: skipped, the target refused it: {reason}")
         return skipped, {}
     trained = records.read_named_models(reply.content)
     if "deepstaple" not in trained:

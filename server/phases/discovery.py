@@ -88,7 +88,7 @@ def _site_name(
         )
     name = validate_site_name(registered[node], node)
     if said != name:
-        coordinator.log(
+        coordinator.warn(
             f"node {node} says it is site {said[:80]!r}, but its key is registered "
             f"as {name!r}: it takes part as {name!r}"
         )
@@ -152,7 +152,7 @@ def _say_hello(
     _refuse_duplicates(sites)
     coordinator.site_names.update({node: site.name for node, site in sites.items()})
     for node, reason in failed.items():
-        coordinator.log(f"node {node} did not say hello: {reason}")
+        coordinator.warn(f"node {node} did not say hello: {reason}")
     return sites, failed
 
 

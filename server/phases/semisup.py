@@ -144,7 +144,7 @@ def semisup_federated(
                 f"round {round_number}: {len(replies.ok)} site(s) replied, "
                 f"{required} needed; failures: {failures}"
             )
-            coordinator.log(f"semisup rounds stopped: {stopped}")
+            coordinator.warn(f"semisup rounds stopped: {stopped}")
             break
         # Replies arrive in any order; float sums depend on it, so average in site
         # order (a resumed run then reproduces the rounds bit for bit).
@@ -194,7 +194,7 @@ def semisup_target(
     reply = replies.ok.get(target.node_id)
     if reply is None:
         reason = replies.failed.get(target.node_id, "no reply")
-        coordinator.log(f"semisup at target {target.name} failed: {reason}")
+        coordinator.warn(f"semisup at target {target.name} failed: {reason}")
         return None, TargetSemisup(site=target.name, missing=reason)
     outcome = _read_semisup_reply(reply)
     coordinator.log(

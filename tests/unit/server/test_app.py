@@ -16,6 +16,7 @@ from flwr.app import Context, RecordDict
 from core.config import ConfigValue
 from core.logs import NAMESPACE
 from server.app import main
+from server.coordinator import PhaseError
 from tests.unit.server.fake_grid import build_grid
 
 HEAD = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "  # 2026-12-07 10:31:02,118
@@ -105,3 +106,29 @@ def test_debug_shows_each_reply_at_both_ends(
             r"\d+ bytes, ledger entry \d+\n",
             output,
         )
+
+
+@pytest.mark.usefixtures("fresh_logging")
+def test_a_failure_is_a_warning_that_the_warning_level_still_shows(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Execute: a target that is not a site stops the run at discover
+    with pytest.raises(PhaseError, match="target site 'Z'"):
+        run_to_discover(
+            federation,
+            run_config,
+            tmp_path,
+            **{"output.log-level": "warning", "federation.target-site": "Z"},
+        )
+
+    # Assert: only the failure is shown, at WARNING, with the command to resume
+    lines = capsys.readouterr().out.splitlines()
+    assert lines
+    assert all(
+        re.match(HEAD + r"WARNING sitebridge\.coordinator: ", line) for line in lines
+    )
+    assert ": the run stopped: discover: target site 'Z'" in lines[0]
+    assert any("resume-run=" in line for line in lines)
