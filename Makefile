@@ -34,11 +34,16 @@ demo: venv
 	@echo "== result"
 	$(BIN)/sitebridge report runs
 
+# One pytest worker per logical CPU (pytest-xdist); --dist loadfile keeps each test file
+# on one worker, so a module's fixtures (the loopback deployment, the Flower
+# simulation) are built once.
+PYTEST_PARALLEL := -n logical --dist loadfile
+
 test: venv
-	$(BIN)/python -m pytest --durations=20
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=20
 
 test-quick: venv
-	$(BIN)/python -m pytest -m "not slow and not gpu and not pipeline"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow and not gpu and not pipeline"
 
 benchmark: venv
 	$(BIN)/python -m simulations.benchmark tgma --out benchmarks/tgma.json
