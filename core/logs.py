@@ -209,6 +209,15 @@ def log_level_of(args: argparse.Namespace) -> LogLevel:
     return LogLevel(getattr(args, "log_level", DEFAULT_LEVEL.value))
 
 
+# A progress sink: the site jobs and training loops report progress lines through one;
+# the ClientApp's logs them at the site's logger, a benchmark's at its own.
+Progress = Callable[[str], None]
+
+
+def quiet(_line: str) -> None:
+    """The progress sink that drops every line (the jobs' default)."""
+
+
 def format_duration(seconds: float) -> str:
     """A duration as progress lines show it.
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import numpy as np
 from core.affinity.profile import SiteProfile, build_site_profile, profile_settings
 from core.affinity.profile_noise import get_profile_sensitivity, noise_profile
 from core.config import RunConfig
+from core.logs import Progress, quiet
 from core.privacy.dp import (
     FULL_DATA_RATE,
     DpSettings,
@@ -41,14 +41,8 @@ from core.privacy.dp import (
 from core.training.job import SourceTraining, train_source_model
 from core.training.networks import Arrays
 
-Progress = Callable[[str], None]
-
 # Each part of a profile is one full-data Gaussian mechanism: sample rate 1.
 PROFILE_SAMPLE_RATE = FULL_DATA_RATE
-
-
-def _quiet(_line: str) -> None:
-    """Discard progress output."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,7 +61,7 @@ def release_profile(
     accountant_path: Path | None = None,
     rng: np.random.Generator | None = None,
     pool_cases: int = 1,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> ReleasedProfile:
     """The site's task profile, noised when ``dp`` is given.
 
@@ -154,7 +148,7 @@ def finetune_model(
     *,
     dp: DpSettings | None = None,
     accountant_path: Path | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> SourceTraining:
     """Fine-tune ``weights`` on the site's labelled cases (one step of a path).
 

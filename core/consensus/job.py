@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -56,7 +56,7 @@ from core.data.dataset import (
     label_volume_from_slices,
 )
 from core.data.io import read_volume, write_volume
-from core.logs import Countdown
+from core.logs import Countdown, Progress, quiet
 from core.metrics import dice_score, spearman
 from core.protocol import ATLAS_SOURCE_PREFIX, CONSENSUS_METHODS
 from core.training.job import build_model_with
@@ -65,15 +65,9 @@ from core.training.trainer import select_device, train_supervised
 from core.transfer.job import score_slices
 from core.transfer.transferability import build_pseudo_labels
 
-Progress = Callable[[str], None]
-
 # The consensus reply's Spearman figures need 3 evaluation images with a defined
 # score (nan below: two points always correlate perfectly).
 _SPEARMAN_MIN_PAIRS: Final = 3
-
-
-def _quiet(_line: str) -> None:
-    """Progress sink that drops lines."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,7 +155,7 @@ def build_noisy_label_set(
     config: RunConfig,
     *,
     with_atlases: bool,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> NoisyLabelSet:
     """Label the target's images with every candidate (and atlas, if asked).
 
@@ -338,7 +332,7 @@ def run_consensus(
     label_sources: Sequence[str],
     start: str,
     labels_dir: Path | None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> ConsensusOutcome:
     """Build the noisy label set, fuse it four ways, train ``start`` on each fusion.
 

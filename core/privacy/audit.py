@@ -28,7 +28,7 @@ Never imports flwr or Opacus; AUC and bootstrap use numpy only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, TypeAlias
@@ -42,12 +42,12 @@ from torch import nn
 
 from core.config import RunConfig
 from core.data.dataset import SiteDataError, SliceSet, build_slice_set, index_site
+from core.logs import Progress, quiet
 from core.training.networks import Arrays, build_model, load_weights, set_weights
 from core.training.trainer import select_device, train_supervised
 
 FloatArray: TypeAlias = npt.NDArray[np.float64]
 Scores: TypeAlias = Sequence[float] | FloatArray
-Progress = Callable[[str], None]
 
 CI_LEVEL: Final = 0.95
 
@@ -57,10 +57,6 @@ class MiaAttack(StrEnum):
 
     LOSS_THRESHOLD = "loss-threshold"
     CALIBRATED_LOSS = "calibrated-loss"
-
-
-def _quiet(_line: str) -> None:
-    """Progress sink that drops lines."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,7 +298,7 @@ def train_reference_losses(
     *,
     references: int,
     seed: int,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> ReferenceLosses:
     """Train the reference models of ``calibrated-loss`` and score every case.
 
@@ -411,7 +407,7 @@ def audit_site(
     references: int = 4,
     resamples: int = 1000,
     seed: int = 0,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> tuple[MiaResult, ...]:
     """Audit a model trained on ``site_dir``'s labelled training cases.
 

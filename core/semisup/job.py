@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from core.data.dataset import (
     build_slice_set,
     index_site,
 )
+from core.logs import Progress, quiet
 from core.privacy.dp import (
     DpSettings,
     PrivacySpend,
@@ -59,12 +60,6 @@ from core.semisup.training import (
 )
 from core.training.networks import Arrays, get_weights, set_weights
 from core.training.trainer import seed_everything, select_device
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_line: str) -> None:
-    """Progress sink that drops lines."""
 
 
 def split_labelled_cases(
@@ -255,7 +250,7 @@ def run_semisup_round(
     dp: DpSettings | None = None,
     accountant_path: Path | None = None,
     labelled_fraction: float | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> SemisupRound:
     """Train the sent student for one round on the site's cases.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from core.data.dataset import (
     build_slice_set,
     index_site,
 )
+from core.logs import Progress, quiet
 from core.metrics import SegmentationScores, score_cases
 from core.privacy.dp import (
     FULL_DATA_RATE,
@@ -34,12 +35,6 @@ from core.training.job import build_model_with
 from core.training.networks import Arrays
 from core.training.trainer import predict_mixture, select_device
 
-Progress = Callable[[str], None]
-
-
-def _quiet(_line: str) -> None:
-    """Progress sink that drops lines."""
-
 
 def evaluate_predictors(
     site_dir: Path,
@@ -48,7 +43,7 @@ def evaluate_predictors(
     config: RunConfig,
     *,
     with_hd95: bool = True,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> dict[str, SegmentationScores]:
     """Score predictors on the site's evaluation labels (``labelsTs``), per case.
 
@@ -130,7 +125,7 @@ def release_evaluation(
     accountant_path: Path | None = None,
     with_hd95: bool = True,
     rng: np.random.Generator | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> EvaluationRelease:
     """The ``evaluate`` action: each predictor's mean scores, noised under DP.
 
@@ -185,7 +180,7 @@ def release_evaluation(
     # Scored first (a bad file or an unknown model fails here, charging nothing);
     # nothing leaves before the releases are recorded.
     scores = evaluate_predictors(
-        site_dir, models, predictors, config, with_hd95=False, progress=_quiet
+        site_dir, models, predictors, config, with_hd95=False, progress=quiet
     )
     num_cases = len(next(iter(scores.values())).cases)
     reservation = reserve_privacy(

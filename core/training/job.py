@@ -11,7 +11,7 @@ policy that requires DP it trains with DP-SGD charged to the site's accountant
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from core.data.dataset import (
     build_slice_set,
     index_site,
 )
+from core.logs import Progress, quiet
 from core.privacy.dp import (
     DpSettings,
     PrivateTrainResult,
@@ -30,12 +31,6 @@ from core.privacy.dp import (
 )
 from core.training.networks import Arrays, build_model, get_weights, set_weights
 from core.training.trainer import select_device, train_supervised
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_line: str) -> None:
-    """Progress sink that drops lines."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +77,7 @@ def train_source_model(
     initial_weights: Arrays | None = None,
     dp: DpSettings | None = None,
     accountant_path: Path | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> SourceTraining:
     """Train a model on the site's labelled training cases, with DP-SGD when asked.
 

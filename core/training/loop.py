@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
-from core.logs import get_logger, progress_note
+from core.logs import Progress, get_logger, progress_note
 
 LOGGER = get_logger("train")
-
-Report = Callable[[str], None]
 
 
 class MixedPrecision:
@@ -110,7 +108,7 @@ class TrainingClock:
         True
     """
 
-    def __init__(self, label: str, report: Report | None = None) -> None:
+    def __init__(self, label: str, report: Progress | None = None) -> None:
         self.label = label
         self.report = report or LOGGER.info
         self.started = self._mark = time.perf_counter()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from core.data.dataset import (
     build_slice_set,
     index_site,
 )
-from core.logs import Countdown
+from core.logs import Countdown, Progress, quiet
 from core.privacy.dp import (
     DpSettings,
     PrivacySpend,
@@ -41,12 +41,6 @@ from core.transfer.transferability import (
     compute_dtm,
     score_candidate,
 )
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_line: str) -> None:
-    """Progress sink that drops lines."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,7 +138,7 @@ def score_candidates(
     candidates: Mapping[str, Arrays],
     config: RunConfig,
     *,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> Transferability:
     """Score every candidate model on the target's own unlabelled images (ITM)."""
     if not candidates:
@@ -165,7 +159,7 @@ def adapt_target(
     weight_aux: float,
     dp: DpSettings | None = None,
     accountant_path: Path | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> Adaptation:
     """Adapt the main/aux pair on the target with ITM-corrected pseudo-labels.
 

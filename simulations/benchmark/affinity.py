@@ -39,6 +39,7 @@ from core.coerce import is_number
 from core.config import ConfigValue, RunConfig, load_default_config, to_flat
 from core.data.dataset import list_site_dirs
 from core.data.synthetic_chain import ensure_chain_federation
+from core.logs import Progress
 from simulations.benchmark.affinity_calibration import (
     PairTerms,
     fit_leave_one_out,
@@ -48,7 +49,6 @@ from simulations.benchmark.affinity_calibration import (
 )
 from simulations.benchmark.affinity_transfer import (
     PathTrainer,
-    Progress,
     SingleSteps,
     TargetSetup,
     average_single_steps,

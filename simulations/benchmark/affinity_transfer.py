@@ -20,7 +20,7 @@ import dataclasses
 import math
 import random
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from core.affinity.graph import TaskFactors
@@ -37,13 +37,12 @@ from core.affinity.profile import SiteProfile, build_site_profile, profile_setti
 from core.config import RunConfig
 from core.data.dataset import index_site
 from core.data.synthetic_chain import read_chain_levels
+from core.logs import Progress
 from core.training.evaluation import evaluate_predictors
 from core.training.job import build_initial_weights, train_source_model
 from core.training.networks import Arrays
 from simulations.benchmark.affinity_calibration import PairTerms, pair_terms
 from simulations.benchmark.tgma import spearman
-
-Progress = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

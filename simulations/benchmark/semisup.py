@@ -48,7 +48,7 @@ import argparse
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -68,7 +68,7 @@ from core.config import (
 )
 from core.data.dataset import list_site_dirs
 from core.data.synthetic import ensure_builtin_federation
-from core.logs import Countdown
+from core.logs import Countdown, Progress
 from core.semisup.dual_task import segmentation_weights
 from core.semisup.job import (
     SemisupData,
@@ -124,8 +124,6 @@ VARIANTS: Final[dict[str, tuple[SemisupVariant, bool]]] = {
 COLUMNS: Final = ("supervised", "mean_teacher", "ugmcl", "full")
 GAP_METHODS: Final = ("mean_teacher", "ugmcl")
 MISSING: Final = "—"
-
-Progress = Callable[[str], None]
 
 
 def build_semisup_config(overrides: Mapping[str, ConfigValue]) -> RunConfig:
