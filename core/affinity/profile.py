@@ -437,7 +437,7 @@ def build_site_profile(
         ValueError: the site has no training images.
     """
     index = index_site(Path(site_dir))
-    cases = index.labelled + index.unlabelled
+    cases = index.training_images
     if not cases:
         raise ValueError(f"site {index.name}: no training images (imagesTr) to profile")
     image_quantiles, label_maps, fractions = [], [], []

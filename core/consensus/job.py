@@ -177,7 +177,7 @@ def build_noisy_label_set(
             "which names the site's atlases"
         )
     index = index_site(Path(site_dir))
-    training = index.labelled + index.unlabelled
+    training = index.training_images
     if not training:
         raise SiteDataError(
             f"{index.root}: no training images (imagesTr) to build consensus labels on"
@@ -382,7 +382,7 @@ def run_consensus(
     assert tuple(fused) == CONSENSUS_METHODS
 
     index = index_site(Path(site_dir))
-    training_cases = index.labelled + index.unlabelled
+    training_cases = index.training_images
     training_rows = noisy.training_rows
     if labels_dir is not None:
         write_consensus_labels(

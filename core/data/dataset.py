@@ -88,6 +88,18 @@ class SiteIndex:
     evaluation: tuple[CaseRecord, ...]
 
     @property
+    def training_images(self) -> tuple[CaseRecord, ...]:
+        """Every training image, labelled or not, in case-id order.
+
+        What a label-free computation (LFTM, adaptation, consensus, the profile's
+        image term) reads: the same cases in the same order whether or not the site
+        holds their labels, so the site's labels cannot change its result.
+        """
+        return tuple(
+            sorted(self.labelled + self.unlabelled, key=lambda case: case.case_id)
+        )
+
+    @property
     def num_cases(self) -> int:
         """Return the number of labelled, unlabelled and evaluation cases."""
         return len(self.labelled) + len(self.unlabelled) + len(self.evaluation)

@@ -89,7 +89,7 @@ class Adaptation:
 
 def _target_slices(index: SiteIndex, config: RunConfig) -> SliceSet:
     """All the target's training images, labels ignored (adaptation is unsupervised)."""
-    cases = index.labelled + index.unlabelled
+    cases = index.training_images
     if not cases:
         raise SiteDataError(f"{index.root}: no training images (imagesTr) to adapt on")
     return build_slice_set(cases, data=config.data, with_labels=False)
