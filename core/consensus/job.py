@@ -75,7 +75,8 @@ class NoisyLabelSet:
     """The noisy labels of the target's slices, one stack row per label source.
 
     Attributes:
-        slices: the target's images (training cases first, then evaluation cases).
+        slices: the target's images: its training images, then every evaluation
+            image, labelled or not (the labels decide nothing here).
         num_training_cases: how many of ``slices.case_ids`` are training cases.
         sources: label source names: candidates, then ``atlas-1``..``atlas-K``.
         labels: ``(A, N, S, S)`` int64 classes, row a from ``sources[a]``.
@@ -182,7 +183,7 @@ def build_noisy_label_set(
         raise SiteDataError(
             f"{index.root}: no training images (imagesTr) to build consensus labels on"
         )
-    cases = training + index.evaluation
+    cases = training + index.evaluation_images
     slices = build_slice_set(cases, data=config.data, with_labels=False)
     transferability, probabilities = score_slices(slices, candidates, config, progress)
     itm_labels = build_pseudo_labels(
@@ -408,7 +409,7 @@ def run_consensus(
     }
 
     label_dice, spearman_dp, spearman_staple = _score_on_evaluation_labels(
-        index.evaluation, noisy, fused, raw, sensitivity, config
+        index.evaluation_images, noisy, fused, raw, sensitivity, config
     )
     methods = CONSENSUS_METHODS if config.consensus.baselines else ("deepstaple",)
     models = _train_on_each(noisy, fused, methods, candidates[start], config, progress)
@@ -431,7 +432,7 @@ def run_consensus(
 
 
 def _score_on_evaluation_labels(
-    evaluation: Sequence[CaseRecord],
+    evaluation_images: Sequence[CaseRecord],
     noisy: NoisyLabelSet,
     fused: Mapping[str, torch.Tensor],
     raw: npt.NDArray[np.float32],
@@ -440,27 +441,44 @@ def _score_on_evaluation_labels(
 ) -> tuple[dict[str, float], float, float]:
     """Consensus Dice per method and the quality Spearmans, on the evaluation images.
 
-    The evaluation labels are read here only, to score; nothing trains on them.
-    Returns empty Dice and nan correlations when the site has no evaluation labels.
+    ``evaluation_images`` are every evaluation image, in the order the noisy label set
+    holds them after the training images; only those with a label are scored. The
+    evaluation labels are read here only, to score; nothing trains on them. Returns
+    empty Dice and nan correlations when the site has no evaluation labels.
     """
-    if not evaluation:
+    labelled = [
+        (number, case)
+        for number, case in enumerate(evaluation_images, start=noisy.num_training_cases)
+        if case.label_path is not None
+    ]
+    if not labelled:
         return {}, math.nan, math.nan
     num_classes = config.data.num_classes
-    truth = build_slice_set(evaluation, data=config.data, with_labels=True).labels
+    truth = build_slice_set(
+        [case for _, case in labelled], data=config.data, with_labels=True
+    ).labels
     assert truth is not None
     case_of_slice = noisy.slices.case_of_slice.numpy()
-    # The evaluation cases follow the training cases, in the same order and slices.
-    offset = int((case_of_slice < noisy.num_training_cases).sum())
-    evaluation_cases = range(noisy.num_training_cases, len(noisy.slices.case_ids))
-    rows_of = {case: np.flatnonzero(case_of_slice == case) for case in evaluation_cases}
+    # The labelled evaluation cases' slices, in the noisy set and in ``truth`` (the
+    # same slices of the same cases, in the same order).
+    rows_of = {
+        number: np.flatnonzero(case_of_slice == number) for number, _ in labelled
+    }
+    truth_rows_of, start = {}, 0
+    for number, rows in rows_of.items():
+        truth_rows_of[number] = np.arange(start, start + len(rows))
+        start += len(rows)
+    assert start == len(truth)
     label_dice = {
         method: float(
             np.mean(
                 [
                     dice_score(
-                        labels[rows], truth[rows - offset], num_classes=num_classes
+                        labels[rows],
+                        truth[truth_rows_of[case]],
+                        num_classes=num_classes,
                     )
-                    for rows in rows_of.values()
+                    for case, rows in rows_of.items()
                 ]
             )
         )
@@ -471,7 +489,9 @@ def _score_on_evaluation_labels(
         for a in range(len(noisy.sources)):
             true_dice.append(
                 dice_score(
-                    noisy.labels[a][rows], truth[rows - offset], num_classes=num_classes
+                    noisy.labels[a][rows],
+                    truth[truth_rows_of[case]],
+                    num_classes=num_classes,
                 )
             )
             dps.append(_mean_over(raw[a, rows]))

@@ -86,6 +86,8 @@ class SiteIndex:
     labelled: tuple[CaseRecord, ...]
     unlabelled: tuple[CaseRecord, ...]
     evaluation: tuple[CaseRecord, ...]
+    # Every imagesTs image, labelled or not (``evaluation`` holds the labelled ones).
+    evaluation_images: tuple[CaseRecord, ...] = ()
 
     @property
     def training_images(self) -> tuple[CaseRecord, ...]:
@@ -290,7 +292,8 @@ def index_site(site_dir: Path) -> SiteIndex:
             files.
 
     Returns:
-        The cases sorted by case id. ``imagesTs`` cases without a label are skipped.
+        The cases sorted by case id. ``evaluation`` holds the ``imagesTs`` cases
+        with a label, ``evaluation_images`` every ``imagesTs`` case.
 
     Raises:
         SiteDataError: the folder or its ``imagesTr`` is missing, it holds no images,
@@ -346,6 +349,15 @@ def index_site(site_dir: Path) -> SiteIndex:
         unlabelled=records(train_images, train_labels, CaseSplit.TRAIN, labelled=False),
         evaluation=records(
             test_images, test_labels, CaseSplit.EVALUATION, labelled=True
+        ),
+        evaluation_images=tuple(
+            CaseRecord(
+                case_id=case_id,
+                image_path=test_images[case_id],
+                label_path=test_labels.get(case_id),
+                split=CaseSplit.EVALUATION,
+            )
+            for case_id in sorted(test_images)
         ),
     )
 

@@ -157,12 +157,6 @@ def test_consensus_labels_are_the_same_without_the_targets_training_labels(
         np.testing.assert_array_equal(with_labels[method], without[method], method)
 
 
-@pytest.mark.xfail(
-    reason="known gap (issue 22): the consensus fuses the target's evaluation images "
-    "only when they are labelled (index_site skips imagesTs without labelsTs), so "
-    "the evaluation labels decide which images DeepSTAPLE learns from",
-    strict=True,
-)
 def test_consensus_labels_are_the_same_without_the_targets_evaluation_labels(
     targets: dict[str, Path], candidates: dict[str, Arrays], config: RunConfig
 ) -> None:
@@ -170,6 +164,7 @@ def test_consensus_labels_are_the_same_without_the_targets_evaluation_labels(
     with_labels = _consensus_labels(targets["no-training-labels"], candidates, config)
     without = _consensus_labels(targets["none"], candidates, config)
 
-    # Assert
+    # Assert: every evaluation image is fused, labelled or not
+    assert with_labels.keys() == without.keys()
     for method in with_labels:
         np.testing.assert_array_equal(with_labels[method], without[method], method)

@@ -82,7 +82,7 @@ def make_site(root: Path, name: str = "site_a") -> Path:
     write(site / "labelsTr" / "case_004.nii.gz", make_label())
     write(site / "imagesTs" / "case_101_0000.nii.gz", make_image())
     write(site / "labelsTs" / "case_101.nii.gz", np.zeros(SHAPE, dtype=np.uint8))
-    write(site / "imagesTs" / "case_102_0000.nii.gz", make_image())  # no label: skipped
+    write(site / "imagesTs" / "case_102_0000.nii.gz", make_image())  # no label
     document = {
         "name": "A",
         "modality": {"0": "MRI"},
@@ -141,6 +141,25 @@ def test_index_site_finds_cases_by_split(site: Path) -> None:
     assert index.labelled[0].image_path == site / "imagesTr" / "case_001_0000.nii.gz"
     assert index.labelled[0].label_path == site / "labelsTr" / "case_001.nii.gz"
     assert index.unlabelled[0].label_path is None
+
+
+def test_label_free_views_hold_every_image_in_case_id_order(site: Path) -> None:
+    # Execute
+    index = index_site(site)
+
+    # Assert: labels decide neither which images nor their order
+    assert [case.case_id for case in index.training_images] == [
+        "case_001",
+        "case_002",
+        "case_003",
+        "case_004",
+    ]
+    assert [case.case_id for case in index.evaluation_images] == [
+        "case_101",
+        "case_102",
+    ]
+    assert index.evaluation_images[1].label_path is None
+    assert index.evaluation_images[0] == index.evaluation[0]
 
 
 def test_index_site_finds_dicom_folder_case(site: Path) -> None:
