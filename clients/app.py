@@ -279,7 +279,8 @@ def lftm(message: Message, _context: Context, setup: SiteSetup) -> Message:
     """Score every candidate on this (target) site's images; reply ITM or only DTM.
 
     The policy's ``release.lftm`` decides: ``instance`` replies one score per case
-    and source (ITM columns), ``domain`` only the per-source means (DTM).
+    and source (ITM columns), ``domain`` only the per-source means (DTM). Either way
+    the reply carries the candidates' agreement matrix, means over the site's cases.
     """
     candidates = records.read_named_models(message.content)
     transferability = score_candidates(
@@ -297,6 +298,10 @@ def lftm(message: Message, _context: Context, setup: SiteSetup) -> Message:
         transferability.sources,
         columns,
         release=setup.policy.lftm_release.value,
+        agreement={
+            name: list(transferability.agreement[row])
+            for row, name in enumerate(transferability.sources)
+        },
     )
     settings, metrics = reply.to_fields()
     return records.build_reply(message, settings=settings, metrics=metrics)

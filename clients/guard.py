@@ -220,14 +220,19 @@ def _max_metric_values(setup: SiteSetup, message_type: str) -> int:
     return max(1, cases)
 
 
+def _requested_models(message: Message) -> set[str]:
+    """The names of the models the request sent."""
+    return {
+        name
+        for key in message.content.array_records
+        if (name := protocol.model_name(key)) is not None
+    }
+
+
 def _requested_names(message: Message) -> set[str]:
     """Names the request itself introduced: its models and predictors."""
     content = message.content
-    names = {
-        name
-        for key in content.array_records
-        if (name := protocol.model_name(key)) is not None
-    }
+    names = _requested_models(message)
     request = content.config_records.get(protocol.REQUEST_KEY, ConfigRecord())
     if "predictors" in request:
         # A malformed table has already failed the handler; then no name is requested.
@@ -566,6 +571,7 @@ def egress_guard(
         policy=setup.policy,
         manifest=_reply_manifest(setup, message_type),
         max_metric_values=_max_metric_values(setup, message_type),
+        num_candidates=len(_requested_models(message)),
     )
     if violations:
         reason = describe_violations(violations)

@@ -57,6 +57,19 @@ class LandmarkRule(StrEnum):
     COMMUNITIES = "communities"  # the paper: Girvan-Newman communities' landmarks
 
 
+class SelectionRule(StrEnum):
+    """How TGMA picks its main/auxiliary pair and pseudo-label voters from the scores.
+
+    ``DTM``: the paper: main and aux are the two best DTM, every candidate votes in the
+    pseudo-labels. ``AGREEMENT``: SiteBridge's departure (docs/methods.md#agreement-
+    selection): DTM confirmed by the best agreement with another candidate, and only
+    candidates that agree with the main may be aux or vote.
+    """
+
+    DTM = "dtm"
+    AGREEMENT = "agreement"
+
+
 class Attention(StrEnum):
     """Attention map behind the LFTM keep-mask."""
 
@@ -258,8 +271,16 @@ class TransferConfig:
     smoothing_sigma_px: float
     threshold: float
     dilation_fraction: float
+    selection: SelectionRule
+    agreement_threshold: float  # least agreement with the main to be aux or vote
 
     def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.agreement_threshold <= 1.0,
+            "transfer.agreement-threshold",
+            "in [0, 1]",
+            self.agreement_threshold,
+        )
         _require(
             self.smoothing_sigma_px >= 0,
             "transfer.smoothing-sigma-px",

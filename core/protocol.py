@@ -385,6 +385,9 @@ INSTANCE_RELEASE: Final = "instance"  # ITM: one score per target case and sourc
 DOMAIN_RELEASE: Final = "domain"  # DTM only: one mean per source
 ITM_PREFIX: Final = "itm."  # metrics key of a source's ITM column: "itm.<source>"
 DTM_PREFIX: Final = "dtm."  # metrics key of a source's DTM mean: "dtm.<source>"
+# metrics key of a source's row of the agreement matrix, in ``sources`` order: the mean
+# per-case Dice between its predictions and each other source's ("agree.<source>")
+AGREEMENT_PREFIX: Final = "agree."
 # The settings of an LFTM reply: the metric, the sources (column order), the release.
 _LFTM_METRIC: Final = "metric"
 _LFTM_SOURCES: Final = "sources"
@@ -398,7 +401,9 @@ class LftmReply:
 
     ``instance`` release carries per-case columns (rows in an order fixed at the site
     but never named, so no case identity leaves); ``domain`` release carries one mean
-    per source and ``itm_columns`` is None.
+    per source and ``itm_columns`` is None. Either release carries ``agreement``, one
+    row per source of means over the target's cases (the agreement selection's input);
+    None from a site of an earlier release, which sent none.
     """
 
     metric: str
@@ -406,6 +411,7 @@ class LftmReply:
     release: str
     itm_columns: dict[str, list[float]] | None  # source -> one score per case
     dtm: dict[str, float]  # source -> mean over the target's cases
+    agreement: dict[str, list[float]] | None = None  # source -> row, ``sources`` order
 
     def __post_init__(self) -> None:
         if self.release not in (INSTANCE_RELEASE, DOMAIN_RELEASE):
@@ -426,6 +432,7 @@ class LftmReply:
         itm: dict[str, list[float]],
         *,
         release: str,
+        agreement: dict[str, list[float]] | None = None,
     ) -> LftmReply:
         """Build the reply for ``release`` from full ITM columns (DTM = their means).
 
@@ -442,6 +449,7 @@ class LftmReply:
             release=release,
             itm_columns=dict(itm) if release == INSTANCE_RELEASE else None,
             dtm=dtm,
+            agreement=agreement,
         )
 
     def to_fields(self) -> tuple[Fields, Fields]:
@@ -459,6 +467,13 @@ class LftmReply:
             }
         else:
             metrics = {f"{DTM_PREFIX}{name}": self.dtm[name] for name in self.sources}
+        if self.agreement is not None:
+            metrics.update(
+                {
+                    f"{AGREEMENT_PREFIX}{name}": list(self.agreement[name])
+                    for name in self.sources
+                }
+            )
         return settings, metrics
 
     @classmethod
@@ -470,6 +485,18 @@ class LftmReply:
         sources = tuple(str(name) for name in config.get_list(_LFTM_SOURCES))
         release = config.get_str(_LFTM_RELEASE)
         metric = config.get_str(_LFTM_METRIC)
+        agreement = None
+        if any(f"{AGREEMENT_PREFIX}{name}" in metrics for name in sources):
+            agreement = {
+                name: numbers.get_float_list(f"{AGREEMENT_PREFIX}{name}")
+                for name in sources
+            }
+            for name, row in agreement.items():
+                if len(row) != len(sources):
+                    raise ValueError(
+                        f"payload field '{AGREEMENT_PREFIX}{name}' has {len(row)} "
+                        f"values for {len(sources)} sources"
+                    )
         if release == DOMAIN_RELEASE:
             dtm = {name: numbers.get_float(f"{DTM_PREFIX}{name}") for name in sources}
             return cls(
@@ -478,6 +505,7 @@ class LftmReply:
                 release=release,
                 itm_columns=None,
                 dtm=dtm,
+                agreement=agreement,
             )
         columns = {
             name: numbers.get_float_list(f"{ITM_PREFIX}{name}") for name in sources
@@ -485,7 +513,18 @@ class LftmReply:
         lengths = {len(column) for column in columns.values()}
         if len(lengths) > 1:
             raise ValueError(f"ITM columns differ in length: {sorted(lengths)}")
-        return cls.from_itm(metric, sources, columns, release=release)
+        return cls.from_itm(
+            metric, sources, columns, release=release, agreement=agreement
+        )
+
+    def agreement_by_name(self) -> dict[str, dict[str, float]] | None:
+        """``agreement[i][j]`` keyed by source names; None when the site sent none."""
+        if self.agreement is None:
+            return None
+        return {
+            first: dict(zip(self.sources, self.agreement[first], strict=True))
+            for first in self.sources
+        }
 
     def itm_rows(self) -> tuple[tuple[float, ...], ...] | None:
         """ITM as rows (cases) by columns (``sources`` order); None for domain."""
@@ -924,7 +963,8 @@ REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
     HELLO: ReplySchema(settings=record_keys(HelloReply)),
     TRAIN_SOURCE: ReplySchema(metrics=record_keys(TrainReply), weights=True),
     LFTM: ReplySchema(
-        settings=LFTM_SETTINGS, metrics=(f"{ITM_PREFIX}*", f"{DTM_PREFIX}*")
+        settings=LFTM_SETTINGS,
+        metrics=(f"{ITM_PREFIX}*", f"{DTM_PREFIX}*", f"{AGREEMENT_PREFIX}*"),
     ),
     ADAPT: ReplySchema(metrics=record_keys(AdaptReply), models=ADAPT_MODELS),
     CONSENSUS: ReplySchema(

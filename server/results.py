@@ -34,6 +34,7 @@ FLATTEN: Final = {"flatten": True}
 OMIT_DEFAULT: Final = {"omit_default": True}
 
 RecordT = TypeVar("RecordT", bound="Record")
+ModelT = TypeVar("ModelT")
 
 
 class ResultError(ValueError):
@@ -242,9 +243,13 @@ class PairWeights(Record):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TransferabilityResult(PhaseResult):
-    """The target's LFTM scores and the main/auxiliary choice by DTM.
+    """The target's LFTM scores and the main/auxiliary choice.
 
-    ``itm`` is None when the target released the DTM only (``release.lftm``).
+    ``itm`` is None when the target released the DTM only (``release.lftm``);
+    ``agreement`` (rows in ``sources`` order) is None from a site that sent none.
+    ``selection`` is the rule that chose (``transfer.selection``) and ``voters`` the
+    candidates whose predictions form the pseudo-labels (empty: every candidate, as
+    files written before the agreement selection mean).
     """
 
     PHASE: ClassVar[str] = "transferability"
@@ -256,6 +261,15 @@ class TransferabilityResult(PhaseResult):
     main: str
     aux: str | None
     weights: PairWeights
+    selection: str = "dtm"
+    agreement: tuple[tuple[float, ...], ...] | None = None
+    voters: tuple[str, ...] = ()
+
+    def voter_models(self, models: Mapping[str, ModelT]) -> dict[str, ModelT]:
+        """The candidates of ``models`` that vote in the pseudo-labels."""
+        if not self.voters:
+            return dict(models)
+        return {name: value for name, value in models.items() if name in self.voters}
 
 
 # ------------------------------------------------------------------- adaptation

@@ -29,6 +29,7 @@ from core.privacy.limits import (
 )
 from core.protocol import (
     ADAPT,
+    AGREEMENT_PREFIX,
     APPLIED_POLICY_PREFIX,
     CONSENSUS,
     EVALUATE,
@@ -699,14 +700,28 @@ def _check_sizes(reply: ReplyDescription, policy: AppliedPolicy) -> list[Violati
 
 
 def _check_metrics(
-    reply: ReplyDescription, policy: AppliedPolicy, max_metric_values: int
+    reply: ReplyDescription,
+    policy: AppliedPolicy,
+    max_metric_values: int,
+    num_candidates: int,
 ) -> list[Violation]:
     violations: list[Violation] = []
-    domain_only = (
-        reply.message_type == LFTM and policy.lftm_release is LftmRelease.DOMAIN
-    )
+    lftm = reply.message_type == LFTM
+    domain_only = lftm and policy.lftm_release is LftmRelease.DOMAIN
     for record, counts in sorted(reply.metric_records.items()):
         for name, count in sorted(counts.items()):
+            if lftm and name.startswith(AGREEMENT_PREFIX):
+                # A row of the candidates' agreement matrix: one mean over the
+                # site's cases per candidate, whatever the release.
+                if count > num_candidates:
+                    violations.append(
+                        Violation(
+                            Rule.TOO_MANY_METRIC_VALUES,
+                            f"{record}/{name} holds {count} values, at most"
+                            f" {num_candidates} (one per candidate sent) may leave",
+                        )
+                    )
+                continue
             if domain_only and count > 1:
                 violations.append(
                     Violation(
@@ -732,6 +747,7 @@ def check_reply(
     policy: AppliedPolicy,
     manifest: Mapping[str, tuple[int, ...]],
     max_metric_values: int,
+    num_candidates: int = 0,
 ) -> list[Violation]:
     """Check a reply against the applied policy and the run's model manifest.
 
@@ -747,6 +763,9 @@ def check_reply(
             run.
         max_metric_values: the longest metric list that may leave (e.g. the number
             of target cases, for ITM columns).
+        num_candidates: models the request sent; the longest row of an LFTM
+            reply's agreement matrix (``agree.<source>``) that may leave, under
+            either release.
 
     Returns:
         Every violation, in rule order; empty when the reply may leave.
@@ -780,7 +799,7 @@ def check_reply(
     violations += _check_fields(reply, schema)
     violations += _check_arrays(reply, policy, manifest)
     violations += _check_sizes(reply, policy)
-    violations += _check_metrics(reply, policy, max_metric_values)
+    violations += _check_metrics(reply, policy, max_metric_values, num_candidates)
     return violations
 
 

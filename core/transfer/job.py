@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from core.config import Norm, RunConfig
+from core.config import Norm, RunConfig, SelectionRule, TransferConfig
 from core.data.dataset import (
     SiteDataError,
     SiteIndex,
@@ -37,9 +37,12 @@ from core.training.networks import Arrays, get_weights
 from core.training.trainer import select_device
 from core.transfer.adaptation import adapt_pair, adapt_pair_private
 from core.transfer.transferability import (
+    SourceSelection,
     build_pseudo_labels,
     compute_dtm,
+    prediction_agreement,
     score_candidate,
+    select_sources,
 )
 
 
@@ -48,12 +51,28 @@ class Transferability:
     """Per-case transferability of each candidate on the target (ITM) and its means.
 
     ``itm[n][i]`` is the score of ``sources[i]`` on target case ``n``; case identities
-    stay at the site (rows are in a fixed but unnamed order).
+    stay at the site (rows are in a fixed but unnamed order). ``agreement[i][j]`` is
+    the mean per-case Dice between ``sources[i]``'s and ``sources[j]``'s predictions
+    (:func:`core.transfer.transferability.prediction_agreement`), for the agreement
+    selection; empty when not computed.
     """
 
     metric: str
     sources: tuple[str, ...]
     itm: tuple[tuple[float, ...], ...]
+    agreement: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def agreement_by_name(self) -> dict[str, dict[str, float]]:
+        """``agreement`` keyed by candidate names (empty when not computed)."""
+        return {
+            first: {
+                second: self.agreement[row][column]
+                for column, second in enumerate(self.sources)
+            }
+            for row, first in enumerate(self.sources)
+            if self.agreement
+        }
 
     @property
     def dtm(self) -> dict[str, float]:
@@ -127,9 +146,37 @@ def score_slices(
         )
     itm = torch.stack(columns, dim=1)
     rows = tuple(tuple(float(value) for value in row) for row in itm.tolist())
+    agreement = prediction_agreement(
+        [maps.argmax(1) for maps in probabilities],
+        case_of_slice=slices.case_of_slice,
+        num_cases=len(slices.case_ids),
+    )
     return (
-        Transferability(metric=config.transfer.metric.value, sources=names, itm=rows),
+        Transferability(
+            metric=config.transfer.metric.value,
+            sources=names,
+            itm=rows,
+            agreement=tuple(tuple(float(v) for v in row) for row in agreement.tolist()),
+        ),
         probabilities,
+    )
+
+
+def select_pair(
+    transferability: Transferability,
+    transfer: TransferConfig,
+    *,
+    rule: SelectionRule | None = None,
+) -> SourceSelection:
+    """The main/aux pair and pseudo-label voters from a target's own scores.
+
+    ``rule`` defaults to ``transfer.selection``; the threshold is the config's.
+    """
+    return select_sources(
+        transferability.dtm,
+        rule=transfer.selection if rule is None else rule,
+        agreement=transferability.agreement_by_name or None,
+        threshold=transfer.agreement_threshold,
     )
 
 

@@ -14,6 +14,11 @@ Implements docs/methods.md#tgma:
   their DTM values normalised to sum 1.
 - Pseudo-labels: ``argmax_c sum_i ITM[n, i] * softmax(F_i(x_n))`` with each ITM row
   normalised to sum 1.
+- SiteBridge's agreement selection (``transfer.selection = "agreement"``, a named
+  departure, docs/methods.md#agreement-selection): ``A[i, j]`` is the mean per-case
+  Dice between candidates ``i`` and ``j``'s predictions on the target; the main
+  maximises ``DTM[i] * max_{j != i} A[i, j]``, and only candidates with
+  ``A[main, j] >= threshold`` may be aux or vote in the pseudo-labels.
 - The entropy baseline scores a case by ``1 - mean normalised predictive entropy``.
 
 Pure PyTorch; never imports flwr.
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from core.config import Attention, TransferConfig, TransferMetric
+from core.config import Attention, SelectionRule, TransferConfig, TransferMetric
 from core.training.trainer import predict_probabilities
 
 
@@ -248,14 +253,55 @@ def compute_dtm(itm: torch.Tensor) -> torch.Tensor:
     return itm.mean(0)
 
 
+def prediction_agreement(
+    labels: Sequence[torch.Tensor], *, case_of_slice: torch.Tensor, num_cases: int
+) -> torch.Tensor:
+    """``(M, M)`` mean per-case foreground Dice between candidates' predictions.
+
+    ``A[i, j]`` averages, over the target's cases, the Dice of candidate ``i``'s and
+    candidate ``j``'s predicted foreground on the case's slices; a case where either
+    predicts nothing counts 0, so a silent model earns no agreement. ``A[i, i]`` is 1
+    for a candidate that predicts foreground on every case.
+
+    Args:
+        labels: per candidate, hard predictions ``(N, H, W)`` on the same target slices.
+        case_of_slice: ``(N,)`` case index per slice.
+        num_cases: number of target cases.
+
+    Example:
+        >>> a = torch.tensor([[[1, 1], [0, 0]]]); b = torch.tensor([[[1, 0], [0, 0]]])
+        >>> prediction_agreement([a, b], case_of_slice=torch.tensor([0]), num_cases=1)
+        tensor([[1.0000, 0.6667],
+                [0.6667, 1.0000]])
+    """
+    count = len(labels)
+    agreement = torch.zeros(count, count)
+    for first in range(count):
+        for second in range(first, count):
+            value = foreground_dice_per_case(
+                labels[first],
+                labels[second],
+                case_of_slice=case_of_slice,
+                num_cases=num_cases,
+            ).mean()
+            agreement[first, second] = agreement[second, first] = value
+    return agreement
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SourceSelection:
-    """The main and auxiliary sources and their fixed weights (summing to 1)."""
+    """The main and auxiliary sources, their fixed weights (summing to 1), the voters.
+
+    ``voters`` are the candidates whose predictions form the pseudo-labels: every
+    candidate under the paper's rule, the main and those agreeing with it under the
+    agreement rule. An empty tuple means every candidate.
+    """
 
     main: str
     aux: str | None
     weight_main: float
     weight_aux: float
+    voters: tuple[str, ...] = ()
 
     def as_pairs(self) -> tuple[tuple[str, float], ...]:
         """Return ``((main, W_main), (aux, W_aux))`` without an absent aux."""
@@ -264,27 +310,104 @@ class SourceSelection:
         return ((self.main, self.weight_main), (self.aux, self.weight_aux))
 
 
-def select_sources(dtm: Mapping[str, float]) -> SourceSelection:
-    """Pick main = argmax DTM and aux = second; weights are DTM values normalised to 1.
-
-    Ties go to the name that sorts first; when both scores are 0 the weights are equal.
-
-    Example:
-        >>> select_sources({"A": 0.25, "B": 0.75, "C": 0.25})
-        SourceSelection(main='B', aux='A', weight_main=0.75, weight_aux=0.25)
-    """
-    if not dtm:
-        raise ValueError("no candidate sources to select from")
-    ranked = sorted(dtm, key=lambda name: (-dtm[name], name))
+def _pair(
+    dtm: Mapping[str, float], ranked: Sequence[str]
+) -> tuple[str | None, float, float]:
+    """The aux (second of ``ranked``) and the pair's DTM-normalised weights."""
     main = ranked[0]
     if len(ranked) == 1:
-        return SourceSelection(main=main, aux=None, weight_main=1.0, weight_aux=0.0)
+        return None, 1.0, 0.0
     aux = ranked[1]
     total = dtm[main] + dtm[aux]
     if total <= 0:
-        return SourceSelection(main=main, aux=aux, weight_main=0.5, weight_aux=0.5)
+        return aux, 0.5, 0.5
+    return aux, dtm[main] / total, dtm[aux] / total
+
+
+def select_sources(
+    dtm: Mapping[str, float],
+    *,
+    rule: SelectionRule = SelectionRule.DTM,
+    agreement: Mapping[str, Mapping[str, float]] | None = None,
+    threshold: float = 0.5,
+) -> SourceSelection:
+    """Pick the main and auxiliary sources, their weights and the pseudo-label voters.
+
+    ``rule = DTM`` (the paper): main = argmax DTM, aux = second, every candidate votes.
+    ``rule = AGREEMENT``: the main maximises ``DTM[i] * max_{j != i} agreement[i][j]``
+    (a high DTM that no other candidate's predictions confirm is not trusted); the aux
+    is the best-scored candidate whose agreement with the main is at least
+    ``threshold`` (none: the main alone), and the voters are the main and every
+    candidate that agrees with it that much. Either way the pair's weights are the
+    DTM values normalised to 1. Ties go to the name that sorts first; when both DTM
+    are 0 the weights are equal.
+
+    Args:
+        dtm: per candidate, its DTM.
+        rule: the selection rule.
+        agreement: ``agreement[i][j]``, mean Dice between candidates' predictions on
+            the target (:func:`prediction_agreement`); required by ``AGREEMENT``.
+        threshold: least agreement with the main to be aux or vote.
+
+    Raises:
+        ValueError: no candidates, or ``AGREEMENT`` without an agreement for every
+            pair of candidates.
+
+    Example:
+        >>> paper = select_sources({"A": 0.25, "B": 0.75, "C": 0.25})
+        >>> paper.main, paper.aux, paper.weight_main, paper.voters
+        ('B', 'A', 0.75, ('A', 'B', 'C'))
+        >>> agree = {"A": {"B": 0.1, "C": 0.8}, "B": {"A": 0.1, "C": 0.1},
+        ...          "C": {"A": 0.8, "B": 0.1}}
+        >>> confirmed = select_sources({"A": 0.5, "B": 0.6, "C": 0.4},
+        ...                rule=SelectionRule.AGREEMENT, agreement=agree)
+        >>> confirmed.main, confirmed.aux, confirmed.voters
+        ('A', 'C', ('A', 'C'))
+    """
+    if not dtm:
+        raise ValueError("no candidate sources to select from")
+    names = sorted(dtm)
+    if rule is SelectionRule.DTM or len(names) == 1:
+        ranked = sorted(names, key=lambda name: (-dtm[name], name))
+        aux, weight_main, weight_aux = _pair(dtm, ranked)
+        return SourceSelection(
+            main=ranked[0],
+            aux=aux,
+            weight_main=weight_main,
+            weight_aux=weight_aux,
+            voters=tuple(names),
+        )
+    if agreement is None:
+        raise ValueError("the agreement selection needs the candidates' agreement")
+    missing = [
+        f"{first}/{second}"
+        for first in names
+        for second in names
+        if first != second and second not in agreement.get(first, {})
+    ]
+    if missing:
+        raise ValueError(f"no agreement for candidate pair(s) {', '.join(missing)}")
+    confirmed = {
+        name: dtm[name]
+        * max(agreement[name][other] for other in names if other != name)
+        for name in names
+    }
+    main = min(names, key=lambda name: (-confirmed[name], name))
+    voters = tuple(
+        name for name in names if name == main or agreement[main][name] >= threshold
+    )
+    others = sorted(
+        (name for name in voters if name != main),
+        key=lambda name: (-confirmed[name], name),
+    )
+    ranked = [main, *others]
+    aux, weight_main, weight_aux = _pair(dtm, ranked)
     return SourceSelection(
-        main=main, aux=aux, weight_main=dtm[main] / total, weight_aux=dtm[aux] / total
+        main=main,
+        aux=aux,
+        weight_main=weight_main,
+        weight_aux=weight_aux,
+        voters=voters,
     )
 
 

@@ -26,7 +26,11 @@ def run(
     models: Mapping[str, Arrays],
     selection: TransferabilityResult,
 ) -> tuple[AdaptationResult, dict[str, Arrays]]:
-    """Phase 5: the target adapts the main/aux pair on its images; result, models."""
+    """Phase 5: the target adapts the main/aux pair on its images; result, models.
+
+    Only the pseudo-label voters (``selection.voters``) are sent: the target's
+    pseudo-labels are formed from the candidates it receives.
+    """
     request = protocol.AdaptRequest(
         main=selection.main,
         aux=selection.aux or "",
@@ -36,7 +40,9 @@ def run(
     reply = ask_target(
         coordinator,
         target,
-        records.build_request(settings=request.to_fields(), models=models),
+        records.build_request(
+            settings=request.to_fields(), models=selection.voter_models(models)
+        ),
         protocol.ADAPT,
         "adaptation",
     )

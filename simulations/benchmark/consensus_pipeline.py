@@ -32,8 +32,7 @@ from core.protocol import CONSENSUS_METHODS
 from core.training.evaluation import evaluate_predictors
 from core.training.job import build_initial_weights, train_source_model
 from core.training.networks import Arrays
-from core.transfer.job import adapt_target, score_candidates
-from core.transfer.transferability import select_sources
+from core.transfer.job import adapt_target, score_candidates, select_pair
 from simulations.benchmark.consensus import build_controlled_config, run_controlled
 from simulations.benchmark.output import describe_machine, log_progress
 
@@ -50,10 +49,10 @@ def _run_target(
 ) -> dict[str, object]:
     """TGMA then consensus at one target; scores on its evaluation labels."""
     transferability = score_candidates(target_dir, sources, config)
-    selection = select_sources(transferability.dtm)
+    selection = select_pair(transferability, config.transfer)
     adapted = adapt_target(
         target_dir,
-        sources,
+        {name: sources[name] for name in selection.voters},
         config,
         main=selection.main,
         aux=selection.aux,

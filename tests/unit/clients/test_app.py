@@ -298,12 +298,23 @@ def test_lftm_releases_only_domain_means_under_the_default_policy(
     # Assert
     assert not reply.has_error(), reply.error.reason
     metrics = reply.content[protocol.METRICS_KEY]
-    assert sorted(metrics.keys()) == [f"dtm.{name}" for name in SOURCES]
-    assert all(isinstance(value, float) for value in metrics.values())
+    # Per source: its DTM and its row of the agreement matrix (one mean per
+    # candidate), nothing per case.
+    assert sorted(metrics.keys()) == sorted(
+        [f"dtm.{name}" for name in SOURCES] + [f"agree.{name}" for name in SOURCES]
+    )
+    assert all(isinstance(metrics[f"dtm.{name}"], float) for name in SOURCES)
     result = protocol.LftmReply.from_fields(reply.content[protocol.REPLY_KEY], metrics)
     assert result.release == "domain"
     assert result.itm_columns is None
     assert result.itm_rows() is None
+    agreement = result.agreement_by_name()
+    assert agreement is not None
+    for first in SOURCES:
+        assert len(result.agreement[first]) == len(SOURCES)  # type: ignore[index]
+        for second in SOURCES:
+            assert agreement[first][second] == agreement[second][first]
+            assert 0.0 <= agreement[first][second] <= 1.0
 
 
 # ------------------------------------------------------------------------ train.adapt

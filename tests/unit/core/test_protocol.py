@@ -190,6 +190,61 @@ def test_lftm_reply_domain_release_carries_only_means() -> None:
     assert parsed.itm_rows() is None
 
 
+def test_lftm_reply_carries_the_agreement_rows_in_either_release() -> None:
+    # Prepare
+    agreement = {"C": [1.0, 0.25], "B": [0.25, 0.5]}
+    for release in ("instance", "domain"):
+        reply = LftmReply.from_itm(
+            "lftm",
+            ("C", "B"),
+            {"B": [1.0, 0.5], "C": [0.25, 0.75]},
+            release=release,
+            agreement=agreement,
+        )
+
+        # Execute
+        settings, metrics = reply.to_fields()
+        parsed = LftmReply.from_fields(settings, metrics)
+
+        # Assert
+        assert metrics["agree.C"] == [1.0, 0.25]
+        assert metrics["agree.B"] == [0.25, 0.5]
+        assert parsed == reply
+        assert parsed.agreement_by_name() == {
+            "C": {"C": 1.0, "B": 0.25},
+            "B": {"C": 0.25, "B": 0.5},
+        }
+
+
+def test_lftm_reply_of_an_earlier_site_has_no_agreement() -> None:
+    # Execute
+    settings, metrics = LFTM_REPLY.to_fields()
+    parsed = LftmReply.from_fields(settings, metrics)
+
+    # Assert
+    assert parsed.agreement is None
+    assert parsed.agreement_by_name() is None
+
+
+@pytest.mark.parametrize(
+    ("agreement", "message"),
+    [
+        ({"agree.C": [1.0], "agree.B": [0.2, 1.0]}, "'agree.C' has 1 values for 2"),
+        ({"agree.C": [1.0, 0.2]}, "payload field 'agree.B' is missing"),
+        ({"agree.C": "high", "agree.B": [0.2, 1.0]}, "'agree.C' must be a list"),
+    ],
+)
+def test_lftm_reply_refuses_a_malformed_agreement(
+    agreement: dict[str, object], message: str
+) -> None:
+    # Prepare
+    settings, metrics = LFTM_REPLY.to_fields()
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        LftmReply.from_fields(settings, {**metrics, **agreement})
+
+
 @pytest.mark.parametrize(
     ("release", "itm", "message"),
     [

@@ -307,7 +307,7 @@ PINNED_SCHEMAS = {
     ),
     "query.lftm": ReplySchema(
         settings=("metric", "sources", "release"),
-        metrics=("itm.*", "dtm.*"),
+        metrics=("itm.*", "dtm.*", "agree.*"),
         weights=False,
         models=(),
     ),

@@ -65,6 +65,9 @@ RESULTS: list[PhaseResult] = [
         main="B",
         aux="C",
         weights=PairWeights(main=0.625, aux=0.375),
+        selection="agreement",
+        agreement=((1.0, 0.8), (0.8, 1.0)),
+        voters=("B", "C"),
     ),
     AdaptationResult(site="A", models=("aux", "main"), reply={"num-examples": 12}),
     ConsensusResult(
@@ -206,3 +209,30 @@ def test_a_result_file_that_does_not_fit_is_refused_naming_file_and_key(
     with pytest.raises(ResultError, match=r"transferability\.json") as raised:
         store.load_result(TransferabilityResult)
     assert message in str(raised.value)
+
+
+def test_a_transferability_file_from_before_the_agreement_selection_loads(
+    tmp_path: Path,
+) -> None:
+    # Prepare: written by a release without selection, agreement and voters
+    store = RunStore(tmp_path / "run")
+    store.write_json(
+        "phases/transferability.json",
+        {
+            "metric": "lftm",
+            "release": "domain",
+            "sources": ["B", "C"],
+            "itm": None,
+            "dtm": {"B": 0.6, "C": 0.4},
+            "main": "B",
+            "aux": "C",
+            "weights": {"main": 0.6, "aux": 0.4},
+        },
+    )
+
+    # Execute
+    loaded = store.load_result(TransferabilityResult)
+
+    # Assert: the paper's rule, every candidate voting
+    assert (loaded.selection, loaded.agreement, loaded.voters) == ("dtm", None, ())
+    assert loaded.voter_models({"B": 1, "C": 2}) == {"B": 1, "C": 2}

@@ -722,6 +722,44 @@ def test_domain_release_blocks_itm_rows_but_allows_domain_means() -> None:
     assert instance == []
 
 
+def test_agreement_rows_leave_under_either_release_one_value_per_candidate() -> None:
+    # Prepare: three candidates sent; one row too long for them
+    reply = ReplyDescription(
+        message_type=LFTM,
+        arrays=(),
+        metric_records={METRICS_KEY: {"dtm.A": 1, "agree.A": 3, "agree.B": 12}},
+        config_records={},
+        total_bytes=400,
+    )
+
+    # Execute
+    domain = check_reply(
+        reply,
+        policy=_applied(),
+        manifest=MANIFEST,
+        max_metric_values=32,
+        num_candidates=3,
+    )
+    instance = check_reply(
+        reply,
+        policy=_applied(lftm_release=LftmRelease.INSTANCE),
+        manifest=MANIFEST,
+        max_metric_values=32,
+        num_candidates=3,
+    )
+
+    # Assert: the three-value row is no per-instance release; the long one is refused
+    expected = [
+        Violation(
+            Rule.TOO_MANY_METRIC_VALUES,
+            "metrics/agree.B holds 12 values, at most 3 (one per candidate sent)"
+            " may leave",
+        )
+    ]
+    assert domain == expected
+    assert instance == expected
+
+
 def test_domain_release_allows_scalar_dtm_only_reply() -> None:
     # Prepare
     reply = ReplyDescription(

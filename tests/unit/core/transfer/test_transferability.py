@@ -9,6 +9,7 @@ from torch import nn
 
 from core.config import (
     Attention,
+    SelectionRule,
     TransferConfig,
     TransferMetric,
     load_default_config,
@@ -26,6 +27,7 @@ from core.transfer.transferability import (
     gaussian_smooth,
     gradcam_attention,
     mask_images,
+    prediction_agreement,
     score_candidate,
     select_sources,
 )
@@ -731,3 +733,131 @@ def test_gradcam_attention_rejects_a_module_that_is_not_a_unet() -> None:
     # Execute / Assert
     with pytest.raises(TypeError, match="needs a MONAI UNet"):
         gradcam_attention(IntensityModel(), torch.zeros(1, 1, 8, 8), device=CPU)
+
+
+# --------------------------------------------------------- agreement selection
+
+# Five candidates as on a target where two right sources (D, E) agree with each other
+# and three wrong ones agree with nothing, while LFTM scores one wrong source (A) best.
+AGREEMENT_DTM = {"A": 0.73, "B": 0.46, "C": 0.33, "D": 0.51, "E": 0.59}
+AGREEMENT = {
+    "A": {"A": 1.0, "B": 0.36, "C": 0.22, "D": 0.0, "E": 0.0},
+    "B": {"A": 0.36, "B": 1.0, "C": 0.36, "D": 0.0, "E": 0.0},
+    "C": {"A": 0.22, "B": 0.36, "C": 1.0, "D": 0.0, "E": 0.0},
+    "D": {"A": 0.0, "B": 0.0, "C": 0.0, "D": 1.0, "E": 0.67},
+    "E": {"A": 0.0, "B": 0.0, "C": 0.0, "D": 0.67, "E": 1.0},
+}
+
+
+def test_prediction_agreement_is_the_mean_per_case_dice() -> None:
+    # Prepare: case 0 (two slices) and case 1 (one slice)
+    first = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[1, 0, 0, 0]]])
+    second = torch.tensor([[[1, 0, 0, 0]], [[0, 0, 0, 0]], [[0, 0, 0, 0]]])
+    case_of_slice = torch.tensor([0, 0, 1])
+
+    # Execute
+    agreement = prediction_agreement(
+        [first, second], case_of_slice=case_of_slice, num_cases=2
+    )
+
+    # Assert: case 0 Dice 2/3, case 1 one side silent -> 0; the diagonal counts a
+    # case where the candidate predicts nothing as 0 too
+    torch.testing.assert_close(agreement, torch.tensor([[1.0, 1 / 3], [1 / 3, 0.5]]))
+
+
+def test_the_paper_rule_lets_every_candidate_vote() -> None:
+    # Execute
+    selection = select_sources(AGREEMENT_DTM, agreement=AGREEMENT)
+
+    # Assert: the agreement is ignored, A wins on DTM
+    assert (selection.main, selection.aux) == ("A", "E")
+    assert selection.voters == ("A", "B", "C", "D", "E")
+
+
+def test_agreement_selection_needs_a_best_score_confirmed_by_a_peer() -> None:
+    # Execute
+    selection = select_sources(
+        AGREEMENT_DTM, rule=SelectionRule.AGREEMENT, agreement=AGREEMENT
+    )
+
+    # Assert: A's 0.73 is confirmed only at 0.36 (0.26) while E's 0.59 at 0.67
+    # (0.40): E is main, D agrees with it and is aux, and only they vote
+    assert (selection.main, selection.aux) == ("E", "D")
+    assert selection.voters == ("D", "E")
+    assert selection.weight_main == pytest.approx(0.59 / (0.59 + 0.51))
+    assert selection.weight_main + selection.weight_aux == pytest.approx(1.0)
+
+
+def test_agreement_selection_drops_an_aux_that_disagrees_with_the_main() -> None:
+    # Prepare: nobody agrees with anybody above the threshold
+    agreement = {
+        first: {second: 1.0 if first == second else 0.2 for second in AGREEMENT}
+        for first in AGREEMENT
+    }
+
+    # Execute
+    selection = select_sources(
+        AGREEMENT_DTM, rule=SelectionRule.AGREEMENT, agreement=agreement
+    )
+
+    # Assert: the main alone, voting alone, with all the weight
+    assert (selection.main, selection.aux) == ("A", None)
+    assert selection.voters == ("A",)
+    assert (selection.weight_main, selection.weight_aux) == (1.0, 0.0)
+    assert selection.as_pairs() == (("A", 1.0),)
+
+
+def test_agreement_threshold_decides_who_votes() -> None:
+    # Execute
+    selection = select_sources(
+        AGREEMENT_DTM,
+        rule=SelectionRule.AGREEMENT,
+        agreement=AGREEMENT,
+        threshold=0.7,
+    )
+
+    # Assert: D agrees with E at 0.67 < 0.7
+    assert (selection.main, selection.aux, selection.voters) == ("E", None, ("E",))
+
+
+def test_agreement_selection_of_one_candidate_is_that_candidate() -> None:
+    # Execute
+    selection = select_sources({"B": 0.4}, rule=SelectionRule.AGREEMENT)
+
+    # Assert
+    assert (selection.main, selection.aux, selection.voters) == ("B", None, ("B",))
+
+
+@pytest.mark.parametrize(
+    ("agreement", "message"),
+    [
+        (None, "the agreement selection needs the candidates' agreement"),
+        (
+            {"A": {"B": 0.5}, "B": {"A": 0.5}},
+            "no agreement for candidate pair\\(s\\) A/C, B/C, C/A, C/B",
+        ),
+    ],
+)
+def test_agreement_selection_refuses_missing_agreement(
+    agreement: dict[str, dict[str, float]] | None, message: str
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        select_sources(
+            {"A": 0.5, "B": 0.4, "C": 0.3},
+            rule=SelectionRule.AGREEMENT,
+            agreement=agreement,
+        )
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5])
+def test_agreement_threshold_must_be_a_dice(threshold: float) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"transfer\.agreement-threshold"):
+        load_default_config(**{"transfer.agreement-threshold": threshold})
+
+
+def test_an_unknown_selection_rule_is_named() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"transfer\.selection"):
+        load_default_config(**{"transfer.selection": "vote"})

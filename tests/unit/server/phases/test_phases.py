@@ -857,6 +857,60 @@ def test_transferability_sends_only_source_models_to_the_target(
     assert set(sent[0].content.keys()) == {"model.B", "model.C", "model.seqtran"}
 
 
+def test_transferability_keeps_the_agreement_and_lets_every_candidate_vote(
+    full_run: PipelineRun,
+) -> None:
+    # Prepare
+    selection = full_run.selection
+    (message,) = full_run.grid.sent_of_type(protocol.ADAPT)
+
+    # Assert: the paper's rule (the default); the target sent its agreement matrix
+    assert selection.selection == "dtm"
+    assert selection.voters == selection.sources
+    assert selection.agreement is not None
+    matrix = np.array(selection.agreement)
+    assert matrix.shape == (3, 3)
+    np.testing.assert_allclose(matrix, matrix.T)
+    assert ((matrix >= 0.0) & (matrix <= 1.0)).all()
+    # every candidate went to adaptation, to vote in the pseudo-labels
+    assert {key for key in message.content if key.startswith("model.")} == {
+        f"model.{name}" for name in selection.sources
+    }
+
+
+def test_agreement_selection_sends_only_the_voters_to_adaptation(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    full_run: PipelineRun,
+) -> None:
+    # Prepare: no two distinct candidates agree perfectly, so the main stands alone
+    config = build_config(
+        run_config,
+        **{"transfer.selection": "agreement", "transfer.agreement-threshold": 1.0},
+    )
+    grid = build_grid(federation, run_config)
+    log: list[str] = []
+    coordinator = build_coordinator(grid, config, tmp_path, log)
+    target = site_info(11, "A")
+
+    # Execute
+    selection = phases.transferability.run(coordinator, target, full_run.models)
+    _, adapted = phases.adaptation.run(coordinator, target, full_run.models, selection)
+
+    # Assert
+    assert selection.selection == "agreement"
+    assert (selection.aux, selection.voters) == (None, (selection.main,))
+    assert (selection.weights.main, selection.weights.aux) == (1.0, 0.0)
+    (message,) = grid.sent_of_type(protocol.ADAPT)
+    assert {key for key in message.content if key.startswith("model.")} == {
+        f"model.{selection.main}"
+    }
+    assert set(adapted) == {"main"}
+    assert coordinator.store.load_result(TransferabilityResult) == selection
+    assert any("agreement selection" in line for line in log)
+
+
 @pytest.mark.parametrize("phase", ["transferability", "adaptation", "evaluation"])
 def test_target_phase_fails_naming_the_target(
     federation: Path,
