@@ -96,7 +96,18 @@ def build_report(
         else {
             key: value
             for key, value in transferability.to_document().items()
-            if key in ("metric", "release", "dtm", "main", "aux", "weights", "itm")
+            if key
+            in (
+                "metric",
+                "release",
+                "dtm",
+                "main",
+                "aux",
+                "weights",
+                "itm",
+                "selection",
+                "voters",
+            )
         },
         "affinity": _document(results.affinity),
         "adaptation": _document(results.adaptation),
@@ -133,7 +144,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         lines += [
             f"Target site **{report['target']}**; TGMA chose main "
             f"**{transfer['main']}** (W {transfer['weights']['main']:.3f}){aux} by "
-            f"{transfer['metric'].upper()}.",
+            f"{transfer['metric'].upper()} ({transfer.get('selection', 'dtm')} "
+            "selection).",
             "",
         ]
     elif report["target"]:
@@ -157,9 +169,10 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             "",
             f"## Transferability ({transfer['metric'].upper()} DTM on the target)",
             "",
-            "| source | DTM | chosen |",
-            "|---|---|---|",
+            "| source | DTM | chosen | votes in the pseudo-labels |",
+            "|---|---|---|---|",
         ]
+        voters = transfer.get("voters") or list(transfer["dtm"])
         for name, value in sorted(transfer["dtm"].items(), key=lambda item: -item[1]):
             chosen = (
                 "main"
@@ -168,7 +181,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
                 if name == transfer["aux"]
                 else ""
             )
-            lines.append(f"| {name} | {value:.3f} | {chosen} |")
+            votes = "yes" if name in voters else "no"
+            lines.append(f"| {name} | {value:.3f} | {chosen} | {votes} |")
     if report.get("consensus") is not None:
         lines += consensus_lines(report["consensus"], evaluation)
     if report.get("semisup") is not None:

@@ -20,6 +20,9 @@ table block; the block lives in the benchmark's docs page,
   direct transfer on the chain federation, and ``--calibrate`` of the affinity
   weights: :mod:`simulations.benchmark.affinity_calibration`), trained and scored by
   :mod:`simulations.benchmark.affinity_transfer`;
+- ``confirm``: :mod:`simulations.benchmark.confirm` (``tgma``, ``consensus``,
+  ``semisup`` and ``affinity`` re-run with their defaults on a second synthetic seed,
+  beside the seed-0 figures);
 - ``security``: :mod:`simulations.benchmark.security.run` (what an adversarial
   coordinator reconstructs of a site's label maps through ``evaluate``,
   ``train.consensus``, ``query.lftm`` and ``query.profile``; before the defences,
@@ -47,6 +50,12 @@ from simulations.benchmark.affinity import (
     add_affinity_options,
     format_affinity_table,
     run_affinity_command,
+)
+from simulations.benchmark.confirm import (
+    CONFIRM_MARKER,
+    add_confirm_options,
+    format_confirm_table,
+    run_confirm_command,
 )
 from simulations.benchmark.consensus import CONSENSUS_MARKER, format_consensus_table
 from simulations.benchmark.consensus_pipeline import (
@@ -128,7 +137,32 @@ SUBCOMMANDS: Final = {
         format_table=format_security_table,
         run=run_security_command,
     ),
+    "confirm": Subcommand(
+        marker=CONFIRM_MARKER,
+        format_table=format_confirm_table,
+        run=lambda args, overrides: run_confirm_command(
+            args, lambda name, out: _run_on_seed(name, out, args, overrides)
+        ),
+    ),
 }
+
+
+def _run_on_seed(
+    name: str,
+    out: Path,
+    args: argparse.Namespace,
+    overrides: Mapping[str, ConfigValue],
+) -> None:
+    """Run benchmark ``name`` with its defaults on ``args.seed``, writing ``out``."""
+    settings = {**overrides, "federation.synthetic-seed": args.seed}
+    argv = [name, "--out", str(out), "--page", "", "--cache-dir", str(args.cache_dir)]
+    for key, value in settings.items():
+        argv += [
+            "--set",
+            f"{key}={json.dumps(value) if isinstance(value, bool) else value}",
+        ]
+    if main(argv) != 0:
+        raise RuntimeError(f"confirm: the {name} benchmark failed on seed {args.seed}")
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, ConfigValue]:
@@ -223,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(security, "security")
     add_security_options(security)
+    confirm = commands.add_parser(
+        "confirm",
+        help="re-run tgma, consensus, semisup and affinity with their defaults on a "
+        "second synthetic seed and set their figures beside seed 0's",
+    )
+    _add_common_options(confirm, "confirm")
+    add_confirm_options(confirm)
     add_log_level_option(parser, *commands.choices.values())
     return parser
 

@@ -1,0 +1,216 @@
+"""The ``confirm`` benchmark: defaults re-run on a synthetic seed nothing was tuned on.
+
+Every default of the methods was chosen on the built-in federation's seed 0 (and the
+chain federation's seed 0). ``confirm`` re-runs the ``tgma``, ``consensus``,
+``semisup`` and ``affinity`` benchmarks with their defaults on another seed
+(``federation.synthetic-seed``, which seeds both generators), each writing
+``benchmarks/<name>-seed<k>.json``, and sets their headline figures beside the
+committed seed-0 documents (``benchmarks/<name>.json``) in one table, between the
+``<!-- benchmark:confirm -->`` markers of ``docs/confirm-benchmark.md``. A benchmark
+whose second-seed document is missing shows as not run; ``--collect`` only gathers the
+documents already written (a long benchmark can be run on its own first). The command
+line is ``simulations.benchmark``; running one benchmark is its caller's callback, so
+this module never imports the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+from simulations.benchmark.output import describe_machine, log_progress, read_document
+
+CONFIRM_MARKER: Final = "benchmark:confirm"
+CONFIRMED_BENCHMARKS: Final = ("tgma", "consensus", "semisup", "affinity")
+# Per benchmark, the figures the table sets side by side: (label, path in its JSON).
+HEADLINES: Final[dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
+    "tgma": (
+        ("mean Dice, TGMA (paper's DTM selection)", ("mean", "tgma")),
+        ("mean Dice, TGMA (agreement selection)", ("mean", "tgma_agreement")),
+        ("mean Dice, best single source", ("mean", "best_source")),
+        ("mean Dice, uniform average", ("mean", "uniform")),
+        ("mean Dice, entropy in place of LFTM", ("mean", "entropy")),
+        ("mean Spearman, LFTM's DTM vs true Dice", ("mean", "spearman_lftm")),
+    ),
+    "consensus": (
+        (
+            "Dice of the model trained on DeepSTAPLE",
+            ("pipeline", "trained", "deepstaple"),
+        ),
+        ("Dice of the model trained on STAPLE", ("pipeline", "trained", "staple")),
+        ("Dice of the model trained on ITM labels", ("pipeline", "trained", "itm")),
+        ("label Dice, DeepSTAPLE", ("pipeline", "deepstaple")),
+        ("label Dice, STAPLE", ("pipeline", "staple")),
+    ),
+    "semisup": (
+        ("federated 20%: UG-MCL", ("federated", "0.2", "ugmcl")),
+        ("federated 20%: mean teacher", ("federated", "0.2", "mean_teacher")),
+        ("federated 20%: supervised", ("federated", "0.2", "supervised")),
+        ("central 20%: UG-MCL", ("central", "0.2", "ugmcl")),
+        ("central 20%: mean teacher", ("central", "0.2", "mean_teacher")),
+        ("central 20%: supervised", ("central", "0.2", "supervised")),
+    ),
+    "affinity": (
+        ("mean Dice, chosen transfer path", ("mean", "path")),
+        (
+            "mean Dice, direct from the affinity-best source",
+            ("mean", "direct_affinity_best"),
+        ),
+        ("mean Spearman, affinity vs transfer Dice", ("mean", "spearman")),
+    ),
+}
+
+# Runs one benchmark by name, writing its document to the given path.
+BenchmarkRunner = Callable[[str, Path], None]
+
+
+def second_seed_path(out_dir: Path, name: str, seed: int) -> Path:
+    """Where ``confirm`` writes benchmark ``name``'s document for ``seed``."""
+    return out_dir / f"{name}-seed{seed}.json"
+
+
+def headline(document: Mapping[str, object], path: Sequence[str]) -> float:
+    """The number at ``path`` in a benchmark document; nan where there is none.
+
+    Example:
+        >>> headline({"mean": {"tgma": 0.75}}, ("mean", "tgma"))
+        0.75
+        >>> headline({"mean": {}}, ("mean", "tgma"))
+        nan
+    """
+    value: object = document
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return math.nan
+        value = value[key]
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def collect_confirmation(
+    benchmarks: Sequence[str], *, seed: int, out_dir: Path
+) -> dict[str, object]:
+    """The headline figures of each benchmark's seed-0 and second-seed documents."""
+    rows: dict[str, list[dict[str, object]]] = {}
+    for name in benchmarks:
+        first = out_dir / f"{name}.json"
+        second = second_seed_path(out_dir, name, seed)
+        documents = [
+            read_document(path) if path.is_file() else None for path in (first, second)
+        ]
+        rows[name] = [
+            {
+                "figure": label,
+                "seed0": None if documents[0] is None else headline(documents[0], path),
+                "second": None
+                if documents[1] is None
+                else headline(documents[1], path),
+            }
+            for label, path in HEADLINES[name]
+        ]
+    return {"seed": seed, "benchmarks": rows}
+
+
+def run_confirm(
+    benchmarks: Sequence[str],
+    *,
+    seed: int,
+    out_dir: Path,
+    run_benchmark: BenchmarkRunner | None,
+) -> dict[str, object]:
+    """Run each benchmark on ``seed`` (unless ``run_benchmark`` is None); collect.
+
+    Raises:
+        ValueError: an unknown benchmark name, or seed 0 (the tuning seed).
+    """
+    unknown = sorted(set(benchmarks) - set(CONFIRMED_BENCHMARKS))
+    if unknown:
+        raise ValueError(
+            f"confirm: unknown benchmark(s) {', '.join(unknown)}; choose from "
+            f"{', '.join(CONFIRMED_BENCHMARKS)}"
+        )
+    if seed == 0:
+        raise ValueError("confirm: --seed 0 is the seed the defaults were tuned on")
+    started = time.perf_counter()
+    if run_benchmark is not None:
+        for done, name in enumerate(benchmarks, 1):
+            log_progress(f"confirm: {name} on seed {seed} ({done}/{len(benchmarks)})")
+            run_benchmark(name, second_seed_path(out_dir, name, seed))
+    document: dict[str, object] = {
+        "machine": describe_machine(),
+        "seconds": time.perf_counter() - started,
+    }
+    document.update(collect_confirmation(benchmarks, seed=seed, out_dir=out_dir))
+    return document
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "not run"
+    assert isinstance(value, float)
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def format_confirm_table(document: Mapping[str, object]) -> str:
+    """Markdown table: each headline figure on seed 0 and on the second seed."""
+    seed = document["seed"]
+    benchmarks = document["benchmarks"]
+    assert isinstance(benchmarks, Mapping)
+    lines = [
+        f"| benchmark | figure | seed 0 (tuned on) | seed {seed} (confirmation) |",
+        "|---|---|---|---|",
+    ]
+    for name, rows in benchmarks.items():
+        for row in rows:
+            lines.append(
+                f"| {name} | {row['figure']} | {_cell(row['seed0'])} | "
+                f"{_cell(row['second'])} |"
+            )
+    lines.append("")
+    lines.append(
+        f"Seed 0 from `benchmarks/<name>.json`, seed {seed} from "
+        f"`benchmarks/<name>-seed{seed}.json`. Collected on {document['machine']}."
+    )
+    return "\n".join(lines)
+
+
+def add_confirm_options(command: argparse.ArgumentParser) -> None:
+    """The ``confirm`` subcommand's own options."""
+    command.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="the synthetic seed to confirm on (default 1; 0 is the tuning seed)",
+    )
+    command.add_argument(
+        "--benchmarks",
+        default=",".join(CONFIRMED_BENCHMARKS),
+        help="comma-separated benchmarks to re-run (default: all four)",
+    )
+    command.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("benchmarks"),
+        help="where the seed-0 documents are and the second-seed ones are written",
+    )
+    command.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: only gather the second-seed documents already written",
+    )
+
+
+def run_confirm_command(
+    args: argparse.Namespace, run_benchmark: BenchmarkRunner
+) -> dict[str, object]:
+    """Run the ``confirm`` subcommand from its parsed arguments; return the document."""
+    benchmarks = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+    return run_confirm(
+        benchmarks,
+        seed=args.seed,
+        out_dir=args.out_dir,
+        run_benchmark=None if args.collect else run_benchmark,
+    )

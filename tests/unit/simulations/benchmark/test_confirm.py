@@ -1,0 +1,81 @@
+"""The confirm benchmark: second-seed documents beside the seed-0 ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.benchmark.confirm import (
+    CONFIRMED_BENCHMARKS,
+    HEADLINES,
+    format_confirm_table,
+    run_confirm,
+    second_seed_path,
+)
+
+
+def write_tgma(path: Path, tgma: float) -> None:
+    """A tgma document with the figures the confirmation reads."""
+    mean = {key: 0.5 for _, (_, key) in HEADLINES["tgma"]}
+    path.write_text(json.dumps({"mean": {**mean, "tgma": tgma}}))
+
+
+def test_confirm_runs_each_benchmark_on_the_seed_and_sets_it_beside_seed_0(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    write_tgma(tmp_path / "tgma.json", 0.739)
+    ran: list[tuple[str, Path]] = []
+
+    def run_benchmark(name: str, out: Path) -> None:
+        ran.append((name, out))
+        write_tgma(out, 0.812)
+
+    # Execute
+    document = run_confirm(
+        ["tgma"], seed=2, out_dir=tmp_path, run_benchmark=run_benchmark
+    )
+    table = format_confirm_table(document)
+
+    # Assert
+    assert ran == [("tgma", tmp_path / "tgma-seed2.json")]
+    assert second_seed_path(tmp_path, "tgma", 2) == tmp_path / "tgma-seed2.json"
+    assert "| tgma | mean Dice, TGMA (paper's DTM selection) | 0.739 | 0.812 |" in table
+    assert "| benchmark | figure | seed 0 (tuned on) | seed 2 (confirmation) |" in table
+
+
+def test_collect_shows_what_was_not_run_and_figures_a_document_lacks(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a seed-0 tgma document without the agreement column
+    (tmp_path / "tgma.json").write_text(json.dumps({"mean": {"tgma": 0.7}}))
+
+    # Execute
+    document = run_confirm(
+        list(CONFIRMED_BENCHMARKS), seed=1, out_dir=tmp_path, run_benchmark=None
+    )
+    table = format_confirm_table(document)
+
+    # Assert
+    assert (
+        "| tgma | mean Dice, TGMA (paper's DTM selection) | 0.700 | not run |" in table
+    )
+    assert "| tgma | mean Dice, TGMA (agreement selection) | n/a | not run |" in table
+    assert "| affinity | mean Dice, chosen transfer path | not run | not run |" in table
+
+
+@pytest.mark.parametrize(
+    ("benchmarks", "seed", "message"),
+    [
+        (["tgma", "scale"], 1, "confirm: unknown benchmark\\(s\\) scale; choose from"),
+        (["tgma"], 0, "confirm: --seed 0 is the seed the defaults were tuned on"),
+    ],
+)
+def test_confirm_refuses_unknown_benchmarks_and_the_tuning_seed(
+    benchmarks: list[str], seed: int, message: str, tmp_path: Path
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        run_confirm(benchmarks, seed=seed, out_dir=tmp_path, run_benchmark=None)
