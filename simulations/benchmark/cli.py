@@ -141,7 +141,10 @@ SUBCOMMANDS: Final = {
         marker=CONFIRM_MARKER,
         format_table=format_confirm_table,
         run=lambda args, overrides: run_confirm_command(
-            args, lambda name, out: _run_on_seed(name, out, args, overrides)
+            args,
+            lambda name, options, out: _run_on_seed(
+                name, options, out, args, overrides
+            ),
         ),
     ),
 }
@@ -149,13 +152,15 @@ SUBCOMMANDS: Final = {
 
 def _run_on_seed(
     name: str,
+    options: Sequence[str],
     out: Path,
     args: argparse.Namespace,
     overrides: Mapping[str, ConfigValue],
 ) -> None:
-    """Run benchmark ``name`` with its defaults on ``args.seed``, writing ``out``."""
+    """Run benchmark ``name`` (with ``options``) on ``args.seed``, writing ``out``."""
     settings = {**overrides, "federation.synthetic-seed": args.seed}
-    argv = [name, "--out", str(out), "--page", "", "--cache-dir", str(args.cache_dir)]
+    argv = [name, *options, "--out", str(out), "--page", ""]
+    argv += ["--cache-dir", str(args.cache_dir)]
     for key, value in settings.items():
         argv += [
             "--set",

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
+from core.metrics import paired_bootstrap_interval
 from simulations.benchmark.output import describe_machine, log_progress, read_document
 
 CONFIRM_MARKER: Final = "benchmark:confirm"
@@ -64,8 +65,26 @@ HEADLINES: Final[dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
     ),
 }
 
-# Runs one benchmark by name, writing its document to the given path.
-BenchmarkRunner = Callable[[str, Path], None]
+# TGMA's paired claims: (label, first figure, second figure) per target of a tgma
+# document, pooled over the seeds' targets (docs/methods.md#agreement-selection).
+TGMA_CLAIMS: Final = (
+    ("agreement selection - paper's DTM selection", "tgma_agreement", "tgma"),
+    ("agreement selection - best single source", "tgma_agreement", "best_source"),
+    ("paper's DTM selection - best single source", "tgma", "best_source"),
+)
+
+# Per benchmark, the options its committed seed-0 document was made with (as
+# docs/development.md lists them), less the ones that tune: affinity's --calibrate
+# fitted the defaults the confirmation keeps.
+RECIPES: Final[dict[str, tuple[str, ...]]] = {
+    "tgma": (),
+    "consensus": ("--targets", "A,C,E"),
+    "semisup": ("--seeds", "0,1", "--threads", "1"),
+    "affinity": ("--threads", "1"),
+}
+
+# Runs one benchmark by name with extra options, writing its document to the path.
+BenchmarkRunner = Callable[[str, Sequence[str], Path], None]
 
 
 def second_seed_path(out_dir: Path, name: str, seed: int) -> Path:
@@ -111,7 +130,46 @@ def collect_confirmation(
             }
             for label, path in HEADLINES[name]
         ]
-    return {"seed": seed, "benchmarks": rows}
+    return {"seed": seed, "benchmarks": rows, "tgma_claims": tgma_claims(out_dir, seed)}
+
+
+def tgma_claims(out_dir: Path, seed: int) -> list[dict[str, object]]:
+    """Paired differences over every (seed, target) of the two tgma documents.
+
+    Per claim, the mean difference and its 95% bootstrap interval over the pooled
+    targets (:func:`core.metrics.paired_bootstrap_interval`); empty when either
+    document is missing or lacks the figures.
+    """
+    documents = [
+        read_document(path)
+        for path in (out_dir / "tgma.json", second_seed_path(out_dir, "tgma", seed))
+        if path.is_file()
+    ]
+    rows: list[Mapping[str, object]] = []
+    for document in documents:
+        targets = document.get("targets")
+        if isinstance(targets, Mapping):
+            rows += [row for row in targets.values() if isinstance(row, Mapping)]
+    claims: list[dict[str, object]] = []
+    if len(documents) < 2 or not rows:
+        return claims
+    for label, first, second in TGMA_CLAIMS:
+        if not all(first in row and second in row for row in rows):
+            continue
+        interval = paired_bootstrap_interval(
+            [_number(row[first]) for row in rows],
+            [_number(row[second]) for row in rows],
+        )
+        claims.append(
+            {
+                "claim": label,
+                "mean": interval.mean,
+                "low": interval.low,
+                "high": interval.high,
+                "pairs": interval.count,
+            }
+        )
+    return claims
 
 
 def run_confirm(
@@ -138,13 +196,17 @@ def run_confirm(
     if run_benchmark is not None:
         for done, name in enumerate(benchmarks, 1):
             log_progress(f"confirm: {name} on seed {seed} ({done}/{len(benchmarks)})")
-            run_benchmark(name, second_seed_path(out_dir, name, seed))
+            run_benchmark(name, RECIPES[name], second_seed_path(out_dir, name, seed))
     document: dict[str, object] = {
         "machine": describe_machine(),
         "seconds": time.perf_counter() - started,
     }
     document.update(collect_confirmation(benchmarks, seed=seed, out_dir=out_dir))
     return document
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def _cell(value: object) -> str:
@@ -168,6 +230,22 @@ def format_confirm_table(document: Mapping[str, object]) -> str:
             lines.append(
                 f"| {name} | {row['figure']} | {_cell(row['seed0'])} | "
                 f"{_cell(row['second'])} |"
+            )
+    claims = document.get("tgma_claims") or []
+    assert isinstance(claims, list)
+    if claims:
+        lines += [
+            "",
+            f"TGMA, paired over the targets of seeds 0 and {seed} (95% bootstrap "
+            "interval of the mean difference in Dice):",
+            "",
+            "| difference | mean | 95% interval | target-seeds |",
+            "|---|---|---|---|",
+        ]
+        for claim in claims:
+            lines.append(
+                f"| {claim['claim']} | {claim['mean']:+.3f} | "
+                f"[{claim['low']:+.3f}, {claim['high']:+.3f}] | {claim['pairs']} |"
             )
     lines.append("")
     lines.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,10 @@ def test_confirm_runs_each_benchmark_on_the_seed_and_sets_it_beside_seed_0(
 ) -> None:
     # Prepare
     write_tgma(tmp_path / "tgma.json", 0.739)
-    ran: list[tuple[str, Path]] = []
+    ran: list[tuple[str, tuple[str, ...], Path]] = []
 
-    def run_benchmark(name: str, out: Path) -> None:
-        ran.append((name, out))
+    def run_benchmark(name: str, options: Sequence[str], out: Path) -> None:
+        ran.append((name, tuple(options), out))
         write_tgma(out, 0.812)
 
     # Execute
@@ -40,7 +41,7 @@ def test_confirm_runs_each_benchmark_on_the_seed_and_sets_it_beside_seed_0(
     table = format_confirm_table(document)
 
     # Assert
-    assert ran == [("tgma", tmp_path / "tgma-seed2.json")]
+    assert ran == [("tgma", (), tmp_path / "tgma-seed2.json")]
     assert second_seed_path(tmp_path, "tgma", 2) == tmp_path / "tgma-seed2.json"
     assert "| tgma | mean Dice, TGMA (paper's DTM selection) | 0.739 | 0.812 |" in table
     assert "| benchmark | figure | seed 0 (tuned on) | seed 2 (confirmation) |" in table
@@ -79,3 +80,29 @@ def test_confirm_refuses_unknown_benchmarks_and_the_tuning_seed(
     # Execute / Assert
     with pytest.raises(ValueError, match=message):
         run_confirm(benchmarks, seed=seed, out_dir=tmp_path, run_benchmark=None)
+
+
+def test_tgma_claims_pool_the_targets_of_both_seeds(tmp_path: Path) -> None:
+    # Prepare: agreement beats the paper by 0.1 at every target of both seeds
+    for path, base in (
+        (tmp_path / "tgma.json", 0.5),
+        (tmp_path / "tgma-seed1.json", 0.6),
+    ):
+        targets = {
+            name: {"tgma": base, "tgma_agreement": base + 0.1, "best_source": base}
+            for name in "ABC"
+        }
+        path.write_text(json.dumps({"mean": {}, "targets": targets}))
+
+    # Execute
+    document = run_confirm(["tgma"], seed=1, out_dir=tmp_path, run_benchmark=None)
+    table = format_confirm_table(document)
+
+    # Assert
+    claims = {claim["claim"]: claim for claim in document["tgma_claims"]}  # type: ignore[attr-defined]
+    agreement = claims["agreement selection - paper's DTM selection"]
+    assert agreement["pairs"] == 6
+    assert agreement["mean"] == pytest.approx(0.1)
+    assert agreement["low"] == pytest.approx(0.1)
+    row = "| agreement selection - paper's DTM selection | +0.100 | [+0.100, +0.100] |"
+    assert f"{row} 6 |" in table
