@@ -61,9 +61,9 @@ class SelectionRule(StrEnum):
     """How TGMA picks its main/auxiliary pair and pseudo-label voters from the scores.
 
     ``DTM``: the paper: main and aux are the two best DTM, every candidate votes in the
-    pseudo-labels. ``AGREEMENT``: SiteBridge's departure (docs/methods.md#agreement-
-    selection): DTM confirmed by the best agreement with another candidate, and only
-    candidates that agree with the main may be aux or vote.
+    pseudo-labels. ``AGREEMENT``: SiteBridge's departure
+    (docs/methods.md#agreement-selection): DTM confirmed by the best agreement with
+    another candidate, and only candidates that agree with the main may be aux or vote.
     """
 
     DTM = "dtm"
