@@ -93,6 +93,9 @@ class FederationConfig:
     synthetic_seed: int
     synthetic_sites: int
     synthetic_cases: int
+    # Labelled training cases the built-in federation's target keeps (the rest are
+    # unlabelled images); >= synthetic_cases keeps them all.
+    synthetic_target_labelled: int
     min_sites: int
     expected_sites: int  # 0 = count the site folders when the coordinator sees them
     wait_nodes_s: float
@@ -110,6 +113,12 @@ class FederationConfig:
             "federation.synthetic-cases",
             ">= 2",
             self.synthetic_cases,
+        )
+        _require(
+            self.synthetic_target_labelled >= 0,
+            "federation.synthetic-target-labelled",
+            ">= 0",
+            self.synthetic_target_labelled,
         )
         _require(self.min_sites >= 1, "federation.min-sites", ">= 1", self.min_sites)
         _require(

@@ -120,6 +120,7 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("resume-run", True),
         ("federation.synthetic-sites", 2),
         ("federation.synthetic-cases", 1),
+        ("federation.synthetic-target-labelled", -1),
         ("federation.wait-nodes-s", 0.0),
         ("federation.reply-timeout-s", -1.0),
         ("adapt.epochs", -1),
