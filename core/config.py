@@ -57,6 +57,18 @@ class LandmarkRule(StrEnum):
     COMMUNITIES = "communities"  # the paper: Girvan-Newman communities' landmarks
 
 
+class ConsensusSources(StrEnum):
+    """Which candidates label the target's images for consensus.
+
+    ``LABEL_FREE``: only the candidates that never saw a target label, so the
+    consensus is label-free unless atlases join; ``ALL``: the few-label ones too
+    (the SeqTran model fine-tuned at the target), which makes it few-label.
+    """
+
+    LABEL_FREE = "label-free"
+    ALL = "all"
+
+
 class Attention(StrEnum):
     """Attention map behind the LFTM keep-mask."""
 
@@ -321,6 +333,7 @@ class ConsensusConfig:
     out_of_line: bool
     fixed_weighting: bool
     risk_regularisation: bool
+    label_sources: ConsensusSources  # which candidates' predictions are labels
     atlases: bool  # add labels registered from the target's atlases/ folder
     baselines: bool  # also train on TGMA pseudo-labels, majority vote and STAPLE
     refine_epochs: int

@@ -133,6 +133,7 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("consensus.refine-epochs", 0),
         ("consensus.refine-learning-rate", float("nan")),
         ("consensus.out-of-line", "yes"),
+        ("consensus.label-sources", "few-label"),
         ("semisup.variant", "fixmatch"),
         ("semisup.iterations", 0),
         ("semisup.rounds", -1),
