@@ -30,16 +30,20 @@ def group_of(use: Mapping[str, Any]) -> str:
 
 
 def predictor_groups(evaluation: Mapping[str, Any]) -> dict[str, list[str]]:
-    """The evaluated predictors by group, label-free first, each in score order.
+    """The scored predictors by group, label-free first.
+
+    Within a group, in the order the evaluation built them (``label_use``'s order:
+    each candidate, ``uniform``, each TGMA pair, then the later phases' models).
 
     Example:
         >>> predictor_groups({"dice": {"a": 0.5, "b": 0.7, "c": 0.9},
-        ...     "label_use": {"a": {"via": []}, "b": {"via": ["x"]}, "c": {"via": []}}})
-        {'label-free': ['a', 'c'], 'few-label': ['b']}
+        ...     "label_use": {"c": {"via": []}, "b": {"via": ["x"]}, "a": {"via": []}}})
+        {'label-free': ['c', 'a'], 'few-label': ['b']}
     """
     uses = evaluation["label_use"]
+    scored = [name for name in uses if name in evaluation["dice"]]
     return {
-        group: [name for name in evaluation["dice"] if group_of(uses[name]) == group]
+        group: [name for name in scored if group_of(uses[name]) == group]
         for group in GROUPS
     }
 
