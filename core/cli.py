@@ -49,6 +49,7 @@ def _builtin(args: argparse.Namespace) -> int:
         seed=federation.synthetic_seed,
         num_sites=federation.synthetic_sites,
         num_train_cases=federation.synthetic_cases,
+        target_labelled=federation.synthetic_target_labelled,
         progress=get_logger("data").info,
     )
     print(f"built-in federation: {folder}")
@@ -375,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cases",
         type=int,
         default=12,
-        help="labelled training cases per site (plus 6 evaluation cases)",
+        help="training cases per site, all labelled (plus 6 evaluation cases)",
     )
     synth.set_defaults(run=_synth)
     builtin = commands.add_parser(

@@ -70,6 +70,18 @@ class SelectionRule(StrEnum):
     AGREEMENT = "agreement"
 
 
+class ConsensusSources(StrEnum):
+    """Which candidates label the target's images for consensus.
+
+    ``LABEL_FREE``: only the candidates that never saw a target label, so the
+    consensus is label-free unless atlases join; ``ALL``: the few-label ones too
+    (the SeqTran model fine-tuned at the target), which makes it few-label.
+    """
+
+    LABEL_FREE = "label-free"
+    ALL = "all"
+
+
 class Attention(StrEnum):
     """Attention map behind the LFTM keep-mask."""
 
@@ -106,6 +118,9 @@ class FederationConfig:
     synthetic_seed: int
     synthetic_sites: int
     synthetic_cases: int
+    # Labelled training cases the built-in federation's target keeps (the rest are
+    # unlabelled images); >= synthetic_cases keeps them all.
+    synthetic_target_labelled: int
     min_sites: int
     expected_sites: int  # 0 = count the site folders when the coordinator sees them
     wait_nodes_s: float
@@ -123,6 +138,12 @@ class FederationConfig:
             "federation.synthetic-cases",
             ">= 2",
             self.synthetic_cases,
+        )
+        _require(
+            self.synthetic_target_labelled >= 0,
+            "federation.synthetic-target-labelled",
+            ">= 0",
+            self.synthetic_target_labelled,
         )
         _require(self.min_sites >= 1, "federation.min-sites", ">= 1", self.min_sites)
         _require(
@@ -333,6 +354,7 @@ class ConsensusConfig:
     out_of_line: bool
     fixed_weighting: bool
     risk_regularisation: bool
+    label_sources: ConsensusSources  # which candidates' predictions are labels
     atlases: bool  # add labels registered from the target's atlases/ folder
     baselines: bool  # also train on TGMA pseudo-labels, majority vote and STAPLE
     refine_epochs: int

@@ -75,6 +75,7 @@ def prepare_federation(config: RunConfig) -> tuple[int, str | None]:
             seed=federation.synthetic_seed,
             num_sites=federation.synthetic_sites,
             num_train_cases=federation.synthetic_cases,
+            target_labelled=federation.synthetic_target_labelled,
             progress=_log,
         )
     folder = resolve_federation_dir(federation)

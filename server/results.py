@@ -12,6 +12,14 @@ document that does not fit its record is refused with the file and the key named
 Reply figures that came over the wire stay mappings of wire fields (their keys are
 spelled in :mod:`core.protocol`, and :mod:`core.protocol`'s reply records read them);
 everything the coordinator itself decided is a typed field.
+
+Every model and predictor a result names carries its :class:`LabelUse`: which of the
+target's labels it was made with, derived by the phase from what happened (a
+fine-tuning step at the target, the consensus's atlases, a semi-supervised round
+with the target's labelled cases, the candidates an adaptation mixed). The report
+groups predictors by it: label-free and few-label are never mixed
+(docs/methods.md#label-free-and-few-label). A result file from before label
+provenance is refused, naming the key, rather than read as label-free.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Final, TypeVar
 
 from core import protocol
@@ -32,9 +40,14 @@ PROFILE_LABEL_TERM: Final = "label-term"
 FLATTEN: Final = {"flatten": True}
 # Field metadata: the field is left out of the JSON object while it holds its default.
 OMIT_DEFAULT: Final = {"omit_default": True}
+# Field metadata: the field came with label provenance; a file without it was written
+# before, and is refused (its predictors cannot be told label-free or few-label).
+SINCE_LABEL_USE: Final = {"since": "label provenance"}
+# The report's predictor groups (docs/methods.md#label-free-and-few-label).
+LABEL_FREE: Final = "label-free"
+FEW_LABEL: Final = "few-label"
 
 RecordT = TypeVar("RecordT", bound="Record")
-ModelT = TypeVar("ModelT")
 
 
 class ResultError(ValueError):
@@ -100,6 +113,12 @@ def _decode_record(
             values[field.name] = _decode(
                 hints[field.name], document[field.name], f"{where}: {field.name}"
             )
+        elif field.metadata.get("since"):
+            raise ResultError(
+                f"{where}: missing key {field.name!r}: the file was written by a "
+                f"SiteBridge from before {field.metadata['since']}, so it cannot say "
+                "which models used the target's labels; start a new run"
+            )
         elif (
             field.default is dataclasses.MISSING
             and field.default_factory is dataclasses.MISSING
@@ -150,6 +169,51 @@ def _decode(kind: Any, value: Any, where: str) -> Any:
     else:
         raise TypeError(f"{where}: no JSON form for {kind!r}")
     raise ResultError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LabelUse(Record):
+    """Which of the target's labels a model or predictor was made with.
+
+    ``via`` says, one line each, what used them ("SeqTran candidate fine-tuned at A
+    on 2 labelled cases"); empty means label-free. ``cases`` is the most labelled
+    target training cases one of those uses stood on, ``atlases`` how many of the
+    target's atlases had their labels registered (atlas labels are target labels).
+
+    Example:
+        >>> LabelUse().group
+        'label-free'
+        >>> fine_tuned = LabelUse(via=("fine-tuned at A on 2 labelled cases",), cases=2)
+        >>> LabelUse.joined([LabelUse(), fine_tuned, fine_tuned]) == fine_tuned
+        True
+        >>> fine_tuned.group
+        'few-label'
+    """
+
+    via: tuple[str, ...] = ()
+    cases: int = 0
+    atlases: int = 0
+
+    @property
+    def label_free(self) -> bool:
+        """Whether no target label went into it."""
+        return not self.via
+
+    @property
+    def group(self) -> str:
+        """:data:`LABEL_FREE` or :data:`FEW_LABEL`, the report's group."""
+        return LABEL_FREE if self.label_free else FEW_LABEL
+
+    @classmethod
+    def joined(cls, uses: Iterable[LabelUse]) -> LabelUse:
+        """What a model made from all of ``uses`` used: every use, each once."""
+        listed = list(uses)
+        via = tuple(dict.fromkeys(line for use in listed for line in use.via))
+        return cls(
+            via=via,
+            cases=max((use.cases for use in listed), default=0),
+            atlases=max((use.atlases for use in listed), default=0),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,7 +280,8 @@ class AffinityResult(PhaseResult):
 
     ``matrices`` holds what :func:`server.phases.affinity.choose_affinity_path`
     computed (affinity and distance matrices, the source graph), spread over the
-    record's object; ``steps`` each fine-tuning step's reply figures and site.
+    record's object; ``steps`` each fine-tuning step's reply figures and site;
+    ``label_use`` what the transferred model used of the target's labels.
     """
 
     PHASE: ClassVar[str] = "affinity"
@@ -226,6 +291,8 @@ class AffinityResult(PhaseResult):
     path: TransferPathRecord | None = None
     steps: tuple[dict[str, Any], ...] = ()
     model: str | None = None
+    # What the transferred model used of the target's labels (label-free without one).
+    label_use: LabelUse = dataclasses.field(metadata=SINCE_LABEL_USE)
     stopped: str | None = None
     matrices: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
 
@@ -242,14 +309,37 @@ class PairWeights(Record):
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class TransferabilityResult(PhaseResult):
-    """The target's LFTM scores and the main/auxiliary choice.
+class PairSelection(Record):
+    """One TGMA choice: the candidates it chose among, main, aux and their weights.
 
-    ``itm`` is None when the target released the DTM only (``release.lftm``);
-    ``agreement`` (rows in ``sources`` order) is None from a site that sent none.
-    ``selection`` is the rule that chose (``transfer.selection``) and ``voters`` the
-    candidates whose predictions form the pseudo-labels (empty: every candidate, as
-    files written before the agreement selection mean).
+    ``voters`` (all of ``candidates`` under the paper's rule, the main and those
+    agreeing with it under the agreement rule) are the models whose ITM mixes the
+    adaptation's pseudo-labels; ``label_use`` is the candidates', joined.
+    """
+
+    candidates: tuple[str, ...]
+    main: str
+    aux: str | None
+    weights: PairWeights
+    label_use: LabelUse
+    voters: tuple[str, ...] = ()  # empty: every candidate votes (the paper's rule)
+
+    @property
+    def voting(self) -> tuple[str, ...]:
+        """The candidates whose ITM mixes the pseudo-labels (sent to adaptation)."""
+        return self.voters or self.candidates
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TransferabilityResult(PhaseResult):
+    """The target's LFTM scores and the main/auxiliary choices.
+
+    ``itm`` is None when the target released the DTM only (``release.lftm``).
+    ``candidates`` holds each scored candidate's label use. ``label_free`` is TGMA
+    among the candidates that never saw a target label; ``few_label`` the choice
+    among all of them, when some did (None otherwise). ``selection`` is the rule that
+    chose (``transfer.selection``); ``agreement`` (rows in ``sources`` order) is None
+    from a site that sent none.
     """
 
     PHASE: ClassVar[str] = "transferability"
@@ -258,31 +348,64 @@ class TransferabilityResult(PhaseResult):
     sources: tuple[str, ...]
     itm: tuple[tuple[float, ...], ...] | None
     dtm: dict[str, float]
-    main: str
-    aux: str | None
-    weights: PairWeights
+    candidates: dict[str, LabelUse] = dataclasses.field(metadata=SINCE_LABEL_USE)
+    label_free: PairSelection = dataclasses.field(metadata=SINCE_LABEL_USE)
+    few_label: PairSelection | None = dataclasses.field(metadata=SINCE_LABEL_USE)
     selection: str = "dtm"
     agreement: tuple[tuple[float, ...], ...] | None = None
-    voters: tuple[str, ...] = ()
 
-    def voter_models(self, models: Mapping[str, ModelT]) -> dict[str, ModelT]:
-        """The candidates of ``models`` that vote in the pseudo-labels."""
-        if not self.voters:
-            return dict(models)
-        return {name: value for name, value in models.items() if name in self.voters}
+    @property
+    def selections(self) -> tuple[PairSelection, ...]:
+        """The label-free choice, then the few-label one if there is one."""
+        return (self.label_free,) + (
+            () if self.few_label is None else (self.few_label,)
+        )
 
 
 # ------------------------------------------------------------------- adaptation
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptedPair(Record):
+    """One adaptation at the target: its adapted models and reply figures.
+
+    The models are ``<prefix>:<name>`` in the evaluation and ``<prefix>-<name>`` in
+    the run store, for each name in ``models`` (``main``, ``aux``).
+    """
+
+    prefix: str
+    models: tuple[str, ...]
+    label_use: LabelUse
+    reply: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+
+    def evaluation_names(self) -> dict[str, str]:
+        """Each adapted model's name in the run store -> its name in the evaluation.
+
+        Example:
+            >>> AdaptedPair(prefix="adapted", models=("aux", "main"),
+            ...             label_use=LabelUse()).evaluation_names()
+            {'adapted-aux': 'adapted:aux', 'adapted-main': 'adapted:main'}
+        """
+        return {
+            f"{self.prefix}-{name}": f"{self.prefix}:{name}" for name in self.models
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AdaptationResult(PhaseResult):
-    """The adapted models' names and the target's adaptation reply figures."""
+    """The target's adaptations: the label-free pair, and the few-label one if any."""
 
     PHASE: ClassVar[str] = "adaptation"
     site: str
-    models: tuple[str, ...]
-    reply: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+    label_free: AdaptedPair = dataclasses.field(metadata=SINCE_LABEL_USE)
+    few_label: AdaptedPair | None = dataclasses.field(metadata=SINCE_LABEL_USE)
+
+    @property
+    def pairs(self) -> tuple[AdaptedPair, ...]:
+        """The label-free adaptation, then the few-label one if there is one."""
+        return (self.label_free,) + (
+            () if self.few_label is None else (self.few_label,)
+        )
 
 
 # -------------------------------------------------------------------- consensus
@@ -298,6 +421,9 @@ class ConsensusResult(PhaseResult):
 
     PHASE: ClassVar[str] = "consensus"
     models: tuple[str, ...]
+    # What the consensus models used of the target's labels (label sources, start
+    # model, atlases); label-free when skipped.
+    label_use: LabelUse = dataclasses.field(metadata=SINCE_LABEL_USE)
     skipped: str | None = dataclasses.field(default=None, metadata=OMIT_DEFAULT)
     sources: tuple[str, ...] = dataclasses.field(default=(), metadata=OMIT_DEFAULT)
     outcome: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
@@ -345,6 +471,8 @@ class SemisupResult(PhaseResult):
     target: TargetSemisup | None
     federated: FederatedSemisup | None
     models: tuple[str, ...]
+    # Scope -> what that model used of the target's labels.
+    label_use: dict[str, LabelUse] = dataclasses.field(metadata=SINCE_LABEL_USE)
 
 
 # ------------------------------------------------------------------- evaluation
@@ -356,6 +484,8 @@ class EvaluationResult(PhaseResult):
 
     Under the target's DP the Dice are noised and HD95 withheld (nan); ``privacy``
     holds the release's DP figures (:data:`core.protocol.DP_METRICS`).
+    ``label_use`` says, per predictor, what it used of the target's labels (its
+    models' uses joined): the report's groups.
     """
 
     PHASE: ClassVar[str] = "evaluation"
@@ -363,6 +493,7 @@ class EvaluationResult(PhaseResult):
     num_cases: int
     dice: dict[str, float]
     hd95_mm: dict[str, float]
+    label_use: dict[str, LabelUse] = dataclasses.field(metadata=SINCE_LABEL_USE)
     privacy: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
 
 

@@ -40,6 +40,7 @@ from server.results import (
     ConsensusResult,
     DiscoverResult,
     EvaluationResult,
+    LabelUse,
     SemisupResult,
     SourceTrainingResult,
     TransferabilityResult,
@@ -250,36 +251,45 @@ class PipelineRunner:
         if "affinity" not in wanted:
             return
 
-        models = {**models, **self._affinity_model(sites, target_site, models)}
+        # Source models are trained at the sources on their own labels (the target
+        # is never asked for one): label-free.
+        candidate_use = {name: LabelUse() for name in models}
+        affinity_models, affinity_use = self._affinity_model(sites, target_site, models)
+        models = {**models, **affinity_models}
+        candidate_use.update(affinity_use)
         if "transferability" not in wanted:
             return
 
         selection = self._reloaded(TransferabilityResult)
         if selection is None:
             with self._timed("transferability"):
-                selection = phases.transferability.run(coordinator, target_site, models)
+                selection = phases.transferability.run(
+                    coordinator, target_site, models, candidate_use
+                )
         if "adaptation" not in wanted:
             return
 
-        saved_adaptation = self._reloaded(AdaptationResult)
-        if saved_adaptation is None:
+        adaptation = self._reloaded(AdaptationResult)
+        if adaptation is None:
             with self._timed("adaptation"):
-                _, adapted = phases.adaptation.run(
+                adaptation, adapted = phases.adaptation.run(
                     coordinator, target_site, models, selection
                 )
         else:
-            adapted = {
-                name: store.load_model(f"adapted-{name}")
-                for name in saved_adaptation.models
-            }
+            adapted = phases.adaptation.reload(store, adaptation)
         if "consensus" not in wanted:
             return
 
-        consensus_models = self._consensus_models(target_site, models, adapted)
+        start_use = adaptation.label_free.label_use
+        consensus, consensus_models = self._consensus_models(
+            target_site, models, adapted, selection.candidates, start_use
+        )
         if "semisup" not in wanted:
             return
 
-        semisup_models = self._semisup_models(sites, target_site, adapted)
+        semisup, semisup_models = self._semisup_models(
+            sites, target_site, adapted, start_use
+        )
         if "evaluation" not in wanted:
             return
 
@@ -295,6 +305,9 @@ class PipelineRunner:
                         **{f"consensus:{m}": w for m, w in consensus_models.items()},
                         **{f"semisup:{s}": w for s, w in semisup_models.items()},
                     },
+                    label_use=phases.evaluation.model_label_use(
+                        selection, adaptation, consensus, semisup
+                    ),
                 )
 
     def _affinity_model(
@@ -302,10 +315,10 @@ class PipelineRunner:
         sites: Mapping[int, SiteInfo],
         target_site: SiteInfo,
         models: Mapping[str, Arrays],
-    ) -> dict[str, Arrays]:
-        """The SeqTran candidate by name (empty when off or none came of it)."""
+    ) -> tuple[dict[str, Arrays], dict[str, LabelUse]]:
+        """The SeqTran candidate and its label use by name (empty: off or none)."""
         if not self.config.affinity.enabled:
-            return {}
+            return {}, {}
         saved = self._reloaded(AffinityResult)
         if saved is None:
             with self._timed("affinity"):
@@ -314,48 +327,57 @@ class PipelineRunner:
                 )
         model = saved.model
         if not model:
-            return {}
-        return {model: self.store.load_model(f"affinity-{model}")}
+            return {}, {}
+        return (
+            {model: self.store.load_model(f"affinity-{model}")},
+            {model: saved.label_use},
+        )
 
     def _consensus_models(
         self,
         target_site: SiteInfo,
         models: Mapping[str, Arrays],
         adapted: Mapping[str, Arrays],
-    ) -> dict[str, Arrays]:
+        candidates: Mapping[str, LabelUse],
+        start_use: LabelUse,
+    ) -> tuple[ConsensusResult | None, dict[str, Arrays]]:
         if not self.config.consensus.enabled:
-            return {}
+            return None, {}
         saved = self._reloaded(ConsensusResult)
         if saved is not None:
-            return {
+            return saved, {
                 method: self.store.load_model(f"consensus-{method}")
                 for method in saved.models
             }
         with self._timed("consensus"):
-            _, trained = phases.consensus.run(
-                self.coordinator, target_site, models, adapted
+            return phases.consensus.run(
+                self.coordinator,
+                target_site,
+                models,
+                adapted,
+                candidates=candidates,
+                start=start_use,
             )
-        return trained
 
     def _semisup_models(
         self,
         sites: Mapping[int, SiteInfo],
         target_site: SiteInfo,
         adapted: Mapping[str, Arrays],
-    ) -> dict[str, Arrays]:
+        start_use: LabelUse,
+    ) -> tuple[SemisupResult | None, dict[str, Arrays]]:
         if not self.config.semisup.enabled:
-            return {}
+            return None, {}
         saved = self._reloaded(SemisupResult)
         if saved is not None:
-            return {
+            return saved, {
                 scope: self.store.load_model(f"semisup-{scope}")
                 for scope in saved.models
             }
         with self._timed("semisup"):
-            _, students = phases.semisup.run(
-                self.coordinator, sites, target_site, adapted
+            return phases.semisup.run(
+                self.coordinator, sites, target_site, adapted, start_use=start_use
             )
-        return students
 
     def _source_models(
         self, sites: Mapping[int, SiteInfo], target: str

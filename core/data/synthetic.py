@@ -22,7 +22,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,8 @@ ORGAN_CONTRAST_DRIFT: Final = 0.15  # contrast lost from one end of a half to th
 VESSEL_CONTRAST: Final = 0.32  # small round blobs as bright (or dark) as the organ
 TUBE_CONTRAST: Final = 0.20  # an elongated structure
 INVERSION_SHIFT: Final = 0.5
+# ``target_labelled`` of a federation whose target keeps every training label.
+ALL_LABELLED: Final = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,7 +261,12 @@ def _case_rng(seed: int, site_index: int, case_index: int) -> np.random.Generato
 
 
 def write_case(
-    case: SyntheticCase, site_dir: Path, *, case_id: str, training: bool
+    case: SyntheticCase,
+    site_dir: Path,
+    *,
+    case_id: str,
+    training: bool,
+    labelled: bool = True,
 ) -> None:
     """Write one case's image and label NIfTI into the site layout.
 
@@ -268,12 +275,16 @@ def write_case(
         site_dir: the site folder; sub-folders are created as needed.
         case_id: the file stem (``<case_id>_0000.nii.gz`` and ``<case_id>.nii.gz``).
         training: ``imagesTr``/``labelsTr`` when true, else ``imagesTs``/``labelsTs``.
+        labelled: write the label too; false writes the image alone (an unlabelled
+            case).
     """
     split = "Tr" if training else "Ts"
-    for array, folder, file_name in (
-        (case.image, f"images{split}", f"{case_id}_0000.nii.gz"),
-        (case.label, f"labels{split}", f"{case_id}.nii.gz"),
-    ):
+    files: list[tuple[npt.NDArray[Any], str, str]] = [
+        (case.image, f"images{split}", f"{case_id}_0000.nii.gz")
+    ]
+    if labelled:
+        files.append((case.label, f"labels{split}", f"{case_id}.nii.gz"))
+    for array, folder, file_name in files:
         write_volume(
             Volume(
                 array=array,
@@ -292,16 +303,25 @@ def write_site(
     site_index: int,
     seed: int,
     num_train_cases: int,
+    num_labelled: int | None = None,
 ) -> None:
-    """Write one site: ``imagesTr``/``labelsTr`` and ``imagesTs``/``labelsTs`` NIfTI."""
+    """Write one site: ``imagesTr``/``labelsTr`` and ``imagesTs``/``labelsTs`` NIfTI.
+
+    ``num_labelled`` training cases (the first ones by case id; None: all) get their
+    label in ``labelsTr``; the others are unlabelled images. Every evaluation case is
+    labelled. The images are the same whatever ``num_labelled`` is.
+    """
     site_dir.mkdir(parents=True, exist_ok=True)
     total = num_train_cases + EVALUATION_CASES_PER_SITE
+    labelled = num_train_cases if num_labelled is None else num_labelled
     for case_index in range(total):
+        training = case_index < num_train_cases
         write_case(
             generate_case(style, _case_rng(seed, site_index, case_index)),
             site_dir,
             case_id=f"{style.name.lower()}_{case_index:03d}",
-            training=case_index < num_train_cases,
+            training=training,
+            labelled=not training or case_index < labelled,
         )
     dataset = {
         "name": f"synthetic site {style.name}",
@@ -310,6 +330,22 @@ def write_site(
         "shift": style.shift,
     }
     (site_dir / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+
+
+def target_labelled_cases(num_train_cases: int, target_labelled: int | None) -> int:
+    """How many labelled training cases the target keeps (``None``: all of them).
+
+    Example:
+        >>> target_labelled_cases(12, 2), target_labelled_cases(12, 40)
+        (2, 12)
+        >>> target_labelled_cases(12, ALL_LABELLED)
+        12
+    """
+    if target_labelled is None:
+        return num_train_cases
+    if target_labelled < 0:
+        raise ValueError(f"target_labelled must be >= 0 or None, got {target_labelled}")
+    return min(target_labelled, num_train_cases)
 
 
 def resolve_federation_dir(federation: FederationConfig) -> Path:
@@ -330,16 +366,38 @@ def resolve_federation_dir(federation: FederationConfig) -> Path:
         seed=federation.synthetic_seed,
         num_sites=federation.synthetic_sites,
         num_train_cases=federation.synthetic_cases,
+        target_labelled=federation.synthetic_target_labelled,
     )
 
 
 def get_builtin_federation_dir(
-    cache_dir: Path, *, seed: int, num_sites: int, num_train_cases: int
+    cache_dir: Path,
+    *,
+    seed: int,
+    num_sites: int,
+    num_train_cases: int,
+    target_labelled: int | None,
 ) -> Path:
-    """Where the built-in federation for these parameters lives inside ``cache_dir``."""
+    """Where the built-in federation for these parameters lives inside ``cache_dir``.
+
+    The name holds every parameter that changes the files: a few-label target adds
+    ``-target<N>`` (its labelled cases); a fully labelled one (``target_labelled``
+    None or >= ``num_train_cases``) keeps the name it always had, so the federation
+    of a fully labelled benchmark is the same folder as before few-label targets.
+
+    Example:
+        >>> get_builtin_federation_dir(Path("c"), seed=0, num_sites=6,
+        ...     num_train_cases=12, target_labelled=2).name
+        'synthetic-v4-seed0-sites6-cases12-target2'
+        >>> get_builtin_federation_dir(Path("c"), seed=0, num_sites=6,
+        ...     num_train_cases=12, target_labelled=ALL_LABELLED).name
+        'synthetic-v4-seed0-sites6-cases12'
+    """
+    labelled = target_labelled_cases(num_train_cases, target_labelled)
+    few = f"-target{labelled}" if labelled < num_train_cases else ""
     return Path(cache_dir) / (
         f"synthetic-v{GENERATOR_VERSION}-seed{seed}-"
-        f"sites{num_sites}-cases{num_train_cases}"
+        f"sites{num_sites}-cases{num_train_cases}{few}"
     )
 
 
@@ -349,11 +407,22 @@ def ensure_builtin_federation(
     seed: int,
     num_sites: int,
     num_train_cases: int,
+    target_labelled: int | None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Return the cached built-in federation, generating it on first use."""
+    """Return the cached built-in federation, generating it on first use.
+
+    ``target_labelled``: the target's labelled training cases
+    (``federation.synthetic-target-labelled``), or :data:`ALL_LABELLED` for a fully
+    labelled target, which leave-one-site-out benchmarks need (every site is a
+    source in turn).
+    """
     folder = get_builtin_federation_dir(
-        cache_dir, seed=seed, num_sites=num_sites, num_train_cases=num_train_cases
+        cache_dir,
+        seed=seed,
+        num_sites=num_sites,
+        num_train_cases=num_train_cases,
+        target_labelled=target_labelled,
     )
     return generate_once(
         folder,
@@ -362,6 +431,7 @@ def ensure_builtin_federation(
             seed=seed,
             num_sites=num_sites,
             num_train_cases=num_train_cases,
+            target_labelled=target_labelled,
             progress=progress,
         ),
         description="built-in synthetic federation",
@@ -392,6 +462,7 @@ def write_federation(
     seed: int,
     num_sites: int,
     num_train_cases: int,
+    target_labelled: int | None = ALL_LABELLED,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[str, ...]:
     """Write a whole federation (one folder per site plus ``federation.toml``).
@@ -403,40 +474,56 @@ def write_federation(
         out_dir: folder to create; must not exist yet.
         seed: the same seed always gives the same files.
         num_sites: number of sites (>= 3), spread evenly over the continuum.
-        num_train_cases: labelled training cases per site (6 evaluation cases are
-            added per site).
+        num_train_cases: training cases per site (6 evaluation cases are added per
+            site), all labelled at the sources.
+        target_labelled: labelled training cases of the default target (its first
+            ones by case id; the others are written without a label), or
+            :data:`ALL_LABELLED`. Its evaluation cases keep their labels, which
+            only ever score. The images are the same whatever this is.
         progress: called with one line per site written.
 
     Returns:
         The site names, the default target first.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists.
+        ValueError: fewer than 3 sites, or a negative ``target_labelled``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; choose a new folder")
     if num_sites < 3:
         raise ValueError(f"num_sites must be >= 3, got {num_sites}")
+    target_cases = target_labelled_cases(num_train_cases, target_labelled)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
     styles = build_site_styles(num_sites)
+    target = styles[DEFAULT_TARGET_INDEX].name
     for site_index, style in enumerate(styles):
+        labelled = target_cases if style.name == target else num_train_cases
         write_site(
             style,
             staging / style.name,
             site_index=site_index,
             seed=seed,
             num_train_cases=num_train_cases,
+            num_labelled=labelled,
         )
         if progress is not None:
             progress(
                 f"site {style.name}: shift {style.shift:.2f}, "
-                f"{num_train_cases} training + {EVALUATION_CASES_PER_SITE} "
-                "evaluation cases"
+                f"{num_train_cases} training ({labelled} labelled) + "
+                f"{EVALUATION_CASES_PER_SITE} evaluation cases"
             )
-    target = styles[DEFAULT_TARGET_INDEX].name
+    few_label = (
+        f"target-labelled = {target_cases}  # labelled training cases of the target\n"
+        if target_cases < num_train_cases
+        else ""
+    )
     (staging / "federation.toml").write_text(
         "# Synthetic SiteBridge federation (core/data/synthetic.py).\n"
-        f'target = "{target}"\nseed = {seed}\n'
+        f'target = "{target}"\nseed = {seed}\n{few_label}'
     )
     try:
         staging.rename(out_dir)

@@ -25,7 +25,12 @@ from core.config import RunConfig
 from core.training.networks import Arrays
 from server import records
 from server.coordinator import Coordinator, PhaseError, SiteInfo, names_by_site
-from server.results import PROFILE_LABEL_TERM, AffinityResult, TransferPathRecord
+from server.results import (
+    PROFILE_LABEL_TERM,
+    AffinityResult,
+    LabelUse,
+    TransferPathRecord,
+)
 
 SEQTRAN_CANDIDATE: Final = "seqtran"  # the path's model among the TGMA candidates
 
@@ -160,6 +165,53 @@ def _finetune_along(
     return weights, done, None
 
 
+def transferred_label_use(
+    target: str,
+    *,
+    matrices: Mapping[str, Any],
+    target_labelled: int,
+    steps: Sequence[Mapping[str, Any]],
+) -> LabelUse:
+    """What the transferred model used of ``target``'s labels, from what happened.
+
+    The path was chosen with the target's labels when the distance had a label term
+    (``matrices``: every site's profile carried one, and its weight was not 0): the
+    target's mean label map over its ``target_labelled`` cases. And each fine-tuning
+    step at the target trained on its labelled cases (``num-cases`` of the step).
+
+    Example:
+        >>> use = transferred_label_use("A", matrices={"label_term": False},
+        ...     target_labelled=2, steps=[{"site": "B"}, {"site": "A", "num-cases": 2}])
+        >>> use.via, use.cases
+        (('SeqTran candidate fine-tuned at A on 2 labelled cases',), 2)
+    """
+    uses = []
+    if matrices.get("label_term") and matrices["weights"]["label"] > 0:
+        uses.append(
+            LabelUse(
+                via=(
+                    f"SeqTran path chosen with {target}'s label term "
+                    f"({target_labelled} labelled cases)",
+                ),
+                cases=target_labelled,
+            )
+        )
+    cases_key = protocol.field_key(protocol.TrainReply, "num_cases")
+    for step in steps:
+        if step["site"] == target:
+            cases = int(step[cases_key])
+            uses.append(
+                LabelUse(
+                    via=(
+                        f"SeqTran candidate fine-tuned at {target} on {cases} "
+                        "labelled cases",
+                    ),
+                    cases=cases,
+                )
+            )
+    return LabelUse.joined(uses)
+
+
 def run(
     coordinator: Coordinator,
     sites: Mapping[int, SiteInfo],
@@ -181,6 +233,8 @@ def run(
     target holds labelled cases, last at the target. The result joins the TGMA
     candidates as :data:`SEQTRAN_CANDIDATE`. Nothing later depends on it, so a missing
     profile or a failed step is recorded and the run goes on without the candidate.
+    What the candidate used of the target's labels is recorded with it
+    (:func:`transferred_label_use`).
 
     Returns:
         The phase result (persisted) and the transferred model, or None.
@@ -256,6 +310,14 @@ def run(
         path=path_record,
         steps=tuple(steps_done),
         model=None if transferred is None else SEQTRAN_CANDIDATE,
+        label_use=LabelUse()
+        if transferred is None
+        else transferred_label_use(
+            target.name,
+            matrices=matrices,
+            target_labelled=profiles[target.name].num_labelled,
+            steps=steps_done,
+        ),
         stopped=stopped,
         matrices=matrices,
     )

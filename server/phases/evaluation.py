@@ -1,13 +1,17 @@
 """The evaluation phase: every predictor scored on the target's labelled cases.
 
-``build_predictors`` names the predictors (each source alone, uniform, TGMA and its
-main model, the consensus and semisup models); the target sends back mean Dice and
-HD95 per predictor, never per-case figures.
+``build_predictors`` names the predictors (each candidate alone, the uniform average
+of the label-free ones, each TGMA pair and its main model, the consensus and semisup
+models); ``model_label_use`` says what every evaluated model used of the target's
+labels, from the phases' results. The target sends back mean Dice and HD95 per
+predictor, never per-case figures; the result records each predictor's label use
+(its models' uses joined), by which the report groups them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Final
 
 from core import protocol
 from core.training.networks import Arrays
@@ -17,45 +21,96 @@ from server.coordinator import (
     SiteInfo,
     ask_target,
 )
-from server.results import EvaluationResult, TransferabilityResult
+from server.phases.adaptation import FEW_LABEL_PREFIX, LABEL_FREE_PREFIX
+from server.results import (
+    AdaptationResult,
+    ConsensusResult,
+    EvaluationResult,
+    LabelUse,
+    PairSelection,
+    SemisupResult,
+    TransferabilityResult,
+)
+
+# Each TGMA pair's predictor names by the prefix of its adapted models.
+TGMA_PREDICTORS: Final = {LABEL_FREE_PREFIX: "tgma", FEW_LABEL_PREFIX: "tgma-few-label"}
+
+
+def _pair_predictors(
+    prefix: str, selection: PairSelection
+) -> dict[str, list[tuple[str, float]]]:
+    pair = [(f"{prefix}:main", selection.weights.main)]
+    if selection.aux:
+        pair.append((f"{prefix}:aux", selection.weights.aux))
+    name = TGMA_PREDICTORS[prefix]
+    return {name: pair, f"{name}-main": [(f"{prefix}:main", 1.0)]}
 
 
 def build_predictors(
-    sources: list[str],
     selection: TransferabilityResult,
     *,
-    adapted: bool,
+    adapted: Collection[str],
     later_models: Sequence[str] = (),
 ) -> dict[str, list[tuple[str, float]]]:
     """The predictors every report compares.
 
-    Each source alone, their uniform average, the TGMA pair and its main model, and
-    each model the later phases trained, alone. Model names are ``source:<name>``,
-    ``adapted:main``/``adapted:aux``, ``consensus:<method>`` and
-    ``semisup:<scope>``.
+    Each candidate alone (``source:<name>``), the uniform average of the label-free
+    candidates (``uniform``: a few-label one would make it few-label), each TGMA
+    pair whose models were adapted (``adapted`` holds their names: ``tgma`` and
+    ``tgma-main`` from ``adapted:main``/``adapted:aux``, ``tgma-few-label`` and
+    ``tgma-few-label-main`` from ``adapted-few-label:...``), and each model the
+    later phases trained, alone (``consensus:<method>``, ``semisup:<scope>``).
 
     Example:
-        >>> from server.results import PairWeights
+        >>> from server.results import LabelUse, PairSelection, PairWeights
+        >>> pair = PairSelection(candidates=("B", "C"), main="B", aux="C",
+        ...     weights=PairWeights(main=0.6, aux=0.4), label_use=LabelUse())
         >>> sel = TransferabilityResult(metric="lftm", release="instance",
-        ...     sources=("B", "C"), itm=None, dtm={"B": 0.8, "C": 0.7}, main="B",
-        ...     aux="C", weights=PairWeights(main=0.6, aux=0.4))
-        >>> sorted(build_predictors(["B", "C"], sel, adapted=True,
+        ...     sources=("B", "C"), itm=None, dtm={"B": 0.8, "C": 0.7},
+        ...     candidates={"B": LabelUse(), "C": LabelUse()}, label_free=pair,
+        ...     few_label=None)
+        >>> sorted(build_predictors(sel, adapted=["adapted:main", "adapted:aux"],
         ...                         later_models=["consensus:deepstaple"]))
         ['consensus:deepstaple', 'source:B', 'source:C', 'tgma', 'tgma-main', 'uniform']
     """
+    sources = sorted(selection.sources)
     predictors: dict[str, list[tuple[str, float]]] = {
         f"source:{name}": [(f"source:{name}", 1.0)] for name in sources
     }
-    predictors["uniform"] = [(f"source:{name}", 1.0 / len(sources)) for name in sources]
-    if adapted:
-        pair = [("adapted:main", selection.weights.main)]
-        if selection.aux:
-            pair.append(("adapted:aux", selection.weights.aux))
-        predictors["tgma"] = pair
-        predictors["tgma-main"] = [("adapted:main", 1.0)]
+    label_free = [name for name in sources if selection.candidates[name].label_free]
+    predictors["uniform"] = [
+        (f"source:{name}", 1.0 / len(label_free)) for name in label_free
+    ]
+    for prefix, pair in (
+        (LABEL_FREE_PREFIX, selection.label_free),
+        (FEW_LABEL_PREFIX, selection.few_label),
+    ):
+        if pair is not None and f"{prefix}:main" in adapted:
+            predictors.update(_pair_predictors(prefix, pair))
     for name in later_models:
         predictors[name] = [(name, 1.0)]
     return predictors
+
+
+def model_label_use(
+    selection: TransferabilityResult,
+    adaptation: AdaptationResult | None = None,
+    consensus: ConsensusResult | None = None,
+    semisup: SemisupResult | None = None,
+) -> dict[str, LabelUse]:
+    """What every model the evaluation may score used of the target's labels.
+
+    Keyed by the models' evaluation names (``source:<name>``, ``adapted:main``,
+    ``consensus:<method>``, ...), from the phases' persisted results.
+    """
+    uses = {f"source:{name}": use for name, use in selection.candidates.items()}
+    for pair in () if adaptation is None else adaptation.pairs:
+        uses.update({name: pair.label_use for name in pair.evaluation_names().values()})
+    if consensus is not None:
+        uses.update({f"consensus:{m}": consensus.label_use for m in consensus.models})
+    if semisup is not None:
+        uses.update({f"semisup:{s}": semisup.label_use[s] for s in semisup.models})
+    return uses
 
 
 def run(
@@ -65,21 +120,23 @@ def run(
     adapted: Mapping[str, Arrays],
     selection: TransferabilityResult,
     later_models: Mapping[str, Arrays] | None = None,
+    *,
+    label_use: Mapping[str, LabelUse],
 ) -> EvaluationResult:
     """Phase 8: the target scores every predictor on its evaluation labels.
 
-    ``later_models`` are the consensus and semisup phases' models under their
-    ``consensus:<method>``/``semisup:<scope>`` names.
+    ``models`` are the candidates by name, ``adapted`` the adapted models by their
+    evaluation names (``adapted:main``, ...), ``later_models`` the consensus and
+    semisup phases' models under their ``consensus:<method>``/``semisup:<scope>``
+    names; ``label_use`` what each of them used of the target's labels
+    (:func:`model_label_use`).
     """
     later_models = later_models or {}
     named = {f"source:{name}": weights for name, weights in models.items()}
-    named.update({f"adapted:{name}": weights for name, weights in adapted.items()})
+    named.update(adapted)
     named.update(later_models)
     predictors = build_predictors(
-        sorted(models),
-        selection,
-        adapted=bool(adapted),
-        later_models=sorted(later_models),
+        selection, adapted=set(adapted), later_models=sorted(later_models)
     )
     request = protocol.EvaluateRequest(predictors=predictors)
     reply = ask_target(
@@ -95,6 +152,10 @@ def run(
         num_cases=scores.num_cases,
         dice=dict(scores.dice),
         hd95_mm=dict(scores.hd95_mm),
+        label_use={
+            name: LabelUse.joined(label_use[model] for model, _ in members)
+            for name, members in predictors.items()
+        },
         # Under the target's DP the Dice are noised and HD95 withheld; the figures
         # say what the release cost.
         privacy={

@@ -28,6 +28,7 @@ from server.coordinator import (
 )
 from server.results import (
     FederatedSemisup,
+    LabelUse,
     SemisupResult,
     SemisupRound,
     TargetSemisup,
@@ -206,24 +207,88 @@ def semisup_target(
     )
 
 
+_NUM_LABELLED: Final = protocol.field_key(protocol.SemisupReply, "num_labelled")
+
+
+def students_label_use(
+    target: str,
+    *,
+    start: LabelUse,
+    at_target: TargetSemisup | None,
+    federated: FederatedSemisup | None,
+) -> dict[str, LabelUse]:
+    """What each student used of ``target``'s labels, from the replies.
+
+    Both inherit the start model's use. The target's refinement used the labelled
+    cases its reply counts; the federated student used the target's whenever the
+    target trained a round on labelled cases (its rounds' replies count them).
+
+    Example:
+        >>> rounds = (SemisupRound(round=1, dice={}, missing={},
+        ...     train={"A": {"num-labelled": 2}, "B": {"num-labelled": 12}}),)
+        >>> uses = students_label_use("A", start=LabelUse(), at_target=None,
+        ...     federated=FederatedSemisup(sites=("A", "B"), rounds=rounds,
+        ...                                stopped=None))
+        >>> uses["federated"].via
+        ('federated UG-MCL rounds trained at A on 2 labelled cases',)
+    """
+    uses: dict[str, LabelUse] = {}
+    if at_target is not None and at_target.missing is None:
+        cases = int(at_target.reply[_NUM_LABELLED])
+        own = (
+            LabelUse(
+                via=(f"UG-MCL refined at {target} on {cases} labelled cases",),
+                cases=cases,
+            )
+            if cases
+            else LabelUse()
+        )
+        uses["target"] = LabelUse.joined([start, own])
+    if federated is not None:
+        cases = max(
+            (
+                int(entry.train[target][_NUM_LABELLED])
+                for entry in federated.rounds
+                if target in entry.train
+            ),
+            default=0,
+        )
+        own = (
+            LabelUse(
+                via=(
+                    f"federated UG-MCL rounds trained at {target} on {cases} "
+                    "labelled cases",
+                ),
+                cases=cases,
+            )
+            if cases
+            else LabelUse()
+        )
+        uses["federated"] = LabelUse.joined([start, own])
+    return uses
+
+
 def run(
     coordinator: Coordinator,
     sites: Mapping[int, SiteInfo],
     target: SiteInfo,
     adapted: Mapping[str, Arrays],
+    *,
+    start_use: LabelUse,
 ) -> tuple[SemisupResult, dict[str, Arrays]]:
     """Phase 7: UG-MCL at the target and as federated rounds; segmentation models.
 
-    Both start from the adapted main model (a fresh student without adaptation).
-    The target refinement runs when ``semisup.target`` is set and the target holds
-    labelled cases; the federated rounds when ``semisup.rounds`` > 0. Nothing later
-    depends on this phase, so a site that refuses or fails (e.g. a DP site whose
-    epsilon budget is spent) is recorded and the run goes on. Returns the
-    phase's result and the segmentation models by scope (``target``,
-    ``federated``).
+    Both start from the adapted main model (``adapted[ADAPTED_START]``, whose label
+    use is ``start_use``; a fresh student without adaptation). The target refinement
+    runs when ``semisup.target`` is set and the target holds labelled cases; the
+    federated rounds when ``semisup.rounds`` > 0. Nothing later depends on this
+    phase, so a site that refuses or fails (e.g. a DP site whose epsilon budget is
+    spent) is recorded and the run goes on. Returns the phase's result (with what
+    each student used of the target's labels, :func:`students_label_use`) and the
+    segmentation models by scope (``target``, ``federated``).
     """
     config = coordinator.config
-    start = initial_student_weights(config, adapted.get("main"))
+    start = initial_student_weights(config, adapted.get(ADAPTED_START))
     students: dict[str, Arrays | None] = {}
     at_target: TargetSemisup | None = None
     federated: FederatedSemisup | None = None
@@ -242,13 +307,20 @@ def run(
     }
     for scope, weights in models.items():
         coordinator.store.save_model(f"semisup-{scope}", weights)
+    uses = students_label_use(
+        target.name,
+        start=start_use if ADAPTED_START in adapted else LabelUse(),
+        at_target=at_target,
+        federated=federated,
+    )
     result = SemisupResult(
         variant=config.semisup.variant.value,
         labelled_fraction=config.semisup.labelled_fraction,
-        start=ADAPTED_START if "main" in adapted else "initial",
+        start=ADAPTED_START if ADAPTED_START in adapted else "initial",
         target=at_target,
         federated=federated,
         models=tuple(sorted(models)),
+        label_use={scope: uses[scope] for scope in sorted(models)},
     )
     coordinator.store.save_result(result)
     return result, models

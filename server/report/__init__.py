@@ -4,8 +4,15 @@
 did not deliver a model) or idle — and cases), ``affinity`` (SeqTran: the profiles'
 figures, the distance matrix, the chosen transfer path and its fine-tuning steps,
 pictured in ``affinity_path.png``), ``transferability`` (``dtm`` per
-source, ``main``, ``aux``, ``weights``), ``evaluation.dice`` with one entry per source
-model alone (``source:<name>``), ``uniform`` and ``tgma`` (plus ``tgma-main`` and HD95),
+candidate, each candidate's ``candidates`` label use, and TGMA's ``label_free``
+choice among the label-free candidates — ``main``, ``aux``, ``weights`` — and its
+``few_label`` choice among all, if any), ``evaluation.dice`` with one entry per
+candidate alone (``source:<name>``), ``uniform`` (of the label-free candidates),
+``tgma`` (plus ``tgma-main``; ``tgma-few-label`` and ``tgma-few-label-main`` when a
+candidate used the target's labels) and HD95, ``evaluation.groups``: each
+predictor's group, ``label-free`` or ``few-label``, and ``evaluation.label_use``:
+what a few-label one used (docs/methods.md#label-free-and-few-label; ``report.md``
+shows one table per group, never mixed),
 ``consensus`` (per label source: mean data parameter, STAPLE sensitivity, agreement
 with the DeepSTAPLE consensus; per method: consensus Dice on the target's evaluation
 labels; Spearman correlations of label quality), ``semisup`` (the target's UG-MCL

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from core import protocol
+from server.report.groups import describe_use
 from server.report.text import number
 from server.results import PROFILE_LABEL_TERM
 
@@ -91,7 +92,8 @@ def affinity_lines(
         lines += [
             "",
             f"The transferred model joined the TGMA candidates as "
-            f"`{affinity['model']}`; Dice on the target: {number(dice.get(name))}.",
+            f"`{affinity['model']}`; Dice on the target: {number(dice.get(name))} "
+            f"({describe_use(affinity.get('label_use'))}).",
         ]
     return lines
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from server.report.groups import describe_use
 from server.report.text import number
 
 CONSENSUS_NAMES = {
@@ -39,6 +40,9 @@ def consensus_lines(
         "Consensus Dice is measured on the target's evaluation images against their "
         "labels; the model column is the adapted main model trained on each "
         "consensus, scored by the evaluation phase.",
+        "",
+        f"Label sources {', '.join(consensus['sources'])}; the consensus models are "
+        f"{describe_use(consensus.get('label_use'))}.",
         "",
         "| labels | consensus Dice | model Dice |",
         "|---|---|---|",

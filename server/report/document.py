@@ -15,11 +15,12 @@ from typing import Any
 from server.report.affinity import PLOT_FILE as AFFINITY_PLOT
 from server.report.affinity import affinity_lines, plot_affinity
 from server.report.consensus import consensus_lines
+from server.report.groups import group_heading, group_of, predictor_groups
 from server.report.privacy import privacy_lines
 from server.report.semisup import PLOT_FILE as SEMISUP_PLOT
 from server.report.semisup import plot_semisup, semisup_lines
 from server.report.text import number
-from server.results import PhaseResult, RunResults
+from server.results import FEW_LABEL, PhaseResult, RunResults
 from server.store import RunStore
 
 
@@ -101,19 +102,18 @@ def build_report(
                 "metric",
                 "release",
                 "dtm",
-                "main",
-                "aux",
-                "weights",
+                "candidates",
+                "label_free",
+                "few_label",
                 "itm",
                 "selection",
-                "voters",
             )
         },
         "affinity": _document(results.affinity),
         "adaptation": _document(results.adaptation),
         "consensus": _document(results.consensus),
         "semisup": _document(results.semisup),
-        "evaluation": _document(results.evaluation),
+        "evaluation": _evaluation_document(results),
         "phase_seconds": dict(phase_seconds),
         "missing": missing,
         "privacy": dict(privacy or {}),
@@ -128,6 +128,22 @@ def _document(result: PhaseResult | None) -> dict[str, Any] | None:
     return None if result is None else result.to_document()
 
 
+def _evaluation_document(results: RunResults) -> dict[str, Any] | None:
+    """The evaluation's persisted form, plus ``groups``: each predictor's group.
+
+    ``groups[predictor]`` is ``label-free`` or ``few-label``
+    (docs/methods.md#label-free-and-few-label); ``label_use[predictor]`` says what
+    a few-label one used.
+    """
+    evaluation = results.evaluation
+    if evaluation is None:
+        return None
+    return {
+        **evaluation.to_document(),
+        "groups": {name: use.group for name, use in evaluation.label_use.items()},
+    }
+
+
 def format_markdown(report: Mapping[str, Any]) -> str:
     """Human-readable summary of a report document (complete or not)."""
     transfer = report["transferability"]
@@ -136,18 +152,27 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     if report.get("error"):
         lines += [f"**The run stopped:** {report['error']}", ""]
     if transfer is not None:
-        aux = (
-            f" and aux **{transfer['aux']}** (W {transfer['weights']['aux']:.3f})"
-            if transfer["aux"]
-            else " (no aux)"
-        )
         lines += [
-            f"Target site **{report['target']}**; TGMA chose main "
-            f"**{transfer['main']}** (W {transfer['weights']['main']:.3f}){aux} by "
-            f"{transfer['metric'].upper()} ({transfer.get('selection', 'dtm')} "
-            "selection).",
+            f"Target site **{report['target']}**; "
+            + _choice_text(transfer["label_free"], transfer["metric"])
+            + f" ({transfer.get('selection', 'dtm')} selection) among the label-free "
+            f"candidates ({', '.join(transfer['label_free']['candidates'])}).",
             "",
         ]
+        few = transfer.get("few_label")
+        if few is not None:
+            added = [
+                name
+                for name in few["candidates"]
+                if name not in transfer["label_free"]["candidates"]
+            ]
+            lines += [
+                f"Few-label TGMA, with {', '.join(added)} (which used the target's "
+                f"labels) among the candidates: "
+                + _choice_text(few, transfer["metric"]).removeprefix("TGMA ")
+                + ".",
+                "",
+            ]
     elif report["target"]:
         lines += [f"Target site **{report['target']}**.", ""]
     lines += [
@@ -169,38 +194,20 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             "",
             f"## Transferability ({transfer['metric'].upper()} DTM on the target)",
             "",
-            "| source | DTM | chosen | votes in the pseudo-labels |",
+            "| source | DTM | group | chosen |",
             "|---|---|---|---|",
         ]
-        voters = transfer.get("voters") or list(transfer["dtm"])
         for name, value in sorted(transfer["dtm"].items(), key=lambda item: -item[1]):
-            chosen = (
-                "main"
-                if name == transfer["main"]
-                else "aux"
-                if name == transfer["aux"]
-                else ""
+            group = group_of(transfer["candidates"][name])
+            lines.append(
+                f"| {name} | {value:.3f} | {group} | {_chosen(transfer, name)} |"
             )
-            votes = "yes" if name in voters else "no"
-            lines.append(f"| {name} | {value:.3f} | {chosen} | {votes} |")
     if report.get("consensus") is not None:
         lines += consensus_lines(report["consensus"], evaluation)
     if report.get("semisup") is not None:
         lines += semisup_lines(report["semisup"], evaluation)
     if evaluation is not None:
-        lines += [
-            "",
-            f"## Evaluation on {report['target']}'s labelsTs "
-            f"({evaluation['num_cases']} cases)",
-            "",
-            "| predictor | Dice | HD95 (mm) |",
-            "|---|---|---|",
-        ]
-        for name, value in evaluation["dice"].items():
-            lines.append(
-                f"| {name} | {value:.3f} | "
-                f"{number(evaluation['hd95_mm'].get(name, float('nan')), 2)} |"
-            )
+        lines += _evaluation_lines(evaluation, report["target"])
     lines += ["", "## Phases", "", "| phase | seconds |", "|---|---|"]
     lines += [
         f"| {name} | {seconds:.1f} |"
@@ -259,6 +266,68 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _choice_text(choice: Mapping[str, Any], metric: str) -> str:
+    """``TGMA chose main **C** (W 0.52) and aux **B** (W 0.48) by LFTM``."""
+    aux = (
+        f" and aux **{choice['aux']}** (W {choice['weights']['aux']:.3f})"
+        if choice["aux"]
+        else " (no aux)"
+    )
+    return (
+        f"TGMA chose main **{choice['main']}** (W {choice['weights']['main']:.3f})"
+        f"{aux} by {metric.upper()}"
+    )
+
+
+def _chosen(transfer: Mapping[str, Any], name: str) -> str:
+    """What each TGMA choice made of candidate ``name`` (main, aux, or nothing)."""
+    roles = []
+    for key, suffix in (("label_free", ""), ("few_label", " (few-label TGMA)")):
+        choice = transfer.get(key)
+        if choice is None:
+            continue
+        if name == choice["main"]:
+            roles.append(f"main{suffix}")
+        elif name == choice["aux"]:
+            roles.append(f"aux{suffix}")
+        elif name in (choice.get("voters") or ()):
+            roles.append(f"votes{suffix}")
+    return "; ".join(roles)
+
+
+def _evaluation_lines(evaluation: Mapping[str, Any], target: str) -> list[str]:
+    """The evaluation table, one table per label group, never mixed."""
+    lines = [
+        "",
+        f"## Evaluation on {target}'s labelsTs ({evaluation['num_cases']} cases)",
+        "",
+        f"Grouped by what each predictor used of {target}'s labels; label-free and "
+        "few-label results are never mixed (docs/methods.md#label-free-and-few-label).",
+    ]
+    uses = evaluation["label_use"]
+    for group, names in predictor_groups(evaluation).items():
+        if not names:
+            continue
+        few = group == FEW_LABEL
+        lines += [
+            "",
+            f"### {group_heading(group, [uses[name] for name in names])}",
+            "",
+            "| predictor | Dice | HD95 (mm) |"
+            + (" target labels used by |" if few else ""),
+            "|---|---|---|" + ("---|" if few else ""),
+        ]
+        for name in names:
+            row = (
+                f"| {name} | {evaluation['dice'][name]:.3f} | "
+                f"{number(evaluation['hd95_mm'].get(name, float('nan')), 2)} |"
+            )
+            if few:
+                row += f" {'; '.join(uses[name]['via'])} |"
+            lines.append(row)
+    return lines
+
+
 def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """Write ``dtm.png``, ``dice.png``, the affinity and semisup plots (Agg)."""
     import matplotlib
@@ -280,17 +349,21 @@ def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
         return paths
     names = sorted(transfer["dtm"])
     figure, axis = plt.subplots(figsize=(max(4, 0.8 * len(names) + 2), 3))
+    chosen = transfer["label_free"]
     colours = [
         "tab:red"
-        if n == transfer["main"]
+        if n == chosen["main"]
         else "tab:orange"
-        if n == transfer["aux"]
+        if n == chosen["aux"]
         else "tab:gray"
         for n in names
     ]
     axis.bar(names, [transfer["dtm"][n] for n in names], color=colours)
     axis.set_ylabel(f"DTM ({transfer['metric'].upper()})")
     axis.set_ylim(0, 1)
+    for bar, name in zip(axis.patches, names, strict=True):
+        if group_of(transfer["candidates"][name]) == FEW_LABEL:
+            bar.set_hatch("//")  # few-label: never TGMA's label-free choice
     axis.set_title(f"Transferability of each source on target {report['target']}")
     figure.tight_layout()
     paths.append(out_dir / "dtm.png")
@@ -298,8 +371,11 @@ def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     plt.close(figure)
     if report["evaluation"] is None:
         return paths
-    dice = report["evaluation"]["dice"]
-    figure, axis = plt.subplots(figsize=(max(5, 0.8 * len(dice) + 2), 3))
+    evaluation = report["evaluation"]
+    groups = predictor_groups(evaluation)
+    ordered = [name for names in groups.values() for name in names]
+    dice = {name: evaluation["dice"][name] for name in ordered}
+    figure, axis = plt.subplots(figsize=(max(5, 0.8 * len(dice) + 2), 3.4))
     axis.bar(
         list(dice),
         list(dice.values()),
@@ -314,6 +390,21 @@ def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
             for n in dice
         ],
     )
+    # The two groups side by side, split by a line, never interleaved.
+    start = 0
+    for group, names in groups.items():
+        if not names:
+            continue
+        if start:
+            axis.axvline(start - 0.5, color="black", linestyle="--", linewidth=1)
+        axis.text(
+            start - 0.4,
+            1.02,
+            group_heading(group, [evaluation["label_use"][n] for n in names]),
+            fontsize="small",
+            transform=axis.get_xaxis_transform(),
+        )
+        start += len(names)
     axis.set_ylabel("Dice on target")
     axis.set_ylim(0, 1)
     axis.tick_params(axis="x", rotation=30)

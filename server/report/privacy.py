@@ -36,7 +36,9 @@ def _dp_replies(results: RunResults) -> list[tuple[str, Mapping[str, Any]]]:
         replies.extend(results.affinity.profiles.items())
         replies.extend((step["site"], step) for step in results.affinity.steps)
     if results.adaptation is not None:
-        replies.append((results.adaptation.site, results.adaptation.reply))
+        replies.extend(
+            (results.adaptation.site, pair.reply) for pair in results.adaptation.pairs
+        )
     if results.evaluation is not None:
         replies.append((results.evaluation.site, results.evaluation.privacy))
     semisup = results.semisup

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from core import protocol
+from server.report.groups import describe_use
 from server.report.text import number
 
 PLOT_FILE: Final = "semisup_dice.png"
@@ -50,6 +51,7 @@ def semisup_lines(
 ) -> list[str]:
     """Markdown: the target refinement and the federated rounds' Dice per site."""
     model_dice = {} if evaluation is None else evaluation["dice"]
+    uses = semisup.get("label_use") or {}
     lines = [
         "",
         "## Semi-supervised rounds (UG-MCL)",
@@ -70,7 +72,8 @@ def semisup_lines(
             f"{target[key['num_examples']]} samples in "
             f"{target[key['seconds']]:.1f} s; {target[key['certain_fraction']]:.2f} "
             "of the pixels were under the uncertainty threshold. Dice on its "
-            f"evaluation labels: {number(model_dice.get('semisup:target'))}.",
+            f"evaluation labels: {number(model_dice.get('semisup:target'))} "
+            f"({describe_use(uses.get('target'))}).",
         ]
     federated = semisup.get("federated")
     if federated is not None:
@@ -94,7 +97,8 @@ def semisup_lines(
         lines += [
             "",
             "Final federated student on the target: "
-            f"{number(model_dice.get('semisup:federated'))}.",
+            f"{number(model_dice.get('semisup:federated'))} "
+            f"({describe_use(uses.get('federated'))}).",
         ]
     return lines
 

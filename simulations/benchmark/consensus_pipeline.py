@@ -26,7 +26,7 @@ import numpy as np
 from core.config import ConfigValue, RunConfig, load_default_config
 from core.consensus.job import run_consensus
 from core.data.dataset import list_site_dirs
-from core.data.synthetic import ensure_builtin_federation
+from core.data.synthetic import ALL_LABELLED, ensure_builtin_federation
 from core.logs import Countdown
 from core.protocol import CONSENSUS_METHODS
 from core.training.evaluation import evaluate_predictors
@@ -188,6 +188,9 @@ def run_consensus_command(
         seed=config.federation.synthetic_seed,
         num_sites=config.federation.synthetic_sites,
         num_train_cases=config.federation.synthetic_cases,
+        # Leave-one-site-out: every site is a source in turn, so every site
+        # (the default target too) keeps all its labels.
+        target_labelled=ALL_LABELLED,
         progress=log_progress,
     )
     log_progress("== controlled noisy labels")

@@ -67,7 +67,7 @@ from core.config import (
     to_flat,
 )
 from core.data.dataset import list_site_dirs
-from core.data.synthetic import ensure_builtin_federation
+from core.data.synthetic import ALL_LABELLED, ensure_builtin_federation
 from core.logs import Countdown, Progress
 from core.semisup.dual_task import segmentation_weights
 from core.semisup.job import (
@@ -922,6 +922,9 @@ def run_semisup_command(
         seed=config.federation.synthetic_seed,
         num_sites=config.federation.synthetic_sites,
         num_train_cases=config.federation.synthetic_cases,
+        # Leave-one-site-out: every site is a source in turn, so every site
+        # (the default target too) keeps all its labels.
+        target_labelled=ALL_LABELLED,
         progress=log_progress,
     )
     document: dict[str, object] = {

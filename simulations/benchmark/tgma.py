@@ -34,7 +34,7 @@ from core.config import (
     load_default_config,
 )
 from core.data.dataset import list_site_dirs
-from core.data.synthetic import ensure_builtin_federation
+from core.data.synthetic import ALL_LABELLED, ensure_builtin_federation
 from core.logs import Countdown
 from core.training.evaluation import evaluate_predictors
 from core.training.job import build_initial_weights, train_source_model
@@ -289,6 +289,9 @@ def run_tgma_command(
         seed=config.federation.synthetic_seed,
         num_sites=config.federation.synthetic_sites,
         num_train_cases=config.federation.synthetic_cases,
+        # Leave-one-site-out: every site is a source in turn, so every site
+        # (the default target too) keeps all its labels.
+        target_labelled=ALL_LABELLED,
         progress=log_progress,
     )
     return run_tgma(config, federation_dir=federation)

@@ -527,8 +527,9 @@ def test_a_supernode_killed_mid_phase_is_left_out_and_reported(
     report = json.loads((runs / str(run_id) / "report.json").read_text())
     reason = report["missing"]["source-training"]["C"]
     assert reason.startswith(("error 5:", "no reply within")), reason
-    assert report["transferability"]["main"] == "B"
-    assert report["transferability"]["aux"] is None
+    assert report["transferability"]["label_free"]["main"] == "B"
+    assert report["transferability"]["label_free"]["aux"] is None
+    assert report["transferability"]["few_label"] is None
     roles = {site["name"]: site["role"] for site in report["sites"]}
     assert roles == {"A": "target", "B": "source", "C": "failed"}
     assert "- source-training: C:" in (runs / str(run_id) / "report.md").read_text()

@@ -123,11 +123,12 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert "## Task affinity and transfer path" in (run_dir / "report.md").read_text()
     transfer = report["transferability"]
     assert set(transfer["dtm"]) == {"B", "C"}
-    assert {transfer["main"], transfer["aux"]} == {"B", "C"}
-    assert transfer["weights"]["main"] + transfer["weights"]["aux"] == pytest.approx(
-        1.0
-    )
-    assert transfer["weights"]["main"] >= transfer["weights"]["aux"]
+    # No SeqTran candidate: every candidate is label-free, one TGMA choice
+    assert transfer["few_label"] is None
+    chosen = transfer["label_free"]
+    assert {chosen["main"], chosen["aux"]} == {"B", "C"}
+    assert chosen["weights"]["main"] + chosen["weights"]["aux"] == pytest.approx(1.0)
+    assert chosen["weights"]["main"] >= chosen["weights"]["aux"]
     assert transfer["release"] == "instance"  # A's own policy.toml
     assert len(transfer["itm"]) == 3  # one row per target training case, no names
     dice = report["evaluation"]["dice"]
@@ -135,6 +136,20 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         f"consensus:{method}" for method in protocol.CONSENSUS_METHODS
     } | {"semisup:target", "semisup:federated"}
     assert all(0.0 <= value <= 1.0 for value in dice.values())
+    # A's 3 labelled cases trained both UG-MCL students: few-label, the rest not
+    groups = report["evaluation"]["groups"]
+    assert {name for name, group in groups.items() if group == "few-label"} == {
+        "semisup:target",
+        "semisup:federated",
+    }
+    assert set(groups) == set(dice)
+    evaluation = (run_dir / "report.md").read_text().split("## Evaluation on ")[1]
+    label_free, few_label = evaluation.split(
+        "### few-label (used 3 labelled target cases)"
+    )
+    assert "### label-free" in label_free
+    assert "| semisup:" not in label_free
+    assert "| semisup:target |" in few_label
     consensus = report["consensus"]
     assert consensus["sources"] == ["B", "C"]
     assert set(consensus["label_dice"]) == set(protocol.CONSENSUS_METHODS)

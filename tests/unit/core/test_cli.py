@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from core.cli import find_report, main
+from core.config import load_default_config
 from core.data.dataset import index_site
 from tests.unit.bad_input import (
     BAD_SITES,
@@ -51,6 +52,15 @@ def test_builtin_generates_once_and_reuses(
     assert "generating the built-in synthetic federation" in first_output
     assert "generating" not in second_output
     assert "built-in federation:" in second_output
+    # The demo's federation: a few-label target (pyproject's default count)
+    defaults = load_default_config().federation
+    labelled = defaults.synthetic_target_labelled
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.endswith(f"-target{labelled}")
+    assert str(folder) in second_output
+    assert len(index_site(folder / "A").labelled) == labelled
+    assert len(index_site(folder / "A").training_images) == defaults.synthetic_cases
+    assert len(index_site(folder / "B").labelled) == defaults.synthetic_cases
 
 
 def test_progress_is_logged_and_log_level_quiets_it_not_the_result(

@@ -308,7 +308,8 @@ def test_last_phase_stops_early_and_still_reports(
     # Assert
     assert not grid.sent_of_type(protocol.ADAPT)
     assert not grid.sent_of_type(protocol.EVALUATE)
-    assert report["transferability"]["main"] in {"B", "C", "seqtran"}
+    assert report["transferability"]["label_free"]["main"] in {"B", "C"}
+    assert report["transferability"]["few_label"]["main"] in {"B", "C", "seqtran"}
     assert report["adaptation"] is None
     assert report["evaluation"] is None
     assert set(report["phase_seconds"]) == {
@@ -433,7 +434,12 @@ def test_a_source_that_fails_is_left_out_and_reported(
     assert report["affinity"]["path"]["nodes"] == ["B", "A"]
     assert "C" in report["affinity"]["missing"]
     transfer = report["transferability"]
-    assert {transfer["main"], transfer["aux"]} == {"B", "seqtran"}
+    assert (transfer["label_free"]["main"], transfer["label_free"]["aux"]) == (
+        "B",
+        None,
+    )
+    few = transfer["few_label"]
+    assert {few["main"], few["aux"]} == {"B", "seqtran"}
     assert report["missing"]["source-training"] == {
         "C": f"error {protocol.SITE_ERROR_CODE}: SiteDataError: <site>: "
         "site folder not found"
@@ -444,6 +450,8 @@ def test_a_source_that_fails_is_left_out_and_reported(
         "uniform",
         "tgma",
         "tgma-main",
+        "tgma-few-label",
+        "tgma-few-label-main",
         "consensus:itm",
         "consensus:majority",
         "consensus:staple",
@@ -451,7 +459,10 @@ def test_a_source_that_fails_is_left_out_and_reported(
         "semisup:target",
         "semisup:federated",
     }
-    assert report["consensus"]["sources"] == ["B", "seqtran"]
+    # B alone labels the consensus: the SeqTran candidate is few-label
+    assert report["consensus"]["sources"] == ["B"]
+    assert report["evaluation"]["groups"]["consensus:deepstaple"] == "label-free"
+    assert report["evaluation"]["groups"]["tgma-few-label"] == "few-label"
     # C fails every semisup round too; A and B carry the rounds.
     for entry in report["semisup"]["federated"]["rounds"][1:]:
         assert set(entry["train"]) == {"A", "B"}

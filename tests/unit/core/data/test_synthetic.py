@@ -13,6 +13,7 @@ from core.config import load_default_config
 from core.data.dataset import index_site, list_site_dirs, read_federation_target
 from core.data.io import read_volume
 from core.data.synthetic import (
+    ALL_LABELLED,
     EVALUATION_CASES_PER_SITE,
     GENERATOR_VERSION,
     SHAPE_ZYX,
@@ -232,6 +233,86 @@ def test_write_federation_needs_three_sites(tmp_path: Path, num_sites: int) -> N
     assert not (tmp_path / "fed").exists()
 
 
+@pytest.mark.parametrize(
+    ("target_labelled", "expected"),
+    [(0, 0), (2, 2), (3, 3), (4, 4), (9, 4), (ALL_LABELLED, 4)],
+    ids=["none", "two", "three", "all-exactly", "more-than-all", "all"],
+)
+def test_write_federation_keeps_exactly_n_labelled_target_cases(
+    tmp_path: Path, target_labelled: int | None, expected: int
+) -> None:
+    # Execute
+    write_federation(
+        tmp_path / "fed",
+        seed=SEED,
+        num_sites=3,
+        num_train_cases=4,
+        target_labelled=target_labelled,
+    )
+
+    # Assert: the target keeps its first `expected` cases labelled, the rest are
+    # images alone; its evaluation labels and every source's labels stay
+    target = index_site(tmp_path / "fed" / "A")
+    assert [case.case_id for case in target.labelled] == [
+        f"a_{index:03d}" for index in range(expected)
+    ]
+    assert [case.case_id for case in target.unlabelled] == [
+        f"a_{index:03d}" for index in range(expected, 4)
+    ]
+    assert len(list((tmp_path / "fed" / "A" / "labelsTr").glob("*.nii.gz"))) == (
+        expected
+    )
+    assert len(target.training_images) == 4
+    assert len(target.evaluation) == EVALUATION_CASES_PER_SITE
+    assert all(case.label_path is not None for case in target.evaluation)
+    for source in ("B", "C"):
+        index = index_site(tmp_path / "fed" / source)
+        assert len(index.labelled) == 4
+        assert index.unlabelled == ()
+    document = tomllib.loads((tmp_path / "fed" / "federation.toml").read_text())
+    assert document.get("target-labelled", 4) == expected
+
+
+def test_a_few_label_target_has_the_images_of_the_fully_labelled_one(
+    federation: Path, tmp_path: Path
+) -> None:
+    # Execute
+    write_federation(
+        tmp_path / "few",
+        seed=SEED,
+        num_sites=NUM_SITES,
+        num_train_cases=NUM_TRAIN,
+        target_labelled=1,
+    )
+
+    # Assert: only labelsTr/a_001 is gone; every other file holds the same voxels
+    full = {p.relative_to(federation) for p in federation.rglob("*.nii.gz")}
+    few = {p.relative_to(tmp_path / "few") for p in (tmp_path / "few").rglob("*.gz")}
+    assert full - few == {Path("A/labelsTr/a_001.nii.gz")}
+    assert few < full
+    for relative in few:
+        np.testing.assert_array_equal(
+            read_volume(federation / relative).array,
+            read_volume(tmp_path / "few" / relative).array,
+            err_msg=str(relative),
+        )
+
+
+def test_write_federation_refuses_a_negative_target_labelled(tmp_path: Path) -> None:
+    # Execute / Assert
+    with pytest.raises(
+        ValueError, match=r"^target_labelled must be >= 0 or None, got -1"
+    ):
+        write_federation(
+            tmp_path / "fed",
+            seed=0,
+            num_sites=3,
+            num_train_cases=2,
+            target_labelled=-1,
+        )
+    assert not (tmp_path / "fed").exists()
+
+
 # --- the built-in federation ---------------------------------------------------------
 
 
@@ -242,11 +323,21 @@ def test_ensure_builtin_federation_generates_once_and_reuses(tmp_path: Path) -> 
 
     # Execute
     first = ensure_builtin_federation(
-        tmp_path, seed=1, num_sites=3, num_train_cases=2, progress=first_lines.append
+        tmp_path,
+        seed=1,
+        num_sites=3,
+        num_train_cases=2,
+        target_labelled=ALL_LABELLED,
+        progress=first_lines.append,
     )
     stamp = (first / "federation.toml").stat().st_mtime_ns
     second = ensure_builtin_federation(
-        tmp_path, seed=1, num_sites=3, num_train_cases=2, progress=second_lines.append
+        tmp_path,
+        seed=1,
+        num_sites=3,
+        num_train_cases=2,
+        target_labelled=ALL_LABELLED,
+        progress=second_lines.append,
     )
 
     # Assert
@@ -257,6 +348,55 @@ def test_ensure_builtin_federation_generates_once_and_reuses(tmp_path: Path) -> 
     assert second_lines == []
     assert (second / "federation.toml").stat().st_mtime_ns == stamp
     assert [site.name for site in list_site_dirs(second)] == ["A", "B", "C"]
+
+
+def test_the_cache_folder_differs_for_each_count_of_labelled_target_cases(
+    tmp_path: Path,
+) -> None:
+    # Execute
+    def folder(target_labelled: int | None) -> Path:
+        return get_builtin_federation_dir(
+            tmp_path,
+            seed=0,
+            num_sites=6,
+            num_train_cases=12,
+            target_labelled=target_labelled,
+        )
+
+    # Assert: every different federation has its own folder; a fully labelled one
+    # keeps the name it had before few-label targets (the benchmarks' cache)
+    few = [folder(count) for count in range(12)]
+    assert len(set(few)) == 12
+    assert folder(ALL_LABELLED) not in few
+    assert folder(ALL_LABELLED) == folder(12) == folder(40)
+    assert (
+        folder(ALL_LABELLED).name
+        == f"synthetic-v{GENERATOR_VERSION}-seed0-sites6-cases12"
+    )
+    assert (
+        folder(2).name == f"synthetic-v{GENERATOR_VERSION}-seed0-sites6-cases12-target2"
+    )
+
+
+def test_the_builtin_federation_keeps_few_and_all_labels_apart(tmp_path: Path) -> None:
+    # Execute
+    def ensure(target_labelled: int | None) -> Path:
+        return ensure_builtin_federation(
+            tmp_path,
+            seed=1,
+            num_sites=3,
+            num_train_cases=3,
+            target_labelled=target_labelled,
+        )
+
+    few, full = ensure(1), ensure(ALL_LABELLED)
+
+    # Assert: two folders, each with its own target
+    assert few != full
+    assert len(index_site(few / "A").labelled) == 1
+    assert len(index_site(full / "A").labelled) == 3
+    assert ensure(1) == few  # cached
+    assert len(index_site(few / "A").labelled) == 1
 
 
 def test_resolve_federation_dir_prefers_federation_dir(tmp_path: Path) -> None:
@@ -277,6 +417,7 @@ def test_resolve_federation_dir_uses_the_cache_path(tmp_path: Path) -> None:
             "federation.synthetic-seed": 3,
             "federation.synthetic-sites": 4,
             "federation.synthetic-cases": 5,
+            "federation.synthetic-target-labelled": 2,
         }
     ).federation
 
@@ -285,9 +426,11 @@ def test_resolve_federation_dir_uses_the_cache_path(tmp_path: Path) -> None:
 
     # Assert
     assert folder == get_builtin_federation_dir(
-        tmp_path, seed=3, num_sites=4, num_train_cases=5
+        tmp_path, seed=3, num_sites=4, num_train_cases=5, target_labelled=2
     )
-    assert folder == tmp_path / f"synthetic-v{GENERATOR_VERSION}-seed3-sites4-cases5"
+    assert folder == (
+        tmp_path / f"synthetic-v{GENERATOR_VERSION}-seed3-sites4-cases5-target2"
+    )
     assert not folder.exists()  # resolving never generates
 
 
@@ -307,7 +450,8 @@ def test_resolve_federation_dir_defaults_to_the_home_cache(
     assert folder.parent == tmp_path / ".cache" / "sitebridge"
     assert folder.name == (
         f"synthetic-v{GENERATOR_VERSION}-seed{federation.synthetic_seed}-"
-        f"sites{federation.synthetic_sites}-cases{federation.synthetic_cases}"
+        f"sites{federation.synthetic_sites}-cases{federation.synthetic_cases}-"
+        f"target{federation.synthetic_target_labelled}"
     )
     assert not folder.exists()
 

@@ -13,6 +13,7 @@ from scipy import ndimage
 from core.data.dataset import index_site, list_site_dirs, read_federation_target
 from core.data.io import read_volume
 from core.data.synthetic import (
+    ALL_LABELLED,
     EVALUATION_CASES_PER_SITE,
     GENERATOR_VERSION,
     INTENSITY_SCALE,
@@ -526,7 +527,7 @@ def test_builtin_federation_keeps_its_version_and_writes_generate_case(
     # Assert
     assert GENERATOR_VERSION == 4
     assert get_builtin_federation_dir(
-        tmp_path, seed=0, num_sites=6, num_train_cases=12
+        tmp_path, seed=0, num_sites=6, num_train_cases=12, target_labelled=ALL_LABELLED
     ) == (tmp_path / "synthetic-v4-seed0-sites6-cases12")
     assert get_chain_federation_dir(tmp_path, seed=0, **COUNTS).name.startswith(
         "synthetic-chain-"

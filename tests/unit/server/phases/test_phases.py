@@ -42,11 +42,17 @@ from server.coordinator import (
 )
 from server.report import build_report, format_markdown, write_report
 from server.results import (
+    FEW_LABEL,
+    LABEL_FREE,
+    AdaptationResult,
     AffinityResult,
     ConsensusResult,
     EvaluationResult,
+    LabelUse,
+    PairSelection,
     PairWeights,
     RunResults,
+    SemisupResult,
     TransferabilityResult,
 )
 from server.store import RunStore, to_strict_json
@@ -70,8 +76,11 @@ class PipelineRun:
     affinity: AffinityResult
     models: dict[str, Arrays]  # the source models and the SeqTran candidate
     selection: TransferabilityResult
-    adapted: dict[str, Arrays]
+    adaptation: AdaptationResult
+    adapted: dict[str, Arrays]  # by evaluation name: adapted:main, ...
+    consensus_result: ConsensusResult
     consensus: dict[str, Arrays]
+    semisup_result: SemisupResult
     semisup: dict[str, Arrays]
     evaluation: EvaluationResult
     log: list[str]
@@ -116,8 +125,12 @@ def full_run(
     run_config: dict[str, ConfigValue],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> PipelineRun:
-    """Every phase, discover to evaluation."""
-    config = load_run_config(run_config)
+    """Every phase, discover to evaluation, with the paper's DTM selection.
+
+    The agreement selection (the default) has its own test below; under the paper's
+    rule every choice is predictable from the DTM alone.
+    """
+    config = load_run_config({**run_config, "transfer.selection": "dtm"})
     grid = build_grid(federation, run_config)
     log: list[str] = []
     coordinator = build_coordinator(
@@ -138,10 +151,26 @@ def full_run(
     )
     assert transferred is not None
     models = {**sources_models, phases.affinity.SEQTRAN_CANDIDATE: transferred}
-    selection = phases.transferability.run(coordinator, target_site, models)
-    _, adapted = phases.adaptation.run(coordinator, target_site, models, selection)
-    _, consensus = phases.consensus.run(coordinator, target_site, models, adapted)
-    _, semisup = phases.semisup.run(coordinator, sites, target_site, adapted)
+    candidate_use = {name: LabelUse() for name in sources_models}
+    candidate_use[phases.affinity.SEQTRAN_CANDIDATE] = affinity.label_use
+    selection = phases.transferability.run(
+        coordinator, target_site, models, candidate_use
+    )
+    adaptation, adapted = phases.adaptation.run(
+        coordinator, target_site, models, selection
+    )
+    start_use = adaptation.label_free.label_use
+    consensus_result, consensus = phases.consensus.run(
+        coordinator,
+        target_site,
+        models,
+        adapted,
+        candidates=selection.candidates,
+        start=start_use,
+    )
+    semisup_result, semisup = phases.semisup.run(
+        coordinator, sites, target_site, adapted, start_use=start_use
+    )
     evaluation = phases.evaluation.run(
         coordinator,
         target_site,
@@ -152,6 +181,9 @@ def full_run(
             **{f"consensus:{method}": w for method, w in consensus.items()},
             **{f"semisup:{scope}": w for scope, w in semisup.items()},
         },
+        label_use=phases.evaluation.model_label_use(
+            selection, adaptation, consensus_result, semisup_result
+        ),
     )
     return PipelineRun(
         grid=grid,
@@ -163,8 +195,11 @@ def full_run(
         affinity=affinity,
         models=models,
         selection=selection,
+        adaptation=adaptation,
         adapted=adapted,
+        consensus_result=consensus_result,
         consensus=consensus,
+        semisup_result=semisup_result,
         semisup=semisup,
         evaluation=evaluation,
         log=log,
@@ -635,6 +670,15 @@ def test_affinity_profiles_every_site_and_fine_tunes_along_the_path(
     assert any(not np.array_equal(transferred[k], start[k]) for k in start)
     assert result.model == phases.affinity.SEQTRAN_CANDIDATE
     assert result.stopped is None
+    # A's 2 labelled cases chose the path (label term) and trained the last step.
+    assert result.label_use == LabelUse(
+        via=(
+            "SeqTran path chosen with A's label term (2 labelled cases)",
+            "SeqTran candidate fine-tuned at A on 2 labelled cases",
+        ),
+        cases=2,
+    )
+    assert result.label_use.group == FEW_LABEL
     graph = result.matrices["graph"]
     assert graph["landmarks"] == "case-fraction"
     assert graph["communities"] == []
@@ -831,17 +875,34 @@ def test_transferability_chooses_main_and_aux_by_dtm(full_run: PipelineRun) -> N
     assert selection.sources == ("B", "C", phases.affinity.SEQTRAN_CANDIDATE)
     assert set(selection.dtm) == {"B", "C", phases.affinity.SEQTRAN_CANDIDATE}
     assert all(0.0 <= value <= 1.0 for value in selection.dtm.values())
-    assert (selection.main, selection.aux) == (ranked[0], ranked[1])
-    weights = selection.weights
-    assert weights.main + weights.aux == pytest.approx(1.0)
-    assert weights.main >= weights.aux >= 0.0
+    # TGMA proper chooses among the label-free candidates only; the few-label
+    # choice among all of them, the SeqTran candidate (fine-tuned at A) included.
+    assert selection.candidates == {
+        "B": LabelUse(),
+        "C": LabelUse(),
+        phases.affinity.SEQTRAN_CANDIDATE: full_run.affinity.label_use,
+    }
+    label_free = [name for name in ranked if name in ("B", "C")]
+    assert selection.label_free.candidates == ("B", "C")
+    assert (selection.label_free.main, selection.label_free.aux) == tuple(label_free)
+    assert selection.label_free.label_use == LabelUse()
+    few = selection.few_label
+    assert few is not None
+    assert few.candidates == ("B", "C", phases.affinity.SEQTRAN_CANDIDATE)
+    assert (few.main, few.aux) == (ranked[0], ranked[1])
+    assert few.label_use == full_run.affinity.label_use
+    for pair in (selection.label_free, few):
+        weights = pair.weights
+        assert weights.main + weights.aux == pytest.approx(1.0)
+        assert weights.main >= weights.aux >= 0.0
     # The default site policy releases only the per-source means (domain level).
     assert selection.release == "domain"
     assert selection.itm is None
     assert index.num_cases > 0
     assert saved is not None
     assert saved["dtm"] == pytest.approx(selection.dtm)
-    assert (saved["main"], saved["aux"]) == (selection.main, selection.aux)
+    assert saved["label_free"]["main"] == selection.label_free.main
+    assert saved["few_label"]["candidates"] == list(few.candidates)
     # What the runner reloads on resume is what the phase returned.
     assert full_run.store.load_result(TransferabilityResult) == selection
 
@@ -862,20 +923,22 @@ def test_transferability_keeps_the_agreement_and_lets_every_candidate_vote(
 ) -> None:
     # Prepare
     selection = full_run.selection
-    (message,) = full_run.grid.sent_of_type(protocol.ADAPT)
+    sent = full_run.grid.sent_of_type(protocol.ADAPT)
 
-    # Assert: the paper's rule (the default); the target sent its agreement matrix
+    # Assert: the paper's rule (full_run's); the target sent its agreement matrix
     assert selection.selection == "dtm"
-    assert selection.voters == selection.sources
     assert selection.agreement is not None
     matrix = np.array(selection.agreement)
     assert matrix.shape == (3, 3)
     np.testing.assert_allclose(matrix, matrix.T)
     assert ((matrix >= 0.0) & (matrix <= 1.0)).all()
-    # every candidate went to adaptation, to vote in the pseudo-labels
-    assert {key for key in message.content if key.startswith("model.")} == {
-        f"model.{name}" for name in selection.sources
-    }
+    # every candidate of each choice went to its adaptation, to vote
+    assert len(sent) == len(selection.selections)
+    for pair, message in zip(selection.selections, sent, strict=True):
+        assert pair.voting == pair.candidates
+        assert {key for key in message.content if key.startswith("model.")} == {
+            f"model.{name}" for name in pair.candidates
+        }
 
 
 def test_agreement_selection_sends_only_the_voters_to_adaptation(
@@ -884,7 +947,7 @@ def test_agreement_selection_sends_only_the_voters_to_adaptation(
     tmp_path: Path,
     full_run: PipelineRun,
 ) -> None:
-    # Prepare: no two distinct candidates agree perfectly, so the main stands alone
+    # Prepare: no two distinct candidates agree perfectly, so each main stands alone
     config = build_config(
         run_config,
         **{"transfer.selection": "agreement", "transfer.agreement-threshold": 1.0},
@@ -895,18 +958,22 @@ def test_agreement_selection_sends_only_the_voters_to_adaptation(
     target = site_info(11, "A")
 
     # Execute
-    selection = phases.transferability.run(coordinator, target, full_run.models)
+    selection = phases.transferability.run(
+        coordinator, target, full_run.models, full_run.selection.candidates
+    )
     _, adapted = phases.adaptation.run(coordinator, target, full_run.models, selection)
 
     # Assert
     assert selection.selection == "agreement"
-    assert (selection.aux, selection.voters) == (None, (selection.main,))
-    assert (selection.weights.main, selection.weights.aux) == (1.0, 0.0)
-    (message,) = grid.sent_of_type(protocol.ADAPT)
-    assert {key for key in message.content if key.startswith("model.")} == {
-        f"model.{selection.main}"
-    }
-    assert set(adapted) == {"main"}
+    for pair in selection.selections:
+        assert (pair.aux, pair.voters) == (None, (pair.main,))
+        assert (pair.weights.main, pair.weights.aux) == (1.0, 0.0)
+    sent = grid.sent_of_type(protocol.ADAPT)
+    assert [
+        {key for key in message.content if key.startswith("model.")} for message in sent
+    ] == [{f"model.{pair.main}"} for pair in selection.selections]
+    assert "adapted:main" in adapted
+    assert "adapted:aux" not in adapted
     assert coordinator.store.load_result(TransferabilityResult) == selection
     assert any("agreement selection" in line for line in log)
 
@@ -927,13 +994,18 @@ def test_target_phase_fails_naming_the_target(
     models, selection = full_run.models, full_run.selection
     calls = {
         "transferability": lambda: phases.transferability.run(
-            coordinator, target, models
+            coordinator, target, models, full_run.selection.candidates
         ),
         "adaptation": lambda: phases.adaptation.run(
             coordinator, target, models, selection
         ),
         "evaluation": lambda: phases.evaluation.run(
-            coordinator, target, models, full_run.adapted, selection
+            coordinator,
+            target,
+            models,
+            full_run.adapted,
+            selection,
+            label_use=phases.evaluation.model_label_use(selection),
         ),
     }
 
@@ -956,7 +1028,12 @@ def test_target_that_never_replies_times_out(
 
     # Execute / Assert
     with pytest.raises(PhaseError, match=r"target A failed: no reply within 3600 s"):
-        phases.transferability.run(coordinator, site_info(11, "A"), full_run.models)
+        phases.transferability.run(
+            coordinator,
+            site_info(11, "A"),
+            full_run.models,
+            full_run.selection.candidates,
+        )
 
 
 # ------------------------------------------------------------------ adaptation, eval
@@ -964,25 +1041,53 @@ def test_target_that_never_replies_times_out(
 
 def test_adaptation_returns_and_persists_adapted_models(full_run: PipelineRun) -> None:
     # Prepare
-    expected_names = {"main", "aux"} if full_run.selection.aux else {"main"}
+    selection = full_run.selection
     saved = full_run.store.load_phase("adaptation")
-    (message,) = full_run.grid.sent_of_type(protocol.ADAPT)
+    messages = full_run.grid.sent_of_type(protocol.ADAPT)
 
     # Execute
-    request = protocol.AdaptRequest.from_fields(
-        message.content.config_records[protocol.REQUEST_KEY]
-    )
+    requests = [
+        protocol.AdaptRequest.from_fields(
+            message.content.config_records[protocol.REQUEST_KEY]
+        )
+        for message in messages
+    ]
+    sent = [
+        {protocol.model_name(key) for key in message.content.array_records}
+        for message in messages
+    ]
 
-    # Assert
-    assert request.main == full_run.selection.main
-    assert request.aux == (full_run.selection.aux or "")
-    assert request.weight_main + request.weight_aux == pytest.approx(1.0)
-    assert set(full_run.adapted) == expected_names
+    # Assert: label-free TGMA gets the label-free candidates alone (its pseudo-labels
+    # mix no model that saw A's labels); the few-label one gets every candidate
+    assert sent == [{"B", "C"}, {"B", "C", phases.affinity.SEQTRAN_CANDIDATE}]
+    assert selection.few_label is not None
+    for request, pair in zip(
+        requests, (selection.label_free, selection.few_label), strict=True
+    ):
+        assert request.main == pair.main
+        assert request.aux == (pair.aux or "")
+        assert request.weight_main + request.weight_aux == pytest.approx(1.0)
+    assert set(full_run.adapted) == {
+        "adapted:main",
+        "adapted:aux",
+        "adapted-few-label:main",
+        "adapted-few-label:aux",
+    }
     for name, weights in full_run.adapted.items():
         assert manifest_of(weights) == manifest_of(full_run.models["B"])
-        assert (full_run.store.run_dir / "models" / f"adapted-{name}.npz").is_file()
+        stored = name.replace(":", "-")
+        assert (full_run.store.run_dir / "models" / f"{stored}.npz").is_file()
+    adaptation = full_run.adaptation
+    assert adaptation.label_free.label_use == LabelUse()
+    assert adaptation.few_label is not None
+    assert adaptation.few_label.label_use == full_run.affinity.label_use
+    assert full_run.store.load_result(AdaptationResult) == adaptation
+    assert phases.adaptation.reload(full_run.store, adaptation).keys() == (
+        full_run.adapted.keys()
+    )
     assert saved is not None
-    assert protocol.AdaptReply.from_fields(saved).num_examples == 2 * 3 * 1
+    for pair in ("label_free", "few_label"):
+        assert protocol.AdaptReply.from_fields(saved[pair]).num_examples == 2 * 3 * 1
 
 
 CONSENSUS_MODELS = {f"consensus:{method}" for method in protocol.CONSENSUS_METHODS}
@@ -1001,21 +1106,19 @@ def test_consensus_sends_sources_and_adapted_main_and_persists(
     )
     sent_models = {protocol.model_name(key) for key in message.content.array_records}
 
-    # Assert: the labels stay at the target; figures and trained models come back
-    assert request.label_sources == ("B", "C", phases.affinity.SEQTRAN_CANDIDATE)
+    # Assert: the labels stay at the target; figures and trained models come back.
+    # The label sources are the label-free candidates: the SeqTran one is left out.
+    assert request.label_sources == ("B", "C")
     assert request.start == ADAPTED_START
-    assert sent_models == {
-        "B",
-        "C",
-        phases.affinity.SEQTRAN_CANDIDATE,
-        ADAPTED_START,
-    }
+    assert sent_models == {"B", "C", ADAPTED_START}
+    assert full_run.consensus_result.label_use == LabelUse()
     assert set(full_run.consensus) == set(protocol.CONSENSUS_METHODS)
     for method, weights in full_run.consensus.items():
         assert manifest_of(weights) == manifest_of(full_run.models["B"])
         assert (full_run.store.run_dir / "models" / f"consensus-{method}.npz").is_file()
     assert saved is not None
-    assert saved["sources"] == ["B", "C", phases.affinity.SEQTRAN_CANDIDATE]
+    assert saved["sources"] == ["B", "C"]
+    assert saved["label_use"] == {"via": [], "cases": 0, "atlases": 0}
     assert saved["models"] == sorted(protocol.CONSENSUS_METHODS)
     assert set(saved["label_dice"]) == set(protocol.CONSENSUS_METHODS)
     assert all(0.0 <= value <= 1.0 for value in saved["label_dice"].values())
@@ -1048,12 +1151,18 @@ def test_consensus_refused_by_a_dp_target_is_skipped_and_the_run_goes_on(
 
     # Execute
     result, trained = phases.consensus.run(
-        coordinator, target, {"B": full_run.models["B"]}, full_run.adapted
+        coordinator,
+        target,
+        {"B": full_run.models["B"]},
+        full_run.adapted,
+        candidates={"B": LabelUse()},
+        start=LabelUse(),
     )
 
     # Assert: nothing was trained, the phase says why, and the report shows it
     assert trained == {}
     assert result.models == ()
+    assert result.label_use == LabelUse()
     assert result.skipped is not None
     assert "no-dp-form" in result.skipped
     assert coordinator.store.load_result(ConsensusResult) == result
@@ -1074,6 +1183,64 @@ def test_consensus_refused_by_a_dp_target_is_skipped_and_the_run_goes_on(
         "Skipped: the target refused it (error 101: blocked by egress policy: "
         "no-dp-form" in format_markdown(report)
     )
+
+
+def add_atlas(site: Path, source: Path) -> None:
+    """Give ``site`` one atlas: ``source``'s first labelled case."""
+    case = index_site(source).labelled[0]
+    assert case.label_path is not None
+    (site / "atlases" / "imagesTr").mkdir(parents=True)
+    (site / "atlases" / "labelsTr").mkdir()
+    shutil.copy(case.image_path, site / "atlases" / "imagesTr" / "atlas_0000.nii.gz")
+    shutil.copy(case.label_path, site / "atlases" / "labelsTr" / "atlas.nii.gz")
+
+
+@pytest.mark.parametrize("setting", ["all-label-sources", "target-atlas"])
+def test_consensus_is_few_label_with_a_few_label_source_or_an_atlas(
+    full_run: PipelineRun,
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+    setting: str,
+) -> None:
+    # Prepare: the SeqTran candidate labels too, or A holds an atlas (B's case)
+    sites_dir = Path(shutil.copytree(federation, tmp_path / "federation"))
+    overrides: dict[str, ConfigValue] = {}
+    if setting == "all-label-sources":
+        overrides["consensus.label-sources"] = "all"
+    else:
+        add_atlas(sites_dir / "A", sites_dir / "B")
+    grid = build_grid(sites_dir, run_config)
+    config = build_config(run_config, **overrides)
+    coordinator = build_coordinator(grid, config, tmp_path / "run")
+
+    # Execute
+    result, trained = phases.consensus.run(
+        coordinator,
+        site_info(11, "A"),
+        full_run.models,
+        full_run.adapted,
+        candidates=full_run.selection.candidates,
+        start=full_run.adaptation.label_free.label_use,
+    )
+
+    # Assert: the consensus models are few-label, and say through what
+    (message,) = grid.sent_of_type(protocol.CONSENSUS)
+    request = protocol.ConsensusRequest.from_fields(
+        message.content.config_records[protocol.REQUEST_KEY]
+    )
+    assert set(trained) == set(protocol.CONSENSUS_METHODS)
+    assert result.label_use.group == FEW_LABEL
+    if setting == "all-label-sources":
+        assert request.label_sources == ("B", "C", phases.affinity.SEQTRAN_CANDIDATE)
+        assert result.label_use == full_run.affinity.label_use
+    else:
+        assert request.label_sources == ("B", "C")
+        assert result.sources == ("B", "C", "atlas-1")
+        assert result.label_use == LabelUse(
+            via=("consensus with labels registered from 1 of A's atlases",),
+            atlases=1,
+        )
 
 
 SEMISUP_MODELS = {"semisup:target", "semisup:federated"}
@@ -1131,6 +1298,14 @@ def test_semisup_refines_at_the_target_and_runs_federated_rounds(
     assert "semisup.teacher.target" in (
         full_run.grid.contexts[target_node].state.array_records
     )
+    # Both students trained on A's 2 labelled cases: few-label.
+    assert full_run.semisup_result.label_use == {
+        "federated": LabelUse(
+            via=("federated UG-MCL rounds trained at A on 2 labelled cases",),
+            cases=2,
+        ),
+        "target": LabelUse(via=("UG-MCL refined at A on 2 labelled cases",), cases=2),
+    }
 
 
 def test_semisup_rounds_average_the_students_by_samples(
@@ -1171,11 +1346,14 @@ def test_semisup_refused_everywhere_leaves_the_run_going(
     target_site = next(site for site in sites.values() if site.name == target)
 
     # Execute
-    _, models = phases.semisup.run(coordinator, sites, target_site, {})
+    result, models = phases.semisup.run(
+        coordinator, sites, target_site, {}, start_use=LabelUse()
+    )
 
     # Assert: recorded, and nothing raised
     saved = coordinator.store.load_phase("semisup")
     assert models == {}
+    assert result.label_use == {}
     assert saved is not None
     assert saved["start"] == "initial"
     assert "'train.semisup' is not in actions.answer" in saved["target"]["missing"]
@@ -1212,9 +1390,11 @@ def test_semisup_sites_must_hold_labels(
 
 def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -> None:
     # Prepare
-    expected = {"source:B", "source:C", "source:seqtran", "uniform", "tgma"}
-    expected |= {"tgma-main"}
-    expected |= CONSENSUS_MODELS | SEMISUP_MODELS
+    label_free = {"source:B", "source:C", "uniform", "tgma", "tgma-main"}
+    label_free |= CONSENSUS_MODELS
+    few_label = {"source:seqtran", "tgma-few-label", "tgma-few-label-main"}
+    few_label |= SEMISUP_MODELS
+    expected = label_free | few_label
     saved = full_run.store.load_phase("evaluation")
 
     # Execute
@@ -1233,15 +1413,33 @@ def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -
         "source:seqtran",
         "adapted:main",
         "adapted:aux",
+        "adapted-few-label:main",
+        "adapted-few-label:aux",
         *CONSENSUS_MODELS,
         *SEMISUP_MODELS,
     }
+    request = protocol.EvaluateRequest.from_fields(
+        message.content.config_records[protocol.REQUEST_KEY]
+    )
+    assert request.predictors["uniform"] == [("source:B", 0.5), ("source:C", 0.5)]
     assert full_run.evaluation.site == "A"
     assert full_run.evaluation.num_cases == 6
     assert set(full_run.evaluation.dice) == expected
     assert all(0.0 <= v <= 1.0 for v in full_run.evaluation.dice.values())
     assert saved is not None
     assert set(saved["dice"]) == expected
+    # Each predictor's provenance, from what its models went through
+    uses = full_run.evaluation.label_use
+    assert {name for name, use in uses.items() if use.group == LABEL_FREE} == (
+        label_free
+    )
+    assert {name for name, use in uses.items() if use.group == FEW_LABEL} == (few_label)
+    seqtran_use = full_run.affinity.label_use
+    for name in ("source:seqtran", "tgma-few-label", "tgma-few-label-main"):
+        assert uses[name] == seqtran_use
+    assert uses["semisup:target"].via == ("UG-MCL refined at A on 2 labelled cases",)
+    assert all(use.cases == 2 for use in uses.values() if not use.label_free)
+    assert full_run.store.load_result(EvaluationResult) == full_run.evaluation
 
 
 def test_phases_log_one_line_each(full_run: PipelineRun) -> None:
@@ -1254,7 +1452,8 @@ def test_phases_log_one_line_each(full_run: PipelineRun) -> None:
         "source training at",
         "DTM ",
         "affinity: path ",
-        "adaptation:",
+        "adaptation (label-free, candidates B, C):",
+        "adaptation (few-label, candidates B, C, seqtran):",
         "consensus:",
         "semisup at target A:",
         "semisup round 2/2:",
@@ -1263,25 +1462,50 @@ def test_phases_log_one_line_each(full_run: PipelineRun) -> None:
         assert fragment in text
 
 
-def selection_of(main: str, aux: str | None, weight: float) -> TransferabilityResult:
-    """A transferability result choosing ``main`` (weight) and ``aux`` (the rest)."""
+FINE_TUNED = LabelUse(via=("fine-tuned at A on 2 labelled cases",), cases=2)
+
+
+def selection_of(
+    main: str, aux: str | None, weight: float, *, few_label: str | None = None
+) -> TransferabilityResult:
+    """A transferability result choosing ``main`` (weight) and ``aux`` (the rest).
+
+    ``few_label`` names a candidate that used the target's labels: the few-label
+    choice is then ``few_label`` as main and ``main`` as aux, at the same weights.
+    """
+    names = (main,) if aux is None else (main, aux)
+    weights = PairWeights(main=weight, aux=round(1.0 - weight, 10))
+    candidates = {name: LabelUse() for name in names}
+    few: PairSelection | None = None
+    if few_label is not None:
+        candidates[few_label] = FINE_TUNED
+        few = PairSelection(
+            candidates=(*names, few_label),
+            main=few_label,
+            aux=main,
+            weights=weights,
+            label_use=FINE_TUNED,
+        )
     return TransferabilityResult(
         metric="lftm",
         release="domain",
-        sources=(main,) if aux is None else (main, aux),
+        sources=tuple(candidates),
         itm=None,
         dtm={},
-        main=main,
-        aux=aux,
-        weights=PairWeights(main=weight, aux=round(1.0 - weight, 10)),
+        candidates=candidates,
+        label_free=PairSelection(
+            candidates=names, main=main, aux=aux, weights=weights, label_use=LabelUse()
+        ),
+        few_label=few,
     )
 
 
+LABEL_FREE_ADAPTED = ("adapted:main", "adapted:aux")
+BOTH_ADAPTED = (*LABEL_FREE_ADAPTED, "adapted-few-label:main", "adapted-few-label:aux")
 BUILD_PREDICTOR_CASES = [
     (
-        ["B", "C"],
         selection_of("B", "C", 0.6),
-        True,
+        LABEL_FREE_ADAPTED,
         {
             "source:B": [("source:B", 1.0)],
             "source:C": [("source:C", 1.0)],
@@ -1291,9 +1515,8 @@ BUILD_PREDICTOR_CASES = [
         },
     ),
     (
-        ["B"],
         selection_of("B", None, 1.0),
-        True,
+        ("adapted:main",),
         {
             "source:B": [("source:B", 1.0)],
             "uniform": [("source:B", 1.0)],
@@ -1302,38 +1525,79 @@ BUILD_PREDICTOR_CASES = [
         },
     ),
     (
-        ["B", "C", "D", "E"],
-        selection_of("C", "B", 0.7),
-        False,
+        selection_of("C", "B", 0.7, few_label="seqtran"),
+        BOTH_ADAPTED,
         {
             "source:B": [("source:B", 1.0)],
             "source:C": [("source:C", 1.0)],
-            "source:D": [("source:D", 1.0)],
-            "source:E": [("source:E", 1.0)],
-            "uniform": [(f"source:{n}", 0.25) for n in "BCDE"],
+            "source:seqtran": [("source:seqtran", 1.0)],
+            # the uniform average of the label-free candidates only
+            "uniform": [("source:B", 0.5), ("source:C", 0.5)],
+            "tgma": [("adapted:main", 0.7), ("adapted:aux", 0.3)],
+            "tgma-main": [("adapted:main", 1.0)],
+            "tgma-few-label": [
+                ("adapted-few-label:main", 0.7),
+                ("adapted-few-label:aux", 0.3),
+            ],
+            "tgma-few-label-main": [("adapted-few-label:main", 1.0)],
+        },
+    ),
+    (
+        selection_of("C", "B", 0.7, few_label="seqtran"),
+        (),
+        {
+            "source:B": [("source:B", 1.0)],
+            "source:C": [("source:C", 1.0)],
+            "source:seqtran": [("source:seqtran", 1.0)],
+            "uniform": [("source:B", 0.5), ("source:C", 0.5)],
         },
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("sources", "selection", "adapted", "expected"),
+    ("selection", "adapted", "expected"),
     BUILD_PREDICTOR_CASES,
-    ids=["pair", "main-only", "not-adapted"],
+    ids=["pair", "main-only", "with-few-label", "not-adapted"],
 )
 def test_build_predictors(
-    sources: list[str],
     selection: TransferabilityResult,
-    adapted: bool,
+    adapted: tuple[str, ...],
     expected: dict[str, list[tuple[str, float]]],
 ) -> None:
     # Prepare / Execute
-    predictors = phases.evaluation.build_predictors(sources, selection, adapted=adapted)
+    predictors = phases.evaluation.build_predictors(selection, adapted=adapted)
 
     # Assert
     assert predictors == expected
     request = protocol.EvaluateRequest(predictors=predictors)
     assert protocol.EvaluateRequest.from_fields(request.to_fields()) == request
+
+
+def test_transferability_refuses_when_no_candidate_is_label_free(
+    full_run: PipelineRun,
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    tmp_path: Path,
+) -> None:
+    # Prepare: say that every candidate saw A's labels
+    grid = build_grid(federation, run_config)
+    coordinator = build_coordinator(grid, full_run.config, tmp_path / "1")
+    target = site_info(11, "A")
+
+    # Execute / Assert
+    with pytest.raises(
+        PhaseError,
+        match=r"^transferability: every candidate \(B, C\) used the target's labels, "
+        r"so there is no label-free TGMA$",
+    ):
+        phases.transferability.run(
+            coordinator,
+            target,
+            {"B": full_run.models["B"], "C": full_run.models["C"]},
+            {"B": FINE_TUNED, "C": FINE_TUNED},
+        )
+    assert coordinator.store.load_phase("transferability") is None
 
 
 # -------------------------------------------------------------------------- report
@@ -1349,8 +1613,11 @@ def written_report(full_run: PipelineRun) -> tuple[dict[str, Any], str]:
         results=RunResults(
             discover=results.discover,
             source_training=results.source_training,
+            affinity=results.affinity,
             transferability=full_run.selection,
             adaptation=results.adaptation,
+            consensus=results.consensus,
+            semisup=results.semisup,
             evaluation=full_run.evaluation,
         ),
         phase_seconds={"discover": 0.1, "source-training": 1.0},
@@ -1377,12 +1644,22 @@ def test_report_json_holds_sites_transferability_and_dice(
     for site in document["sites"]:
         assert site["cases"] == {"labelled": 2, "unlabelled": 0, "evaluation": 6}
     transfer = document["transferability"]
-    assert {"dtm", "main", "aux", "weights"} <= set(transfer)
+    assert {"dtm", "candidates", "label_free", "few_label"} <= set(transfer)
     assert set(transfer["dtm"]) == {"B", "C", phases.affinity.SEQTRAN_CANDIDATE}
-    assert transfer["main"] == full_run.selection.main
-    assert transfer["weights"]["main"] + transfer["weights"]["aux"] == pytest.approx(1)
+    chosen = transfer["label_free"]
+    assert chosen["main"] == full_run.selection.label_free.main
+    assert chosen["weights"]["main"] + chosen["weights"]["aux"] == pytest.approx(1)
+    assert transfer["few_label"]["label_use"]["cases"] == 2
     dice = document["evaluation"]["dice"]
     assert {"source:B", "source:C", "uniform", "tgma"} <= set(dice)
+    # One field per predictor gives its group
+    groups = document["evaluation"]["groups"]
+    assert set(groups) == set(dice)
+    assert groups == {
+        name: use.group for name, use in full_run.evaluation.label_use.items()
+    }
+    assert groups["tgma"] == "label-free"
+    assert groups["tgma-few-label"] == "few-label"
     assert document["target"] == "A"
     assert document["missing"] == {"discover": {}, "source-training": {}}
     assert document == json.loads(json.dumps(written_report[0]))
@@ -1401,12 +1678,78 @@ def test_report_writes_markdown_and_plots(
     assert formatted == markdown
     assert (full_run.store.run_dir / "report.md").read_text() == markdown
     assert "Target site **A**" in markdown
-    assert f"main **{full_run.selection.main}**" in markdown
-    for name in ("source:B", "source:C", "uniform", "tgma"):
+    assert f"main **{full_run.selection.label_free.main}**" in markdown
+    assert "among the label-free candidates (B, C)" in markdown
+    assert "Few-label TGMA, with seqtran (which used the target's labels)" in markdown
+    for name in ("source:B", "source:C", "uniform", "tgma", "tgma-few-label"):
         assert f"| {name} |" in markdown
     for plot in ("dtm.png", "dice.png"):
         path = full_run.store.run_dir / plot
         assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def markdown_groups(markdown: str) -> dict[str, list[str]]:
+    """The evaluation tables of a report.md: heading -> predictors, in order."""
+    evaluation = markdown.split("## Evaluation on ", 1)[1].split("\n## ", 1)[0]
+    groups: dict[str, list[str]] = {}
+    heading = ""
+    for line in evaluation.splitlines():
+        if line.startswith("### "):
+            heading = line.removeprefix("### ")
+            groups[heading] = []
+        elif heading and line.startswith("| ") and not line.startswith("| predictor"):
+            groups[heading].append(line.split(" | ", 1)[0].removeprefix("| "))
+    return groups
+
+
+def test_report_never_puts_a_few_label_predictor_under_label_free(
+    full_run: PipelineRun, written_report: tuple[dict[str, Any], str]
+) -> None:
+    # Prepare
+    _, markdown = written_report
+    uses = full_run.evaluation.label_use
+
+    # Execute
+    groups = markdown_groups(markdown)
+
+    # Assert: two tables, each holding exactly its group, every predictor once
+    assert list(groups) == [
+        "label-free",
+        "few-label (used 2 labelled target cases)",
+    ]
+    assert groups["label-free"] == [name for name in uses if uses[name].label_free]
+    few = groups["few-label (used 2 labelled target cases)"]
+    assert few == [name for name in uses if not uses[name].label_free]
+    assert sorted(groups["label-free"] + few) == sorted(full_run.evaluation.dice)
+    assert "source:seqtran" in few
+    assert "semisup:target" in few
+    assert "| source:seqtran | " in markdown.split("### few-label", 1)[1]
+    assert "SeqTran candidate fine-tuned at A on 2 labelled cases |" in markdown
+    # The sections of the few-label models say so too
+    assert "(few-label: SeqTran path chosen with A's label term" in markdown
+    assert "the consensus models are label-free" in markdown
+
+
+def test_report_of_a_label_free_run_has_one_group(full_run: PipelineRun) -> None:
+    # Prepare: the evaluation as if every predictor were label-free
+    evaluation = dataclasses.replace(
+        full_run.evaluation,
+        label_use={name: LabelUse() for name in full_run.evaluation.dice},
+    )
+
+    # Execute
+    markdown = format_markdown(
+        build_report(
+            run_id=4,
+            config={},
+            results=RunResults(evaluation=evaluation),
+            phase_seconds={},
+        )
+    )
+
+    # Assert
+    assert list(markdown_groups(markdown)) == ["label-free"]
+    assert "### few-label" not in markdown
 
 
 def test_report_lists_missing_sites(full_run: PipelineRun) -> None:
@@ -1486,7 +1829,8 @@ def test_coordinator_ledger_records_each_request_and_reply(
         (protocol.PROFILE, 3),
         *[(protocol.FINETUNE, 1)] * len(finetuned),
         (protocol.LFTM, 1),
-        (protocol.ADAPT, 1),
+        (protocol.ADAPT, 1),  # label-free TGMA
+        (protocol.ADAPT, 1),  # then with the SeqTran candidate (few-label)
         (protocol.CONSENSUS, 1),
         (protocol.SEMISUP, 1),  # at the target
         (protocol.EVALUATE, 3),  # round 0 of the federated rounds
@@ -1507,7 +1851,7 @@ def test_coordinator_ledger_records_each_request_and_reply(
     assert result.ok, result.problem
     assert [(e.direction, e.message_type) for e in entries] == expected_sequence
     requests = [e for e in entries if e.direction == EGRESS]
-    assert len(requests) == len(sent) == 28 + len(finetuned)
+    assert len(requests) == len(sent) == 29 + len(finetuned)
     assert all(e.sender == COORDINATOR for e in requests)
     assert [e.egress.digest for e in requests if e.egress] == [
         measure_content(m.content, message_type=m.metadata.message_type).egress.digest
@@ -1521,6 +1865,7 @@ def test_coordinator_ledger_records_each_request_and_reply(
         + [(protocol.TRAIN_SOURCE, name) for name in "BC"]
         + [(protocol.PROFILE, name) for name in "ABC"]
         + [(protocol.FINETUNE, name) for name in finetuned]
+        + [(protocol.ADAPT, "A")]
         + [
             (t, "A")
             for t in (

@@ -48,6 +48,11 @@ def affinity_result(**changes: Any) -> dict[str, Any]:
             {"site": "A", "num-examples": 12, "loss": 0.38, "seconds": 1.1},
         ],
         "model": "seqtran",
+        "label_use": {
+            "via": ["SeqTran candidate fine-tuned at A on 2 labelled cases"],
+            "cases": 2,
+            "atlases": 0,
+        },
         "stopped": None,
     }
     result.update(changes)
@@ -69,7 +74,10 @@ def test_section_lists_profiles_matrix_path_and_dice() -> None:
     assert "| C | 0.500 | 0.000 | 0.250 |" in text
     assert "Chosen path: **B -> C -> A** (search cost 1.750, path length 0.750)" in text
     assert "- fine-tuned at C: 36 examples, loss 0.4100, 3.2 s" in text
-    assert "as `seqtran`; Dice on the target: 0.875." in text
+    assert (
+        "as `seqtran`; Dice on the target: 0.875 (few-label: SeqTran candidate "
+        "fine-tuned at A on 2 labelled cases)." in text
+    )
 
 
 def test_section_says_why_there_is_no_model_and_when_only_images_count() -> None:

@@ -25,12 +25,24 @@ CONSENSUS: dict[str, Any] = {
     "spearman_staple": None,  # nan is stored as null
     "sources": ["B", "C", "atlas-1"],
     "models": ["deepstaple", "itm", "majority", "staple"],
+    # An atlas's registered labels are target labels.
+    "label_use": {
+        "via": ["consensus with labels registered from 1 of A's atlases"],
+        "cases": 0,
+        "atlases": 1,
+    },
 }
+LABEL_FREE: dict[str, Any] = {"via": [], "cases": 0, "atlases": 0}
 EVALUATION: dict[str, Any] = {
     "site": "A",
     "num_cases": 6,
     "dice": {"tgma": 0.9, "consensus:deepstaple": 0.88, "consensus:staple": 0.86},
     "hd95_mm": {},
+    "label_use": {
+        "tgma": LABEL_FREE,
+        "consensus:deepstaple": CONSENSUS["label_use"],
+        "consensus:staple": CONSENSUS["label_use"],
+    },
 }
 
 
@@ -65,6 +77,16 @@ def test_consensus_section_compares_methods_and_sources() -> None:
     assert markdown.index("| B |") < markdown.index("| C |")
     assert markdown.index("| C |") < markdown.index("| atlas-1 | n/a |")
     assert "3 sources, 1 of them atlases" in markdown
+    # The atlases make the consensus few-label, and the report says so
+    assert (
+        "the consensus models are few-label: consensus with labels registered from "
+        "1 of A's atlases." in markdown
+    )
+    evaluation = markdown.split("## Evaluation", 1)[1]
+    label_free, few_label = evaluation.split("### few-label (used 1 target atlas)")
+    assert "| tgma |" in label_free
+    assert "consensus:" not in label_free
+    assert "| consensus:deepstaple | 0.880 | n/a | consensus with labels" in few_label
 
 
 def test_report_without_consensus_has_no_section() -> None:

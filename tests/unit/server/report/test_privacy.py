@@ -17,6 +17,8 @@ from server.results import (
     DiscoverResult,
     EvaluationResult,
     FederatedSemisup,
+    LabelUse,
+    PairSelection,
     PairWeights,
     RunResults,
     SemisupResult,
@@ -162,6 +164,7 @@ def test_privacy_section_adds_the_semisup_rounds_epsilon(tmp_path: Path) -> None
             stopped=None,
         ),
         models=(),
+        label_use={},
     )
     results = RunResults(source_training=trained({"B": B_TRAINING}), semisup=semisup)
 
@@ -198,6 +201,7 @@ def test_privacy_section_adds_the_profile_and_fine_tuning_epsilon(
             },
         },
         steps=({"site": "B", **dp, "dp.epsilon-spent": 0.7, "dp.epsilon-total": 7.1},),
+        label_use=LabelUse(),
     )
     results = RunResults(source_training=trained({"B": B_TRAINING}), affinity=affinity)
 
@@ -226,11 +230,19 @@ def test_report_markdown_shows_the_privacy_tables(tmp_path: Path) -> None:
             sources=("B",),
             itm=None,
             dtm={"B": 0.5},
-            main="B",
-            aux=None,
-            weights=PairWeights(main=1.0, aux=0.0),
+            candidates={"B": LabelUse()},
+            label_free=PairSelection(
+                candidates=("B",),
+                main="B",
+                aux=None,
+                weights=PairWeights(main=1.0, aux=0.0),
+                label_use=LabelUse(),
+            ),
+            few_label=None,
         ),
-        evaluation=EvaluationResult(site="A", num_cases=0, dice={}, hd95_mm={}),
+        evaluation=EvaluationResult(
+            site="A", num_cases=0, dice={}, hd95_mm={}, label_use={}
+        ),
     )
     privacy = build_privacy_section(ledger.entries(), {"B": APPLIED}, results)
     report = build_report(

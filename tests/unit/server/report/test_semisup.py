@@ -38,12 +38,23 @@ SEMISUP: dict[str, Any] = {
         ],
     },
     "models": ["federated", "target"],
+    "label_use": {
+        "federated": {"via": [], "cases": 0, "atlases": 0},
+        "target": {
+            "via": ["UG-MCL refined at A on 2 labelled cases"],
+            "cases": 2,
+            "atlases": 0,
+        },
+    },
 }
 EVALUATION = {
     "site": "A",
     "num_cases": 6,
     "dice": {"semisup:target": 0.81, "semisup:federated": 0.77},
     "hd95_mm": {},
+    "label_use": {
+        f"semisup:{scope}": use for scope, use in SEMISUP["label_use"].items()
+    },
 }
 
 
@@ -55,11 +66,14 @@ def test_semisup_section_shows_target_and_rounds() -> None:
     assert "## Semi-supervised rounds (UG-MCL)" in text
     assert "kept 20% of its labelled cases labelled" in text
     assert "At the target A: 2 labelled and 10 unlabelled cases" in text
-    assert "Dice on its evaluation labels: 0.810" in text
+    assert (
+        "Dice on its evaluation labels: 0.810 (few-label: UG-MCL refined at A on 2 "
+        "labelled cases)" in text
+    )
     assert "| round | A | B | mean |" in text
     assert "| 0 | 0.500 | 0.600 | 0.550 |" in text
     assert "| 1 | 0.700 | 0.800 | 0.750 |" in text
-    assert "Final federated student on the target: 0.770" in text
+    assert "Final federated student on the target: 0.770 (label-free)" in text
 
 
 def test_semisup_section_says_what_failed() -> None:
@@ -67,6 +81,7 @@ def test_semisup_section_says_what_failed() -> None:
     semisup = copy.deepcopy(SEMISUP)
     semisup["target"] = {"site": "A", "missing": "error 100: requires DP-SGD"}
     semisup["federated"]["stopped"] = "round 2: 0 site(s) replied, 1 needed"
+    semisup["models"], semisup["label_use"] = [], {}
 
     # Execute
     text = "\n".join(semisup_lines(semisup, None))
@@ -74,7 +89,7 @@ def test_semisup_section_says_what_failed() -> None:
     # Assert
     assert "At the target A: failed: error 100: requires DP-SGD" in text
     assert "The rounds stopped at round 2: 0 site(s) replied" in text
-    assert "Final federated student on the target: n/a" in text
+    assert "Final federated student on the target: n/a (no model)" in text
 
 
 @pytest.mark.parametrize(
