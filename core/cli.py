@@ -50,6 +50,7 @@ def _builtin(args: argparse.Namespace) -> int:
         num_sites=federation.synthetic_sites,
         num_train_cases=federation.synthetic_cases,
         target_labelled=federation.synthetic_target_labelled,
+        shift=federation.synthetic_shift,
         progress=get_logger("data").info,
     )
     print(f"built-in federation: {folder}")

@@ -82,6 +82,19 @@ class ConsensusSources(StrEnum):
     ALL = "all"
 
 
+class SyntheticShift(StrEnum):
+    """How far apart the built-in synthetic federation's sites are.
+
+    ``WIDE``: spread over the whole continuum, past the contrast inversion (most
+    sources fail at most targets). ``MILD``: every site on the near half, before the
+    inversion, each with its own scanner (noise, bias field, blur, resolution): every
+    source is decent and averaging them is a strong baseline.
+    """
+
+    WIDE = "wide"
+    MILD = "mild"
+
+
 class Attention(StrEnum):
     """Attention map behind the LFTM keep-mask."""
 
@@ -121,6 +134,7 @@ class FederationConfig:
     # Labelled training cases the built-in federation's target keeps (the rest are
     # unlabelled images); >= synthetic_cases keeps them all.
     synthetic_target_labelled: int
+    synthetic_shift: SyntheticShift
     min_sites: int
     expected_sites: int  # 0 = count the site folders when the coordinator sees them
     wait_nodes_s: float

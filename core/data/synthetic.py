@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from core.config import FederationConfig
+from core.config import FederationConfig, SyntheticShift
 from core.data.io import Volume, write_volume
 
 FloatArray = npt.NDArray[np.float32]
@@ -52,6 +52,16 @@ ORGAN_CONTRAST_DRIFT: Final = 0.15  # contrast lost from one end of a half to th
 VESSEL_CONTRAST: Final = 0.32  # small round blobs as bright (or dark) as the organ
 TUBE_CONTRAST: Final = 0.20  # an elongated structure
 INVERSION_SHIFT: Final = 0.5
+# The mild-shift federation (``federation.synthetic-shift = "mild"``) spreads its sites
+# over [0, MILD_MAX_SHIFT], short of the inversion, and gives each site a scanner drawn
+# from these ranges (the wide federation's ends) instead of the continuum's drift.
+MILD_MAX_SHIFT: Final = 0.45
+SCANNER_BIAS_AMPLITUDE: Final = (0.05, 0.25)
+SCANNER_NOISE_SD: Final = (0.02, 0.06)
+SCANNER_BLUR_SIGMA_PX: Final = (0.3, 0.9)
+SCANNER_RESOLUTION_FACTOR: Final = (1.0, 1.5)
+# Stream id of a site's scanner draw, apart from its cases' (which use case indices).
+_SCANNER_STREAM: Final = 1_000_003
 # ``target_labelled`` of a federation whose target keeps every training label.
 ALL_LABELLED: Final = None
 
@@ -88,6 +98,21 @@ class SiteStyle:
             organ_offset_px=(4.0 * shift, -5.0 * shift),
         )
 
+    def with_scanner(self, rng: np.random.Generator) -> SiteStyle:
+        """This site with its own scanner: noise, bias, blur and resolution drawn.
+
+        Anatomy and contrast stay on the continuum; the acquisition properties no
+        longer grow with ``shift``, so two sites close on the continuum can still be
+        scanned differently (as two hospitals' scanners are).
+        """
+        return dataclasses.replace(
+            self,
+            bias_amplitude=float(rng.uniform(*SCANNER_BIAS_AMPLITUDE)),
+            noise_sd=float(rng.uniform(*SCANNER_NOISE_SD)),
+            blur_sigma_px=float(rng.uniform(*SCANNER_BLUR_SIGMA_PX)),
+            resolution_factor=float(rng.uniform(*SCANNER_RESOLUTION_FACTOR)),
+        )
+
     def contrast_sign(self) -> float:
         """+1 for the organ brighter than the body, -1 for inverted sites."""
         return -1.0 if self.inverted else 1.0
@@ -115,11 +140,33 @@ def default_site_names(num_sites: int) -> tuple[str, ...]:
     return tuple(names)
 
 
-def build_site_styles(num_sites: int) -> tuple[SiteStyle, ...]:
-    """Spread ``num_sites`` sites evenly over the continuum, site ``A`` at 0."""
+def build_site_styles(
+    num_sites: int,
+    *,
+    shift: SyntheticShift = SyntheticShift.WIDE,
+    seed: int = 0,
+) -> tuple[SiteStyle, ...]:
+    """Spread ``num_sites`` sites evenly over the continuum, site ``A`` at 0.
+
+    ``shift`` WIDE: over the whole continuum (``seed`` unused). MILD: over
+    ``[0, MILD_MAX_SHIFT]``, each site's scanner drawn from ``seed``.
+
+    Example:
+        >>> [round(s.shift, 2) for s in build_site_styles(4)]
+        [0.0, 0.33, 0.67, 1.0]
+        >>> [round(s.shift, 2) for s in build_site_styles(4, shift=SyntheticShift.MILD)]
+        [0.0, 0.15, 0.3, 0.45]
+    """
     names = default_site_names(num_sites)
+    if shift is SyntheticShift.WIDE:
+        return tuple(
+            SiteStyle.on_continuum(name, index / (num_sites - 1))
+            for index, name in enumerate(names)
+        )
     return tuple(
-        SiteStyle.on_continuum(name, index / (num_sites - 1))
+        SiteStyle.on_continuum(
+            name, MILD_MAX_SHIFT * index / (num_sites - 1)
+        ).with_scanner(np.random.default_rng([seed, index, _SCANNER_STREAM]))
         for index, name in enumerate(names)
     )
 
@@ -304,12 +351,15 @@ def write_site(
     seed: int,
     num_train_cases: int,
     num_labelled: int | None = None,
+    scanner: bool = False,
 ) -> None:
     """Write one site: ``imagesTr``/``labelsTr`` and ``imagesTs``/``labelsTs`` NIfTI.
 
     ``num_labelled`` training cases (the first ones by case id; None: all) get their
     label in ``labelsTr``; the others are unlabelled images. Every evaluation case is
-    labelled. The images are the same whatever ``num_labelled`` is.
+    labelled. The images are the same whatever ``num_labelled`` is. ``scanner``
+    records the site's acquisition properties in ``dataset.json`` (a mild-shift
+    site's own scanner; the wide federation's files stay as they always were).
     """
     site_dir.mkdir(parents=True, exist_ok=True)
     total = num_train_cases + EVALUATION_CASES_PER_SITE
@@ -323,12 +373,19 @@ def write_site(
             training=training,
             labelled=not training or case_index < labelled,
         )
-    dataset = {
+    dataset: dict[str, object] = {
         "name": f"synthetic site {style.name}",
         "modality": "synthetic-MR",
         "labels": {"0": "background", "1": "organ"},
         "shift": style.shift,
     }
+    if scanner:
+        dataset["scanner"] = {
+            "bias_amplitude": round(style.bias_amplitude, 4),
+            "noise_sd": round(style.noise_sd, 4),
+            "blur_sigma_px": round(style.blur_sigma_px, 4),
+            "resolution_factor": round(style.resolution_factor, 4),
+        }
     (site_dir / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
 
 
@@ -367,6 +424,7 @@ def resolve_federation_dir(federation: FederationConfig) -> Path:
         num_sites=federation.synthetic_sites,
         num_train_cases=federation.synthetic_cases,
         target_labelled=federation.synthetic_target_labelled,
+        shift=federation.synthetic_shift,
     )
 
 
@@ -377,13 +435,15 @@ def get_builtin_federation_dir(
     num_sites: int,
     num_train_cases: int,
     target_labelled: int | None,
+    shift: SyntheticShift = SyntheticShift.WIDE,
 ) -> Path:
     """Where the built-in federation for these parameters lives inside ``cache_dir``.
 
     The name holds every parameter that changes the files: a few-label target adds
     ``-target<N>`` (its labelled cases); a fully labelled one (``target_labelled``
     None or >= ``num_train_cases``) keeps the name it always had, so the federation
-    of a fully labelled benchmark is the same folder as before few-label targets.
+    of a fully labelled benchmark is the same folder as before few-label targets. A
+    mild-shift federation adds ``-mild``.
 
     Example:
         >>> get_builtin_federation_dir(Path("c"), seed=0, num_sites=6,
@@ -392,11 +452,16 @@ def get_builtin_federation_dir(
         >>> get_builtin_federation_dir(Path("c"), seed=0, num_sites=6,
         ...     num_train_cases=12, target_labelled=ALL_LABELLED).name
         'synthetic-v4-seed0-sites6-cases12'
+        >>> get_builtin_federation_dir(Path("c"), seed=1, num_sites=6,
+        ...     num_train_cases=12, target_labelled=ALL_LABELLED,
+        ...     shift=SyntheticShift.MILD).name
+        'synthetic-v4-mild-seed1-sites6-cases12'
     """
     labelled = target_labelled_cases(num_train_cases, target_labelled)
     few = f"-target{labelled}" if labelled < num_train_cases else ""
+    mild = "-mild" if shift is SyntheticShift.MILD else ""
     return Path(cache_dir) / (
-        f"synthetic-v{GENERATOR_VERSION}-seed{seed}-"
+        f"synthetic-v{GENERATOR_VERSION}{mild}-seed{seed}-"
         f"sites{num_sites}-cases{num_train_cases}{few}"
     )
 
@@ -408,6 +473,7 @@ def ensure_builtin_federation(
     num_sites: int,
     num_train_cases: int,
     target_labelled: int | None,
+    shift: SyntheticShift = SyntheticShift.WIDE,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Return the cached built-in federation, generating it on first use.
@@ -423,6 +489,7 @@ def ensure_builtin_federation(
         num_sites=num_sites,
         num_train_cases=num_train_cases,
         target_labelled=target_labelled,
+        shift=shift,
     )
     return generate_once(
         folder,
@@ -432,6 +499,7 @@ def ensure_builtin_federation(
             num_sites=num_sites,
             num_train_cases=num_train_cases,
             target_labelled=target_labelled,
+            shift=shift,
             progress=progress,
         ),
         description="built-in synthetic federation",
@@ -463,6 +531,7 @@ def write_federation(
     num_sites: int,
     num_train_cases: int,
     target_labelled: int | None = ALL_LABELLED,
+    shift: SyntheticShift = SyntheticShift.WIDE,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[str, ...]:
     """Write a whole federation (one folder per site plus ``federation.toml``).
@@ -480,6 +549,7 @@ def write_federation(
             ones by case id; the others are written without a label), or
             :data:`ALL_LABELLED`. Its evaluation cases keep their labels, which
             only ever score. The images are the same whatever this is.
+        shift: how far apart the sites are (:func:`build_site_styles`).
         progress: called with one line per site written.
 
     Returns:
@@ -498,7 +568,7 @@ def write_federation(
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
-    styles = build_site_styles(num_sites)
+    styles = build_site_styles(num_sites, shift=shift, seed=seed)
     target = styles[DEFAULT_TARGET_INDEX].name
     for site_index, style in enumerate(styles):
         labelled = target_cases if style.name == target else num_train_cases
@@ -509,10 +579,11 @@ def write_federation(
             seed=seed,
             num_train_cases=num_train_cases,
             num_labelled=labelled,
+            scanner=shift is SyntheticShift.MILD,
         )
         if progress is not None:
             progress(
-                f"site {style.name}: shift {style.shift:.2f}, "
+                f"site {style.name}: shift {style.shift:.2f} ({shift} federation), "
                 f"{num_train_cases} training ({labelled} labelled) + "
                 f"{EVALUATION_CASES_PER_SITE} evaluation cases"
             )
@@ -521,9 +592,10 @@ def write_federation(
         if target_cases < num_train_cases
         else ""
     )
+    mild = 'shift = "mild"\n' if shift is SyntheticShift.MILD else ""
     (staging / "federation.toml").write_text(
         "# Synthetic SiteBridge federation (core/data/synthetic.py).\n"
-        f'target = "{target}"\nseed = {seed}\n{few_label}'
+        f'target = "{target}"\nseed = {seed}\n{mild}{few_label}'
     )
     try:
         staging.rename(out_dir)

@@ -191,6 +191,7 @@ def run_consensus_command(
         # Leave-one-site-out: every site is a source in turn, so every site
         # (the default target too) keeps all its labels.
         target_labelled=ALL_LABELLED,
+        shift=config.federation.synthetic_shift,
         progress=log_progress,
     )
     log_progress("== controlled noisy labels")

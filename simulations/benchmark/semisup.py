@@ -925,6 +925,7 @@ def run_semisup_command(
         # Leave-one-site-out: every site is a source in turn, so every site
         # (the default target too) keeps all its labels.
         target_labelled=ALL_LABELLED,
+        shift=config.federation.synthetic_shift,
         progress=log_progress,
     )
     document: dict[str, object] = {

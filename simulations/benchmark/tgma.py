@@ -236,6 +236,7 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
         "seconds": time.perf_counter() - started,
         "federation": str(federation_dir),
         "synthetic_seed": config.federation.synthetic_seed,
+        "synthetic_shift": str(config.federation.synthetic_shift),
         "targets": targets,
         "mean": mean,
     }
@@ -272,7 +273,8 @@ def format_tgma_table(document: Mapping[str, object]) -> str:
         f"TGMA closes {100 * mean['gap_closed']:.0f}% of the gap between the mean "
         f"single source and the oracle with the paper's DTM selection, "
         f"{100 * mean['gap_closed_agreement']:.0f}% with the agreement selection. "
-        f"Synthetic seed {document.get('synthetic_seed', 0)}; measured on "
+        f"Synthetic seed {document.get('synthetic_seed', 0)}, "
+        f"{document.get('synthetic_shift', 'wide')} shift; measured on "
         f"{document['machine']} in {document['seconds']:.0f} s."
     )
     return "\n".join(lines)
@@ -292,6 +294,7 @@ def run_tgma_command(
         # Leave-one-site-out: every site is a source in turn, so every site
         # (the default target too) keeps all its labels.
         target_labelled=ALL_LABELLED,
+        shift=config.federation.synthetic_shift,
         progress=log_progress,
     )
     return run_tgma(config, federation_dir=federation)

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from core.config import load_default_config
+from core.config import SyntheticShift, load_default_config
 from core.data.dataset import index_site, list_site_dirs, read_federation_target
 from core.data.io import read_volume
 from core.data.synthetic import (
     ALL_LABELLED,
     EVALUATION_CASES_PER_SITE,
     GENERATOR_VERSION,
+    MILD_MAX_SHIFT,
+    SCANNER_NOISE_SD,
     SHAPE_ZYX,
     SyntheticCase,
     build_site_styles,
@@ -98,6 +100,105 @@ def test_build_site_styles_spreads_sites_over_the_continuum() -> None:
     assert [style.inverted for style in styles] == [False] * 3 + [True] * 3
     assert [style.contrast_sign() for style in styles] == [1.0] * 3 + [-1.0] * 3
     assert all((style.organ_contrast < 0) == style.inverted for style in styles)
+
+
+def test_mild_sites_lie_before_the_inversion_with_their_own_scanners() -> None:
+    # Execute
+    styles = build_site_styles(6, shift=SyntheticShift.MILD, seed=0)
+
+    # Assert: the near half of the continuum, no site inverted.
+    np.testing.assert_allclose(
+        [s.shift for s in styles], np.linspace(0, MILD_MAX_SHIFT, 6)
+    )
+    assert not any(style.inverted for style in styles)
+    assert all(style.organ_contrast > 0 for style in styles)
+    # Scanners are drawn, not ordered along the continuum.
+    noise = [style.noise_sd for style in styles]
+    assert noise != sorted(noise)
+    assert all(SCANNER_NOISE_SD[0] <= value <= SCANNER_NOISE_SD[1] for value in noise)
+    assert len(set(noise)) == 6
+
+
+def test_mild_scanners_follow_the_federation_seed() -> None:
+    # Execute
+    first = build_site_styles(6, shift=SyntheticShift.MILD, seed=0)
+    again = build_site_styles(6, shift=SyntheticShift.MILD, seed=0)
+    other = build_site_styles(6, shift=SyntheticShift.MILD, seed=1)
+
+    # Assert
+    assert first == again
+    assert [s.noise_sd for s in first] != [s.noise_sd for s in other]
+    assert [s.shift for s in first] == [s.shift for s in other]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_mild_site_shows_the_organ_brighter(seed: int) -> None:
+    # Prepare
+    styles = build_site_styles(6, shift=SyntheticShift.MILD, seed=seed)
+
+    # Execute
+    contrasts = [
+        organ_minus_ring(
+            generate_case(style, np.random.default_rng([seed, index, 0]))
+        )
+        for index, style in enumerate(styles)
+    ]
+
+    # Assert
+    assert all(contrast > 0 for contrast in contrasts), contrasts
+
+
+def test_a_mild_federation_records_its_shift_and_scanners(tmp_path: Path) -> None:
+    # Execute
+    folder = ensure_builtin_federation(
+        tmp_path,
+        seed=SEED,
+        num_sites=NUM_SITES,
+        num_train_cases=NUM_TRAIN,
+        target_labelled=ALL_LABELLED,
+        shift=SyntheticShift.MILD,
+    )
+
+    # Assert
+    assert folder.name == (
+        f"synthetic-v{GENERATOR_VERSION}-mild-seed{SEED}-"
+        f"sites{NUM_SITES}-cases{NUM_TRAIN}"
+    )
+    manifest = tomllib.loads((folder / "federation.toml").read_text())
+    assert manifest["shift"] == "mild"
+    styles = build_site_styles(NUM_SITES, shift=SyntheticShift.MILD, seed=SEED)
+    for style in styles:
+        dataset = json.loads((folder / style.name / "dataset.json").read_text())
+        assert dataset["shift"] == pytest.approx(style.shift)
+        assert dataset["scanner"]["noise_sd"] == pytest.approx(style.noise_sd, abs=1e-4)
+
+
+def test_the_wide_federation_records_no_scanner(federation: Path) -> None:
+    # Assert: its files are what they were before mild federations existed.
+    assert "shift" not in tomllib.loads((federation / "federation.toml").read_text())
+    assert "scanner" not in json.loads((federation / "A" / "dataset.json").read_text())
+
+
+def test_resolve_federation_dir_names_a_mild_federation(tmp_path: Path) -> None:
+    # Prepare
+    federation = load_default_config(
+        **{
+            "federation.cache-dir": str(tmp_path),
+            "federation.synthetic-shift": "mild",
+        }
+    ).federation
+
+    # Execute
+    folder = resolve_federation_dir(federation)
+
+    # Assert
+    assert folder.name.startswith(f"synthetic-v{GENERATOR_VERSION}-mild-seed0-")
+
+
+def test_an_unknown_synthetic_shift_is_refused() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="federation.synthetic-shift"):
+        load_default_config(**{"federation.synthetic-shift": "extreme"})
 
 
 def organ_minus_ring(case: SyntheticCase) -> float:
