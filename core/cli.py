@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from core.config import SyntheticShift
     from core.data.synthetic import write_federation
 
     names = write_federation(
@@ -33,6 +34,7 @@ def _synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_sites=args.sites,
         num_train_cases=args.cases,
+        shift=SyntheticShift(args.shift),
         progress=get_logger("data").info,
     )
     print(f"wrote {len(names)} sites to {args.out} (default target {names[0]})")
@@ -378,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=12,
         help="training cases per site, all labelled (plus 6 evaluation cases)",
+    )
+    synth.add_argument(
+        "--shift",
+        choices=("wide", "mild"),
+        default="wide",
+        help="wide: sites over the whole continuum, past the contrast inversion; "
+        "mild: all before it, each with its own scanner",
     )
     synth.set_defaults(run=_synth)
     builtin = commands.add_parser(

@@ -308,8 +308,16 @@ class TransferConfig:
     dilation_fraction: float
     selection: SelectionRule
     agreement_threshold: float  # least agreement with the main to be aux or vote
+    # With at least this many voters TGMA predicts by their uniform average (0: never).
+    ensemble_min_voters: int
 
     def __post_init__(self) -> None:
+        _require(
+            self.ensemble_min_voters == 0 or self.ensemble_min_voters >= 2,
+            "transfer.ensemble-min-voters",
+            "0 (never) or >= 2",
+            self.ensemble_min_voters,
+        )
         _require(
             0.0 <= self.agreement_threshold <= 1.0,
             "transfer.agreement-threshold",

@@ -324,6 +324,30 @@ def _pair(
     return aux, dtm[main] / total, dtm[aux] / total
 
 
+def predicts_by_ensemble(
+    voters: Sequence[str], *, rule: SelectionRule, min_voters: int
+) -> bool:
+    """Whether TGMA predicts by its voters' uniform average rather than the pair.
+
+    Only under the agreement selection, whose voters are the candidates that agree
+    with the main (under the paper's rule every candidate votes, and their average
+    is the uniform baseline), and only with at least ``min_voters`` of them
+    (``transfer.ensemble-min-voters``; 0 = never): docs/methods.md#voter-ensemble.
+
+    Example:
+        >>> predicts_by_ensemble(("A", "B", "C"), rule=SelectionRule.AGREEMENT,
+        ...                      min_voters=3)
+        True
+        >>> predicts_by_ensemble(("A", "B"), rule=SelectionRule.AGREEMENT, min_voters=3)
+        False
+        >>> predicts_by_ensemble(("A", "B", "C"), rule=SelectionRule.DTM, min_voters=3)
+        False
+    """
+    return (
+        rule is SelectionRule.AGREEMENT and min_voters > 0 and len(voters) >= min_voters
+    )
+
+
 def select_sources(
     dtm: Mapping[str, float],
     *,

@@ -1,9 +1,10 @@
 """The evaluation phase: every predictor scored on the target's labelled cases.
 
 ``build_predictors`` names the predictors (each candidate alone, the uniform average
-of the label-free ones, each TGMA pair and its main model, the consensus and semisup
-models); ``model_label_use`` says what every evaluated model used of the target's
-labels, from the phases' results. The target sends back mean Dice and HD95 per
+of the label-free ones, each TGMA choice's predictor (its adapted pair, or its
+voters' average) and its main model, the consensus and semisup models);
+``model_label_use`` says what every evaluated model used of the target's labels,
+from the phases' results. The target sends back mean Dice and HD95 per
 predictor, never per-case figures; the result records each predictor's label use
 (its models' uses joined), by which the report groups them.
 """
@@ -14,7 +15,9 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Final
 
 from core import protocol
+from core.config import SelectionRule
 from core.training.networks import Arrays
+from core.transfer.transferability import predicts_by_ensemble
 from server import records
 from server.coordinator import (
     Coordinator,
@@ -37,13 +40,24 @@ TGMA_PREDICTORS: Final = {LABEL_FREE_PREFIX: "tgma", FEW_LABEL_PREFIX: "tgma-few
 
 
 def _pair_predictors(
-    prefix: str, selection: PairSelection
+    prefix: str, selection: PairSelection, *, ensemble: bool
 ) -> dict[str, list[tuple[str, float]]]:
+    """TGMA's predictor and its parts: the adapted pair, its main alone.
+
+    With ``ensemble`` (:func:`core.transfer.transferability.predicts_by_ensemble`)
+    TGMA's predictor is the voters' uniform average, and the adapted pair is still
+    reported, as ``<name>-pair``.
+    """
     pair = [(f"{prefix}:main", selection.weights.main)]
     if selection.aux:
         pair.append((f"{prefix}:aux", selection.weights.aux))
     name = TGMA_PREDICTORS[prefix]
-    return {name: pair, f"{name}-main": [(f"{prefix}:main", 1.0)]}
+    predictors = {name: pair, f"{name}-main": [(f"{prefix}:main", 1.0)]}
+    if ensemble:
+        voters = sorted(selection.voting)
+        predictors[name] = [(f"source:{voter}", 1.0 / len(voters)) for voter in voters]
+        predictors[f"{name}-pair"] = pair
+    return predictors
 
 
 def build_predictors(
@@ -51,6 +65,7 @@ def build_predictors(
     *,
     adapted: Collection[str],
     later_models: Sequence[str] = (),
+    ensemble_min_voters: int = 0,
 ) -> dict[str, list[tuple[str, float]]]:
     """The predictors every report compares.
 
@@ -59,7 +74,10 @@ def build_predictors(
     pair whose models were adapted (``adapted`` holds their names: ``tgma`` and
     ``tgma-main`` from ``adapted:main``/``adapted:aux``, ``tgma-few-label`` and
     ``tgma-few-label-main`` from ``adapted-few-label:...``), and each model the
-    later phases trained, alone (``consensus:<method>``, ``semisup:<scope>``).
+    later phases trained, alone (``consensus:<method>``, ``semisup:<scope>``). A
+    TGMA choice with at least ``ensemble_min_voters`` voters under the agreement
+    selection predicts by their uniform average, its adapted pair then reported as
+    ``tgma-pair`` (``tgma-few-label-pair``).
 
     Example:
         >>> from server.results import LabelUse, PairSelection, PairWeights
@@ -86,7 +104,12 @@ def build_predictors(
         (FEW_LABEL_PREFIX, selection.few_label),
     ):
         if pair is not None and f"{prefix}:main" in adapted:
-            predictors.update(_pair_predictors(prefix, pair))
+            ensemble = predicts_by_ensemble(
+                pair.voting,
+                rule=SelectionRule(selection.selection),
+                min_voters=ensemble_min_voters,
+            )
+            predictors.update(_pair_predictors(prefix, pair, ensemble=ensemble))
     for name in later_models:
         predictors[name] = [(name, 1.0)]
     return predictors
@@ -136,7 +159,10 @@ def run(
     named.update(adapted)
     named.update(later_models)
     predictors = build_predictors(
-        selection, adapted=set(adapted), later_models=sorted(later_models)
+        selection,
+        adapted=set(adapted),
+        later_models=sorted(later_models),
+        ensemble_min_voters=coordinator.config.transfer.ensemble_min_voters,
     )
     request = protocol.EvaluateRequest(predictors=predictors)
     reply = ask_target(

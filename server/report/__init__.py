@@ -8,8 +8,9 @@ candidate, each candidate's ``candidates`` label use, and TGMA's ``label_free``
 choice among the label-free candidates — ``main``, ``aux``, ``weights`` — and its
 ``few_label`` choice among all, if any), ``evaluation.dice`` with one entry per
 candidate alone (``source:<name>``), ``uniform`` (of the label-free candidates),
-``tgma`` (plus ``tgma-main``; ``tgma-few-label`` and ``tgma-few-label-main`` when a
-candidate used the target's labels) and HD95, ``evaluation.groups``: each
+``tgma`` (plus ``tgma-main``, and ``tgma-pair`` when TGMA predicts by its voters'
+average; ``tgma-few-label`` and the same parts when a candidate used the target's
+labels) and HD95, ``evaluation.groups``: each
 predictor's group, ``label-free`` or ``few-label``, and ``evaluation.label_use``:
 what a few-label one used (docs/methods.md#label-free-and-few-label; ``report.md``
 shows one table per group, never mixed),

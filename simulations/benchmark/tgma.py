@@ -45,7 +45,7 @@ from core.transfer.job import (
     score_candidates,
     select_pair,
 )
-from core.transfer.transferability import SourceSelection
+from core.transfer.transferability import SourceSelection, predicts_by_ensemble
 from simulations.benchmark.output import describe_machine, log_progress
 
 TGMA_MARKER: Final = "benchmark:tgma"
@@ -61,6 +61,7 @@ class AdaptationResult:
     voters: tuple[str, ...]
     dice: float  # the adapted main + aux pair, weighted
     dice_main_only: float
+    dice_voters: float  # the voters' uniform average, not adapted
 
 
 def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
@@ -114,15 +115,19 @@ def _adapt_selected(
         weight_main=selection.weight_main,
         weight_aux=selection.weight_aux,
     )
-    models: dict[str, Arrays] = {"main": adaptation.main_weights}
+    models: dict[str, Arrays] = {
+        **{f"source:{name}": weights for name, weights in voters.items()},
+        "main": adaptation.main_weights,
+    }
     pair = [("main", selection.weight_main)]
     if adaptation.aux_weights is not None:
         models["aux"] = adaptation.aux_weights
         pair.append(("aux", selection.weight_aux))
+    ensemble = [(f"source:{name}", 1.0 / len(voters)) for name in sorted(voters)]
     scores = evaluate_predictors(
         site_dir,
         models,
-        {"pair": pair, "main": [("main", 1.0)]},
+        {"pair": pair, "main": [("main", 1.0)], "voters": ensemble},
         metric_config,
         with_hd95=False,
     )
@@ -133,6 +138,7 @@ def _adapt_selected(
         voters=selection.voters,
         dice=scores["pair"].dice,
         dice_main_only=scores["main"].dice,
+        dice_voters=scores["voters"].dice,
     )
 
 
@@ -175,14 +181,24 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
             path, sources, config, TransferMetric.ENTROPY, (SelectionRule.DTM,)
         )[SelectionRule.DTM]
         truth = [source_only[name] for name in sorted(sources)]
+        by_ensemble = predicts_by_ensemble(
+            agreed.voters,
+            rule=SelectionRule.AGREEMENT,
+            min_voters=config.transfer.ensemble_min_voters,
+        )
         targets[target] = {
             "source_only": source_only,
             "uniform": baseline["uniform"].dice,
             "entropy": entropy.dice,
             "tgma": lftm.dice,
             "tgma_main_only": lftm.dice_main_only,
-            "tgma_agreement": agreed.dice,
+            # TGMA as the pipeline predicts under the agreement selection: the
+            # voters' average with enough voters, else the adapted pair.
+            "tgma_agreement": agreed.dice_voters if by_ensemble else agreed.dice,
+            "tgma_agreement_pair": agreed.dice,
             "tgma_agreement_main_only": agreed.dice_main_only,
+            "tgma_agreement_voters": agreed.dice_voters,
+            "tgma_agreement_by_ensemble": by_ensemble,
             "oracle": baseline["oracle"].dice,
             "best_source": max(source_only.values()),
             "spearman_lftm": spearman([lftm.dtm[n] for n in sorted(sources)], truth),
@@ -209,7 +225,9 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
         "tgma",
         "tgma_main_only",
         "tgma_agreement",
+        "tgma_agreement_pair",
         "tgma_agreement_main_only",
+        "tgma_agreement_voters",
         "oracle",
         "best_source",
         "spearman_lftm",
@@ -237,9 +255,22 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
         "federation": str(federation_dir),
         "synthetic_seed": config.federation.synthetic_seed,
         "synthetic_shift": str(config.federation.synthetic_shift),
+        "ensemble_min_voters": config.transfer.ensemble_min_voters,
         "targets": targets,
         "mean": mean,
     }
+
+
+def _voters(row: Mapping[str, object]) -> str:
+    """A target's voter count (``*``: TGMA predicted by their average); '' for means.
+
+    Documents from before the voter ensemble carry no flag: their TGMA agreement is
+    the adapted pair.
+    """
+    voters = row.get("voters_agreement")
+    if not isinstance(voters, list):
+        return ""
+    return f"{len(voters)}{'*' if row.get('tgma_agreement_by_ensemble') else ''}"
 
 
 def format_tgma_table(document: Mapping[str, object]) -> str:
@@ -250,9 +281,9 @@ def format_tgma_table(document: Mapping[str, object]) -> str:
     assert isinstance(targets, Mapping)
     lines = [
         "| target | mean single source | best single source | uniform | entropy | "
-        "TGMA | TGMA main only | TGMA agreement | agreement main only | oracle | "
-        "Spearman LFTM | Spearman entropy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "TGMA | TGMA main only | TGMA agreement | agreement pair | "
+        "agreement main only | voters | oracle | Spearman LFTM | Spearman entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in [*targets.items(), ("**mean**", mean)]:
         single = row["source_only"]
@@ -265,11 +296,23 @@ def format_tgma_table(document: Mapping[str, object]) -> str:
             f"| {name} | {single_value:.3f} | {row['best_source']:.3f} | "
             f"{row['uniform']:.3f} | {row['entropy']:.3f} | {row['tgma']:.3f} | "
             f"{row['tgma_main_only']:.3f} | {row['tgma_agreement']:.3f} | "
-            f"{row['tgma_agreement_main_only']:.3f} | {row['oracle']:.3f} | "
+            f"{row.get('tgma_agreement_pair', row['tgma_agreement']):.3f} | "
+            f"{row['tgma_agreement_main_only']:.3f} | {_voters(row)} | "
+            f"{row['oracle']:.3f} | "
             f"{row['spearman_lftm']:.2f} | {row['spearman_entropy']:.2f} |"
         )
     lines.append("")
+    min_voters = document.get("ensemble_min_voters", 0)
+    predictor = (
+        "the voters' uniform average with at least "
+        f"{min_voters} voters (`transfer.ensemble-min-voters`; marked *), else "
+        "the adapted pair"
+        if min_voters
+        else "the adapted pair"
+    )
     lines.append(
+        "TGMA agreement is the pipeline's predictor under the agreement selection: "
+        f"{predictor}; voters: the candidates that agree with the main. "
         f"TGMA closes {100 * mean['gap_closed']:.0f}% of the gap between the mean "
         f"single source and the oracle with the paper's DTM selection, "
         f"{100 * mean['gap_closed_agreement']:.0f}% with the agreement selection. "

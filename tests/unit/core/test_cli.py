@@ -35,6 +35,23 @@ def test_synth_writes_a_federation_in_the_site_layout(
     assert len(index_site(tmp_path / "fed" / "B").labelled) == 2
 
 
+def test_synth_writes_a_mild_shift_federation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    monkeypatch.setattr("core.data.synthetic.EVALUATION_CASES_PER_SITE", 1)
+    fed = tmp_path / "fed"
+
+    # Execute
+    exit_code = main(
+        ["synth", str(fed), "--sites", "3", "--cases", "1", "--shift", "mild"]
+    )
+
+    # Assert
+    assert exit_code == 0
+    assert 'shift = "mild"' in (fed / "federation.toml").read_text()
+
+
 def test_builtin_generates_once_and_reuses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

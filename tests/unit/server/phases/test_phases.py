@@ -1574,6 +1574,72 @@ def test_build_predictors(
     assert protocol.EvaluateRequest.from_fields(request.to_fields()) == request
 
 
+def three_voters(selection: str) -> TransferabilityResult:
+    """Four label-free candidates; main D and aux C, with B voting too."""
+    names = ("B", "C", "D", "E")
+    return TransferabilityResult(
+        metric="lftm",
+        release="domain",
+        sources=names,
+        itm=None,
+        dtm={},
+        candidates={name: LabelUse() for name in names},
+        label_free=PairSelection(
+            candidates=names,
+            main="D",
+            aux="C",
+            weights=PairWeights(main=0.6, aux=0.4),
+            label_use=LabelUse(),
+            voters=("B", "C", "D"),
+        ),
+        few_label=None,
+        selection=selection,
+    )
+
+
+@pytest.mark.parametrize("min_voters", [2, 3])
+def test_build_predictors_predicts_by_the_voters_when_enough_agree(
+    min_voters: int,
+) -> None:
+    # Execute
+    predictors = phases.evaluation.build_predictors(
+        three_voters("agreement"),
+        adapted=LABEL_FREE_ADAPTED,
+        ensemble_min_voters=min_voters,
+    )
+
+    # Assert: TGMA is the voters' average; the adapted pair is still reported.
+    third = 1.0 / 3.0
+    assert predictors["tgma"] == [
+        ("source:B", third),
+        ("source:C", third),
+        ("source:D", third),
+    ]
+    assert predictors["tgma-pair"] == [("adapted:main", 0.6), ("adapted:aux", 0.4)]
+    assert predictors["tgma-main"] == [("adapted:main", 1.0)]
+    assert predictors["uniform"] == [(f"source:{n}", 0.25) for n in "BCDE"]
+
+
+@pytest.mark.parametrize(
+    ("selection", "min_voters"),
+    [("agreement", 4), ("agreement", 0), ("dtm", 3)],
+    ids=["too-few-voters", "never", "paper-rule"],
+)
+def test_build_predictors_keeps_the_pair_otherwise(
+    selection: str, min_voters: int
+) -> None:
+    # Execute
+    predictors = phases.evaluation.build_predictors(
+        three_voters(selection),
+        adapted=LABEL_FREE_ADAPTED,
+        ensemble_min_voters=min_voters,
+    )
+
+    # Assert
+    assert predictors["tgma"] == [("adapted:main", 0.6), ("adapted:aux", 0.4)]
+    assert "tgma-pair" not in predictors
+
+
 def test_transferability_refuses_when_no_candidate_is_label_free(
     full_run: PipelineRun,
     federation: Path,

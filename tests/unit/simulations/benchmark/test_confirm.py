@@ -106,3 +106,36 @@ def test_tgma_claims_pool_the_targets_of_both_seeds(tmp_path: Path) -> None:
     assert agreement["low"] == pytest.approx(0.1)
     row = "| agreement selection - paper's DTM selection | +0.100 | [+0.100, +0.100] |"
     assert f"{row} 6 |" in table
+
+
+def test_tgma_mild_runs_the_tgma_benchmark_on_the_mild_federation(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    ran: list[tuple[str, tuple[str, ...], Path]] = []
+
+    def run_benchmark(name: str, options: Sequence[str], out: Path) -> None:
+        ran.append((name, tuple(options), out))
+        targets = {
+            name: {"tgma_agreement": 0.9, "tgma_agreement_pair": 0.88, "uniform": 0.9}
+            for name in "AB"
+        }
+        out.write_text(json.dumps({"mean": {"uniform": 0.9}, "targets": targets}))
+
+    # Execute
+    document = run_confirm(
+        ["tgma-mild"], seed=1, out_dir=tmp_path, run_benchmark=run_benchmark
+    )
+    table = format_confirm_table(document)
+
+    # Assert
+    assert ran == [
+        (
+            "tgma",
+            ("--set", "federation.synthetic-shift=mild"),
+            tmp_path / "tgma-mild-seed1.json",
+        )
+    ]
+    assert "| tgma-mild | mean Dice, uniform average | not run | 0.900 |" in table
+    # Claims need both seeds' documents; seed 0's is missing.
+    assert document["tgma_claims"] == []

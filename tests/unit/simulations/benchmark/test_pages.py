@@ -48,6 +48,24 @@ def test_the_committed_table_is_what_table_from_writes(name: str) -> None:
     assert committed_block(REPO / benchmark_page(name), subcommand.marker) == table
 
 
+# Pages of a benchmark run with other options: (subcommand, document, page).
+FURTHER_PAGES = [("tgma", "benchmarks/tgma-mild.json", "docs/tgma-mild-benchmark.md")]
+
+
+@pytest.mark.parametrize(("name", "document", "page"), FURTHER_PAGES)
+def test_a_further_page_holds_what_table_from_writes(
+    name: str, document: str, page: str
+) -> None:
+    # Prepare
+    subcommand = SUBCOMMANDS[name]
+
+    # Execute
+    table = subcommand.format_table(read_document(REPO / document))
+
+    # Assert
+    assert committed_block(REPO / page, subcommand.marker) == table
+
+
 def test_the_readme_holds_no_benchmark_table() -> None:
     # Assert: benchmark commands never write the README
     readme = (REPO / "README.md").read_text()
