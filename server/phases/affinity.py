@@ -17,7 +17,10 @@ from core.affinity.matrix import (
     SiteMatrix,
     affinity_matrices,
     distance_matrix,
+    has_polarity,
     normalise,
+    normalise_polarity,
+    polarity_matrix,
 )
 from core.affinity.path_choice import PathChoice, choose_path
 from core.affinity.profile import SiteProfile
@@ -86,7 +89,9 @@ def choose_affinity_path(
     """The path to ``target`` (:func:`choose_path`) and the matrices it was chosen on.
 
     The label term needs labels at every site of the matrix; when the target (or a
-    source) has none, ``d`` is the image term alone. ``factors`` (each site's
+    source) has none, ``d`` is the image term alone. The polarity term
+    (``affinity.polarity-weight > 0``) likewise needs every site's; without it ``d``
+    has no polarity term. ``factors`` (each site's
     modality and labels from ``query.hello``) serve ``affinity.one-factor-edges``.
     """
     names = [*sorted(sources), target]
@@ -96,6 +101,9 @@ def choose_affinity_path(
     image_norm, label_norm = normalise(image, label)
     affinity = config.affinity
     label_weight = affinity.label_weight if with_labels else 0.0
+    with_polarity = affinity.polarity_weight > 0.0 and has_polarity(scenario)
+    polarity = polarity_matrix(scenario) if with_polarity else None
+    polarity_weight = affinity.polarity_weight if with_polarity else 0.0
     if affinity.image_weight == 0.0 and label_weight == 0.0:
         raise PhaseError(
             "affinity: affinity.image-weight is 0 and the label term cannot be "
@@ -107,6 +115,8 @@ def choose_affinity_path(
         label_norm,
         image_weight=affinity.image_weight,
         label_weight=label_weight,
+        polarity_norm=None if polarity is None else normalise_polarity(polarity),
+        polarity_weight=polarity_weight,
     )
     choice = choose_path(
         distances,
@@ -118,9 +128,15 @@ def choose_affinity_path(
     return choice, {
         "sites": names,
         "label_term": with_labels,
-        "weights": {"image": affinity.image_weight, "label": label_weight},
+        "polarity_term": with_polarity,
+        "weights": {
+            "image": affinity.image_weight,
+            "label": label_weight,
+            "polarity": polarity_weight,
+        },
         "image_distance": _matrix(image),
         "label_similarity": _matrix(label) if with_labels else None,
+        "polarity_distance": None if polarity is None else _matrix(polarity),
         "distance": _matrix(distances),
         "graph": {
             "landmarks": affinity.landmarks.value,

@@ -186,6 +186,58 @@ def test_guard_lets_the_declared_profile_lengths_through_and_no_more(
     }
 
 
+def test_profile_carries_the_polarity_term_only_when_the_run_weighs_it(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path
+) -> None:
+    # Prepare: the same site asked without and with affinity.polarity-weight > 0
+    weighed = {**run_config, "affinity.polarity-weight": 0.5}
+    quantiles = load_run_config(weighed).affinity.polarity_quantiles
+
+    # Execute
+    plain = ask(run_config, federation / SITE, tmp_path / "plain", protocol.PROFILE)
+    reply = ask(weighed, federation / SITE, tmp_path / "weighed", protocol.PROFILE)
+
+    # Assert
+    assert not plain.has_error(), plain.error.reason
+    assert "foreground-intensities" not in plain.content[protocol.METRICS_KEY]
+    assert not reply.has_error(), reply.error.reason
+    fields = reply.content[protocol.METRICS_KEY]
+    assert len(fields["foreground-intensities"]) == quantiles
+    assert len(fields["shell-intensities"]) == quantiles
+    rebuilt = SiteProfile.from_dict(
+        protocol.ProfileReply.from_fields(fields).profile_values(SITE)
+    )
+    assert rebuilt.foreground_intensities is not None
+
+
+def test_polarity_term_stays_home_below_min_cases(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path
+) -> None:
+    # Prepare: site A with one more training image, unlabelled: its 3 images reach
+    # the policy's limits.min-cases of 3, its 2 labelled cases do not
+    site = tmp_path / "A"
+    shutil.copytree(federation / SITE, site)
+    first = sorted((site / "imagesTr").iterdir())[0]
+    shutil.copy(first, site / "imagesTr" / first.name.replace("_0000", "9_0000"))
+    weighed = {**run_config, "affinity.polarity-weight": 0.5}
+
+    # Execute
+    reply = ask(
+        weighed,
+        site,
+        tmp_path / "state",
+        protocol.PROFILE,
+        policy={"limits.min-cases": 3},
+    )
+
+    # Assert: neither the label term nor the polarity term leaves
+    assert not reply.has_error(), reply.error.reason
+    fields = reply.content[protocol.METRICS_KEY]
+    for key in ("mean-label-map", "foreground-intensities", "shell-intensities"):
+        assert key not in fields
+    assert fields["num-labelled"] == 2
+
+
 # ----------------------------------------------------------------- train.finetune
 
 
