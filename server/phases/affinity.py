@@ -192,26 +192,34 @@ def transferred_label_use(
 
     The path was chosen with the target's labels when the distance had a label term
     (``matrices``: every site's profile carried one, and its weight was not 0): the
-    target's mean label map over its ``target_labelled`` cases. And each fine-tuning
-    step at the target trained on its labelled cases (``num-cases`` of the step).
+    target's mean label map over its ``target_labelled`` cases; likewise with a
+    weighed polarity term (its intensities inside and around the target's labelled
+    foreground). And each fine-tuning step at the target trained on its labelled
+    cases (``num-cases`` of the step).
 
     Example:
         >>> use = transferred_label_use("A", matrices={"label_term": False},
         ...     target_labelled=2, steps=[{"site": "B"}, {"site": "A", "num-cases": 2}])
         >>> use.via, use.cases
         (('SeqTran candidate fine-tuned at A on 2 labelled cases',), 2)
+        >>> transferred_label_use("A", matrices={"label_term": True,
+        ...     "polarity_term": True, "weights": {"label": 0.0, "polarity": 1.0}},
+        ...     target_labelled=2, steps=[]).via
+        ("SeqTran path chosen with A's polarity term (2 labelled cases)",)
     """
     uses = []
-    if matrices.get("label_term") and matrices["weights"]["label"] > 0:
-        uses.append(
-            LabelUse(
-                via=(
-                    f"SeqTran path chosen with {target}'s label term "
-                    f"({target_labelled} labelled cases)",
-                ),
-                cases=target_labelled,
+    weights = matrices.get("weights", {})
+    for term in ("label", "polarity"):
+        if matrices.get(f"{term}_term") and weights.get(term, 0.0) > 0:
+            uses.append(
+                LabelUse(
+                    via=(
+                        f"SeqTran path chosen with {target}'s {term} term "
+                        f"({target_labelled} labelled cases)",
+                    ),
+                    cases=target_labelled,
+                )
             )
-        )
     cases_key = protocol.field_key(protocol.TrainReply, "num_cases")
     for step in steps:
         if step["site"] == target:
