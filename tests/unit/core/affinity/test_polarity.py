@@ -61,8 +61,8 @@ def chain_profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SitePr
 
 
 def test_polarity_is_computed_only_when_weighed_or_forced():
-    assert AFFINITY.polarity_weight == 0.0
-    assert profile_settings(AFFINITY).polarity_quantiles == 0
+    paper = dataclasses.replace(AFFINITY, polarity_weight=0.0)
+    assert profile_settings(paper).polarity_quantiles == 0
     weighed = dataclasses.replace(AFFINITY, polarity_weight=0.5)
     assert profile_settings(weighed).polarity_quantiles == AFFINITY.polarity_quantiles
     assert profile_settings(weighed, polarity=False).polarity_quantiles == 0

@@ -15,7 +15,7 @@ import pytest
 
 from core.affinity.graph import TaskFactors
 from core.affinity.profile import SiteProfile, build_site_profile, profile_settings
-from core.config import RunConfig, load_default_config
+from core.config import ConfigValue, RunConfig, load_default_config
 from core.data.synthetic_chain import build_chain_sites, write_chain_site
 from server.phases.affinity import choose_affinity_path
 
@@ -27,6 +27,12 @@ SITES = (
     "L-faint-medium",
 )
 TARGET = "T-bright-large"
+# Stated here, not taken from pyproject, whose calibrated weights may change.
+WEIGHTS: dict[str, ConfigValue] = {
+    "affinity.min-hops": 1,
+    "affinity.image-weight": 1.0,
+    "affinity.label-weight": 0.5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +62,8 @@ def test_polarity_weight_adds_its_term_and_zero_keeps_the_paper_form(
     chain_profiles: dict[str, SiteProfile],
 ) -> None:
     # Prepare
-    paper = load_default_config(**{"affinity.min-hops": 1})
-    weighed = load_default_config(
-        **{"affinity.min-hops": 1, "affinity.polarity-weight": 1.0}
-    )
+    paper = load_default_config(**{**WEIGHTS, "affinity.polarity-weight": 0.0})
+    weighed = load_default_config(**{**WEIGHTS, "affinity.polarity-weight": 1.0})
 
     # Execute
     two_terms = _choose(paper, chain_profiles)
@@ -68,7 +72,7 @@ def test_polarity_weight_adds_its_term_and_zero_keeps_the_paper_form(
     # Assert
     assert two_terms["polarity_term"] is False
     assert two_terms["polarity_distance"] is None
-    assert two_terms["weights"] == {"image": 1.0, "label": 0.0875, "polarity": 0.0}
+    assert two_terms["weights"] == {"image": 1.0, "label": 0.5, "polarity": 0.0}
     assert three_terms["polarity_term"] is True
     assert three_terms["weights"]["polarity"] == 1.0  # type: ignore[index]
     sites = three_terms["sites"]
@@ -91,9 +95,7 @@ def test_a_site_without_the_polarity_term_drops_it(
     profiles["L-faint-medium"] = dataclasses.replace(
         profiles["L-faint-medium"], foreground_intensities=None, shell_intensities=None
     )
-    weighed = load_default_config(
-        **{"affinity.min-hops": 1, "affinity.polarity-weight": 1.0}
-    )
+    weighed = load_default_config(**{**WEIGHTS, "affinity.polarity-weight": 1.0})
 
     # Execute
     matrices = _choose(weighed, profiles)
