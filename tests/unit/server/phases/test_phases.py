@@ -670,10 +670,13 @@ def test_affinity_profiles_every_site_and_fine_tunes_along_the_path(
     assert any(not np.array_equal(transferred[k], start[k]) for k in start)
     assert result.model == phases.affinity.SEQTRAN_CANDIDATE
     assert result.stopped is None
-    # A's 2 labelled cases chose the path (label term) and trained the last step.
+    # A's 2 labelled cases chose the path (the polarity term: the defaults weigh it
+    # and not the label term) and trained the last step.
+    assert result.matrices["weights"]["label"] == 0.0
+    assert result.matrices["polarity_term"] is True
     assert result.label_use == LabelUse(
         via=(
-            "SeqTran path chosen with A's label term (2 labelled cases)",
+            "SeqTran path chosen with A's polarity term (2 labelled cases)",
             "SeqTran candidate fine-tuned at A on 2 labelled cases",
         ),
         cases=2,
@@ -1726,7 +1729,7 @@ def test_report_never_puts_a_few_label_predictor_under_label_free(
     assert "| source:seqtran | " in markdown.split("### few-label", 1)[1]
     assert "SeqTran candidate fine-tuned at A on 2 labelled cases |" in markdown
     # The sections of the few-label models say so too
-    assert "(few-label: SeqTran path chosen with A's label term" in markdown
+    assert "(few-label: SeqTran path chosen with A's polarity term" in markdown
     assert "the consensus models are label-free" in markdown
 
 
