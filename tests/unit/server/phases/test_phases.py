@@ -833,12 +833,17 @@ def test_affinity_rejects_a_source_named_like_the_candidate(
 def test_path_for_an_unlabelled_target_uses_the_image_term_only(
     federation: Path, run_config: dict[str, ConfigValue]
 ) -> None:
-    # Prepare: A's profile without its label term
+    # Prepare: A's profile without its label term (nor, then, a polarity term)
     config = load_run_config(run_config)
     settings = profile_settings(config.affinity)
     profiles = {name: build_site_profile(federation / name, settings) for name in "ABC"}
     profiles["A"] = dataclasses.replace(
-        profiles["A"], mean_label_map=None, foreground_quantiles=None, num_labelled=0
+        profiles["A"],
+        mean_label_map=None,
+        foreground_quantiles=None,
+        num_labelled=0,
+        foreground_intensities=None,
+        shell_intensities=None,
     )
 
     # Execute
@@ -853,6 +858,8 @@ def test_path_for_an_unlabelled_target_uses_the_image_term_only(
     assert matrices["label_term"] is False
     assert matrices["label_similarity"] is None
     assert matrices["weights"]["label"] == 0.0
+    assert matrices["polarity_term"] is False
+    assert matrices["weights"]["polarity"] == 0.0
     order = [list("ABC").index(name) for name in matrices["sites"]]
     np.testing.assert_allclose(
         matrices["distance"], image_only[np.ix_(order, order)], atol=1e-12
