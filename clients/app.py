@@ -255,12 +255,15 @@ def profile(message: Message, _context: Context, setup: SiteSetup) -> Message:
     values = released.profile.to_dict()
     if not label_term_allowed(setup.policy.limits, released.profile.num_labelled):
         # A mean label map over fewer than limits.min-cases cases is (nearly) those
-        # cases' label maps: the label term stays home, the image term leaves.
+        # cases' label maps: the label term stays home, the image term leaves. So
+        # does the polarity term, the same cases' foreground and shell intensities.
         values = {
             **values,
             "label_grid": None,
             "mean_label_map": None,
             "foreground_quantiles": None,
+            "foreground_intensities": None,
+            "shell_intensities": None,
         }
         _progress(setup)(
             f"profile: label term left out ({released.profile.num_labelled} labelled "

@@ -201,7 +201,8 @@ def _max_metric_values(setup: SiteSetup, message_type: str) -> int:
 
     One value per training case (ITM); for a task profile, the lengths the run's
     ``affinity`` settings declare (``K`` quantiles, the ``G^3`` mean foreground map,
-    ``K_f`` foreground quantiles), which the site computed itself.
+    ``K_f`` foreground quantiles, ``K_p`` polarity quantiles), which the site computed
+    itself.
     """
     try:
         index = index_site(setup.site.directory)
@@ -216,6 +217,7 @@ def _max_metric_values(setup: SiteSetup, message_type: str) -> int:
             affinity.quantiles,
             affinity.label_grid**3,
             affinity.foreground_quantiles,
+            affinity.polarity_quantiles,
         )
     return max(1, cases)
 

@@ -500,10 +500,14 @@ class AffinityConfig:
     ``enabled`` runs the pipeline's ``affinity`` phase (profiles, path, sequential
     fine-tuning; its model joins the TGMA candidates). ``image_size``..
     ``foreground_quantiles`` say how every site computes its task profile;
-    ``image_weight`` (a) and ``label_weight`` (b) weigh the normalised distance
-    d = a * H + b * (1 - R) (``python -m simulations.benchmark affinity --calibrate``
-    fits them); ``min_hops``..``max_hops`` bound a transfer path's length (the
-    paper's path has exactly 2: one intermediate); ``landmarks`` says where a path
+    ``image_weight`` (a), ``label_weight`` (b) and ``polarity_weight`` (c) weigh the
+    normalised distance d = a * H + b * (1 - R) + c * P (``python -m
+    simulations.benchmark affinity --calibrate`` fits them; c = 0 is the paper's
+    form, and only with c > 0 do sites compute and release the polarity term of
+    ``polarity_quantiles`` foreground and shell intensity quantiles, the shell
+    ``polarity_shell`` voxels wide, docs/methods.md#polarity-term);
+    ``min_hops``..``max_hops`` bound a transfer path's length (the paper's path has
+    exactly 2: one intermediate); ``landmarks`` says where a path
     may start: ``case-fraction``, a source with at least ``start_case_fraction`` of the
     best-labelled source's cases, or ``communities``, the landmark of one of
     ``communities`` Girvan-Newman communities with an intermediate of the same
@@ -524,6 +528,9 @@ class AffinityConfig:
     )
     image_weight: float  # a
     label_weight: float  # b
+    polarity_weight: float  # c: the polarity term (0 = the paper's two terms)
+    polarity_quantiles: int  # K_p: intensity quantiles inside the foreground and shell
+    polarity_shell: int  # in-plane width of the shell around the foreground (voxels)
     min_hops: int
     max_hops: int
     start_case_fraction: float
@@ -561,8 +568,14 @@ class AffinityConfig:
         for weight_key, weight in (
             ("affinity.image-weight", self.image_weight),
             ("affinity.label-weight", self.label_weight),
+            ("affinity.polarity-weight", self.polarity_weight),
         ):
             _require(math.isfinite(weight) and weight >= 0, weight_key, ">= 0", weight)
+        for key, value in (
+            ("affinity.polarity-quantiles", self.polarity_quantiles),
+            ("affinity.polarity-shell", self.polarity_shell),
+        ):
+            _require(value >= 1, key, ">= 1", value)
         _require(
             self.image_weight + self.label_weight > 0,
             "affinity.image-weight",

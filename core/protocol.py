@@ -685,6 +685,7 @@ class SemisupReply(DpFigures):
 
 # The label term of a profile: both fields or neither.
 _LABEL_TERM: Final = ("mean_label_map", "foreground_quantiles")
+_POLARITY_TERM: Final = ("foreground_intensities", "shell_intensities")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -697,6 +698,9 @@ class ProfileReply(DpFigures):
     ``label_grid`` 0. With DP (a site policy that requires it) the values are noised
     and ``epsilon_spent`` is this release's ε, ``epsilon_total`` the site's cumulative
     ε after it, both at ``delta``; the four DP fields are 0 for an exact profile.
+    The polarity term (docs/methods.md#polarity-term), the foreground and shell
+    intensity quantiles, comes only with a label term and only when the run weighs
+    it; both fields or neither.
     """
 
     image_quantiles: tuple[float, ...]
@@ -706,6 +710,8 @@ class ProfileReply(DpFigures):
     foreground_quantiles: tuple[float, ...] | None
     num_images: int
     num_labelled: int
+    foreground_intensities: tuple[float, ...] | None = None
+    shell_intensities: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         has_map = self.mean_label_map is not None
@@ -718,6 +724,17 @@ class ProfileReply(DpFigures):
             raise ValueError(
                 f"payload field 'label-grid' is {self.label_grid}, which must be > 0 "
                 "exactly when a label term is sent"
+            )
+        has_polarity = self.foreground_intensities is not None
+        if has_polarity != (self.shell_intensities is not None):
+            raise ValueError(
+                "payload fields 'foreground-intensities' and 'shell-intensities' must "
+                "come together (a polarity term) or not at all"
+            )
+        if has_polarity and not has_map:
+            raise ValueError(
+                "payload fields 'foreground-intensities' and 'shell-intensities' (a "
+                "polarity term) come only with a label term"
             )
 
     def profile_values(
@@ -743,6 +760,14 @@ class ProfileReply(DpFigures):
             "noise_multiplier": self.noise_multiplier if private else None,
             "delta": self.delta if private else None,
             "epsilon": self.epsilon_spent if private else None,
+            "foreground_intensities": (
+                None
+                if self.foreground_intensities is None
+                else list(self.foreground_intensities)
+            ),
+            "shell_intensities": (
+                None if self.shell_intensities is None else list(self.shell_intensities)
+            ),
         }
 
     @classmethod
@@ -765,8 +790,8 @@ class ProfileReply(DpFigures):
             "delta": values["delta"] or 0.0,
             "noise_multiplier": values["noise_multiplier"] or 0.0,
         }
-        for name in _LABEL_TERM:
-            if values[name] is not None:
+        for name in (*_LABEL_TERM, *_POLARITY_TERM):
+            if values.get(name) is not None:
                 attributes[name] = values[name]
         return cls.from_fields(
             {field_key(cls, name): value for name, value in attributes.items()}
@@ -774,11 +799,12 @@ class ProfileReply(DpFigures):
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> Self:
-        """Parse a reply's MetricRecord: the label term's two fields, or neither."""
-        keys = [field_key(cls, name) for name in _LABEL_TERM]
-        if any(key in fields for key in keys):
-            for key in keys:
-                _payload(fields).get(key)  # "... is missing" names the absent one
+        """Parse a reply's MetricRecord: each optional term's two fields, or neither."""
+        for term in (_LABEL_TERM, _POLARITY_TERM):
+            keys = [field_key(cls, name) for name in term]
+            if any(key in fields for key in keys):
+                for key in keys:
+                    _payload(fields).get(key)  # "... is missing" names the absent one
         return cls(**record_values(cls, fields))
 
 

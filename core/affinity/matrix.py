@@ -7,6 +7,10 @@ Owns the affinity terms of docs/methods.md#affinity, computed from
 - ``H`` = exact 1-D Wasserstein-1 distance between quantile functions; ``R`` = global
   single-window SSIM (K1 = K2 = 0.3, L = 1); both min-max normalised;
   ``d = a * H_norm + b * (1 - R_norm)``. Path search is in :mod:`core.affinity.paths`.
+- The named option ``P`` (docs/methods.md#polarity-term): the mean absolute
+  difference of two sites' contrast functions (foreground minus shell intensity
+  quantiles), min-max normalised; ``d = a * H_norm + b * (1 - R_norm) + c * P_norm``,
+  and ``c = 0`` is exactly the paper's two-term ``d``.
 
 Pure numpy; never reads site data and never imports flwr or opacus.
 """
@@ -184,6 +188,76 @@ def label_similarity(first: SiteProfile, second: SiteProfile) -> float:
     return global_ssim(maps[0], maps[1])
 
 
+def contrast_function(profile: SiteProfile) -> FloatArray:
+    """Foreground minus shell intensity quantiles ``(K_p,)`` of a site's profile.
+
+    Positive where the structure is brighter than its surroundings; an inverted
+    contrast flips its sign, which the image term cannot see.
+
+    Raises:
+        ValueError: the profile has no polarity term.
+    """
+    inside, shell = profile.foreground_intensities, profile.shell_intensities
+    if inside is None or shell is None:
+        raise ValueError(
+            f"site {profile.site} has no polarity term (not computed, or no labelled "
+            "cases), so its polarity distance is undefined"
+        )
+    contrast: FloatArray = np.sort(inside) - np.sort(shell)
+    return contrast
+
+
+def polarity_distance(first: SiteProfile, second: SiteProfile) -> float:
+    """Return P: the mean absolute difference of two sites' contrast functions.
+
+    ``mean_k |c_1(k) - c_2(k)|`` with ``c`` = :func:`contrast_function`, in z-score
+    units: sites whose structure stands out the same way from its surroundings are
+    near, sites of opposite polarity far apart (about twice their contrast).
+
+    Raises:
+        ValueError: a site has no polarity term, or the terms differ in K_p or clip.
+    """
+    if first.quantile_clip != second.quantile_clip:
+        raise ValueError(
+            f"sites {first.site} and {second.site} used different quantile clips "
+            f"({first.quantile_clip} and {second.quantile_clip})"
+        )
+    contrast_a, contrast_b = contrast_function(first), contrast_function(second)
+    if contrast_a.shape != contrast_b.shape:
+        raise ValueError(
+            f"sites {first.site} and {second.site} have polarity terms of different "
+            f"lengths ({contrast_a.size} and {contrast_b.size})"
+        )
+    return float(np.mean(np.abs(contrast_a - contrast_b)))
+
+
+def polarity_matrix(profiles: Mapping[str, SiteProfile]) -> SiteMatrix:
+    """Return the raw pairwise ``P`` over the sites, in the mapping's order.
+
+    Raises:
+        ValueError: a key differs from its profile's site name, or a pair fails
+            :func:`polarity_distance` (a site without a polarity term).
+    """
+    for name, profile in profiles.items():
+        if profile.site != name:
+            raise ValueError(f"profile of site {profile.site} is filed under {name}")
+    sites = tuple(profiles)
+    values = np.zeros((len(sites), len(sites)))
+    for row, first in enumerate(sites):
+        for col in range(row + 1, len(sites)):
+            values[row, col] = values[col, row] = polarity_distance(
+                profiles[first], profiles[sites[col]]
+            )
+    return SiteMatrix(sites=sites, values=values)
+
+
+def has_polarity(profiles: Mapping[str, SiteProfile]) -> bool:
+    """Whether every profile carries a polarity term (so ``P`` is defined)."""
+    return all(
+        profile.foreground_intensities is not None for profile in profiles.values()
+    )
+
+
 def affinity_matrices(
     profiles: Mapping[str, SiteProfile], *, with_labels: bool = True
 ) -> tuple[SiteMatrix, SiteMatrix]:
@@ -267,14 +341,42 @@ def normalise(
     )
 
 
+def normalise_polarity(polarity: SiteMatrix) -> SiteMatrix:
+    """``P_norm = minmax(P)`` over the off-diagonal pairs, with a zero diagonal.
+
+    No square root (unlike ``H_norm``): ``P`` of a chain of contrasts is already
+    about linear in the levels apart. A constant ``P`` separates no pair and becomes
+    0 everywhere.
+
+    Example:
+        >>> p = SiteMatrix(sites=("A", "B", "C"), values=np.array(
+        ...     [[0.0, 1.0, 3.0], [1.0, 0.0, 2.0], [3.0, 2.0, 0.0]]))
+        >>> normalise_polarity(p).values[1]
+        array([0. , 0. , 0.5])
+
+    Raises:
+        ValueError: fewer than two sites.
+    """
+    if len(polarity.sites) < 2:
+        raise ValueError("normalising needs at least two sites")
+    scaled = _min_max_off_diagonal(polarity.values)
+    values = np.zeros_like(polarity.values) if scaled is None else scaled
+    np.fill_diagonal(values, 0.0)
+    return SiteMatrix(sites=polarity.sites, values=values)
+
+
 def distance_matrix(
     image_norm: SiteMatrix,
     label_norm: SiteMatrix,
     *,
     image_weight: float = 1.0,
     label_weight: float = 1.0,
+    polarity_norm: SiteMatrix | None = None,
+    polarity_weight: float = 0.0,
 ) -> SiteMatrix:
-    """Return ``d = a * H_norm + b * (1 - R_norm)`` with a zero diagonal.
+    """Return ``d = a * H_norm + b * (1 - R_norm) + c * P_norm``, zero diagonal.
+
+    ``c = 0`` (the default) is the paper's two-term distance, bit for bit.
 
     Defaults ``a = b = 1`` (equal weight on the two normalised terms) until
     calibrated. The paper's ``0.0044 * H + 2.4756 * (1 - R)`` is on raw H in its own
@@ -286,12 +388,19 @@ def distance_matrix(
         label_norm: ``R_norm`` from :func:`normalise`.
         image_weight: ``a >= 0``.
         label_weight: ``b >= 0``; not both 0.
+        polarity_norm: ``P_norm`` from :func:`normalise_polarity`; needed when
+            ``polarity_weight > 0``.
+        polarity_weight: ``c >= 0``.
 
     Raises:
-        ValueError: a weight is negative or not finite, both are 0, or the matrices
-            cover different sites.
+        ValueError: a weight is negative or not finite, a and b are both 0, ``c > 0``
+            without ``polarity_norm``, or the matrices cover different sites.
     """
-    weights = {"image_weight": image_weight, "label_weight": label_weight}
+    weights = {
+        "image_weight": image_weight,
+        "label_weight": label_weight,
+        "polarity_weight": polarity_weight,
+    }
     for name, weight in weights.items():
         if not (math.isfinite(weight) and weight >= 0.0):
             raise ValueError(f"{name} must be finite and >= 0, got {weight}")
@@ -303,5 +412,16 @@ def distance_matrix(
             f"{label_norm.sites}"
         )
     values = image_weight * image_norm.values + label_weight * (1.0 - label_norm.values)
+    if polarity_weight > 0.0:
+        if polarity_norm is None:
+            raise ValueError(
+                f"polarity_weight is {polarity_weight} but no P_norm was given"
+            )
+        if polarity_norm.sites != image_norm.sites:
+            raise ValueError(
+                f"P_norm and H_norm cover different sites: {polarity_norm.sites} and "
+                f"{image_norm.sites}"
+            )
+        values = values + polarity_weight * polarity_norm.values
     np.fill_diagonal(values, 0.0)
     return SiteMatrix(sites=image_norm.sites, values=values)

@@ -13,6 +13,13 @@ from profiles instead of raw image pairs, which cannot leave a site):
   Wasserstein-2 barycenter, and the mean has bounded sensitivity for DP.
 - Label term. The mean foreground map of the labelled training cases on a ``G^3`` grid
   and the quantiles of their foreground fractions. ``R`` uses the map only.
+- Polarity term (a named option, docs/methods.md#polarity-term; computed only when the
+  run weighs it). Over the labelled training cases, each image z-scored as for the
+  image term: the ``K_p`` midpoint quantiles of the intensities inside the foreground
+  and inside an in-plane shell around it, clipped to ``[-clip, clip]``, averaged over
+  the cases. The image term cannot see contrast polarity (z-scoring and the PCA sign
+  rule map an inverted image onto nearly the same quantiles); foreground minus shell
+  changes sign with it.
 
 The optional DP release is :mod:`core.affinity.profile_noise`; what the coordinator
 computes from profiles is :mod:`core.affinity.matrix`. Pure numpy/scipy; reads sites
@@ -53,6 +60,9 @@ class ProfileSettings:
             before averaging, bounding one image's influence.
         label_grid: ``G``, the side of the mean foreground map.
         num_foreground_quantiles: midpoint quantiles of the foreground fractions.
+        polarity_quantiles: ``K_p``, midpoint quantiles of the polarity term's
+            foreground and shell intensities; 0 computes no polarity term.
+        polarity_shell: the shell's in-plane width in voxels (>= 1).
     """
 
     image_size: int
@@ -61,6 +71,8 @@ class ProfileSettings:
     quantile_clip: float
     label_grid: int
     num_foreground_quantiles: int
+    polarity_quantiles: int = 0
+    polarity_shell: int = 3
 
     def __post_init__(self) -> None:
         for name in ("image_size", "num_quantiles", "label_grid"):
@@ -75,10 +87,22 @@ class ProfileSettings:
             raise ValueError(f"pca_variance must be in (0, 1], got {self.pca_variance}")
         if not (math.isfinite(self.quantile_clip) and self.quantile_clip > 0):
             raise ValueError(f"quantile_clip must be > 0, got {self.quantile_clip}")
+        if self.polarity_quantiles < 0 or self.polarity_shell < 1:
+            raise ValueError(
+                "polarity_quantiles must be >= 0 and polarity_shell >= 1, got "
+                f"{self.polarity_quantiles} and {self.polarity_shell}"
+            )
 
 
-def profile_settings(affinity: AffinityConfig) -> ProfileSettings:
+def profile_settings(
+    affinity: AffinityConfig, *, polarity: bool | None = None
+) -> ProfileSettings:
     """The profile settings of the run config's ``affinity`` group.
+
+    ``polarity`` None computes the polarity term exactly when the run weighs it
+    (``affinity.polarity-weight > 0``), so the paper's form (weight 0) computes and
+    releases what it always did; True or False forces it (the benchmark computes it
+    to calibrate its weight).
 
     The defaults (pyproject): S = 32 suits our small volumes (the paper uses 128). A
     clip of 4 z-score units keeps the outermost quantiles of every synthetic case we
@@ -97,6 +121,12 @@ def profile_settings(affinity: AffinityConfig) -> ProfileSettings:
         quantile_clip=affinity.quantile_clip,
         label_grid=affinity.label_grid,
         num_foreground_quantiles=affinity.foreground_quantiles,
+        polarity_quantiles=(
+            affinity.polarity_quantiles
+            if (affinity.polarity_weight > 0 if polarity is None else polarity)
+            else 0
+        ),
+        polarity_shell=affinity.polarity_shell,
     )
 
 
@@ -124,6 +154,11 @@ class SiteProfile:
         num_images: training images (labelled and unlabelled) in the image term.
         num_labelled: labelled training cases in the label term.
         noise: the DP noise added, or ``None`` for an exact profile.
+        foreground_intensities: ``(K_p,)`` mean quantile function of the z-scored
+            intensities inside the foreground, in ``[-clip, clip]``; ``None`` without
+            a polarity term (not computed, or no labelled cases).
+        shell_intensities: ``(K_p,)`` the same inside the shell around the
+            foreground; given exactly when ``foreground_intensities`` is.
     """
 
     site: str
@@ -134,6 +169,8 @@ class SiteProfile:
     num_images: int
     num_labelled: int
     noise: ProfileNoise | None
+    foreground_intensities: FloatArray | None = None
+    shell_intensities: FloatArray | None = None
 
     def __post_init__(self) -> None:
         # A profile may come off the wire, so every invariant is checked here.
@@ -168,6 +205,33 @@ class SiteProfile:
             _check_range(self.site, "foreground_quantiles", fractions, None)
             object.__setattr__(self, "mean_label_map", label_map)
             object.__setattr__(self, "foreground_quantiles", fractions)
+        self._check_polarity()
+
+    def _check_polarity(self) -> None:
+        inside, shell = self.foreground_intensities, self.shell_intensities
+        if (inside is None) != (shell is None):
+            raise ValueError(
+                f"site {self.site}: foreground_intensities and shell_intensities "
+                "must come together (a polarity term) or not at all"
+            )
+        if inside is None or shell is None:
+            return
+        if self.num_labelled < 1:
+            raise ValueError(
+                f"site {self.site}: a polarity term needs labelled cases "
+                f"(num_labelled = {self.num_labelled})"
+            )
+        inside, shell = _frozen(inside), _frozen(shell)
+        if inside.ndim != 1 or inside.size < 1 or inside.shape != shell.shape:
+            raise ValueError(
+                f"site {self.site}: foreground_intensities and shell_intensities must "
+                f"be vectors of the same length >= 1, got shapes {inside.shape} and "
+                f"{shell.shape}"
+            )
+        _check_range(self.site, "foreground_intensities", inside, self.quantile_clip)
+        _check_range(self.site, "shell_intensities", shell, self.quantile_clip)
+        object.__setattr__(self, "foreground_intensities", inside)
+        object.__setattr__(self, "shell_intensities", shell)
 
     def to_dict(self) -> dict[str, ProfileValue]:
         """Flatten to plain values for the wire (the label map as a flat list)."""
@@ -194,6 +258,8 @@ class SiteProfile:
             "noise_multiplier": None if noise is None else noise.noise_multiplier,
             "delta": None if noise is None else noise.delta,
             "epsilon": None if noise is None else noise.epsilon,
+            "foreground_intensities": _as_list(self.foreground_intensities),
+            "shell_intensities": _as_list(self.shell_intensities),
         }
 
     @classmethod
@@ -249,7 +315,13 @@ class SiteProfile:
             num_images=num_images,
             num_labelled=num_labelled,
             noise=noise,
+            foreground_intensities=_optional_vector(values, "foreground_intensities"),
+            shell_intensities=_optional_vector(values, "shell_intensities"),
         )
+
+
+def _as_list(values: FloatArray | None) -> list[float] | None:
+    return None if values is None else values.tolist()
 
 
 _NOISE_KEYS: Final = ("noise_multiplier", "delta", "epsilon")
@@ -263,6 +335,8 @@ _PROFILE_KEYS: Final = (
     "num_images",
     "num_labelled",
     *_NOISE_KEYS,
+    "foreground_intensities",
+    "shell_intensities",
 )
 
 
@@ -377,6 +451,57 @@ def build_image_quantiles(
     return np.clip(quantiles, -settings.quantile_clip, settings.quantile_clip)
 
 
+def build_polarity_quantiles(
+    image: npt.NDArray[np.floating],
+    label: npt.NDArray[np.integer],
+    *,
+    settings: ProfileSettings,
+) -> tuple[FloatArray, FloatArray]:
+    """One labelled case's foreground and shell intensity quantiles, ``(K_p,)`` each.
+
+    The image is z-scored as for the image term (at full resolution). The foreground
+    is ``label > 0``; the shell is the foreground dilated in-plane (each slice, a 3 x 3
+    cross ``polarity_shell`` times) minus the foreground: in-plane, so that a site's
+    slice thickness does not change its width. Both quantile functions are clipped to
+    ``[-clip, clip]``. A case with an empty foreground or shell gives zeros for that
+    function, so every case weighs the same in the mean (the DP sensitivity assumes
+    so).
+
+    Example:
+        >>> image = np.zeros((1, 9, 9)); image[0, 3:6, 3:6] = 1.0
+        >>> label = (image > 0).astype(np.int64)
+        >>> settings = ProfileSettings(image_size=2, pca_variance=0.75,
+        ...     num_quantiles=2, quantile_clip=4.0, label_grid=2,
+        ...     num_foreground_quantiles=1, polarity_quantiles=1)
+        >>> inside, shell = build_polarity_quantiles(image, label, settings=settings)
+        >>> bool(inside[0] > 0 > shell[0])
+        True
+    """
+    if settings.polarity_quantiles < 1:
+        raise ValueError("settings compute no polarity term (polarity_quantiles = 0)")
+    values = normalise_intensity(image.astype(np.float32)).astype(np.float64)
+    foreground = np.asarray(label) > 0
+    if foreground.shape != values.shape:
+        raise ValueError(
+            f"label shape {foreground.shape} differs from image shape {values.shape}"
+        )
+    structure = np.zeros((1, 3, 3), dtype=bool)
+    structure[0, 1, :] = structure[0, :, 1] = True
+    dilated = ndimage.binary_dilation(
+        foreground, structure=structure, iterations=settings.polarity_shell
+    )
+    shell = dilated & ~foreground
+    count, clip = settings.polarity_quantiles, settings.quantile_clip
+    functions = []
+    for region in (foreground, shell):
+        if not region.any():
+            functions.append(np.zeros(count))
+            continue
+        quantiles = midpoint_quantiles(values[region], count)
+        functions.append(np.clip(quantiles, -clip, clip))
+    return functions[0], functions[1]
+
+
 def build_foreground_map(label: npt.NDArray[np.integer], *, grid: int) -> FloatArray:
     """Return the foreground (``label > 0``) occupancy of a case on a ``grid^3`` cube.
 
@@ -441,6 +566,8 @@ def build_site_profile(
     if not cases:
         raise ValueError(f"site {index.name}: no training images (imagesTr) to profile")
     image_quantiles, label_maps, fractions = [], [], []
+    inside: list[FloatArray] = []
+    shell: list[FloatArray] = []
     for case in cases:
         loaded = read_case(case, num_classes=len(index.class_names))
         image_quantiles.append(build_image_quantiles(loaded.image, settings=settings))
@@ -449,6 +576,12 @@ def build_site_profile(
                 build_foreground_map(loaded.label, grid=settings.label_grid)
             )
             fractions.append(float(np.mean(loaded.label > 0)))
+            if settings.polarity_quantiles > 0:
+                case_inside, case_shell = build_polarity_quantiles(
+                    loaded.image, loaded.label, settings=settings
+                )
+                inside.append(case_inside)
+                shell.append(case_shell)
     return SiteProfile(
         site=index.name,
         image_quantiles=np.mean(image_quantiles, axis=0),
@@ -464,4 +597,6 @@ def build_site_profile(
         num_images=len(cases),
         num_labelled=len(label_maps),
         noise=None,
+        foreground_intensities=np.mean(inside, axis=0) if inside else None,
+        shell_intensities=np.mean(shell, axis=0) if shell else None,
     )

@@ -43,13 +43,18 @@ class ProfileSensitivity:
             most 1/n) and each by at most 1, and one order statistic feeds at most
             ``ceil(K_f / n)`` midpoint quantiles, so the squared change is at most
             ``ceil(K_f / n) * 1 * 1``; tighter than ``sqrt(K_f)`` once n > 1.
-        num_parts: Gaussian mechanisms in the release (1 without a label term).
+        polarity: ``2 * clip * sqrt(2 * K_p) / num_labelled`` for the polarity
+            term's two quantile vectors released together (one mechanism): each
+            case's pair lies in ``[-clip, clip]^(2 K_p)``; 0 without the term.
+        num_parts: Gaussian mechanisms in the release (1 without a label term, one
+            more with a polarity term).
     """
 
     image: float
     label_map: float
     foreground: float
     num_parts: int
+    polarity: float = 0.0
 
 
 def get_profile_sensitivity(profile: SiteProfile) -> ProfileSensitivity:
@@ -61,11 +66,20 @@ def get_profile_sensitivity(profile: SiteProfile) -> ProfileSensitivity:
             image=image, label_map=0.0, foreground=0.0, num_parts=1
         )
     count = profile.foreground_quantiles.size
+    polarity = 0.0
+    if profile.foreground_intensities is not None:
+        polarity = (
+            2.0
+            * profile.quantile_clip
+            * math.sqrt(2 * profile.foreground_intensities.size)
+            / profile.num_labelled
+        )
     return ProfileSensitivity(
         image=image,
         label_map=math.sqrt(profile.mean_label_map.size) / profile.num_labelled,
         foreground=math.sqrt(min(count, math.ceil(count / profile.num_labelled))),
-        num_parts=3,
+        num_parts=3 if polarity == 0.0 else 4,
+        polarity=polarity,
     )
 
 
@@ -141,6 +155,13 @@ def noise_profile(
 
     clip = profile.quantile_clip
     label_map, fractions = profile.mean_label_map, profile.foreground_quantiles
+    inside, shell = profile.foreground_intensities, profile.shell_intensities
+    if inside is not None and shell is not None:
+        # One mechanism: both vectors noised at the pair's joint sensitivity.
+        pair = noised(
+            np.concatenate([inside, shell]), sensitivity.polarity, -clip, clip
+        )
+        inside, shell = np.sort(pair[: inside.size]), np.sort(pair[inside.size :])
     released = dataclasses.replace(
         profile,
         image_quantiles=np.sort(
@@ -159,5 +180,7 @@ def noise_profile(
         noise=ProfileNoise(
             noise_multiplier=noise_multiplier, delta=delta, epsilon=epsilon
         ),
+        foreground_intensities=inside,
+        shell_intensities=shell,
     )
     return released, epsilon

@@ -286,6 +286,12 @@ _SIZES: Final[tuple[tuple[str, str, SizeGetter, tuple[str, ...]], ...]] = (
         ("query.profile",),
     ),
     (
+        "max_quantiles",
+        "affinity.polarity-quantiles",
+        lambda c: c.affinity.polarity_quantiles,
+        ("query.profile",),
+    ),
+    (
         "max_epochs",
         "affinity.finetune-epochs",
         lambda c: c.affinity.finetune_epochs,

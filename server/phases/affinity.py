@@ -17,7 +17,10 @@ from core.affinity.matrix import (
     SiteMatrix,
     affinity_matrices,
     distance_matrix,
+    has_polarity,
     normalise,
+    normalise_polarity,
+    polarity_matrix,
 )
 from core.affinity.path_choice import PathChoice, choose_path
 from core.affinity.profile import SiteProfile
@@ -86,7 +89,9 @@ def choose_affinity_path(
     """The path to ``target`` (:func:`choose_path`) and the matrices it was chosen on.
 
     The label term needs labels at every site of the matrix; when the target (or a
-    source) has none, ``d`` is the image term alone. ``factors`` (each site's
+    source) has none, ``d`` is the image term alone. The polarity term
+    (``affinity.polarity-weight > 0``) likewise needs every site's; without it ``d``
+    has no polarity term. ``factors`` (each site's
     modality and labels from ``query.hello``) serve ``affinity.one-factor-edges``.
     """
     names = [*sorted(sources), target]
@@ -96,6 +101,9 @@ def choose_affinity_path(
     image_norm, label_norm = normalise(image, label)
     affinity = config.affinity
     label_weight = affinity.label_weight if with_labels else 0.0
+    with_polarity = affinity.polarity_weight > 0.0 and has_polarity(scenario)
+    polarity = polarity_matrix(scenario) if with_polarity else None
+    polarity_weight = affinity.polarity_weight if with_polarity else 0.0
     if affinity.image_weight == 0.0 and label_weight == 0.0:
         raise PhaseError(
             "affinity: affinity.image-weight is 0 and the label term cannot be "
@@ -107,6 +115,8 @@ def choose_affinity_path(
         label_norm,
         image_weight=affinity.image_weight,
         label_weight=label_weight,
+        polarity_norm=None if polarity is None else normalise_polarity(polarity),
+        polarity_weight=polarity_weight,
     )
     choice = choose_path(
         distances,
@@ -118,9 +128,15 @@ def choose_affinity_path(
     return choice, {
         "sites": names,
         "label_term": with_labels,
-        "weights": {"image": affinity.image_weight, "label": label_weight},
+        "polarity_term": with_polarity,
+        "weights": {
+            "image": affinity.image_weight,
+            "label": label_weight,
+            "polarity": polarity_weight,
+        },
         "image_distance": _matrix(image),
         "label_similarity": _matrix(label) if with_labels else None,
+        "polarity_distance": None if polarity is None else _matrix(polarity),
         "distance": _matrix(distances),
         "graph": {
             "landmarks": affinity.landmarks.value,
@@ -176,26 +192,34 @@ def transferred_label_use(
 
     The path was chosen with the target's labels when the distance had a label term
     (``matrices``: every site's profile carried one, and its weight was not 0): the
-    target's mean label map over its ``target_labelled`` cases. And each fine-tuning
-    step at the target trained on its labelled cases (``num-cases`` of the step).
+    target's mean label map over its ``target_labelled`` cases; likewise with a
+    weighed polarity term (its intensities inside and around the target's labelled
+    foreground). And each fine-tuning step at the target trained on its labelled
+    cases (``num-cases`` of the step).
 
     Example:
         >>> use = transferred_label_use("A", matrices={"label_term": False},
         ...     target_labelled=2, steps=[{"site": "B"}, {"site": "A", "num-cases": 2}])
         >>> use.via, use.cases
         (('SeqTran candidate fine-tuned at A on 2 labelled cases',), 2)
+        >>> transferred_label_use("A", matrices={"label_term": True,
+        ...     "polarity_term": True, "weights": {"label": 0.0, "polarity": 1.0}},
+        ...     target_labelled=2, steps=[]).via
+        ("SeqTran path chosen with A's polarity term (2 labelled cases)",)
     """
     uses = []
-    if matrices.get("label_term") and matrices["weights"]["label"] > 0:
-        uses.append(
-            LabelUse(
-                via=(
-                    f"SeqTran path chosen with {target}'s label term "
-                    f"({target_labelled} labelled cases)",
-                ),
-                cases=target_labelled,
+    weights = matrices.get("weights", {})
+    for term in ("label", "polarity"):
+        if matrices.get(f"{term}_term") and weights.get(term, 0.0) > 0:
+            uses.append(
+                LabelUse(
+                    via=(
+                        f"SeqTran path chosen with {target}'s {term} term "
+                        f"({target_labelled} labelled cases)",
+                    ),
+                    cases=target_labelled,
+                )
             )
-        )
     cases_key = protocol.field_key(protocol.TrainReply, "num_cases")
     for step in steps:
         if step["site"] == target:

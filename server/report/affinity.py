@@ -61,6 +61,8 @@ def affinity_lines(
             else f"d = {weights['image']:g} * H (image term only: a site has no "
             "labelled case, so there is no label term)"
         )
+        if weights.get("polarity"):
+            term += f" + {weights['polarity']:g} * P (the polarity term)"
         lines += [
             "",
             f"Distance between sites ({term}, on min-max-normalised terms; lower "

@@ -12,9 +12,13 @@ correlation between ``-d(source, target)`` and the one-step Dice (the source's m
 fine-tuned on the target's few labels). Every Dice is the mean over ``--seeds``
 (``train.seed`` values; each retrains every path), as one seed is too noisy to rank
 the sources. Two intermediates, their labels cut to the target's count, are targets
-too. ``--calibrate`` fits ``a`` and ``b`` on the one-step
-Dice (:mod:`simulations.benchmark.affinity_calibration`), writes them into
-pyproject.toml and chooses the paths with them. Training and scoring are
+too. Every profile carries the polarity term (docs/methods.md#polarity-term), which
+``affinity.polarity-weight`` = 0 leaves out of ``d``. ``--calibrate`` fits ``a``, ``b``
+and ``c`` on the one-step Dice (:mod:`simulations.benchmark.affinity_calibration`),
+writes them into pyproject.toml and chooses the paths with them. With ``c > 0`` each
+target is also scored under the paper's two-term form (``paper_form``: its Spearman,
+chosen path and affinity-best source), at the two-term fit when calibrating and at
+:data:`PAPER_FORM_WEIGHTS` otherwise. Training and scoring are
 :mod:`simulations.benchmark.affinity_transfer`; this module owns the run, its JSON
 document and the table between the ``<!-- benchmark:affinity -->`` markers of
 ``docs/affinity-benchmark.md``; the command line is ``simulations.benchmark``.
@@ -108,6 +112,10 @@ SEED_RESAMPLES: Final = 2000  # bootstrap draws of the seeds for the Spearman in
 # Dice's standard error by sqrt(10 / 3).
 DEFAULT_SEEDS: Final = tuple(range(10))
 MISSING: Final = "—"
+# The paper's two-term form as calibrated on chain seed 0 before the polarity term
+# (a, b; commit 064819c's pyproject.toml): what an uncalibrated run with c > 0 compares
+# its paths and Spearman with.
+PAPER_FORM_WEIGHTS: Final = (1.0, 0.0875)
 RANDOM_PATHS_SHOWN: Final = 3  # per target in the docs table; the JSON has every seed's
 
 
@@ -120,11 +128,16 @@ def build_affinity_config(overrides: Mapping[str, ConfigValue]) -> RunConfig:
     return load_default_config(**{**AFFINITY_RUN_CONFIG, **overrides})
 
 
-def _with_weights(config: RunConfig, image: float, label: float) -> RunConfig:
+def _with_weights(
+    config: RunConfig, image: float, label: float, polarity: float
+) -> RunConfig:
     return dataclasses.replace(
         config,
         affinity=dataclasses.replace(
-            config.affinity, image_weight=image, label_weight=label
+            config.affinity,
+            image_weight=image,
+            label_weight=label,
+            polarity_weight=polarity,
         ),
     )
 
@@ -156,7 +169,8 @@ def run_affinity(
         seeds: ``train.seed`` values; every path is trained once per seed (weights,
             batches) and every Dice is the mean over them. The Spearman and the
             calibration use the mean one-step Dice; each seed's own is recorded.
-        calibrate: fit ``a, b`` on the one-step Dice and choose the paths with them.
+        calibrate: fit ``a, b, c`` on the one-step Dice and choose the paths with
+            them.
         pyproject: where ``calibrate`` writes the fitted weights; None writes nothing.
         progress: called with one line per training step.
 
@@ -183,7 +197,7 @@ def run_affinity(
         )
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
-    settings = profile_settings(config.affinity)
+    settings = profile_settings(config.affinity, polarity=True)
     profiles = {name: build_site_profile(sites[name], settings) for name in sites}
     few = profiles[main_target].num_labelled
     trainers = {
@@ -209,12 +223,21 @@ def run_affinity(
             mean_steps = average_single_steps(measured[name])
             terms[name] = setup.terms({s: d["dice"] for s, d in mean_steps.items()})
         calibration: dict[str, object] | None = None
+        paper_form = PAPER_FORM_WEIGHTS
         if calibrate:
             fit = fit_weights(terms)
+            two_terms = fit_weights(terms, polarity=False)
+            paper_form = (two_terms.image_weight, two_terms.label_weight)
             calibration = {
                 "image_weight": fit.image_weight,
                 "label_weight": fit.label_weight,
+                "polarity_weight": fit.polarity_weight,
                 "spearman_fitted": fit.spearman,
+                "two_term_fit": {
+                    "image_weight": two_terms.image_weight,
+                    "label_weight": two_terms.label_weight,
+                    "spearman": two_terms.spearman,
+                },
                 "spearman_defaults": mean_spearman(
                     terms, image_weight=1.0, label_weight=1.0
                 ),
@@ -222,13 +245,16 @@ def run_affinity(
                     terms,
                     image_weight=config.affinity.image_weight,
                     label_weight=config.affinity.label_weight,
+                    polarity_weight=config.affinity.polarity_weight,
                 ),
                 "held_out_spearman": fit_leave_one_out(terms),
                 "written_to": None if pyproject is None else str(pyproject),
             }
             progress(
                 f"[affinity] calibrated a = {fit.image_weight:g}, b = "
-                f"{fit.label_weight:g}: mean Spearman {fit.spearman:.3f} (defaults "
+                f"{fit.label_weight:g}, c = {fit.polarity_weight:g}: mean Spearman "
+                f"{fit.spearman:.3f} (two terms: a = {two_terms.image_weight:g}, b = "
+                f"{two_terms.label_weight:g}, {two_terms.spearman:.3f}; defaults "
                 f"a = b = 1: {calibration['spearman_defaults']:.3f})"
             )
             if pyproject is not None:
@@ -236,8 +262,11 @@ def run_affinity(
                     pyproject,
                     image_weight=fit.image_weight,
                     label_weight=fit.label_weight,
+                    polarity_weight=fit.polarity_weight,
                 )
-            config = _with_weights(config, fit.image_weight, fit.label_weight)
+            config = _with_weights(
+                config, fit.image_weight, fit.label_weight, fit.polarity_weight
+            )
         rows = {
             name: evaluate_target(
                 trainers,
@@ -246,6 +275,7 @@ def run_affinity(
                 config,
                 landmarks=landmarks,
                 number=number,
+                paper_form=paper_form,
             )
             for number, (name, setup) in enumerate(setups.items())
         }
@@ -270,9 +300,11 @@ def run_affinity(
         "weights": {
             "image_weight": config.affinity.image_weight,
             "label_weight": config.affinity.label_weight,
+            "polarity_weight": config.affinity.polarity_weight,
             "max_hops": config.affinity.max_hops,
         },
         "spearman_interval": interval,
+        "paper_form": summarise_paper_form(rows),
         "calibration": calibration,
         "recipe": {
             "scratch_epochs": config.train.epochs,
@@ -284,6 +316,48 @@ def run_affinity(
         },
         "seeds": list(seeds),
         "config": to_flat(config),
+    }
+
+
+def summarise_paper_form(
+    rows: Mapping[str, Mapping[str, object]],
+) -> dict[str, object] | None:
+    """The paper's two-term form over the targets: its means and Spearman interval.
+
+    None when the rows carry no ``paper_form`` (the run's ``d`` had no polarity
+    term, so it was the paper's form).
+    """
+    forms = {name: row.get("paper_form") for name, row in rows.items()}
+    if not all(isinstance(form, Mapping) for form in forms.values()):
+        return None
+    typed = {name: form for name, form in forms.items() if isinstance(form, Mapping)}
+    mean = {
+        key: float(np.mean([float(form[key]) for form in typed.values()]))
+        for key in ("path", "direct_affinity_best", "spearman")
+    }
+    resampled = {}
+    for name, form in typed.items():
+        steps = rows[name]["single_step"]
+        distance = form["distance"]
+        assert isinstance(steps, Mapping)
+        assert isinstance(distance, Mapping)
+        resampled[name] = {
+            "single_step": {
+                source: {
+                    "distance": distance[source],
+                    "dice_per_seed": step["dice_per_seed"],
+                }
+                for source, step in steps.items()
+            }
+        }
+    first = next(iter(typed.values()))
+    return {
+        "weights": first["weights"],
+        "mean": mean,
+        "spearman_interval": spearman_seed_interval(resampled),
+        "path_beats_direct_affinity_best": bool(
+            mean["path"] > mean["direct_affinity_best"]
+        ),
     }
 
 
@@ -441,18 +515,28 @@ def format_affinity_table(document: Mapping[str, object]) -> str:
     if calibration:
         held = _mapping(calibration, "held_out_spearman")
         held_text = ", ".join(f"{n} {_cell(v)}" for n, v in held.items())
+        two = _mapping(calibration, "two_term_fit")
+        two_text = (
+            f"; the paper's two terms alone fit a = {_cell(two.get('image_weight'))}, "
+            f"b = {_cell(two.get('label_weight'))}: {_cell(two.get('spearman'))}"
+            if two
+            else ""
+        )
         lines.append(
             f"Calibrated a = {_cell(calibration.get('image_weight'))}, b = "
-            f"{_cell(calibration.get('label_weight'))}: mean Spearman "
-            f"{_cell(calibration.get('spearman_fitted'))} (defaults a = b = 1: "
-            f"{_cell(calibration.get('spearman_defaults'))}); fitted on the same "
-            "one-step Dice it is scored on"
+            f"{_cell(calibration.get('label_weight'))}, c = "
+            f"{_cell(calibration.get('polarity_weight', 0.0))}: mean Spearman "
+            f"{_cell(calibration.get('spearman_fitted'))} (defaults a = b = 1, c = 0: "
+            f"{_cell(calibration.get('spearman_defaults'))}{two_text}); fitted on the "
+            "same one-step Dice it is scored on"
             + (f"; fitted on the other targets: {held_text}." if held else ".")
         )
     elif weights:
         lines.append(
             f"Weights a = {_cell(weights.get('image_weight'))}, b = "
-            f"{_cell(weights.get('label_weight'))} (not calibrated in this run)."
+            f"{_cell(weights.get('label_weight'))}, c = "
+            f"{_cell(weights.get('polarity_weight', 0.0))} (not calibrated in this "
+            "run)."
         )
     interval = _mapping(document, "spearman_interval")
     if interval:
@@ -461,6 +545,25 @@ def format_affinity_table(document: Mapping[str, object]) -> str:
             f"[{_cell(interval.get('low'))}, {_cell(interval.get('high'))}] "
             f"(bootstrap of the {interval.get('seeds', '?')} train.seed values, "
             f"{interval.get('resamples', '?')} draws, at these weights)."
+        )
+    paper = _mapping(document, "paper_form")
+    if paper:
+        paper_weights = _mapping(paper, "weights")
+        paper_mean = _mapping(paper, "mean")
+        paper_interval = _mapping(paper, "spearman_interval")
+        lines.append(
+            "The paper's two-term form (c = 0) at a = "
+            f"{_cell(paper_weights.get('image_weight'))}, b = "
+            f"{_cell(paper_weights.get('label_weight'))} on the same Dice: mean "
+            f"Spearman {_cell(paper_mean.get('spearman'))}"
+            + (
+                f" (interval [{_cell(paper_interval.get('low'))}, "
+                f"{_cell(paper_interval.get('high'))}])"
+                if paper_interval
+                else ""
+            )
+            + f", its chosen path {_cell(paper_mean.get('path'))}, direct from its "
+            f"affinity-best source {_cell(paper_mean.get('direct_affinity_best'))}."
         )
     reference = _mapping(document, "mean").get("spearman_factor_levels")
     if isinstance(reference, float) and math.isfinite(reference):
@@ -529,8 +632,8 @@ def add_affinity_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--calibrate",
         action="store_true",
-        help="fit a and b to the measured transfer Dice and write them into "
-        "--pyproject (the run config reads them from there)",
+        help="fit a, b and c (the polarity term's weight) to the measured transfer "
+        "Dice and write them into --pyproject (the run config reads them from there)",
     )
     command.add_argument("--pyproject", type=Path, default=Path("pyproject.toml"))
     command.add_argument(

@@ -1,15 +1,20 @@
-"""Calibrating SeqTran's affinity weights a and b, and writing them into pyproject.toml.
+"""Calibrating SeqTran's affinity weights a, b and c, and writing them into pyproject.
 
-The distance is ``d = a * H_norm + b * (1 - R_norm)`` (:mod:`core.affinity.matrix`).
-Scaling ``a`` and ``b`` together changes no ranking and no cheapest path, so only their
-ratio is fitted: ``a, b = cos t, sin t`` over a grid of angles ``t`` in ``[0, pi/2]``
-(1 degree apart), rescaled so the larger is 1 (``t = pi/4`` is the default
-``a = b = 1``). The fitted angle maximises the mean over targets of the Spearman
+The distance is ``d = a * H_norm + b * (1 - R_norm) + c * P_norm``
+(:mod:`core.affinity.matrix`; ``c``, the polarity term's weight, is 0 in the paper's
+form). Scaling the weights together changes no ranking and no cheapest path, so only
+their direction is fitted: ``(a, b, c) = (cos t cos u, sin t cos u, sin u)`` over a
+grid of angles ``t`` in ``[0, pi/2]`` and ``u`` in ``[0, pi/2)`` (1 degree apart),
+rescaled so the largest is 1. ``u = 0`` is the paper's two-term form, where ``t = pi/4``
+is the default ``a = b = 1``; ``u`` stops short of ``pi/2``, as ``a = b = 0`` is not a
+valid config. The fitted direction maximises the mean over targets of the Spearman
 correlation between ``-d(source, target)`` and the measured transfer Dice; ties go to
-the angle nearest the defaults. The fitted weights are written into the two lines of
+the smallest ``u`` (the paper's form unless the polarity term ranks strictly better),
+then to the ``t`` nearest the defaults. Without polarity terms only ``u = 0`` is
+searched, which is the two-term fit. The fitted weights are written into the lines of
 ``[tool.flwr.app.config.affinity]`` the run config reads (``image-weight``,
-``label-weight``), keeping the file's comments and layout. Used by the ``affinity``
-benchmark (:mod:`simulations.benchmark.affinity`).
+``label-weight``, ``polarity-weight``), keeping the file's comments and layout. Used
+by the ``affinity`` benchmark (:mod:`simulations.benchmark.affinity`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from simulations.benchmark.tgma import spearman
 
 AFFINITY_SECTION: Final = "tool.flwr.app.config.affinity"
 WEIGHT_KEYS: Final = ("image-weight", "label-weight")
+POLARITY_KEY: Final = "polarity-weight"
 ANGLE_STEPS: Final = 91  # 1 degree apart over [0, 90]
 DEFAULT_ANGLE: Final = math.pi / 4  # a = b
 
@@ -40,17 +46,23 @@ class PairTerms:
         image: ``H_norm(source, target)`` per source.
         label: ``1 - R_norm(source, target)`` per source.
         dice: the measured transfer Dice per source, in the same order.
+        polarity: ``P_norm(source, target)`` per source, or empty without a
+            polarity term (the fit then keeps ``c = 0``).
     """
 
     image: tuple[float, ...]
     label: tuple[float, ...]
     dice: tuple[float, ...]
+    polarity: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if not len(self.image) == len(self.label) == len(self.dice):
+        if not len(self.image) == len(self.label) == len(self.dice) or len(
+            self.polarity
+        ) not in (0, len(self.image)):
             raise ValueError(
                 f"terms and Dice must have one value per source, got {len(self.image)}"
-                f" image, {len(self.label)} label and {len(self.dice)} Dice values"
+                f" image, {len(self.label)} label, {len(self.polarity)} polarity and "
+                f"{len(self.dice)} Dice values"
             )
 
 
@@ -61,6 +73,7 @@ class WeightFit:
     image_weight: float  # a
     label_weight: float  # b
     spearman: float
+    polarity_weight: float = 0.0  # c
 
 
 def weights_at(angle: float) -> tuple[float, float]:
@@ -75,25 +88,62 @@ def weights_at(angle: float) -> tuple[float, float]:
     return round(max(cos, 0.0) / scale, 4), round(max(sin, 0.0) / scale, 4)
 
 
+def weights_at_direction(angle: float, polarity_angle: float) -> tuple[float, ...]:
+    """``(a, b, c) = (cos t cos u, sin t cos u, sin u)``, the largest rescaled to 1.
+
+    Rounded to 4 places; ``u = 0`` gives :func:`weights_at` with ``c = 0``.
+
+    Example:
+        >>> weights_at_direction(math.pi / 4, 0.0)
+        (1.0, 1.0, 0.0)
+        >>> weights_at_direction(0.0, math.pi / 4)
+        (1.0, 0.0, 1.0)
+    """
+    cos_u, sin_u = math.cos(polarity_angle), math.sin(polarity_angle)
+    raw = (math.cos(angle) * cos_u, math.sin(angle) * cos_u, sin_u)
+    scale = max(raw)
+    return tuple(round(max(value, 0.0) / scale, 4) for value in raw)
+
+
 def mean_spearman(
-    terms: Mapping[str, PairTerms], *, image_weight: float, label_weight: float
+    terms: Mapping[str, PairTerms],
+    *,
+    image_weight: float,
+    label_weight: float,
+    polarity_weight: float = 0.0,
 ) -> float:
-    """Mean over targets of Spearman(-d, Dice) with ``d = a * H + b * (1 - R)``."""
+    """Mean over targets of Spearman(-d, Dice), ``d = a * H + b * (1 - R) + c * P``.
+
+    Raises:
+        ValueError: no targets, or ``c > 0`` for a target without polarity terms.
+    """
     if not terms:
         raise ValueError("no targets to correlate: measure transfer Dice first")
     values = []
-    for pair in terms.values():
+    for name, pair in terms.items():
         distance = image_weight * np.asarray(pair.image) + label_weight * np.asarray(
             pair.label
         )
+        if polarity_weight > 0.0:
+            if not pair.polarity:
+                raise ValueError(
+                    f"target {name} has no polarity terms to weigh by {polarity_weight}"
+                )
+            distance = distance + polarity_weight * np.asarray(pair.polarity)
         values.append(spearman([-float(value) for value in distance], pair.dice))
     return float(np.mean(values))
 
 
 def fit_weights(
-    terms: Mapping[str, PairTerms], *, steps: int = ANGLE_STEPS
+    terms: Mapping[str, PairTerms],
+    *,
+    steps: int = ANGLE_STEPS,
+    polarity: bool = True,
 ) -> WeightFit:
-    """Fit ``a, b >= 0`` maximising :func:`mean_spearman` over an angle grid.
+    """Fit ``a, b, c >= 0`` maximising :func:`mean_spearman` over a direction grid.
+
+    ``c`` is searched only with ``polarity`` and when every target has polarity
+    terms; otherwise the fit is the two-term one (``c = 0``).
 
     Example:
         >>> # Dice follows the label term alone, ties included: any a > 0 breaks
@@ -101,24 +151,38 @@ def fit_weights(
         >>> pair = PairTerms(image=(0.2, 0.8, 0.5, 0.1), label=(0.5, 0.5, 0.1, 0.9),
         ...                  dice=(0.6, 0.6, 0.9, 0.1))
         >>> fit_weights({"T": pair})
-        WeightFit(image_weight=0.0, label_weight=1.0, spearman=1.0)
+        WeightFit(image_weight=0.0, label_weight=1.0, spearman=1.0, polarity_weight=0.0)
 
     Raises:
         ValueError: no targets, or fewer than 2 grid steps.
     """
     if steps < 2:
         raise ValueError(f"the angle grid needs at least 2 steps, got {steps}")
-    best: tuple[float, float, float] | None = None  # (-rho, |t - pi/4|, t)
-    for angle in np.linspace(0.0, math.pi / 2, steps):
-        image_weight, label_weight = weights_at(float(angle))
-        rho = mean_spearman(terms, image_weight=image_weight, label_weight=label_weight)
-        key = (-round(rho, 12), abs(float(angle) - DEFAULT_ANGLE), float(angle))
-        if best is None or key < best:
-            best = key
+    if not terms:
+        raise ValueError("no targets to correlate: measure transfer Dice first")
+    angles = np.linspace(0.0, math.pi / 2, steps)
+    with_polarity = polarity and all(pair.polarity for pair in terms.values())
+    polarity_angles = angles[:-1] if with_polarity else angles[:1]
+    # (-rho, u, |t - pi/4|, t) over the grid, the smallest wins
+    best: tuple[float, float, float, float] | None = None
+    for polarity_angle in polarity_angles:
+        for angle in angles:
+            a, b, c = weights_at_direction(float(angle), float(polarity_angle))
+            rho = mean_spearman(
+                terms, image_weight=a, label_weight=b, polarity_weight=c
+            )
+            key = (
+                -round(rho, 12),
+                float(polarity_angle),
+                abs(float(angle) - DEFAULT_ANGLE),
+                float(angle),
+            )
+            if best is None or key < best:
+                best = key
     assert best is not None
-    image_weight, label_weight = weights_at(best[2])
+    a, b, c = weights_at_direction(best[3], best[1])
     return WeightFit(
-        image_weight=image_weight, label_weight=label_weight, spearman=-best[0]
+        image_weight=a, label_weight=b, spearman=-best[0], polarity_weight=c
     )
 
 
@@ -136,6 +200,7 @@ def fit_leave_one_out(terms: Mapping[str, PairTerms]) -> dict[str, float]:
             {target: pair},
             image_weight=fit.image_weight,
             label_weight=fit.label_weight,
+            polarity_weight=fit.polarity_weight,
         )
     return held_out
 
@@ -151,12 +216,17 @@ def _format_weight(value: float) -> str:
 
 
 def write_affinity_weights(
-    pyproject: Path, *, image_weight: float, label_weight: float
+    pyproject: Path,
+    *,
+    image_weight: float,
+    label_weight: float,
+    polarity_weight: float | None = None,
 ) -> None:
-    """Set ``image-weight`` and ``label-weight`` in the affinity section, in place.
+    """Set ``image-weight``, ``label-weight`` (and ``polarity-weight``), in place.
 
-    Only those two values change: the keys, comments and the comments' column stay
+    Only those values change: the keys, comments and the comments' column stay
     (the padding shrinks or grows with the value, at least one space).
+    ``polarity_weight`` None leaves ``polarity-weight`` as it is.
 
     Raises:
         ValueError: a weight is negative or not finite; the file has no
@@ -164,6 +234,8 @@ def write_affinity_weights(
             (the file is left unchanged).
     """
     weights = dict(zip(WEIGHT_KEYS, (image_weight, label_weight), strict=True))
+    if polarity_weight is not None:
+        weights[POLARITY_KEY] = polarity_weight
     for key, value in weights.items():
         if not (math.isfinite(value) and value >= 0.0):
             raise ValueError(f"{key} must be finite and >= 0, got {value}")
@@ -184,7 +256,7 @@ def write_affinity_weights(
         match = _LINE.match(text)
         if match and match["key"] in weights:
             found[match["key"]] = number
-    missing = [key for key in WEIGHT_KEYS if key not in found]
+    missing = [key for key in weights if key not in found]
     if missing:
         raise ValueError(
             f"{pyproject}: {header} has no {' or '.join(missing)} line; add "
@@ -213,12 +285,24 @@ def read_affinity_weights(pyproject: Path) -> tuple[float, float]:
     return float(section[WEIGHT_KEYS[0]]), float(section[WEIGHT_KEYS[1]])
 
 
+def read_polarity_weight(pyproject: Path) -> float:
+    """``polarity-weight`` as the run config reads it (0 where the line is absent)."""
+    section = tomllib.loads(pyproject.read_text())
+    for part in AFFINITY_SECTION.split("."):
+        section = section[part]
+    return float(section.get(POLARITY_KEY, 0.0))
+
+
 def pair_terms(
-    image: Sequence[float], label: Sequence[float], dice: Sequence[float]
+    image: Sequence[float],
+    label: Sequence[float],
+    dice: Sequence[float],
+    polarity: Sequence[float] = (),
 ) -> PairTerms:
-    """:class:`PairTerms` from three sequences (floats coerced)."""
+    """:class:`PairTerms` from the sequences (floats coerced)."""
     return PairTerms(
         image=tuple(map(float, image)),
         label=tuple(map(float, label)),
         dice=tuple(map(float, dice)),
+        polarity=tuple(map(float, polarity)),
     )

@@ -30,6 +30,8 @@ from core.affinity.matrix import (
     affinity_matrices,
     distance_matrix,
     normalise,
+    normalise_polarity,
+    polarity_matrix,
 )
 from core.affinity.path_choice import choose_path
 from core.affinity.paths import TransferPath, paper_path
@@ -178,6 +180,7 @@ class TargetSetup:
     sources: dict[str, Path]
     image_norm: SiteMatrix
     label_norm: SiteMatrix
+    polarity_norm: SiteMatrix  # every site's profile carries the polarity term here
     labelled: dict[str, int]  # every site's labelled cases as its profile says
     factors: dict[str, TaskFactors]  # every site's modality and labels (dataset.json)
     # Every site's (appearance, anatomy) grid levels from its dataset.json; None unless
@@ -191,6 +194,20 @@ class TargetSetup:
             [self.image_norm.get(name, self.name) for name in names],
             [1.0 - self.label_norm.get(name, self.name) for name in names],
             [dice[name] for name in names],
+            [self.polarity_norm.get(name, self.name) for name in names],
+        )
+
+    def distances(
+        self, image_weight: float, label_weight: float, polarity_weight: float
+    ) -> SiteMatrix:
+        """``d`` over the federation as this target sees it, at these weights."""
+        return distance_matrix(
+            self.image_norm,
+            self.label_norm,
+            image_weight=image_weight,
+            label_weight=label_weight,
+            polarity_norm=self.polarity_norm,
+            polarity_weight=polarity_weight,
         )
 
 
@@ -203,12 +220,15 @@ def setup_target(
 ) -> TargetSetup:
     """One target's setup: its profile from ``folder``, the others' from ``profiles``.
 
-    ``H`` and ``R`` are normalised over the federation as this target sees it.
+    ``H``, ``R`` and ``P`` are normalised over the federation as this target sees it;
+    every profile is computed with its polarity term (so its weight can be fitted),
+    which a weight of 0 leaves out of ``d``.
     """
-    own = build_site_profile(folder, profile_settings(config.affinity))
+    own = build_site_profile(folder, profile_settings(config.affinity, polarity=True))
     scenario = {site: profiles[site] for site in sites if site != name}
     scenario[name] = dataclasses.replace(own, site=name)
     image_norm, label_norm = normalise(*affinity_matrices(scenario))
+    polarity_norm = normalise_polarity(polarity_matrix(scenario))
     folders = {**sites, name: folder}
     indexes = {site: index_site(path) for site, path in folders.items()}
     levels = {site: read_chain_levels(path) for site, path in sites.items()}
@@ -218,6 +238,7 @@ def setup_target(
         sources={site: path for site, path in sites.items() if site != name},
         image_norm=image_norm,
         label_norm=label_norm,
+        polarity_norm=polarity_norm,
         labelled={site: profile.num_labelled for site, profile in scenario.items()},
         factors={
             site: TaskFactors.from_class_names(index.modality, index.class_names)
@@ -335,6 +356,7 @@ def evaluate_target(
     *,
     landmarks: Sequence[str],
     number: int,
+    paper_form: tuple[float, float] | None = None,
 ) -> dict[str, object]:
     """Choose the paths under the config's weights, train them and score them.
 
@@ -347,13 +369,15 @@ def evaluate_target(
         landmarks: the federation's landmarks (the paper path's starts).
         number: the target's position; the random path of seed ``s`` is drawn with
             seed ``s + number``, so targets and seeds get different draws.
+        paper_form: ``(a, b)`` of the paper's two-term form to compare with, when
+            the config weighs the polarity term: the row's ``paper_form`` then holds
+            that form's Spearman, its chosen path (trained and scored) and its
+            affinity-best source's one-step Dice. None, or a config without the
+            polarity term, records none.
     """
     affinity = config.affinity
-    distances = distance_matrix(
-        setup.image_norm,
-        setup.label_norm,
-        image_weight=affinity.image_weight,
-        label_weight=affinity.label_weight,
+    distances = setup.distances(
+        affinity.image_weight, affinity.label_weight, affinity.polarity_weight
     )
     sources, target = list(setup.sources), setup.name
     single = average_single_steps(measured)
@@ -390,6 +414,11 @@ def evaluate_target(
     )
     random_dice, random_per_seed = _mean_path_dice(trainers, setup, shuffled, config)
     scores = [-distances.get(site, target) for site in sources]
+    compared = (
+        None
+        if paper_form is None or affinity.polarity_weight == 0.0
+        else _paper_form_row(trainers, setup, single, config, paper_form)
+    )
 
     return {
         "path": path,
@@ -437,9 +466,45 @@ def evaluate_target(
                 "distance": distances.get(source, target),
                 "image_term": setup.image_norm.get(source, target),
                 "label_term": 1.0 - setup.label_norm.get(source, target),
+                "polarity_term": setup.polarity_norm.get(source, target),
                 **single[source],
                 "dice_per_seed": [steps[source]["dice"] for steps in measured],
             }
             for source in sources
         },
+        "paper_form": compared,
+    }
+
+
+def _paper_form_row(
+    trainers: Mapping[int, PathTrainer],
+    setup: TargetSetup,
+    single: SingleSteps,
+    config: RunConfig,
+    weights: tuple[float, float],
+) -> dict[str, object]:
+    """One target under the paper's two-term ``d`` at ``weights`` (``c = 0``)."""
+    image_weight, label_weight = weights
+    distances = setup.distances(image_weight, label_weight, 0.0)
+    sources, target = list(setup.sources), setup.name
+    choice = choose_path(
+        distances,
+        labelled={source: setup.labelled[source] for source in sources},
+        target=target,
+        affinity=config.affinity,
+        factors=setup.factors,
+    )
+    path, path_per_seed = _mean_path_dice(
+        trainers, setup, dict.fromkeys(trainers, choice.path.nodes), config
+    )
+    nearest = min(sources, key=lambda site: (distances.get(site, target), site))
+    scores = [-distances.get(site, target) for site in sources]
+    return {
+        "weights": {"image_weight": image_weight, "label_weight": label_weight},
+        "path": path,
+        "path_per_seed": path_per_seed,
+        "direct_affinity_best": single[nearest]["dice"],
+        "spearman": spearman(scores, [single[site]["dice"] for site in sources]),
+        "chosen": {"path": list(choice.path.nodes), "direct_affinity_best": nearest},
+        "distance": {site: distances.get(site, target) for site in sources},
     }

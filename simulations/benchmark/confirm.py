@@ -72,6 +72,20 @@ HEADLINES: Final[dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
             ("mean", "direct_affinity_best"),
         ),
         ("mean Spearman, affinity vs transfer Dice", ("mean", "spearman")),
+        # The paper's two-term form on the same Dice, where the run's affinity has
+        # the polarity term (docs/methods.md#polarity-term); n/a otherwise.
+        (
+            "paper's two-term affinity: mean Dice, chosen path",
+            ("paper_form", "mean", "path"),
+        ),
+        (
+            "paper's two-term affinity: mean Dice, direct from its affinity-best",
+            ("paper_form", "mean", "direct_affinity_best"),
+        ),
+        (
+            "paper's two-term affinity: mean Spearman",
+            ("paper_form", "mean", "spearman"),
+        ),
     ),
 }
 

@@ -138,7 +138,13 @@ def measure_profile(
     grid = min(grid, hello.limits.get("max-label-grid", grid))
     while grid:
         requests += 1
-        flat = {**run_config, "affinity.label-grid": grid}
+        # The attacker is after the label map: it asks for no polarity term, which
+        # would only spend a DP site's budget on intensity quantiles.
+        flat = {
+            **run_config,
+            "affinity.label-grid": grid,
+            "affinity.polarity-weight": 0.0,
+        }
         reply = channel.send(
             protocol.PROFILE, RecordDict(), run_id=run_id, run_config=flat
         )

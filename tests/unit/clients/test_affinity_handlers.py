@@ -25,7 +25,10 @@ from clients.site import resolve_setup
 from core import protocol
 from core.affinity.job import finetune_config, finetune_model, release_profile
 from core.affinity.profile import SiteProfile, build_site_profile, profile_settings
-from core.affinity.profile_noise import compute_gaussian_epsilon
+from core.affinity.profile_noise import (
+    compute_gaussian_epsilon,
+    get_profile_sensitivity,
+)
 from core.config import ConfigValue, RunConfig, load_run_config
 from core.privacy.dp import ACCOUNTANT_FILE, DpSettings, read_accountant_state
 from core.privacy.ledger import Ledger
@@ -113,12 +116,17 @@ def test_profile_under_dp_is_noised_and_its_epsilon_accounted(
     released = protocol.ProfileReply.from_fields(reply.content[protocol.METRICS_KEY])
     assert released.private
     assert released.noise_multiplier == noise
-    expected_epsilon = compute_gaussian_epsilon(noise, delta=1e-5, num_mechanisms=3)
+    # Image, label map, foreground fractions, and the polarity term when weighed.
+    parts = get_profile_sensitivity(exact).num_parts
+    assert parts == (4 if config.affinity.polarity_weight > 0 else 3)
+    expected_epsilon = compute_gaussian_epsilon(noise, delta=1e-5, num_mechanisms=parts)
     assert released.epsilon_spent == pytest.approx(expected_epsilon, rel=1e-6)
     assert released.epsilon_total == pytest.approx(expected_epsilon, rel=1e-6)
     assert not np.allclose(released.image_quantiles, exact.image_quantiles)
-    # The release is in the site's accountant: three full-data Gaussian mechanisms.
-    assert read_accountant_state(state / ACCOUNTANT_FILE).history == ((noise, 1.0, 3),)
+    # The release is in the site's accountant: one full-data Gaussian mechanism per
+    # part.
+    history = read_accountant_state(state / ACCOUNTANT_FILE).history
+    assert history == ((noise, 1.0, parts),)
     entry = Ledger(state / "ledger.jsonl").entries()[-1]
     assert entry.message_type == protocol.PROFILE
     assert entry.epsilon_spent == pytest.approx(expected_epsilon, rel=1e-6)
@@ -184,6 +192,59 @@ def test_guard_lets_the_declared_profile_lengths_through_and_no_more(
         protocol.LFTM: 2,
         protocol.FINETUNE: 2,
     }
+
+
+def test_profile_carries_the_polarity_term_only_when_the_run_weighs_it(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path
+) -> None:
+    # Prepare: the same site asked without and with affinity.polarity-weight > 0
+    weighed = {**run_config, "affinity.polarity-weight": 0.5}
+    quantiles = load_run_config(weighed).affinity.polarity_quantiles
+
+    # Execute
+    paper = {**run_config, "affinity.polarity-weight": 0.0}
+    plain = ask(paper, federation / SITE, tmp_path / "plain", protocol.PROFILE)
+    reply = ask(weighed, federation / SITE, tmp_path / "weighed", protocol.PROFILE)
+
+    # Assert
+    assert not plain.has_error(), plain.error.reason
+    assert "foreground-intensities" not in plain.content[protocol.METRICS_KEY]
+    assert not reply.has_error(), reply.error.reason
+    fields = reply.content[protocol.METRICS_KEY]
+    assert len(fields["foreground-intensities"]) == quantiles
+    assert len(fields["shell-intensities"]) == quantiles
+    rebuilt = SiteProfile.from_dict(
+        protocol.ProfileReply.from_fields(fields).profile_values(SITE)
+    )
+    assert rebuilt.foreground_intensities is not None
+
+
+def test_polarity_term_stays_home_below_min_cases(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path
+) -> None:
+    # Prepare: site A with one more training image, unlabelled: its 3 images reach
+    # the policy's limits.min-cases of 3, its 2 labelled cases do not
+    site = tmp_path / "A"
+    shutil.copytree(federation / SITE, site)
+    first = sorted((site / "imagesTr").iterdir())[0]
+    shutil.copy(first, site / "imagesTr" / first.name.replace("_0000", "9_0000"))
+    weighed = {**run_config, "affinity.polarity-weight": 0.5}
+
+    # Execute
+    reply = ask(
+        weighed,
+        site,
+        tmp_path / "state",
+        protocol.PROFILE,
+        policy={"limits.min-cases": 3},
+    )
+
+    # Assert: neither the label term nor the polarity term leaves
+    assert not reply.has_error(), reply.error.reason
+    fields = reply.content[protocol.METRICS_KEY]
+    for key in ("mean-label-map", "foreground-intensities", "shell-intensities"):
+        assert key not in fields
+    assert fields["num-labelled"] == 2
 
 
 # ----------------------------------------------------------------- train.finetune
@@ -267,7 +328,8 @@ def test_release_profile_with_a_fixed_rng_is_reproducible(
         first.profile.image_quantiles, from_os.profile.image_quantiles
     )
     assert first.privacy is not None
-    assert first.privacy.accountant.history == ((2.0, 1.0, 3),)
+    parts = 4 if config.affinity.polarity_weight > 0 else 3
+    assert first.privacy.accountant.history == ((2.0, 1.0, parts),)
 
 
 # ---------------------------------------------------------------- the wire form

@@ -10,7 +10,9 @@ import pytest
 from core.affinity.profile import SiteProfile, build_site_profile, profile_settings
 from core.config import load_default_config
 
-SETTINGS = profile_settings(load_default_config().affinity)
+# The paper's profile (no polarity term, whatever pyproject weighs): the polarity
+# term's own tests are test_polarity.py.
+SETTINGS = profile_settings(load_default_config().affinity, polarity=False)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ from core.affinity.profile import (
 )
 from core.config import load_default_config
 
-SETTINGS = profile_settings(load_default_config().affinity)
+# The paper's profile, as conftest.py's fixtures build it (the polarity term's own
+# tests are test_polarity.py).
+SETTINGS = profile_settings(load_default_config().affinity, polarity=False)
 
 
 def test_settings_reject_bad_values():

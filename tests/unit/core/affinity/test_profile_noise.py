@@ -27,7 +27,9 @@ from core.privacy.dp import (
     write_accountant_state,
 )
 
-SETTINGS = profile_settings(load_default_config().affinity)
+# The paper's profile (no polarity term, whatever pyproject weighs): the polarity
+# term's own tests are test_polarity.py.
+SETTINGS = profile_settings(load_default_config().affinity, polarity=False)
 
 
 @pytest.mark.parametrize("noise_multiplier", [0.7, 1.0, 2.5, 8.0])
@@ -150,7 +152,7 @@ def test_a_profile_release_is_reserved_in_the_accountant_as_one_case_units(
     # Execute
     released = release_profile(
         federation / "A",
-        load_default_config(),
+        load_default_config(**{"affinity.polarity-weight": 0.0}),  # the paper's form
         dp=DP,
         accountant_path=accountant,
         rng=np.random.default_rng(0),

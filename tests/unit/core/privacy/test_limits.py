@@ -134,6 +134,11 @@ def test_parse_limits_names_the_key(table: dict[str, object], message: str) -> N
             "affinity.foreground-quantiles is 500",
         ),
         (
+            {"affinity.polarity-quantiles": 5000},
+            "query.profile",
+            "affinity.polarity-quantiles is 5000, limits.max-quantiles allows 101",
+        ),
+        (
             {"affinity.finetune-epochs": 999},
             "train.finetune",
             "affinity.finetune-epochs is 999",

@@ -670,10 +670,13 @@ def test_affinity_profiles_every_site_and_fine_tunes_along_the_path(
     assert any(not np.array_equal(transferred[k], start[k]) for k in start)
     assert result.model == phases.affinity.SEQTRAN_CANDIDATE
     assert result.stopped is None
-    # A's 2 labelled cases chose the path (label term) and trained the last step.
+    # A's 2 labelled cases chose the path (the polarity term: the defaults weigh it
+    # and not the label term) and trained the last step.
+    assert result.matrices["weights"]["label"] == 0.0
+    assert result.matrices["polarity_term"] is True
     assert result.label_use == LabelUse(
         via=(
-            "SeqTran path chosen with A's label term (2 labelled cases)",
+            "SeqTran path chosen with A's polarity term (2 labelled cases)",
             "SeqTran candidate fine-tuned at A on 2 labelled cases",
         ),
         cases=2,
@@ -830,12 +833,17 @@ def test_affinity_rejects_a_source_named_like_the_candidate(
 def test_path_for_an_unlabelled_target_uses_the_image_term_only(
     federation: Path, run_config: dict[str, ConfigValue]
 ) -> None:
-    # Prepare: A's profile without its label term
+    # Prepare: A's profile without its label term (nor, then, a polarity term)
     config = load_run_config(run_config)
     settings = profile_settings(config.affinity)
     profiles = {name: build_site_profile(federation / name, settings) for name in "ABC"}
     profiles["A"] = dataclasses.replace(
-        profiles["A"], mean_label_map=None, foreground_quantiles=None, num_labelled=0
+        profiles["A"],
+        mean_label_map=None,
+        foreground_quantiles=None,
+        num_labelled=0,
+        foreground_intensities=None,
+        shell_intensities=None,
     )
 
     # Execute
@@ -850,6 +858,8 @@ def test_path_for_an_unlabelled_target_uses_the_image_term_only(
     assert matrices["label_term"] is False
     assert matrices["label_similarity"] is None
     assert matrices["weights"]["label"] == 0.0
+    assert matrices["polarity_term"] is False
+    assert matrices["weights"]["polarity"] == 0.0
     order = [list("ABC").index(name) for name in matrices["sites"]]
     np.testing.assert_allclose(
         matrices["distance"], image_only[np.ix_(order, order)], atol=1e-12
@@ -1792,7 +1802,7 @@ def test_report_never_puts_a_few_label_predictor_under_label_free(
     assert "| source:seqtran | " in markdown.split("### few-label", 1)[1]
     assert "SeqTran candidate fine-tuned at A on 2 labelled cases |" in markdown
     # The sections of the few-label models say so too
-    assert "(few-label: SeqTran path chosen with A's label term" in markdown
+    assert "(few-label: SeqTran path chosen with A's polarity term" in markdown
     assert "the consensus models are label-free" in markdown
 
 

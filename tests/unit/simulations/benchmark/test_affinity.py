@@ -29,7 +29,9 @@ from simulations.benchmark.affinity_calibration import (
     fit_weights,
     mean_spearman,
     read_affinity_weights,
+    read_polarity_weight,
     weights_at,
+    weights_at_direction,
     write_affinity_weights,
 )
 from simulations.benchmark.affinity_transfer import (
@@ -61,6 +63,7 @@ epochs = 30
 label-grid = 32          # G
 image-weight = 1.0       # a in d = a * H + b * (1 - R)
 label-weight = 1.0       # b
+polarity-weight = 0.0    # c
 max-hops = 2             # longest path
 
 [tool.other]
@@ -295,8 +298,28 @@ def test_tiny_run_calibrates_and_writes_the_weights(
     affinity = config["config"]["affinity"]
     assert affinity["image-weight"] == calibration["image_weight"]
     assert affinity["label-weight"] == calibration["label_weight"]
+    assert affinity["polarity-weight"] == calibration["polarity_weight"]
     assert weights["image_weight"] == calibration["image_weight"]
+    assert weights["polarity_weight"] == calibration["polarity_weight"]
     assert calibration["spearman_fitted"] >= calibration["spearman_defaults"] - 1e-12
+    two_terms = calibration["two_term_fit"]
+    assert calibration["spearman_fitted"] >= two_terms["spearman"] - 1e-12
+    # Every source's polarity term is recorded beside the other two.
+    row = document["targets"]["T-bright-large"]  # type: ignore[index]
+    for step in row["single_step"].values():
+        assert 0.0 <= step["polarity_term"] <= 1.0
+    # With c > 0 every target is scored under the paper's two-term fit too.
+    paper = document["paper_form"]
+    if calibration["polarity_weight"] > 0:
+        assert isinstance(paper, dict)
+        assert paper["weights"] == {
+            "image_weight": two_terms["image_weight"],
+            "label_weight": two_terms["label_weight"],
+        }
+        assert row["paper_form"]["chosen"]["path"][-1] == "T-bright-large"
+        assert -1.0 <= paper["mean"]["spearman"] <= 1.0
+    else:
+        assert paper is None
     assert set(calibration["held_out_spearman"]) == {"T-bright-large", "I-dark-large"}
 
 
@@ -329,8 +352,13 @@ def test_format_affinity_table_on_a_hand_made_document() -> None:
             "path_beats_direct_affinity_best": True,
             "spearman_at_least_0.6": True,
         },
-        "weights": {"image_weight": 1.0, "label_weight": 1.0},
+        "weights": {"image_weight": 1.0, "label_weight": 1.0, "polarity_weight": 0.5},
         "calibration": None,
+        "paper_form": {
+            "weights": {"image_weight": 1.0, "label_weight": 0.0875},
+            "mean": {"spearman": 0.5, "path": 0.74, "direct_affinity_best": 0.7},
+            "spearman_interval": {"low": 0.4, "high": 0.6},
+        },
         "spearman_interval": {
             "low": 0.25,
             "high": 0.95,
@@ -349,7 +377,14 @@ def test_format_affinity_table_on_a_hand_made_document() -> None:
     assert lines[2] == "| T | 0.800 | 0.750 | 0.700 | 0.850 | 0.500 | 0.900 |"
     assert lines[3] == "| **mean** | 0.800 | — | 0.700 | 0.850 | 0.500 | 0.900 |"
     assert "- T: chosen L-a → I-b → T; paper —; affinity-best I-b;" in table
-    assert "(not calibrated in this run)" in table
+    assert (
+        "Weights a = 1.000, b = 1.000, c = 0.500 (not calibrated in this run)" in table
+    )
+    assert (
+        "The paper's two-term form (c = 0) at a = 1.000, b = 0.087 on the same Dice: "
+        "mean Spearman 0.500 (interval [0.400, 0.600]), its chosen path 0.740, "
+        "direct from its affinity-best source 0.700." in table
+    )
     assert (
         "Spearman over the seeds: 95% interval [0.250, 0.950] (bootstrap of the 10 "
         "train.seed values, 2000 draws, at these weights)." in table
@@ -440,6 +475,64 @@ def test_fit_weights_finds_a_known_image_only_answer() -> None:
     assert mean_spearman({"T": pair}, image_weight=1.0, label_weight=1.0) < fit.spearman
 
 
+def test_fit_weights_finds_the_polarity_term_when_it_ranks_best() -> None:
+    # Arrange: Dice follows the polarity term; image and label terms mislead.
+    pair = PairTerms(
+        image=(0.9, 0.1, 0.5, 0.3),
+        label=(0.8, 0.2, 0.6, 0.1),
+        dice=(0.9, 0.2, 0.6, 0.4),
+        polarity=(0.0, 1.0, 0.3, 0.6),
+    )
+
+    # Execute
+    fit = fit_weights({"T": pair})
+    two_terms = fit_weights({"T": pair}, polarity=False)
+
+    # Assert
+    assert fit.polarity_weight == 1.0
+    assert fit.spearman == pytest.approx(1.0)
+    assert two_terms.polarity_weight == 0.0
+    assert two_terms.spearman < 0.0
+    assert (
+        mean_spearman(
+            {"T": pair},
+            image_weight=fit.image_weight,
+            label_weight=fit.label_weight,
+            polarity_weight=fit.polarity_weight,
+        )
+        == fit.spearman
+    )
+
+
+def test_fit_weights_keeps_the_paper_form_unless_polarity_ranks_strictly_better() -> (
+    None
+):
+    # Every term ranks the sources alike: the tie goes to c = 0 and a = b = 1.
+    pair = PairTerms(
+        image=(0.1, 0.5, 0.9),
+        label=(0.2, 0.4, 0.8),
+        dice=(0.9, 0.5, 0.1),
+        polarity=(0.0, 0.5, 1.0),
+    )
+    fit = fit_weights({"T": pair})
+    assert (fit.image_weight, fit.label_weight, fit.polarity_weight) == (1.0, 1.0, 0.0)
+
+
+def test_weights_at_direction_nests_the_two_term_grid() -> None:
+    for degrees in (0, 5, 45, 90):
+        angle = math.radians(degrees)
+        assert weights_at_direction(angle, 0.0) == (*weights_at(angle), 0.0)
+    assert weights_at_direction(0.0, math.radians(45)) == (1.0, 0.0, 1.0)
+
+
+def test_mean_spearman_refuses_a_polarity_weight_without_polarity_terms() -> None:
+    pair = PairTerms(image=(0.1, 0.5), label=(0.2, 0.4), dice=(0.9, 0.5))
+    with pytest.raises(ValueError, match="target T has no polarity terms"):
+        mean_spearman(
+            {"T": pair}, image_weight=1.0, label_weight=0.0, polarity_weight=1
+        )
+
+
 def test_fit_weights_prefers_the_defaults_on_a_tie() -> None:
     # Both terms rank the sources alike: every angle ties, a = b = 1 wins.
     pair = PairTerms(image=(0.1, 0.5, 0.9), label=(0.2, 0.4, 0.8), dice=(0.9, 0.5, 0.1))
@@ -461,6 +554,8 @@ def test_fit_weights_rejects_bad_input() -> None:
         fit_weights({"T": pair}, steps=1)
     with pytest.raises(ValueError, match="one value per source"):
         PairTerms(image=(0.1,), label=(0.2, 0.4), dice=(0.9, 0.5))
+    with pytest.raises(ValueError, match="1 polarity"):
+        PairTerms(image=(0.1, 0.2), label=(0.2, 0.4), dice=(0.9, 0.5), polarity=(0.1,))
 
 
 def test_write_affinity_weights_changes_only_the_two_values(tmp_path: Path) -> None:
@@ -477,6 +572,29 @@ def test_write_affinity_weights_changes_only_the_two_values(tmp_path: Path) -> N
     )
     assert pyproject.read_text() == expected
     assert read_affinity_weights(pyproject) == (0.3249, 1.0)
+    assert read_polarity_weight(pyproject) == 0.0
+
+    # Execute: the polarity weight too
+    write_affinity_weights(
+        pyproject, image_weight=0.85, label_weight=0.0, polarity_weight=1.0
+    )
+
+    # Assert
+    assert read_affinity_weights(pyproject) == (0.85, 0.0)
+    assert read_polarity_weight(pyproject) == 1.0
+    assert "polarity-weight = 1.0    # c\n" in pyproject.read_text()
+
+
+def test_write_affinity_weights_refuses_a_missing_polarity_line(tmp_path: Path) -> None:
+    pyproject = tmp_path / "pyproject.toml"
+    text = PYPROJECT.replace("polarity-weight = 0.0    # c\n", "")
+    pyproject.write_text(text)
+    write_affinity_weights(pyproject, image_weight=1.0, label_weight=0.5)  # no c: ok
+    with pytest.raises(ValueError, match="has no polarity-weight line"):
+        write_affinity_weights(
+            pyproject, image_weight=1.0, label_weight=0.5, polarity_weight=0.5
+        )
+    assert read_polarity_weight(pyproject) == 0.0
 
 
 def test_write_affinity_weights_refuses_a_missing_section(tmp_path: Path) -> None:
