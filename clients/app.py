@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from clients import records
 from clients.guard import egress_guard
-from clients.site import SiteSetup, resolve_setup
+from clients.site import SiteSetup, resolve_setup, segmentations_dir
 from core import protocol
 from core.affinity.job import finetune_model, release_profile
 from core.config import load_run_config
@@ -41,7 +41,7 @@ from core.privacy.dp import (
 from core.privacy.limits import LimitError, label_term_allowed, whole_case_config
 from core.privacy.policy import PolicyError
 from core.semisup.job import run_semisup_round
-from core.training.evaluation import release_evaluation
+from core.training.evaluation import release_evaluation, write_segmentations
 from core.training.job import SourceTraining, train_source_model
 from core.transfer.job import adapt_target, score_candidates
 
@@ -455,7 +455,9 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
     Each evaluation case counts as a whole volume (every slice, up to the site's own
     cap), whatever the run's ``data.max-slices-per-case`` says. Where the applied
     policy requires DP, each mean Dice is released with Gaussian noise (HD95
-    withheld), charged to the site's accountant.
+    withheld), charged to the site's accountant. When the request names a predictor
+    to ``segment``, its segmentation of every image of the site is written as NIfTI
+    under ``<state-dir>/segmentations/run-<run id>/`` and only their count is sent.
     """
     config = whole_case_config(setup.config, setup.policy.limits)
     site = setup.site
@@ -463,6 +465,18 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
         records.read_request(message.content)
     )
     models = records.read_named_models(message.content)
+    written = 0
+    if request.segment:
+        # Written first: a site that cannot write them charges no DP release.
+        written = write_segmentations(
+            site.directory,
+            models,
+            request.predictors[request.segment],
+            config,
+            segmentations_dir(setup.state_dir, message.metadata.run_id),
+            predictor=request.segment,
+            progress=_progress(setup),
+        )
     released = release_evaluation(
         site.directory,
         models,
@@ -476,6 +490,7 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
         num_cases=released.num_cases,
         dice=released.dice,
         hd95_mm=released.hd95_mm,
+        segmentations=written,
         **_privacy_figures(released.privacy),
     )
     return records.build_reply(message, metrics=reply.to_fields())

@@ -41,6 +41,19 @@ POLICY_KEY: Final = "policy"
 STATE_DIR_KEY: Final = "state-dir"
 DEFAULT_STATE_DIR: Final = ".sitebridge"  # inside the site folder
 LEDGER_FILE: Final = "ledger.jsonl"
+SEGMENTATIONS_DIR: Final = "segmentations"  # under the state folder, one per run
+
+
+def segmentations_dir(state_dir: Path, run_id: int) -> Path:
+    """Where a run's segmentations of the site's images are written (never sent).
+
+    The run id is Flower's integer, so nothing the coordinator names becomes a path.
+
+    Example:
+        >>> segmentations_dir(Path("/data/A/.sitebridge"), 7).as_posix()
+        '/data/A/.sitebridge/segmentations/run-7'
+    """
+    return state_dir / SEGMENTATIONS_DIR / f"run-{int(run_id)}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -208,6 +208,8 @@ class OutputConfig:
 
     runs_dir: str
     log_level: LogLevel  # the ServerApp's and (in simulation) the ClientApp's
+    # The predictor whose segmentations the target writes at home ("" = none).
+    target_segmentations: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

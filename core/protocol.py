@@ -810,17 +810,34 @@ class ProfileReply(DpFigures):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EvaluateRequest:
-    """Predictors to score: name -> ``[(model name, weight), ...]`` (a softmax mix)."""
+    """Predictors to score: name -> ``[(model name, weight), ...]`` (a softmax mix).
+
+    ``segment`` names one of them whose segmentations of every image the site writes
+    as NIfTI under its own state folder (never sent back); "" writes none. It only
+    ever selects a predictor: the folder is the site's choice, so no name the
+    coordinator sends becomes a path.
+    """
 
     predictors: dict[str, list[tuple[str, float]]]
+    segment: str = ""
+
+    def __post_init__(self) -> None:
+        if self.segment and self.segment not in self.predictors:
+            raise ValueError(
+                f"payload field 'segment' names {self.segment!r}, which is not one "
+                "of the predictors"
+            )
 
     def to_fields(self) -> Fields:
         """Flatten for a ConfigRecord (the table travels as one JSON string)."""
-        return {"predictors": json.dumps(self.predictors, sort_keys=True)}
+        fields: Fields = {"predictors": json.dumps(self.predictors, sort_keys=True)}
+        if self.segment:
+            fields["segment"] = self.segment
+        return fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> EvaluateRequest:
-        """Parse a request's ConfigRecord."""
+        """Parse a request's ConfigRecord (``segment`` may be absent)."""
         try:
             table = json.loads(_payload(fields).get_str("predictors"))
             predictors = {
@@ -831,7 +848,8 @@ class EvaluateRequest:
             raise ValueError(
                 f"payload field 'predictors' is malformed: {error}"
             ) from None
-        return cls(predictors=predictors)
+        segment = _payload(fields).get_str("segment") if "segment" in fields else ""
+        return cls(predictors=predictors, segment=segment)
 
     def model_names(self) -> list[str]:
         """Every model any predictor uses, sorted."""
@@ -852,6 +870,9 @@ class EvaluateReply(DpFigures):
     hd95_mm: dict[str, float] = dataclasses.field(
         metadata=wire("hd95")
     )  # "hd95.<predictor>"
+    # Volumes the site wrote for the request's ``segment`` (kept at the site); sites
+    # of an earlier release send none.
+    segmentations: int = dataclasses.field(default=0, metadata=wire(may_be_absent=True))
 
 
 # Every reply's settings may also carry the policy applied at the site, under this

@@ -485,7 +485,9 @@ class EvaluationResult(PhaseResult):
     Under the target's DP the Dice are noised and HD95 withheld (nan); ``privacy``
     holds the release's DP figures (:data:`core.protocol.DP_METRICS`).
     ``label_use`` says, per predictor, what it used of the target's labels (its
-    models' uses joined): the report's groups.
+    models' uses joined): the report's groups. ``segmented`` is the predictor whose
+    segmentation of every target image the target wrote under its state folder
+    (``segmentations`` volumes; "" and 0: none asked or none written).
     """
 
     PHASE: ClassVar[str] = "evaluation"
@@ -495,6 +497,11 @@ class EvaluationResult(PhaseResult):
     hd95_mm: dict[str, float]
     label_use: dict[str, LabelUse] = dataclasses.field(metadata=SINCE_LABEL_USE)
     privacy: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=FLATTEN)
+    # The predictor whose segmentations the target wrote at home, and how many.
+    segmented: str = dataclasses.field(default="", metadata=OMIT_DEFAULT)
+    segmentations: int = dataclasses.field(default=0, metadata=OMIT_DEFAULT)
+    # The Flower run id they were written under: ``segmentations/run-<id>/``.
+    segmentations_run: int = dataclasses.field(default=0, metadata=OMIT_DEFAULT)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

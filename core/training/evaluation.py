@@ -3,12 +3,15 @@
 ``evaluate_predictors`` scores each predictor (a model, or a weighted mixture of
 models) per case; ``release_evaluation`` turns those scores into what an ``evaluate``
 reply may carry: aggregates over the cases, with Gaussian noise on the mean Dice and
-HD95 withheld where the site's policy requires DP. Never imports flwr.
+HD95 withheld where the site's policy requires DP. ``write_segmentations`` writes one
+predictor's segmentation of every image of the site as NIfTI on the image's own grid,
+for the site's clinicians; those files never leave the site. Never imports flwr.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -21,7 +24,9 @@ from core.data.dataset import (
     SiteDataError,
     build_slice_set,
     index_site,
+    label_volume_from_slices,
 )
+from core.data.io import read_volume, write_volume
 from core.logs import Progress, quiet
 from core.metrics import SegmentationScores, score_cases
 from core.privacy.dp import (
@@ -95,6 +100,82 @@ def evaluate_predictors(
         )
         progress(f"[evaluate] {predictor}: Dice {results[predictor].dice:.3f}")
     return results
+
+
+# What a segmentation folder holds besides the volumes: which predictor made them.
+SEGMENTATIONS_MANIFEST = "segmentations.json"
+
+
+def write_segmentations(
+    site_dir: Path,
+    models: Mapping[str, Arrays],
+    members: Sequence[tuple[str, float]],
+    config: RunConfig,
+    out_dir: Path,
+    *,
+    predictor: str,
+    progress: Progress = quiet,
+) -> int:
+    """Segment every image of the site with one predictor; write them as NIfTI.
+
+    Every training image (labelled or not) and every evaluation image, one case at a
+    time, is cut into slices as for scoring, predicted by the weighted mixture of
+    ``members``, and put back on the image's own grid (size, spacing, origin,
+    direction) as ``out_dir/<case id>.nii.gz`` (uint8 classes), beside
+    ``segmentations.json`` naming the predictor and its members. Existing files of
+    the same cases are replaced (a resumed run writes them again).
+
+    Args:
+        site_dir: the site folder.
+        models: weights by model name.
+        members: ``[(model name, weight), ...]`` of the predictor.
+        config: the run config (``data`` decides the slices).
+        out_dir: the folder to write, under the site's state folder.
+        predictor: the predictor's name, recorded in the manifest only (never in a
+            path).
+        progress: called with one line at the end.
+
+    Returns:
+        The number of volumes written.
+
+    Raises:
+        SiteDataError: the site has no images, or an image cannot be read.
+        ValueError: ``members`` is empty or names an unknown model.
+    """
+    unknown = [name for name, _ in members if name not in models]
+    if unknown or not members:
+        raise ValueError(
+            f"predictor {predictor!r} to segment with names unknown models {unknown}"
+        )
+    index = index_site(Path(site_dir))
+    cases = (*index.training_images, *index.evaluation_images)
+    if not cases:
+        raise SiteDataError(f"{index.root}: no images to segment")
+    device = select_device(config.train.device)
+    built = [build_model_with(name, models[name], config) for name, _ in members]
+    weights = [weight for _, weight in members]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        slices = build_slice_set([case], data=config.data, with_labels=False)
+        classes = predict_mixture(built, weights, slices.images, device=device)
+        image = read_volume(case.image_path)
+        volume = label_volume_from_slices(
+            classes.argmax(1).cpu(), image.array.shape, data=config.data
+        )
+        write_volume(
+            dataclasses.replace(image, array=volume.astype(np.uint8)),
+            out_dir / f"{case.case_id}.nii.gz",
+        )
+    manifest = {
+        "predictor": predictor,
+        "members": [[name, weight] for name, weight in members],
+        "cases": [case.case_id for case in cases],
+    }
+    (out_dir / SEGMENTATIONS_MANIFEST).write_text(
+        json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
+    )
+    progress(f"[segment] {predictor}: {len(cases)} volumes written to {out_dir}")
+    return len(cases)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

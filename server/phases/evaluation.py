@@ -164,7 +164,14 @@ def run(
         later_models=sorted(later_models),
         ensemble_min_voters=coordinator.config.transfer.ensemble_min_voters,
     )
-    request = protocol.EvaluateRequest(predictors=predictors)
+    segment = coordinator.config.output.target_segmentations
+    if segment and segment not in predictors:
+        coordinator.warn(
+            f"evaluation: output.target-segmentations names {segment!r}, which this "
+            "run did not produce; the target writes no segmentations"
+        )
+        segment = ""
+    request = protocol.EvaluateRequest(predictors=predictors, segment=segment)
     reply = ask_target(
         coordinator,
         target,
@@ -189,6 +196,9 @@ def run(
             for key, value in scores.to_fields().items()
             if key in protocol.DP_METRICS
         },
+        segmented=segment if scores.segmentations else "",
+        segmentations=scores.segmentations,
+        segmentations_run=reply.metadata.run_id if scores.segmentations else 0,
     )
     coordinator.store.save_result(result)
     coordinator.log(

@@ -10,7 +10,10 @@ choice among the label-free candidates — ``main``, ``aux``, ``weights`` — an
 candidate alone (``source:<name>``), ``uniform`` (of the label-free candidates),
 ``tgma`` (plus ``tgma-main``, and ``tgma-pair`` when TGMA predicts by its voters'
 average; ``tgma-few-label`` and the same parts when a candidate used the target's
-labels) and HD95, ``evaluation.groups``: each
+labels) and HD95, ``evaluation.segmented``, ``segmentations`` and
+``segmentations_run``: the predictor whose segmentations the target wrote at home,
+how many, and under which ``segmentations/run-<id>/`` of its state folder,
+``evaluation.groups``: each
 predictor's group, ``label-free`` or ``few-label``, and ``evaluation.label_use``:
 what a few-label one used (docs/methods.md#label-free-and-few-label; ``report.md``
 shows one table per group, never mixed),

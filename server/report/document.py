@@ -325,6 +325,14 @@ def _evaluation_lines(evaluation: Mapping[str, Any], target: str) -> list[str]:
             if few:
                 row += f" {'; '.join(uses[name]['via'])} |"
             lines.append(row)
+    if evaluation.get("segmentations"):
+        lines += [
+            "",
+            f"{target} wrote `{evaluation['segmented']}`'s segmentation of each of its "
+            f"{evaluation['segmentations']} images as NIfTI on the image's own grid, "
+            f"at the site, under its state folder: `segmentations/"
+            f"run-{evaluation['segmentations_run']}/` (they never left {target}).",
+        ]
     return lines
 
 

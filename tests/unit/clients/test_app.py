@@ -395,6 +395,64 @@ def test_evaluate_replies_dice_per_requested_predictor(
     }
 
 
+def test_evaluate_writes_the_segmentations_at_home_and_sends_only_their_count(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+) -> None:
+    # Prepare: a hostile predictor name, which must never become a path
+    name = "../../escape"
+    request = protocol.EvaluateRequest(
+        predictors={name: [("B", 0.5), ("C", 0.5)]}, segment=name
+    )
+    message = build_message(
+        build_candidates(source_weights, request.to_fields()), protocol.EVALUATE
+    )
+    site = federation / TARGET
+    before = {path for path in federation.rglob("*") if path.is_file()}
+
+    # Execute
+    reply = evaluate(message, site_context(run_config, site))
+
+    # Assert: one NIfTI per image of the site, under its state folder's run folder
+    assert not reply.has_error(), reply.error.reason
+    result = protocol.EvaluateReply.from_fields(reply.content[protocol.METRICS_KEY])
+    index = index_site(site)
+    images = (*index.training_images, *index.evaluation_images)
+    assert result.segmentations == len(images)
+    folder = site / ".sitebridge" / "segmentations" / "run-1"
+    new = {path for path in federation.rglob("*") if path.is_file()} - before
+    written = {path for path in new if path.parent == folder}
+    assert {path.name for path in written} == {
+        f"{case.case_id}.nii.gz" for case in images
+    } | {"segmentations.json"}
+    assert all(
+        folder in path.parents or path.parent == folder.parent.parent for path in new
+    )
+    assert not (federation.parent / "escape").exists()
+    # Nothing about the images travels: no arrays, no case names.
+    assert not reply.content.array_records
+    text = reply_text(reply)
+    assert not any(case.case_id in text for case in images)
+
+
+def test_error_evaluate_segment_naming_no_predictor(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+) -> None:
+    # Prepare
+    fields = protocol.EvaluateRequest(predictors={"p": [("B", 1.0)]}).to_fields()
+    fields["segment"] = "../p"
+    message = build_message(build_candidates(source_weights, fields), protocol.EVALUATE)
+
+    # Execute
+    reply = evaluate(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert_site_error(reply, "payload field 'segment'", "not one of the predictors")
+
+
 # ------------------------------------------------------------------------ error paths
 
 

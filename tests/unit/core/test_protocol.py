@@ -553,12 +553,45 @@ def test_evaluate_reply_fields_and_nan_hd95() -> None:
     parsed = EvaluateReply.from_fields(fields)
 
     # Assert
-    assert set(fields) == {"num-cases", "dice.pair.main", "hd95.pair.main"} | set(
-        DP_METRICS
-    )
+    assert set(fields) == {
+        "num-cases",
+        "dice.pair.main",
+        "hd95.pair.main",
+        "segmentations",
+    } | set(DP_METRICS)
     assert parsed.dice == {"pair.main": 0.5}
     assert math.isnan(parsed.hd95_mm["pair.main"])
     assert not parsed.private
+
+
+def test_evaluate_request_segment_travels_only_when_set() -> None:
+    # Prepare
+    predictors = {"tgma": [("main", 1.0)]}
+
+    # Execute
+    plain = EvaluateRequest(predictors=predictors).to_fields()
+    segmenting = EvaluateRequest(predictors=predictors, segment="tgma")
+
+    # Assert: a request without it is what an earlier release sent
+    assert set(plain) == {"predictors"}
+    assert EvaluateRequest.from_fields(plain).segment == ""
+    assert EvaluateRequest.from_fields(segmenting.to_fields()) == segmenting
+
+
+@pytest.mark.parametrize("segment", ["other", "../tgma", "tgma/x"])
+def test_evaluate_request_refuses_a_segment_that_names_no_predictor(
+    segment: str,
+) -> None:
+    # Prepare
+    fields = {"predictors": '{"tgma": [["main", 1.0]]}', "segment": segment}
+
+    # Execute / Assert
+    with pytest.raises(
+        ValueError,
+        match=rf"^payload field 'segment' names {re.escape(repr(segment))}, which is "
+        "not one of the predictors$",
+    ):
+        EvaluateRequest.from_fields(fields)
 
 
 def test_replies_from_an_earlier_release_parse_without_the_new_dp_fields() -> None:

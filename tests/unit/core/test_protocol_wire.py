@@ -117,10 +117,12 @@ INSTANCES = {
         num_labelled=0,
     ),
     "evaluate-request": EvaluateRequest(
-        predictors={"tgma": [("main", 0.7), ("aux", 0.3)], "b": [("B", 1.0)]}
+        predictors={"tgma": [("main", 0.7), ("aux", 0.3)], "b": [("B", 1.0)]},
+        segment="tgma",
     ),
     "evaluate": EvaluateReply(
         num_cases=6,
+        segmentations=18,
         dice={"tgma": 0.8, "b": 0.7},
         hd95_mm={"tgma": 3.5, "b": math.nan},
         **DP,
@@ -275,11 +277,18 @@ PINNED = {
         ],
     ),
     "evaluate-request": (
-        [("predictors", '{"b": [["B", 1.0]], "tgma": [["main", 0.7], ["aux", 0.3]]}')],
+        [
+            (
+                "predictors",
+                '{"b": [["B", 1.0]], "tgma": [["main", 0.7], ["aux", 0.3]]}',
+            ),
+            ("segment", "tgma"),
+        ],
     ),
     "evaluate": (
         [
             ("num-cases", 6),
+            ("segmentations", 18),
             ("dp.epsilon-spent", 0.5),
             ("dp.epsilon-total", 1.5),
             ("dp.delta", 1e-05),
@@ -427,6 +436,7 @@ PINNED_SCHEMAS = {
             "num-cases",
             "dice.*",
             "hd95.*",
+            "segmentations",
             "dp.epsilon-spent",
             "dp.epsilon-total",
             "dp.delta",

@@ -39,7 +39,8 @@ PHASE_FILES = (
     "evaluation",
 )
 # Fields of a phase result that legitimately differ between two runs.
-RUN_SPECIFIC = {"node_id", "seconds"}
+# The segmentations go under the Flower run id of the attempt that evaluated.
+RUN_SPECIFIC = {"node_id", "seconds", "segmentations_run"}
 RESUME_7: dict[str, ConfigValue] = {"resume-run": "7"}
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import shutil
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from core.config import Norm, RunConfig, load_default_config
-from core.data.dataset import SiteDataError
+from core.data.dataset import SiteDataError, index_site
+from core.data.io import read_volume
 from core.data.synthetic import EVALUATION_CASES_PER_SITE
 from core.privacy.dp import (
     AccountantState,
@@ -20,7 +22,12 @@ from core.privacy.dp import (
     read_accountant_state,
     write_accountant_state,
 )
-from core.training.evaluation import evaluate_predictors, release_evaluation
+from core.training.evaluation import (
+    SEGMENTATIONS_MANIFEST,
+    evaluate_predictors,
+    release_evaluation,
+    write_segmentations,
+)
 from core.training.job import (
     SourceTraining,
     build_initial_weights,
@@ -663,6 +670,61 @@ def test_evaluate_predictors_rejects_unknown_models(
         evaluate_predictors(
             federation / "A", candidates, {"p": members}, config, with_hd95=False
         )
+
+
+def test_write_segmentations_writes_every_image_on_its_own_grid(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare
+    out_dir = tmp_path / "segmentations" / "run-7"
+    index = index_site(federation / "A")
+    cases = (*index.training_images, *index.evaluation_images)
+    lines: list[str] = []
+
+    # Execute
+    written = write_segmentations(
+        federation / "A",
+        candidates,
+        [("B", 0.5), ("C", 0.5)],
+        config,
+        out_dir,
+        predictor="uniform",
+        progress=lines.append,
+    )
+
+    # Assert: one volume per image, with the image's geometry and class values
+    assert written == len(cases) == 2 + EVALUATION_CASES_PER_SITE
+    for case in cases:
+        image = read_volume(case.image_path)
+        segmentation = read_volume(out_dir / f"{case.case_id}.nii.gz")
+        assert segmentation.array.shape == image.array.shape
+        assert segmentation.same_geometry(image)
+        assert set(np.unique(segmentation.array)) <= {0, 1}
+    manifest = json.loads((out_dir / SEGMENTATIONS_MANIFEST).read_text())
+    assert manifest == {
+        "predictor": "uniform",
+        "members": [["B", 0.5], ["C", 0.5]],
+        "cases": [case.case_id for case in cases],
+    }
+    assert lines == [f"[segment] uniform: {written} volumes written to {out_dir}"]
+
+
+def test_write_segmentations_refuses_an_unknown_model_before_writing(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Execute / Assert
+    with pytest.raises(
+        ValueError, match=r"predictor 'p' to segment with names unknown models \['Z'\]"
+    ):
+        write_segmentations(
+            federation / "A",
+            candidates,
+            [("Z", 1.0)],
+            config,
+            tmp_path / "out",
+            predictor="p",
+        )
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_predictors_needs_evaluation_cases(

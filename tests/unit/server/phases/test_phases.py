@@ -1432,6 +1432,22 @@ def test_evaluation_scores_every_predictor_and_persists(full_run: PipelineRun) -
         message.content.config_records[protocol.REQUEST_KEY]
     )
     assert request.predictors["uniform"] == [("source:B", 0.5), ("source:C", 0.5)]
+    # The target wrote TGMA's segmentation of each of its images at home.
+    assert request.segment == "tgma"
+    target_dir = Path(str(full_run.config.federation.dir)) / "A"
+    index = index_site(target_dir)
+    images = (*index.training_images, *index.evaluation_images)
+    assert full_run.evaluation.segmented == "tgma"
+    assert full_run.evaluation.segmentations == len(images)
+    folder = (
+        target_dir
+        / ".sitebridge"
+        / "segmentations"
+        / f"run-{full_run.evaluation.segmentations_run}"
+    )
+    assert sorted(path.name for path in folder.glob("*.nii.gz")) == sorted(
+        f"{case.case_id}.nii.gz" for case in images
+    )
     assert full_run.evaluation.site == "A"
     assert full_run.evaluation.num_cases == 6
     assert set(full_run.evaluation.dice) == expected
@@ -1759,6 +1775,10 @@ def test_report_writes_markdown_and_plots(
     assert "Few-label TGMA, with seqtran (which used the target's labels)" in markdown
     for name in ("source:B", "source:C", "uniform", "tgma", "tgma-few-label"):
         assert f"| {name} |" in markdown
+    assert (
+        f"A wrote `tgma`'s segmentation of each of its "
+        f"{full_run.evaluation.segmentations} images as NIfTI" in markdown
+    )
     for plot in ("dtm.png", "dice.png"):
         path = full_run.store.run_dir / plot
         assert path.read_bytes()[:8] == PNG_MAGIC
