@@ -67,7 +67,14 @@ def describe_device(device: torch.device) -> str:
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux: the process's high-water mark, not per run.
+    # The process's resident high-water mark: VmHWM (Linux), which a new program
+    # starts afresh; ru_maxrss (KiB) elsewhere, which on Linux a child keeps from
+    # the parent it was forked from.
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -61,7 +61,7 @@ from core.metrics import dice_score, spearman
 from core.protocol import ATLAS_SOURCE_PREFIX, CONSENSUS_METHODS
 from core.training.job import build_model_with
 from core.training.networks import Arrays, build_model, get_weights
-from core.training.trainer import select_device, train_supervised
+from core.training.trainer import predicted_classes, select_device, train_supervised
 from core.transfer.job import score_slices
 from core.transfer.transferability import build_pseudo_labels
 
@@ -186,12 +186,14 @@ def build_noisy_label_set(
     cases = training + index.evaluation_images
     slices = build_slice_set(cases, data=config.data, with_labels=False)
     transferability, probabilities = score_slices(slices, candidates, config, progress)
-    itm_labels = build_pseudo_labels(
-        probabilities,
-        torch.tensor(transferability.itm),
-        case_of_slice=slices.case_of_slice,
-    ).argmax(1)
-    rows = [probability.argmax(1) for probability in probabilities]
+    itm_labels = predicted_classes(
+        build_pseudo_labels(
+            probabilities,
+            torch.tensor(transferability.itm),
+            case_of_slice=slices.case_of_slice,
+        )
+    )
+    rows = [predicted_classes(probability) for probability in probabilities]
     sources = list(transferability.sources)
     atlas_cases = index_atlases(Path(site_dir)) if with_atlases else ()
     if atlas_cases:

@@ -38,7 +38,7 @@ from core.privacy.dp import (
 )
 from core.training.job import build_model_with
 from core.training.networks import Arrays
-from core.training.trainer import predict_mixture, select_device
+from core.training.trainer import predict_mixture, predicted_classes, select_device
 
 
 def evaluate_predictors(
@@ -90,7 +90,7 @@ def evaluate_predictors(
             device=device,
         )
         results[predictor] = score_cases(
-            mixture.argmax(1),
+            predicted_classes(mixture),
             slices.labels,
             case_of_slice=slices.case_of_slice,
             case_ids=slices.case_ids,
@@ -160,7 +160,7 @@ def write_segmentations(
         classes = predict_mixture(built, weights, slices.images, device=device)
         image = read_volume(case.image_path)
         volume = label_volume_from_slices(
-            classes.argmax(1).cpu(), image.array.shape, data=config.data
+            predicted_classes(classes).cpu(), image.array.shape, data=config.data
         )
         write_volume(
             dataclasses.replace(image, array=volume.astype(np.uint8)),

@@ -34,7 +34,7 @@ from core.privacy.dp import (
 )
 from core.training.job import DP_BATCH_NORM_ERROR, build_model_with
 from core.training.networks import Arrays, get_weights
-from core.training.trainer import select_device
+from core.training.trainer import predicted_classes, select_device
 from core.transfer.adaptation import adapt_pair, adapt_pair_private
 from core.transfer.transferability import (
     SourceSelection,
@@ -147,7 +147,7 @@ def score_slices(
     itm = torch.stack(columns, dim=1)
     rows = tuple(tuple(float(value) for value in row) for row in itm.tolist())
     agreement = prediction_agreement(
-        [maps.argmax(1) for maps in probabilities],
+        [predicted_classes(maps) for maps in probabilities],
         case_of_slice=slices.case_of_slice,
         num_cases=len(slices.case_ids),
     )
@@ -253,7 +253,7 @@ def adapt_target(
         torch.tensor(transferability.itm),
         case_of_slice=slices.case_of_slice,
     )
-    pseudo_labels = soft.argmax(1)
+    pseudo_labels = predicted_classes(soft)
     names = [main] if aux is None else [main, aux]
     weights = [weight_main] if aux is None else [weight_main, weight_aux]
     models = [build_model_with(name, candidates[name], config) for name in names]

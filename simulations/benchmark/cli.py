@@ -20,9 +20,11 @@ table block; the block lives in the benchmark's docs page,
   direct transfer on the chain federation, and ``--calibrate`` of the affinity
   weights: :mod:`simulations.benchmark.affinity_calibration`), trained and scored by
   :mod:`simulations.benchmark.affinity_transfer`;
-- ``confirm``: :mod:`simulations.benchmark.confirm` (``tgma``, ``consensus``,
-  ``semisup`` and ``affinity`` re-run with their defaults on a second synthetic seed,
-  beside the seed-0 figures);
+- ``confirm``: :mod:`simulations.benchmark.confirm` (``tgma``, ``tgma-mild``,
+  ``consensus``, ``semisup`` and ``affinity`` re-run with their defaults on a second
+  synthetic seed, beside the seed-0 figures);
+- ``perf``: :mod:`simulations.benchmark.perf` (LFTM against a plain inference pass,
+  training throughput and memory by slice size);
 - ``security``: :mod:`simulations.benchmark.security.run` (what an adversarial
   coordinator reconstructs of a site's label maps through ``evaluate``,
   ``train.consensus``, ``query.lftm`` and ``query.profile``; before the defences,
@@ -68,6 +70,12 @@ from simulations.benchmark.output import (
     read_document,
     write_document,
     write_page_table,
+)
+from simulations.benchmark.perf import (
+    PERF_MARKER,
+    add_perf_options,
+    format_perf_table,
+    run_perf_command,
 )
 from simulations.benchmark.privacy import (
     PRIVACY_MARKER,
@@ -131,6 +139,9 @@ SUBCOMMANDS: Final = {
         marker=AFFINITY_MARKER,
         format_table=format_affinity_table,
         run=run_affinity_command,
+    ),
+    "perf": Subcommand(
+        marker=PERF_MARKER, format_table=format_perf_table, run=run_perf_command
     ),
     "security": Subcommand(
         marker=SECURITY_MARKER,
@@ -254,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(affinity, "affinity")
     add_affinity_options(affinity)
+    perf = commands.add_parser(
+        "perf",
+        help="LFTM against one plain inference pass; training throughput and memory "
+        "at 64, 128 and 256 px",
+    )
+    _add_common_options(perf, "perf")
+    add_perf_options(perf)
     security = commands.add_parser(
         "security",
         help="label maps an adversarial coordinator reconstructs through evaluate, "

@@ -26,7 +26,6 @@ import numpy as np
 from core.config import ConfigValue, RunConfig, load_default_config
 from core.consensus.job import run_consensus
 from core.data.dataset import list_site_dirs
-from core.data.synthetic import ALL_LABELLED, ensure_builtin_federation
 from core.logs import Countdown
 from core.protocol import CONSENSUS_METHODS
 from core.training.evaluation import evaluate_predictors
@@ -34,7 +33,11 @@ from core.training.job import build_initial_weights, train_source_model
 from core.training.networks import Arrays
 from core.transfer.job import adapt_target, score_candidates, select_pair
 from simulations.benchmark.consensus import build_controlled_config, run_controlled
-from simulations.benchmark.output import describe_machine, log_progress
+from simulations.benchmark.output import (
+    describe_machine,
+    leave_one_out_federation,
+    log_progress,
+)
 
 ADAPTED_MAIN: Final = "adapted:main"
 
@@ -183,17 +186,7 @@ def run_consensus_command(
     """Run both parts of the ``consensus`` benchmark; return the JSON document."""
     started = time.perf_counter()
     config = load_default_config(**overrides)
-    federation = args.federation_dir or ensure_builtin_federation(
-        args.cache_dir,
-        seed=config.federation.synthetic_seed,
-        num_sites=config.federation.synthetic_sites,
-        num_train_cases=config.federation.synthetic_cases,
-        # Leave-one-site-out: every site is a source in turn, so every site
-        # (the default target too) keeps all its labels.
-        target_labelled=ALL_LABELLED,
-        shift=config.federation.synthetic_shift,
-        progress=log_progress,
-    )
+    federation = leave_one_out_federation(args, config)
     log_progress("== controlled noisy labels")
     controlled = run_controlled(
         build_controlled_config(overrides), federation_dir=federation

@@ -5,9 +5,10 @@ description recorded in each document, progress lines (the ``sitebridge.benchmar
 logger, shown at ``--log-level``), reading and writing the JSON
 document, rewriting the table block of the benchmark's docs page
 (``docs/<name>-benchmark.md``) between ``<!-- NAME -->`` and ``<!-- /NAME -->``
-markers, and the ``--seeds`` option (several ``train.seed`` values
-for the benchmarks whose one run is too noisy to rank methods). It knows
-nothing about any one benchmark.
+markers, the ``--seeds`` option (several ``train.seed`` values
+for the benchmarks whose one run is too noisy to rank methods), and the fully
+labelled federation leave-one-site-out benchmarks run on. It knows nothing about
+any one benchmark.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from core.config import RunConfig
+from core.data.synthetic import ALL_LABELLED, ensure_builtin_federation
 from core.logs import get_logger
 
 LOGGER = get_logger("benchmark")
@@ -138,4 +140,24 @@ def with_seed(config: RunConfig, seed: int) -> RunConfig:
     """``config`` with ``train.seed`` replaced (weights, batches, noise, dropout)."""
     return dataclasses.replace(
         config, train=dataclasses.replace(config.train, seed=seed)
+    )
+
+
+def leave_one_out_federation(args: argparse.Namespace, config: RunConfig) -> Path:
+    """``--federation-dir``, else the built-in federation with every site labelled.
+
+    Leave-one-site-out benchmarks need it so: every site is a source in turn, so
+    every site (the default target too) keeps all its labels. Generated once in
+    ``--cache-dir`` with the run config's seed, sites, cases and shift.
+    """
+    if args.federation_dir:
+        return Path(args.federation_dir)
+    return ensure_builtin_federation(
+        args.cache_dir,
+        seed=config.federation.synthetic_seed,
+        num_sites=config.federation.synthetic_sites,
+        num_train_cases=config.federation.synthetic_cases,
+        target_labelled=ALL_LABELLED,
+        shift=config.federation.synthetic_shift,
+        progress=log_progress,
     )

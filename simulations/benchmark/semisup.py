@@ -67,7 +67,6 @@ from core.config import (
     to_flat,
 )
 from core.data.dataset import list_site_dirs
-from core.data.synthetic import ALL_LABELLED, ensure_builtin_federation
 from core.logs import Countdown, Progress
 from core.semisup.dual_task import segmentation_weights
 from core.semisup.job import (
@@ -81,6 +80,7 @@ from core.training.networks import Arrays
 from server.records import from_array_record, to_array_record
 from simulations.benchmark.output import (
     describe_machine,
+    leave_one_out_federation,
     log_progress,
     parse_seeds,
     read_document,
@@ -917,17 +917,7 @@ def run_semisup_command(
     config = build_semisup_config(overrides)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    federation = args.federation_dir or ensure_builtin_federation(
-        args.cache_dir,
-        seed=config.federation.synthetic_seed,
-        num_sites=config.federation.synthetic_sites,
-        num_train_cases=config.federation.synthetic_cases,
-        # Leave-one-site-out: every site is a source in turn, so every site
-        # (the default target too) keeps all its labels.
-        target_labelled=ALL_LABELLED,
-        shift=config.federation.synthetic_shift,
-        progress=log_progress,
-    )
+    federation = leave_one_out_federation(args, config)
     document: dict[str, object] = {
         "machine": describe_machine(),
         "federation": str(federation),

@@ -34,7 +34,6 @@ from core.config import (
     load_default_config,
 )
 from core.data.dataset import list_site_dirs
-from core.data.synthetic import ALL_LABELLED, ensure_builtin_federation
 from core.logs import Countdown
 from core.training.evaluation import evaluate_predictors
 from core.training.job import build_initial_weights, train_source_model
@@ -46,7 +45,11 @@ from core.transfer.job import (
     select_pair,
 )
 from core.transfer.transferability import SourceSelection, predicts_by_ensemble
-from simulations.benchmark.output import describe_machine, log_progress
+from simulations.benchmark.output import (
+    describe_machine,
+    leave_one_out_federation,
+    log_progress,
+)
 
 TGMA_MARKER: Final = "benchmark:tgma"
 
@@ -329,15 +332,5 @@ def run_tgma_command(
     """Run the ``tgma`` subcommand from its parsed arguments; return the document."""
     config = load_default_config(**overrides)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    federation = args.federation_dir or ensure_builtin_federation(
-        args.cache_dir,
-        seed=config.federation.synthetic_seed,
-        num_sites=config.federation.synthetic_sites,
-        num_train_cases=config.federation.synthetic_cases,
-        # Leave-one-site-out: every site is a source in turn, so every site
-        # (the default target too) keeps all its labels.
-        target_labelled=ALL_LABELLED,
-        shift=config.federation.synthetic_shift,
-        progress=log_progress,
-    )
+    federation = leave_one_out_federation(args, config)
     return run_tgma(config, federation_dir=federation)
