@@ -56,6 +56,19 @@ HEADLINES: Final[dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
         ("Dice of the model trained on ITM labels", ("pipeline", "trained", "itm")),
         ("label Dice, DeepSTAPLE", ("pipeline", "deepstaple")),
         ("label Dice, STAPLE", ("pipeline", "staple")),
+        # Within-case AUROC of good vs wrong label sources (docs/methods.md#data-
+        # parameters); the case rows are the paper's volume granularity, run beside
+        # the default one (--granularities).
+        ("within-case AUROC, data parameters", ("pipeline", "auroc_dp")),
+        ("within-case AUROC, STAPLE sensitivities", ("pipeline", "auroc_staple")),
+        (
+            "case data parameters: Dice of the model trained on DeepSTAPLE",
+            ("pipeline", "granularity", "case", "trained"),
+        ),
+        (
+            "case data parameters: within-case AUROC",
+            ("pipeline", "granularity", "case", "auroc_dp"),
+        ),
     ),
     "semisup": (
         ("federated 20%: UG-MCL", ("federated", "0.2", "ugmcl")),
@@ -115,7 +128,7 @@ TGMA_CLAIMS: Final = {
 RECIPES: Final[dict[str, tuple[str, ...]]] = {
     "tgma": (),
     "tgma-mild": ("--set", "federation.synthetic-shift=mild"),
-    "consensus": ("--targets", "A,C,E"),
+    "consensus": ("--targets", "A,C,E", "--granularities", "slice,case"),
     "semisup": ("--seeds", "0,1", "--threads", "1"),
     "affinity": ("--threads", "1"),
 }
