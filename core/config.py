@@ -82,6 +82,18 @@ class ConsensusSources(StrEnum):
     ALL = "all"
 
 
+class ConsensusGranularity(StrEnum):
+    """Which noisy-label instances share one DeepSTAPLE data parameter.
+
+    ``SLICE``: one per (2-D slice, label source), SiteBridge's first form for 2-D
+    networks. ``CASE``: the paper's volume granularity, one per (case, label source)
+    shared by all the case's slices (docs/methods.md#data-parameters).
+    """
+
+    SLICE = "slice"
+    CASE = "case"
+
+
 class SyntheticShift(StrEnum):
     """How far apart the built-in synthetic federation's sites are.
 
@@ -378,6 +390,7 @@ class ConsensusConfig:
     out_of_line: bool
     fixed_weighting: bool
     risk_regularisation: bool
+    granularity: ConsensusGranularity  # which label instances share a data parameter
     label_sources: ConsensusSources  # which candidates' predictions are labels
     atlases: bool  # add labels registered from the target's atlases/ folder
     baselines: bool  # also train on TGMA pseudo-labels, majority vote and STAPLE

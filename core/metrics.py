@@ -2,8 +2,9 @@
 
 Slices predicted by the 2-D network are stacked back into their case's volume, and each
 metric is computed per 3-D case and then averaged over cases, as is usual for this
-field. Also the one Spearman rank correlation every method and benchmark uses. Never
-imports flwr.
+field. Also the one Spearman rank correlation every method and benchmark uses, and the
+AUROC of a score separating two groups (the consensus benchmark's within-case figure).
+Never imports flwr.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy.typing as npt
 import torch
 from monai.metrics import compute_hausdorff_distance
 from monai.networks.utils import one_hot
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,6 +238,48 @@ def spearman(
         return undefined
     value = float(spearmanr(*zip(*pairs, strict=True)).statistic)
     return undefined if math.isnan(value) else value
+
+
+def auroc(
+    scores: Sequence[float],
+    positive: Sequence[bool],
+    *,
+    undefined: float = math.nan,
+) -> float:
+    """Area under the ROC curve of ``scores`` separating positives from negatives.
+
+    The probability that a random positive scores above a random negative, ties
+    counting half (the Mann-Whitney rank formula with average ranks). Items with a
+    NaN or infinite score are left out. Undefined (returns ``undefined``) unless both
+    groups keep at least one item.
+
+    Args:
+        scores: one score per item; higher should mean positive.
+        positive: whether each item is positive (same length).
+        undefined: the value returned when one group is empty.
+
+    Example:
+        >>> auroc([0.9, 0.8, 0.1], [True, False, False])
+        1.0
+        >>> auroc([0.5, 0.5, 0.1, 0.7], [True, False, False, False])
+        0.5
+        >>> auroc([0.9, 0.8], [True, True])
+        nan
+    """
+    pairs = [
+        (float(score), bool(flag))
+        for score, flag in zip(scores, positive, strict=True)
+        if math.isfinite(score)
+    ]
+    positives = sum(flag for _, flag in pairs)
+    negatives = len(pairs) - positives
+    if positives == 0 or negatives == 0:
+        return undefined
+    ranks = rankdata([score for score, _ in pairs])
+    rank_sum = float(
+        sum(rank for rank, (_, flag) in zip(ranks, pairs, strict=True) if flag)
+    )
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

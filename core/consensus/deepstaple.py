@@ -1,7 +1,8 @@
 """DeepSTAPLE: data parameters learned on noisy labels, and softmax-weighted voting.
 
 Owns the learned label consensus of docs/methods.md#deepstaple, whose numbering the
-formulas below follow: one data parameter per noisy label instance is learned while a
+formulas below follow: one data parameter per noisy label instance (or per group of
+instances that share one, such as the slices of one case) is learned while a
 segmentation network trains on the noisy labels (formulas 1-5, out-of-line two-step
 update by default), and the labels of one image are fused by softmax(data parameter)
 voting (formula 6). The baselines it is compared with
@@ -43,7 +44,8 @@ class DeepStapleResult:
 
     Attributes:
         model: the trained network (in eval mode, on the training device).
-        data_parameters: ``(N,)`` raw data parameter per noisy label instance.
+        data_parameters: ``(N,)`` raw data parameter per noisy label instance
+            (instances that share a parameter get the same value).
         epoch_losses: mean network loss per epoch (class-weighted CE out-of-line,
             the data-parameter loss in-line).
         seconds: wall time of the loop.
@@ -343,6 +345,25 @@ def _check_training_inputs(images: torch.Tensor, noisy_labels: torch.Tensor) -> 
         raise ValueError(f"noisy_labels must be integers, got {noisy_labels.dtype}")
 
 
+def _check_parameter_index(index: torch.Tensor | None, count: int) -> torch.Tensor:
+    """Return ``index`` (identity when None) after checking it maps onto 0..P-1."""
+    if index is None:
+        return torch.arange(count)
+    if index.shape != (count,) or index.is_floating_point() or index.is_complex():
+        raise ValueError(
+            f"parameter_index must be ({count},) integers, one per instance, got "
+            f"{tuple(index.shape)} {index.dtype}"
+        )
+    index = index.long().cpu()
+    used = torch.unique(index)
+    if int(used[0]) != 0 or int(used[-1]) != len(used) - 1:
+        raise ValueError(
+            "parameter_index must use every index 0..P-1, got "
+            f"{len(used)} distinct values in [{int(used[0])}, {int(used[-1])}]"
+        )
+    return index
+
+
 def train_deepstaple(
     images: torch.Tensor,
     noisy_labels: torch.Tensor,
@@ -359,6 +380,7 @@ def train_deepstaple(
     device: torch.device,
     seed: int,
     amp: bool = False,
+    parameter_index: torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> DeepStapleResult:
     """Train a network on noisy labels and learn one data parameter per label.
@@ -389,25 +411,31 @@ def train_deepstaple(
         seed: seeds torch, numpy and the data order (not the model's initial weights,
             which the caller built).
         amp: float16 autocast with gradient scaling, used on CUDA only.
+        parameter_index: ``(N,)`` integers: the data parameter of each instance, so
+            instances with the same index share one (the paper's volume granularity:
+            every slice of one case and label source); the indices must be
+            ``0..P-1``, each used. None: one parameter per instance.
         progress: called with one line per epoch (defaults to the module logger).
 
     Returns:
         The :class:`DeepStapleResult`.
 
     Raises:
-        ValueError: shapes disagree, inputs are empty, or labels are out of range.
+        ValueError: shapes disagree, inputs are empty, labels are out of range, or
+            ``parameter_index`` is not ``(N,)`` integers using each of ``0..P-1``.
     """
     _check_training_inputs(images, noisy_labels)
+    count = int(images.shape[0])
+    instance_parameter = _check_parameter_index(parameter_index, count)
     if epochs < 0 or batch_size < 1:
         raise ValueError(
             f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}"
         )
     class_weight = class_weights(noisy_labels, num_classes).to(device)
     generator = seed_everything(seed)
-    count = int(images.shape[0])
     foreground_counts = (noisy_labels != 0).flatten(1).sum(dim=1)
     model.to(device).train()
-    data_parameters = DataParameters(count).to(device)
+    data_parameters = DataParameters(int(instance_parameter.max()) + 1).to(device)
     network_optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     dp_optimizer = torch.optim.SparseAdam(
         list(data_parameters.parameters()),
@@ -427,7 +455,7 @@ def train_deepstaple(
             index = order[start : start + batch_size]
             batch_images = images[index].to(device, non_blocking=True)
             batch_labels = noisy_labels[index].to(device, non_blocking=True)
-            batch_index = index.to(device)
+            batch_index = instance_parameter[index].to(device)
             batch_counts = foreground_counts[index].to(device)
             if out_of_line:
                 loss = step_network(
@@ -471,7 +499,8 @@ def train_deepstaple(
             samples=count,
         )
     model.eval()
-    values = data_parameters.embedding.weight.detach().squeeze(-1).float().cpu()
+    table = data_parameters.embedding.weight.detach().squeeze(-1).float().cpu()
+    values = table[instance_parameter]
     return DeepStapleResult(
         model=model,
         data_parameters=values.numpy().astype(np.float32),

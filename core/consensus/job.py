@@ -11,8 +11,9 @@ site's ``atlases/`` folder (registered onto it with SimpleITK,
 - ``staple``: STAPLE over each case's labels as 3-D stacks (one sensitivity per
   label source and case);
 - ``deepstaple``: DeepSTAPLE data parameters learned per (2-D slice, label source),
-  as docs/methods.md#data-parameters fixes for 2-D networks, then softmax-weighted
-  voting per slice.
+  as docs/methods.md#data-parameters fixes for 2-D networks, or per (case, label
+  source) as in the paper (``consensus.granularity``), then softmax-weighted voting
+  per slice.
 
 Images are the target's training images and, when it has them, its evaluation images:
 their evaluation labels are read only to score each consensus and the data
@@ -37,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from core.config import RunConfig
+from core.config import ConsensusGranularity, RunConfig
 from core.consensus.deepstaple import train_deepstaple, weighted_vote
 from core.consensus.registration import (
     RegistrationSettings,
@@ -57,7 +58,7 @@ from core.data.dataset import (
 )
 from core.data.io import read_volume, write_volume
 from core.logs import Countdown, Progress, quiet
-from core.metrics import dice_score, spearman
+from core.metrics import auroc, dice_score, spearman
 from core.protocol import ATLAS_SOURCE_PREFIX, CONSENSUS_METHODS
 from core.training.job import build_model_with
 from core.training.networks import Arrays, build_model, get_weights
@@ -68,6 +69,11 @@ from core.transfer.transferability import build_pseudo_labels
 # The consensus reply's Spearman figures need 3 evaluation images with a defined
 # score (nan below: two points always correlate perfectly).
 _SPEARMAN_MIN_PAIRS: Final = 3
+# The within-case AUROC counts a label source as good on a case when its label's true
+# Dice there is at least this: the pipeline's sources are bimodal (a source either
+# segments the target's structure, Dice about 0.7-0.95, or misses it, Dice near 0), so
+# any threshold between the modes gives the same split; 0.5 is their midpoint.
+GOOD_LABEL_DICE: Final = 0.5
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,7 +111,11 @@ class ConsensusOutcome:
         data_parameters: ``(A, N)`` raw data parameters (nan on slices DeepSTAPLE
             did not train on); stays at the site.
         labels_dir: where the consensus labels were written (at the site).
-        reply fields: see :class:`core.protocol.ConsensusReply`.
+        auroc_dp, auroc_staple: the within-case AUROC of the data parameters and of
+            STAPLE's sensitivities separating good label sources from wrong ones on
+            the evaluation images (see :class:`_EvaluationScores`); benchmark
+            figures, not sent in the reply.
+        the other fields: see :class:`core.protocol.ConsensusReply`.
     """
 
     models: dict[str, Arrays]
@@ -122,6 +132,8 @@ class ConsensusOutcome:
     label_dice: dict[str, float]
     spearman_dp: float
     spearman_staple: float
+    auroc_dp: float
+    auroc_staple: float
 
 
 def _atlas_labels(
@@ -250,10 +262,38 @@ def _staple_per_case(
     return torch.from_numpy(fused), sensitivity
 
 
+def parameter_index(
+    case_of_slice: torch.Tensor, num_sources: int, granularity: ConsensusGranularity
+) -> torch.Tensor | None:
+    """Map DeepSTAPLE's instances to data parameters; None: one per instance.
+
+    The instances are source-major: instance ``a * M + m`` is source ``a``'s label of
+    slice ``m`` of ``case_of_slice`` (``(M,)``, the trained slices' cases). With
+    ``CASE`` granularity every slice of one (case, source) shares one parameter,
+    numbered ``0..P-1`` in (source, case) order.
+
+    Example:
+        >>> parameter_index(torch.tensor([0, 0, 3]), 2, ConsensusGranularity.CASE)
+        tensor([0, 0, 1, 2, 2, 3])
+    """
+    if granularity is ConsensusGranularity.SLICE:
+        return None
+    cases = case_of_slice.long()
+    keys = torch.arange(num_sources).repeat_interleave(len(cases)) * (
+        int(cases.max()) + 1
+    ) + cases.repeat(num_sources)
+    inverse: torch.Tensor = torch.unique(keys, return_inverse=True)[1]
+    return inverse
+
+
 def _learn_data_parameters(
     noisy: NoisyLabelSet, config: RunConfig, progress: Progress
 ) -> npt.NDArray[np.float32]:
-    """DeepSTAPLE on the informative slices; ``(A, N)`` raw data parameters."""
+    """DeepSTAPLE on the informative slices; ``(A, N)`` raw data parameters.
+
+    With ``consensus.granularity = "case"`` the slices of one (case, source) share
+    one parameter, repeated on each of them.
+    """
     settings = config.consensus
     sources, count = noisy.labels.shape[:2]
     informative = (noisy.labels != 0).flatten(2).any(2).any(0)  # (N,)
@@ -281,6 +321,9 @@ def _learn_data_parameters(
         device=select_device(config.train.device),
         seed=config.train.seed,
         amp=config.train.amp,
+        parameter_index=parameter_index(
+            noisy.slices.case_of_slice[rows], sources, settings.granularity
+        ),
         progress=progress,
     )
     result[:, rows.numpy()] = trained.data_parameters.reshape(sources, len(rows))
@@ -410,7 +453,7 @@ def run_consensus(
         for a, name in enumerate(noisy.sources)
     }
 
-    label_dice, spearman_dp, spearman_staple = _score_on_evaluation_labels(
+    scored = _score_on_evaluation_labels(
         index.evaluation_images, noisy, fused, raw, sensitivity, config
     )
     methods = CONSENSUS_METHODS if config.consensus.baselines else ("deepstaple",)
@@ -427,10 +470,29 @@ def run_consensus(
         data_parameter=data_parameter,
         staple_sensitivity=staple_sensitivity,
         agreement=agreement,
-        label_dice=label_dice,
-        spearman_dp=spearman_dp,
-        spearman_staple=spearman_staple,
+        label_dice=scored.label_dice,
+        spearman_dp=scored.spearman_dp,
+        spearman_staple=scored.spearman_staple,
+        auroc_dp=scored.auroc_dp,
+        auroc_staple=scored.auroc_staple,
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _EvaluationScores:
+    """What the evaluation labels say of each consensus and of the label weights.
+
+    ``auroc_*``: per labelled evaluation case, the AUROC of each source's data
+    parameter (mean over the case's slices) or STAPLE sensitivity separating the
+    sources whose label has true Dice >= :data:`GOOD_LABEL_DICE` on the case from the
+    others (cases with only one kind are left out), averaged over cases.
+    """
+
+    label_dice: dict[str, float]
+    spearman_dp: float = math.nan
+    spearman_staple: float = math.nan
+    auroc_dp: float = math.nan
+    auroc_staple: float = math.nan
 
 
 def _score_on_evaluation_labels(
@@ -440,13 +502,13 @@ def _score_on_evaluation_labels(
     raw: npt.NDArray[np.float32],
     sensitivity: npt.NDArray[np.float64],
     config: RunConfig,
-) -> tuple[dict[str, float], float, float]:
-    """Consensus Dice per method and the quality Spearmans, on the evaluation images.
+) -> _EvaluationScores:
+    """Consensus Dice per method and the label-quality figures, on evaluation images.
 
     ``evaluation_images`` are every evaluation image, in the order the noisy label set
     holds them after the training images; only those with a label are scored. The
     evaluation labels are read here only, to score; nothing trains on them. Returns
-    empty Dice and nan correlations when the site has no evaluation labels.
+    empty Dice and nan figures when the site has no evaluation labels.
     """
     labelled = [
         (number, case)
@@ -454,7 +516,7 @@ def _score_on_evaluation_labels(
         if case.label_path is not None
     ]
     if not labelled:
-        return {}, math.nan, math.nan
+        return _EvaluationScores(label_dice={})
     num_classes = config.data.num_classes
     truth = build_slice_set(
         [case for _, case in labelled], data=config.data, with_labels=True
@@ -486,8 +548,13 @@ def _score_on_evaluation_labels(
         )
         for method, labels in fused.items()
     }
-    dps, sensitivities, true_dice = [], [], []
+    dps: list[float] = []
+    sensitivities: list[float] = []
+    true_dice: list[float] = []
+    auroc_dp: list[float] = []
+    auroc_staple: list[float] = []
     for case, rows in rows_of.items():
+        first = len(true_dice)
         for a in range(len(noisy.sources)):
             true_dice.append(
                 dice_score(
@@ -498,10 +565,17 @@ def _score_on_evaluation_labels(
             )
             dps.append(_mean_over(raw[a, rows]))
             sensitivities.append(float(sensitivity[a, case]))
-    return (
-        label_dice,
-        spearman(dps, true_dice, min_pairs=_SPEARMAN_MIN_PAIRS),
-        spearman(sensitivities, true_dice, min_pairs=_SPEARMAN_MIN_PAIRS),
+        good = [dice >= GOOD_LABEL_DICE for dice in true_dice[first:]]
+        auroc_dp.append(auroc(dps[first:], good))
+        auroc_staple.append(auroc(sensitivities[first:], good))
+    return _EvaluationScores(
+        label_dice=label_dice,
+        spearman_dp=spearman(dps, true_dice, min_pairs=_SPEARMAN_MIN_PAIRS),
+        spearman_staple=spearman(
+            sensitivities, true_dice, min_pairs=_SPEARMAN_MIN_PAIRS
+        ),
+        auroc_dp=_mean_over(np.asarray(auroc_dp)),
+        auroc_staple=_mean_over(np.asarray(auroc_staple)),
     )
 
 

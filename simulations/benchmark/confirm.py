@@ -56,6 +56,19 @@ HEADLINES: Final[dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
         ("Dice of the model trained on ITM labels", ("pipeline", "trained", "itm")),
         ("label Dice, DeepSTAPLE", ("pipeline", "deepstaple")),
         ("label Dice, STAPLE", ("pipeline", "staple")),
+        # Within-case AUROC of good vs wrong label sources
+        # (docs/methods.md#data-parameters); the case rows are the paper's volume
+        # granularity, run beside the default one (--granularities).
+        ("within-case AUROC, data parameters", ("pipeline", "auroc_dp")),
+        ("within-case AUROC, STAPLE sensitivities", ("pipeline", "auroc_staple")),
+        (
+            "case data parameters: Dice of the model trained on DeepSTAPLE",
+            ("pipeline", "granularity", "case", "trained"),
+        ),
+        (
+            "case data parameters: within-case AUROC",
+            ("pipeline", "granularity", "case", "auroc_dp"),
+        ),
     ),
     "semisup": (
         ("federated 20%: UG-MCL", ("federated", "0.2", "ugmcl")),
@@ -109,13 +122,34 @@ TGMA_CLAIMS: Final = {
     ),
 }
 
+# Consensus's paired claims: (label, path of the first figure, path of the second) in
+# each target row of the documents' pipeline part, pooled over the seeds' targets
+# (docs/methods.md#data-parameters; the case rows need --granularities slice,case).
+CONSENSUS_CLAIMS: Final[tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = (
+    (
+        "trained on DeepSTAPLE - trained on STAPLE",
+        ("trained", "deepstaple"),
+        ("trained", "staple"),
+    ),
+    (
+        "trained on DeepSTAPLE with case DPs - trained on STAPLE",
+        ("granularity", "case", "trained"),
+        ("trained", "staple"),
+    ),
+    (
+        "trained on DeepSTAPLE, case DPs - slice DPs",
+        ("granularity", "case", "trained"),
+        ("granularity", "slice", "trained"),
+    ),
+)
+
 # Per benchmark, the options its committed seed-0 document was made with (as
 # docs/development.md lists them), less the ones that tune: affinity's --calibrate
 # fitted the defaults the confirmation keeps.
 RECIPES: Final[dict[str, tuple[str, ...]]] = {
     "tgma": (),
     "tgma-mild": ("--set", "federation.synthetic-shift=mild"),
-    "consensus": ("--targets", "A,C,E"),
+    "consensus": ("--targets", "A,C,E", "--granularities", "slice,case"),
     "semisup": ("--seeds", "0,1", "--threads", "1"),
     "affinity": ("--threads", "1"),
 }
@@ -173,7 +207,70 @@ def collect_confirmation(
         if name in benchmarks
         for claim in tgma_claims(out_dir, seed, name=name)
     ]
-    return {"seed": seed, "benchmarks": rows, "tgma_claims": claims}
+    document: dict[str, object] = {
+        "seed": seed,
+        "benchmarks": rows,
+        "tgma_claims": claims,
+    }
+    if "consensus" in benchmarks:
+        document["consensus_claims"] = consensus_claims(out_dir, seed)
+    return document
+
+
+def consensus_claims(out_dir: Path, seed: int) -> list[dict[str, object]]:
+    """Paired differences over every (seed, target) of the consensus documents.
+
+    Per claim of :data:`CONSENSUS_CLAIMS`, as :func:`tgma_claims` does; a claim
+    whose figures some target row lacks is left out, and all are when either
+    document is missing.
+    """
+    documents = [
+        read_document(path)
+        for path in (
+            out_dir / "consensus.json",
+            second_seed_path(out_dir, "consensus", seed),
+        )
+        if path.is_file()
+    ]
+    rows: list[Mapping[str, object]] = []
+    for document in documents:
+        pipeline = document.get("pipeline")
+        targets = pipeline.get("targets") if isinstance(pipeline, Mapping) else None
+        if isinstance(targets, Mapping):
+            rows += [row for row in targets.values() if isinstance(row, Mapping)]
+    if len(documents) < 2 or not rows:
+        return []
+    return _paired_claims(
+        [
+            (
+                label,
+                [headline(row, first) for row in rows],
+                [headline(row, second) for row in rows],
+            )
+            for label, first, second in CONSENSUS_CLAIMS
+        ]
+    )
+
+
+def _paired_claims(
+    figures: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+) -> list[dict[str, object]]:
+    """Each (label, firsts, seconds) with no nan as a claim row with its interval."""
+    claims: list[dict[str, object]] = []
+    for label, first, second in figures:
+        if any(math.isnan(value) for value in (*first, *second)):
+            continue
+        interval = paired_bootstrap_interval(first, second)
+        claims.append(
+            {
+                "claim": label,
+                "mean": interval.mean,
+                "low": interval.low,
+                "high": interval.high,
+                "pairs": interval.count,
+            }
+        )
+    return claims
 
 
 def tgma_claims(
@@ -201,18 +298,14 @@ def tgma_claims(
     for label, first, second in TGMA_CLAIMS[name]:
         if not all(first in row and second in row for row in rows):
             continue
-        interval = paired_bootstrap_interval(
-            [_number(row[first]) for row in rows],
-            [_number(row[second]) for row in rows],
-        )
-        claims.append(
-            {
-                "claim": label,
-                "mean": interval.mean,
-                "low": interval.low,
-                "high": interval.high,
-                "pairs": interval.count,
-            }
+        claims += _paired_claims(
+            [
+                (
+                    label,
+                    [_number(row[first]) for row in rows],
+                    [_number(row[second]) for row in rows],
+                )
+            ]
         )
     return claims
 
@@ -280,12 +373,14 @@ def format_confirm_table(document: Mapping[str, object]) -> str:
                 f"| {name} | {row['figure']} | {_cell(row['seed0'])} | "
                 f"{_cell(row['second'])} |"
             )
-    claims = document.get("tgma_claims") or []
-    assert isinstance(claims, list)
-    if claims:
+    for key, title in (("tgma_claims", "TGMA"), ("consensus_claims", "Consensus")):
+        claims = document.get(key) or []
+        assert isinstance(claims, list)
+        if not claims:
+            continue
         lines += [
             "",
-            f"TGMA, paired over the targets of seeds 0 and {seed} (95% bootstrap "
+            f"{title}, paired over the targets of seeds 0 and {seed} (95% bootstrap "
             "interval of the mean difference in Dice):",
             "",
             "| difference | mean | 95% interval | target-seeds |",

@@ -378,31 +378,62 @@ def _section(document: Mapping[str, object], key: str) -> Mapping[str, object] |
     return value if isinstance(value, Mapping) else None
 
 
+def _table_row(
+    name: str,
+    section: Mapping[str, object],
+    deepstaple: Mapping[str, object] | None,
+) -> str:
+    """One table row; ``deepstaple`` (one granularity's figures) overrides its cells."""
+    trained = _section(section, "trained")
+    own = section if deepstaple is None else deepstaple
+    own_trained: Mapping[str, object] | None = (
+        trained if deepstaple is None else {"deepstaple": deepstaple.get("trained")}
+    )
+    cells = [
+        *(_cell(section, method, 3) for method in ("itm", "majority", "staple")),
+        _cell(own, "deepstaple", 3),
+        *(_cell(trained, method, 3) for method in ("itm", "majority", "staple")),
+        _cell(own_trained, "deepstaple", 3),
+        _cell(own, "spearman_dp", 2),
+        _cell(section, "spearman_staple", 2),
+        _cell(own, "auroc_dp", 2),
+        _cell(section, "auroc_staple", 2),
+    ]
+    return f"| {name} | {' | '.join(cells)} |"
+
+
 def format_consensus_table(document: Mapping[str, object]) -> str:
     """Markdown table of a ``consensus`` benchmark document (controlled + pipeline).
 
     One row per setting present; a dash for a value a setting lacks (ITM
-    pseudo-labels exist in the pipeline only, STAPLE's Spearman may be absent there).
+    pseudo-labels exist in the pipeline only, STAPLE's Spearman may be absent there,
+    the within-case AUROCs exist in the pipeline only and not in documents older
+    than them). A pipeline run with several data-parameter granularities gets one
+    row per granularity (``pipeline, <g> DPs``): the baselines' cells repeat, the
+    DeepSTAPLE cells are that granularity's.
     """
-    methods = ("itm", "majority", "staple", "deepstaple")
     lines = [
         "| setting | ITM | majority | STAPLE | DeepSTAPLE | trained on ITM | "
         "trained on majority | trained on STAPLE | trained on DeepSTAPLE | "
-        "Spearman DP | Spearman STAPLE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Spearman DP | Spearman STAPLE | AUROC DP | AUROC STAPLE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in ("controlled", "pipeline"):
         section = _section(document, setting)
         if section is None:
             continue
-        trained = _section(section, "trained")
-        cells = [
-            *(_cell(section, method, 3) for method in methods),
-            *(_cell(trained, method, 3) for method in methods),
-            _cell(section, "spearman_dp", 2),
-            _cell(section, "spearman_staple", 2),
-        ]
-        lines.append(f"| {setting} | {' | '.join(cells)} |")
+        by_granularity = _section(section, "granularity")
+        if by_granularity is None or len(by_granularity) < 2:
+            lines.append(_table_row(setting, section, None))
+            continue
+        for granularity in by_granularity:
+            lines.append(
+                _table_row(
+                    f"{setting}, {granularity} DPs",
+                    section,
+                    _section(by_granularity, granularity),
+                )
+            )
     lines.append("")
     controlled = _section(document, "controlled")
     bounds = _section(controlled, "trained") if controlled is not None else None

@@ -4,9 +4,13 @@ For each target site in turn (the others are its sources), it runs what the fede
 runs -- TGMA transferability and adaptation, then the ``train.consensus`` job with the
 sources' predictions as noisy labels -- and reports, on the target's evaluation labels:
 the consensus Dice of TGMA's ITM pseudo-labels, majority vote, STAPLE and DeepSTAPLE,
-the Dice of the adapted model trained on each, and the Spearman correlation of the
+the Dice of the adapted model trained on each, the Spearman correlation of the
 learned data parameters (and of STAPLE's sensitivities) with each noisy label's true
-Dice. It calls the same ``core`` functions as the ClientApp, without Flower in between.
+Dice, and their within-case AUROC separating good label sources from wrong ones
+(:data:`core.consensus.job.GOOD_LABEL_DICE`). With several data-parameter
+granularities (``--granularities``) DeepSTAPLE and its trained model are repeated
+for each on the same TGMA step and noisy labels, side by side. It calls the same
+``core`` functions as the ClientApp, without Flower in between.
 The controlled part and the table live in :mod:`simulations.benchmark.consensus`;
 this module also holds the subcommand's options and the run of both parts.
 """
@@ -23,8 +27,13 @@ from typing import Final
 
 import numpy as np
 
-from core.config import ConfigValue, RunConfig, load_default_config
-from core.consensus.job import run_consensus
+from core.config import (
+    ConfigValue,
+    ConsensusGranularity,
+    RunConfig,
+    load_default_config,
+)
+from core.consensus.job import ConsensusOutcome, run_consensus
 from core.data.dataset import list_site_dirs
 from core.logs import Countdown
 from core.protocol import CONSENSUS_METHODS
@@ -47,10 +56,26 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def _with_granularity(
+    config: RunConfig, granularity: ConsensusGranularity, *, baselines: bool
+) -> RunConfig:
+    consensus = dataclasses.replace(
+        config.consensus, granularity=granularity, baselines=baselines
+    )
+    return dataclasses.replace(config, consensus=consensus)
+
+
 def _run_target(
-    target_dir: Path, sources: Mapping[str, Arrays], config: RunConfig
+    target_dir: Path,
+    sources: Mapping[str, Arrays],
+    config: RunConfig,
+    granularities: Sequence[ConsensusGranularity],
 ) -> dict[str, object]:
-    """TGMA then consensus at one target; scores on its evaluation labels."""
+    """TGMA then consensus at one target; scores on its evaluation labels.
+
+    The first granularity's run fuses every method and trains on each; every further
+    one repeats only DeepSTAPLE and its trained model (same noisy labels, same seed).
+    """
     transferability = score_candidates(target_dir, sources, config)
     selection = select_pair(transferability, config.transfer)
     adapted = adapt_target(
@@ -62,16 +87,26 @@ def _run_target(
         weight_main=selection.weight_main,
         weight_aux=selection.weight_aux,
     )
-    outcome = run_consensus(
-        target_dir,
-        {**sources, ADAPTED_MAIN: adapted.main_weights},
-        config,
-        label_sources=sorted(sources),
-        start=ADAPTED_MAIN,
-        labels_dir=None,
-        progress=log_progress,
-    )
+    outcomes: dict[ConsensusGranularity, ConsensusOutcome] = {}
+    for number, granularity in enumerate(granularities):
+        log_progress(f"[consensus] data parameters per {granularity}")
+        outcomes[granularity] = run_consensus(
+            target_dir,
+            {**sources, ADAPTED_MAIN: adapted.main_weights},
+            _with_granularity(config, granularity, baselines=number == 0),
+            label_sources=sorted(sources),
+            start=ADAPTED_MAIN,
+            labels_dir=None,
+            progress=log_progress,
+        )
+    outcome = outcomes[granularities[0]]
     models = {f"consensus:{m}": weights for m, weights in outcome.models.items()}
+    models.update(
+        {
+            f"deepstaple:{granularity}": other.models["deepstaple"]
+            for granularity, other in outcomes.items()
+        }
+    )
     models.update({f"source:{name}": weights for name, weights in sources.items()})
     models[ADAPTED_MAIN] = adapted.main_weights
     predictors = {name: [(name, 1.0)] for name in models}
@@ -82,6 +117,19 @@ def _run_target(
         **{method: outcome.label_dice[method] for method in CONSENSUS_METHODS},
         "spearman_dp": outcome.spearman_dp,
         "spearman_staple": outcome.spearman_staple,
+        "auroc_dp": outcome.auroc_dp,
+        "auroc_staple": outcome.auroc_staple,
+        "granularity": {
+            str(granularity): {
+                "deepstaple": other.label_dice["deepstaple"],
+                "trained": scores[f"deepstaple:{granularity}"].dice,
+                "spearman_dp": other.spearman_dp,
+                "auroc_dp": other.auroc_dp,
+                "data_parameter": other.data_parameter,
+                "consensus_seconds": other.seconds,
+            }
+            for granularity, other in outcomes.items()
+        },
         "trained": {
             method: scores[f"consensus:{method}"].dice for method in outcome.models
         },
@@ -99,6 +147,7 @@ def run_consensus_pipeline(
     *,
     federation_dir: Path,
     targets: Sequence[str] = (),
+    granularities: Sequence[ConsensusGranularity] = (),
 ) -> dict[str, object]:
     """Leave-one-site-out consensus from source predictions; the ``pipeline`` part.
 
@@ -106,9 +155,13 @@ def run_consensus_pipeline(
         config: the run config (``consensus`` settings included).
         federation_dir: a folder of site folders.
         targets: the sites to use as target in turn; empty = every site.
+        granularities: the data-parameter granularities DeepSTAPLE runs with, side
+            by side; the first one's figures are the document's ``deepstaple`` ones.
+            Empty = ``consensus.granularity`` only.
 
     Raises:
-        ValueError: a named target is not a site of the federation.
+        ValueError: a named target is not a site of the federation, or a
+            granularity is named twice.
     """
     started = time.perf_counter()
     site_dirs = {path.name: path for path in list_site_dirs(federation_dir)}
@@ -117,6 +170,11 @@ def run_consensus_pipeline(
         raise ValueError(
             f"targets {unknown} are not sites of {federation_dir} "
             f"(sites: {sorted(site_dirs)})"
+        )
+    chosen_granularities = list(granularities) or [config.consensus.granularity]
+    if len(set(chosen_granularities)) < len(chosen_granularities):
+        raise ValueError(
+            f"granularities {[str(g) for g in chosen_granularities]} name one twice"
         )
     # Every method is compared, so the baselines are always trained here.
     config = dataclasses.replace(
@@ -138,16 +196,39 @@ def run_consensus_pipeline(
     evaluated = Countdown(len(chosen))
     for target in chosen:
         sources = {name: weights for name, weights in models.items() if name != target}
-        rows[target] = _run_target(site_dirs[target], sources, config)
+        rows[target] = _run_target(
+            site_dirs[target], sources, config, chosen_granularities
+        )
         row = rows[target]
         log_progress(
             f"target {target}: consensus Dice "
             + ", ".join(f"{m} {row[m]:.3f}" for m in CONSENSUS_METHODS)
-            + f"; Spearman DP {row['spearman_dp']:.2f}, target {evaluated.tick()}"
+            + f"; Spearman DP {row['spearman_dp']:.2f}, AUROC DP "
+            f"{row['auroc_dp']:.2f} STAPLE {row['auroc_staple']:.2f}, "
+            f"target {evaluated.tick()}"
         )
     summary: dict[str, object] = {
         key: _mean([float(row[key]) for row in rows.values()])  # type: ignore[arg-type]
-        for key in (*CONSENSUS_METHODS, "spearman_dp", "spearman_staple", "tgma_main")
+        for key in (
+            *CONSENSUS_METHODS,
+            "spearman_dp",
+            "spearman_staple",
+            "auroc_dp",
+            "auroc_staple",
+            "tgma_main",
+        )
+    }
+    summary["granularity"] = {
+        str(granularity): {
+            key: _mean(
+                [
+                    float(row["granularity"][str(granularity)][key])  # type: ignore[index]
+                    for row in rows.values()
+                ]
+            )
+            for key in ("deepstaple", "trained", "spearman_dp", "auroc_dp")
+        }
+        for granularity in chosen_granularities
     }
     summary["trained"] = {
         method: _mean(
@@ -178,6 +259,30 @@ def add_consensus_options(command: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run only the controlled part",
     )
+    command.add_argument(
+        "--granularities",
+        default="",
+        help="comma-separated data-parameter granularities DeepSTAPLE runs with side "
+        "by side in the pipeline part (slice, case); default: consensus.granularity",
+    )
+
+
+def parse_granularities(text: str) -> list[ConsensusGranularity]:
+    """``--granularities``' comma-separated values; empty = none named.
+
+    Raises:
+        ValueError: a value is not a granularity (the message names the option).
+
+    Example:
+        >>> [str(g) for g in parse_granularities("case,slice")]
+        ['case', 'slice']
+    """
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    allowed = [str(g) for g in ConsensusGranularity]
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ValueError(f"--granularities: {unknown} are not among {allowed}")
+    return [ConsensusGranularity(name) for name in names]
 
 
 def run_consensus_command(
@@ -186,6 +291,7 @@ def run_consensus_command(
     """Run both parts of the ``consensus`` benchmark; return the JSON document."""
     started = time.perf_counter()
     config = load_default_config(**overrides)
+    granularities = parse_granularities(args.granularities)
     federation = leave_one_out_federation(args, config)
     log_progress("== controlled noisy labels")
     controlled = run_controlled(
@@ -200,7 +306,10 @@ def run_consensus_command(
         log_progress("== consensus from source-model predictions (pipeline)")
         targets = [name for name in args.targets.split(",") if name]
         document["pipeline"] = run_consensus_pipeline(
-            config, federation_dir=federation, targets=targets
+            config,
+            federation_dir=federation,
+            targets=targets,
+            granularities=granularities,
         )
     document["seconds"] = time.perf_counter() - started
     return document

@@ -134,6 +134,7 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("consensus.refine-learning-rate", float("nan")),
         ("consensus.out-of-line", "yes"),
         ("consensus.label-sources", "few-label"),
+        ("consensus.granularity", "volume"),
         ("semisup.variant", "fixmatch"),
         ("semisup.iterations", 0),
         ("semisup.rounds", -1),

@@ -9,6 +9,7 @@ import torch
 from core.metrics import (
     CaseScores,
     SegmentationScores,
+    auroc,
     dice_coefficient,
     dice_score,
     hd95_mm,
@@ -292,6 +293,26 @@ def test_spearman_ranks_ties_by_their_average_and_two_pairs_suffice_by_default()
 def test_spearman_undefined_value_is_the_callers() -> None:
     assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], undefined=0.0) == 0.0
     assert math.isnan(spearman([1.0], [1.0]))
+
+
+# --- auroc ---------------------------------------------------------------------------
+
+
+def test_auroc_counts_ties_half_against_a_pairwise_count() -> None:
+    # Positives 0.8 and 0.4; negatives 0.4, 0.1, 0.9. Pairs won: 0.8 beats 0.4 and
+    # 0.1 (2), 0.4 ties 0.4 (0.5) and beats 0.1 (1): 3.5 of 6.
+    scores = [0.8, 0.4, 0.4, 0.1, 0.9]
+    positive = [True, True, False, False, False]
+    assert auroc(scores, positive) == pytest.approx(3.5 / 6)
+    assert auroc([-s for s in scores], positive) == pytest.approx(1 - 3.5 / 6)
+
+
+def test_auroc_is_undefined_with_one_class_and_skips_non_finite_scores() -> None:
+    assert math.isnan(auroc([0.1, 0.2], [False, False]))
+    assert auroc([0.1, 0.2], [True, True], undefined=0.0) == 0.0
+    # The only negative has a nan score: one class is left.
+    assert math.isnan(auroc([0.3, math.nan], [True, False]))
+    assert auroc([0.3, math.nan, 0.1], [True, False, False]) == 1.0
 
 
 def test_dice_coefficient_empty_convention_and_smoothing() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import load_default_config
+from core.config import ConsensusGranularity, load_default_config
 from core.consensus.deepstaple import (
     DataParameters,
     batch_weights,
@@ -22,6 +22,7 @@ from core.consensus.deepstaple import (
     train_deepstaple,
     weighted_vote,
 )
+from core.consensus.job import parameter_index
 from core.consensus.staple import majority_vote
 from core.training.loop import MixedPrecision
 from core.training.networks import build_model
@@ -391,6 +392,38 @@ def test_train_deepstaple_accepts_3d_volumes() -> None:
     assert result.data_parameters.shape == (2,)
 
 
+def test_case_granularity_shares_one_parameter_per_case_and_source() -> None:
+    # Prepare: source-major instances (truth, shifted, empty labels of the four
+    # images), the images being two slices each of cases 0 and 1.
+    images, labels = good_and_empty_labels()
+    order = [3 * image + source for source in range(3) for image in range(4)]
+    case_of_slice = torch.tensor([0, 0, 1, 1])
+    index = parameter_index(case_of_slice, 3, ConsensusGranularity.CASE)
+    assert index is not None
+    assert index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert parameter_index(case_of_slice, 3, ConsensusGranularity.SLICE) is None
+
+    # Execute
+    result = train_deepstaple(
+        images[order],
+        labels[order],
+        model=tiny_model(),
+        num_classes=2,
+        epochs=4,
+        batch_size=6,
+        device=CPU,
+        seed=3,
+        parameter_index=index,
+    )
+
+    # Assert: one value per (case, source), the empty source's lowest on both cases.
+    per_source = result.data_parameters.reshape(3, 4)
+    np.testing.assert_array_equal(per_source[:, 0], per_source[:, 1])
+    np.testing.assert_array_equal(per_source[:, 2], per_source[:, 3])
+    assert len(np.unique(result.data_parameters)) == 6
+    assert per_source[2].max() < per_source[:2].min()
+
+
 # ------------------------------------------------------------------- bad inputs
 
 
@@ -430,6 +463,36 @@ def test_bad_inputs_raise_value_error(call: Callable[[], object], message: str) 
     # Execute / Assert
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        (torch.tensor([0.0, 1.0]), r"parameter_index must be \(2,\) integers"),
+        (torch.tensor([0, 1, 1]), r"parameter_index must be \(2,\) integers"),
+        (
+            torch.tensor([0, 2]),
+            r"every index 0\.\.P-1, got 2 distinct values in \[0, 2\]",
+        ),
+        (torch.tensor([1, 1]), r"every index 0\.\.P-1"),
+    ],
+)
+def test_train_deepstaple_rejects_a_bad_parameter_index(
+    index: torch.Tensor, message: str
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        train_deepstaple(
+            torch.zeros(2, 1, 4, 4),
+            torch.zeros(2, 4, 4, dtype=torch.long),
+            model=nn.Conv2d(1, 2, 1),
+            num_classes=2,
+            epochs=1,
+            batch_size=1,
+            device=CPU,
+            seed=0,
+            parameter_index=index,
+        )
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import ConfigValue, RunConfig, load_run_config
+from core.config import (
+    ConfigValue,
+    ConsensusGranularity,
+    RunConfig,
+    load_run_config,
+)
 from core.consensus import job as consensus_job
 from core.consensus.job import (
     ConsensusOutcome,
@@ -226,6 +231,8 @@ def test_reply_figures_name_sources_and_methods_within_range(
     assert all(0.0 <= value <= 1.0 for value in outcome.label_dice.values())
     for rho in (outcome.spearman_dp, outcome.spearman_staple):
         assert math.isnan(rho) or -1.0 <= rho <= 1.0
+    for area in (outcome.auroc_dp, outcome.auroc_staple):
+        assert math.isnan(area) or 0.0 <= area <= 1.0
     assert outcome.num_labels == informative * len(SOURCES) > 0
     assert outcome.seconds > 0
 
@@ -288,6 +295,39 @@ def test_without_baselines_only_deepstaple_is_trained(
     assert tuple(result.fused) == CONSENSUS_METHODS
     assert tuple(result.label_dice) == CONSENSUS_METHODS
     assert result.labels_dir is None
+
+
+def test_case_granularity_gives_each_case_and_source_one_parameter(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Prepare
+    settings = without_baselines(config, atlases=False)
+    settings = dataclasses.replace(
+        settings,
+        consensus=dataclasses.replace(
+            settings.consensus, granularity=ConsensusGranularity.CASE
+        ),
+    )
+
+    # Execute
+    result = run_consensus(
+        federation / TARGET,
+        candidates,
+        settings,
+        label_sources=SOURCES,
+        start="C",
+        labels_dir=None,
+    )
+
+    # Assert: on every image, each source's trained slices hold one value.
+    raw = result.data_parameters
+    trained = ~np.isnan(raw[0])
+    assert trained.any()
+    for case in range(result.num_images):
+        rows = np.flatnonzero(trained & (np.arange(raw.shape[1]) // SLICES == case))
+        for values in raw[:, rows]:
+            assert len(np.unique(values)) <= 1
+    assert len(np.unique(raw[:, trained])) > 1
 
 
 # ------------------------------------------------------------------------ atlases

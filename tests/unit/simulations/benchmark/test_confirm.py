@@ -139,3 +139,41 @@ def test_tgma_mild_runs_the_tgma_benchmark_on_the_mild_federation(
     assert "| tgma-mild | mean Dice, uniform average | not run | 0.900 |" in table
     # Claims need both seeds' documents; seed 0's is missing.
     assert document["tgma_claims"] == []
+
+
+def test_consensus_claims_pool_the_pipeline_targets_of_both_seeds(
+    tmp_path: Path,
+) -> None:
+    # Prepare: DeepSTAPLE's model 0.02 below STAPLE's at every target, 0.03 above
+    # with case DPs; the seed-1 document lacks the case figures at one target.
+    for path, base in (
+        (tmp_path / "consensus.json", 0.8),
+        (tmp_path / "consensus-seed1.json", 0.7),
+    ):
+        targets: dict[str, object] = {
+            name: {
+                "trained": {"staple": base, "deepstaple": base - 0.02},
+                "granularity": {
+                    "slice": {"trained": base - 0.02},
+                    "case": {"trained": base + 0.03},
+                },
+            }
+            for name in "ACE"
+        }
+        if base == 0.7:
+            targets["E"] = {"trained": {"staple": base, "deepstaple": base - 0.02}}
+        path.write_text(json.dumps({"pipeline": {"targets": targets}}))
+
+    # Execute
+    document = run_confirm(["consensus"], seed=1, out_dir=tmp_path, run_benchmark=None)
+    table = format_confirm_table(document)
+
+    # Assert: the case claims are left out, one row lacking them.
+    claims = document["consensus_claims"]
+    assert [claim["claim"] for claim in claims] == [  # type: ignore[attr-defined]
+        "trained on DeepSTAPLE - trained on STAPLE"
+    ]
+    assert claims[0]["pairs"] == 6  # type: ignore[index]
+    assert claims[0]["mean"] == pytest.approx(-0.02)  # type: ignore[index]
+    assert "Consensus, paired over the targets of seeds 0 and 1" in table
+    assert "| trained on DeepSTAPLE - trained on STAPLE | -0.020 |" in table

@@ -177,11 +177,11 @@ def test_run_controlled_rejects_an_unknown_site(federation: Path) -> None:
 HEADER = (
     "| setting | ITM | majority | STAPLE | DeepSTAPLE | trained on ITM | "
     "trained on majority | trained on STAPLE | trained on DeepSTAPLE | "
-    "Spearman DP | Spearman STAPLE |"
+    "Spearman DP | Spearman STAPLE | AUROC DP | AUROC STAPLE |"
 )
 CONTROLLED_ROW = (
     "| controlled | — | 0.668 | 0.772 | 0.778 | — | 0.833 | 0.669 | 0.757 | "
-    "0.88 | 0.80 |"
+    "0.88 | 0.80 | — | — |"
 )
 CONTROLLED = {
     "majority": 0.6684,
@@ -215,18 +215,57 @@ CONTROLLED = {
             [
                 CONTROLLED_ROW,
                 "| pipeline | 0.710 | 0.700 | 0.690 | 0.740 | 0.600 | 0.610 | — | "
-                "0.650 | 0.50 | — |",
+                "0.650 | 0.50 | — | — | — |",
+            ],
+        ),
+        (
+            {
+                "itm": 0.71,
+                "majority": 0.70,
+                "staple": 0.69,
+                "deepstaple": 0.74,
+                "spearman_dp": 0.5,
+                "spearman_staple": 0.6,
+                "auroc_dp": 0.81,
+                "auroc_staple": 0.92,
+                "trained": {
+                    "itm": 0.6,
+                    "majority": 0.61,
+                    "staple": 0.62,
+                    "deepstaple": 0.65,
+                },
+                "granularity": {
+                    "slice": {
+                        "deepstaple": 0.74,
+                        "trained": 0.65,
+                        "spearman_dp": 0.5,
+                        "auroc_dp": 0.81,
+                    },
+                    "case": {"deepstaple": 0.76, "trained": 0.7, "auroc_dp": 0.95},
+                },
+            },
+            [
+                CONTROLLED_ROW,
+                "| pipeline, slice DPs | 0.710 | 0.700 | 0.690 | 0.740 | 0.600 | "
+                "0.610 | 0.620 | 0.650 | 0.50 | 0.60 | 0.81 | 0.92 |",
+                "| pipeline, case DPs | 0.710 | 0.700 | 0.690 | 0.760 | 0.600 | "
+                "0.610 | 0.620 | 0.700 | — | 0.60 | 0.95 | 0.92 |",
             ],
         ),
         (
             {"deepstaple": math.nan, "trained": "not a table"},
             [
                 CONTROLLED_ROW,
-                "| pipeline | — | — | — | — | — | — | — | — | — | — |",
+                "| pipeline | — | — | — | — | — | — | — | — | — | — | — | — |",
             ],
         ),
     ],
-    ids=["no-pipeline", "pipeline-without-staple-parts", "pipeline-degenerate"],
+    ids=[
+        "no-pipeline",
+        "pipeline-without-staple-parts",
+        "pipeline-by-granularity",
+        "pipeline-degenerate",
+    ],
 )
 def test_format_consensus_table(
     pipeline: dict[str, object] | None, expected_rows: list[str]
@@ -246,7 +285,7 @@ def test_format_consensus_table(
     # Assert
     assert table.splitlines() == [
         HEADER,
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *expected_rows,
         "",
         "Controlled: models trained on the clean labels reach 0.796, on one random "
