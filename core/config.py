@@ -94,6 +94,21 @@ class ConsensusGranularity(StrEnum):
     CASE = "case"
 
 
+class ConsensusPrior(StrEnum):
+    """Where DeepSTAPLE's data parameters start (docs/methods.md#data-parameters).
+
+    ``NONE``: every one at 0.0, the paper's flat start. ``DTM``: each label source's
+    parameters start at its centred, scaled log-odds DTM on the target;
+    ``AGREEMENT``: the same form of its agreement (mean Dice of predictions) with
+    TGMA's main. Both are computed from the target's unlabelled images only; atlas
+    sources, which have neither, start at the centre (0.0).
+    """
+
+    NONE = "none"
+    DTM = "dtm"
+    AGREEMENT = "agreement"
+
+
 class SyntheticShift(StrEnum):
     """How far apart the built-in synthetic federation's sites are.
 
@@ -391,6 +406,7 @@ class ConsensusConfig:
     fixed_weighting: bool
     risk_regularisation: bool
     granularity: ConsensusGranularity  # which label instances share a data parameter
+    dp_prior: ConsensusPrior  # where the data parameters start
     label_sources: ConsensusSources  # which candidates' predictions are labels
     atlases: bool  # add labels registered from the target's atlases/ folder
     baselines: bool  # also train on TGMA pseudo-labels, majority vote and STAPLE

@@ -34,6 +34,16 @@ LOGGER = get_logger("consensus")
 CLASS_WEIGHT_EXPONENT: float = 0.35
 NETWORK_LEARNING_RATE: float = 0.01
 DATA_PARAMETER_LEARNING_RATE: float = 0.1
+# The label-free priors (consensus.dp-prior, docs/methods.md#data-parameters): a source
+# scored s in [0, 1] (its DTM, or its agreement with TGMA's main) starts at
+# PRIOR_SCALE * (logit(s) - mean over sources of logit(s)), s clipped to
+# [PRIOR_CLIP, 1 - PRIOR_CLIP]. Centring keeps the mean start at the paper's 0.0, so
+# only the spread between sources changes. Scale 1.0: the pipeline's DTM (about
+# 0.1-0.95) then spread the starts over about -2..+2, the distance SparseAdam at lr 0.1
+# covers in about 20 of its 30 steps (one step per epoch), so the prior tilts the start
+# without fixing the end. Not tuned.
+PRIOR_SCALE: float = 1.0
+PRIOR_CLIP: float = 0.05
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -60,24 +70,63 @@ class DeepStapleResult:
 class DataParameters(nn.Module):
     """One learnable scalar per noisy label instance (docs/methods.md#data-parameters).
 
-    Stored as a sparse ``(count, 1)`` embedding initialised to 0.0, so only the rows of
-    a batch receive (sparse) gradients; optimise it with ``torch.optim.SparseAdam``.
+    Stored as a sparse ``(count, 1)`` embedding initialised to 0.0 (the paper's flat
+    start) or to ``initial``, so only the rows of a batch receive (sparse) gradients;
+    optimise it with ``torch.optim.SparseAdam``.
 
     Args:
         count: number of noisy label instances N.
+        initial: ``(count,)`` finite starting values; None: all 0.0.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, initial: torch.Tensor | None = None) -> None:
         super().__init__()
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
         self.embedding = nn.Embedding(count, 1, sparse=True)
         nn.init.zeros_(self.embedding.weight)
+        if initial is not None:
+            if initial.shape != (count,) or not bool(torch.isfinite(initial).all()):
+                raise ValueError(
+                    f"initial data parameters must be ({count},) finite values, got "
+                    f"{tuple(initial.shape)}"
+                )
+            with torch.no_grad():
+                self.embedding.weight.copy_(initial.reshape(count, 1))
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """Return the raw data parameters ``(B,)`` of the instances ``indices``."""
         raw: torch.Tensor = self.embedding(indices).squeeze(-1)
         return raw
+
+
+def prior_data_parameters(scores: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """Return each source's starting data parameter from its label-free score.
+
+    ``PRIOR_SCALE * (logit(s) - mean(logit(s)))`` with ``s`` clipped to
+    ``[PRIOR_CLIP, 1 - PRIOR_CLIP]``; a nan score (a source without one, such as an
+    atlas) starts at 0.0 and is left out of the mean.
+
+    Args:
+        scores: ``(A,)`` per source, its DTM or agreement on the target, in [0, 1].
+
+    Example:
+        >>> prior_data_parameters([0.5, 0.5]).tolist()
+        [0.0, 0.0]
+        >>> start = prior_data_parameters([0.75, 0.25, float("nan")])
+        >>> [round(float(value), 3) for value in start]
+        [1.099, -1.099, 0.0]
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"scores must be one per source (A,), got {values.shape}")
+    known = np.isfinite(values)
+    clipped = np.clip(values[known], PRIOR_CLIP, 1.0 - PRIOR_CLIP)
+    log_odds = np.log(clipped / (1.0 - clipped))
+    result = np.zeros(values.shape, dtype=np.float32)
+    if log_odds.size:
+        result[known] = PRIOR_SCALE * (log_odds - log_odds.mean())
+    return result
 
 
 def batch_weights(raw: torch.Tensor) -> torch.Tensor:
@@ -381,6 +430,7 @@ def train_deepstaple(
     seed: int,
     amp: bool = False,
     parameter_index: torch.Tensor | None = None,
+    initial_data_parameters: torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> DeepStapleResult:
     """Train a network on noisy labels and learn one data parameter per label.
@@ -415,6 +465,9 @@ def train_deepstaple(
             instances with the same index share one (the paper's volume granularity:
             every slice of one case and label source); the indices must be
             ``0..P-1``, each used. None: one parameter per instance.
+        initial_data_parameters: ``(P,)`` starting values of the P data parameters
+            (``consensus.dp-prior``, :func:`prior_data_parameters`); None: all 0.0,
+            the paper's flat start.
         progress: called with one line per epoch (defaults to the module logger).
 
     Returns:
@@ -422,7 +475,8 @@ def train_deepstaple(
 
     Raises:
         ValueError: shapes disagree, inputs are empty, labels are out of range, or
-            ``parameter_index`` is not ``(N,)`` integers using each of ``0..P-1``.
+            ``parameter_index`` is not ``(N,)`` integers using each of ``0..P-1``,
+            or ``initial_data_parameters`` is not ``(P,)`` finite values.
     """
     _check_training_inputs(images, noisy_labels)
     count = int(images.shape[0])
@@ -435,7 +489,12 @@ def train_deepstaple(
     generator = seed_everything(seed)
     foreground_counts = (noisy_labels != 0).flatten(1).sum(dim=1)
     model.to(device).train()
-    data_parameters = DataParameters(int(instance_parameter.max()) + 1).to(device)
+    data_parameters = DataParameters(
+        int(instance_parameter.max()) + 1,
+        None
+        if initial_data_parameters is None
+        else initial_data_parameters.detach().float().cpu(),
+    ).to(device)
     network_optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     dp_optimizer = torch.optim.SparseAdam(
         list(data_parameters.parameters()),

@@ -13,7 +13,8 @@ site's ``atlases/`` folder (registered onto it with SimpleITK,
 - ``deepstaple``: DeepSTAPLE data parameters learned per (2-D slice, label source),
   as docs/methods.md#data-parameters fixes for 2-D networks, or per (case, label
   source) as in the paper (``consensus.granularity``), then softmax-weighted voting
-  per slice.
+  per slice; the data parameters start flat (the paper) or from each label source's
+  DTM or agreement with TGMA's main on the target's images (``consensus.dp-prior``).
 
 Images are the target's training images and, when it has them, its evaluation images:
 their evaluation labels are read only to score each consensus and the data
@@ -38,8 +39,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from core.config import ConsensusGranularity, RunConfig
-from core.consensus.deepstaple import train_deepstaple, weighted_vote
+from core.config import ConsensusGranularity, ConsensusPrior, RunConfig
+from core.consensus.deepstaple import (
+    prior_data_parameters,
+    train_deepstaple,
+    weighted_vote,
+)
 from core.consensus.registration import (
     RegistrationSettings,
     index_atlases,
@@ -63,7 +68,7 @@ from core.protocol import ATLAS_SOURCE_PREFIX, CONSENSUS_METHODS
 from core.training.job import build_model_with
 from core.training.networks import Arrays, build_model, get_weights
 from core.training.trainer import predicted_classes, select_device, train_supervised
-from core.transfer.job import score_slices
+from core.transfer.job import score_slices, select_pair
 from core.transfer.transferability import build_pseudo_labels
 
 # The consensus reply's Spearman figures need 3 evaluation images with a defined
@@ -87,6 +92,9 @@ class NoisyLabelSet:
         sources: label source names: candidates, then ``atlas-1``..``atlas-K``.
         labels: ``(A, N, S, S)`` int64 classes, row a from ``sources[a]``.
         itm_labels: ``(N, S, S)`` TGMA pseudo-labels.
+        dtm: per source, its DTM on these images (nan for an atlas).
+        agreement: per source, the mean Dice between its predictions and those of
+            TGMA's main (``transfer.selection``'s) on these images (nan for an atlas).
     """
 
     slices: SliceSet
@@ -94,6 +102,26 @@ class NoisyLabelSet:
     sources: tuple[str, ...]
     labels: torch.Tensor
     itm_labels: torch.Tensor
+    dtm: tuple[float, ...] = ()
+    agreement: tuple[float, ...] = ()
+
+    def prior_scores(self, prior: ConsensusPrior) -> tuple[float, ...] | None:
+        """Per source, the label-free score its data parameters start from.
+
+        None for ``ConsensusPrior.NONE`` (the flat start).
+
+        Raises:
+            ValueError: the set holds no score for ``prior``, one per source.
+        """
+        if prior is ConsensusPrior.NONE:
+            return None
+        scores = self.dtm if prior is ConsensusPrior.DTM else self.agreement
+        if len(scores) != len(self.sources):
+            raise ValueError(
+                f"consensus.dp-prior = {str(prior)!r} needs one score per label source "
+                f"({len(self.sources)}), the noisy label set holds {len(scores)}"
+            )
+        return scores
 
     @property
     def training_rows(self) -> torch.Tensor:
@@ -207,16 +235,26 @@ def build_noisy_label_set(
     )
     rows = [predicted_classes(probability) for probability in probabilities]
     sources = list(transferability.sources)
+    # Label-free scores for consensus.dp-prior: images only, like the ITM above.
+    dtm = transferability.dtm
+    main = select_pair(transferability, config.transfer).main
+    with_main = transferability.agreement_by_name.get(main, {})
+    dtm_scores = [dtm[name] for name in sources]
+    agreement_scores = [with_main.get(name, math.nan) for name in sources]
     atlas_cases = index_atlases(Path(site_dir)) if with_atlases else ()
     if atlas_cases:
         rows += _atlas_labels(cases, atlas_cases, config, progress)
         sources += [f"{ATLAS_SOURCE_PREFIX}{k}" for k in range(1, len(atlas_cases) + 1)]
+        dtm_scores += [math.nan] * len(atlas_cases)
+        agreement_scores += [math.nan] * len(atlas_cases)
     return NoisyLabelSet(
         slices=slices,
         num_training_cases=len(training),
         sources=tuple(sources),
         labels=torch.stack(rows),
         itm_labels=itm_labels,
+        dtm=tuple(dtm_scores),
+        agreement=tuple(agreement_scores),
     )
 
 
@@ -286,13 +324,44 @@ def parameter_index(
     return inverse
 
 
+def initial_data_parameters(
+    scores: Sequence[float] | None, slices: int, index: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The ``(P,)`` starting data parameters from per-source scores; None: flat.
+
+    The instances are source-major (``a * slices + m``, as :func:`parameter_index`
+    numbers them); every parameter of source ``a`` starts at
+    ``prior_data_parameters(scores)[a]``.
+
+    Example:
+        >>> start = initial_data_parameters([0.75, 0.25], 2, None)
+        >>> [round(float(value), 3) for value in start]
+        [1.099, 1.099, -1.099, -1.099]
+        >>> start = initial_data_parameters([0.75, 0.25], 2, torch.tensor([0, 0, 1, 1]))
+        >>> [round(float(value), 3) for value in start]
+        [1.099, -1.099]
+    """
+    if scores is None:
+        return None
+    per_instance = torch.from_numpy(prior_data_parameters(scores)).repeat_interleave(
+        slices
+    )
+    if index is None:
+        return per_instance
+    table = torch.zeros(int(index.max()) + 1, dtype=per_instance.dtype)
+    # Every instance of one parameter comes from one source, so they agree.
+    return table.scatter(0, index.long(), per_instance)
+
+
 def _learn_data_parameters(
     noisy: NoisyLabelSet, config: RunConfig, progress: Progress
 ) -> npt.NDArray[np.float32]:
     """DeepSTAPLE on the informative slices; ``(A, N)`` raw data parameters.
 
     With ``consensus.granularity = "case"`` the slices of one (case, source) share
-    one parameter, repeated on each of them.
+    one parameter, repeated on each of them. With ``consensus.dp-prior`` other than
+    ``"none"`` every parameter of a source starts at that source's
+    :func:`core.consensus.deepstaple.prior_data_parameters` value.
     """
     settings = config.consensus
     sources, count = noisy.labels.shape[:2]
@@ -304,6 +373,24 @@ def _learn_data_parameters(
         return result
     images = noisy.slices.images[rows].repeat(sources, 1, 1, 1)
     labels = noisy.labels[:, rows].reshape(sources * len(rows), *noisy.labels.shape[2:])
+    index = parameter_index(
+        noisy.slices.case_of_slice[rows], sources, settings.granularity
+    )
+    initial = initial_data_parameters(
+        noisy.prior_scores(settings.dp_prior), len(rows), index
+    )
+    if initial is not None:
+        progress(
+            f"[consensus] data parameters start from the {settings.dp_prior} prior: "
+            + ", ".join(
+                f"{name} {float(value):.2f}"
+                for name, value in zip(
+                    noisy.sources,
+                    prior_data_parameters(noisy.prior_scores(settings.dp_prior) or ()),
+                    strict=True,
+                )
+            )
+        )
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, data=config.data)
     trained = train_deepstaple(
@@ -321,9 +408,8 @@ def _learn_data_parameters(
         device=select_device(config.train.device),
         seed=config.train.seed,
         amp=config.train.amp,
-        parameter_index=parameter_index(
-            noisy.slices.case_of_slice[rows], sources, settings.granularity
-        ),
+        parameter_index=index,
+        initial_data_parameters=initial,
         progress=progress,
     )
     result[:, rows.numpy()] = trained.data_parameters.reshape(sources, len(rows))

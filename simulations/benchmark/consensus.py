@@ -410,7 +410,9 @@ def format_consensus_table(document: Mapping[str, object]) -> str:
     the within-case AUROCs exist in the pipeline only and not in documents older
     than them). A pipeline run with several data-parameter granularities gets one
     row per granularity (``pipeline, <g> DPs``): the baselines' cells repeat, the
-    DeepSTAPLE cells are that granularity's.
+    DeepSTAPLE cells are that granularity's. Likewise a run with several
+    data-parameter priors (``--priors``) gets one row per prior (``pipeline, <p>
+    prior``), at the first granularity.
     """
     lines = [
         "| setting | ITM | majority | STAPLE | DeepSTAPLE | trained on ITM | "
@@ -423,17 +425,32 @@ def format_consensus_table(document: Mapping[str, object]) -> str:
         if section is None:
             continue
         by_granularity = _section(section, "granularity")
-        if by_granularity is None or len(by_granularity) < 2:
+        by_prior = _section(section, "prior")
+        several_granularities = by_granularity is not None and len(by_granularity) > 1
+        several_priors = by_prior is not None and len(by_prior) > 1
+        if not several_granularities and not several_priors:
             lines.append(_table_row(setting, section, None))
             continue
-        for granularity in by_granularity:
-            lines.append(
-                _table_row(
-                    f"{setting}, {granularity} DPs",
-                    section,
-                    _section(by_granularity, granularity),
+        if several_granularities:
+            assert by_granularity is not None
+            for granularity in by_granularity:
+                lines.append(
+                    _table_row(
+                        f"{setting}, {granularity} DPs",
+                        section,
+                        _section(by_granularity, granularity),
+                    )
                 )
-            )
+        if several_priors:
+            assert by_prior is not None
+            for prior in by_prior:
+                lines.append(
+                    _table_row(
+                        f"{setting}, {prior} prior",
+                        section,
+                        _section(by_prior, prior),
+                    )
+                )
     lines.append("")
     controlled = _section(document, "controlled")
     bounds = _section(controlled, "trained") if controlled is not None else None

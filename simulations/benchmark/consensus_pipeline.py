@@ -9,7 +9,9 @@ learned data parameters (and of STAPLE's sensitivities) with each noisy label's 
 Dice, and their within-case AUROC separating good label sources from wrong ones
 (:data:`core.consensus.job.GOOD_LABEL_DICE`). With several data-parameter
 granularities (``--granularities``) DeepSTAPLE and its trained model are repeated
-for each on the same TGMA step and noisy labels, side by side. It calls the same
+for each on the same TGMA step and noisy labels, side by side; so are the
+data-parameter priors (``--priors``, ``consensus.dp-prior``), at the first
+granularity. It calls the same
 ``core`` functions as the ClientApp, without Flower in between.
 The controlled part and the table live in :mod:`simulations.benchmark.consensus`;
 this module also holds the subcommand's options and the run of both parts.
@@ -30,6 +32,7 @@ import numpy as np
 from core.config import (
     ConfigValue,
     ConsensusGranularity,
+    ConsensusPrior,
     RunConfig,
     load_default_config,
 )
@@ -56,13 +59,28 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _with_granularity(
-    config: RunConfig, granularity: ConsensusGranularity, *, baselines: bool
+def _with_variant(
+    config: RunConfig,
+    granularity: ConsensusGranularity,
+    prior: ConsensusPrior,
+    *,
+    baselines: bool,
 ) -> RunConfig:
     consensus = dataclasses.replace(
-        config.consensus, granularity=granularity, baselines=baselines
+        config.consensus, granularity=granularity, dp_prior=prior, baselines=baselines
     )
     return dataclasses.replace(config, consensus=consensus)
+
+
+def _variant_figures(outcome: ConsensusOutcome, trained: float) -> dict[str, object]:
+    return {
+        "deepstaple": outcome.label_dice["deepstaple"],
+        "trained": trained,
+        "spearman_dp": outcome.spearman_dp,
+        "auroc_dp": outcome.auroc_dp,
+        "data_parameter": outcome.data_parameter,
+        "consensus_seconds": outcome.seconds,
+    }
 
 
 def _run_target(
@@ -70,12 +88,17 @@ def _run_target(
     sources: Mapping[str, Arrays],
     config: RunConfig,
     granularities: Sequence[ConsensusGranularity],
+    priors: Sequence[ConsensusPrior] = (),
 ) -> dict[str, object]:
     """TGMA then consensus at one target; scores on its evaluation labels.
 
-    The first granularity's run fuses every method and trains on each; every further
-    one repeats only DeepSTAPLE and its trained model (same noisy labels, same seed).
+    The first (granularity, prior) run fuses every method and trains on each; every
+    further granularity (at the first prior) and every further prior (at the first
+    granularity) repeats only DeepSTAPLE and its trained model (same noisy labels,
+    same seed). ``priors`` empty: ``consensus.dp-prior`` only, and no ``prior``
+    section in the row.
     """
+    chosen_priors = list(priors) or [config.consensus.dp_prior]
     transferability = score_candidates(target_dir, sources, config)
     selection = select_pair(transferability, config.transfer)
     adapted = adapt_target(
@@ -87,18 +110,22 @@ def _run_target(
         weight_main=selection.weight_main,
         weight_aux=selection.weight_aux,
     )
-    outcomes: dict[ConsensusGranularity, ConsensusOutcome] = {}
-    for number, granularity in enumerate(granularities):
-        log_progress(f"[consensus] data parameters per {granularity}")
-        outcomes[granularity] = run_consensus(
+    variants = [(granularity, chosen_priors[0]) for granularity in granularities]
+    variants += [(granularities[0], prior) for prior in chosen_priors[1:]]
+    by_variant: dict[tuple[ConsensusGranularity, ConsensusPrior], ConsensusOutcome] = {}
+    for number, (granularity, prior) in enumerate(variants):
+        log_progress(f"[consensus] data parameters per {granularity}, {prior} prior")
+        by_variant[granularity, prior] = run_consensus(
             target_dir,
             {**sources, ADAPTED_MAIN: adapted.main_weights},
-            _with_granularity(config, granularity, baselines=number == 0),
+            _with_variant(config, granularity, prior, baselines=number == 0),
             label_sources=sorted(sources),
             start=ADAPTED_MAIN,
             labels_dir=None,
             progress=log_progress,
         )
+    outcomes = {g: by_variant[g, chosen_priors[0]] for g in granularities}
+    prior_outcomes = {p: by_variant[granularities[0], p] for p in chosen_priors}
     outcome = outcomes[granularities[0]]
     models = {f"consensus:{m}": weights for m, weights in outcome.models.items()}
     models.update(
@@ -107,27 +134,28 @@ def _run_target(
             for granularity, other in outcomes.items()
         }
     )
+    models.update(
+        {
+            f"deepstaple-prior:{prior}": other.models["deepstaple"]
+            for prior, other in prior_outcomes.items()
+        }
+    )
     models.update({f"source:{name}": weights for name, weights in sources.items()})
     models[ADAPTED_MAIN] = adapted.main_weights
     predictors = {name: [(name, 1.0)] for name in models}
     scores = evaluate_predictors(
         target_dir, models, predictors, config, with_hd95=False
     )
-    return {
+    row: dict[str, object] = {
         **{method: outcome.label_dice[method] for method in CONSENSUS_METHODS},
         "spearman_dp": outcome.spearman_dp,
         "spearman_staple": outcome.spearman_staple,
         "auroc_dp": outcome.auroc_dp,
         "auroc_staple": outcome.auroc_staple,
         "granularity": {
-            str(granularity): {
-                "deepstaple": other.label_dice["deepstaple"],
-                "trained": scores[f"deepstaple:{granularity}"].dice,
-                "spearman_dp": other.spearman_dp,
-                "auroc_dp": other.auroc_dp,
-                "data_parameter": other.data_parameter,
-                "consensus_seconds": other.seconds,
-            }
+            str(granularity): _variant_figures(
+                other, scores[f"deepstaple:{granularity}"].dice
+            )
             for granularity, other in outcomes.items()
         },
         "trained": {
@@ -140,6 +168,14 @@ def _run_target(
         "staple_sensitivity": outcome.staple_sensitivity,
         "consensus_seconds": outcome.seconds,
     }
+    if priors:
+        row["prior"] = {
+            str(prior): _variant_figures(
+                other, scores[f"deepstaple-prior:{prior}"].dice
+            )
+            for prior, other in prior_outcomes.items()
+        }
+    return row
 
 
 def run_consensus_pipeline(
@@ -148,6 +184,7 @@ def run_consensus_pipeline(
     federation_dir: Path,
     targets: Sequence[str] = (),
     granularities: Sequence[ConsensusGranularity] = (),
+    priors: Sequence[ConsensusPrior] = (),
 ) -> dict[str, object]:
     """Leave-one-site-out consensus from source predictions; the ``pipeline`` part.
 
@@ -158,10 +195,14 @@ def run_consensus_pipeline(
         granularities: the data-parameter granularities DeepSTAPLE runs with, side
             by side; the first one's figures are the document's ``deepstaple`` ones.
             Empty = ``consensus.granularity`` only.
+        priors: the data-parameter priors DeepSTAPLE runs with, side by side at the
+            first granularity (a ``prior`` section per target and in the summary);
+            the first one's figures are the document's ``deepstaple`` ones. Empty =
+            ``consensus.dp-prior`` only, no ``prior`` section.
 
     Raises:
         ValueError: a named target is not a site of the federation, or a
-            granularity is named twice.
+            granularity or prior is named twice.
     """
     started = time.perf_counter()
     site_dirs = {path.name: path for path in list_site_dirs(federation_dir)}
@@ -176,6 +217,8 @@ def run_consensus_pipeline(
         raise ValueError(
             f"granularities {[str(g) for g in chosen_granularities]} name one twice"
         )
+    if len(set(priors)) < len(priors):
+        raise ValueError(f"priors {[str(p) for p in priors]} name one twice")
     # Every method is compared, so the baselines are always trained here.
     config = dataclasses.replace(
         config, consensus=dataclasses.replace(config.consensus, baselines=True)
@@ -197,7 +240,7 @@ def run_consensus_pipeline(
     for target in chosen:
         sources = {name: weights for name, weights in models.items() if name != target}
         rows[target] = _run_target(
-            site_dirs[target], sources, config, chosen_granularities
+            site_dirs[target], sources, config, chosen_granularities, priors
         )
         row = rows[target]
         log_progress(
@@ -230,6 +273,19 @@ def run_consensus_pipeline(
         }
         for granularity in chosen_granularities
     }
+    if priors:
+        summary["prior"] = {
+            str(prior): {
+                key: _mean(
+                    [
+                        float(row["prior"][str(prior)][key])  # type: ignore[index]
+                        for row in rows.values()
+                    ]
+                )
+                for key in ("deepstaple", "trained", "spearman_dp", "auroc_dp")
+            }
+            for prior in priors
+        }
     summary["trained"] = {
         method: _mean(
             [row["trained"][method] for row in rows.values()]  # type: ignore[index]
@@ -265,6 +321,13 @@ def add_consensus_options(command: argparse.ArgumentParser) -> None:
         help="comma-separated data-parameter granularities DeepSTAPLE runs with side "
         "by side in the pipeline part (slice, case); default: consensus.granularity",
     )
+    command.add_argument(
+        "--priors",
+        default="",
+        help="comma-separated data-parameter priors DeepSTAPLE runs with side by "
+        "side in the pipeline part, at the first granularity (none, dtm, agreement); "
+        "default: consensus.dp-prior, without a prior section",
+    )
 
 
 def parse_granularities(text: str) -> list[ConsensusGranularity]:
@@ -285,6 +348,24 @@ def parse_granularities(text: str) -> list[ConsensusGranularity]:
     return [ConsensusGranularity(name) for name in names]
 
 
+def parse_priors(text: str) -> list[ConsensusPrior]:
+    """``--priors``' comma-separated values; empty = none named.
+
+    Raises:
+        ValueError: a value is not a prior (the message names the option).
+
+    Example:
+        >>> [str(p) for p in parse_priors("none, dtm")]
+        ['none', 'dtm']
+    """
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    allowed = [str(p) for p in ConsensusPrior]
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ValueError(f"--priors: {unknown} are not among {allowed}")
+    return [ConsensusPrior(name) for name in names]
+
+
 def run_consensus_command(
     args: argparse.Namespace, overrides: Mapping[str, ConfigValue]
 ) -> dict[str, object]:
@@ -292,6 +373,7 @@ def run_consensus_command(
     started = time.perf_counter()
     config = load_default_config(**overrides)
     granularities = parse_granularities(args.granularities)
+    priors = parse_priors(getattr(args, "priors", ""))
     federation = leave_one_out_federation(args, config)
     log_progress("== controlled noisy labels")
     controlled = run_controlled(
@@ -310,6 +392,7 @@ def run_consensus_command(
             federation_dir=federation,
             targets=targets,
             granularities=granularities,
+            priors=priors,
         )
     document["seconds"] = time.perf_counter() - started
     return document

@@ -135,6 +135,7 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("consensus.out-of-line", "yes"),
         ("consensus.label-sources", "few-label"),
         ("consensus.granularity", "volume"),
+        ("consensus.dp-prior", "itm"),
         ("semisup.variant", "fixmatch"),
         ("semisup.iterations", 0),
         ("semisup.rounds", -1),

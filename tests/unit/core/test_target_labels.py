@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from core.affinity.profile import build_site_profile, profile_settings
-from core.config import RunConfig, load_default_config
+from core.config import ConsensusPrior, RunConfig, load_default_config
 from core.consensus.job import run_consensus
 from core.training.job import build_initial_weights
 from core.training.networks import Arrays
@@ -168,3 +168,37 @@ def test_consensus_labels_are_the_same_without_the_targets_evaluation_labels(
     assert with_labels.keys() == without.keys()
     for method in with_labels:
         np.testing.assert_array_equal(with_labels[method], without[method], method)
+
+
+@pytest.mark.parametrize("prior", [ConsensusPrior.DTM, ConsensusPrior.AGREEMENT])
+def test_the_data_parameter_priors_are_the_same_without_the_targets_labels(
+    targets: dict[str, Path],
+    candidates: dict[str, Arrays],
+    config: RunConfig,
+    prior: ConsensusPrior,
+) -> None:
+    # Prepare: the prior's scores come from the target's images only
+    settings = dataclasses.replace(
+        config, consensus=dataclasses.replace(config.consensus, dp_prior=prior)
+    )
+
+    # Execute
+    outcomes = [
+        run_consensus(
+            targets[name],
+            candidates,
+            settings,
+            label_sources=sorted(candidates),
+            start="B",
+            labels_dir=None,
+        )
+        for name in ("few", "none")
+    ]
+
+    # Assert
+    with_labels, without = outcomes
+    np.testing.assert_array_equal(with_labels.data_parameters, without.data_parameters)
+    for method in with_labels.fused:
+        np.testing.assert_array_equal(
+            with_labels.fused[method].numpy(), without.fused[method].numpy(), method
+        )

@@ -17,6 +17,7 @@ from core.consensus.deepstaple import (
     class_weights,
     compensation_weights,
     data_parameter_loss,
+    prior_data_parameters,
     step_data_parameters,
     step_network,
     train_deepstaple,
@@ -424,6 +425,63 @@ def test_case_granularity_shares_one_parameter_per_case_and_source() -> None:
     assert per_source[2].max() < per_source[:2].min()
 
 
+# ------------------------------------------------------------------------ priors
+
+
+def test_prior_is_the_centred_clipped_log_odds_of_the_scores() -> None:
+    # Prepare: logit(0.9) = ln 9; 0.999 and 0.0 are clipped to 0.95 and 0.05.
+    scores = [0.9, 0.5, 0.999, 0.0, math.nan]
+    log_odds = np.array([math.log(9.0), 0.0, math.log(19.0), -math.log(19.0)])
+
+    # Execute
+    start = prior_data_parameters(scores)
+
+    # Assert: centred over the scored sources; the unscored one (an atlas) at 0.0.
+    np.testing.assert_allclose(start[:4], log_odds - log_odds.mean(), rtol=1e-6)
+    assert start[4] == 0.0
+    assert abs(float(start[:4].mean())) < 1e-6
+
+
+@pytest.mark.parametrize("granularity", list(ConsensusGranularity))
+def test_training_starts_from_the_given_data_parameters(
+    granularity: ConsensusGranularity,
+) -> None:
+    # Prepare: source-major instances of three sources, a prior per source.
+    images, labels = good_and_empty_labels()
+    order = [3 * image + source for source in range(3) for image in range(4)]
+    index = parameter_index(torch.tensor([0, 0, 1, 1]), 3, granularity)
+    count = 12 if index is None else int(index.max()) + 1
+    start = torch.linspace(-1.0, 1.0, count)
+
+    def run(epochs: int, initial: torch.Tensor | None) -> np.ndarray:
+        return train_deepstaple(
+            images[order],
+            labels[order],
+            model=tiny_model(),
+            num_classes=2,
+            epochs=epochs,
+            batch_size=6,
+            device=CPU,
+            seed=3,
+            parameter_index=index,
+            initial_data_parameters=initial,
+        ).data_parameters
+
+    # Execute
+    untrained = run(0, start)
+    flat = run(0, None)
+    trained = run(2, start)
+
+    # Assert: before any step the table is the given start (the paper's 0.0
+    # without one), mapped onto the instances; training moves it from there.
+    expected = start if index is None else start[index]
+    np.testing.assert_array_equal(untrained, expected.numpy())
+    np.testing.assert_array_equal(flat, np.zeros(12, dtype=np.float32))
+    moved = trained - untrained
+    assert np.all(np.abs(moved) > 0)
+    assert np.all(np.abs(moved) < 1.0)  # two SparseAdam steps at lr 0.1
+
+
 # ------------------------------------------------------------------- bad inputs
 
 
@@ -439,6 +497,18 @@ def test_case_granularity_shares_one_parameter_per_case_and_source() -> None:
             r"noisy_labels must lie in \[0, 2\), got \[0, 2\]",
         ),
         (lambda: DataParameters(0), r"count must be at least 1"),
+        (
+            lambda: DataParameters(2, torch.zeros(3)),
+            r"initial data parameters must be \(2,\) finite values, got \(3,\)",
+        ),
+        (
+            lambda: DataParameters(1, torch.tensor([math.nan])),
+            r"initial data parameters must be \(1,\) finite",
+        ),
+        (
+            lambda: prior_data_parameters([[0.5]]),
+            r"scores must be one per source \(A,\), got \(1, 1\)",
+        ),
         (
             lambda: data_parameter_loss(
                 torch.zeros(2, 2, 3, 3),

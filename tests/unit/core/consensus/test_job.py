@@ -21,13 +21,16 @@ import torch
 from core.config import (
     ConfigValue,
     ConsensusGranularity,
+    ConsensusPrior,
     RunConfig,
     load_run_config,
 )
 from core.consensus import job as consensus_job
+from core.consensus.deepstaple import prior_data_parameters
 from core.consensus.job import (
     ConsensusOutcome,
     _fuse_weighted,
+    build_noisy_label_set,
     run_consensus,
 )
 from core.consensus.registration import RegistrationSettings, index_atlases
@@ -328,6 +331,90 @@ def test_case_granularity_gives_each_case_and_source_one_parameter(
         for values in raw[:, rows]:
             assert len(np.unique(values)) <= 1
     assert len(np.unique(raw[:, trained])) > 1
+
+
+# ------------------------------------------------------------------ priors
+
+
+@pytest.mark.parametrize(
+    ("prior", "granularity"),
+    [
+        (ConsensusPrior.NONE, ConsensusGranularity.SLICE),
+        (ConsensusPrior.DTM, ConsensusGranularity.SLICE),
+        (ConsensusPrior.DTM, ConsensusGranularity.CASE),
+        (ConsensusPrior.AGREEMENT, ConsensusGranularity.SLICE),
+    ],
+)
+def test_the_prior_sets_where_each_sources_data_parameters_start(
+    federation: Path,
+    config: RunConfig,
+    candidates: dict[str, Arrays],
+    monkeypatch: pytest.MonkeyPatch,
+    prior: ConsensusPrior,
+    granularity: ConsensusGranularity,
+) -> None:
+    # Prepare: record what DeepSTAPLE is started from.
+    settings = without_baselines(config, atlases=False)
+    settings = dataclasses.replace(
+        settings,
+        consensus=dataclasses.replace(
+            settings.consensus, dp_prior=prior, granularity=granularity
+        ),
+    )
+    noisy = build_noisy_label_set(
+        federation / TARGET, candidates, settings, with_atlases=False
+    )
+    # The tiny sources score alike (both near 1), so spread the scores out to see
+    # each source get its own start; the computed ones are checked below.
+    computed = noisy.dtm if prior is ConsensusPrior.DTM else noisy.agreement
+    noisy = dataclasses.replace(noisy, dtm=(0.8, 0.3), agreement=(0.3, 0.8))
+    seen: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+    real = consensus_job.train_deepstaple
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append((kwargs["initial_data_parameters"], kwargs["parameter_index"]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(consensus_job, "train_deepstaple", spy)
+
+    # Execute
+    raw = consensus_job._learn_data_parameters(noisy, settings, lambda _: None)
+
+    # Assert: "none" starts flat as before; a prior starts every parameter of a
+    # source at its centred log-odds score, computed from the target's images.
+    assert len(seen) == 1
+    initial, index = seen[0]
+    assert np.isfinite(raw).any()
+    if prior is ConsensusPrior.NONE:
+        assert initial is None
+        return
+    assert initial is not None
+    assert len(computed) == len(SOURCES)
+    assert all(0.0 <= score <= 1.0 for score in computed)
+    if prior is ConsensusPrior.AGREEMENT:
+        assert max(computed) == pytest.approx(1.0)  # TGMA's main agrees with itself
+    scores = noisy.dtm if prior is ConsensusPrior.DTM else noisy.agreement
+    expected = prior_data_parameters(scores)
+    assert expected[0] != expected[1]
+    per_instance = initial if index is None else initial[index]
+    per_source = per_instance.reshape(len(SOURCES), -1)
+    for values, value in zip(per_source, expected, strict=True):
+        torch.testing.assert_close(values, torch.full_like(values, float(value)))
+
+
+def test_a_prior_without_its_scores_is_refused_naming_the_key(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Prepare: a label set built without the prior's scores
+    noisy = build_noisy_label_set(
+        federation / TARGET, candidates, config, with_atlases=False
+    )
+    bare = dataclasses.replace(noisy, dtm=())
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"consensus.dp-prior = 'dtm' needs one"):
+        bare.prior_scores(ConsensusPrior.DTM)
+    assert bare.prior_scores(ConsensusPrior.NONE) is None
 
 
 # ------------------------------------------------------------------------ atlases

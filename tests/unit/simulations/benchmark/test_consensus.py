@@ -253,6 +253,30 @@ CONTROLLED = {
             ],
         ),
         (
+            {
+                "itm": 0.71,
+                "majority": 0.70,
+                "staple": 0.69,
+                "deepstaple": 0.74,
+                "spearman_dp": 0.5,
+                "auroc_dp": 0.81,
+                "auroc_staple": 0.92,
+                "trained": {"itm": 0.6, "staple": 0.62, "deepstaple": 0.65},
+                "granularity": {"slice": {"deepstaple": 0.74, "trained": 0.65}},
+                "prior": {
+                    "none": {"deepstaple": 0.74, "trained": 0.65, "auroc_dp": 0.81},
+                    "dtm": {"deepstaple": 0.78, "trained": 0.68, "auroc_dp": 0.9},
+                },
+            },
+            [
+                CONTROLLED_ROW,
+                "| pipeline, none prior | 0.710 | 0.700 | 0.690 | 0.740 | 0.600 | "
+                "— | 0.620 | 0.650 | — | — | 0.81 | 0.92 |",
+                "| pipeline, dtm prior | 0.710 | 0.700 | 0.690 | 0.780 | 0.600 | "
+                "— | 0.620 | 0.680 | — | — | 0.90 | 0.92 |",
+            ],
+        ),
+        (
             {"deepstaple": math.nan, "trained": "not a table"},
             [
                 CONTROLLED_ROW,
@@ -264,6 +288,7 @@ CONTROLLED = {
         "no-pipeline",
         "pipeline-without-staple-parts",
         "pipeline-by-granularity",
+        "pipeline-by-prior",
         "pipeline-degenerate",
     ],
 )

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigValue, ConsensusGranularity, load_run_config
+from core.config import (
+    ConfigValue,
+    ConsensusGranularity,
+    ConsensusPrior,
+    load_run_config,
+)
 from core.protocol import CONSENSUS_METHODS
 from simulations.benchmark.consensus_pipeline import (
     parse_granularities,
+    parse_priors,
     run_consensus_pipeline,
 )
 
@@ -37,6 +43,8 @@ def test_pipeline_part_scores_every_method_on_the_target(
         value = row[key]
         assert math.isnan(value) or 0.0 <= value <= 1.0
     assert set(row["granularity"]) == {"slice"}
+    assert "prior" not in row
+    assert "prior" not in document
 
 
 def test_pipeline_part_runs_granularities_side_by_side(
@@ -60,6 +68,47 @@ def test_pipeline_part_runs_granularities_side_by_side(
     assert list(document["granularity"]) == ["slice", "case"]  # type: ignore[arg-type]
     for figures in row["granularity"].values():
         assert 0.0 <= figures["trained"] <= 1.0
+
+
+def test_pipeline_part_runs_priors_side_by_side(
+    federation: Path, run_config: dict[str, ConfigValue]
+) -> None:
+    # Execute
+    document = run_consensus_pipeline(
+        load_run_config(run_config),
+        federation_dir=federation,
+        targets=["A"],
+        priors=[ConsensusPrior.NONE, ConsensusPrior.DTM],
+    )
+
+    # Assert: the first prior's figures are the document's DeepSTAPLE ones, at the
+    # one granularity.
+    row = document["targets"]["A"]  # type: ignore[index]
+    assert list(row["prior"]) == ["none", "dtm"]
+    assert list(row["granularity"]) == ["slice"]
+    first = row["prior"]["none"]
+    assert first["deepstaple"] == row["deepstaple"]
+    assert first["trained"] == pytest.approx(row["trained"]["deepstaple"])
+    assert first == row["granularity"]["slice"]
+    assert list(document["prior"]) == ["none", "dtm"]  # type: ignore[arg-type]
+    for figures in row["prior"].values():
+        assert 0.0 <= figures["trained"] <= 1.0
+
+
+def test_priors_option_names_itself_and_refuses_repeats(
+    federation: Path, run_config: dict[str, ConfigValue]
+) -> None:
+    # Execute / Assert
+    assert parse_priors("") == []
+    with pytest.raises(ValueError, match=r"^--priors: \['itm'\]"):
+        parse_priors("dtm,itm")
+    with pytest.raises(ValueError, match=r"priors \['dtm', 'dtm'\] name one twice"):
+        run_consensus_pipeline(
+            load_run_config(run_config),
+            federation_dir=federation,
+            targets=["A"],
+            priors=[ConsensusPrior.DTM, ConsensusPrior.DTM],
+        )
 
 
 def test_granularities_option_names_itself_and_refuses_repeats(
