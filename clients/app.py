@@ -32,6 +32,7 @@ from core.config import load_run_config
 from core.consensus.job import run_consensus
 from core.data.dataset import SiteDataError, index_site
 from core.logs import DEFAULT_LEVEL, configure_logging, get_logger
+from core.planning.job import release_fingerprint
 from core.privacy.dp import (
     DpSettings,
     PrivacySpend,
@@ -80,7 +81,7 @@ def site_handler(handler: Handler) -> Callable[[Message, Context], Message]:
     def wrapped(message: Message, context: Context) -> Message:
         setup: SiteSetup | None = None
         try:
-            setup = resolve_setup(context)
+            setup = resolve_setup(context, message)
             return handler(message, context, setup)
         except (
             SiteDataError,
@@ -165,6 +166,35 @@ def hello(message: Message, _context: Context, setup: SiteSetup) -> Message:
         class_names=index.class_names,
     )
     return records.build_reply(message, settings=reply.to_fields())
+
+
+@app.query("fingerprint")
+@site_handler
+def fingerprint(message: Message, _context: Context, setup: SiteSetup) -> Message:
+    """The site's fingerprint for the resolution plan (aggregates, never a case).
+
+    Geometry medians of the training images and, for a CT site with at least
+    ``limits.min-cases`` labelled cases, its foreground intensity statistics, noised
+    when the applied policy requires DP (recorded in the site's accountant first).
+    """
+    released = release_fingerprint(
+        setup.site.directory,
+        setup.config,
+        min_cases=setup.policy.limits.min_cases,
+        dp=_dp_settings(setup),
+        accountant_path=setup.accountant_path,
+        progress=_progress(setup),
+    )
+    found = released.fingerprint
+    reply = protocol.FingerprintReply(
+        num_images=found.num_images,
+        num_labelled=found.num_labelled,
+        spacing_mm=found.spacing_mm,
+        shape=found.shape,
+        ct_intensities=found.ct_intensities,
+        **_privacy_figures(released.privacy),
+    )
+    return records.build_reply(message, metrics=reply.to_fields())
 
 
 @app.train("source")

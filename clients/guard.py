@@ -62,6 +62,7 @@ from core.privacy.egress import ERROR_FIELD, measure_content, measure_error
 from core.privacy.ledger import BLOCKED_PREFIX, EGRESS, ERROR, RELEASED, Egress, Ledger
 from core.privacy.limits import (
     CANDIDATES,
+    FINGERPRINTS,
     LABEL_SOURCES,
     PREDICTORS,
     PROFILES,
@@ -209,6 +210,8 @@ def _max_metric_values(setup: SiteSetup, message_type: str) -> int:
         cases = len(index.labelled) + len(index.unlabelled)
     except SiteDataError:
         cases = 1
+    if message_type == protocol.FINGERPRINT:
+        return max(1, cases, 5)  # the five CT intensity statistics
     if message_type == protocol.PROFILE:
         affinity = setup.config.affinity
         return max(
@@ -442,6 +445,8 @@ def _query_units(message: Message) -> dict[str, int]:
         }
     if message_type == protocol.PROFILE:
         return {PROFILES: 1}
+    if message_type == protocol.FINGERPRINT:
+        return {FINGERPRINTS: 1}
     return {}
 
 
@@ -515,7 +520,7 @@ def egress_guard(
     """Flower mod: check, record and (if needed) block every reply of the site."""
     message_type = message.metadata.message_type
     try:
-        setup = resolve_setup(context)
+        setup = resolve_setup(context, message)
     except (SiteDataError, PolicyError, ValueError, OSError) as error:
         return _refuse_unresolved(message, context, error)
 

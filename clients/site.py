@@ -23,13 +23,16 @@ import time
 from pathlib import Path
 from typing import Final
 
-from flwr.app import Context
+from flwr.app import Context, Message
 
-from core.config import RunConfig, load_run_config
-from core.data.dataset import SiteDataError, list_site_dirs
+from core import protocol
+from core.config import IntensityNormalisation, RunConfig, load_run_config
+from core.data.dataset import SiteDataError, index_site, list_site_dirs
 from core.data.site import DEFAULT_POLICY_SOURCE, read_applied_policy
 from core.data.synthetic import resolve_federation_dir
 from core.logs import get_logger
+from core.planning.fingerprint import is_ct
+from core.planning.rules import apply_plan
 from core.privacy.dp import ACCOUNTANT_FILE
 from core.privacy.ledger import Ledger
 from core.privacy.limits import QUERIES_FILE, cap_slices_per_case
@@ -155,11 +158,15 @@ def resolve_policy_path(context: Context) -> Path | None:
     return None
 
 
-def resolve_setup(context: Context) -> SiteSetup:
-    """Parse the run config, find the site, read and apply its policy.
+def resolve_setup(context: Context, message: Message | None = None) -> SiteSetup:
+    """Parse the run config, find the site, read and apply its policy and the plan.
+
+    The request's resolution plan (``PLAN_KEY``), when it carries one, fills the
+    values the run config leaves to it (:func:`apply_request_plan`); the site's
+    limits then hold the planned sizes as they hold the run's.
 
     Raises:
-        ValueError: a bad run-config value (naming the key).
+        ValueError: a bad run-config value (naming the key), or a bad plan.
         SiteDataError: no site for this node.
         PolicyError: a missing or malformed policy file.
     """
@@ -171,8 +178,11 @@ def resolve_setup(context: Context) -> SiteSetup:
     applied, source = read_applied_policy(
         site.directory, config.privacy, policy_path=resolve_policy_path(context)
     )
+    config = apply_site_settings(config, applied)
+    if message is not None:
+        config = apply_request_plan(config, message, site.directory)
     return SiteSetup(
-        config=apply_site_settings(config, applied),
+        config=config,
         site=site,
         policy=applied,
         policy_source=source,
@@ -213,3 +223,54 @@ def locate_state_leniently(context: Context) -> tuple[SiteLocation, Path] | None
     if not site.directory.is_dir() and STATE_DIR_KEY not in node_config:
         return None
     return site, resolve_state_dir(context, site)
+
+
+def apply_request_plan(
+    config: RunConfig, message: Message, site_dir: Path
+) -> RunConfig:
+    """``config`` with the request's plan applied and ``auto`` normalisation resolved.
+
+    The plan fills only what the run config leaves to it (``data.image-size = 0``,
+    ``train.batch-size = 0``, an empty ``data.ct-window``); the coordinator cannot
+    override a value the run sets. ``data.normalisation = "auto"`` becomes ``ct``
+    at a site whose ``dataset.json`` names CT and which has a CT window, else
+    ``zscore``: the site's own modality decides, not anything the request says.
+
+    Raises:
+        ValueError: the request's plan is malformed (naming the plan field), or the
+            planned values do not fit the run's model (naming the key).
+    """
+    record = message.content.config_records.get(protocol.PLAN_KEY)
+    if record is not None:
+        valid = protocol.record_keys(protocol.PlanSettings)
+        unknown = sorted(set(record) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"the request's resolution plan has unknown fields {unknown}; valid "
+                f"fields: {', '.join(valid)}"
+            )
+        try:
+            plan = protocol.PlanSettings.from_fields(record)
+            config = apply_plan(
+                config,
+                image_size=plan.image_size,
+                batch_size=plan.batch_size,
+                ct_window=plan.ct_window or (),
+            )
+        except ValueError as error:
+            raise ValueError(f"the request's resolution plan: {error}") from None
+    data = config.data
+    if data.normalisation is not IntensityNormalisation.AUTO:
+        return config
+    try:
+        modality = index_site(site_dir).modality
+    except SiteDataError:
+        return config  # the handler reports the site's data problem
+    scheme = (
+        IntensityNormalisation.CT
+        if is_ct(modality) and data.ct_window
+        else IntensityNormalisation.ZSCORE
+    )
+    return dataclasses.replace(
+        config, data=dataclasses.replace(data, normalisation=scheme)
+    )

@@ -122,6 +122,21 @@ class SyntheticShift(StrEnum):
     MILD = "mild"
 
 
+class IntensityNormalisation(StrEnum):
+    """How a site's image intensities become network inputs (docs/planning.md).
+
+    ``auto`` follows the resolution plan per modality, as nnU-Net does: a site whose
+    ``dataset.json`` modality is CT is clipped to the plan's foreground window and
+    scaled by its mean and standard deviation (``data.ct-window``), every other site
+    is z-scored per volume. ``zscore`` z-scores every volume; ``ct`` applies
+    ``data.ct-window`` at every site.
+    """
+
+    AUTO = "auto"
+    ZSCORE = "zscore"
+    CT = "ct"
+
+
 class Attention(StrEnum):
     """Attention map behind the LFTM keep-mask."""
 
@@ -133,6 +148,7 @@ class Attention(StrEnum):
 # names one of these; a resumed run skips those already persisted.
 PIPELINE_PHASES: Final = (
     "discover",
+    "plan",
     "source-training",
     "affinity",
     "transferability",
@@ -243,17 +259,34 @@ class OutputConfig:
 class DataConfig:
     """How site volumes become network inputs."""
 
-    image_size: int
+    image_size: int  # 0 = the resolution plan's (docs/planning.md)
     slice_axis: SliceAxis
     num_classes: int
     max_slices_per_case: int
+    normalisation: IntensityNormalisation
+    # CT window: clip low, clip high, mean, standard deviation (HU); () = the plan's.
+    ct_window: tuple[float, ...]
 
     def __post_init__(self) -> None:
         _require(
-            self.image_size >= 16 and self.image_size % 8 == 0,
+            self.image_size == 0
+            or (self.image_size >= 16 and self.image_size % 8 == 0),
             "data.image-size",
-            "a multiple of 8, >= 16",
+            "0 (from the plan) or a multiple of 8, >= 16",
             self.image_size,
+        )
+        _require(
+            self.ct_window == ()
+            or (
+                len(self.ct_window) == 4
+                and all(math.isfinite(value) for value in self.ct_window)
+                and self.ct_window[0] < self.ct_window[1]
+                and self.ct_window[3] > 0
+            ),
+            "data.ct-window",
+            "empty (from the plan) or four finite numbers 'clip-low,clip-high,mean,sd'"
+            " with clip-low < clip-high and sd > 0",
+            ",".join(f"{value:g}" for value in self.ct_window),
         )
         _require(self.num_classes >= 2, "data.num-classes", ">= 2", self.num_classes)
         _require(
@@ -261,6 +294,29 @@ class DataConfig:
             "data.max-slices-per-case",
             ">= 0",
             self.max_slices_per_case,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PlanConfig:
+    """The resolution plan derived from the sites' fingerprints (docs/planning.md)."""
+
+    enabled: bool  # ask the sites for fingerprints and derive the plan
+    max_image_size: int  # the largest in-plane size the plan may choose
+    pixels_per_batch: int  # the plan's batch holds at most this many pixels
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_image_size >= 16 and self.max_image_size % 8 == 0,
+            "plan.max-image-size",
+            "a multiple of 8, >= 16",
+            self.max_image_size,
+        )
+        _require(
+            self.pixels_per_batch >= 2 * 16 * 16,
+            "plan.pixels-per-batch",
+            ">= 512 (two 16 x 16 slices)",
+            self.pixels_per_batch,
         )
 
 
@@ -313,7 +369,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
-        _require(self.batch_size >= 1, "train.batch-size", ">= 1", self.batch_size)
+        _require(
+            self.batch_size >= 0,
+            "train.batch-size",
+            ">= 0 (0 = from the plan)",
+            self.batch_size,
+        )
         _require(
             self.learning_rate > 0, "train.learning-rate", "> 0", self.learning_rate
         )
@@ -701,6 +762,7 @@ class RunConfig:
     federation: FederationConfig
     output: OutputConfig
     data: DataConfig
+    plan: PlanConfig
     model: ModelConfig
     train: TrainConfig
     transfer: TransferConfig
@@ -755,6 +817,13 @@ def _parse_value(key: str, raw: ConfigValue, annotation: Any) -> object:
         text = str(raw)
         if typing.get_args(annotation)[0] is str:
             return tuple(part.strip() for part in text.split(",") if part.strip())
+        if typing.get_args(annotation)[0] is float:
+            try:
+                return tuple(float(part) for part in text.split(",") if part.strip())
+            except ValueError:
+                raise ValueError(
+                    f"{key} must be comma-separated numbers, got {raw!r}"
+                ) from None
         try:
             return tuple(int(part) for part in text.split(",") if part.strip())
         except ValueError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ Fields: TypeAlias = dict[str, FieldValue]
 
 # Message types (Flower category, then the action name).
 HELLO: Final = "query.hello"
+FINGERPRINT: Final = "query.fingerprint"
 TRAIN_SOURCE: Final = "train.source"
 LFTM: Final = "query.lftm"
 ADAPT: Final = "train.adapt"
@@ -47,6 +49,9 @@ REPLY_KEY: Final = "reply"  # ConfigRecord: the reply payload's settings and nam
 METRICS_KEY: Final = "metrics"  # MetricRecord: the reply payload's numbers
 WEIGHTS_KEY: Final = "weights"  # ArrayRecord: one model's weights
 MODEL_KEY_PREFIX: Final = "model."  # ArrayRecord per named model: "model.<name>"
+# ConfigRecord in every request once the coordinator has a resolution plan
+# (:class:`PlanSettings`): the values the site's run config leaves to the plan.
+PLAN_KEY: Final = "plan"
 
 
 def model_key(name: str) -> str:
@@ -363,6 +368,81 @@ class HelloReply(WireRecord):
     unlabelled: int
     evaluation: int
     class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class FingerprintReply(DpFigures):
+    """A site's fingerprint on the wire (core.planning.fingerprint): numbers only.
+
+    The geometry (median spacing along ``(x, y, z)`` and size along ``(z, y, x)``)
+    stands on ``num_images`` training images; the CT intensity term (the foreground's
+    0.5, 50 and 99.5 percentiles, mean and sd in HU, each a mean over cases) on
+    ``num_labelled`` labelled cases, and comes only from a CT site with at least
+    ``limits.min-cases`` of them. With DP it is noised and the DP fields say what it
+    cost; they are 0 for an exact fingerprint. The modality is the hello's.
+    """
+
+    num_images: int
+    num_labelled: int
+    spacing_mm: tuple[float, ...]
+    shape: tuple[float, ...]
+    ct_intensities: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for key, values, count in (
+            ("spacing-mm", self.spacing_mm, 3),
+            ("shape", self.shape, 3),
+            ("ct-intensities", self.ct_intensities or (1.0,) * 5, 5),
+        ):
+            if len(values) != count or not all(
+                math.isfinite(value) for value in values
+            ):
+                raise ValueError(
+                    f"payload field {key!r} must hold {count} finite numbers, got "
+                    f"{list(values)!r}"
+                )
+        if min(self.spacing_mm) <= 0 or min(self.shape) < 1:
+            raise ValueError(
+                "payload fields 'spacing-mm' and 'shape' must be positive, got "
+                f"{list(self.spacing_mm)!r} and {list(self.shape)!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PlanSettings(WireRecord):
+    """The resolution plan's values a site applies (``PLAN_KEY`` of every request).
+
+    Only where the site's run config leaves a value to the plan
+    (``data.image-size = 0``, ``train.batch-size = 0``, an empty ``data.ct-window``);
+    a site checks the planned sizes against its limits as it checks the run's.
+    """
+
+    image_size: int
+    batch_size: int
+    ct_window: tuple[float, ...] | None = None  # clip low, clip high, mean, sd (HU)
+
+    def __post_init__(self) -> None:
+        if not (self.image_size >= 16 and self.image_size % 8 == 0):
+            raise ValueError(
+                "plan field 'image-size' must be a multiple of 8, >= 16, got "
+                f"{self.image_size!r}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(
+                f"plan field 'batch-size' must be >= 1, got {self.batch_size!r}"
+            )
+        window = self.ct_window
+        if window is not None and not (
+            len(window) == 4
+            and all(math.isfinite(value) for value in window)
+            and window[0] < window[1]
+            and window[3] > 0
+        ):
+            raise ValueError(
+                "plan field 'ct-window' must be four finite numbers 'clip-low, "
+                f"clip-high, mean, sd' with clip-low < clip-high and sd > 0, got "
+                f"{list(window)!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -1008,6 +1088,7 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 # once, where the record declares its field.
 REPLY_SCHEMAS: Final[dict[str, ReplySchema]] = {
     HELLO: ReplySchema(settings=record_keys(HelloReply)),
+    FINGERPRINT: ReplySchema(metrics=record_keys(FingerprintReply)),
     TRAIN_SOURCE: ReplySchema(metrics=record_keys(TrainReply), weights=True),
     LFTM: ReplySchema(
         settings=LFTM_SETTINGS,

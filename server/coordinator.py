@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from core import protocol
@@ -143,6 +143,9 @@ class Coordinator:
     applied_policies: dict[str, dict[str, Any]] = dataclasses.field(
         default_factory=dict
     )
+    # The resolution plan's values, sent with every request once the plan phase
+    # derived them (None before, or when the run has no plan).
+    plan: protocol.PlanSettings | None = None
 
     def warn(self, line: str) -> None:
         """A failure the run records and goes on from (or stops on): ``warn_log``."""
@@ -246,6 +249,9 @@ class Coordinator:
         is recorded in the coordinator's ledger, and so is every reply that did not
         come (``undelivered``).
         """
+        if self.plan is not None:
+            for content in requests.values():
+                content[protocol.PLAN_KEY] = ConfigRecord(self.plan.to_fields())  # type: ignore[arg-type]
         messages = {
             node: Message(content, dst_node_id=node, message_type=message_type)
             for node, content in requests.items()

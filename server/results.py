@@ -250,6 +250,27 @@ class DiscoverResult(PhaseResult):
     missing: dict[str, str]  # node id -> why it did not say hello
 
 
+# ------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PlanResult(PhaseResult):
+    """The sites' fingerprints and the resolution plan derived from them.
+
+    ``fingerprints``: site -> its fingerprint reply's wire fields
+    (protocol.FingerprintReply); ``plan``: the plan's document (``plan.json``,
+    core.planning.rules.ResolutionPlan), empty when no site released a fingerprint;
+    ``applied``: the values the run took (``image-size``, ``batch-size``,
+    ``ct-window``), from the plan where the run config left them to it.
+    """
+
+    PHASE: ClassVar[str] = "plan"
+    fingerprints: dict[str, dict[str, Any]]
+    plan: dict[str, Any]
+    applied: dict[str, Any]
+    missing: dict[str, str]  # site -> why it released no fingerprint
+
+
 # -------------------------------------------------------------- source training
 
 
@@ -509,6 +530,7 @@ class RunResults:
     """Every phase's result of one run; None for a phase that has not finished."""
 
     discover: DiscoverResult | None = None
+    plan: PlanResult | None = None
     source_training: SourceTrainingResult | None = None
     affinity: AffinityResult | None = None
     transferability: TransferabilityResult | None = None

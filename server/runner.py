@@ -41,6 +41,7 @@ from server.results import (
     DiscoverResult,
     EvaluationResult,
     LabelUse,
+    PlanResult,
     SemisupResult,
     SourceTrainingResult,
     TransferabilityResult,
@@ -244,6 +245,7 @@ class PipelineRunner:
                 )
             target = saved_discover.target
         target_site = next(site for site in sites.values() if site.name == target)
+        self._plan(sites, wanted)
         if "source-training" not in wanted:
             return
 
@@ -309,6 +311,25 @@ class PipelineRunner:
                         selection, adaptation, consensus, semisup
                     ),
                 )
+
+    def _plan(self, sites: Mapping[int, SiteInfo], wanted: tuple[str, ...]) -> None:
+        """Derive (or reload) the resolution plan and make it the run's."""
+        if "plan" not in wanted:
+            return
+        if not self.config.plan.enabled:
+            left = phases.plan.unplanned_values(self.config)
+            if left:
+                raise PhaseError(
+                    f"plan: the run config leaves {', '.join(left)} to the resolution "
+                    "plan, but plan.enabled is false; set the value or enable the plan",
+                    phase="plan",
+                )
+            return
+        result = self._reloaded(PlanResult)
+        if result is None:
+            with self._timed("plan"):
+                result = phases.plan.run(self.coordinator, sites)
+        self.config = phases.plan.apply(self.coordinator, result)
 
     def _affinity_model(
         self,

@@ -23,6 +23,7 @@ from server.results import (
     DiscoverResult,
     EvaluationResult,
     PhaseResult,
+    PlanResult,
     RunResults,
     SemisupResult,
     SourceTrainingResult,
@@ -114,6 +115,7 @@ class RunStore:
         """Every finished phase's typed result (None where a phase has not finished)."""
         return RunResults(
             discover=self.load_result(DiscoverResult),
+            plan=self.load_result(PlanResult),
             source_training=self.load_result(SourceTrainingResult),
             affinity=self.load_result(AffinityResult),
             transferability=self.load_result(TransferabilityResult),

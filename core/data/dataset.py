@@ -23,7 +23,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as functional
 
-from core.config import DataConfig, SliceAxis
+from core.config import DataConfig, IntensityNormalisation, SliceAxis
 from core.data.io import (
     VOLUME_SUFFIXES,
     Volume,
@@ -493,13 +493,27 @@ def validate_site(index: SiteIndex, *, num_classes: int) -> SiteSummary:
     )
 
 
-def normalise_intensity(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Z-score a whole volume: subtract its mean, divide by its std (if not ~0).
+def normalise_intensity(
+    image: npt.NDArray[np.float32], *, ct_window: Sequence[float] = ()
+) -> npt.NDArray[np.float32]:
+    """Z-score a whole volume, or apply a CT window when one is given.
+
+    Without ``ct_window``: subtract the volume's mean, divide by its std (if not ~0).
+    With ``(clip low, clip high, mean, sd)``: clip to the window, subtract its mean,
+    divide by its sd, the same for every volume (nnU-Net's CT normalisation, so an
+    intensity in HU means the same input everywhere).
 
     Example:
         >>> normalise_intensity(np.array([1.0, 2.0, 3.0], dtype=np.float32)).round(3)
         array([-1.225,  0.   ,  1.225], dtype=float32)
+        >>> hu = np.array([-1000.0, 40.0, 90.0], dtype=np.float32)
+        >>> normalise_intensity(hu, ct_window=(-100.0, 200.0, 40.0, 50.0))
+        array([-2.8,  0. ,  1. ], dtype=float32)
     """
+    if ct_window:
+        low, high, mean, sd = ct_window
+        clipped = np.clip(image.astype(np.float64), low, high)
+        return ((clipped - mean) / sd).astype(np.float32)
     values = image.astype(np.float64)
     centred: npt.NDArray[np.float64] = values - float(values.mean())
     std = float(values.std())
@@ -529,7 +543,8 @@ class SliceSet:
     """2-D network inputs cut from a list of cases.
 
     Attributes:
-        images: ``(N, 1, S, S)`` float32, z-scored per volume, resized bilinearly.
+        images: ``(N, 1, S, S)`` float32, normalised per ``data.normalisation``
+            (z-scored per volume, or a CT window), resized bilinearly.
         labels: ``(N, S, S)`` int64 (nearest resize), or ``None`` without labels.
         case_ids: one per case, in order.
         case_of_slice: ``(N,)`` int64 index into ``case_ids``.
@@ -656,7 +671,10 @@ def build_slice_set(
     Args:
         cases: the cases to load, in order.
         data: image size, slice axis, class count and slices kept per case (the
-            ``max_slices_per_case`` slices nearest the middle of the stack; 0 = all).
+            ``max_slices_per_case`` slices nearest the middle of the stack; 0 = all)
+            and the intensity normalisation: ``ct`` applies ``data.ct_window``;
+            ``zscore`` and an ``auto`` the site has not resolved
+            (:func:`clients.site.resolve_setup` does, by modality) z-score.
         with_labels: require and load every case's label; ``False`` ignores labels.
 
     Returns:
@@ -665,9 +683,22 @@ def build_slice_set(
     Raises:
         SiteDataError: ``cases`` is empty, a label is required but missing, or a
             case fails :func:`read_case`.
+        ValueError: ``data.image-size`` is 0 (no plan applied), or the CT scheme
+            has no window.
     """
     if not cases:
         raise SiteDataError("no cases to load")
+    if data.image_size == 0:
+        raise ValueError(
+            "data.image-size is 0 (the resolution plan's) but no plan was applied: "
+            "run the pipeline with plan.enabled = true, or set data.image-size"
+        )
+    ct_window = data.ct_window if data.normalisation is IntensityNormalisation.CT else ()
+    if data.normalisation is IntensityNormalisation.CT and not ct_window:
+        raise ValueError(
+            "data.normalisation is 'ct' but data.ct-window is empty and no plan gave "
+            "one: set data.ct-window = 'clip-low,clip-high,mean,sd' (HU)"
+        )
     size = (data.image_size, data.image_size)
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
@@ -681,7 +712,8 @@ def build_slice_set(
             )
         record = case if with_labels else dataclasses.replace(case, label_path=None)
         loaded = read_case(record, num_classes=data.num_classes)
-        stack = cut_slices(normalise_intensity(loaded.image), axis=data.slice_axis)
+        normalised = normalise_intensity(loaded.image, ct_window=ct_window)
+        stack = cut_slices(normalised, axis=data.slice_axis)
         keep = _middle(stack.shape[0], data.max_slices_per_case)
         pixels = torch.from_numpy(np.ascontiguousarray(stack[keep]))[:, None]
         images.append(

@@ -45,7 +45,8 @@ PREDICTORS: Final = "predictors"  # evaluate: one Dice (and HD95) per predictor
 CANDIDATES: Final = "candidates"  # query.lftm: one score per candidate model
 LABEL_SOURCES: Final = "label-sources"  # train.consensus: figures per label source
 PROFILES: Final = "profiles"  # query.profile: one task profile
-QUERY_KINDS: Final = (PREDICTORS, CANDIDATES, LABEL_SOURCES, PROFILES)
+FINGERPRINTS: Final = "fingerprints"  # query.fingerprint: one site fingerprint
+QUERY_KINDS: Final = (PREDICTORS, CANDIDATES, LABEL_SOURCES, PROFILES, FINGERPRINTS)
 
 
 class LimitError(ValueError):
@@ -69,6 +70,7 @@ class SiteLimits:
     max_predictors_per_run: int
     max_label_sources_per_run: int
     max_profiles_per_run: int
+    max_fingerprints_per_run: int
     query_budget: int  # query units over every run (0 = none)
     min_cases: int
     metric_decimals: int
@@ -135,6 +137,7 @@ def default_limits() -> SiteLimits:
         max_predictors_per_run=64,
         max_label_sources_per_run=32,
         max_profiles_per_run=2,
+        max_fingerprints_per_run=2,
         query_budget=5000,
         min_cases=2,
         metric_decimals=3,
@@ -487,6 +490,7 @@ _CASES_BEHIND: Final[dict[str, tuple[str, Callable[[CaseCounts], int]]]] = {
     "train.consensus": ("training images", lambda c: c.labelled + c.unlabelled),
     "train.semisup": ("training images", lambda c: c.labelled + c.unlabelled),
     "query.profile": ("training images", lambda c: c.labelled + c.unlabelled),
+    "query.fingerprint": ("training images", lambda c: c.labelled + c.unlabelled),
     "evaluate": ("evaluation cases", lambda c: c.evaluation),
 }
 
@@ -546,6 +550,7 @@ _RUN_CAPS: Final = {
     CANDIDATES: "max_candidates_per_run",
     LABEL_SOURCES: "max_label_sources_per_run",
     PROFILES: "max_profiles_per_run",
+    FINGERPRINTS: "max_fingerprints_per_run",
 }
 
 

@@ -34,6 +34,7 @@ from core.protocol import (
     CONSENSUS,
     EVALUATE,
     FINETUNE,
+    FINGERPRINT,
     HELLO,
     LFTM,
     METRICS_KEY,
@@ -53,6 +54,7 @@ POLICY_FILE: Final = "policy.toml"
 # here (and to deploy/policy.template.toml) before a policy can name it.
 ACTIONS: Final[tuple[str, ...]] = (
     HELLO,
+    FINGERPRINT,
     TRAIN_SOURCE,
     LFTM,
     ADAPT,

@@ -16,6 +16,7 @@ from server.report.affinity import PLOT_FILE as AFFINITY_PLOT
 from server.report.affinity import affinity_lines, plot_affinity
 from server.report.consensus import consensus_lines
 from server.report.groups import group_heading, group_of, predictor_groups
+from server.report.plan import plan_lines
 from server.report.privacy import privacy_lines
 from server.report.semisup import PLOT_FILE as SEMISUP_PLOT
 from server.report.semisup import plot_semisup, semisup_lines
@@ -109,6 +110,7 @@ def build_report(
                 "selection",
             )
         },
+        "plan": _document(results.plan),
         "affinity": _document(results.affinity),
         "adaptation": _document(results.adaptation),
         "consensus": _document(results.consensus),
@@ -187,6 +189,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             f"| {site['name']} | {site['role']} | {cases['labelled']} | "
             f"{cases['unlabelled']} | {cases['evaluation']} |"
         )
+    if report.get("plan") is not None:
+        lines += plan_lines(report["plan"])
     if report.get("affinity") is not None:
         lines += affinity_lines(report["affinity"], evaluation)
     if transfer is not None:

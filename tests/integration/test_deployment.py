@@ -190,6 +190,7 @@ def test_flwr_run_completes_the_pipeline_over_tls(
     assert (run_dir / "report.md").read_text().startswith("# SiteBridge run")
     assert set(report["phase_seconds"]) == {
         "discover",
+        "plan",
         "source-training",
         "transferability",
         "adaptation",
@@ -487,6 +488,7 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_results(
     resumed_phases = phase_results(run_dir)
     assert set(resumed_phases) == {
         "discover",
+        "plan",
         "source-training",
         "transferability",
         "adaptation",

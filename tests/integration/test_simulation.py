@@ -180,6 +180,7 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert list((target_state / "consensus").glob("run-*/deepstaple/*.nii.gz"))
     for phase in (
         "discover",
+        "plan",
         "source-training",
         "affinity",
         "transferability",

@@ -126,9 +126,9 @@ def handler_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     resolve = getattr(clients.app, "resolve_setup")  # noqa: B009 - not re-exported
 
-    def recording(context):  # type: ignore[no-untyped-def]
+    def recording(context, message=None):  # type: ignore[no-untyped-def]
         calls.append(str(context.node_config.get("site-dir")))
-        return resolve(context)
+        return resolve(context, message)
 
     monkeypatch.setattr(clients.app, "resolve_setup", recording)
     return calls

@@ -56,6 +56,7 @@ def test_load_default_config_applies_overrides() -> None:
         {"transfer.metric": "entropy", "transfer.attention": "gradcam"},
         {"train.device": "cuda:1", "train.amp": False, "model.norm": "batch"},
         {"federation.dir": "/data/fed", "train.learning-rate": 3},
+        {"data.ct-window": "-100,240.5,40,80", "data.normalisation": "ct"},
     ],
 )
 def test_to_flat_then_load_is_identity(overrides: dict[str, ConfigValue]) -> None:
@@ -86,7 +87,7 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
     ("key", "value"),
     [
         ("train.epochs", 0),
-        ("train.batch-size", 0),
+        ("train.batch-size", -1),
         ("train.learning-rate", 0),
         ("train.learning-rate", -1e-3),
         ("train.device", "tpu"),
@@ -216,6 +217,18 @@ def test_validation_error_names_the_toml_key(key: str, value: ConfigValue) -> No
             "'centroids'",
         ),
         ("affinity.communities", 0, ">= 1", "0"),
+        ("data.image-size", 20, "0 (from the plan) or a multiple of 8", "20"),
+        (
+            "data.ct-window",
+            "200,-100,40,50",
+            "clip-low < clip-high",
+            "'200,-100,40,50'",
+        ),
+        ("data.ct-window", "1,2,3", "four finite numbers", "'1,2,3'"),
+        ("data.ct-window", "1,2,x,4", "comma-separated numbers", "'1,2,x,4'"),
+        ("data.normalisation", "minmax", "one of 'auto', 'zscore', 'ct'", "'minmax'"),
+        ("plan.max-image-size", 100, "a multiple of 8, >= 16", "100"),
+        ("plan.pixels-per-batch", 10, ">= 512", "10"),
         ("model.channels", "16,x", "comma-separated integers", "'16,x'"),
         ("train.epochs", "3", "an integer", "'3'"),
         ("train.epochs", True, "an integer", "True"),

@@ -407,6 +407,25 @@ PINNED_SCHEMAS = {
         weights=True,
         models=(),
     ),
+    "query.fingerprint": ReplySchema(
+        settings=(),
+        metrics=(
+            "num-images",
+            "num-labelled",
+            "spacing-mm",
+            "shape",
+            "ct-intensities",
+            "dp.epsilon-spent",
+            "dp.epsilon-total",
+            "dp.delta",
+            "dp.noise-multiplier",
+            "dp.patient-epsilon-spent",
+            "dp.patient-epsilon-total",
+            "dp.slices-per-case",
+        ),
+        weights=False,
+        models=(),
+    ),
     "query.profile": ReplySchema(
         settings=(),
         metrics=(

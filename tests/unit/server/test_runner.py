@@ -30,6 +30,7 @@ from tests.unit.server.fake_grid import FakeGrid, ServerAppKilled, build_grid
 
 PHASE_FILES = (
     "discover",
+    "plan",
     "source-training",
     "affinity",
     "transferability",
@@ -118,6 +119,7 @@ KILL_POINTS = (
 # A message type only this phase sends: once the phase is persisted, a resumed
 # attempt must not send it again.
 PHASE_MESSAGES = {
+    "plan": protocol.FINGERPRINT,
     "source-training": protocol.TRAIN_SOURCE,
     "affinity": protocol.PROFILE,
     "transferability": protocol.LFTM,
@@ -213,6 +215,7 @@ def test_resume_of_a_finished_run_only_says_hello(
     assert [a["ran"] for a in report["attempts"]] == [
         [
             "discover",
+            "plan",
             "source-training",
             "affinity",
             "transferability",
@@ -315,6 +318,7 @@ def test_last_phase_stops_early_and_still_reports(
     assert report["evaluation"] is None
     assert set(report["phase_seconds"]) == {
         "discover",
+        "plan",
         "source-training",
         "affinity",
         "transferability",
@@ -530,3 +534,58 @@ def test_simulation_config_counts_the_site_folders(
     run_config: dict[str, ConfigValue],
 ) -> None:
     assert prepare_federation(load_run_config(run_config)) == (3, "A")
+
+
+# ---------------------------------------------------------------------- the plan
+
+
+def test_a_run_that_leaves_sizes_to_the_plan_runs_at_the_planned_ones(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: image and batch size left to the plan
+    grid = build_grid(federation, run_config)
+
+    # Execute: the sites train at what the plan said, or fail on size 0
+    runner = start_run(
+        grid,
+        run_config,
+        tmp_path,
+        1,
+        **{
+            "data.image-size": 0,
+            "train.batch-size": 0,
+            "last-phase": "source-training",
+        },
+    )
+    runner.run()
+
+    # Assert: the synthetic sites' 64 x 64 at 1.5 mm plan 64 px; every later request
+    # carried the plan, and the sources trained on it
+    plan = json.loads((tmp_path / "1" / "plan.json").read_text())
+    assert plan["image-size"] == 64
+    assert plan["applied"]["image-size"] == 64
+    assert plan["applied"]["batch-size"] == plan["batch-size"] >= 2
+    assert plan["target-spacing-mm"][2] == pytest.approx(3.0)
+    assert runner.config.data.image_size == 64
+    training = json.loads(
+        (tmp_path / "1" / "phases" / "source-training.json").read_text()
+    )
+    assert set(training["training"]) == {"B", "C"}
+    report = (tmp_path / "1" / "report.md").read_text()
+    assert "## Resolution plan" in report
+    assert "image size 64 px" in report
+
+
+def test_a_size_left_to_a_disabled_plan_stops_the_run_naming_the_key(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    runner = start_run(
+        build_grid(federation, run_config),
+        run_config,
+        tmp_path,
+        1,
+        **{"data.image-size": 0, "plan.enabled": False},
+    )
+
+    with pytest.raises(PhaseError, match=r"leaves data.image-size = 0 to the"):
+        runner.run()

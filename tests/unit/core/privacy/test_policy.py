@@ -40,8 +40,8 @@ TEMPLATE = Path(__file__).resolve().parents[4] / "deploy" / "policy.template.tom
 POLICY_TOML = """\
 [actions]
 answer = [
-  "query.hello", "train.source", "query.lftm", "train.adapt", "train.consensus",
-  "train.semisup", "query.profile", "train.finetune", "evaluate",
+  "query.hello", "query.fingerprint", "train.source", "query.lftm", "train.adapt",
+  "train.consensus", "train.semisup", "query.profile", "train.finetune", "evaluate",
 ]
 
 [release]
@@ -260,9 +260,9 @@ labelled-fraction = 0.5
             "release.lftm must be one of 'instance', 'domain', got 'cases'",
         ),
         (
-            'answer = [\n  "query.hello", "train.source", "query.lftm", "train.adapt", '
-            '"train.consensus",\n  "train.semisup", "query.profile", "train.finetune", '
-            '"evaluate",\n]',
+            'answer = [\n  "query.hello", "query.fingerprint", "train.source", '
+            '"query.lftm", "train.adapt",\n  "train.consensus", "train.semisup", '
+            '"query.profile", "train.finetune", "evaluate",\n]',
             'answer = "evaluate"',
             "actions.answer must be a list of action names, got 'evaluate'",
         ),
@@ -270,8 +270,8 @@ labelled-fraction = 0.5
             '"evaluate",\n]',
             '"evaluate", "query.images",\n]',
             "actions.answer has unknown actions 'query.images'; valid actions: "
-            "evaluate, query.hello, query.lftm, query.profile, train.adapt, "
-            "train.consensus, train.finetune, train.semisup, train.source",
+            "evaluate, query.fingerprint, query.hello, query.lftm, query.profile, "
+            "train.adapt, train.consensus, train.finetune, train.semisup, train.source",
         ),
         ("delta = 1e-5\n", "", "dp.delta is missing"),
         ('lftm = "domain"\n', "", "release.lftm is missing"),
@@ -485,8 +485,8 @@ def test_applied_policy_fields_are_flat_and_round_trip() -> None:
     # Assert
     assert fields == {
         "policy.actions.answer": (
-            "evaluate,query.hello,query.lftm,query.profile,train.adapt,"
-            "train.consensus,train.finetune,train.semisup,train.source"
+            "evaluate,query.fingerprint,query.hello,query.lftm,query.profile,"
+            "train.adapt,train.consensus,train.finetune,train.semisup,train.source"
         ),
         "policy.release.lftm": "domain",
         "policy.release.weights-may-leave": True,
