@@ -255,6 +255,7 @@ def apply_request_plan(
                 config,
                 image_size=plan.image_size,
                 batch_size=plan.batch_size,
+                spacing_mm=plan.spacing_mm,
                 ct_window=plan.ct_window or (),
             )
         except ValueError as error:

@@ -122,6 +122,18 @@ class SyntheticShift(StrEnum):
     MILD = "mild"
 
 
+class Resample(StrEnum):
+    """How a slice becomes network input (docs/planning.md#patches-and-sliding-windows).
+
+    ``slice`` resizes each whole slice to ``data.image-size`` pixels; ``spacing``
+    resamples it to ``data.spacing-mm`` and cuts it into ``data.image-size`` tiles on
+    a sliding-window grid, put back together for every prediction.
+    """
+
+    SLICE = "slice"
+    SPACING = "spacing"
+
+
 class IntensityNormalisation(StrEnum):
     """How a site's image intensities become network inputs (docs/planning.md).
 
@@ -266,6 +278,8 @@ class DataConfig:
     normalisation: IntensityNormalisation
     # CT window: clip low, clip high, mean, standard deviation (HU); () = the plan's.
     ct_window: tuple[float, ...]
+    resample: Resample
+    spacing_mm: float  # in-plane target spacing of ``resample = "spacing"``; 0 = plan's
 
     def __post_init__(self) -> None:
         _require(
@@ -274,6 +288,12 @@ class DataConfig:
             "data.image-size",
             "0 (from the plan) or a multiple of 8, >= 16",
             self.image_size,
+        )
+        _require(
+            math.isfinite(self.spacing_mm) and self.spacing_mm >= 0,
+            "data.spacing-mm",
+            ">= 0 (0 = the plan's target spacing)",
+            self.spacing_mm,
         )
         _require(
             self.ct_window == ()

@@ -413,12 +413,14 @@ class PlanSettings(WireRecord):
     """The resolution plan's values a site applies (``PLAN_KEY`` of every request).
 
     Only where the site's run config leaves a value to the plan
-    (``data.image-size = 0``, ``train.batch-size = 0``, an empty ``data.ct-window``);
+    (``data.image-size = 0``, ``train.batch-size = 0``, ``data.spacing-mm = 0``, an
+    empty ``data.ct-window``);
     a site checks the planned sizes against its limits as it checks the run's.
     """
 
     image_size: int
     batch_size: int
+    spacing_mm: float  # in-plane target spacing
     ct_window: tuple[float, ...] | None = None  # clip low, clip high, mean, sd (HU)
 
     def __post_init__(self) -> None:
@@ -426,6 +428,11 @@ class PlanSettings(WireRecord):
             raise ValueError(
                 "plan field 'image-size' must be a multiple of 8, >= 16, got "
                 f"{self.image_size!r}"
+            )
+        if not (math.isfinite(self.spacing_mm) and 0.01 <= self.spacing_mm <= 100):
+            raise ValueError(
+                "plan field 'spacing-mm' must be in [0.01, 100] mm, got "
+                f"{self.spacing_mm!r}"
             )
         if self.batch_size < 1:
             raise ValueError(

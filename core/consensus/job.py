@@ -182,7 +182,11 @@ def _atlas_labels(
             target, atlases, settings=settings, target_name=str(case.image_path)
         )
         for row, atlas_label in zip(per_atlas, transferred, strict=True):
-            row.append(label_slices(atlas_label.label, data=config.data))
+            row.append(
+                label_slices(
+                    atlas_label.label, data=config.data, spacing_mm=target.spacing_mm
+                )
+            )
         progress(
             f"[consensus] registered {len(atlases)} atlas(es) onto image "
             f"{countdown.tick()}"
@@ -448,7 +452,10 @@ def write_consensus_labels(
         image = read_volume(case.image_path)
         for method, labels in fused.items():
             volume = label_volume_from_slices(
-                labels[rows], image.array.shape, data=config.data
+                labels[rows],
+                image.array.shape,
+                data=config.data,
+                tiling=None if slices.tilings is None else slices.tilings[number],
             )
             write_volume(
                 dataclasses.replace(image, array=volume.astype(np.uint8)),

@@ -23,7 +23,14 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as functional
 
-from core.config import DataConfig, IntensityNormalisation, SliceAxis
+from core.config import DataConfig, IntensityNormalisation, Resample, SliceAxis
+from core.data.tiles import (
+    CaseTiling,
+    classes_on_native_grid,
+    cut_tiles,
+    plan_tiling,
+    resample,
+)
 from core.data.io import (
     VOLUME_SUFFIXES,
     Volume,
@@ -550,6 +557,9 @@ class SliceSet:
         case_of_slice: ``(N,)`` int64 index into ``case_ids``.
         spacing_mm: per case, voxel size ``(slice, row, col)`` in mm after resizing
             (the through-plane spacing is the original one), for HD95.
+        tilings: with ``data.resample = "spacing"``, per case how its slices were
+            resampled and cut into tiles (its rows are tiles, not whole slices;
+            :mod:`core.data.tiles`); None when every row is a whole slice.
     """
 
     images: torch.Tensor
@@ -557,6 +567,7 @@ class SliceSet:
     case_ids: tuple[str, ...]
     case_of_slice: torch.Tensor
     spacing_mm: tuple[tuple[float, float, float], ...]
+    tilings: tuple[CaseTiling, ...] | None = None
 
     def __post_init__(self) -> None:
         count = self.images.shape[0]
@@ -566,6 +577,8 @@ class SliceSet:
             raise ValueError("images, labels and case_of_slice must have N rows each")
         if len(self.spacing_mm) != len(self.case_ids):
             raise ValueError("spacing_mm needs one entry per case")
+        if self.tilings is not None and len(self.tilings) != len(self.case_ids):
+            raise ValueError("tilings needs one entry per case")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -597,6 +610,9 @@ class SliceSet:
             if rows
             else keep,
             spacing_mm=tuple(self.spacing_mm[index] for index in case_indices),
+            tilings=None
+            if self.tilings is None
+            else tuple(self.tilings[index] for index in case_indices),
         )
 
 
@@ -607,15 +623,62 @@ def _middle(count: int, keep: int) -> slice:
     return slice(start, start + keep)
 
 
-def label_slices(label: npt.NDArray[np.integer], *, data: DataConfig) -> torch.Tensor:
-    """Cut a ``(Z, Y, X)`` label volume into ``(N, S, S)`` int64 slices.
+def _in_plane_spacing(
+    spacing_mm: tuple[float, float, float], axis: SliceAxis
+) -> tuple[float, float, float]:
+    """``(slice, row, col)`` voxel size of slices cut along ``axis``."""
+    slice_axis, row_axis, col_axis = _SLICE_SPACING_AXES[axis]
+    return spacing_mm[slice_axis], spacing_mm[row_axis], spacing_mm[col_axis]
 
-    The same slices, in the same order, as :func:`build_slice_set` cuts from the
-    volume's image (the label must lie on the image's grid).
+
+def case_tiling(
+    shape: tuple[int, ...], spacing_mm: tuple[float, float, float], *, data: DataConfig
+) -> CaseTiling:
+    """How a ``(Z, Y, X)`` volume's kept slices are tiled (``resample = "spacing"``).
+
+    Raises:
+        ValueError: no target spacing (``data.spacing-mm`` 0 and no plan applied), or
+            one that would upsample a slice beyond
+            :data:`core.data.tiles.MAX_UPSAMPLING`.
+    """
+    if data.spacing_mm <= 0:
+        raise ValueError(
+            "data.resample is 'spacing' but data.spacing-mm is 0 and no plan gave a "
+            "target spacing: run with plan.enabled = true, or set data.spacing-mm"
+        )
+    stack_shape = cut_slices(np.empty(shape, dtype=np.bool_), axis=data.slice_axis).shape
+    kept = len(range(*_middle(stack_shape[0], data.max_slices_per_case).indices(stack_shape[0])))
+    _, row_mm, col_mm = _in_plane_spacing(spacing_mm, data.slice_axis)
+    return plan_tiling(
+        kept,
+        (stack_shape[1], stack_shape[2]),
+        (row_mm, col_mm),
+        target_mm=data.spacing_mm,
+        size=data.image_size,
+    )
+
+
+def label_slices(
+    label: npt.NDArray[np.integer],
+    *,
+    data: DataConfig,
+    spacing_mm: tuple[float, float, float] | None = None,
+) -> torch.Tensor:
+    """Cut a ``(Z, Y, X)`` label volume into ``(N, S, S)`` int64 slices (or tiles).
+
+    The same rows, in the same order, as :func:`build_slice_set` cuts from the
+    volume's image (the label must lie on the image's grid, whose ``spacing_mm`` the
+    ``spacing`` resampling needs).
     """
     stack = cut_slices(label, axis=data.slice_axis)
     classes = stack[_middle(stack.shape[0], data.max_slices_per_case)]
     pixels = torch.from_numpy(np.ascontiguousarray(classes, dtype=np.int64))[:, None]
+    if data.resample is Resample.SPACING:
+        if spacing_mm is None:
+            raise ValueError("resample = 'spacing' needs the label's voxel spacing")
+        tiling = case_tiling(label.shape, spacing_mm, data=data)
+        resampled = resample(pixels.to(torch.float32), tiling.resampled, labels=True)
+        return cut_tiles(resampled, tiling)[:, 0].to(torch.int64)
     # nearest-exact samples pixel centres, matching bilinear's alignment.
     return functional.interpolate(
         pixels.to(torch.float32),
@@ -625,16 +688,22 @@ def label_slices(label: npt.NDArray[np.integer], *, data: DataConfig) -> torch.T
 
 
 def label_volume_from_slices(
-    slices: torch.Tensor, shape: tuple[int, int, int], *, data: DataConfig
+    slices: torch.Tensor,
+    shape: tuple[int, int, int],
+    *,
+    data: DataConfig,
+    tiling: CaseTiling | None = None,
 ) -> npt.NDArray[np.int64]:
-    """Inverse of :func:`label_slices`: put ``(N, S, S)`` slices back on the grid.
+    """Inverse of :func:`label_slices`: put ``(N, S, S)`` rows back on the grid.
 
-    Each slice is resized (nearest) to the volume's in-plane size and put back at the
+    Whole slices are resized (nearest) to the volume's in-plane size; tiles
+    (``tiling`` given) are blended back into their slices first
+    (:func:`core.data.tiles.classes_on_native_grid`). Each slice goes back to the
     position it was cut from; slices :func:`build_slice_set` did not keep
     (``data.max_slices_per_case``) stay 0.
 
     Raises:
-        ValueError: the slice count does not match what the volume gives.
+        ValueError: the row count does not match what the volume gives.
 
     Example:
         >>> from core.config import load_default_config
@@ -649,11 +718,17 @@ def label_volume_from_slices(
     stack = cut_slices(volume, axis=data.slice_axis)  # a view into ``volume``
     keep = _middle(stack.shape[0], data.max_slices_per_case)
     expected = len(range(*keep.indices(stack.shape[0])))
-    if slices.shape[0] != expected:
+    rows = expected if tiling is None else expected * len(tiling.starts)
+    if slices.shape[0] != rows or (tiling is not None and tiling.num_slices != expected):
         raise ValueError(
-            f"a volume of shape {shape} gives {expected} slices along "
+            f"a volume of shape {shape} gives {rows} "
+            f"{'slices' if tiling is None else 'tiles'} along "
             f"{data.slice_axis.value}, got {slices.shape[0]}"
         )
+    if tiling is not None:
+        classes = classes_on_native_grid(slices, tiling, num_classes=data.num_classes)
+        stack[keep] = classes.numpy()
+        return volume
     resized = functional.interpolate(
         slices[:, None].to(torch.float32),
         size=tuple(stack.shape[1:]),
@@ -666,7 +741,11 @@ def label_volume_from_slices(
 def build_slice_set(
     cases: Sequence[CaseRecord], *, data: DataConfig, with_labels: bool
 ) -> SliceSet:
-    """Read cases and cut them into resized 2-D slices along ``data.slice_axis``.
+    """Read cases and cut them into 2-D network inputs along ``data.slice_axis``.
+
+    ``data.resample = "slice"`` resizes each whole slice to ``data.image_size``;
+    ``"spacing"`` resamples it to ``data.spacing_mm`` and cuts it into tiles
+    (:mod:`core.data.tiles`; the set's ``tilings`` say how, per case).
 
     Args:
         cases: the cases to load, in order.
@@ -704,6 +783,7 @@ def build_slice_set(
     labels: list[torch.Tensor] = []
     owners: list[torch.Tensor] = []
     spacings: list[tuple[float, float, float]] = []
+    tilings: list[CaseTiling] = []
     for number, case in enumerate(cases):
         if with_labels and case.label_path is None:
             raise SiteDataError(
@@ -716,28 +796,38 @@ def build_slice_set(
         stack = cut_slices(normalised, axis=data.slice_axis)
         keep = _middle(stack.shape[0], data.max_slices_per_case)
         pixels = torch.from_numpy(np.ascontiguousarray(stack[keep]))[:, None]
-        images.append(
-            functional.interpolate(
+        through_mm, row_mm, col_mm = _in_plane_spacing(
+            loaded.spacing_mm, data.slice_axis
+        )
+        if data.resample is Resample.SPACING:
+            tiling = case_tiling(loaded.image.shape, loaded.spacing_mm, data=data)
+            tilings.append(tiling)
+            rows = cut_tiles(resample(pixels, tiling.resampled, labels=False), tiling)
+            spacings.append((through_mm, data.spacing_mm, data.spacing_mm))
+        else:
+            rows = functional.interpolate(
                 pixels, size=size, mode="bilinear", align_corners=False, antialias=False
             )
-        )
-        if loaded.label is not None:
-            labels.append(label_slices(loaded.label, data=data))
-        owners.append(torch.full((pixels.shape[0],), number, dtype=torch.int64))
-        slice_axis, row_axis, col_axis = _SLICE_SPACING_AXES[data.slice_axis]
-        spacings.append(
-            (
-                loaded.spacing_mm[slice_axis],
-                loaded.spacing_mm[row_axis] * stack.shape[1] / data.image_size,
-                loaded.spacing_mm[col_axis] * stack.shape[2] / data.image_size,
+            spacings.append(
+                (
+                    through_mm,
+                    row_mm * stack.shape[1] / data.image_size,
+                    col_mm * stack.shape[2] / data.image_size,
+                )
             )
-        )
+        images.append(rows)
+        if loaded.label is not None:
+            labels.append(
+                label_slices(loaded.label, data=data, spacing_mm=loaded.spacing_mm)
+            )
+        owners.append(torch.full((rows.shape[0],), number, dtype=torch.int64))
     return SliceSet(
         images=torch.cat(images),
         labels=torch.cat(labels) if with_labels else None,
         case_ids=tuple(case.case_id for case in cases),
         case_of_slice=torch.cat(owners),
         spacing_mm=tuple(spacings),
+        tilings=tuple(tilings) if data.resample is Resample.SPACING else None,
     )
 
 

@@ -69,6 +69,27 @@ class ResolutionPlan:
     ct_window: tuple[float, ...]
     rules: tuple[str, ...]
 
+    @property
+    def in_plane_spacing_mm(self) -> float:
+        """The target spacing within a slice: the mean over the two in-plane axes.
+
+        Example:
+            >>> plan = ResolutionPlan(sites=(), target_spacing_mm=(0.6, 0.7, 3.0),
+            ...     slice_axis=SliceAxis.Z, image_size=256, batch_size=2,
+            ...     normalisation={}, ct_window=(), rules=())
+            >>> round(plan.in_plane_spacing_mm, 3)
+            0.65
+        """
+        through = _SLICE_AXIS_OF.index(self.slice_axis)
+        return (
+            sum(
+                value
+                for axis, value in enumerate(self.target_spacing_mm)
+                if axis != through
+            )
+            / 2.0
+        )
+
     def to_document(self) -> dict[str, object]:
         """The plan as ``plan.json`` holds it."""
         return {
@@ -258,12 +279,18 @@ def derive_plan(
 
 
 def apply_plan(
-    config: RunConfig, *, image_size: int, batch_size: int, ct_window: tuple[float, ...]
+    config: RunConfig,
+    *,
+    image_size: int,
+    batch_size: int,
+    spacing_mm: float,
+    ct_window: tuple[float, ...],
 ) -> RunConfig:
     """``config`` with the plan's values where the run leaves them to the plan.
 
-    ``data.image-size = 0``, ``train.batch-size = 0`` and an empty ``data.ct-window``
-    take the plan's; any value the run sets overrides the plan.
+    ``data.image-size = 0``, ``train.batch-size = 0``, ``data.spacing-mm = 0`` and an
+    empty ``data.ct-window`` take the plan's; any value the run sets overrides the
+    plan.
 
     Raises:
         ValueError: a planned value the run's model cannot take (naming the key).
@@ -272,6 +299,7 @@ def apply_plan(
     planned_data = dataclasses.replace(
         data,
         image_size=data.image_size or image_size,
+        spacing_mm=data.spacing_mm or spacing_mm,
         ct_window=data.ct_window or ct_window,
     )
     planned_train = dataclasses.replace(

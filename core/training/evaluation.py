@@ -18,17 +18,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from core.config import RunConfig
 from core.data.dataset import (
+    CaseRecord,
     SiteDataError,
+    SliceSet,
     build_slice_set,
     index_site,
     label_volume_from_slices,
+    read_case,
 )
 from core.data.io import read_volume, write_volume
 from core.logs import Progress, quiet
-from core.metrics import SegmentationScores, score_cases
+from core.metrics import (
+    CaseScores,
+    SegmentationScores,
+    dice_score,
+    hd95_mm,
+    score_cases,
+)
 from core.privacy.dp import (
     FULL_DATA_RATE,
     DpSettings,
@@ -89,17 +99,76 @@ def evaluate_predictors(
             slices.images,
             device=device,
         )
-        results[predictor] = score_cases(
-            predicted_classes(mixture),
-            slices.labels,
-            case_of_slice=slices.case_of_slice,
-            case_ids=slices.case_ids,
-            spacing_mm=slices.spacing_mm,
-            num_classes=config.data.num_classes,
-            with_hd95=with_hd95,
-        )
+        if slices.tilings is not None:
+            results[predictor] = score_on_native_grid(
+                predicted_classes(mixture),
+                slices,
+                index.evaluation,
+                config,
+                with_hd95=with_hd95,
+            )
+        else:
+            results[predictor] = score_cases(
+                predicted_classes(mixture),
+                slices.labels,
+                case_of_slice=slices.case_of_slice,
+                case_ids=slices.case_ids,
+                spacing_mm=slices.spacing_mm,
+                num_classes=config.data.num_classes,
+                with_hd95=with_hd95,
+            )
         progress(f"[evaluate] {predictor}: Dice {results[predictor].dice:.3f}")
     return results
+
+
+def score_on_native_grid(
+    classes: torch.Tensor,
+    slices: SliceSet,
+    cases: Sequence[CaseRecord],
+    config: RunConfig,
+    *,
+    with_hd95: bool = True,
+) -> SegmentationScores:
+    """Score tiled predictions on each case's own grid, against its own label.
+
+    The tiles' classes are blended back into their slices and resampled to the
+    image's grid (:func:`core.data.dataset.label_volume_from_slices`); Dice and HD95
+    (in mm, at the image's own voxel size) compare that volume with the label as
+    the site stores it.
+    """
+    assert slices.tilings is not None
+    scores = []
+    for number, case in enumerate(cases):
+        loaded = read_case(case, num_classes=config.data.num_classes)
+        assert loaded.label is not None
+        rows = slices.case_of_slice == number
+        volume = label_volume_from_slices(
+            classes[rows].cpu(),
+            loaded.label.shape,
+            data=config.data,
+            tiling=slices.tilings[number],
+        )
+        prediction = torch.from_numpy(volume)
+        reference = torch.from_numpy(loaded.label)
+        spacing_zyx = loaded.spacing_mm[::-1]
+        num_classes = config.data.num_classes
+        scores.append(
+            CaseScores(
+                case_id=case.case_id,
+                dice=dice_score(prediction, reference, num_classes=num_classes),
+                hd95_mm=(
+                    hd95_mm(
+                        prediction,
+                        reference,
+                        num_classes=num_classes,
+                        spacing_mm=spacing_zyx,
+                    )
+                    if with_hd95
+                    else math.nan
+                ),
+            )
+        )
+    return SegmentationScores(cases=tuple(scores))
 
 
 # What a segmentation folder holds besides the volumes: which predictor made them.
@@ -160,7 +229,10 @@ def write_segmentations(
         classes = predict_mixture(built, weights, slices.images, device=device)
         image = read_volume(case.image_path)
         volume = label_volume_from_slices(
-            predicted_classes(classes).cpu(), image.array.shape, data=config.data
+            predicted_classes(classes).cpu(),
+            image.array.shape,
+            data=config.data,
+            tiling=None if slices.tilings is None else slices.tilings[0],
         )
         write_volume(
             dataclasses.replace(image, array=volume.astype(np.uint8)),

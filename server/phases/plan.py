@@ -45,6 +45,7 @@ def settings_of(plan: ResolutionPlan) -> protocol.PlanSettings:
     return protocol.PlanSettings(
         image_size=plan.image_size,
         batch_size=plan.batch_size,
+        spacing_mm=plan.in_plane_spacing_mm,
         ct_window=plan.ct_window or None,
     )
 
@@ -72,6 +73,7 @@ def apply(coordinator: Coordinator, result: PlanResult) -> RunConfig:
         coordinator.config,
         image_size=plan.image_size,
         batch_size=plan.batch_size,
+        spacing_mm=plan.in_plane_spacing_mm,
         ct_window=plan.ct_window,
     )
     return coordinator.config
@@ -126,6 +128,7 @@ def run(coordinator: Coordinator, sites: Mapping[int, SiteInfo]) -> PlanResult:
             config,
             image_size=planned.image_size,
             batch_size=planned.batch_size,
+            spacing_mm=planned.in_plane_spacing_mm,
             ct_window=planned.ct_window,
         )
         result = PlanResult(
@@ -135,6 +138,8 @@ def run(coordinator: Coordinator, sites: Mapping[int, SiteInfo]) -> PlanResult:
                 "image-size": applied.data.image_size,
                 "batch-size": applied.train.batch_size,
                 "ct-window": list(applied.data.ct_window),
+                "resample": applied.data.resample.value,
+                "spacing-mm": applied.data.spacing_mm,
                 "slice-axis": applied.data.slice_axis.value,
             },
             missing=missing,

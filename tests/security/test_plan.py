@@ -59,7 +59,9 @@ def test_a_planned_image_size_above_the_cap_is_refused_before_any_work(
 ) -> None:
     # Prepare: the run leaves the image size to the plan
     site = open_site("A")
-    content = planned({"image-size": 4096, "batch-size": 4}, models["init"])
+    content = planned(
+        {"image-size": 4096, "batch-size": 4, "spacing-mm": 1.5}, models["init"]
+    )
 
     # Execute: a plan asking for slices far finer than the site allows
     reply = site.send(
@@ -80,7 +82,9 @@ def test_a_planned_batch_size_above_the_cap_is_refused(
     open_site: OpenSite, models: dict[str, Arrays]
 ) -> None:
     site = open_site("A")
-    content = planned({"image-size": 16, "batch-size": 100_000}, models["init"])
+    content = planned(
+        {"image-size": 16, "batch-size": 100_000, "spacing-mm": 1.5}, models["init"]
+    )
 
     reply = site.send(
         protocol.TRAIN_SOURCE, content, run_overrides={"train.batch-size": 0}
@@ -99,7 +103,9 @@ def test_a_plan_cannot_override_what_the_run_config_sets(
 ) -> None:
     # Prepare: the run sets 16 px; the plan says 4096, beyond every cap
     site = open_site("A")
-    content = planned({"image-size": 4096, "batch-size": 100_000}, models["init"])
+    content = planned(
+        {"image-size": 4096, "batch-size": 100_000, "spacing-mm": 1.5}, models["init"]
+    )
 
     # Execute
     reply = site.send(protocol.TRAIN_SOURCE, content)
@@ -113,26 +119,31 @@ def test_a_plan_cannot_override_what_the_run_config_sets(
     ("plan", "fragment"),
     [
         (
-            {"image-size": 20, "batch-size": 4},
+            {"image-size": 20, "batch-size": 4, "spacing-mm": 1.5},
             "plan field 'image-size' must be a multiple of 8, >= 16, got 20",
         ),
         (
             {
                 "image-size": 16,
                 "batch-size": 4,
+                "spacing-mm": 1.5,
                 "ct-window": [300.0, -100.0, 40.0, 50.0],
             },
             "plan field 'ct-window' must be four finite numbers",
         ),
         (
-            {"image-size": 16, "batch-size": 0},
+            {"image-size": 16, "batch-size": 0, "spacing-mm": 1.5},
             "plan field 'batch-size' must be >= 1, got 0",
         ),
         (
-            {"image-size": 16, "batch-size": 4, "data-dir": "/etc"},
+            {"image-size": 16, "batch-size": 4, "spacing-mm": 1.5, "data-dir": "/etc"},
             "the request's resolution plan has unknown fields ['data-dir']",
         ),
-        ({"batch-size": 4}, "image-size"),
+        ({"batch-size": 4, "spacing-mm": 1.5}, "image-size"),
+        (
+            {"image-size": 16, "batch-size": 4, "spacing-mm": 0.0},
+            "plan field 'spacing-mm' must be in [0.01, 100] mm, got 0.0",
+        ),
     ],
 )
 def test_a_malformed_plan_is_refused_naming_the_field(

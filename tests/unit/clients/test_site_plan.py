@@ -38,7 +38,9 @@ def ct_site(federation: Path, tmp_path: Path) -> Path:
 
 def test_a_ct_site_takes_the_plans_window(ct_site: Path) -> None:
     config = load_default_config(**{"data.image-size": 0})
-    message = plan_message(**{"image-size": 32, "batch-size": 4, "ct-window": WINDOW})
+    message = plan_message(
+        **{"image-size": 32, "batch-size": 4, "spacing-mm": 1.5, "ct-window": WINDOW}
+    )
 
     planned = apply_request_plan(config, message, ct_site)
 
@@ -49,7 +51,9 @@ def test_a_ct_site_takes_the_plans_window(ct_site: Path) -> None:
 
 
 def test_an_mr_site_ignores_the_ct_window(federation: Path) -> None:
-    message = plan_message(**{"image-size": 32, "batch-size": 4, "ct-window": WINDOW})
+    message = plan_message(
+        **{"image-size": 32, "batch-size": 4, "spacing-mm": 1.5, "ct-window": WINDOW}
+    )
 
     planned = apply_request_plan(
         load_default_config(),

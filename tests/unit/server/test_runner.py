@@ -589,3 +589,37 @@ def test_a_size_left_to_a_disabled_plan_stops_the_run_naming_the_key(
 
     with pytest.raises(PhaseError, match=r"leaves data.image-size = 0 to the"):
         runner.run()
+
+
+def test_a_run_at_the_plans_spacing_trains_on_tiles_and_scores_natively(
+    federation: Path, run_config: dict[str, ConfigValue], tmp_path: Path
+) -> None:
+    # Prepare: slices resampled to the plan's spacing, cut into 32 px tiles
+    grid = build_grid(federation, run_config)
+
+    # Execute: every phase that maps predictions back to an image's grid runs
+    report = start_run(
+        grid,
+        run_config,
+        tmp_path,
+        1,
+        **{
+            "data.resample": "spacing",
+            "data.spacing-mm": 0.0,
+            "affinity.enabled": False,
+            "semisup.enabled": False,
+        },
+    ).run()
+
+    # Assert: the plan's 1.5 mm; scores on the 64 x 64 grid; labels and
+    # segmentations written on each image's own grid
+    plan = json.loads((tmp_path / "1" / "plan.json").read_text())
+    assert plan["applied"]["spacing-mm"] == pytest.approx(1.5)
+    assert plan["applied"]["resample"] == "spacing"
+    dice = report["evaluation"]["dice"]
+    assert all(0.0 <= value <= 1.0 for value in dice.values())
+    target_state = federation / "A" / ".sitebridge"
+    run = report["evaluation"]["segmentations_run"]
+    written = sorted((target_state / "segmentations" / f"run-{run}").glob("*.nii.gz"))
+    assert len(written) == report["evaluation"]["segmentations"] > 0
+    assert list((target_state / "consensus").glob("run-*/deepstaple/*.nii.gz"))

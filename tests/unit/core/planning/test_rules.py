@@ -149,11 +149,16 @@ def test_the_plan_fills_only_what_the_run_leaves_to_it() -> None:
     window = (-35.0, 165.0, 60.0, 34.0)
 
     # Execute
-    filled = apply_plan(left, image_size=256, batch_size=20, ct_window=window)
-    kept = apply_plan(set_by_run, image_size=256, batch_size=20, ct_window=window)
+    filled = apply_plan(
+        left, image_size=256, batch_size=20, spacing_mm=0.6, ct_window=window
+    )
+    kept = apply_plan(
+        set_by_run, image_size=256, batch_size=20, spacing_mm=0.6, ct_window=window
+    )
 
     # Assert
     assert (filled.data.image_size, filled.train.batch_size) == (256, 20)
+    assert filled.data.spacing_mm == 0.6
     assert filled.data.ct_window == window
     assert (kept.data.image_size, kept.train.batch_size) == (32, 16)
     assert kept.data.ct_window == (-100.0, 200.0, 40.0, 50.0)
