@@ -31,8 +31,7 @@ from core.data.dataset import SiteDataError, index_site, list_site_dirs
 from core.data.site import DEFAULT_POLICY_SOURCE, read_applied_policy
 from core.data.synthetic import resolve_federation_dir
 from core.logs import get_logger
-from core.planning.fingerprint import is_ct
-from core.planning.rules import apply_plan
+from core.planning.rules import apply_plan, resolve_normalisation
 from core.privacy.dp import ACCOUNTANT_FILE
 from core.privacy.ledger import Ledger
 from core.privacy.limits import QUERIES_FILE, cap_slices_per_case
@@ -260,18 +259,10 @@ def apply_request_plan(
             )
         except ValueError as error:
             raise ValueError(f"the request's resolution plan: {error}") from None
-    data = config.data
-    if data.normalisation is not IntensityNormalisation.AUTO:
+    if config.data.normalisation is not IntensityNormalisation.AUTO:
         return config
     try:
         modality = index_site(site_dir).modality
     except SiteDataError:
         return config  # the handler reports the site's data problem
-    scheme = (
-        IntensityNormalisation.CT
-        if is_ct(modality) and data.ct_window
-        else IntensityNormalisation.ZSCORE
-    )
-    return dataclasses.replace(
-        config, data=dataclasses.replace(data, normalisation=scheme)
-    )
+    return resolve_normalisation(config, modality)

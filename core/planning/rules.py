@@ -306,3 +306,30 @@ def apply_plan(
         train, batch_size=train.batch_size or batch_size
     )
     return dataclasses.replace(config, data=planned_data, train=planned_train)
+
+
+def resolve_normalisation(config: RunConfig, modality: str) -> RunConfig:
+    """``config`` with ``data.normalisation = "auto"`` resolved for a site's modality.
+
+    ``ct`` at a site whose ``dataset.json`` names CT when there is a CT window (the
+    run's or the plan's), else ``zscore``; a scheme the run names stays.
+
+    Example:
+        >>> from core.config import load_default_config
+        >>> config = load_default_config(**{"data.ct-window": "-100,200,40,50"})
+        >>> resolve_normalisation(config, "CT").data.normalisation.value
+        'ct'
+        >>> resolve_normalisation(config, "MRI").data.normalisation.value
+        'zscore'
+    """
+    data = config.data
+    if data.normalisation is not IntensityNormalisation.AUTO:
+        return config
+    scheme = (
+        IntensityNormalisation.CT
+        if is_ct(modality) and data.ct_window
+        else IntensityNormalisation.ZSCORE
+    )
+    return dataclasses.replace(
+        config, data=dataclasses.replace(data, normalisation=scheme)
+    )

@@ -24,8 +24,11 @@ from pathlib import Path
 import torch
 
 from core.config import RunConfig
+from core.data.dataset import list_site_dirs
 from core.data.synthetic import ALL_LABELLED, ensure_builtin_federation
 from core.logs import get_logger
+from core.planning.fingerprint import compute_fingerprint
+from core.planning.rules import apply_plan, derive_plan
 
 LOGGER = get_logger("benchmark")
 
@@ -161,3 +164,32 @@ def leave_one_out_federation(args: argparse.Namespace, config: RunConfig) -> Pat
         shift=config.federation.synthetic_shift,
         progress=log_progress,
     )
+
+
+def plan_offline(
+    config: RunConfig, federation_dir: Path
+) -> tuple[RunConfig, dict[str, object]]:
+    """``config`` with the resolution plan of the federation's exact fingerprints.
+
+    What the pipeline's plan phase derives from the sites' replies
+    (:mod:`server.phases.plan`), computed here from the folders themselves: a
+    benchmark reads every site. The plan fills only what ``config`` leaves to it.
+
+    Returns:
+        The planned config and the plan's document (``plan.json``'s form).
+    """
+    fingerprints = {
+        path.name: compute_fingerprint(path, num_classes=config.data.num_classes)
+        for path in list_site_dirs(federation_dir)
+    }
+    plan = derive_plan(fingerprints, plan=config.plan, strides=config.model.strides)
+    for line in plan.rules:
+        log_progress(f"plan: {line}")
+    planned = apply_plan(
+        config,
+        image_size=plan.image_size,
+        batch_size=plan.batch_size,
+        spacing_mm=plan.in_plane_spacing_mm,
+        ct_window=plan.ct_window,
+    )
+    return planned, plan.to_document()

@@ -33,8 +33,9 @@ from core.config import (
     TransferMetric,
     load_default_config,
 )
-from core.data.dataset import list_site_dirs
+from core.data.dataset import index_site, list_site_dirs
 from core.logs import Countdown
+from core.planning.rules import resolve_normalisation
 from core.training.evaluation import evaluate_predictors
 from core.training.job import build_initial_weights, train_source_model
 from core.training.networks import Arrays
@@ -49,6 +50,7 @@ from simulations.benchmark.output import (
     describe_machine,
     leave_one_out_federation,
     log_progress,
+    plan_offline,
 )
 
 TGMA_MARKER: Final = "benchmark:tgma"
@@ -145,15 +147,29 @@ def _adapt_selected(
     )
 
 
-def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
-    """Leave-one-site-out TGMA benchmark; returns the JSON document."""
+def run_tgma(
+    config: RunConfig,
+    *,
+    federation_dir: Path,
+    plan: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """Leave-one-site-out TGMA benchmark; returns the JSON document.
+
+    ``plan`` (the resolution plan ``config`` was planned with) is recorded in the
+    document. Each site prepares its data as it would in the pipeline: ``auto``
+    normalisation resolved by its own modality.
+    """
     started = time.perf_counter()
     site_dirs = {path.name: path for path in list_site_dirs(federation_dir)}
+    site_configs = {
+        name: resolve_normalisation(config, index_site(path).modality)
+        for name, path in site_dirs.items()
+    }
     initial = build_initial_weights(config)
     models: dict[str, Arrays] = {}
     trained = Countdown(len(site_dirs))
     for name, path in site_dirs.items():
-        result = train_source_model(path, config, initial_weights=initial)
+        result = train_source_model(path, site_configs[name], initial_weights=initial)
         models[name] = result.weights
         log_progress(
             f"trained {name}: loss {result.final_loss:.3f}, source {trained.tick()}"
@@ -164,24 +180,25 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
         sources = {name: weights for name, weights in models.items() if name != target}
         predictors = {name: [(name, 1.0)] for name in sources}
         predictors["uniform"] = [(name, 1.0 / len(sources)) for name in sources]
+        target_config = site_configs[target]
         baseline = evaluate_predictors(
             path,
             models,
             {**predictors, "oracle": [(target, 1.0)]},
-            config,
+            target_config,
             with_hd95=False,
         )
         source_only = {name: baseline[name].dice for name in sources}
         by_rule = _evaluate_adaptation(
             path,
             sources,
-            config,
+            target_config,
             TransferMetric.LFTM,
             (SelectionRule.DTM, SelectionRule.AGREEMENT),
         )
         lftm, agreed = by_rule[SelectionRule.DTM], by_rule[SelectionRule.AGREEMENT]
         entropy = _evaluate_adaptation(
-            path, sources, config, TransferMetric.ENTROPY, (SelectionRule.DTM,)
+            path, sources, target_config, TransferMetric.ENTROPY, (SelectionRule.DTM,)
         )[SelectionRule.DTM]
         truth = [source_only[name] for name in sorted(sources)]
         by_ensemble = predicts_by_ensemble(
@@ -259,6 +276,13 @@ def run_tgma(config: RunConfig, *, federation_dir: Path) -> dict[str, object]:
         "synthetic_seed": config.federation.synthetic_seed,
         "synthetic_shift": str(config.federation.synthetic_shift),
         "ensemble_min_voters": config.transfer.ensemble_min_voters,
+        "data": {
+            "resample": config.data.resample.value,
+            "image_size": config.data.image_size,
+            "spacing_mm": config.data.spacing_mm,
+            "batch_size": config.train.batch_size,
+        },
+        **({"plan": dict(plan)} if plan else {}),
         "targets": targets,
         "mean": mean,
     }
@@ -333,4 +357,5 @@ def run_tgma_command(
     config = load_default_config(**overrides)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     federation = leave_one_out_federation(args, config)
-    return run_tgma(config, federation_dir=federation)
+    planned, plan = plan_offline(config, federation)
+    return run_tgma(planned, federation_dir=federation, plan=plan)
