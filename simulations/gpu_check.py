@@ -51,9 +51,10 @@ class Throughput:
 
     size: int
     amp: bool
-    slices_per_second: float
+    slices_per_second: float  # samples: slices, or 3-D patches when depth > 0
     peak_memory_mb: float  # CUDA: peak allocated; CPU: the process's peak RSS
     warmup_seconds: float
+    depth: int = 0  # 3-D patches of depth x size x size; 0 = 2-D slices
 
 
 def describe_device(device: torch.device) -> str:
@@ -91,15 +92,19 @@ def measure_training(
     samples: int,
     epochs: int,
     device: torch.device,
+    depth: int = 0,
 ) -> Throughput:
     """Train a fresh U-Net on ``samples`` random ``size``-px slices; time it.
 
-    One warm-up epoch is timed apart; the throughput is over the ``epochs`` after it.
+    With ``depth`` > 0 the U-Net is the same architecture in 3-D, trained on
+    ``depth x size x size`` patches by the same loop. One warm-up epoch is timed
+    apart; the throughput is over the ``epochs`` after it.
     """
     generator = torch.Generator().manual_seed(size)
-    images = torch.randn(samples, 1, size, size, generator=generator)
+    extent = (depth, size, size) if depth else (size, size)
+    images = torch.randn(samples, 1, *extent, generator=generator)
     labels = (images[:, 0] > 0.5).to(torch.int64)
-    model = build_model(config.model, data=config.data)
+    model = build_model(config.model, data=config.data, spatial_dims=3 if depth else 2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -127,6 +132,7 @@ def measure_training(
         slices_per_second=samples * epochs / seconds,
         peak_memory_mb=_peak_memory_mb(device),
         warmup_seconds=warmup,
+        depth=depth,
     )
 
 

@@ -82,16 +82,17 @@ def augment_batch(
 
 
 def augment_intensity(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random gain, offset and Gaussian noise on ``(B, 1, H, W)`` inputs.
+    """Per-sample random gain, offset and Gaussian noise on ``(B, 1, ...)`` inputs.
 
     The nnU-Net-style intensity augmentation (multiplicative brightness, additive
     shift, noise), in z-score units; parameters are drawn from ``generator`` first,
-    then applied.
+    then applied. Slices ``(B, 1, H, W)`` and volumes ``(B, 1, D, H, W)`` alike.
     """
     count = images.shape[0]
-    gain = 0.8 + 0.4 * torch.rand(count, 1, 1, 1, generator=generator)
-    offset = 0.3 * (torch.rand(count, 1, 1, 1, generator=generator) - 0.5)
-    noise_sd = 0.15 * torch.rand(count, 1, 1, 1, generator=generator)
+    shape = (count,) + (1,) * (images.ndim - 1)
+    gain = 0.8 + 0.4 * torch.rand(shape, generator=generator)
+    offset = 0.3 * (torch.rand(shape, generator=generator) - 0.5)
+    noise_sd = 0.15 * torch.rand(shape, generator=generator)
     noise = torch.randn(images.shape, generator=generator) * noise_sd
     return images * gain + offset + noise
 

@@ -57,6 +57,9 @@ from simulations.gpu_check import measure_training
 PERF_MARKER: Final = "benchmark:perf"
 LFTM_TARGET_RATIO: Final = 2.3  # at most this many plain passes (the floor is 2)
 TRAINING_SIZES: Final = (64, 128, 256)
+# 3-D patches (depth, side): an anisotropic MR's few slices, then a larger block.
+PATCHES_3D: Final = ((16, 64), (24, 128))
+PATCH_SAMPLES_3D: Final = 8
 TRAINING_SAMPLES: Final = 64
 TRAINING_EPOCHS: Final = 2
 
@@ -105,9 +108,9 @@ def measure_lftm(
 
 
 def _train_in_child(
-    config: RunConfig, size: int, samples: int, epochs: int
+    config: RunConfig, size: int, samples: int, epochs: int, depth: int = 0
 ) -> tuple[float, float]:
-    """One size's training in this (child) process: slices/s and peak RSS in MB."""
+    """One size's training in this (child) process: samples/s and peak RSS in MB."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = measure_training(
         config,
@@ -116,6 +119,7 @@ def _train_in_child(
         samples=samples,
         epochs=epochs,
         device=select_device(config.train.device),
+        depth=depth,
     )
     return result.slices_per_second, result.peak_memory_mb
 
@@ -138,6 +142,41 @@ def measure_training_sizes(
     return rows
 
 
+def measure_training_patches(
+    config: RunConfig,
+    patches: Sequence[tuple[int, int]],
+    *,
+    samples: int,
+    epochs: int,
+) -> list[dict[str, float]]:
+    """3-D U-Net training throughput and peak memory per patch, each in a process.
+
+    The pipeline's architecture and training loop, in 3-D; a fresh (spawned) child
+    per patch size, as for the 2-D sizes.
+    """
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for depth, size in patches:
+        with context.Pool(1) as pool:
+            rate, memory = pool.apply(
+                _train_in_child, (config, size, samples, epochs, depth)
+            )
+        rows.append(
+            {
+                "depth": depth,
+                "size": size,
+                "patches_per_second": rate,
+                "voxels_per_second": rate * depth * size * size,
+                "peak_memory_mb": memory,
+            }
+        )
+        log_progress(
+            f"3-D training at {depth}x{size}x{size}: {rate:.2f} patches/s, "
+            f"{memory:.0f} MB"
+        )
+    return rows
+
+
 def run_perf(
     config: RunConfig,
     *,
@@ -146,6 +185,8 @@ def run_perf(
     sizes: Sequence[int] = TRAINING_SIZES,
     samples: int = TRAINING_SAMPLES,
     epochs: int = TRAINING_EPOCHS,
+    patches_3d: Sequence[tuple[int, int]] = PATCHES_3D,
+    patch_samples: int = PATCH_SAMPLES_3D,
 ) -> dict[str, object]:
     """Every measurement; the JSON document."""
     started = time.perf_counter()
@@ -164,6 +205,9 @@ def run_perf(
         f"{lftm['plain_pass_seconds']:.2f} s: x{lftm['ratio']:.2f}"
     )
     training = measure_training_sizes(config, sizes, samples=samples, epochs=epochs)
+    patches = measure_training_patches(
+        config, patches_3d, samples=patch_samples, epochs=epochs
+    )
     return {
         "machine": describe_machine(),
         "seconds": time.perf_counter() - started,
@@ -172,6 +216,11 @@ def run_perf(
         "repeats": repeats,
         "lftm": lftm,
         "training": {"samples": samples, "epochs": epochs, "sizes": training},
+        "training_3d": {
+            "samples": patch_samples,
+            "epochs": epochs,
+            "patches": patches,
+        },
     }
 
 
@@ -203,11 +252,30 @@ def format_perf_table(document: Mapping[str, object]) -> str:
             f"| {row['size']} | {row['slices_per_second']:.1f} | "
             f"{row['peak_memory_mb']:.0f} |"
         )
+    patches = document.get("training_3d")
+    if isinstance(patches, Mapping):
+        lines += [
+            "",
+            "| 3-D patch (depth x side x side) | training patches/s | voxels/s | "
+            "peak resident memory, its process (MB) |",
+            "|---|---|---|---|",
+        ]
+        for row in patches["patches"]:
+            lines.append(
+                f"| {row['depth']} x {row['size']} x {row['size']} | "
+                f"{row['patches_per_second']:.2f} | {row['voxels_per_second']:.3g} | "
+                f"{row['peak_memory_mb']:.0f} |"
+            )
     lines += [
         "",
-        f"Training: {training['samples']} random slices, {training['epochs']} timed "
-        "epochs after one warm-up, float32. Measured on "
-        f"{document['machine']} in {document['seconds']:.0f} s.",
+        f"Training: {training['samples']} random slices"
+        + (
+            f" ({patches['samples']} random patches in 3-D, the same U-Net in 3-D)"
+            if isinstance(patches, Mapping)
+            else ""
+        )
+        + f", {training['epochs']} timed epochs after one warm-up, float32. "
+        f"Measured on {document['machine']} in {document['seconds']:.0f} s.",
     ]
     return "\n".join(lines)
 

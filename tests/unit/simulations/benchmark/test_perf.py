@@ -30,6 +30,8 @@ def test_perf_times_lftm_against_the_plain_pass_and_training_by_size(
         sizes=(32, 16),
         samples=4,
         epochs=1,
+        patches_3d=((4, 16),),
+        patch_samples=2,
     )
     table = format_perf_table(document)
 
@@ -45,6 +47,10 @@ def test_perf_times_lftm_against_the_plain_pass_and_training_by_size(
     assert all(row["slices_per_second"] > 0 for row in sizes)
     assert "| LFTM scoring | plain inference pass | ratio | target |" in table
     assert "| 16 | " in table
+    (patch,) = document["training_3d"]["patches"]  # type: ignore[index]
+    assert (patch["depth"], patch["size"]) == (4, 16)
+    assert patch["patches_per_second"] > 0
+    assert "| 4 x 16 x 16 | " in table
 
 
 def test_median_seconds_takes_the_middle_run() -> None:
