@@ -52,6 +52,7 @@ from simulations.benchmark.output import (
     leave_one_out_federation,
     log_progress,
 )
+from simulations.benchmark.overhead import format_overhead_table, measure_overhead
 from simulations.gpu_check import measure_training
 
 PERF_MARKER: Final = "benchmark:perf"
@@ -187,8 +188,14 @@ def run_perf(
     epochs: int = TRAINING_EPOCHS,
     patches_3d: Sequence[tuple[int, int]] = PATCHES_3D,
     patch_samples: int = PATCH_SAMPLES_3D,
+    overhead: Mapping[str, ConfigValue] | None = None,
 ) -> dict[str, object]:
-    """Every measurement; the JSON document."""
+    """Every measurement; the JSON document.
+
+    ``overhead``: the run-config overrides of the simulated run whose phases are
+    compared with direct calls (:mod:`simulations.benchmark.overhead`); None skips
+    that measurement.
+    """
     started = time.perf_counter()
     site_dirs = {path.name: path for path in list_site_dirs(federation_dir)}
     target, *sources = sorted(site_dirs)
@@ -208,11 +215,15 @@ def run_perf(
     patches = measure_training_patches(
         config, patches_3d, samples=patch_samples, epochs=epochs
     )
+    overhead_figures = (
+        None if overhead is None else measure_overhead(overhead, federation_dir)
+    )
     return {
         "machine": describe_machine(),
         "seconds": time.perf_counter() - started,
         "federation": str(federation_dir),
         "target": target,
+        **({} if overhead_figures is None else {"overhead": overhead_figures}),
         "repeats": repeats,
         "lftm": lftm,
         "training": {"samples": samples, "epochs": epochs, "sizes": training},
@@ -266,6 +277,9 @@ def format_perf_table(document: Mapping[str, object]) -> str:
                 f"{row['patches_per_second']:.2f} | {row['voxels_per_second']:.3g} | "
                 f"{row['peak_memory_mb']:.0f} |"
             )
+    overhead = document.get("overhead")
+    if isinstance(overhead, Mapping):
+        lines += ["", *format_overhead_table(overhead)]
     lines += [
         "",
         f"Training: {training['samples']} random slices"
@@ -285,6 +299,11 @@ def add_perf_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--repeats", type=int, default=3, help="timed runs per measurement (median)"
     )
+    command.add_argument(
+        "--no-overhead",
+        action="store_true",
+        help="skip the simulated pipeline against direct calls (a Flower simulation)",
+    )
 
 
 def run_perf_command(
@@ -294,4 +313,9 @@ def run_perf_command(
     config = load_default_config(**overrides)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     federation = leave_one_out_federation(args, config)
-    return run_perf(config, federation_dir=federation, repeats=args.repeats)
+    return run_perf(
+        config,
+        federation_dir=federation,
+        repeats=args.repeats,
+        overhead=None if args.no_overhead else dict(overrides),
+    )
