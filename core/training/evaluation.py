@@ -22,7 +22,7 @@ import torch
 
 from core.config import RunConfig
 from core.data.dataset import (
-    CaseRecord,
+    LoadedCase,
     SiteDataError,
     SliceSet,
     build_slice_set,
@@ -37,7 +37,6 @@ from core.metrics import (
     SegmentationScores,
     dice_score,
     hd95_mm,
-    score_cases,
 )
 from core.privacy.dp import (
     FULL_DATA_RATE,
@@ -81,8 +80,11 @@ def evaluate_predictors(
         raise SiteDataError(
             f"{index.root}: no evaluation cases (imagesTs with labelsTs)"
         )
-    slices = build_slice_set(index.evaluation, data=config.data, with_labels=True)
-    assert slices.labels is not None
+    references = [
+        read_case(case, num_classes=config.data.num_classes)
+        for case in index.evaluation
+    ]
+    slices = build_slice_set(index.evaluation, data=config.data, with_labels=False)
     device = select_device(config.train.device)
     built = {
         name: build_model_with(name, weights, config)
@@ -99,24 +101,13 @@ def evaluate_predictors(
             slices.images,
             device=device,
         )
-        if slices.tilings is not None:
-            results[predictor] = score_on_native_grid(
-                predicted_classes(mixture),
-                slices,
-                index.evaluation,
-                config,
-                with_hd95=with_hd95,
-            )
-        else:
-            results[predictor] = score_cases(
-                predicted_classes(mixture),
-                slices.labels,
-                case_of_slice=slices.case_of_slice,
-                case_ids=slices.case_ids,
-                spacing_mm=slices.spacing_mm,
-                num_classes=config.data.num_classes,
-                with_hd95=with_hd95,
-            )
+        results[predictor] = score_on_native_grid(
+            predicted_classes(mixture),
+            slices,
+            references,
+            config,
+            with_hd95=with_hd95,
+        )
         progress(f"[evaluate] {predictor}: Dice {results[predictor].dice:.3f}")
     return results
 
@@ -124,44 +115,45 @@ def evaluate_predictors(
 def score_on_native_grid(
     classes: torch.Tensor,
     slices: SliceSet,
-    cases: Sequence[CaseRecord],
+    references: Sequence[LoadedCase],
     config: RunConfig,
     *,
     with_hd95: bool = True,
 ) -> SegmentationScores:
-    """Score tiled predictions on each case's own grid, against its own label.
+    """Score predictions on each case's own grid, against its own label, in mm.
 
-    The tiles' classes are blended back into their slices and resampled to the
-    image's grid (:func:`core.data.dataset.label_volume_from_slices`); Dice and HD95
-    (in mm, at the image's own voxel size) compare that volume with the label as
-    the site stores it.
+    The rows' classes go back to the image's grid first
+    (:func:`core.data.dataset.label_volume_from_slices`: whole slices resized,
+    tiles blended and resampled); Dice and HD95 (in mm, at the image's own voxel
+    size) then compare that volume with the label as the site stores it, so a
+    prediction is scored at the resolution a clinician would read it, whatever
+    ``data.image-size`` the network saw.
     """
-    assert slices.tilings is not None
     scores = []
-    for number, case in enumerate(cases):
-        loaded = read_case(case, num_classes=config.data.num_classes)
-        assert loaded.label is not None
+    num_classes = config.data.num_classes
+    for number, reference_case in enumerate(references):
+        label = reference_case.label
+        if label is None:
+            raise ValueError(f"case {reference_case.case_id!r} has no label to score")
         rows = slices.case_of_slice == number
         volume = label_volume_from_slices(
             classes[rows].cpu(),
-            loaded.label.shape,
+            label.shape,
             data=config.data,
-            tiling=slices.tilings[number],
+            tiling=None if slices.tilings is None else slices.tilings[number],
         )
         prediction = torch.from_numpy(volume)
-        reference = torch.from_numpy(loaded.label)
-        spacing_zyx = loaded.spacing_mm[::-1]
-        num_classes = config.data.num_classes
+        reference = torch.from_numpy(label)
         scores.append(
             CaseScores(
-                case_id=case.case_id,
+                case_id=reference_case.case_id,
                 dice=dice_score(prediction, reference, num_classes=num_classes),
                 hd95_mm=(
                     hd95_mm(
                         prediction,
                         reference,
                         num_classes=num_classes,
-                        spacing_mm=spacing_zyx,
+                        spacing_mm=reference_case.spacing_mm[::-1],
                     )
                     if with_hd95
                     else math.nan

@@ -15,6 +15,7 @@ from core.data.dataset import (
     index_site,
     label_slices,
     label_volume_from_slices,
+    read_case,
 )
 from core.data.tiles import (
     classes_on_native_grid,
@@ -99,7 +100,8 @@ def test_tiled_evaluation_scores_the_reference_perfectly_on_the_native_grid(
     assert slices.tilings is not None
 
     # Execute
-    scores = score_on_native_grid(slices.labels, slices, cases, config)
+    references = [read_case(case, num_classes=2) for case in cases]
+    scores = score_on_native_grid(slices.labels, slices, references, config)
 
     # Assert: 64 px at 1.5 mm -> 96 px at 1.0 mm, 5 x 5 tiles of 32 per slice
     assert slices.images.shape[1:] == (1, 32, 32)
