@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -207,10 +208,16 @@ def collect_confirmation(
         if name in benchmarks
         for claim in tgma_claims(out_dir, seed, name=name)
     ]
+    pooled = [
+        pooled_tgma_claims(out_dir, name=name)
+        for name in TGMA_CLAIMS
+        if name in benchmarks and len(seed_documents(out_dir, name)) > 2
+    ]
     document: dict[str, object] = {
         "seed": seed,
         "benchmarks": rows,
         "tgma_claims": claims,
+        "tgma_claims_all_seeds": pooled,
     }
     if "consensus" in benchmarks:
         document["consensus_claims"] = consensus_claims(out_dir, seed)
@@ -271,6 +278,54 @@ def _paired_claims(
             }
         )
     return claims
+
+
+def seed_documents(out_dir: Path, name: str) -> dict[int, Path]:
+    """Every seed's document of benchmark ``name`` in ``out_dir``: seed -> path.
+
+    Seed 0 is ``<name>.json``; seed k is ``<name>-seed<k>.json``.
+
+    Example:
+        >>> seed_documents(Path("/nonexistent"), "tgma")
+        {}
+    """
+    found = (
+        {0: out_dir / f"{name}.json"} if (out_dir / f"{name}.json").is_file() else {}
+    )
+    pattern = re.compile(rf"{re.escape(name)}-seed(\d+)\.json")
+    for path in sorted(out_dir.glob(f"{name}-seed*.json")):
+        matched = pattern.fullmatch(path.name)
+        if matched is not None:
+            found[int(matched[1])] = path
+    return dict(sorted(found.items()))
+
+
+def pooled_tgma_claims(out_dir: Path, *, name: str = "tgma") -> dict[str, object]:
+    """:func:`tgma_claims` pooled over every seed whose document is in ``out_dir``.
+
+    The issue's rule for a claim is at least 5 seeds with the paired interval above
+    0; ``seeds`` says which were pooled.
+    """
+    paths = seed_documents(out_dir, name)
+    rows: list[Mapping[str, object]] = []
+    for path in paths.values():
+        targets = read_document(path).get("targets")
+        if isinstance(targets, Mapping):
+            rows += [row for row in targets.values() if isinstance(row, Mapping)]
+    claims: list[dict[str, object]] = []
+    if len(paths) >= 2 and rows:
+        for label, first, second in TGMA_CLAIMS[name]:
+            if all(first in row and second in row for row in rows):
+                claims += _paired_claims(
+                    [
+                        (
+                            label,
+                            [_number(row[first]) for row in rows],
+                            [_number(row[second]) for row in rows],
+                        )
+                    ]
+                )
+    return {"benchmark": name, "seeds": sorted(paths), "claims": claims}
 
 
 def tgma_claims(
@@ -387,6 +442,25 @@ def format_confirm_table(document: Mapping[str, object]) -> str:
             "|---|---|---|---|",
         ]
         for claim in claims:
+            lines.append(
+                f"| {claim['claim']} | {claim['mean']:+.3f} | "
+                f"[{claim['low']:+.3f}, {claim['high']:+.3f}] | {claim['pairs']} |"
+            )
+    all_seeds = document.get("tgma_claims_all_seeds") or []
+    assert isinstance(all_seeds, list)
+    for pooled in all_seeds:
+        seeds = ", ".join(str(value) for value in pooled["seeds"])
+        rule = "the 5-seed rule met" if len(pooled["seeds"]) >= 5 else "short of 5"
+        lines += [
+            "",
+            f"{pooled['benchmark']}, paired over the targets of every seed with a "
+            f"document (seeds {seeds}: {len(pooled['seeds'])} seeds, {rule}; 95% "
+            "bootstrap interval of the mean difference in Dice):",
+            "",
+            "| difference | mean | 95% interval | target-seeds |",
+            "|---|---|---|---|",
+        ]
+        for claim in pooled["claims"]:
             lines.append(
                 f"| {claim['claim']} | {claim['mean']:+.3f} | "
                 f"[{claim['low']:+.3f}, {claim['high']:+.3f}] | {claim['pairs']} |"

@@ -177,3 +177,28 @@ def test_consensus_claims_pool_the_pipeline_targets_of_both_seeds(
     assert claims[0]["mean"] == pytest.approx(-0.02)  # type: ignore[index]
     assert "Consensus, paired over the targets of seeds 0 and 1" in table
     assert "| trained on DeepSTAPLE - trained on STAPLE | -0.020 |" in table
+
+
+def test_claims_pool_every_seed_with_a_document_and_say_whether_five_were(
+    tmp_path: Path,
+) -> None:
+    # Prepare: five seeds' documents (seed 0 and seeds 1-4), a stray name ignored
+    for seed, base in enumerate((0.5, 0.6, 0.55, 0.52, 0.58)):
+        name = "tgma.json" if seed == 0 else f"tgma-seed{seed}.json"
+        targets = {
+            site: {"tgma": base, "tgma_agreement": base + 0.1, "best_source": base}
+            for site in "ABC"
+        }
+        (tmp_path / name).write_text(json.dumps({"mean": {}, "targets": targets}))
+    (tmp_path / "tgma-seedx.json").write_text("{}")
+
+    # Execute
+    document = run_confirm(["tgma"], seed=1, out_dir=tmp_path, run_benchmark=None)
+    table = format_confirm_table(document)
+
+    # Assert
+    (pooled,) = document["tgma_claims_all_seeds"]  # type: ignore[misc]
+    assert pooled["seeds"] == [0, 1, 2, 3, 4]
+    claims = {claim["claim"]: claim for claim in pooled["claims"]}
+    assert claims["agreement selection - paper's DTM selection"]["pairs"] == 15
+    assert "seeds 0, 1, 2, 3, 4: 5 seeds, the 5-seed rule met" in table
