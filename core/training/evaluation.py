@@ -1,11 +1,14 @@
 """The ``evaluate`` job: predictors scored on the site's labelled evaluation cases.
 
 ``evaluate_predictors`` scores each predictor (a model, or a weighted mixture of
-models) per case; ``release_evaluation`` turns those scores into what an ``evaluate``
-reply may carry: aggregates over the cases, with Gaussian noise on the mean Dice and
-HD95 withheld where the site's policy requires DP. ``write_segmentations`` writes one
-predictor's segmentation of every image of the site as NIfTI on the image's own grid,
-for the site's clinicians; those files never leave the site. Never imports flwr.
+models) per case; ``score_predictors`` also post-processes the predictors the request
+names (the largest connected component per class, docs/methods.md#post-processing)
+and keeps their raw scores; ``release_evaluation`` turns those scores into what an
+``evaluate`` reply may carry: aggregates over the cases, with Gaussian noise on the
+mean Dice and HD95 withheld where the site's policy requires DP.
+``write_segmentations`` writes one predictor's segmentation of every image of the site
+as NIfTI on the image's own grid, for the site's clinicians; those files never leave
+the site. Never imports flwr.
 """
 
 from __future__ import annotations
