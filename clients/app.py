@@ -44,6 +44,11 @@ from core.privacy.policy import PolicyError
 from core.semisup.job import run_semisup_round
 from core.training.evaluation import release_evaluation, write_segmentations
 from core.training.job import SourceTraining, train_source_model
+from core.training.postprocess import (
+    PostprocessDecision,
+    decide_largest_component,
+    decision_off,
+)
 from core.transfer.job import adapt_target, score_candidates
 
 LOGGER = get_logger("site")  # before the site is known; then the site's own
@@ -204,17 +209,37 @@ def train_source(message: Message, _context: Context, setup: SiteSetup) -> Messa
 
     DP-SGD runs when the applied policy requires it; the site's accountant (in its
     state folder) refuses a training that would exceed the budget before any step.
+    Then the site decides whether the model's predictions keep the largest connected
+    component per class (docs/methods.md#post-processing), on its own labelled
+    evaluation cases, each a whole volume; the decision and its two mean Dice
+    figures travel with the weights. Under DP it is off, unmeasured: the decision
+    and the figures would be an un-noised release about the evaluation labels.
     """
     initial = message.content.array_records.get(protocol.WEIGHTS_KEY)
+    dp = _dp_settings(setup)
     result = train_source_model(
         setup.site.directory,
         setup.config,
         initial_weights=None if initial is None else records.from_array_record(initial),
-        dp=_dp_settings(setup),
+        dp=dp,
         accountant_path=setup.accountant_path,
         progress=_progress(setup),
     )
-    return _training_reply(message, result)
+    if dp is not None:
+        decision = decision_off(
+            "this site trains under DP, and the decision would be an un-noised "
+            "release about its evaluation labels"
+        )
+        _progress(setup)(f"[postprocess] largest component off: {decision.reason}")
+    else:
+        decision = decide_largest_component(
+            setup.site.directory,
+            result.weights,
+            whole_case_config(setup.config, setup.policy.limits),
+            min_cases=setup.policy.limits.min_cases,
+            progress=_progress(setup),
+        )
+    return _training_reply(message, result, decision)
 
 
 def _dp_settings(setup: SiteSetup) -> DpSettings | None:
@@ -224,8 +249,16 @@ def _dp_settings(setup: SiteSetup) -> DpSettings | None:
     )
 
 
-def _training_reply(message: Message, result: SourceTraining) -> Message:
-    """A ``train.source``/``train.finetune`` reply: the weights and their figures."""
+def _training_reply(
+    message: Message,
+    result: SourceTraining,
+    decision: PostprocessDecision | None = None,
+) -> Message:
+    """A ``train.source``/``train.finetune`` reply: the weights and their figures.
+
+    A source's reply also carries its post-processing decision (``decision``); a
+    fine-tuning step's carries none.
+    """
     private = result.privacy
     reply = protocol.TrainReply(
         num_examples=result.num_examples,
@@ -234,6 +267,9 @@ def _training_reply(message: Message, result: SourceTraining) -> Message:
         # outside the noised gradient, so it is not covered by the guarantee.
         loss=result.final_loss if private is None else 0.0,
         seconds=result.seconds,
+        largest_component=None if decision is None else int(decision.enabled),
+        dice_raw=None if decision is None else decision.dice_raw,
+        dice_postprocessed=None if decision is None else decision.dice_postprocessed,
         **_privacy_figures(private),
     )
     return records.build_reply(
@@ -488,6 +524,10 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
     withheld), charged to the site's accountant. When the request names a predictor
     to ``segment``, its segmentation of every image of the site is written as NIfTI
     under ``<state-dir>/segmentations/run-<run id>/`` and only their count is sent.
+    The predictors the request names in ``postprocess`` keep the largest connected
+    component per class before they are scored or written; their raw Dice and HD95
+    are sent too (docs/methods.md#post-processing). A name there that is not a
+    predictor of the request is refused before any work.
     """
     config = whole_case_config(setup.config, setup.policy.limits)
     site = setup.site
@@ -505,6 +545,7 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
             config,
             segmentations_dir(setup.state_dir, message.metadata.run_id),
             predictor=request.segment,
+            postprocess=request.segment in request.postprocess,
             progress=_progress(setup),
         )
     released = release_evaluation(
@@ -512,6 +553,7 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
         models,
         request.predictors,
         config,
+        postprocess=request.postprocess,
         dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
         progress=_progress(setup),
@@ -520,6 +562,8 @@ def evaluate(message: Message, _context: Context, setup: SiteSetup) -> Message:
         num_cases=released.num_cases,
         dice=released.dice,
         hd95_mm=released.hd95_mm,
+        dice_raw=released.dice_raw,
+        hd95_raw_mm=released.hd95_raw_mm,
         segmentations=written,
         **_privacy_figures(released.privacy),
     )

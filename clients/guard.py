@@ -331,6 +331,35 @@ def _handler_policy_fields(reply: Message) -> list[Violation]:
     ]
 
 
+# The record each action's reply metrics must fit, field by field (malformed-field).
+_METRIC_RECORDS: dict[str, type] = {
+    protocol.TRAIN_SOURCE: protocol.TrainReply,
+    protocol.FINETUNE: protocol.TrainReply,
+    protocol.ADAPT: protocol.AdaptReply,
+    protocol.CONSENSUS: protocol.ConsensusReply,
+    protocol.SEMISUP: protocol.SemisupReply,
+    protocol.PROFILE: protocol.ProfileReply,
+    protocol.EVALUATE: protocol.EvaluateReply,
+}
+
+
+def _malformed_fields(message: Message, reply: Message) -> list[Violation]:
+    """Declared metric fields whose value does not fit the field's type.
+
+    The schema says which names may leave; this says what each may hold: a scalar
+    field one number of its type (an integer field an integer, the post-processing
+    decision 0 or 1), so a list or an odd value cannot ride under a declared name.
+    """
+    record = _METRIC_RECORDS.get(message.metadata.message_type)
+    if record is None:
+        return []
+    metrics = reply.content.metric_records.get(protocol.METRICS_KEY, MetricRecord())
+    return [
+        Violation(Rule.MALFORMED_FIELD, f"{protocol.METRICS_KEY}: {problem}")
+        for problem in protocol.field_problems(record, dict(metrics))
+    ]
+
+
 def _check_error(setup: SiteSetup, egress: Egress) -> list[Violation]:
     """An error reason is released text: it gets the config-value size limit."""
     limit = setup.policy.max_config_value_bytes
@@ -432,8 +461,9 @@ def _query_units(message: Message) -> dict[str, int]:
     request = content.config_records.get(protocol.REQUEST_KEY, ConfigRecord())
     with contextlib.suppress(ValueError):
         if message_type == protocol.EVALUATE:
-            predictors = protocol.EvaluateRequest.from_fields(request).predictors
-            return {PREDICTORS: len(predictors)}
+            # A post-processed predictor's raw figures are one more release.
+            evaluate = protocol.EvaluateRequest.from_fields(request)
+            return {PREDICTORS: len(evaluate.predictors) + len(evaluate.postprocess)}
         if message_type == protocol.CONSENSUS:
             sources = protocol.ConsensusRequest.from_fields(request).label_sources
             return {LABEL_SOURCES: len(sources)}
@@ -571,6 +601,7 @@ def egress_guard(
 
     forged = _handler_policy_fields(reply) + _unrequested_names(message, reply, setup)
     _round_metrics(setup, reply)
+    forged += _malformed_fields(message, reply)
     _with_applied_policy(reply, setup.policy.to_fields())
     measured = measure_content(reply.content, message_type=message_type)
     violations = forged + check_reply(

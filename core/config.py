@@ -71,6 +71,18 @@ class SelectionRule(StrEnum):
     AGREEMENT = "agreement"
 
 
+class LargestComponent(StrEnum):
+    """Whether a source decides to keep the largest connected component per class.
+
+    ``AUTO``: each source site decides on its own labelled evaluation cases, on only
+    when it strictly raises their mean Dice (nnU-Net's rule,
+    docs/methods.md#post-processing). ``OFF``: never post-processed.
+    """
+
+    AUTO = "auto"
+    OFF = "off"
+
+
 class ConsensusSources(StrEnum):
     """Which candidates label the target's images for consensus.
 
@@ -776,6 +788,13 @@ class PrivacyConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PostprocessConfig:
+    """Post-processing of the predictions (docs/methods.md#post-processing)."""
+
+    largest_component: LargestComponent
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RunConfig:
     """The whole resolved run configuration."""
 
@@ -791,6 +810,7 @@ class RunConfig:
     consensus: ConsensusConfig
     semisup: SemisupConfig
     affinity: AffinityConfig
+    postprocess: PostprocessConfig
     privacy: PrivacyConfig
 
     def __post_init__(self) -> None:

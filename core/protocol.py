@@ -198,6 +198,10 @@ def _declared(cls: type) -> tuple[_WireField, ...]:
     return declared
 
 
+def _declared_field(cls: type, name: str) -> _WireField:
+    return next(field for field in _declared(cls) if field.name == name)
+
+
 def _layout(cls: type) -> tuple[_WireField, ...]:
     """The record's fields in wire order: fixed keys first, then varying ones."""
     declared = _declared(cls)
@@ -251,6 +255,31 @@ def record_to_fields(record: WireRecord) -> Fields:
     return fields
 
 
+def _read_value(field: _WireField, reader: FieldReader) -> Any:
+    """One present non-table field's value, type-checked; errors name its key."""
+    if field.kind == "str-tuple":
+        return tuple(reader.get_str_list(field.key))
+    if field.kind == "float-tuple":
+        return tuple(reader.get_float_list(field.key))
+    if field.scalar is int:
+        return reader.get_int(field.key)
+    if field.scalar is float:
+        return reader.get_float(field.key)
+    if field.scalar is bool:
+        return reader.get_bool(field.key)
+    return reader.get_str(field.key)
+
+
+def _check_allowed(cls: type, field: _WireField, value: object) -> None:
+    """A value outside the record's ``allowed_values`` for the field: ValueError."""
+    allowed = getattr(cls, "allowed_values", {}).get(field.name)
+    if allowed is not None and value is not None and value not in allowed:
+        raise ValueError(
+            f"payload field {field.key!r} must be one of "
+            f"{', '.join(map(repr, allowed))}, got {value!r}"
+        )
+
+
 def record_values(cls: type, fields: Mapping[str, object]) -> dict[str, Any]:
     """Parse a payload into a record type's keyword arguments, checking each type."""
     reader = _payload(fields)
@@ -265,19 +294,41 @@ def record_values(cls: type, fields: Mapping[str, object]) -> dict[str, Any]:
             }
         elif field.key not in fields and (field.nullable or field.may_be_absent):
             values[field.name] = None if field.nullable else field.default
-        elif field.kind == "str-tuple":
-            values[field.name] = tuple(reader.get_str_list(field.key))
-        elif field.kind == "float-tuple":
-            values[field.name] = tuple(reader.get_float_list(field.key))
-        elif field.scalar is int:
-            values[field.name] = reader.get_int(field.key)
-        elif field.scalar is float:
-            values[field.name] = reader.get_float(field.key)
-        elif field.scalar is bool:
-            values[field.name] = reader.get_bool(field.key)
         else:
-            values[field.name] = reader.get_str(field.key)
+            values[field.name] = _read_value(field, reader)
+        _check_allowed(cls, field, values[field.name])
     return values
+
+
+def field_problems(cls: type, fields: Mapping[str, object]) -> list[str]:
+    """What is wrong with the fields of ``cls`` that ``fields`` holds, one line each.
+
+    Only the present fields are checked, each against its declared type (and the
+    record's ``allowed_values``), so a partial payload is judged field by field:
+    the egress guard's ``malformed-field`` rule. Keys the record does not declare
+    are the schema's business, not this check's.
+
+    Example:
+        >>> field_problems(TrainReply, {"loss": [0.5, 0.25], "num-cases": 3})
+        ["payload field 'loss' must be a number, got [0.5, 0.25]"]
+    """
+    reader = _payload(fields)
+    problems: list[str] = []
+    for field in _layout(cls):
+        if field.kind == "table":
+            prefix = f"{field.key}."
+            keys = [key for key in fields if key.startswith(prefix)]
+        else:
+            keys = [field.key] if field.key in fields else []
+        for key in keys:
+            try:
+                if field.kind == "table":
+                    reader.get_float(key)
+                else:
+                    _check_allowed(cls, field, _read_value(field, reader))
+            except ValueError as error:
+                problems.append(str(error))
+    return problems
 
 
 class WireRecord:
@@ -465,6 +516,34 @@ class TrainReply(DpFigures):
     num_cases: int
     loss: float
     seconds: float
+    # docs/methods.md#post-processing: the source site's decision to keep the
+    # largest connected component per class of its model's predictions (1 on, 0
+    # off; a MetricRecord holds no bool), and the mean Dice of its labelled
+    # evaluation cases without and with it. Sent by ``train.source`` only: absent
+    # from a fine-tuning step's reply and from sites of an earlier release (off).
+    largest_component: int | None = dataclasses.field(
+        default=None, metadata=wire("postprocess.largest-component")
+    )
+    dice_raw: float | None = dataclasses.field(
+        default=None, metadata=wire("postprocess.dice-raw")
+    )
+    dice_postprocessed: float | None = dataclasses.field(
+        default=None, metadata=wire("postprocess.dice")
+    )
+
+    allowed_values: ClassVar[dict[str, tuple[int, ...]]] = {"largest_component": (0, 1)}
+
+    def __post_init__(self) -> None:
+        _check_allowed(
+            TrainReply,
+            _declared_field(TrainReply, "largest_component"),
+            self.largest_component,
+        )
+
+    @property
+    def postprocess(self) -> bool:
+        """Whether the source decided its predictions keep the largest component."""
+        return self.largest_component == 1
 
 
 # What of the target's LFTM a reply carries (the site policy's ``release.lftm``).
@@ -902,11 +981,15 @@ class EvaluateRequest:
     ``segment`` names one of them whose segmentations of every image the site writes
     as NIfTI under its own state folder (never sent back); "" writes none. It only
     ever selects a predictor: the folder is the site's choice, so no name the
-    coordinator sends becomes a path.
+    coordinator sends becomes a path. ``postprocess`` names the predictors whose
+    predictions keep only the largest connected component per class before they
+    are scored or written (docs/methods.md#post-processing); each must be a
+    predictor, named once.
     """
 
     predictors: dict[str, list[tuple[str, float]]]
     segment: str = ""
+    postprocess: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.segment and self.segment not in self.predictors:
@@ -914,17 +997,30 @@ class EvaluateRequest:
                 f"payload field 'segment' names {self.segment!r}, which is not one "
                 "of the predictors"
             )
+        unknown = [name for name in self.postprocess if name not in self.predictors]
+        if unknown:
+            raise ValueError(
+                f"payload field 'postprocess' names {unknown}, which are not "
+                "predictors of the request"
+            )
+        if len(set(self.postprocess)) != len(self.postprocess):
+            raise ValueError(
+                f"payload field 'postprocess' names a predictor twice: "
+                f"{list(self.postprocess)}"
+            )
 
     def to_fields(self) -> Fields:
         """Flatten for a ConfigRecord (the table travels as one JSON string)."""
         fields: Fields = {"predictors": json.dumps(self.predictors, sort_keys=True)}
         if self.segment:
             fields["segment"] = self.segment
+        if self.postprocess:
+            fields["postprocess"] = list(self.postprocess)
         return fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> EvaluateRequest:
-        """Parse a request's ConfigRecord (``segment`` may be absent)."""
+        """Parse a request's ConfigRecord (``segment``, ``postprocess``: optional)."""
         try:
             table = json.loads(_payload(fields).get_str("predictors"))
             predictors = {
@@ -936,7 +1032,12 @@ class EvaluateRequest:
                 f"payload field 'predictors' is malformed: {error}"
             ) from None
         segment = _payload(fields).get_str("segment") if "segment" in fields else ""
-        return cls(predictors=predictors, segment=segment)
+        postprocess = (
+            tuple(_payload(fields).get_str_list("postprocess"))
+            if "postprocess" in fields
+            else ()
+        )
+        return cls(predictors=predictors, segment=segment, postprocess=postprocess)
 
     def model_names(self) -> list[str]:
         """Every model any predictor uses, sorted."""
@@ -960,6 +1061,15 @@ class EvaluateReply(DpFigures):
     # Volumes the site wrote for the request's ``segment`` (kept at the site); sites
     # of an earlier release send none.
     segmentations: int = dataclasses.field(default=0, metadata=wire(may_be_absent=True))
+    # For each predictor the request named in ``postprocess``: its figures before
+    # post-processing ("dice-raw.<predictor>", "hd95-raw.<predictor>"), so the
+    # effect can be reported; ``dice``/``hd95`` are then the post-processed ones.
+    dice_raw: dict[str, float] = dataclasses.field(
+        default_factory=dict, metadata=wire("dice-raw")
+    )
+    hd95_raw_mm: dict[str, float] = dataclasses.field(
+        default_factory=dict, metadata=wire("hd95-raw")
+    )
 
 
 # Every reply's settings may also carry the policy applied at the site, under this

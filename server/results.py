@@ -64,7 +64,7 @@ class Record:
         document: dict[str, Any] = {}
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, field.name)
-            if field.metadata.get("omit_default") and value == field.default:
+            if field.metadata.get("omit_default") and value == _default(field):
                 continue
             if field.metadata.get("flatten"):
                 document.update({key: _encode(item) for key, item in value.items()})
@@ -83,6 +83,13 @@ class Record:
                 and the key).
         """
         return _decode_record(cls, document, where or cls.__name__)
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    """A field's default value (its factory's product), or MISSING."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _encode(value: Any) -> Any:
@@ -281,6 +288,16 @@ class SourceTrainingResult(PhaseResult):
     PHASE: ClassVar[str] = "source-training"
     training: dict[str, dict[str, Any]]
     missing: dict[str, str]  # source -> why no model arrived
+
+    def postprocess(self) -> dict[str, bool]:
+        """Per source, whether it decided its model keeps the largest component.
+
+        From each reply's ``postprocess.largest-component`` (read alone: a figure
+        the store wrote as null must not make the decision unreadable); a source
+        that sent none (a site of an earlier release) decided off.
+        """
+        key = protocol.field_key(protocol.TrainReply, "largest_component")
+        return {name: fields.get(key) == 1 for name, fields in self.training.items()}
 
 
 # --------------------------------------------------------------------- affinity
@@ -523,6 +540,18 @@ class EvaluationResult(PhaseResult):
     segmentations: int = dataclasses.field(default=0, metadata=OMIT_DEFAULT)
     # The Flower run id they were written under: ``segmentations/run-<id>/``.
     segmentations_run: int = dataclasses.field(default=0, metadata=OMIT_DEFAULT)
+    # The predictors the target post-processed (the largest connected component per
+    # class, docs/methods.md#post-processing), whose ``dice``/``hd95_mm`` are
+    # post-processed, and their figures before it.
+    postprocessed: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=OMIT_DEFAULT
+    )
+    dice_raw: dict[str, float] = dataclasses.field(
+        default_factory=dict, metadata=OMIT_DEFAULT
+    )
+    hd95_raw_mm: dict[str, float] = dataclasses.field(
+        default_factory=dict, metadata=OMIT_DEFAULT
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

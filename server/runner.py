@@ -24,7 +24,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -32,7 +32,7 @@ from typing import Any, Final
 from core.config import PIPELINE_PHASES, ConfigValue, RunConfig, to_flat
 from core.training.networks import Arrays
 from server import phases
-from server.coordinator import Coordinator, PhaseError, SiteInfo
+from server.coordinator import ADAPTED_START, Coordinator, PhaseError, SiteInfo
 from server.report import build_privacy_section, build_report, write_report
 from server.results import (
     AdaptationResult,
@@ -296,6 +296,10 @@ class PipelineRunner:
             return
 
         if self._reloaded(EvaluationResult) is None:
+            later = {
+                **{f"consensus:{m}": w for m, w in consensus_models.items()},
+                **{f"semisup:{s}": w for s, w in semisup_models.items()},
+            }
             with self._timed("evaluation"):
                 phases.evaluation.run(
                     coordinator,
@@ -303,12 +307,12 @@ class PipelineRunner:
                     models,
                     adapted,
                     selection,
-                    {
-                        **{f"consensus:{m}": w for m, w in consensus_models.items()},
-                        **{f"semisup:{s}": w for s, w in semisup_models.items()},
-                    },
+                    later,
                     label_use=phases.evaluation.model_label_use(
                         selection, adaptation, consensus, semisup
+                    ),
+                    postprocess=self._postprocess(
+                        selection, [*adapted, *later], semisup
                     ),
                 )
 
@@ -330,6 +334,23 @@ class PipelineRunner:
             with self._timed("plan"):
                 result = phases.plan.run(self.coordinator, sites)
         self.config = phases.plan.apply(self.coordinator, result)
+    def _postprocess(
+        self,
+        selection: TransferabilityResult,
+        later: Sequence[str],
+        semisup: SemisupResult | None,
+    ) -> dict[str, bool]:
+        """Each evaluated model's post-processing, from its source's decision."""
+        training = self.store.load_result(SourceTrainingResult)
+        affinity = self.store.load_result(AffinityResult)
+        path = None if affinity is None or not affinity.model else affinity.path
+        return phases.evaluation.model_postprocess(
+            {} if training is None else training.postprocess(),
+            selection,
+            models=[f"source:{name}" for name in selection.sources] + list(later),
+            seqtran_from=None if path is None else path.nodes[0],
+            semisup_start=ADAPTED_START if semisup is None else semisup.start,
+        )
 
     def _affinity_model(
         self,

@@ -103,6 +103,7 @@ class Rule(StrEnum):
     OVERSIZED_CONFIG_VALUE = "oversized-config-value"
     INSTANCE_LFTM_NOT_ALLOWED = "instance-lftm-not-allowed"
     TOO_MANY_METRIC_VALUES = "too-many-metric-values"
+    MALFORMED_FIELD = "malformed-field"
     LIMIT_EXCEEDED = "limit-exceeded"
     NO_DP_FORM = "no-dp-form"
     BUNDLE_NOT_APPROVED = "bundle-not-approved"

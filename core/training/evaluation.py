@@ -1,11 +1,14 @@
 """The ``evaluate`` job: predictors scored on the site's labelled evaluation cases.
 
 ``evaluate_predictors`` scores each predictor (a model, or a weighted mixture of
-models) per case; ``release_evaluation`` turns those scores into what an ``evaluate``
-reply may carry: aggregates over the cases, with Gaussian noise on the mean Dice and
-HD95 withheld where the site's policy requires DP. ``write_segmentations`` writes one
-predictor's segmentation of every image of the site as NIfTI on the image's own grid,
-for the site's clinicians; those files never leave the site. Never imports flwr.
+models) per case; ``score_predictors`` also post-processes the predictors the request
+names (the largest connected component per class, docs/methods.md#post-processing)
+and keeps their raw scores; ``release_evaluation`` turns those scores into what an
+``evaluate`` reply may carry: aggregates over the cases, with Gaussian noise on the
+mean Dice and HD95 withheld where the site's policy requires DP.
+``write_segmentations`` writes one predictor's segmentation of every image of the site
+as NIfTI on the image's own grid, for the site's clinicians; those files never leave
+the site. Never imports flwr.
 """
 
 from __future__ import annotations
@@ -14,17 +17,16 @@ import dataclasses
 import json
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
+import numpy.typing as npt
 
 from core.config import RunConfig
 from core.data.dataset import (
-    LoadedCase,
     SiteDataError,
-    SliceSet,
     build_slice_set,
     index_site,
     label_volume_from_slices,
@@ -33,10 +35,7 @@ from core.data.dataset import (
 from core.data.io import read_volume, write_volume
 from core.logs import Progress, quiet
 from core.metrics import (
-    CaseScores,
     SegmentationScores,
-    dice_score,
-    hd95_mm,
 )
 from core.privacy.dp import (
     FULL_DATA_RATE,
@@ -47,7 +46,22 @@ from core.privacy.dp import (
 )
 from core.training.job import build_model_with
 from core.training.networks import Arrays
+from core.training.postprocess import keep_largest_component
+from core.training.scoring import score_on_native_grid
 from core.training.trainer import predict_mixture, predicted_classes, select_device
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PredictorScores:
+    """Per predictor, its per-case scores; and for the post-processed, the raw ones.
+
+    ``scores`` are what a predictor is reported with: post-processed (the largest
+    connected component per class kept, docs/methods.md#post-processing) for the
+    predictors in ``raw``, which holds their scores before post-processing.
+    """
+
+    scores: dict[str, SegmentationScores]
+    raw: dict[str, SegmentationScores]
 
 
 def evaluate_predictors(
@@ -75,6 +89,36 @@ def evaluate_predictors(
         SiteDataError: the site has no evaluation cases.
         ValueError: a predictor names an unknown model.
     """
+    return score_predictors(
+        site_dir, models, predictors, config, with_hd95=with_hd95, progress=progress
+    ).scores
+
+
+def score_predictors(
+    site_dir: Path,
+    models: Mapping[str, Arrays],
+    predictors: Mapping[str, Sequence[tuple[str, float]]],
+    config: RunConfig,
+    *,
+    postprocess: Collection[str] = (),
+    with_hd95: bool = True,
+    progress: Progress = quiet,
+) -> PredictorScores:
+    """:func:`evaluate_predictors`, post-processing the ``postprocess`` predictors.
+
+    Each case's prediction, back on the image's own grid, keeps the largest 3-D
+    connected component per class
+    (:func:`core.training.postprocess.keep_largest_component`) before it is scored;
+    the raw scores are kept beside.
+
+    Raises:
+        SiteDataError: the site has no evaluation cases.
+        ValueError: a predictor names an unknown model, or ``postprocess`` names a
+            predictor that is not one.
+    """
+    unknown = sorted(set(postprocess) - set(predictors))
+    if unknown:
+        raise ValueError(f"predictors to post-process are not predictors: {unknown}")
     index = index_site(Path(site_dir))
     if not index.evaluation:
         raise SiteDataError(
@@ -90,7 +134,13 @@ def evaluate_predictors(
         name: build_model_with(name, weights, config)
         for name, weights in models.items()
     }
-    results = {}
+    results: dict[str, SegmentationScores] = {}
+    raw: dict[str, SegmentationScores] = {}
+    num_classes = config.data.num_classes
+
+    def keep_largest(volume: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        return keep_largest_component(volume, num_classes=num_classes)
+
     for predictor, members in predictors.items():
         unknown = [name for name, _ in members if name not in built]
         if unknown or not members:
@@ -101,66 +151,24 @@ def evaluate_predictors(
             slices.images,
             device=device,
         )
+        classes = predicted_classes(mixture).cpu()
+        if predictor in postprocess:
+            raw[predictor] = score_on_native_grid(
+                classes, slices, references, config, with_hd95=with_hd95
+            )
         results[predictor] = score_on_native_grid(
-            predicted_classes(mixture),
+            classes,
             slices,
             references,
             config,
             with_hd95=with_hd95,
+            postprocess=keep_largest if predictor in postprocess else None,
         )
-        progress(f"[evaluate] {predictor}: Dice {results[predictor].dice:.3f}")
-    return results
-
-
-def score_on_native_grid(
-    classes: torch.Tensor,
-    slices: SliceSet,
-    references: Sequence[LoadedCase],
-    config: RunConfig,
-    *,
-    with_hd95: bool = True,
-) -> SegmentationScores:
-    """Score predictions on each case's own grid, against its own label, in mm.
-
-    The rows' classes go back to the image's grid first
-    (:func:`core.data.dataset.label_volume_from_slices`: whole slices resized,
-    tiles blended and resampled); Dice and HD95 (in mm, at the image's own voxel
-    size) then compare that volume with the label as the site stores it, so a
-    prediction is scored at the resolution a clinician would read it, whatever
-    ``data.image-size`` the network saw.
-    """
-    scores = []
-    num_classes = config.data.num_classes
-    for number, reference_case in enumerate(references):
-        label = reference_case.label
-        if label is None:
-            raise ValueError(f"case {reference_case.case_id!r} has no label to score")
-        rows = slices.case_of_slice == number
-        volume = label_volume_from_slices(
-            classes[rows].cpu(),
-            label.shape,
-            data=config.data,
-            tiling=None if slices.tilings is None else slices.tilings[number],
-        )
-        prediction = torch.from_numpy(volume)
-        reference = torch.from_numpy(label)
-        scores.append(
-            CaseScores(
-                case_id=reference_case.case_id,
-                dice=dice_score(prediction, reference, num_classes=num_classes),
-                hd95_mm=(
-                    hd95_mm(
-                        prediction,
-                        reference,
-                        num_classes=num_classes,
-                        spacing_mm=reference_case.spacing_mm[::-1],
-                    )
-                    if with_hd95
-                    else math.nan
-                ),
-            )
-        )
-    return SegmentationScores(cases=tuple(scores))
+        line = f"[evaluate] {predictor}: Dice {results[predictor].dice:.3f}"
+        if predictor in raw:
+            line += f" post-processed (raw {raw[predictor].dice:.3f})"
+        progress(line)
+    return PredictorScores(scores=results, raw=raw)
 
 
 # What a segmentation folder holds besides the volumes: which predictor made them.
@@ -175,6 +183,7 @@ def write_segmentations(
     out_dir: Path,
     *,
     predictor: str,
+    postprocess: bool = False,
     progress: Progress = quiet,
 ) -> int:
     """Segment every image of the site with one predictor; write them as NIfTI.
@@ -194,6 +203,9 @@ def write_segmentations(
         out_dir: the folder to write, under the site's state folder.
         predictor: the predictor's name, recorded in the manifest only (never in a
             path).
+        postprocess: keep the largest 3-D connected component per class of each
+            volume, on its own grid (docs/methods.md#post-processing); the manifest
+            says so.
         progress: called with one line at the end.
 
     Returns:
@@ -226,15 +238,19 @@ def write_segmentations(
             data=config.data,
             tiling=None if slices.tilings is None else slices.tilings[0],
         )
+        if postprocess:
+            volume = keep_largest_component(volume, num_classes=config.data.num_classes)
         write_volume(
             dataclasses.replace(image, array=volume.astype(np.uint8)),
             out_dir / f"{case.case_id}.nii.gz",
         )
-    manifest = {
+    manifest: dict[str, Any] = {
         "predictor": predictor,
         "members": [[name, weight] for name, weight in members],
         "cases": [case.case_id for case in cases],
     }
+    if postprocess:
+        manifest["postprocess"] = "largest-component"
     (out_dir / SEGMENTATIONS_MANIFEST).write_text(
         json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
     )
@@ -251,12 +267,18 @@ class EvaluationRelease:
         dice: per predictor, the mean Dice over the cases (noised under DP).
         hd95_mm: per predictor, the mean HD95 in mm (nan: undefined, or withheld
             under DP).
+        dice_raw: per post-processed predictor, its mean Dice before
+            post-processing (noised under DP, as ``dice``).
+        hd95_raw_mm: per post-processed predictor, its mean HD95 before
+            post-processing (nan under DP).
         privacy: the Gaussian releases' spend, or None without DP.
     """
 
     num_cases: int
     dice: dict[str, float]
     hd95_mm: dict[str, float]
+    dice_raw: dict[str, float] = dataclasses.field(default_factory=dict)
+    hd95_raw_mm: dict[str, float] = dataclasses.field(default_factory=dict)
     privacy: PrivacySpend | None = None
 
 
@@ -266,6 +288,7 @@ def release_evaluation(
     predictors: Mapping[str, Sequence[tuple[str, float]]],
     config: RunConfig,
     *,
+    postprocess: Collection[str] = (),
     dp: DpSettings | None = None,
     accountant_path: Path | None = None,
     with_hd95: bool = True,
@@ -280,7 +303,8 @@ def release_evaluation(
     (the L2 sensitivity; n is public), and the release adds N(0, (sigma / n)^2) and
     clips to [0, 1] (post-processing). HD95 is withheld (nan): it has no bounded
     sensitivity. The P predictors are P such mechanisms, charged together
-    (:func:`core.privacy.dp.reserve_privacy`: sample rate 1, P steps, 1 unit per case)
+    (:func:`core.privacy.dp.reserve_privacy`: sample rate 1, P steps, 1 unit per case;
+    a post-processed predictor's raw Dice is one more release, one more step)
     before any score is computed; sigma is the policy's noise, or what its target
     epsilon needs for the P releases. The scores are computed first (a bad file or an
     unknown model fails without a charge) and nothing leaves before the charge is
@@ -293,6 +317,9 @@ def release_evaluation(
         models: weights by model name.
         predictors: predictor name -> ``[(model name, weight), ...]``.
         config: the run config.
+        postprocess: the predictors whose predictions keep the largest connected
+            component per class (:func:`score_predictors`); their raw figures are
+            released too.
         dp: the applied policy's DP settings, or None for exact means.
         accountant_path: the site's accountant file (None: nothing recorded).
         with_hd95: compute HD95 as well (ignored under DP).
@@ -307,48 +334,65 @@ def release_evaluation(
             released and the accountant file is unchanged.
     """
     if dp is None:
-        scores = evaluate_predictors(
+        scored = score_predictors(
             site_dir,
             models,
             predictors,
             config,
+            postprocess=postprocess,
             with_hd95=with_hd95,
             progress=progress,
         )
+        scores = scored.scores
         return EvaluationRelease(
             num_cases=len(next(iter(scores.values())).cases) if scores else 0,
             dice={name: result.dice for name, result in scores.items()},
             hd95_mm={name: result.hd95_mm for name, result in scores.items()},
+            dice_raw={name: result.dice for name, result in scored.raw.items()},
+            hd95_raw_mm={name: result.hd95_mm for name, result in scored.raw.items()},
         )
     if not predictors:
         raise ValueError("no predictors to evaluate")
     # Scored first (a bad file or an unknown model fails here, charging nothing);
     # nothing leaves before the releases are recorded.
-    scores = evaluate_predictors(
-        site_dir, models, predictors, config, with_hd95=False, progress=quiet
+    scored = score_predictors(
+        site_dir,
+        models,
+        predictors,
+        config,
+        postprocess=postprocess,
+        with_hd95=False,
+        progress=quiet,
     )
+    scores = scored.scores
     num_cases = len(next(iter(scores.values())).cases)
     reservation = reserve_privacy(
         accountant_path,
         sample_rate=FULL_DATA_RATE,
-        steps=len(scores),
+        steps=len(scores) + len(scored.raw),
         units_per_case=1,
         dp=dp,
     )
     noise = rng or np.random.default_rng(secrets.randbits(128))
     scale = reservation.plan.noise_multiplier / num_cases
-    dice = {
-        name: float(np.clip(result.dice + noise.normal(0.0, scale), 0.0, 1.0))
-        for name, result in scores.items()
-    }
+
+    def noised(results: Mapping[str, SegmentationScores]) -> dict[str, float]:
+        return {
+            name: float(np.clip(result.dice + noise.normal(0.0, scale), 0.0, 1.0))
+            for name, result in results.items()
+        }
+
+    dice, dice_raw = noised(scores), noised(scored.raw)
     spent = describe_spend(reservation.spend, budget_epsilon=dp.budget_epsilon)
     progress(
-        f"[evaluate] {len(dice)} predictor(s) on {num_cases} cases, mean Dice noised "
-        f"(sd {scale:.4f}): {spent}"
+        f"[evaluate] {len(dice) + len(dice_raw)} mean Dice release(s) on "
+        f"{num_cases} cases, noised (sd {scale:.4f}): {spent}"
     )
     return EvaluationRelease(
         num_cases=num_cases,
         dice=dice,
         hd95_mm={name: math.nan for name in scores},
+        dice_raw=dice_raw,
+        hd95_raw_mm={name: math.nan for name in scored.raw},
         privacy=reservation.spend,
     )

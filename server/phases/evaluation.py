@@ -20,11 +20,13 @@ from core.training.networks import Arrays
 from core.transfer.transferability import predicts_by_ensemble
 from server import records
 from server.coordinator import (
+    ADAPTED_START,
     Coordinator,
     SiteInfo,
     ask_target,
 )
 from server.phases.adaptation import FEW_LABEL_PREFIX, LABEL_FREE_PREFIX
+from server.phases.affinity import SEQTRAN_CANDIDATE
 from server.results import (
     AdaptationResult,
     ConsensusResult,
@@ -136,6 +138,94 @@ def model_label_use(
     return uses
 
 
+def model_postprocess(
+    decisions: Mapping[str, bool],
+    selection: TransferabilityResult,
+    *,
+    models: Collection[str],
+    seqtran_from: str | None = None,
+    semisup_start: str = ADAPTED_START,
+) -> dict[str, bool]:
+    """Whether each evaluated model's predictions keep the largest component.
+
+    A model inherits the decision of the source model it was made from
+    (docs/methods.md#post-processing): ``source:<name>`` its source's own decision;
+    the SeqTran candidate that of the source its path started from
+    (``seqtran_from``); an adapted model that of the candidate it adapted (the
+    pair's main or aux); the consensus and semisup models that of the adapted main
+    they were trained from (``adapted:main``; semisup from a fresh student when
+    ``semisup_start`` is not it: off). A model of unknown lineage is off.
+
+    Args:
+        decisions: per source, its decision (``SourceTrainingResult.postprocess``).
+        selection: the transferability result (the pairs' main and aux).
+        models: the evaluated models' names.
+        seqtran_from: the first site of the SeqTran path, if there is a candidate.
+        semisup_start: what the semisup students started from.
+
+    Example:
+        >>> from server.results import LabelUse, PairSelection, PairWeights
+        >>> pair = PairSelection(candidates=("B", "C"), main="C", aux="B",
+        ...     weights=PairWeights(main=0.6, aux=0.4), label_use=LabelUse())
+        >>> sel = TransferabilityResult(metric="lftm", release="instance",
+        ...     sources=("B", "C"), itm=None, dtm={"B": 0.7, "C": 0.8},
+        ...     candidates={"B": LabelUse(), "C": LabelUse()}, label_free=pair,
+        ...     few_label=None)
+        >>> flags = model_postprocess({"B": True, "C": False}, sel, models=[
+        ...     "source:B", "adapted:main", "adapted:aux", "consensus:staple"])
+        >>> [name for name, on in flags.items() if on]
+        ['source:B', 'adapted:aux']
+    """
+    own = dict(decisions)
+    if seqtran_from is not None:
+        own[SEQTRAN_CANDIDATE] = decisions.get(seqtran_from, False)
+    flags = {f"source:{name}": own.get(name, False) for name in selection.sources}
+    for prefix, pair in (
+        (LABEL_FREE_PREFIX, selection.label_free),
+        (FEW_LABEL_PREFIX, selection.few_label),
+    ):
+        if pair is None:
+            continue
+        flags[f"{prefix}:main"] = own.get(pair.main, False)
+        if pair.aux:
+            flags[f"{prefix}:aux"] = own.get(pair.aux, False)
+    start = flags.get(ADAPTED_START, False)
+    result = {}
+    for name in models:
+        if name.startswith("consensus:"):
+            result[name] = start
+        elif name.startswith("semisup:"):
+            result[name] = start and semisup_start == ADAPTED_START
+        else:
+            result[name] = flags.get(name, False)
+    return result
+
+
+def postprocessed_predictors(
+    predictors: Mapping[str, Sequence[tuple[str, float]]],
+    model_flags: Mapping[str, bool],
+) -> tuple[str, ...]:
+    """The predictors the target post-processes: a weighted majority of their models.
+
+    A predictor is post-processed when the models whose source decided "on" carry
+    more than half of its weight (a single model: its own decision; a tie: off, as
+    nnU-Net keeps a post-processing only when it is shown to help).
+
+    Example:
+        >>> postprocessed_predictors(
+        ...     {"b": [("B", 1.0)], "pair": [("B", 0.6), ("C", 0.4)],
+        ...      "even": [("B", 0.5), ("C", 0.5)]}, {"B": True, "C": False})
+        ('b', 'pair')
+    """
+    chosen = []
+    for name, members in predictors.items():
+        total = sum(weight for _, weight in members)
+        on = sum(weight for model, weight in members if model_flags.get(model, False))
+        if total > 0 and on > total / 2:
+            chosen.append(name)
+    return tuple(chosen)
+
+
 def run(
     coordinator: Coordinator,
     target: SiteInfo,
@@ -145,6 +235,7 @@ def run(
     later_models: Mapping[str, Arrays] | None = None,
     *,
     label_use: Mapping[str, LabelUse],
+    postprocess: Mapping[str, bool] | None = None,
 ) -> EvaluationResult:
     """Phase 8: the target scores every predictor on its evaluation labels.
 
@@ -152,7 +243,10 @@ def run(
     evaluation names (``adapted:main``, ...), ``later_models`` the consensus and
     semisup phases' models under their ``consensus:<method>``/``semisup:<scope>``
     names; ``label_use`` what each of them used of the target's labels
-    (:func:`model_label_use`).
+    (:func:`model_label_use`); ``postprocess`` whether each model's source decided
+    to keep the largest component (:func:`model_postprocess`; None: none did). The
+    predictors :func:`postprocessed_predictors` picks are post-processed at the
+    target, which sends their raw figures too.
     """
     later_models = later_models or {}
     named = {f"source:{name}": weights for name, weights in models.items()}
@@ -171,7 +265,10 @@ def run(
             "run did not produce; the target writes no segmentations"
         )
         segment = ""
-    request = protocol.EvaluateRequest(predictors=predictors, segment=segment)
+    postprocessed = postprocessed_predictors(predictors, postprocess or {})
+    request = protocol.EvaluateRequest(
+        predictors=predictors, segment=segment, postprocess=postprocessed
+    )
     reply = ask_target(
         coordinator,
         target,
@@ -199,10 +296,21 @@ def run(
         segmented=segment if scores.segmentations else "",
         segmentations=scores.segmentations,
         segmentations_run=reply.metadata.run_id if scores.segmentations else 0,
+        postprocessed=postprocessed,
+        dice_raw=dict(scores.dice_raw),
+        hd95_raw_mm=dict(scores.hd95_raw_mm),
     )
     coordinator.store.save_result(result)
     coordinator.log(
         "evaluation: "
         + ", ".join(f"{name} {value:.3f}" for name, value in scores.dice.items())
     )
+    if postprocessed:
+        coordinator.log(
+            "evaluation: post-processed (largest component; raw Dice): "
+            + ", ".join(
+                f"{name} ({scores.dice_raw.get(name, float('nan')):.3f})"
+                for name in postprocessed
+            )
+        )
     return result

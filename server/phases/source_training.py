@@ -52,9 +52,20 @@ def run(
             if report.private
             else ""
         )
+        decided = (
+            ""
+            if report.largest_component is None
+            else f", largest component {'on' if report.postprocess else 'off'}"
+            + (
+                ""
+                if report.dice_raw is None or report.dice_postprocessed is None
+                else f" (its Dice {report.dice_raw:.3f} raw, "
+                f"{report.dice_postprocessed:.3f} post-processed)"
+            )
+        )
         coordinator.log(
             f"source {name}: loss {report.loss:.4f}, {report.num_examples} "
-            f"examples{privacy}"
+            f"examples{privacy}{decided}"
         )
     required = min(config.federation.min_sites, len(sources))
     if len(models) < max(required, 1):

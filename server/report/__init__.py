@@ -19,7 +19,11 @@ what a few-label one used (docs/methods.md#label-free-and-few-label; ``report.md
 shows one table per group, never mixed),
 ``consensus`` (per label source: mean data parameter, STAPLE sensitivity, agreement
 with the DeepSTAPLE consensus; per method: consensus Dice on the target's evaluation
-labels; Spearman correlations of label quality), ``semisup`` (the target's UG-MCL
+labels; Spearman correlations of label quality), ``evaluation.postprocessed``,
+``dice_raw`` and ``hd95_raw_mm`` (the predictors the target post-processed, keeping
+the largest connected component per class, and their figures before it; each
+source's decision is in ``source_training``, and ``report.md`` shows both in its
+post-processing section), ``semisup`` (the target's UG-MCL
 refinement and the federated rounds: Dice per site after each round, plotted in
 ``semisup_dice.png``), the per-phase timings, who was
 missing, ``privacy`` (per site: what it released per

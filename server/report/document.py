@@ -17,6 +17,7 @@ from server.report.affinity import affinity_lines, plot_affinity
 from server.report.consensus import consensus_lines
 from server.report.groups import group_heading, group_of, predictor_groups
 from server.report.plan import plan_lines
+from server.report.postprocess import postprocess_lines
 from server.report.privacy import privacy_lines
 from server.report.semisup import PLOT_FILE as SEMISUP_PLOT
 from server.report.semisup import plot_semisup, semisup_lines
@@ -212,6 +213,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         lines += semisup_lines(report["semisup"], evaluation)
     if evaluation is not None:
         lines += _evaluation_lines(evaluation, report["target"])
+    lines += postprocess_lines(report.get("source_training") or {}, evaluation)
     lines += ["", "## Phases", "", "| phase | seconds |", "|---|---|"]
     lines += [
         f"| {name} | {seconds:.1f} |"

@@ -20,6 +20,9 @@ table block; the block lives in the benchmark's docs page,
   direct transfer on the chain federation, and ``--calibrate`` of the affinity
   weights: :mod:`simulations.benchmark.affinity_calibration`), trained and scored by
   :mod:`simulations.benchmark.affinity_transfer`;
+- ``postprocess``: :mod:`simulations.benchmark.postprocess` (the largest connected
+  component rule: each source's decision, and Dice and HD95 raw, post-processed and
+  as decided, leave-one-site-out);
 - ``confirm``: :mod:`simulations.benchmark.confirm` (``tgma``, ``tgma-mild``,
   ``consensus``, ``semisup`` and ``affinity`` re-run with their defaults on a second
   synthetic seed, beside the seed-0 figures);
@@ -76,6 +79,11 @@ from simulations.benchmark.perf import (
     add_perf_options,
     format_perf_table,
     run_perf_command,
+)
+from simulations.benchmark.postprocess import (
+    POSTPROCESS_MARKER,
+    format_postprocess_table,
+    run_postprocess_command,
 )
 from simulations.benchmark.privacy import (
     PRIVACY_MARKER,
@@ -142,6 +150,11 @@ SUBCOMMANDS: Final = {
     ),
     "perf": Subcommand(
         marker=PERF_MARKER, format_table=format_perf_table, run=run_perf_command
+    ),
+    "postprocess": Subcommand(
+        marker=POSTPROCESS_MARKER,
+        format_table=format_postprocess_table,
+        run=run_postprocess_command,
     ),
     "security": Subcommand(
         marker=SECURITY_MARKER,
@@ -272,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(perf, "perf")
     add_perf_options(perf)
+    postprocess = commands.add_parser(
+        "postprocess",
+        help="keeping the largest connected component per class: each source's "
+        "decision, and Dice and HD95 raw, post-processed and as decided, "
+        "leave-one-site-out",
+    )
+    _add_common_options(postprocess, "postprocess")
     security = commands.add_parser(
         "security",
         help="label maps an adversarial coordinator reconstructs through evaluate, "

@@ -156,6 +156,10 @@ def test_train_source_replies_weights_matching_the_manifest(
     assert np.isfinite(result.loss)
     assert result.seconds >= 0
     assert set(reply.content.keys()) == {protocol.METRICS_KEY, protocol.WEIGHTS_KEY}
+    # B decided on its own evaluation cases whether to keep the largest component
+    assert result.dice_raw is not None
+    assert result.dice_postprocessed is not None
+    assert result.postprocess == (result.dice_postprocessed > result.dice_raw)
 
 
 # ------------------------------------------------------------------- progress lines
@@ -451,6 +455,59 @@ def test_error_evaluate_segment_naming_no_predictor(
 
     # Assert
     assert_site_error(reply, "payload field 'segment'", "not one of the predictors")
+
+
+# -------------------------------------------------------------------- post-processing
+
+
+def test_evaluate_post_processes_the_named_predictors_and_sends_their_raw_figures(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+) -> None:
+    # Prepare
+    predictors = {"source:B": [("B", 1.0)], "uniform": [("B", 0.5), ("C", 0.5)]}
+    request = protocol.EvaluateRequest(predictors=predictors, postprocess=("uniform",))
+    message = build_message(
+        build_candidates(source_weights, request.to_fields()), protocol.EVALUATE
+    )
+
+    # Execute
+    reply = evaluate(message, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    result = protocol.EvaluateReply.from_fields(reply.content[protocol.METRICS_KEY])
+    assert set(result.dice) == set(predictors)
+    assert set(result.dice_raw) == set(result.hd95_raw_mm) == {"uniform"}
+    assert 0.0 <= result.dice_raw["uniform"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("postprocess", "message"),
+    [
+        (["tgma"], "payload field 'postprocess' names ['tgma'], which are not "),
+        (["p", "p"], "payload field 'postprocess' names a predictor twice"),
+    ],
+    ids=["unknown-predictor", "twice"],
+)
+def test_error_evaluate_postprocess_naming_no_predictor(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    source_weights: dict[str, Arrays],
+    postprocess: list[str],
+    message: str,
+) -> None:
+    # Prepare: a coordinator naming a predictor the request does not hold
+    fields = protocol.EvaluateRequest(predictors={"p": [("B", 1.0)]}).to_fields()
+    fields["postprocess"] = postprocess
+    request = build_message(build_candidates(source_weights, fields), protocol.EVALUATE)
+
+    # Execute
+    reply = evaluate(request, site_context(run_config, federation / TARGET))
+
+    # Assert
+    assert_site_error(reply, message)
 
 
 # ------------------------------------------------------------------------ error paths

@@ -116,6 +116,25 @@ def weights_content(weights: Mapping[str, np.ndarray]) -> RecordDict:
     return RecordDict({protocol.WEIGHTS_KEY: records.to_array_record(weights)})
 
 
+def source_reply(manifest: Manifest, **changes: object) -> RecordDict:
+    """A well-formed ``train.source`` reply: weights and figures with a decision."""
+    fields: dict[str, object] = dict(
+        protocol.TrainReply(
+            num_examples=4,
+            num_cases=2,
+            loss=0.5,
+            seconds=1.0,
+            largest_component=1,
+            dice_raw=0.75,
+            dice_postprocessed=0.8125,
+        ).to_fields()
+    )
+    fields.update(changes)
+    content = weights_content(manifest_weights(manifest))
+    content[protocol.METRICS_KEY] = MetricRecord(fields)  # type: ignore[arg-type]
+    return content
+
+
 def ledger_of(state_dir: Path) -> Ledger:
     return Ledger(state_dir / "ledger.jsonl")
 
@@ -446,11 +465,62 @@ RULE_CASES = [
                 )
             }
         ),
-        (Rule.TOO_MANY_METRIC_VALUES,),
+        # A Dice is one number, so the list is malformed too.
+        (Rule.MALFORMED_FIELD, Rule.TOO_MANY_METRIC_VALUES),
         "metrics/dice.uniform holds 64 values, at most 2 may leave",
         id="too-many-metric-values",
     ),
+    pytest.param(
+        protocol.TRAIN_SOURCE,
+        {},
+        # The post-processing decision is 0 or 1: a fraction could carry a figure.
+        lambda m: source_reply(m, **{"postprocess.largest-component": 0.5}),
+        (Rule.MALFORMED_FIELD,),
+        "metrics: payload field 'postprocess.largest-component' must be an integer,"
+        " got 0.5",
+        id="malformed-field",
+    ),
+    pytest.param(
+        protocol.TRAIN_SOURCE,
+        {},
+        lambda m: source_reply(m, **{"postprocess.largest-component": 2}),
+        (Rule.MALFORMED_FIELD,),
+        "payload field 'postprocess.largest-component' must be one of 0, 1, got 2",
+        id="malformed-field-value",
+    ),
+    pytest.param(
+        protocol.TRAIN_SOURCE,
+        {},
+        # Under a declared scalar name, a list (within the case count) is malformed.
+        lambda m: source_reply(m, **{"postprocess.dice-raw": [0.5, 0.25]}),
+        (Rule.MALFORMED_FIELD,),
+        "payload field 'postprocess.dice-raw' must be a number, got [0.5, 0.25]",
+        id="malformed-field-list",
+    ),
 ]
+
+
+def test_a_source_reply_with_its_postprocessing_decision_passes(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    manifest: Manifest,
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    guarded = build_guarded_app(
+        {protocol.TRAIN_SOURCE: build_handler(lambda: source_reply(manifest))}
+    )
+    context = build_site_context(run_config, federation / SOURCE, tmp_path / "state")
+
+    # Execute
+    reply = guarded(build_message(request_content(), protocol.TRAIN_SOURCE), context)
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason
+    metrics = reply.content.metric_records[protocol.METRICS_KEY]
+    decided = protocol.TrainReply.from_fields(dict(metrics))
+    assert decided.postprocess
+    assert (decided.dice_raw, decided.dice_postprocessed) == (0.75, 0.812)
 
 
 @pytest.mark.parametrize(

@@ -464,6 +464,14 @@ def test_a_source_that_fails_is_left_out_and_reported(
         "semisup:target",
         "semisup:federated",
     }
+    # B decided on its own evaluation cases whether to keep the largest component;
+    # the target post-processed exactly what follows B and sent the raw figures
+    decided = report["source_training"]["B"]["postprocess.largest-component"]
+    assert decided in (0, 1)
+    postprocessed = report["evaluation"].get("postprocessed", [])
+    assert ("source:B" in postprocessed) == (decided == 1)
+    assert ("uniform" in postprocessed) == (decided == 1)
+    assert set(report["evaluation"].get("dice_raw", {})) == set(postprocessed)
     # B alone labels the consensus: the SeqTran candidate is few-label
     assert report["consensus"]["sources"] == ["B"]
     assert report["evaluation"]["groups"]["consensus:deepstaple"] == "label-free"

@@ -25,7 +25,7 @@ from core.data.tiles import (
     stitch_tiles,
     tile_starts,
 )
-from core.training.evaluation import score_on_native_grid
+from core.training.scoring import score_on_native_grid
 
 SPACING = {"data.resample": "spacing", "data.image-size": 32}
 

@@ -588,8 +588,8 @@ def test_undeclared_scalar_fields_are_blocked() -> None:
         Violation(
             Rule.UNDECLARED_FIELD,
             "metrics/image.mean-intensity is not a field of the 'evaluate' reply"
-            " (declared: num-cases, dice.*, hd95.*, segmentations, dp.epsilon-spent,"
-            " dp.epsilon-total,"
+            " (declared: num-cases, dice.*, hd95.*, segmentations, dice-raw.*,"
+            " hd95-raw.*, dp.epsilon-spent, dp.epsilon-total,"
             " dp.delta, dp.noise-multiplier, dp.patient-epsilon-spent,"
             " dp.patient-epsilon-total, dp.slices-per-case)",
         ),
@@ -625,8 +625,8 @@ def test_misbehaving_reply_with_prediction_map_and_image_statistics_is_blocked()
         Violation(
             Rule.UNDECLARED_FIELD,
             "metrics/image.intensity-histogram is not a field of the 'evaluate' reply"
-            " (declared: num-cases, dice.*, hd95.*, segmentations, dp.epsilon-spent,"
-            " dp.epsilon-total,"
+            " (declared: num-cases, dice.*, hd95.*, segmentations, dice-raw.*,"
+            " hd95-raw.*, dp.epsilon-spent, dp.epsilon-total,"
             " dp.delta, dp.noise-multiplier, dp.patient-epsilon-spent,"
             " dp.patient-epsilon-total, dp.slices-per-case)",
         ),
@@ -949,6 +949,7 @@ def test_rule_ids_are_stable() -> None:
         "oversized-config-value",
         "instance-lftm-not-allowed",
         "too-many-metric-values",
+        "malformed-field",
         "limit-exceeded",
         "no-dp-form",
         "bundle-not-approved",

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
 from core.config import Norm, RunConfig, load_default_config
-from core.data.dataset import SiteDataError, index_site
+from core.data.dataset import SiteDataError, build_slice_set, index_site, read_case
 from core.data.io import read_volume
 from core.data.synthetic import EVALUATION_CASES_PER_SITE
 from core.privacy.dp import (
@@ -26,14 +28,19 @@ from core.training.evaluation import (
     SEGMENTATIONS_MANIFEST,
     evaluate_predictors,
     release_evaluation,
+    score_predictors,
     write_segmentations,
 )
 from core.training.job import (
     SourceTraining,
     build_initial_weights,
+    build_model_with,
     train_source_model,
 )
 from core.training.networks import Arrays, build_model, get_manifest
+from core.training.postprocess import keep_largest_component
+from core.training.scoring import score_on_native_grid
+from core.training.trainer import predict_mixture, predicted_classes
 from core.transfer.job import adapt_target, score_candidates
 
 NUM_TRAIN = 2  # labelled training cases per site of the shared federation (conftest)
@@ -740,3 +747,108 @@ def test_evaluate_predictors_needs_evaluation_cases(
         SiteDataError, match=rf"{re.escape(str(site))}: no evaluation cases"
     ):
         evaluate_predictors(site, candidates, {"B": [("B", 1.0)]}, config)
+
+
+# --- post-processing at the target ------------------------------------------------
+
+
+def test_score_predictors_post_processes_only_the_named_predictors(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Prepare: the same predictor twice, one of them post-processed
+    predictors = {"B": [("B", 1.0)], "B-lcc": [("B", 1.0)]}
+    slices = build_slice_set(
+        index_site(federation / "A").evaluation, data=config.data, with_labels=True
+    )
+    assert slices.labels is not None
+    model = build_model_with("B", candidates["B"], config)
+    raw = predicted_classes(
+        predict_mixture([model], [1.0], slices.images, device=torch.device("cpu"))
+    )
+    references = [
+        read_case(case, num_classes=2)
+        for case in index_site(federation / "A").evaluation
+    ]
+    # On each image's own grid, the largest component kept there.
+    expected = score_on_native_grid(
+        raw,
+        slices,
+        references,
+        config,
+        postprocess=lambda volume: keep_largest_component(volume, num_classes=2),
+    )
+
+    # Execute
+    scored = score_predictors(
+        federation / "A", candidates, predictors, config, postprocess=["B-lcc"]
+    )
+
+    # Assert: the named one is scored post-processed, its raw scores kept beside
+    assert sorted(scored.raw) == ["B-lcc"]
+    assert scored.raw["B-lcc"] == scored.scores["B"]
+    assert scored.scores["B-lcc"] == expected
+
+
+def test_score_predictors_refuses_to_post_process_an_unknown_predictor(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays]
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"not predictors: \['Z'\]"):
+        score_predictors(
+            federation / "A", candidates, {"B": [("B", 1.0)]}, config, postprocess="Z"
+        )
+
+
+def test_release_evaluation_releases_the_raw_figures_and_charges_them_under_dp(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare
+    accountant = tmp_path / "accountant.json"
+    dp = dataclasses.replace(DP, noise_multiplier=0.5)
+
+    # Execute
+    exact = release_evaluation(
+        federation / "A", candidates, PREDICTORS, config, postprocess=["uniform"]
+    )
+    private = release_evaluation(
+        federation / "A",
+        candidates,
+        PREDICTORS,
+        config,
+        postprocess=["uniform"],
+        dp=dp,
+        accountant_path=accountant,
+        rng=np.random.default_rng(7),
+    )
+
+    # Assert: one more release per post-processed predictor, in the same charge
+    assert sorted(exact.dice_raw) == sorted(exact.hd95_raw_mm) == ["uniform"]
+    assert sorted(private.dice_raw) == ["uniform"]
+    assert math.isnan(private.hd95_raw_mm["uniform"])
+    assert read_accountant_state(accountant).history == ((0.5, 1.0, 3),)
+
+
+def test_write_segmentations_post_processed_keep_one_component_per_volume(
+    federation: Path, config: RunConfig, candidates: dict[str, Arrays], tmp_path: Path
+) -> None:
+    # Prepare
+    out_dir = tmp_path / "segmentations"
+
+    # Execute
+    written = write_segmentations(
+        federation / "A",
+        candidates,
+        [("B", 0.5), ("C", 0.5)],
+        config,
+        out_dir,
+        predictor="uniform",
+        postprocess=True,
+    )
+
+    # Assert: on each image's own grid, at most one 3-D component of the class
+    manifest = json.loads((out_dir / SEGMENTATIONS_MANIFEST).read_text())
+    assert manifest["postprocess"] == "largest-component"
+    assert written == len(manifest["cases"])
+    for case_id in manifest["cases"]:
+        volume = read_volume(out_dir / f"{case_id}.nii.gz").array
+        assert ndimage.label(volume == 1)[1] <= 1
