@@ -69,11 +69,12 @@ def pristine_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # The hospital-scale federation of the tests: 3 sites (A and B MR-like, C CT-like),
-# 2 training cases each (the target A keeps 1 labelled) and 1 evaluation case.
+# 3 training cases each (the target A keeps 2 labelled, as few as a site's policy
+# releases label statistics on) and 2 evaluation cases (evaluate needs 2 too).
 HOSPITAL_SEED = 3
-HOSPITAL_TRAIN_CASES = 2
-HOSPITAL_TARGET_LABELLED = 1
-HOSPITAL_EVALUATION_CASES = 1
+HOSPITAL_TRAIN_CASES = 3
+HOSPITAL_TARGET_LABELLED = 2
+HOSPITAL_EVALUATION_CASES = 2
 
 
 @pytest.fixture(scope="session")

@@ -231,6 +231,26 @@ class HospitalCase:
         return (-x * (width - 1) / 2, -y * (height - 1) / 2, -z * (depth - 1) / 2)
 
 
+def _upsample_linearly(array: FloatArray, axis: int, count: int) -> FloatArray:
+    """``array`` stretched to ``count`` samples along ``axis``, ends kept, linearly.
+
+    Several times faster than ``scipy.ndimage.zoom(order=1)`` at these sizes (one
+    gather and one blend per axis, in float32).
+    """
+    size = array.shape[axis]
+    if size == count:
+        return array
+    position = np.linspace(0.0, size - 1.0, count)
+    low = np.minimum(position.astype(np.intp), size - 2)
+    weight_shape = [1] * array.ndim
+    weight_shape[axis] = count
+    weight = (position - low).astype(np.float32).reshape(weight_shape)
+    below = np.take(array, low, axis=axis)
+    above = np.take(array, low + 1, axis=axis)
+    blended: FloatArray = below + (above - below) * weight
+    return blended
+
+
 def _smooth_field(
     rng: np.random.Generator,
     shape: tuple[int, int, int],
@@ -246,17 +266,11 @@ def _smooth_field(
         min(count, math.ceil(count * step / length_mm) + 2)
         for count, step in zip(shape, spacing_zyx, strict=True)
     )
-    field = ndimage.gaussian_filter(
+    field: FloatArray = ndimage.gaussian_filter(
         rng.standard_normal(coarse, dtype=np.float32), sigma=0.7, mode="wrap"
     )
-    if coarse != shape:
-        field = ndimage.zoom(
-            field,
-            tuple(count / small for count, small in zip(shape, coarse, strict=True)),
-            order=1,
-            grid_mode=False,
-        )
-    field = np.asarray(field, dtype=np.float32)
+    for axis, count in enumerate(shape):
+        field = _upsample_linearly(field, axis, count)
     field -= field.mean()
     field /= field.std() + 1e-8
     return field
