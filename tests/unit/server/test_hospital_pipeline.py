@@ -7,6 +7,7 @@ Runs every phase through the FakeGrid and the real ClientApp.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -71,6 +72,27 @@ def test_the_ct_site_loads_through_the_dataset_code(
     assert 5.5 < spacing[1] < 7.5
 
 
+def test_the_ct_site_loads_in_a_ct_window(pristine_hospital_federation: Path) -> None:
+    # Prepare: the window a plan derives from the site's organ HU (clip, mean, sd)
+    index = index_site(pristine_hospital_federation / "C")
+    data = load_run_config(
+        {
+            **read_default_run_config(),
+            **HOSPITAL_RUN_CONFIG,
+            "data.normalisation": "ct",
+            "data.ct-window": "-15,114,68,23",
+        }
+    ).data
+
+    # Execute
+    slices = build_slice_set(index.labelled, data=data, with_labels=False)
+
+    # Assert: air and bone clipped to the window's ends, the organ around 0
+    low, high = (-15 - 68) / 23, (114 - 68) / 23
+    assert float(slices.images.min()) == pytest.approx(low, abs=0.05)
+    assert float(slices.images.max()) == pytest.approx(high, abs=0.05)
+
+
 @pytest.mark.pipeline
 def test_the_pipeline_runs_end_to_end_on_the_hospital_scale_federation(
     hospital_run_config: dict[str, ConfigValue], tmp_path: Path
@@ -114,3 +136,10 @@ def test_the_pipeline_runs_end_to_end_on_the_hospital_scale_federation(
     } <= set(dice)
     assert all(math.isfinite(value) and 0.0 <= value <= 1.0 for value in dice.values())
     assert (runs_dir / "1" / "report.md").is_file()
+    # The plan knows the CT site by its dataset.json and windows it on its organ's HU
+    plan = json.loads((runs_dir / "1" / "plan.json").read_text())
+    assert plan["normalisation"] == {"CT": "ct", "MR": "zscore"}
+    clip_low, clip_high, mean, _ = plan["ct-window"]
+    assert -100 < clip_low < mean < clip_high < 300
+    assert 40 < mean < 110
+    assert plan["target-spacing-mm"][2] > 3 * plan["target-spacing-mm"][0]
