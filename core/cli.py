@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from core.config import SyntheticShift
+    from core.config import SyntheticScale, SyntheticShift
     from core.data.synthetic import write_federation
 
     names = write_federation(
@@ -35,6 +35,7 @@ def _synth(args: argparse.Namespace) -> int:
         num_sites=args.sites,
         num_train_cases=args.cases,
         shift=SyntheticShift(args.shift),
+        scale=SyntheticScale(args.scale),
         progress=get_logger("data").info,
     )
     print(f"wrote {len(names)} sites to {args.out} (default target {names[0]})")
@@ -53,6 +54,7 @@ def _builtin(args: argparse.Namespace) -> int:
         num_train_cases=federation.synthetic_cases,
         target_labelled=federation.synthetic_target_labelled,
         shift=federation.synthetic_shift,
+        scale=federation.synthetic_scale,
         progress=get_logger("data").info,
     )
     print(f"built-in federation: {folder}")
@@ -387,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="wide",
         help="wide: sites over the whole continuum, past the contrast inversion; "
         "mild: all before it, each with its own scanner",
+    )
+    synth.add_argument(
+        "--scale",
+        choices=("small", "hospital"),
+        default="small",
+        help="small: 10 x 64 x 64 MR-like volumes at 1.5 x 1.5 x 3 mm; hospital: "
+        "hospital-sized anisotropic volumes, MR-like sites and a CT-like last site "
+        "in Hounsfield units",
     )
     synth.set_defaults(run=_synth)
     builtin = commands.add_parser(

@@ -162,6 +162,20 @@ class IntensityNormalisation(StrEnum):
     CT = "ct"
 
 
+class SyntheticScale(StrEnum):
+    """What the built-in synthetic federation's volumes look like.
+
+    ``SMALL``: 10 x 64 x 64 voxels at 1.5 x 1.5 x 3 mm, every site alike, MR-like
+    (the federation the benchmarks were measured on). ``HOSPITAL``: hospital-sized,
+    anisotropic volumes whose size and spacing each site draws from the federation
+    seed, MR-like sites and one CT-like site in Hounsfield units, the anatomy sized in
+    millimetres (docs/development.md#the-hospital-scale-federation).
+    """
+
+    SMALL = "small"
+    HOSPITAL = "hospital"
+
+
 class Attention(StrEnum):
     """Attention map behind the LFTM keep-mask."""
 
@@ -203,6 +217,7 @@ class FederationConfig:
     # unlabelled images); >= synthetic_cases keeps them all.
     synthetic_target_labelled: int
     synthetic_shift: SyntheticShift
+    synthetic_scale: SyntheticScale
     min_sites: int
     expected_sites: int  # 0 = count the site folders when the coordinator sees them
     wait_nodes_s: float

@@ -77,6 +77,7 @@ def prepare_federation(config: RunConfig) -> tuple[int, str | None]:
             num_train_cases=federation.synthetic_cases,
             target_labelled=federation.synthetic_target_labelled,
             shift=federation.synthetic_shift,
+            scale=federation.synthetic_scale,
             progress=_log,
         )
     folder = resolve_federation_dir(federation)

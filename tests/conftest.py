@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import ConfigValue, read_default_run_config
+from core.config import ConfigValue, SyntheticScale, read_default_run_config
 from core.data.synthetic import write_federation
 from core.logs import NAMESPACE
 
@@ -65,6 +65,35 @@ def pristine_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sites of :func:`federation`, generated once per session; never written to."""
     folder = tmp_path_factory.mktemp("pristine") / "federation"
     write_federation(folder, seed=0, num_sites=3, num_train_cases=2)
+    return folder
+
+
+# The hospital-scale federation of the tests: 3 sites (A and B MR-like, C CT-like),
+# 3 training cases each (the target A keeps 2 labelled, as few as a site's policy
+# releases label statistics on) and 2 evaluation cases (evaluate needs 2 too).
+HOSPITAL_SEED = 3
+HOSPITAL_TRAIN_CASES = 3
+HOSPITAL_TARGET_LABELLED = 2
+HOSPITAL_EVALUATION_CASES = 2
+
+
+@pytest.fixture(scope="session")
+def pristine_hospital_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small hospital-scale federation, generated once per session; never written to.
+
+    Realistic volumes cost about half a second each (the CT site's more), so the
+    generator's tests and the hospital pipeline test share this one.
+    """
+    folder = tmp_path_factory.mktemp("pristine-hospital") / "federation"
+    write_federation(
+        folder,
+        seed=HOSPITAL_SEED,
+        num_sites=3,
+        num_train_cases=HOSPITAL_TRAIN_CASES,
+        target_labelled=HOSPITAL_TARGET_LABELLED,
+        scale=SyntheticScale.HOSPITAL,
+        evaluation_cases=HOSPITAL_EVALUATION_CASES,
+    )
     return folder
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from core.config import FederationConfig, SyntheticShift
+from core.config import FederationConfig, SyntheticScale, SyntheticShift
 from core.data.io import Volume, write_volume
 
 FloatArray = npt.NDArray[np.float32]
@@ -352,6 +352,7 @@ def write_site(
     num_train_cases: int,
     num_labelled: int | None = None,
     scanner: bool = False,
+    evaluation_cases: int | None = None,
 ) -> None:
     """Write one site: ``imagesTr``/``labelsTr`` and ``imagesTs``/``labelsTs`` NIfTI.
 
@@ -360,9 +361,13 @@ def write_site(
     labelled. The images are the same whatever ``num_labelled`` is. ``scanner``
     records the site's acquisition properties in ``dataset.json`` (a mild-shift
     site's own scanner; the wide federation's files stay as they always were).
+    ``evaluation_cases`` evaluation cases (None: :data:`EVALUATION_CASES_PER_SITE`)
+    follow the training ones.
     """
     site_dir.mkdir(parents=True, exist_ok=True)
-    total = num_train_cases + EVALUATION_CASES_PER_SITE
+    if evaluation_cases is None:
+        evaluation_cases = EVALUATION_CASES_PER_SITE
+    total = num_train_cases + evaluation_cases
     labelled = num_train_cases if num_labelled is None else num_labelled
     for case_index in range(total):
         training = case_index < num_train_cases
@@ -425,6 +430,7 @@ def resolve_federation_dir(federation: FederationConfig) -> Path:
         num_train_cases=federation.synthetic_cases,
         target_labelled=federation.synthetic_target_labelled,
         shift=federation.synthetic_shift,
+        scale=federation.synthetic_scale,
     )
 
 
@@ -436,6 +442,7 @@ def get_builtin_federation_dir(
     num_train_cases: int,
     target_labelled: int | None,
     shift: SyntheticShift = SyntheticShift.WIDE,
+    scale: SyntheticScale = SyntheticScale.SMALL,
 ) -> Path:
     """Where the built-in federation for these parameters lives inside ``cache_dir``.
 
@@ -443,7 +450,8 @@ def get_builtin_federation_dir(
     ``-target<N>`` (its labelled cases); a fully labelled one (``target_labelled``
     None or >= ``num_train_cases``) keeps the name it always had, so the federation
     of a fully labelled benchmark is the same folder as before few-label targets. A
-    mild-shift federation adds ``-mild``.
+    mild-shift federation adds ``-mild``, a hospital-scale one ``-hospital`` (with
+    the hospital generator's version past 1).
 
     Example:
         >>> get_builtin_federation_dir(Path("c"), seed=0, num_sites=6,
@@ -456,12 +464,17 @@ def get_builtin_federation_dir(
         ...     num_train_cases=12, target_labelled=ALL_LABELLED,
         ...     shift=SyntheticShift.MILD).name
         'synthetic-v4-mild-seed1-sites6-cases12'
+        >>> get_builtin_federation_dir(Path("c"), seed=0, num_sites=6,
+        ...     num_train_cases=12, target_labelled=2,
+        ...     scale=SyntheticScale.HOSPITAL).name
+        'synthetic-v4-hospital-seed0-sites6-cases12-target2'
     """
     labelled = target_labelled_cases(num_train_cases, target_labelled)
     few = f"-target{labelled}" if labelled < num_train_cases else ""
     mild = "-mild" if shift is SyntheticShift.MILD else ""
+    hospital = _hospital_suffix() if scale is SyntheticScale.HOSPITAL else ""
     return Path(cache_dir) / (
-        f"synthetic-v{GENERATOR_VERSION}{mild}-seed{seed}-"
+        f"synthetic-v{GENERATOR_VERSION}{mild}{hospital}-seed{seed}-"
         f"sites{num_sites}-cases{num_train_cases}{few}"
     )
 
@@ -474,6 +487,7 @@ def ensure_builtin_federation(
     num_train_cases: int,
     target_labelled: int | None,
     shift: SyntheticShift = SyntheticShift.WIDE,
+    scale: SyntheticScale = SyntheticScale.SMALL,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Return the cached built-in federation, generating it on first use.
@@ -490,6 +504,7 @@ def ensure_builtin_federation(
         num_train_cases=num_train_cases,
         target_labelled=target_labelled,
         shift=shift,
+        scale=scale,
     )
     return generate_once(
         folder,
@@ -500,6 +515,7 @@ def ensure_builtin_federation(
             num_train_cases=num_train_cases,
             target_labelled=target_labelled,
             shift=shift,
+            scale=scale,
             progress=progress,
         ),
         description="built-in synthetic federation",
@@ -524,6 +540,12 @@ def generate_once(
     return folder
 
 
+def _hospital_suffix() -> str:
+    from core.data.synthetic_hospital import HOSPITAL_VERSION
+
+    return "-hospital" + (str(HOSPITAL_VERSION) if HOSPITAL_VERSION > 1 else "")
+
+
 def write_federation(
     out_dir: Path,
     *,
@@ -532,6 +554,8 @@ def write_federation(
     num_train_cases: int,
     target_labelled: int | None = ALL_LABELLED,
     shift: SyntheticShift = SyntheticShift.WIDE,
+    scale: SyntheticScale = SyntheticScale.SMALL,
+    evaluation_cases: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[str, ...]:
     """Write a whole federation (one folder per site plus ``federation.toml``).
@@ -543,13 +567,17 @@ def write_federation(
         out_dir: folder to create; must not exist yet.
         seed: the same seed always gives the same files.
         num_sites: number of sites (>= 3), spread evenly over the continuum.
-        num_train_cases: training cases per site (6 evaluation cases are added per
-            site), all labelled at the sources.
+        num_train_cases: training cases per site (``evaluation_cases`` evaluation
+            cases are added per site), all labelled at the sources.
         target_labelled: labelled training cases of the default target (its first
             ones by case id; the others are written without a label), or
             :data:`ALL_LABELLED`. Its evaluation cases keep their labels, which
             only ever score. The images are the same whatever this is.
         shift: how far apart the sites are (:func:`build_site_styles`).
+        scale: SMALL, the 10 x 64 x 64 volumes of this module; HOSPITAL, the
+            hospital-sized MR and CT volumes of :mod:`core.data.synthetic_hospital`.
+        evaluation_cases: evaluation cases per site; None (the built-in federation)
+            means :data:`EVALUATION_CASES_PER_SITE`; fewer make quick tests.
         progress: called with one line per site written.
 
     Returns:
@@ -568,6 +596,62 @@ def write_federation(
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
+    if evaluation_cases is None:
+        evaluation_cases = EVALUATION_CASES_PER_SITE
+    if scale is SyntheticScale.HOSPITAL:
+        names = _write_hospital_sites(
+            staging,
+            seed=seed,
+            num_sites=num_sites,
+            num_train_cases=num_train_cases,
+            target_cases=target_cases,
+            shift=shift,
+            evaluation_cases=evaluation_cases,
+            progress=progress,
+        )
+    else:
+        names = _write_small_sites(
+            staging,
+            seed=seed,
+            num_sites=num_sites,
+            num_train_cases=num_train_cases,
+            target_cases=target_cases,
+            shift=shift,
+            evaluation_cases=evaluation_cases,
+            progress=progress,
+        )
+    few_label = (
+        f"target-labelled = {target_cases}  # labelled training cases of the target\n"
+        if target_cases < num_train_cases
+        else ""
+    )
+    mild = 'shift = "mild"\n' if shift is SyntheticShift.MILD else ""
+    hospital = 'scale = "hospital"\n' if scale is SyntheticScale.HOSPITAL else ""
+    (staging / "federation.toml").write_text(
+        "# Synthetic SiteBridge federation (core/data/synthetic.py).\n"
+        f'target = "{names[0]}"\nseed = {seed}\n{mild}{hospital}{few_label}'
+    )
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FileExistsError(
+            f"{out_dir}: already exists; choose a new folder"
+        ) from None
+    return names
+
+
+def _write_small_sites(
+    staging: Path,
+    *,
+    seed: int,
+    num_sites: int,
+    num_train_cases: int,
+    target_cases: int,
+    shift: SyntheticShift,
+    evaluation_cases: int,
+    progress: Callable[[str], None] | None,
+) -> tuple[str, ...]:
     styles = build_site_styles(num_sites, shift=shift, seed=seed)
     target = styles[DEFAULT_TARGET_INDEX].name
     for site_index, style in enumerate(styles):
@@ -580,28 +664,50 @@ def write_federation(
             num_train_cases=num_train_cases,
             num_labelled=labelled,
             scanner=shift is SyntheticShift.MILD,
+            evaluation_cases=evaluation_cases,
         )
         if progress is not None:
             progress(
                 f"site {style.name}: shift {style.shift:.2f} ({shift} federation), "
                 f"{num_train_cases} training ({labelled} labelled) + "
-                f"{EVALUATION_CASES_PER_SITE} evaluation cases"
+                f"{evaluation_cases} evaluation cases"
             )
-    few_label = (
-        f"target-labelled = {target_cases}  # labelled training cases of the target\n"
-        if target_cases < num_train_cases
-        else ""
-    )
-    mild = 'shift = "mild"\n' if shift is SyntheticShift.MILD else ""
-    (staging / "federation.toml").write_text(
-        "# Synthetic SiteBridge federation (core/data/synthetic.py).\n"
-        f'target = "{target}"\nseed = {seed}\n{mild}{few_label}'
-    )
-    try:
-        staging.rename(out_dir)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise FileExistsError(
-            f"{out_dir}: already exists; choose a new folder"
-        ) from None
-    return tuple(style.name for style in styles)
+    return (target, *(style.name for style in styles if style.name != target))
+
+
+def _write_hospital_sites(
+    staging: Path,
+    *,
+    seed: int,
+    num_sites: int,
+    num_train_cases: int,
+    target_cases: int,
+    shift: SyntheticShift,
+    evaluation_cases: int,
+    progress: Callable[[str], None] | None,
+) -> tuple[str, ...]:
+    from core.data.synthetic_hospital import build_hospital_sites, write_hospital_site
+
+    sites = build_hospital_sites(num_sites, shift=shift, seed=seed)
+    target = sites[DEFAULT_TARGET_INDEX].name
+    for site_index, site in enumerate(sites):
+        labelled = target_cases if site.name == target else num_train_cases
+        write_hospital_site(
+            site,
+            staging / site.name,
+            site_index=site_index,
+            seed=seed,
+            num_train_cases=num_train_cases,
+            num_labelled=labelled,
+            num_evaluation=evaluation_cases,
+        )
+        if progress is not None:
+            x, y, z = site.spacing_mm
+            progress(
+                f"site {site.name}: {site.modality}, shift {site.style.shift:.2f} "
+                f"({shift} federation), {site.in_plane_size} x {site.in_plane_size} "
+                f"x {site.slices} voxels of {x:.2f} x {y:.2f} x {z:.2f} mm, "
+                f"{num_train_cases} training ({labelled} labelled) + "
+                f"{evaluation_cases} evaluation cases"
+            )
+    return (target, *(site.name for site in sites if site.name != target))

@@ -162,6 +162,7 @@ def leave_one_out_federation(args: argparse.Namespace, config: RunConfig) -> Pat
         num_train_cases=config.federation.synthetic_cases,
         target_labelled=ALL_LABELLED,
         shift=config.federation.synthetic_shift,
+        scale=config.federation.synthetic_scale,
         progress=log_progress,
     )
 

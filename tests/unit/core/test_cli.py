@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from core.cli import find_report, main
-from core.config import load_default_config
+from core.config import SyntheticScale, load_default_config
 from core.data.dataset import index_site
 from tests.unit.bad_input import (
     BAD_SITES,
@@ -50,6 +50,26 @@ def test_synth_writes_a_mild_shift_federation(
     # Assert
     assert exit_code == 0
     assert 'shift = "mild"' in (fed / "federation.toml").read_text()
+
+
+def test_synth_passes_the_hospital_scale_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: record the call (a hospital-scale federation takes seconds to write)
+    calls: list[dict[str, object]] = []
+
+    def record(out: Path, **kwargs: object) -> tuple[str, ...]:
+        calls.append(kwargs)
+        return ("A", "B", "C")
+
+    monkeypatch.setattr("core.data.synthetic.write_federation", record)
+
+    # Execute
+    exit_code = main(["synth", str(tmp_path / "fed"), "--scale", "hospital"])
+
+    # Assert
+    assert exit_code == 0
+    assert calls[0]["scale"] is SyntheticScale.HOSPITAL
 
 
 def test_builtin_generates_once_and_reuses(

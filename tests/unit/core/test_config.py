@@ -156,6 +156,7 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("transfer.ensemble-min-voters", 1),
         ("transfer.ensemble-min-voters", -1),
         ("federation.synthetic-shift", "extreme"),
+        ("federation.synthetic-scale", "huge"),
         ("affinity.image-size", 1),
         ("affinity.quantiles", 1),
         ("affinity.label-grid", 0),
