@@ -183,13 +183,16 @@ class SiteProfile:
         _check_range(self.site, "image_quantiles", quantiles, self.quantile_clip)
         if self.num_images < 1:
             raise ValueError(f"site {self.site}: num_images must be >= 1")
-        has_labels = self.num_labelled > 0
-        if (self.mean_label_map is None) == has_labels or (
-            self.foreground_quantiles is None
-        ) == has_labels:
+        # The label term comes with labelled cases, and both parts or neither; a
+        # site with fewer labelled cases than its limits.min-cases withholds it, so
+        # labelled cases without a label term are a profile too.
+        has_map = self.mean_label_map is not None
+        if has_map != (self.foreground_quantiles is not None) or (
+            has_map and self.num_labelled < 1
+        ):
             raise ValueError(
                 f"site {self.site}: mean_label_map and foreground_quantiles must be "
-                f"given exactly when num_labelled > 0 (num_labelled = "
+                f"given together, and only with num_labelled > 0 (num_labelled = "
                 f"{self.num_labelled})"
             )
         object.__setattr__(self, "image_quantiles", quantiles)

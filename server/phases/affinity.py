@@ -96,7 +96,9 @@ def choose_affinity_path(
     """
     names = [*sorted(sources), target]
     scenario = {name: profiles[name] for name in names}
-    with_labels = all(profile.num_labelled > 0 for profile in scenario.values())
+    with_labels = all(
+        profile.mean_label_map is not None for profile in scenario.values()
+    )
     image, label = affinity_matrices(scenario, with_labels=with_labels)
     image_norm, label_norm = normalise(image, label)
     affinity = config.affinity

@@ -90,7 +90,8 @@ def test_profile_round_trips_through_a_plain_dict(profiles, unlabelled_profile):
         (lambda wire: wire.update(label_grid=4), "not label_grid"),
         (lambda wire: wire.update(num_images="2"), "must be integers"),
         (lambda wire: wire.update(image_quantiles=[9.0, 9.0]), r"must lie in \[-4"),
-        (lambda wire: wire.update(mean_label_map=None), "exactly when num_labelled"),
+        (lambda wire: wire.update(mean_label_map=None), "must be given together"),
+        (lambda wire: wire.update(num_labelled=0), "only with num_labelled > 0"),
     ],
 )
 def test_profile_from_dict_rejects_bad_input(profiles, change, message):
@@ -98,3 +99,22 @@ def test_profile_from_dict_rejects_bad_input(profiles, change, message):
     change(wire)
     with pytest.raises(ValueError, match=message):
         SiteProfile.from_dict(wire)
+
+
+def test_a_profile_may_have_labelled_cases_without_its_label_term(profiles):
+    # A site with fewer labelled cases than its limits.min-cases withholds the term
+    # (the reply still says how many it has): the coordinator must accept it.
+    wire = profiles["A"].to_dict()
+    wire.update(
+        num_labelled=1,
+        label_grid=None,
+        mean_label_map=None,
+        foreground_quantiles=None,
+        foreground_intensities=None,
+        shell_intensities=None,
+    )
+
+    restored = SiteProfile.from_dict(wire)
+
+    assert restored.num_labelled == 1
+    assert restored.mean_label_map is None
