@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -122,3 +123,15 @@ def run_config(
     flat["federation.dir"] = str(federation)
     flat["federation.cache-dir"] = str(tmp_path_factory.mktemp("cache"))
     return flat
+
+
+def copy_as_ct_site(site: Path, destination: Path) -> Path:
+    """A copy of ``site`` whose ``dataset.json`` says CT (its intensities stay as they
+    are); tests of what a CT site computes and releases use it.
+    """
+    shutil.copytree(site, destination)
+    dataset = destination / "dataset.json"
+    document = json.loads(dataset.read_text())
+    document["modality"] = {"0": "CT"}
+    dataset.write_text(json.dumps(document))
+    return destination

@@ -12,8 +12,7 @@ requires DP, and each fingerprint counts against ``limits.max-fingerprints-per-r
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from flwr.app import ConfigRecord, RecordDict
 from core import protocol
 from core.privacy.policy import Rule
 from core.training.networks import Arrays
+from tests.conftest import copy_as_ct_site
 from tests.security.attacker import (
     assert_refused,
     assert_released,
@@ -44,14 +44,9 @@ def planned(plan: Mapping[str, object], weights: Arrays | None = None) -> Record
     return content
 
 
-def as_ct_site(site_copy: Callable[[str, str], Path], name: str) -> Path:
+def as_ct_site(federation: Path, tmp_path: Path, name: str) -> Path:
     """A copy of site A whose ``dataset.json`` says CT."""
-    directory = site_copy("A", name)
-    dataset = directory / "dataset.json"
-    document = json.loads(dataset.read_text())
-    document["modality"] = {"0": "CT"}
-    dataset.write_text(json.dumps(document))
-    return directory
+    return copy_as_ct_site(federation / "A", tmp_path / "sites" / name)
 
 
 def test_a_planned_image_size_above_the_cap_is_refused_before_any_work(
@@ -157,10 +152,10 @@ def test_a_malformed_plan_is_refused_naming_the_field(
 
 
 def test_the_ct_intensity_term_stays_home_below_min_cases(
-    open_site: OpenSite, site_copy: Callable[[str, str], Path]
+    open_site: OpenSite, federation: Path, tmp_path: Path
 ) -> None:
     # Prepare: a CT site with one labelled training case
-    directory = as_ct_site(site_copy, "ct-one-label")
+    directory = as_ct_site(federation, tmp_path, "ct-one-label")
     (directory / "labelsTr" / "a_001.nii.gz").unlink()
     site = open_site("A", directory=directory)
 
@@ -178,10 +173,10 @@ def test_the_ct_intensity_term_stays_home_below_min_cases(
 
 
 def test_a_ct_fingerprint_under_dp_is_noised_and_charged(
-    open_site: OpenSite, site_copy: Callable[[str, str], Path]
+    open_site: OpenSite, federation: Path, tmp_path: Path
 ) -> None:
     # Prepare: the same CT site, exact and under the site's DP policy
-    directory = as_ct_site(site_copy, "ct-dp")
+    directory = as_ct_site(federation, tmp_path, "ct-dp")
     exact_site = open_site("A", directory=directory)
     private_site = open_site("A", directory=directory, policy=DP_POLICY)
 

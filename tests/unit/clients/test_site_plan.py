@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from clients.site import apply_request_plan
 from core import protocol
 from core.config import IntensityNormalisation, load_default_config
 from core.data.dataset import build_slice_set, index_site
+from tests.conftest import copy_as_ct_site
 from tests.unit.clients.messages import build_message
 
 WINDOW = [-100.0, 200.0, 40.0, 50.0]
@@ -27,13 +26,8 @@ def plan_message(**plan: object) -> Message:
 
 @pytest.fixture
 def ct_site(federation: Path, tmp_path: Path) -> Path:
-    directory = tmp_path / "A-ct"
-    shutil.copytree(federation / "A", directory)
-    dataset = directory / "dataset.json"
-    document = json.loads(dataset.read_text())
-    document["modality"] = {"0": "CT"}
-    dataset.write_text(json.dumps(document))
-    return directory
+    """Site A again, its dataset.json saying CT (its intensities are not HU)."""
+    return copy_as_ct_site(federation / "A", tmp_path / "A-ct")
 
 
 def test_a_ct_site_takes_the_plans_window(ct_site: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +11,13 @@ from core.config import load_default_config
 from core.planning.fingerprint import compute_fingerprint, foreground_statistics
 from core.planning.job import ct_sensitivity, release_fingerprint
 from core.privacy.dp import DpSettings
+from tests.conftest import copy_as_ct_site
 
 
 @pytest.fixture
 def ct_site(federation: Path, tmp_path: Path) -> Path:
     """Site A again, its dataset.json saying CT (its intensities are not HU)."""
-    directory = tmp_path / "A-ct"
-    shutil.copytree(federation / "A", directory)
-    dataset = directory / "dataset.json"
-    document = json.loads(dataset.read_text())
-    document["modality"] = {"0": "CT"}
-    dataset.write_text(json.dumps(document))
-    return directory
+    return copy_as_ct_site(federation / "A", tmp_path / "A-ct")
 
 
 def test_an_mr_site_releases_its_geometry_only(federation: Path) -> None:
