@@ -505,6 +505,18 @@ class SemisupVariant(StrEnum):
     UGMCL = "ugmcl"
 
 
+class SemisupTeacher(StrEnum):
+    """Where a site's federated UG-MCL teacher comes from each round.
+
+    ``LOCAL``: the site keeps its own EMA teacher in its node state across the rounds
+    (the default). ``GLOBAL``: the teacher restarts from the averaged student at the
+    start of every round (docs/methods.md#federated-options).
+    """
+
+    LOCAL = "local"
+    GLOBAL = "global"
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SemisupConfig:
     """UG-MCL rounds: refinement at the target and FedAvg rounds across sites.
@@ -537,6 +549,9 @@ class SemisupConfig:
     max_grad_norm: float  # clip each update's gradient (L2); 0 = off
     shared_head: bool  # SDF = tanh(segmentation logits), the BraTS code's variant
     dropout: float  # on the bottleneck and the heads' input (Monte-Carlo passes)
+    distance_consistency: bool  # student-teacher term on the distance branch too
+    teacher: SemisupTeacher  # local: kept per site; global: restarted every round
+    local_norm: bool  # FedBN: norm layers' affine parameters stay at each site
 
     def __post_init__(self) -> None:
         for key, value, lowest in (
