@@ -190,6 +190,7 @@ def semisup_settings(
         masked_cross=semisup.masked_cross,
         distance_consistency=semisup.distance_consistency,
         max_grad_norm=semisup.max_grad_norm,
+        clip_scope=semisup.clip_scope,
         seed=config.train.seed,
         amp=config.train.amp,
         augment=config.train.augment,

@@ -21,7 +21,7 @@ from typing import Final
 import torch
 from torch import nn
 
-from core.config import SemisupVariant
+from core.config import ClipScope, SemisupVariant
 from core.logs import get_logger
 from core.privacy.dp import DpSgdPlan, PrivateGradient
 from core.semisup.dual_task import DualTaskUNet
@@ -80,6 +80,9 @@ class SemisupSettings:
             (measured: every pixel at +1, and a federated UG-MCL student at Dice 0.30
             against 0.60 with clipping at 1.0). The same rule for every variant: the
             L2 norm over all the student's parameters that have a gradient.
+        clip_scope: ``model`` clips that one norm; ``parts`` clips the
+            segmentation network's and the distance head's gradients each on its
+            own (the baselines' distance head has none, so for them it is the same).
         seed: seeds sampling, noise and dropout (mixed with the start step).
         amp: float16 autocast and gradient scaling, on CUDA only.
         augment: random flips, the same for student and teacher inputs.
@@ -99,12 +102,14 @@ class SemisupSettings:
     masked_cross: bool = False
     distance_consistency: bool = False
     max_grad_norm: float = 0.0
+    clip_scope: ClipScope = ClipScope.MODEL
     seed: int = 0
     amp: bool = True
     augment: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", SemisupVariant(self.variant))
+        object.__setattr__(self, "clip_scope", ClipScope(self.clip_scope))
         for name, bound in (
             ("iterations", 1),
             ("labelled_batch", 1),
@@ -128,17 +133,33 @@ class SemisupSettings:
             raise ValueError(f"SemisupSettings.k must be > 0, got {self.k}")
 
 
-def _clip_gradients(model: nn.Module, max_norm: float) -> bool:
-    """Clip the model's whole gradient to ``max_norm`` (L2); 0 leaves it alone.
+def _clip_gradients(
+    model: DualTaskUNet, max_norm: float, scope: ClipScope = ClipScope.MODEL
+) -> bool:
+    """Clip the student's gradient to ``max_norm`` (L2); 0 leaves it alone.
 
-    The same rule for every variant: the L2 norm over every parameter that has a
-    gradient (a baseline's distance head has none). Returns whether the clip bound:
-    the norm exceeded ``max_norm`` (or was not finite), so the update was scaled down.
+    The same rule for every variant: ``MODEL`` clips the L2 norm over every
+    parameter that has a gradient (a baseline's distance head has none); ``PARTS``
+    clips the segmentation network's and the distance head's each on its own.
+    Returns whether the clip bound: a norm exceeded ``max_norm`` (or was not
+    finite), so (part of) the update was scaled down.
     """
     if max_norm <= 0:
         return False
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    return not norm <= max_norm
+    parts = (
+        [list(model.parameters())]
+        if scope is ClipScope.MODEL or model.distance_head is None
+        else [
+            list(model.segmentation.parameters()),
+            list(model.distance_head.parameters()),
+        ]
+    )
+    bound = False
+    for parameters in parts:
+        if any(parameter.grad is not None for parameter in parameters):
+            norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+            bound = bound or not norm <= max_norm
+    return bound
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -610,7 +631,9 @@ def train_semisupervised(
                 )
                 precision.backward(loss)
                 precision.unscale(optimizer)
-                clipped += _clip_gradients(student, settings.max_grad_norm)
+                clipped += _clip_gradients(
+                    student, settings.max_grad_norm, settings.clip_scope
+                )
                 precision.step(optimizer)
                 counts += 1
             else:
@@ -629,7 +652,9 @@ def train_semisupervised(
                     device=device,
                 )
                 # Clipping the private update is post-processing: no privacy cost.
-                clipped += _clip_gradients(student, settings.max_grad_norm)
+                clipped += _clip_gradients(
+                    student, settings.max_grad_norm, settings.clip_scope
+                )
                 optimizer.step()
                 counts += torch.tensor(
                     [float(drawn), 1.0, 1.0, 1.0], dtype=counts.dtype

@@ -78,6 +78,9 @@ ARMS: Final[dict[str, Arm]] = {
     "supervised": Arm(variant=SemisupVariant.SUPERVISED),
     "mean-teacher": Arm(variant=SemisupVariant.MEAN_TEACHER),
     "ugmcl": Arm(variant=SemisupVariant.UGMCL),
+    "ugmcl+clip-parts": Arm(
+        variant=SemisupVariant.UGMCL, overrides={"semisup.clip-scope": "parts"}
+    ),
     "ugmcl+distance-consistency": Arm(
         variant=SemisupVariant.UGMCL,
         overrides={"semisup.distance-consistency": True},
@@ -344,7 +347,6 @@ def run_semisup_options(
 _SAME_SETUP: Final = (
     "machine",
     "federation",
-    "arm_names",
     "site_names",
     "fraction",
     "last_rounds",
@@ -356,11 +358,15 @@ _SAME_SETUP: Final = (
 def merge_options_documents(
     documents: Sequence[Mapping[str, object]],
 ) -> dict[str, object]:
-    """One document from runs of the same setup at different seeds.
+    """One document from runs of the same setup at other seeds or with other arms.
+
+    The runs are joined by seed and arm (e.g. seeds 0 and 1 of every arm, and an arm
+    added later at both seeds); every seed must end up with every arm.
 
     Raises:
         ValueError: fewer than two documents, a document that is not one of this
-            benchmark's, a setup that differs, or a seed in more than one document.
+            benchmark's, a setup that differs, an arm at a seed in more than one
+            document, or a seed without one of the arms.
     """
     if len(documents) < 2:
         raise ValueError(f"merging needs at least two documents, got {len(documents)}")
@@ -385,16 +391,31 @@ def merge_options_documents(
         document_seeds, runs = document["seeds"], document["detail"]
         assert isinstance(document_seeds, list)
         assert isinstance(runs, Mapping)
-        repeated = sorted(set(seeds) & set(document_seeds))
-        if repeated:
-            raise ValueError(f"seeds {repeated} are in more than one document")
-        seeds += document_seeds
-        detail.update(runs)
-    arms, last = first["arm_names"], first["last_rounds"]
-    assert isinstance(arms, list)
+        seeds += [seed for seed in document_seeds if seed not in seeds]
+        for seed, arms_run in runs.items():
+            assert isinstance(arms_run, Mapping)
+            joined = detail.setdefault(str(seed), {})
+            repeated = sorted(set(joined) & set(arms_run))
+            if repeated:
+                raise ValueError(
+                    f"seed {seed}: arms {repeated} are in more than one document"
+                )
+            joined.update(arms_run)
+    arms = [arm for arm in ARMS if any(arm in runs for runs in detail.values())]
+    lacking = {
+        seed: [arm for arm in arms if arm not in runs] for seed, runs in detail.items()
+    }
+    if any(lacking.values()):
+        raise ValueError(
+            "every seed needs every arm; missing: "
+            + ", ".join(f"seed {s}: {', '.join(a)}" for s, a in lacking.items() if a)
+        )
+    detail = {str(seed): detail[str(seed)] for seed in seeds}
+    last = first["last_rounds"]
     assert isinstance(last, int)
     merged: dict[str, object] = dict(summarise_options(detail, arms=arms, last=last))
     merged.update({key: first[key] for key in _SAME_SETUP})
+    merged["arm_names"] = arms
     merged["detail"] = detail
     merged["seeds"] = seeds
     seconds = [document.get("seconds") for document in documents]

@@ -13,7 +13,7 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from core.config import RunConfig, SemisupVariant, load_default_config
+from core.config import ClipScope, RunConfig, SemisupVariant, load_default_config
 from core.privacy.dp import DpSgdPlan, PrivateGradient
 from core.semisup.dual_task import (
     DualTaskUNet,
@@ -45,6 +45,7 @@ from core.semisup.terms import (
 from core.semisup.training import (
     SemisupResult,
     SemisupSettings,
+    _clip_gradients,
     train_semisupervised,
 )
 from core.training.networks import build_model, get_weights, set_weights
@@ -104,9 +105,9 @@ def bright_boxes(
 
 
 def settings(
-    variant: SemisupVariant, **overrides: float | int | bool
+    variant: SemisupVariant, **overrides: float | int | bool | str
 ) -> SemisupSettings:
-    values: dict[str, float | int | bool] = {
+    values: dict[str, float | int | bool | str] = {
         "iterations": 3,
         "labelled_batch": 2,
         "unlabelled_batch": 4,
@@ -766,7 +767,7 @@ def run(
     lines: list[str] | None = None,
     private: DpSgdPlan | None = None,
     student: DualTaskUNet | None = None,
-    **overrides: float | int | bool,
+    **overrides: float | int | bool | str,
 ) -> tuple[DualTaskUNet, DualTaskUNet | None, SemisupResult]:
     student = student or tiny_dual(spatial_dims=spatial_dims)
     ema = copy.deepcopy(student) if teacher else None
@@ -1279,15 +1280,15 @@ def test_distance_consistency_adds_the_distance_branchs_intra_term(
     square_data: dict[str, torch.Tensor],
 ) -> None:
     # Prepare: a teacher that differs from the student, so both terms are > 0.
-    common = {"iterations": 1, "passes": 2, "consistency": 1.0}
-
     def first_intra(distance: bool) -> float:
         _, _, result = run(
             square_data,
             SemisupVariant.UGMCL,
             student=tiny_dual(seed=0),
             distance_consistency=distance,
-            **common,
+            iterations=1,
+            passes=2,
+            consistency=1.0,
         )
         return result.consistency_loss
 
@@ -1407,3 +1408,55 @@ def test_a_round_reports_its_own_norm_only_with_local_norm() -> None:
     assert own is not None
     assert set(own) == norm_state_names(tiny_dual())
     assert outcome.own_norm(tiny_config()) is None
+
+
+def test_clipping_by_parts_bounds_each_part_on_its_own(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Prepare: a UG-MCL supervised gradient in two students
+    def with_gradient() -> DualTaskUNet:
+        model = tiny_dual()
+        logits, sdf = model(square_data["labelled"])
+        loss, _ = supervised_loss(logits, sdf, square_data["labels"], sdf_weight=0.3)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return model
+
+    student, parts = with_gradient(), with_gradient()
+
+    def norm(module: nn.Module) -> float:
+        grads = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm())
+
+    # Execute
+    model_bound = _clip_gradients(student, 0.01, ClipScope.MODEL)
+    parts_bound = _clip_gradients(parts, 0.01, ClipScope.PARTS)
+
+    # Assert: one norm over both parts, or each part at the bound
+    assert model_bound
+    assert parts_bound
+    assert norm(student) == pytest.approx(0.01, rel=1e-4)
+    assert norm(parts.segmentation) == pytest.approx(0.01, rel=1e-4)
+    assert parts.distance_head is not None
+    assert norm(parts.distance_head) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_clipping_by_parts_is_the_model_rule_for_a_baseline(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Execute
+    model, _, first = run(square_data, SemisupVariant.MEAN_TEACHER, max_grad_norm=0.01)
+    parts, _, second = run(
+        square_data,
+        SemisupVariant.MEAN_TEACHER,
+        max_grad_norm=0.01,
+        clip_scope="parts",
+    )
+
+    # Assert: the distance head has no gradient, so the same steps
+    assert all_close(model.state_dict(), parts.state_dict())
+    assert first.clipped_fraction == second.clipped_fraction == 1.0
+
+
+def test_the_clip_scope_reaches_the_settings() -> None:
+    config = tiny_config(**{"semisup.clip-scope": "parts"})
+    assert semisup_settings(config, iterations=1).clip_scope is ClipScope.PARTS

@@ -143,22 +143,53 @@ def test_merge_joins_the_seeds_as_one_run_would(
     assert "the sum of 2 runs" in format_options_table(merged)
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"last_rounds": 3}, "differs in last_rounds"),
-        ({"seeds": [0]}, r"seeds \[0\] are in more than one"),
-    ],
-)
-def test_merge_rejects(
-    documents: list[dict[str, object]], change: dict[str, object], message: str
+def test_merge_joins_arms_run_apart(documents: list[dict[str, object]]) -> None:
+    # Prepare: seed 0's document split into two, by arm
+    def only(arms: tuple[str, ...]) -> dict[str, object]:
+        detail = documents[0]["detail"]
+        assert isinstance(detail, dict)
+        return {
+            **documents[0],
+            "detail": {"0": {arm: detail["0"][arm] for arm in arms}},
+        }
+
+    # Execute
+    merged = merge_options_documents([only(TINY_ARMS[:2]), only(TINY_ARMS[2:])])
+
+    # Assert
+    assert merged["arm_names"] == list(TINY_ARMS)
+    assert merged["arms"] == documents[0]["arms"]
+    assert merged["paired"] == documents[0]["paired"]
+
+
+def test_merge_rejects_another_setup(documents: list[dict[str, object]]) -> None:
+    with pytest.raises(ValueError, match="differs in last_rounds"):
+        merge_options_documents([documents[0], {**documents[1], "last_rounds": 3}])
+
+
+def test_merge_rejects_a_seed_without_every_arm(
+    documents: list[dict[str, object]],
 ) -> None:
-    # Prepare
-    second = {**documents[1], **change}
+    # Prepare: seed 1 with the supervised arm alone
+    detail = documents[1]["detail"]
+    assert isinstance(detail, dict)
+    partial = {
+        **documents[1],
+        "detail": {"1": {"supervised": detail["1"]["supervised"]}},
+    }
 
     # Execute / Assert
-    with pytest.raises(ValueError, match=message):
-        merge_options_documents([documents[0], second])
+    with pytest.raises(
+        ValueError, match=r"missing: seed 1: mean-teacher, ugmcl\+local-norm$"
+    ):
+        merge_options_documents([documents[0], partial])
+
+
+def test_merge_refuses_an_arm_run_twice_at_a_seed(
+    documents: list[dict[str, object]],
+) -> None:
+    with pytest.raises(ValueError, match=r"seed 0: arms \['mean-teacher'"):
+        merge_options_documents([documents[0], documents[0]])
 
 
 def test_merge_needs_two_documents_of_this_benchmark() -> None:
