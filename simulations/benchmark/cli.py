@@ -17,8 +17,7 @@ table block; the block lives in the benchmark's docs page,
 - ``semisup``: :mod:`simulations.benchmark.semisup` (supervised, mean teacher, UG-MCL
   and the fully supervised bound at few labelled cases, central and federated);
 - ``semisup-options``: :mod:`simulations.benchmark.semisup_options` (federated
-  UG-MCL with each named option against its baselines; its table goes to
-  ``docs/semisup-benchmark.md``);
+  UG-MCL with each named option against its baselines);
 - ``affinity``: :mod:`simulations.benchmark.affinity` (SeqTran transfer paths against
   direct transfer on the chain federation, and ``--calibrate`` of the affinity
   weights: :mod:`simulations.benchmark.affinity_calibration`), trained and scored by
@@ -106,7 +105,6 @@ from simulations.benchmark.semisup import (
 )
 from simulations.benchmark.semisup_options import (
     SEMISUP_OPTIONS_MARKER,
-    SEMISUP_OPTIONS_PAGE,
     add_options_options,
     format_options_table,
     run_options_command,
@@ -283,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="federated UG-MCL with each named option (distance consistency, global "
         "teacher, FedBN) against supervised and mean teacher, paired over seeds",
     )
-    _add_common_options(semisup_options, "semisup-options", SEMISUP_OPTIONS_PAGE)
+    _add_common_options(semisup_options, "semisup-options")
     add_options_options(semisup_options)
     affinity = commands.add_parser(
         "affinity",

@@ -3,14 +3,14 @@
 Issue 22 item 4: at one labelled fraction (20% by default), federated across every
 site, it trains the supervised baseline, a plain mean teacher, UG-MCL as the
 defaults configure it, and UG-MCL with each named option of docs/methods.md#ug-mcl
-(:data:`ARMS`: the distance branch's student-teacher term, a global teacher, FedBN
-local normalisation), every arm from the same seeded start and the same batches as
-far as its variant draws them. Each arm is
-:func:`simulations.benchmark.semisup.train_federated`, so every site step is the
+(:data:`ARMS`: the gradient clip by network part, the distance branch's
+student-teacher term, a global teacher, FedBN local normalisation), every arm from
+the same seeded start and the same batches as far as its variant draws them. Each arm
+is :func:`simulations.benchmark.semisup.train_federated`, so every site step is the
 ClientApp's ``train.semisup`` job and the students are averaged by Flower's FedAvg
 aggregation. Every variant runs under the same gradient clip
-(``semisup.max-grad-norm``, the L2 norm of the whole update), and each arm reports
-the share of its steps on which the clip bound.
+(``semisup.max-grad-norm``: by default the L2 norm of the whole update), and each
+arm reports the share of its steps on which the clip bound.
 
 A run's Dice is the mean over the last ``--last-rounds`` rounds of the sites' mean
 Dice (each site scores the averaged student on its evaluation labels; a FedBN arm
@@ -23,8 +23,8 @@ differences, and the repository's rule for a claim is five seeds. ``--merge`` jo
 documents of the same setup run at different seeds.
 
 This module owns the run, its JSON document and the table between the
-``<!-- benchmark:semisup-options -->`` markers of ``docs/semisup-benchmark.md``; the
-command line is ``simulations.benchmark``.
+``<!-- benchmark:semisup-options -->`` markers of
+``docs/semisup-options-benchmark.md``; the command line is ``simulations.benchmark``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from simulations.benchmark.semisup import (
 )
 
 SEMISUP_OPTIONS_MARKER: Final = "benchmark:semisup-options"
-SEMISUP_OPTIONS_PAGE: Final = "docs/semisup-benchmark.md"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +87,17 @@ ARMS: Final[dict[str, Arm]] = {
     "ugmcl+global-teacher": Arm(
         variant=SemisupVariant.UGMCL, overrides={"semisup.teacher": "global"}
     ),
+    # FedBN personalises every variant: its baselines are personalised too.
+    "supervised+local-norm": Arm(
+        variant=SemisupVariant.SUPERVISED,
+        overrides={"semisup.local-norm": True},
+        personalised=True,
+    ),
+    "mean-teacher+local-norm": Arm(
+        variant=SemisupVariant.MEAN_TEACHER,
+        overrides={"semisup.local-norm": True},
+        personalised=True,
+    ),
     "ugmcl+local-norm": Arm(
         variant=SemisupVariant.UGMCL,
         overrides={"semisup.local-norm": True},
@@ -95,6 +105,8 @@ ARMS: Final[dict[str, Arm]] = {
     ),
 }
 BASELINES: Final = ("supervised", "mean-teacher")
+# A personalised UG-MCL arm is compared with these too, and the table shows them.
+PERSONALISED_BASELINES: Final = ("supervised+local-norm", "mean-teacher+local-norm")
 DEFAULT_FRACTION: Final = 0.2
 DEFAULT_LAST_ROUNDS: Final = 5
 MISSING: Final = "—"
@@ -231,7 +243,8 @@ def summarise_options(
     Returns:
         ``arms`` (arm -> ``last_mean`` over the seeds, ``per_seed``, ``sites`` (each
         site's last-rounds mean over the seeds), ``clipped_fraction``,
-        ``personalised``) and ``paired`` (each arm but a baseline -> baseline ->
+        ``personalised``) and ``paired`` (each arm but a baseline -> baseline (and
+        for a personalised UG-MCL arm the personalised baselines too) ->
         ``per_seed`` differences, ``mean``, ``low``/``high`` (95% bootstrap over
         seeds), ``site_mean`` (each site's mean difference), and ``seed_site``: the
         same bootstrap over seed x site pairs, which are not independent replicates).
@@ -255,7 +268,15 @@ def summarise_options(
     paired = {
         arm: {
             base: _paired(detail, summary, arm, base)
-            for base in BASELINES
+            for base in (
+                *BASELINES,
+                *(
+                    PERSONALISED_BASELINES
+                    if ARMS[arm].personalised
+                    and ARMS[arm].variant is SemisupVariant.UGMCL
+                    else ()
+                ),
+            )
             if base in arms
         }
         for arm in arms
@@ -474,12 +495,20 @@ def format_options_table(document: Mapping[str, object]) -> str:
         site_cells = [_cell(_mapping(entry, "sites").get(name)) for name in names]
         clipped = entry.get("clipped_fraction")
         label = f"{arm} (personalised)" if entry.get("personalised") else arm
+        against = _mapping(paired, arm)
+        differences = [
+            _difference(_mapping(against, personalised)) + " (personalised)"
+            if personalised in against
+            else _difference(_mapping(against, base))
+            for base, personalised in zip(
+                BASELINES, PERSONALISED_BASELINES, strict=True
+            )
+        ]
         lines.append(
             f"| {label} | {_cell(entry.get('last_mean'))} | {seeds_text} | "
             + "".join(f"{cell} | " for cell in site_cells)
             + (f"{clipped:.0%}" if is_number(clipped) else MISSING)
-            + f" | {_difference(_mapping(_mapping(paired, arm), 'supervised'))}"
-            + f" | {_difference(_mapping(_mapping(paired, arm), 'mean-teacher'))} |"
+            + f" | {differences[0]} | {differences[1]} |"
         )
     lines.append("")
     steps = _mapping(document, "steps")
@@ -492,7 +521,9 @@ def format_options_table(document: Mapping[str, object]) -> str:
         f"over the last {document.get('last_rounds')} rounds of the sites' mean Dice "
         f"(per site: that site's), then over {len(seed_list)} seed(s) (train.seed "
         f"{', '.join(map(str, seed_list))}). Personalised: each site scores the "
-        "average with its own normalisation parameters, not one shared model. Clip "
+        "average with its own normalisation parameters, not one shared model; a "
+        "personalised UG-MCL arm's Δ is against the personalised baseline when it "
+        "ran (marked so; the JSON has both). Clip "
         "bound: share of the site steps on which semisup.max-grad-norm scaled the "
         "update down. Δ: paired difference (arm - baseline) over the seeds, 95% "
         "percentile bootstrap; with fewer than 5 seeds it is no claim."

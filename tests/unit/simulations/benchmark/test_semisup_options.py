@@ -11,12 +11,14 @@ import torch
 
 from simulations.benchmark.cli import main
 from simulations.benchmark.semisup_options import (
+    ARMS,
     SEMISUP_OPTIONS_MARKER,
     arm_config,
     format_options_table,
     last_rounds_mean,
     merge_options_documents,
     parse_arms,
+    summarise_options,
 )
 from tests.unit.simulations.benchmark.test_semisup import TINY_SEMISUP
 
@@ -227,3 +229,45 @@ def test_arm_config_sets_the_arms_keys_and_refuses_a_clashing_override() -> None
 def test_last_rounds_mean() -> None:
     assert last_rounds_mean([0.2, 0.4, 0.6], 5) == pytest.approx(0.4)
     assert last_rounds_mean([], 5) != last_rounds_mean([], 5)  # nan
+
+
+def _fake_run(dice: float) -> dict[str, object]:
+    return {
+        "last_mean": dice,
+        "site_last_mean": {"A": dice, "B": dice},
+        "clipped_fraction": 0.5,
+    }
+
+
+def test_a_personalised_ugmcl_arm_is_compared_with_personalised_baselines() -> None:
+    # Prepare: FedBN adds 0.1 to every variant; UG-MCL adds 0.02 to supervised
+    base = {"supervised": 0.5, "mean-teacher": 0.55, "ugmcl": 0.52}
+    dice = {
+        **base,
+        **{f"{arm}+local-norm": value + 0.1 for arm, value in base.items()},
+    }
+    arms = [arm for arm in ARMS if arm in dice]
+    detail = {
+        seed: {arm: _fake_run(value + shift) for arm, value in dice.items()}
+        for seed, shift in (("0", 0.0), ("1", 0.01))
+    }
+
+    # Execute
+    summary = summarise_options(detail, arms=arms, last=5)
+    table = format_options_table({**summary, "site_names": ["A", "B"], "seeds": [0, 1]})
+
+    # Assert
+    paired = summary["paired"]
+    assert isinstance(paired, dict)
+    fedbn = paired["ugmcl+local-norm"]
+    assert set(fedbn) == {
+        "supervised",
+        "mean-teacher",
+        "supervised+local-norm",
+        "mean-teacher+local-norm",
+    }
+    assert fedbn["supervised"]["mean"] == pytest.approx(0.12)
+    assert fedbn["supervised+local-norm"]["mean"] == pytest.approx(0.02)
+    assert set(paired["supervised+local-norm"]) == {"supervised", "mean-teacher"}
+    row = next(line for line in table.splitlines() if "| ugmcl+local-norm" in line)
+    assert "0.020 [0.020, 0.020] (personalised)" in row
