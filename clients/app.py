@@ -28,7 +28,7 @@ from clients.guard import egress_guard
 from clients.site import SiteSetup, resolve_setup, segmentations_dir
 from core import protocol
 from core.affinity.job import finetune_model, release_profile
-from core.config import load_run_config
+from core.config import SemisupTeacher, load_run_config
 from core.consensus.job import run_consensus
 from core.data.dataset import SiteDataError, index_site
 from core.logs import DEFAULT_LEVEL, configure_logging, get_logger
@@ -457,6 +457,15 @@ def _teacher_key(scope: str) -> str:
     return f"semisup.teacher.{scope}"
 
 
+def _norm_key(scope: str) -> str:
+    """Where the node state keeps a schedule's own normalisation entries.
+
+    Only with ``semisup.local-norm``: they are in every student the site sends, but
+    the global model's never replace them here.
+    """
+    return f"semisup.norm.{scope}"
+
+
 @app.train("semisup")
 @site_handler
 def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
@@ -464,7 +473,10 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
 
     The teacher stays in the node's state between rounds (``context.state``, one per
     scope). A node that lost it (restarted) starts a new teacher from the student and
-    says so. When the applied policy requires DP, the round's supervised part is
+    says so. With ``semisup.teacher`` ``global`` no teacher is kept: each round's
+    starts from the student sent. With ``semisup.local-norm`` the student's
+    normalisation entries are kept there too and replace the sent student's
+    (FedBN). When the applied policy requires DP, the round's supervised part is
     DP-SGD on the labelled slices (the consistency part sees unlabelled images only);
     the site's accountant refuses a round that would exceed the budget before any
     step, and the reply carries the ε spent and the site's total (unlabelled images
@@ -475,7 +487,9 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
     site = setup.site
     key = _teacher_key(request.scope)
     kept = context.state.array_records.get(key)
-    if kept is None and request.round > 1:
+    own_norm = context.state.array_records.get(_norm_key(request.scope))
+    local_teacher = setup.config.semisup.teacher is SemisupTeacher.LOCAL
+    if kept is None and request.round > 1 and local_teacher:
         _progress(setup)(
             f"semisup round {request.round}: no teacher kept from earlier rounds "
             "(node restarted?); a new one starts from the student"
@@ -493,9 +507,14 @@ def semisup(message: Message, context: Context, setup: SiteSetup) -> Message:
         labelled_fraction=setup.policy.semisup_labelled_fraction,
         dp=_dp_settings(setup),
         accountant_path=setup.accountant_path,
+        own_norm=None if own_norm is None else records.from_array_record(own_norm),
         progress=_progress(setup),
     )
-    context.state[key] = records.to_array_record(outcome.teacher)
+    if local_teacher:
+        context.state[key] = records.to_array_record(outcome.teacher)
+    norm = outcome.own_norm(setup.config)
+    if norm is not None:
+        context.state[_norm_key(request.scope)] = records.to_array_record(norm)
     result, private = outcome.result, outcome.privacy
     reply = protocol.SemisupReply(
         num_examples=result.num_examples,

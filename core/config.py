@@ -553,6 +553,31 @@ class SemisupVariant(StrEnum):
     UGMCL = "ugmcl"
 
 
+class ClipScope(StrEnum):
+    """What ``semisup.max-grad-norm`` bounds (docs/methods.md#federated-options).
+
+    ``MODEL``: one L2 norm over every parameter with a gradient (the default).
+    ``PARTS``: the segmentation network's and the distance head's gradients each on
+    their own, so the segmentation network is held to the bound the baselines' whole
+    update is (a baseline's distance head has no gradient: the same as ``MODEL``).
+    """
+
+    MODEL = "model"
+    PARTS = "parts"
+
+
+class SemisupTeacher(StrEnum):
+    """Where a site's federated UG-MCL teacher comes from each round.
+
+    ``LOCAL``: the site keeps its own EMA teacher in its node state across the rounds
+    (the default). ``GLOBAL``: the teacher restarts from the averaged student at the
+    start of every round (docs/methods.md#federated-options).
+    """
+
+    LOCAL = "local"
+    GLOBAL = "global"
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SemisupConfig:
     """UG-MCL rounds: refinement at the target and FedAvg rounds across sites.
@@ -583,8 +608,12 @@ class SemisupConfig:
     sdf_weight: float  # optional SDF regression on labelled data; 0 = off
     masked_cross: bool  # uncertainty-mask the cross-task term too
     max_grad_norm: float  # clip each update's gradient (L2); 0 = off
+    clip_scope: ClipScope  # model: one norm over the student | parts: per network part
     shared_head: bool  # SDF = tanh(segmentation logits), the BraTS code's variant
     dropout: float  # on the bottleneck and the heads' input (Monte-Carlo passes)
+    distance_consistency: bool  # student-teacher term on the distance branch too
+    teacher: SemisupTeacher  # local: kept per site; global: restarted every round
+    local_norm: bool  # FedBN: norm layers' affine parameters stay at each site
 
     def __post_init__(self) -> None:
         for key, value, lowest in (

@@ -179,3 +179,62 @@ def load_segmentation_weights(
             names it.
     """
     set_weights(dual.segmentation, weights)
+
+
+_NORM_LAYERS: Final = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm and InstanceNorm
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+
+
+def norm_state_names(model: nn.Module) -> frozenset[str]:
+    """The state-dict names of ``model``'s normalisation layers (FedBN's local part).
+
+    Every parameter and buffer of a BatchNorm, InstanceNorm, GroupNorm or LayerNorm
+    layer: the affine weight and bias (instance and group norm here keep nothing
+    else; a BatchNorm's running statistics are included too).
+
+    Example:
+        >>> sorted(norm_state_names(nn.Sequential(nn.Conv1d(1, 2, 1),
+        ...                                       nn.InstanceNorm1d(2, affine=True))))
+        ['1.bias', '1.weight']
+    """
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, _NORM_LAYERS):
+            for name, _ in (
+                *module.named_parameters(recurse=False),
+                *module.named_buffers(recurse=False),
+            ):
+                names.add(f"{prefix}.{name}" if prefix else name)
+    return frozenset(names)
+
+
+def keep_local_norm(
+    incoming: Mapping[str, ArrayT],
+    own: Mapping[str, ArrayT] | None,
+    names: frozenset[str],
+) -> dict[str, ArrayT]:
+    """``incoming`` with the entries ``names`` taken from the site's ``own`` weights.
+
+    FedBN-style local normalisation (``semisup.local-norm``): a site overwrites the
+    normalisation layers' entries of the global model it receives with its own, so
+    they are never averaged into its model. ``own`` None (the site's first round)
+    keeps ``incoming`` as it is.
+
+    Raises:
+        ValueError: ``own`` lacks one of ``names``.
+
+    Example:
+        >>> keep_local_norm({"w": 1, "n": 2}, {"w": 5, "n": 9}, frozenset({"n"}))
+        {'w': 1, 'n': 9}
+    """
+    if own is None:
+        return dict(incoming)
+    missing = sorted(names - set(own))
+    if missing:
+        raise ValueError(f"the site's own norm weights lack {missing[:5]}")
+    return {
+        name: own[name] if name in names else value for name, value in incoming.items()
+    }

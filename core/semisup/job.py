@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from core.config import Norm, RunConfig, SemisupVariant
+from core.config import Norm, RunConfig, SemisupTeacher, SemisupVariant
 from core.data.dataset import (
     CaseRecord,
     SiteDataError,
@@ -51,7 +51,9 @@ from core.privacy.dp import (
 from core.semisup.dual_task import (
     DualTaskUNet,
     build_dual_task_model,
+    keep_local_norm,
     load_segmentation_weights,
+    norm_state_names,
 )
 from core.semisup.training import (
     SemisupResult,
@@ -186,7 +188,9 @@ def semisup_settings(
         k=semisup.sdf_k,
         sdf_weight=semisup.sdf_weight,
         masked_cross=semisup.masked_cross,
+        distance_consistency=semisup.distance_consistency,
         max_grad_norm=semisup.max_grad_norm,
+        clip_scope=semisup.clip_scope,
         seed=config.train.seed,
         amp=config.train.amp,
         augment=config.train.augment,
@@ -235,6 +239,44 @@ class SemisupRound:
     privacy: PrivacySpend | None = None
     num_left_out: int = 0
 
+    def own_norm(self, config: RunConfig) -> Arrays | None:
+        """The student's normalisation entries, kept for the site's next round.
+
+        Only with ``semisup.local-norm``; None when the option is off.
+        """
+        if not config.semisup.local_norm:
+            return None
+        names = norm_state_names(build_student(config))
+        return {name: self.student[name] for name in sorted(names)}
+
+
+def round_start(
+    config: RunConfig,
+    student_weights: Mapping[str, npt.NDArray[np.generic]],
+    *,
+    teacher_weights: Mapping[str, npt.NDArray[np.generic]] | None,
+    own_norm: Mapping[str, npt.NDArray[np.generic]] | None,
+) -> tuple[
+    dict[str, npt.NDArray[np.generic]], Mapping[str, npt.NDArray[np.generic]] | None
+]:
+    """The student and teacher a site's round starts from (docs/methods.md#ug-mcl).
+
+    ``semisup.local-norm``: the student's normalisation entries are replaced by the
+    site's ``own_norm`` (FedBN; the global model's are not used), when the site has
+    them. ``semisup.teacher`` ``global``: the kept teacher is dropped, so the teacher
+    restarts from that student (the EMA's first step copies it); ``local`` keeps it.
+
+    Returns:
+        The student's weights and the teacher's (None: start from the student).
+    """
+    student = dict(student_weights)
+    if config.semisup.local_norm and own_norm is not None:
+        names = norm_state_names(build_student(config))
+        student = keep_local_norm(student, own_norm, names)
+    if config.semisup.teacher is SemisupTeacher.GLOBAL:
+        teacher_weights = None
+    return student, teacher_weights
+
 
 def run_semisup_round(
     site_dir: Path,
@@ -250,6 +292,7 @@ def run_semisup_round(
     dp: DpSettings | None = None,
     accountant_path: Path | None = None,
     labelled_fraction: float | None = None,
+    own_norm: Mapping[str, npt.NDArray[np.generic]] | None = None,
     progress: Progress = quiet,
 ) -> SemisupRound:
     """Train the sent student for one round on the site's cases.
@@ -273,6 +316,7 @@ def run_semisup_round(
         config: the run config (``semisup``, ``model``, ``data``, ``train.device``).
         teacher_weights: the teacher the site kept from its previous round; ``None``
             starts one from the student (the EMA's step 0 copies it anyway).
+            Unused with ``semisup.teacher`` ``global`` (:func:`round_start`).
         start_step: global number of the round's first step (ramps and EMA use it).
         total_steps: steps over all rounds (the ramps' length).
         iterations: steps of this round.
@@ -285,6 +329,9 @@ def run_semisup_round(
             nothing.
         labelled_fraction: the share of the site's labelled cases kept labelled,
             the site's own setting; None uses ``config.semisup.labelled_fraction``.
+        own_norm: with ``semisup.local-norm``, the normalisation entries the site
+            kept from its previous round (:meth:`SemisupRound.own_norm`); they
+            replace the sent student's. None: the sent student's are used.
         progress: called with progress lines.
 
     Raises:
@@ -309,10 +356,13 @@ def run_semisup_round(
     data = data or load_semisup_data(
         site_dir, config, labelled_fraction=labelled_fraction, private=dp is not None
     )
+    start, teacher_start = round_start(
+        config, student_weights, teacher_weights=teacher_weights, own_norm=own_norm
+    )
     student = build_student(config)
-    set_weights(student, student_weights)
+    set_weights(student, start)
     teacher = build_student(config)
-    set_weights(teacher, teacher_weights or student_weights)
+    set_weights(teacher, teacher_start or start)
     assert data.labelled.labels is not None
     settings = semisup_settings(config, iterations=iterations, variant=variant)
     plan = None

@@ -217,8 +217,15 @@ def noisy_probabilities(
     teacher: nn.Module, images: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Softmax of one pass of ``teacher`` on ``images`` plus clipped noise."""
-    logits, _ = teacher(images + clipped_noise(images, generator=generator))
-    return torch.softmax(logits.float(), dim=1)
+    return noisy_outputs(teacher, images, generator)[0]
+
+
+def noisy_outputs(
+    teacher: nn.Module, images: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax and signed distances of one pass of ``teacher`` on noisy ``images``."""
+    logits, sdf = teacher(images + clipped_noise(images, generator=generator))
+    return torch.softmax(logits.float(), dim=1), sdf.float()
 
 
 @torch.no_grad()
@@ -247,19 +254,45 @@ def teacher_predictions(
     Raises:
         ValueError: ``passes`` < 1.
     """
+    probabilities, _, entropy = teacher_targets(
+        teacher, images, passes=passes, generator=generator
+    )
+    return probabilities, entropy
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher: nn.Module,
+    images: torch.Tensor,
+    *,
+    passes: int = 8,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`teacher_predictions` with the target pass's signed distances too.
+
+    Returns:
+        ``(probabilities (B, C, *spatial), sdf (B, C, *spatial), entropy (B, 1,
+        *spatial))``, float32; the distances come from the same noisy pass as the
+        probabilities (the distance branch's consistency target,
+        ``semisup.distance-consistency``), so the random stream is the one
+        :func:`teacher_predictions` draws.
+
+    Raises:
+        ValueError: ``passes`` < 1.
+    """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     was_training = teacher.training
     teacher.train()
     try:
-        target = noisy_probabilities(teacher, images, generator)
+        target, sdf = noisy_outputs(teacher, images, generator)
         mean = sum(
             (noisy_probabilities(teacher, images, generator) for _ in range(passes)),
             torch.zeros_like(target),
         )
     finally:
         teacher.train(was_training)
-    return target, predictive_entropy(mean / passes)
+    return target, sdf, predictive_entropy(mean / passes)
 
 
 # --------------------------------------------------------------------- losses

@@ -21,7 +21,7 @@ from typing import Final
 import torch
 from torch import nn
 
-from core.config import SemisupVariant
+from core.config import ClipScope, SemisupVariant
 from core.logs import get_logger
 from core.privacy.dp import DpSgdPlan, PrivateGradient
 from core.semisup.dual_task import DualTaskUNet
@@ -34,7 +34,7 @@ from core.semisup.terms import (
     noisy_probabilities,
     per_sample_supervised_loss,
     supervised_loss,
-    teacher_predictions,
+    teacher_targets,
     uncertainty_threshold,
 )
 from core.training.loop import MixedPrecision, TrainingClock, device_description
@@ -69,12 +69,20 @@ class SemisupSettings:
         k: sharpness of the SDF-to-mask sigmoid (UGMCL).
         sdf_weight: weight of the SDF regression term (UGMCL; 0 = none).
         masked_cross: mask the cross-task term with the uncertainty too (UGMCL).
+        distance_consistency: add the student-teacher term on the distance branch
+            (UGMCL; the paper's, docs/methods.md#federated-options): the
+            intra-task consistency of the student's and the teacher's signed
+            distances, under the same uncertainty mask, added to the intra-task term.
         max_grad_norm: the whole update's gradient is clipped to this L2 norm before
             each step (0 = no clipping). Not in the paper (docs/methods.md): with k =
             1500 the cross-task term's gradient reaches the distance head multiplied by
             up to k/4, and unclipped SGD steps saturate the head's tanh for good
             (measured: every pixel at +1, and a federated UG-MCL student at Dice 0.30
-            against 0.60 with clipping at 1.0).
+            against 0.60 with clipping at 1.0). The same rule for every variant: the
+            L2 norm over all the student's parameters that have a gradient.
+        clip_scope: ``model`` clips that one norm; ``parts`` clips the
+            segmentation network's and the distance head's gradients each on its
+            own (the baselines' distance head has none, so for them it is the same).
         seed: seeds sampling, noise and dropout (mixed with the start step).
         amp: float16 autocast and gradient scaling, on CUDA only.
         augment: random flips, the same for student and teacher inputs.
@@ -92,13 +100,16 @@ class SemisupSettings:
     k: float = 1500.0
     sdf_weight: float = 0.0
     masked_cross: bool = False
+    distance_consistency: bool = False
     max_grad_norm: float = 0.0
+    clip_scope: ClipScope = ClipScope.MODEL
     seed: int = 0
     amp: bool = True
     augment: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", SemisupVariant(self.variant))
+        object.__setattr__(self, "clip_scope", ClipScope(self.clip_scope))
         for name, bound in (
             ("iterations", 1),
             ("labelled_batch", 1),
@@ -122,10 +133,33 @@ class SemisupSettings:
             raise ValueError(f"SemisupSettings.k must be > 0, got {self.k}")
 
 
-def _clip_gradients(model: nn.Module, max_norm: float) -> None:
-    """Clip the model's whole gradient to ``max_norm`` (L2); 0 leaves it alone."""
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+def _clip_gradients(
+    model: DualTaskUNet, max_norm: float, scope: ClipScope = ClipScope.MODEL
+) -> bool:
+    """Clip the student's gradient to ``max_norm`` (L2); 0 leaves it alone.
+
+    The same rule for every variant: ``MODEL`` clips the L2 norm over every
+    parameter that has a gradient (a baseline's distance head has none); ``PARTS``
+    clips the segmentation network's and the distance head's each on its own.
+    Returns whether the clip bound: a norm exceeded ``max_norm`` (or was not
+    finite), so (part of) the update was scaled down.
+    """
+    if max_norm <= 0:
+        return False
+    parts = (
+        [list(model.parameters())]
+        if scope is ClipScope.MODEL or model.distance_head is None
+        else [
+            list(model.segmentation.parameters()),
+            list(model.distance_head.parameters()),
+        ]
+    )
+    bound = False
+    for parameters in parts:
+        if any(parameter.grad is not None for parameter in parameters):
+            norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+            bound = bound or not norm <= max_norm
+    return bound
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +179,9 @@ class SemisupResult:
         certain_fraction: mean fraction of voxels inside the intra-task mask: under
             the uncertainty threshold for UGMCL, 1 for MEAN_TEACHER (unmasked), 0 for
             SUPERVISED (no consistency).
+        clipped_fraction: share of the steps on which ``max_grad_norm`` bound (the
+            gradient's norm exceeded it and the update was scaled down); 0 without
+            clipping.
         seconds: wall time of the loop.
         device: the device it ran on.
     """
@@ -157,6 +194,7 @@ class SemisupResult:
     certain_fraction: float
     seconds: float
     device: str
+    clipped_fraction: float = 0.0
 
 
 def _check_training_inputs(
@@ -233,7 +271,7 @@ def _consistency_terms(
         mask = torch.ones_like(target[:, :1])
         intra = intra_consistency(probabilities, target, mask)
         return intra, torch.zeros_like(intra), mask.mean()
-    target, entropy = teacher_predictions(
+    target, target_sdf, entropy = teacher_targets(
         teacher, images, passes=settings.passes, generator=noise
     )
     mask = (entropy < threshold).float()
@@ -243,7 +281,10 @@ def _consistency_terms(
         k=settings.k,
         mask=mask if settings.masked_cross else None,
     )
-    return intra_consistency(probabilities, target, mask), cross, mask.mean()
+    intra = intra_consistency(probabilities, target, mask)
+    if settings.distance_consistency:
+        intra = intra + intra_consistency(student_sdf, target_sdf, mask)
+    return intra, cross, mask.mean()
 
 
 def _weighted_consistency(
@@ -550,6 +591,7 @@ def train_semisupervised(
     counts = torch.zeros(4, dtype=torch.float64)
     clock = TrainingClock(label, progress or LOGGER.info)
     reported = 0  # steps already in a progress line
+    clipped = 0  # steps on which the gradient clip bound
     dp_line = (
         ""
         if private is None
@@ -589,7 +631,9 @@ def train_semisupervised(
                 )
                 precision.backward(loss)
                 precision.unscale(optimizer)
-                _clip_gradients(student, settings.max_grad_norm)
+                clipped += _clip_gradients(
+                    student, settings.max_grad_norm, settings.clip_scope
+                )
                 precision.step(optimizer)
                 counts += 1
             else:
@@ -608,7 +652,9 @@ def train_semisupervised(
                     device=device,
                 )
                 # Clipping the private update is post-processing: no privacy cost.
-                _clip_gradients(student, settings.max_grad_norm)
+                clipped += _clip_gradients(
+                    student, settings.max_grad_norm, settings.clip_scope
+                )
                 optimizer.step()
                 counts += torch.tensor(
                     [float(drawn), 1.0, 1.0, 1.0], dtype=counts.dtype
@@ -625,7 +671,7 @@ def train_semisupervised(
                     settings.iterations,
                     f"step {step + 1}/{total} sup {means[0]:.4f} "
                     f"intra {means[1]:.4f} cross {means[2]:.4f} "
-                    f"certain {means[3]:.2f}",
+                    f"certain {means[3]:.2f} clipped {clipped / (offset + 1):.2f}",
                     count=offset + 1 - reported,
                 )
                 reported = offset + 1
@@ -649,4 +695,5 @@ def train_semisupervised(
         certain_fraction=means[3],
         seconds=clock.seconds,
         device=str(device),
+        clipped_fraction=clipped / settings.iterations,
     )

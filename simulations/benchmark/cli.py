@@ -16,6 +16,8 @@ table block; the block lives in the benchmark's docs page,
   source-model predictions, the run of both parts);
 - ``semisup``: :mod:`simulations.benchmark.semisup` (supervised, mean teacher, UG-MCL
   and the fully supervised bound at few labelled cases, central and federated);
+- ``semisup-options``: :mod:`simulations.benchmark.semisup_options` (federated
+  UG-MCL with each named option against its baselines);
 - ``affinity``: :mod:`simulations.benchmark.affinity` (SeqTran transfer paths against
   direct transfer on the chain federation, and ``--calibrate`` of the affinity
   weights: :mod:`simulations.benchmark.affinity_calibration`), trained and scored by
@@ -109,6 +111,12 @@ from simulations.benchmark.semisup import (
     format_semisup_table,
     run_semisup_command,
 )
+from simulations.benchmark.semisup_options import (
+    SEMISUP_OPTIONS_MARKER,
+    add_options_options,
+    format_options_table,
+    run_options_command,
+)
 from simulations.benchmark.tgma import TGMA_MARKER, format_tgma_table, run_tgma_command
 
 
@@ -142,6 +150,11 @@ SUBCOMMANDS: Final = {
         marker=SEMISUP_MARKER,
         format_table=format_semisup_table,
         run=run_semisup_command,
+    ),
+    "semisup-options": Subcommand(
+        marker=SEMISUP_OPTIONS_MARKER,
+        format_table=format_options_table,
+        run=run_options_command,
     ),
     "affinity": Subcommand(
         marker=AFFINITY_MARKER,
@@ -219,9 +232,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, ConfigValue]:
     return overrides
 
 
-def _add_common_options(command: argparse.ArgumentParser, name: str) -> None:
-    """The options every subcommand but ``scale`` shares; ``name`` names its files."""
-    add_output_options(command, f"benchmarks/{name}.json", benchmark_page(name))
+def _add_common_options(
+    command: argparse.ArgumentParser, name: str, page: str | None = None
+) -> None:
+    """The options every subcommand but ``scale`` shares; ``name`` names its files.
+
+    ``page`` is the docs page of its table when not ``docs/<name>-benchmark.md``.
+    """
+    add_output_options(command, f"benchmarks/{name}.json", page or benchmark_page(name))
     command.add_argument(
         "--federation-dir",
         type=Path,
@@ -271,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(semisup, "semisup")
     add_semisup_options(semisup)
+    semisup_options = commands.add_parser(
+        "semisup-options",
+        help="federated UG-MCL with each named option (distance consistency, global "
+        "teacher, FedBN) against supervised and mean teacher, paired over seeds",
+    )
+    _add_common_options(semisup_options, "semisup-options")
+    add_options_options(semisup_options)
     affinity = commands.add_parser(
         "affinity",
         help="SeqTran transfer paths against direct transfer on the chain federation; "

@@ -68,9 +68,14 @@ from core.config import (
 )
 from core.data.dataset import list_site_dirs
 from core.logs import Countdown, Progress
-from core.semisup.dual_task import segmentation_weights
+from core.semisup.dual_task import (
+    keep_local_norm,
+    norm_state_names,
+    segmentation_weights,
+)
 from core.semisup.job import (
     SemisupData,
+    build_student,
     initial_student_weights,
     load_semisup_data,
     run_semisup_round,
@@ -265,6 +270,7 @@ def train_central(
         "consistency_loss": result.consistency_loss,
         "cross_task_loss": result.cross_task_loss,
         "certain_fraction": result.certain_fraction,
+        "clipped_fraction": result.clipped_fraction,
         "num_examples": result.num_examples,
         "seconds": time.perf_counter() - started,
     }
@@ -306,19 +312,28 @@ def train_federated(
     Every round each site trains the averaged student for
     ``semisup.local-iterations`` steps (global step numbering over all rounds) with
     the teacher it kept; the students are averaged weighted by samples seen, and
-    every site scores the average on its evaluation labels.
+    every site scores the average on its evaluation labels. With
+    ``semisup.local-norm`` each site keeps its own normalisation entries (FedBN) and
+    scores its personalised model, the average with those entries; with
+    ``semisup.teacher`` ``global`` no site keeps a teacher (the job restarts it).
 
     Returns:
         ``dice`` (mean over the sites after the last round), ``sites`` (each site's
-        Dice then), ``rounds`` (the mean Dice after each round), the labelled case
-        counts per site and ``seconds``.
+        Dice then), ``rounds`` (the mean Dice after each round), ``site_rounds``
+        (each site's Dice after each round), ``clipped_fraction`` (the share of all
+        site steps on which the gradient clip bound) and ``site_clipped`` (each
+        site's share), the labelled case counts per site and ``seconds``.
     """
     started = time.perf_counter()
     rounds, local = config.semisup.rounds, config.semisup.local_iterations
     total = rounds * local
     student = initial_student_weights(config)
     teachers: dict[str, Arrays] = {}
+    own_norm: dict[str, Arrays] = {}
+    names = norm_state_names(build_student(config))
     history: list[float] = []
+    site_history: dict[str, list[float]] = {name: [] for name in site_dirs}
+    clipped: dict[str, list[float]] = {name: [] for name in site_dirs}
     dice: dict[str, float] = {}
     countdown = Countdown(rounds)
     for round_number in range(1, rounds + 1):
@@ -334,14 +349,23 @@ def train_federated(
                 iterations=local,
                 variant=variant,
                 data=data[name],
+                own_norm=own_norm.get(name),
             )
             teachers[name] = outcome.teacher
+            norm = outcome.own_norm(config)
+            if norm is not None:
+                own_norm[name] = norm
+            clipped[name].append(outcome.result.clipped_fraction)
             replies.append((outcome.student, outcome.result.num_examples))
         student = average_students(replies)
         dice = {
-            name: _score(site_dir, student, config)
+            name: _score(
+                site_dir, keep_local_norm(student, own_norm.get(name), names), config
+            )
             for name, site_dir in site_dirs.items()
         }
+        for name, value in dice.items():
+            site_history[name].append(value)
         history.append(float(np.mean(list(dice.values()))))
         progress(
             f"[semisup] federated {label}: mean Dice {history[-1]:.3f}, round "
@@ -351,6 +375,14 @@ def train_federated(
         "dice": history[-1] if history else math.nan,
         "sites": dice,
         "rounds": history,
+        "site_rounds": site_history,
+        "clipped_fraction": float(np.mean([v for c in clipped.values() for v in c]))
+        if rounds
+        else 0.0,
+        "site_clipped": {
+            name: float(np.mean(values)) if values else 0.0
+            for name, values in clipped.items()
+        },
         "num_labelled": {name: data[name].num_labelled for name in site_dirs},
         "seconds": time.perf_counter() - started,
     }
@@ -781,6 +813,43 @@ def _largest_seed_range(document: Mapping[str, object]) -> float:
     return max(ranges, default=math.nan)
 
 
+def _describe_clipping(document: Mapping[str, object]) -> str | None:
+    """The share of steps the gradient clip bound, per setting and variant.
+
+    The mean over the seeds, fractions and (federated) sites of each run's
+    ``clipped_fraction``; None for documents from before it was recorded.
+    """
+    shares: dict[str, dict[str, list[float]]] = {}
+    for runs in _mapping(document, "detail").values():
+        for setting, fractions in (runs if isinstance(runs, Mapping) else {}).items():
+            for row in (fractions if isinstance(fractions, Mapping) else {}).values():
+                for variant, run in (row if isinstance(row, Mapping) else {}).items():
+                    value = (
+                        run.get("clipped_fraction")
+                        if isinstance(run, Mapping)
+                        else None
+                    )
+                    if is_number(value):
+                        shares.setdefault(setting, {}).setdefault(variant, []).append(
+                            float(value)
+                        )
+    if not shares:
+        return None
+    parts = [
+        f"{setting}: "
+        + ", ".join(
+            f"{variant.replace('_', ' ')} {np.mean(values):.0%}"
+            for variant, values in shares[setting].items()
+        )
+        for setting in SETTINGS
+        if setting in shares
+    ]
+    return (
+        "Share of steps on which the gradient clip (semisup.max-grad-norm, the same "
+        "rule for every variant) bound: " + "; ".join(parts) + "."
+    )
+
+
 def format_semisup_table(document: Mapping[str, object]) -> str:
     """Markdown table of a ``semisup`` benchmark document.
 
@@ -840,6 +909,9 @@ def format_semisup_table(document: Mapping[str, object]) -> str:
     targets = _describe_targets(document)
     if targets is not None:
         lines.append(targets)
+    clipping = _describe_clipping(document)
+    if clipping is not None:
+        lines.append(clipping)
     merged = document.get("merged_seconds")
     lines.append(
         f"Measured on {document.get('machine', 'an unknown machine')} in "

@@ -39,6 +39,7 @@ from tests.unit.clients.messages import (
 
 SITE: Final = "A"
 TEACHER_KEY: Final = "semisup.teacher.federated"
+NORM_KEY: Final = "semisup.norm.federated"
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +372,33 @@ def test_semisup_request_numbers_steps_across_rounds() -> None:
     # Execute / Assert
     assert (request.start_step, request.total_steps) == (100, 200)
     assert protocol.SemisupRequest.from_fields(request.to_fields()) == request
+
+
+def test_a_global_teacher_is_not_kept_and_local_norm_is(
+    federation: Path,
+    run_config: dict[str, ConfigValue],
+    student: Arrays,
+    tmp_path: Path,
+) -> None:
+    # Prepare: FedBN and a global teacher; round 2 is sent other norm parameters
+    settings = {**run_config, "semisup.teacher": "global", "semisup.local-norm": True}
+    context = build_site_context(settings, federation / SITE, tmp_path / "state")
+    first = site_app(semisup_message(student, round_number=1), context)
+    assert not first.has_error(), first.error.reason
+    kept = records.from_array_record(context.state.array_records[NORM_KEY])
+    sent = {
+        name: value + (1.0 if name in kept else 0.0)
+        for name, value in records.read_weights(first.content).items()
+    }
+
+    # Execute
+    second = site_app(semisup_message(sent, round_number=2, iterations=1), context)
+
+    # Assert: no teacher in the node state; the norm entries kept are the student's
+    assert not second.has_error(), second.error.reason
+    assert TEACHER_KEY not in context.state.array_records
+    assert kept
+    assert all(name.endswith((".weight", ".bias")) for name in kept)
+    replied = records.read_weights(second.content)
+    # One SGD step at the site's own values moves them far less than the +1 sent.
+    assert all(np.abs(replied[name] - kept[name]).max() < 0.5 for name in kept)

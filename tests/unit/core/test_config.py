@@ -174,6 +174,11 @@ def test_to_flat_of_defaults_equals_pyproject_table() -> None:
         ("semisup.dropout", 1.0),
         ("semisup.sites", "A,A"),
         ("semisup.shared-head", "no"),
+        ("semisup.distance-consistency", "yes"),
+        ("semisup.distance-consistency", 1),
+        ("semisup.teacher", "shared"),
+        ("semisup.clip-scope", "heads"),
+        ("semisup.local-norm", "on"),
         ("privacy.noise-multiplier", -1.0),
         ("privacy.target-epsilon", -0.5),
         ("privacy.target-epsilon", float("inf")),
@@ -228,6 +233,10 @@ def test_validation_error_names_the_toml_key(key: str, value: ConfigValue) -> No
         ("data.ct-window", "1,2,3", "four finite numbers", "'1,2,3'"),
         ("data.ct-window", "1,2,x,4", "comma-separated numbers", "'1,2,x,4'"),
         ("data.normalisation", "minmax", "one of 'auto', 'zscore', 'ct'", "'minmax'"),
+        ("semisup.teacher", "shared", "one of 'local', 'global'", "'shared'"),
+        ("semisup.clip-scope", "head", "one of 'model', 'parts'", "'head'"),
+        ("semisup.local-norm", "on", "true or false", "'on'"),
+        ("semisup.distance-consistency", 1, "true or false", "1"),
         ("plan.max-image-size", 100, "a multiple of 8, >= 16", "100"),
         ("plan.pixels-per-batch", 10, ">= 512", "10"),
         ("model.channels", "16,x", "comma-separated integers", "'16,x'"),
@@ -428,3 +437,14 @@ def test_communities_landmarks_need_hop_bounds_that_allow_two(
         return
     with pytest.raises(ValueError, match=message):
         load_run_config(flat)
+
+
+def test_the_semisup_options_default_to_todays_form() -> None:
+    # Execute
+    semisup = load_default_config().semisup
+
+    # Assert: the paper's form stays the default until an option wins (docs)
+    assert semisup.distance_consistency is False
+    assert semisup.teacher.value == "local"
+    assert semisup.local_norm is False
+    assert semisup.clip_scope.value == "model"

@@ -13,15 +13,18 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from core.config import RunConfig, SemisupVariant, load_default_config
+from core.config import ClipScope, RunConfig, SemisupVariant, load_default_config
 from core.privacy.dp import DpSgdPlan, PrivateGradient
 from core.semisup.dual_task import (
     DualTaskUNet,
     _bottleneck,
     build_dual_task_model,
+    keep_local_norm,
     load_segmentation_weights,
+    norm_state_names,
     segmentation_weights,
 )
+from core.semisup.job import SemisupRound, round_start, semisup_settings
 from core.semisup.terms import (
     clipped_noise,
     compute_sdf,
@@ -36,11 +39,13 @@ from core.semisup.terms import (
     sigmoid_rampup,
     supervised_loss,
     teacher_predictions,
+    teacher_targets,
     uncertainty_threshold,
 )
 from core.semisup.training import (
     SemisupResult,
     SemisupSettings,
+    _clip_gradients,
     train_semisupervised,
 )
 from core.training.networks import build_model, get_weights, set_weights
@@ -100,9 +105,9 @@ def bright_boxes(
 
 
 def settings(
-    variant: SemisupVariant, **overrides: float | int | bool
+    variant: SemisupVariant, **overrides: float | int | bool | str
 ) -> SemisupSettings:
-    values: dict[str, float | int | bool] = {
+    values: dict[str, float | int | bool | str] = {
         "iterations": 3,
         "labelled_batch": 2,
         "unlabelled_batch": 4,
@@ -762,7 +767,7 @@ def run(
     lines: list[str] | None = None,
     private: DpSgdPlan | None = None,
     student: DualTaskUNet | None = None,
-    **overrides: float | int | bool,
+    **overrides: float | int | bool | str,
 ) -> tuple[DualTaskUNet, DualTaskUNet | None, SemisupResult]:
     student = student or tiny_dual(spatial_dims=spatial_dims)
     ema = copy.deepcopy(student) if teacher else None
@@ -1210,3 +1215,248 @@ def test_train_ugmcl_3d_on_cuda_with_amp() -> None:
     assert math.isfinite(result.supervised_loss)
     assert math.isfinite(result.consistency_loss)
     assert all(p.device.type == "cuda" for p in teacher.parameters())
+
+
+# ------------------------------------------- equal clipping and the paper's options
+
+
+@pytest.mark.parametrize(
+    ("variant", "teacher"),
+    [
+        (SemisupVariant.SUPERVISED, False),
+        (SemisupVariant.MEAN_TEACHER, True),
+        (SemisupVariant.UGMCL, True),
+    ],
+)
+def test_every_variant_is_clipped_by_the_same_rule_and_reports_it(
+    square_data: dict[str, torch.Tensor], variant: SemisupVariant, teacher: bool
+) -> None:
+    # Execute: a bound no gradient stays under, then no clipping at all.
+    _, _, tight = run(square_data, variant, teacher=teacher, max_grad_norm=1e-9)
+    _, _, loose = run(square_data, variant, teacher=teacher, max_grad_norm=1e9)
+    _, _, off = run(square_data, variant, teacher=teacher, max_grad_norm=0.0)
+
+    # Assert
+    assert tight.clipped_fraction == 1.0
+    assert loose.clipped_fraction == 0.0
+    assert off.clipped_fraction == 0.0
+
+
+def test_the_clip_fraction_is_in_the_progress_lines(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Prepare
+    lines: list[str] = []
+
+    # Execute
+    run(square_data, SemisupVariant.UGMCL, lines=lines, max_grad_norm=1e-9)
+
+    # Assert
+    assert "clipped 1.00 (" in lines[-1]
+
+
+def test_teacher_targets_add_the_target_pass_distances() -> None:
+    # Prepare
+    teacher, images = tiny_dual(), torch.rand(2, 1, 16, 16)
+
+    # Execute: the same noise and dropout draws for both
+    torch.manual_seed(0)
+    target, sdf, entropy = teacher_targets(
+        teacher, images, passes=2, generator=torch.Generator().manual_seed(0)
+    )
+    torch.manual_seed(0)
+    same, same_entropy = teacher_predictions(
+        teacher, images, passes=2, generator=torch.Generator().manual_seed(0)
+    )
+
+    # Assert: teacher_predictions' values, plus a (B, C, ...) SDF in [-1, 1]
+    assert torch.equal(target, same)
+    assert torch.equal(entropy, same_entropy)
+    assert sdf.shape == target.shape == (2, 2, 16, 16)
+    assert float(sdf.abs().max()) <= 1.0
+
+
+def test_distance_consistency_adds_the_distance_branchs_intra_term(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Prepare: a teacher that differs from the student, so both terms are > 0.
+    def first_intra(distance: bool) -> float:
+        _, _, result = run(
+            square_data,
+            SemisupVariant.UGMCL,
+            student=tiny_dual(seed=0),
+            distance_consistency=distance,
+            iterations=1,
+            passes=2,
+            consistency=1.0,
+        )
+        return result.consistency_loss
+
+    # Execute
+    without, with_distance = first_intra(False), first_intra(True)
+
+    # Assert: the same draws, plus a non-negative distance term
+    assert with_distance > without > 0
+
+
+def test_distance_consistency_is_the_masked_intra_form_on_the_distances() -> None:
+    # Prepare
+    student = torch.zeros(1, 2, 2, 2)
+    teacher = torch.ones(1, 2, 2, 2)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+
+    # Execute
+    value = intra_consistency(student, teacher, mask)
+
+    # Assert: 0.5 * (1 + 1) / (2 * 1), only the certain voxel counts
+    assert float(value) == pytest.approx(0.5)
+
+
+def test_semisup_settings_carry_the_distance_consistency_option() -> None:
+    # Execute
+    config = tiny_config(**{"semisup.distance-consistency": True})
+
+    # Assert
+    assert semisup_settings(config, iterations=1).distance_consistency
+    assert not semisup_settings(tiny_config(), iterations=1).distance_consistency
+
+
+# ------------------------------------------------------ global teacher and FedBN
+
+
+def test_a_global_teacher_restarts_from_the_student_every_round() -> None:
+    # Prepare
+    student = get_weights(tiny_dual(seed=0))
+    kept = get_weights(tiny_dual(seed=1))
+
+    # Execute
+    _, local = round_start(tiny_config(), student, teacher_weights=kept, own_norm=None)
+    _, global_ = round_start(
+        tiny_config(**{"semisup.teacher": "global"}),
+        student,
+        teacher_weights=kept,
+        own_norm=None,
+    )
+
+    # Assert
+    assert local is kept
+    assert global_ is None  # the job then starts the teacher from the student
+
+
+def test_norm_state_names_are_the_norm_layers_affine_parameters() -> None:
+    # Execute
+    names = norm_state_names(tiny_dual())
+
+    # Assert: instance norm with affine weights and biases, nothing else
+    assert names
+    assert all(name.endswith((".weight", ".bias")) for name in names)
+    assert all(".adn.N." in name for name in names)
+
+
+def test_local_norm_keeps_the_sites_own_norm_parameters() -> None:
+    # Prepare
+    config = tiny_config(**{"semisup.local-norm": True})
+    sent = get_weights(tiny_dual(seed=0))
+    names = norm_state_names(tiny_dual())
+    own = {name: sent[name] + 1.0 for name in names}
+
+    # Execute
+    first, _ = round_start(config, sent, teacher_weights=None, own_norm=None)
+    later, _ = round_start(config, sent, teacher_weights=None, own_norm=own)
+    off, _ = round_start(tiny_config(), sent, teacher_weights=None, own_norm=own)
+
+    # Assert: the site's norm entries replace the global model's; nothing else moves
+    assert all(np.array_equal(first[name], sent[name]) for name in sent)
+    assert all(
+        np.array_equal(later[name], own[name] if name in names else sent[name])
+        for name in sent
+    )
+    assert all(np.array_equal(off[name], sent[name]) for name in sent)
+
+
+def test_keep_local_norm_refuses_own_weights_without_the_norm_entries() -> None:
+    with pytest.raises(ValueError, match="norm weights lack"):
+        keep_local_norm({"a": 1, "n": 2}, {"a": 3}, frozenset({"n"}))
+
+
+def test_a_round_reports_its_own_norm_only_with_local_norm() -> None:
+    # Prepare
+    config = tiny_config(**{"semisup.local-norm": True})
+    weights = get_weights(tiny_dual())
+    result = SemisupResult(
+        num_examples=1,
+        iterations=1,
+        supervised_loss=0.0,
+        consistency_loss=0.0,
+        cross_task_loss=0.0,
+        certain_fraction=0.0,
+        seconds=0.0,
+        device="cpu",
+    )
+    outcome = SemisupRound(
+        student=weights,
+        teacher=weights,
+        num_labelled=1,
+        num_unlabelled=0,
+        result=result,
+    )
+
+    # Execute
+    own = outcome.own_norm(config)
+
+    # Assert
+    assert own is not None
+    assert set(own) == norm_state_names(tiny_dual())
+    assert outcome.own_norm(tiny_config()) is None
+
+
+def test_clipping_by_parts_bounds_each_part_on_its_own(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Prepare: a UG-MCL supervised gradient in two students
+    def with_gradient() -> DualTaskUNet:
+        model = tiny_dual()
+        logits, sdf = model(square_data["labelled"])
+        loss, _ = supervised_loss(logits, sdf, square_data["labels"], sdf_weight=0.3)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return model
+
+    student, parts = with_gradient(), with_gradient()
+
+    def norm(module: nn.Module) -> float:
+        grads = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm())
+
+    # Execute
+    model_bound = _clip_gradients(student, 0.01, ClipScope.MODEL)
+    parts_bound = _clip_gradients(parts, 0.01, ClipScope.PARTS)
+
+    # Assert: one norm over both parts, or each part at the bound
+    assert model_bound
+    assert parts_bound
+    assert norm(student) == pytest.approx(0.01, rel=1e-4)
+    assert norm(parts.segmentation) == pytest.approx(0.01, rel=1e-4)
+    assert parts.distance_head is not None
+    assert norm(parts.distance_head) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_clipping_by_parts_is_the_model_rule_for_a_baseline(
+    square_data: dict[str, torch.Tensor],
+) -> None:
+    # Execute
+    model, _, first = run(square_data, SemisupVariant.MEAN_TEACHER, max_grad_norm=0.01)
+    parts, _, second = run(
+        square_data,
+        SemisupVariant.MEAN_TEACHER,
+        max_grad_norm=0.01,
+        clip_scope="parts",
+    )
+
+    # Assert: the distance head has no gradient, so the same steps
+    assert all_close(model.state_dict(), parts.state_dict())
+    assert first.clipped_fraction == second.clipped_fraction == 1.0
+
+
+def test_the_clip_scope_reaches_the_settings() -> None:
+    config = tiny_config(**{"semisup.clip-scope": "parts"})
+    assert semisup_settings(config, iterations=1).clip_scope is ClipScope.PARTS

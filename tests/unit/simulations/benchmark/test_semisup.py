@@ -556,3 +556,22 @@ def test_merge_refuses_overrides_it_would_ignore(tmp_path: Path) -> None:
             ]
         )
     assert not (tmp_path / "m.json").exists()
+
+
+def test_tiny_run_reports_how_often_the_clip_bound(
+    document: dict[str, object],
+) -> None:
+    # Prepare
+    detail = document["detail"]
+    assert isinstance(detail, dict)
+
+    # Assert: every run records it, and the table says it per variant
+    for runs in detail.values():
+        for fractions in runs.values():
+            for row in fractions.values():
+                for run in row.values():
+                    assert 0.0 <= run["clipped_fraction"] <= 1.0
+    readme = document["_readme"]
+    assert isinstance(readme, str)
+    assert "the same rule for every variant) bound: central: supervised " in readme
+    assert "; federated: supervised " in readme
