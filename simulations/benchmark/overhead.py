@@ -13,7 +13,8 @@ the ratio simulated / direct is reported (target: at most
 its phases (Flower, Ray and the apps starting and stopping) apart.
 
 The optional phases (affinity, consensus, semi-supervised) are left out so that each
-measured phase has one direct counterpart; so are the target's segmentations.
+measured phase has one direct counterpart; so are the target's segmentations and the
+post-processing decisions.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ OVERHEAD_RUN: Final[dict[str, ConfigValue]] = {
     "consensus.enabled": False,
     "semisup.enabled": False,
     "output.target-segmentations": "",
+    # The sources' post-processing decisions and the evaluation's post-processed
+    # scores have no direct-call counterpart below.
+    "postprocess.largest-component": "off",
     "train.epochs": 5,
     "adapt.epochs": 2,
 }
