@@ -238,11 +238,11 @@ def test_tiny_federation_runs_the_whole_pipeline(tmp_path: Path) -> None:
         for entry in Ledger(run_dir / "ledger.jsonl").entries()
         if entry.direction == "ingress"
     ]
-    # hello, source (D's error reply too), profile (D's error too), the refused
-    # fine-tuning step, lftm, adapt, consensus, semisup at the target, round 0's
-    # evaluations, two rounds of semisup and evaluation at four sites (D's semisup
-    # errors too), evaluate
-    assert len(received) == 4 + 3 + 4 + 1 + 1 + 1 + 1 + 1 + 4 + 2 * (4 + 4) + 1
+    # hello, fingerprint (D's error reply too), source (D's error too), profile
+    # (D's error too), the refused fine-tuning step, lftm, adapt, consensus, semisup
+    # at the target, round 0's evaluations, two rounds of semisup and evaluation at
+    # four sites (D's semisup errors too), evaluate
+    assert len(received) == 4 + 4 + 3 + 4 + 1 + 1 + 1 + 1 + 1 + 4 + 2 * (4 + 4) + 1
     assert all(
         entry.egress and entry.egress.digest in site_digests for entry in received
     )

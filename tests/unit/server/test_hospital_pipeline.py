@@ -166,6 +166,9 @@ def test_the_mandatory_phases_run_at_the_plans_resolution(
         "output.target-segmentations": "",
     }
     federation = Path(str(flat["federation.dir"]))
+    # The MR sites only: at 0.6 mm the CT site's 512 px slices become 648 px (361
+    # tiles each), most of the cost; its window has its own tests above.
+    shutil.rmtree(federation / "C")
     grid = build_grid(federation, flat)
     config = load_run_config(flat)
     runs_dir = tmp_path / "runs"
@@ -187,6 +190,6 @@ def test_the_mandatory_phases_run_at_the_plans_resolution(
     assert 0.4 < plan["applied"]["spacing-mm"] < 0.9
     assert runner.config.data.spacing_mm == plan["applied"]["spacing-mm"]
     dice = report["evaluation"]["dice"]
-    assert {"source:B", "source:C", "tgma", "uniform"} <= set(dice)
+    assert {"source:B", "tgma", "uniform"} <= set(dice)
     assert all(math.isfinite(value) and 0.0 <= value <= 1.0 for value in dice.values())
     assert report["evaluation"]["num_cases"] == 2
